@@ -1,0 +1,56 @@
+"""The one configuration object of a peer process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class PeerConfig:
+    """Everything a compute provider chooses when joining the swarm (`dllm peer join`)."""
+
+    model: str  # local folder or hub id
+    blocks: tuple[int, int] | None = None  # None: pick the least-served span automatically
+    num_blocks: int | None = None  # span length when choosing automatically (None: as many as fit)
+    initial_peers: list[str] = field(default_factory=list)
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    announce_maddrs: list[str] | None = None
+    identity_path: Path | None = None  # keeps the same peer id across restarts
+    model_name: str | None = None  # overrides the name the swarm knows the model by
+    dtype: str = "float32"
+    cache_bytes: int = 256 * 2**20  # attention-cache budget for all inference sessions
+    session_timeout: float = 120.0  # idle inference sessions are closed after this many seconds
+    max_tokens_per_request: int = 8192
+    max_session_length: int = 4096
+    announce_period: float = 10.0
+    record_ttl: float = 30.0
+    rate: int = 1  # price per token per billion parameters, in the chain's smallest unit
+    chain_account: str | None = None  # ss58 address that receives payments
+    compute_threads: int = 1
+    throughput: float | None = None  # tokens/s to announce; None measures it at start
+    request_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.blocks is not None:
+            start, end = self.blocks
+            if not (0 <= start < end):
+                raise ValueError(f"blocks must be START:END with 0 <= START < END, got {start}:{end}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+        if self.cache_bytes < 0 or self.session_timeout <= 0 or self.max_tokens_per_request < 1:
+            raise ValueError("cache_bytes, session_timeout and max_tokens_per_request must be positive")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+
+
+def parse_blocks(text: str) -> tuple[int, int]:
+    """Parses `START:END` as given on the command line."""
+    try:
+        start_s, end_s = text.split(":")
+        start, end = int(start_s), int(end_s)
+    except ValueError:
+        raise ValueError(f"blocks must look like START:END (e.g. 0:4), got {text!r}") from None
+    if not (0 <= start < end):
+        raise ValueError(f"blocks must satisfy 0 <= START < END, got {text!r}")
+    return start, end

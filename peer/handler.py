@@ -1,0 +1,250 @@
+"""The peer's RPC handlers: info, forward, backward and streaming inference over hivemind P2P.
+
+Every handler validates its request before touching the model and answers a rejected request with a
+typed error (see swarm.protocol); nothing a caller sends can take the peer down or disturb other
+sessions. Compute runs on a dedicated thread so the event loop keeps serving I/O meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Callable
+
+import torch
+from hivemind.p2p import P2P, P2PContext
+from hivemind.proto import runtime_pb2
+
+from peer.config import PeerConfig
+from peer.kv_cache import CacheFullError, CacheManager, CacheOverflowError, SessionNotFoundError
+from peer.span import SpanRunner
+from swarm import protocol
+from swarm.protocol import ProtocolError
+from swarm.tensors import InvalidTensorError, check_hidden_states, decode, encode
+
+logger = logging.getLogger(__name__)
+
+
+class BlocksNotServed(ValueError):
+    """A request names blocks outside this peer's span."""
+
+
+# Exceptions a caller can cause, mapped to the error kind it gets back.
+_CALLER_ERRORS: dict[type[Exception], str] = {
+    ProtocolError: "invalid_request",
+    InvalidTensorError: "invalid_tensor",
+    SessionNotFoundError: "unknown_session",
+    BlocksNotServed: "blocks_not_served",
+    CacheFullError: "cache_full",
+    CacheOverflowError: "invalid_request",
+}
+
+
+def _error_kind(e: Exception) -> str | None:
+    for cls, kind in _CALLER_ERRORS.items():
+        if isinstance(e, cls):
+            return kind
+    return None
+
+
+class BlockHandler:
+    """Serves one span of blocks to clients. `info_extra` adds fields to rpc_info's reply."""
+
+    def __init__(self, config: PeerConfig, span: SpanRunner, model_name: str, info_extra: Callable[[], dict] | None = None):
+        self.config = config
+        self.span = span
+        self.model_name = model_name
+        self.caches = CacheManager(config.cache_bytes)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-compute")
+        self.info_extra = info_extra or (lambda: {})
+        self.requests_served = 0
+        self.requests_rejected = 0
+
+    async def add_handlers(self, p2p: P2P) -> None:
+        await p2p.add_protobuf_handler(protocol.HANDLER_INFO, self.rpc_info, runtime_pb2.ExpertRequest)
+        await p2p.add_protobuf_handler(protocol.HANDLER_FORWARD, self.rpc_forward, runtime_pb2.ExpertRequest)
+        await p2p.add_protobuf_handler(protocol.HANDLER_BACKWARD, self.rpc_backward, runtime_pb2.ExpertRequest)
+        await p2p.add_protobuf_handler(
+            protocol.HANDLER_INFERENCE, self.rpc_inference, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+        )
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    async def _compute(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _blocks(self, metadata: dict) -> range:
+        blocks = protocol.get_block_range(metadata, (self.span.start, self.span.end))
+        if not (self.span.start <= blocks.start < blocks.stop <= self.span.end):
+            raise BlocksNotServed(
+                f"blocks {blocks.start}:{blocks.stop} are not served here; this peer serves "
+                f"{self.span.start}:{self.span.end} of {self.model_name}"
+            )
+        return blocks
+
+    def _hidden(self, message: runtime_pb2.Tensor, name: str = "hidden states") -> torch.Tensor:
+        tensor = check_hidden_states(decode(message), self.span.hidden_size, self.config.max_tokens_per_request, name)
+        return tensor.to(self.span.dtype)
+
+    def _reject(self, e: Exception, what: str) -> runtime_pb2.ExpertResponse:
+        kind = _error_kind(e)
+        if kind is None:
+            logger.exception("%s failed", what)
+            kind, message = "internal", f"{type(e).__name__}: {e}"
+        else:
+            message = str(e)
+            logger.info("rejected %s: %s", what, message)
+        self.requests_rejected += 1
+        return protocol.error_response(kind, message)
+
+    def _check_model(self, metadata: dict) -> None:
+        model = metadata.get("model")
+        if model is not None and model != self.model_name:
+            raise BlocksNotServed(f"this peer serves {self.model_name!r}, not {model!r}")
+
+    # --- RPCs ----------------------------------------------------------------------------------
+
+    async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        info = {
+            "version": protocol.PROTOCOL_VERSION,
+            "model": self.model_name,
+            "start": self.span.start,
+            "end": self.span.end,
+            "cache_free_bytes": self.caches.free_bytes(),
+            "sessions": len(self.caches),
+            "requests_served": self.requests_served,
+            "requests_rejected": self.requests_rejected,
+            **self.info_extra(),
+        }
+        return runtime_pb2.ExpertResponse(metadata=protocol.pack_metadata(info))
+
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """Runs a whole sequence through the requested blocks (no cache): [hidden] -> [hidden]."""
+        try:
+            metadata = protocol.unpack_metadata(request.metadata)
+            self._check_model(metadata)
+            blocks = self._blocks(metadata)
+            if len(request.tensors) != 1:
+                raise ProtocolError(f"forward takes exactly 1 tensor (hidden states), got {len(request.tensors)}")
+            hidden = self._hidden(request.tensors[0])
+
+            def run() -> torch.Tensor:
+                with torch.inference_mode():
+                    return self.span.forward(hidden, blocks=blocks)
+
+            output = await self._compute(run)
+            self.requests_served += 1
+            return runtime_pb2.ExpertResponse(tensors=[encode(output)])
+        except Exception as e:
+            return self._reject(e, "forward")
+
+    async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """Gradient w.r.t. the inputs: [hidden_in, grad_out] -> [grad_in], recomputing the forward."""
+        try:
+            metadata = protocol.unpack_metadata(request.metadata)
+            self._check_model(metadata)
+            blocks = self._blocks(metadata)
+            if len(request.tensors) != 2:
+                raise ProtocolError(f"backward takes 2 tensors (hidden states, output gradient), got {len(request.tensors)}")
+            hidden = self._hidden(request.tensors[0])
+            grad_out = self._hidden(request.tensors[1], "output gradient")
+            if grad_out.shape != hidden.shape:
+                raise InvalidTensorError(f"output gradient shape {list(grad_out.shape)} differs from inputs {list(hidden.shape)}")
+
+            def run() -> torch.Tensor:
+                with torch.enable_grad():
+                    inputs = hidden.detach().requires_grad_(True)
+                    output = self.span.forward(inputs, blocks=blocks)
+                    (grad_in,) = torch.autograd.grad(output, inputs, grad_out)
+                return grad_in
+
+            grad_in = await self._compute(run)
+            self.requests_served += 1
+            return runtime_pb2.ExpertResponse(tensors=[encode(grad_in)])
+        except Exception as e:
+            return self._reject(e, "backward")
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A generation session: the first message opens it, each message appends tokens.
+
+        Opening metadata: {session_id?, blocks?, max_length, batch?}. Each step sends the new tokens'
+        hidden states [batch, new, hidden] with `position` = how many tokens the session held before
+        them; a position below that rolls the cache back (the client is re-sending a lost step).
+        The cache lives as long as the stream, and is dropped when it closes or idles out.
+        """
+        session_id = None
+        try:
+            first = await asyncio.wait_for(anext(requests), self.config.session_timeout)
+        except (StopAsyncIteration, asyncio.TimeoutError):
+            return
+        try:
+            metadata = protocol.unpack_metadata(first.metadata)
+            self._check_model(metadata)
+            blocks = self._blocks(metadata)
+            max_length = protocol.get_field(metadata, "max_length", int)
+            batch = protocol.get_field(metadata, "batch", int, default=1)
+            if not (1 <= max_length <= self.config.max_session_length):
+                raise ProtocolError(f"max_length must be in 1..{self.config.max_session_length}, got {max_length}")
+            if not (1 <= batch <= 64):
+                raise ProtocolError(f"batch must be in 1..64, got {batch}")
+            session_id = str(protocol.get_field(metadata, "session_id", str, default=uuid.uuid4().hex))[:128]
+            nbytes = self.span.cache_bytes(batch, max_length, blocks)
+            self.caches.reserve(nbytes)  # raises CacheFullError before any buffer is allocated
+            cache = self.span.new_cache(batch, max_length, blocks)
+            self.caches.open(session_id, cache, nbytes, self.config.session_timeout)
+        except Exception as e:
+            yield self._reject(e, "inference open")
+            return
+
+        logger.debug("session %s opened on blocks %d:%d", session_id, blocks.start, blocks.stop)
+        try:
+            message = first
+            while True:
+                if message.tensors:
+                    yield await self._inference_step(session_id, blocks, batch, message)
+                try:
+                    message = await asyncio.wait_for(anext(requests), self.config.session_timeout)
+                except StopAsyncIteration:
+                    break
+        except asyncio.TimeoutError:
+            logger.info("session %s idle for %.0f s: closed", session_id, self.config.session_timeout)
+        finally:
+            self.caches.close(session_id)
+            logger.debug("session %s closed", session_id)
+
+    async def _inference_step(self, session_id: str, blocks: range, batch: int, message: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+        started = time.perf_counter()
+        try:
+            cache = self.caches.get(session_id)
+            metadata = protocol.unpack_metadata(message.metadata)
+            if len(message.tensors) != 1:
+                raise ProtocolError(f"an inference step takes exactly 1 tensor, got {len(message.tensors)}")
+            hidden = self._hidden(message.tensors[0])
+            if hidden.shape[0] != batch:
+                raise InvalidTensorError(f"session was opened with batch {batch}, step has batch {hidden.shape[0]}")
+            position = protocol.get_field(metadata, "position", int, default=cache.length)
+            if position != cache.length:
+                cache.rollback_to(position)
+            if position + hidden.shape[1] > cache.max_length:
+                raise CacheOverflowError(
+                    f"step would grow the session to {position + hidden.shape[1]} tokens, over its max_length {cache.max_length}"
+                )
+
+            def run() -> torch.Tensor:
+                with torch.inference_mode():
+                    return self.span.forward(hidden, cache=cache, blocks=blocks)
+
+            output = await self._compute(run)
+            self.requests_served += 1
+            meta = {"position": position, "compute_ms": round((time.perf_counter() - started) * 1000, 3)}
+            return runtime_pb2.ExpertResponse(tensors=[encode(output)], metadata=protocol.pack_metadata(meta))
+        except Exception as e:
+            return self._reject(e, "inference step")

@@ -1,0 +1,165 @@
+"""The compute provider process: load a span, serve it over P2P, announce it in the DHT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from peer.block_selection import choose_blocks
+from peer.blocks import check_span, load_span_layers
+from peer.config import PeerConfig
+from peer.handler import BlockHandler
+from peer.identity import load_or_create_record_key
+from peer.span import SpanRunner
+from swarm.dht import start_dht, visible_maddrs
+from swarm.model_files import load_config, model_name, resolve_model
+from swarm.records import ServerRecord, announce, fetch_model_records
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def measure_throughput(span: SpanRunner, steps: int = 8) -> float:
+    """Tokens/s of single-token inference steps through the whole span (what generation needs)."""
+    cache = span.new_cache(1, steps + 2, range(span.start, span.end))
+    hidden = torch.randn(1, 1, span.hidden_size, dtype=span.dtype)
+    with torch.inference_mode():
+        span.forward(hidden, cache=cache)  # warm-up
+        started = time.perf_counter()
+        for _ in range(steps):
+            span.forward(hidden, cache=cache)
+    return steps / max(time.perf_counter() - started, 1e-6)
+
+
+def _span_length_that_fits(config, dtype: torch.dtype, params_per_block: int) -> int:
+    """As many blocks as fit in half of the available memory (a real provider picks --num-blocks)."""
+    budget = psutil.virtual_memory().available // 2
+    return max(1, min(config.num_hidden_layers, budget // max(1, params_per_block * dtype.itemsize)))
+
+
+@dataclass
+class RunningPeer:
+    """A peer that is serving; what tests and the CLI need to know about it."""
+
+    peer_id: str
+    maddrs: list[str]
+    model: str
+    start: int
+    end: int
+    handler: BlockHandler
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def run_peer(config: PeerConfig, on_ready=None) -> None:
+    """Runs a peer until `stop` is set (SIGINT/SIGTERM in `main`). `on_ready(RunningPeer)` is called once serving."""
+    started = time.perf_counter()
+    torch.set_num_threads(config.compute_threads)
+    model_dir = resolve_model(config.model)
+    model_config = load_config(model_dir)
+    name = config.model_name or model_name(model_dir, model_config)
+    dtype = _DTYPES[config.dtype]
+
+    record_key = load_or_create_record_key(config.identity_path.with_suffix(".rsa")) if config.identity_path else None
+    dht, validator = await asyncio.to_thread(
+        start_dht, config.initial_peers, host_maddrs=config.host_maddrs, announce_maddrs=config.announce_maddrs,
+        identity_path=config.identity_path, private_key=record_key,
+    )
+    handler = None
+    try:
+        if config.blocks is not None:
+            start, end = config.blocks
+            check_span(model_config, start, end)
+        else:
+            records = await fetch_model_records(dht, name, model_config.num_hidden_layers)
+            span_length = config.num_blocks or model_config.num_hidden_layers
+            start, end = choose_blocks(records, model_config.num_hidden_layers, span_length)
+            logger.info("chose blocks %d:%d (least served among %d announced peers)", start, end, len(records))
+
+        layers = await asyncio.to_thread(load_span_layers, model_dir, model_config, start, end, dtype)
+        span = SpanRunner(model_config, layers, start, end)
+        params_per_block = sum(p.numel() for p in layers[0].parameters())
+        throughput = config.throughput or await asyncio.to_thread(measure_throughput, span)
+        peer_id = dht.peer_id.to_base58()
+
+        def record() -> ServerRecord:
+            per_token = span.cache_bytes(1, 1)
+            return ServerRecord(
+                peer_id=peer_id, model=name, start=start, end=end, throughput=round(throughput, 2),
+                cache_tokens_free=handler.caches.free_bytes() // per_token if per_token else 0,
+                rate=config.rate, chain_account=config.chain_account, num_blocks=model_config.num_hidden_layers,
+                params_per_block=params_per_block, addrs=visible_maddrs(dht),
+            )
+
+        handler = BlockHandler(config, span, name, info_extra=lambda: {
+            "throughput": throughput, "rate": config.rate, "chain_account": config.chain_account,
+            "params_per_block": params_per_block,
+        })
+        p2p = await dht.replicate_p2p()
+        await handler.add_handlers(p2p)
+        await announce(dht, record(), validator.local_public_key, config.record_ttl)
+
+        running = RunningPeer(peer_id, visible_maddrs(dht), name, start, end, handler)
+        logger.info("serving %s blocks %d:%d as %s (%.1f tokens/s, ready in %.2f s)",
+                    name, start, end, peer_id, throughput, time.perf_counter() - started)
+        if on_ready is not None:
+            on_ready(running)
+
+        while not running.stop.is_set():
+            try:
+                await asyncio.wait_for(running.stop.wait(), config.announce_period)
+            except asyncio.TimeoutError:
+                handler.caches.expire_idle()
+                try:
+                    await announce(dht, record(), validator.local_public_key, config.record_ttl)
+                except Exception as e:  # a DHT hiccup must not stop serving; the next period retries
+                    logger.warning("announce failed: %s", e)
+    finally:
+        if handler is not None:
+            handler.shutdown()
+        await asyncio.to_thread(dht.shutdown)
+
+
+def main(config: PeerConfig) -> None:
+    """Blocking entry point for `dllm peer join`: serves until SIGINT/SIGTERM, then shuts down cleanly."""
+
+    async def _main() -> None:
+        loop = asyncio.get_running_loop()
+        holder: dict[str, RunningPeer] = {}
+        pending_stop = asyncio.Event()
+
+        def on_ready(running: RunningPeer) -> None:
+            holder["peer"] = running
+            print(f"DLLM peer ready: peer_id={running.peer_id} model={running.model} "
+                  f"blocks={running.start}:{running.end} maddrs={' '.join(running.maddrs)}", flush=True)
+            if pending_stop.is_set():
+                running.stop.set()
+
+        def request_stop() -> None:
+            pending_stop.set()
+            if "peer" in holder:
+                holder["peer"].stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, request_stop)
+        task = asyncio.create_task(run_peer(config, on_ready))
+        stop_wait = asyncio.create_task(pending_stop.wait())
+        done, _ = await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if task not in done:  # stopped before ready: cancel start-up, still shut the DHT down
+            if "peer" not in holder:
+                task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        else:
+            stop_wait.cancel()
+            task.result()
+
+    asyncio.run(_main())

@@ -1,0 +1,62 @@
+"""Starting and stopping hivemind DHT nodes the way every DLLM process needs them."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from hivemind import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils.crypto import RSAPrivateKey
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+
+
+class BootstrapError(ConnectionError):
+    """None of the initial peers could be reached."""
+
+
+def start_dht(
+    initial_peers: Sequence[str] = (),
+    *,
+    host_maddrs: Sequence[str] = LOOPBACK,
+    announce_maddrs: Sequence[str] | None = None,
+    client_mode: bool = False,
+    identity_path: Path | None = None,
+    private_key: RSAPrivateKey | None = None,
+) -> tuple[DHT, RSASignatureValidator]:
+    """Starts a DHT node (a daemon process) with record signing; returns it and its validator.
+
+    `identity_path` keeps the libp2p peer id across restarts (a peer restarting with the same
+    identity). The RSA key signs this process's DHT records so no one else can overwrite them.
+    """
+    validator = RSASignatureValidator(private_key or RSAPrivateKey())
+    kwargs = {}
+    if identity_path is not None:
+        identity_path.parent.mkdir(parents=True, exist_ok=True)
+        kwargs["identity_path"] = str(identity_path)
+    if announce_maddrs:
+        kwargs["announce_maddrs"] = list(announce_maddrs)
+    try:
+        dht = DHT(
+            initial_peers=list(initial_peers),
+            start=True,
+            host_maddrs=list(host_maddrs),
+            client_mode=client_mode,
+            record_validators=[validator],
+            num_workers=8,
+            **kwargs,
+        )
+    except Exception as e:
+        if initial_peers:
+            raise BootstrapError(f"could not join the swarm through {list(initial_peers)}: {e}") from e
+        raise
+    return dht, validator
+
+
+def visible_maddrs(dht: DHT) -> list[str]:
+    """Full multiaddrs (with /p2p/<peer id>) others can use as --initial-peers."""
+    return [str(a) for a in dht.get_visible_maddrs()]

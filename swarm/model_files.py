@@ -1,0 +1,90 @@
+"""Reading a model from disk: a local folder or a Hugging Face hub id already in the local cache.
+
+Peers and clients read only the tensors they need (a span of blocks, or the embeddings and head)
+straight out of the safetensors files, so no process ever materialises the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, PretrainedConfig
+
+from swarm.architectures import architecture_for
+
+
+class ModelFilesError(FileNotFoundError):
+    """The model folder is missing, incomplete or not in safetensors format."""
+
+
+def resolve_model(path_or_id: str) -> Path:
+    """Returns the local folder of a model given as a path or a hub id (hub ids must be cached locally)."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelFilesError(f"{path} has no config.json: not a Hugging Face model folder")
+        return path.resolve()
+    if path.exists():
+        raise ModelFilesError(f"{path} is a file; --model expects a model folder or a hub id")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except Exception as e:
+        raise ModelFilesError(
+            f"model {path_or_id!r} is neither a local folder nor a hub id that could be fetched: {e}"
+        ) from e
+    return Path(folder)
+
+
+def model_name(model_dir: Path, config: PretrainedConfig) -> str:
+    """The name a swarm knows the model by: config's `dllm_name` if set, else the hub id or folder name."""
+    explicit = getattr(config, "dllm_name", None)
+    if explicit:
+        return str(explicit)
+    # A hub snapshot lives in .../models--org--name/snapshots/<hash>: name it org/name.
+    for parent in model_dir.parents:
+        if parent.name.startswith("models--"):
+            return parent.name[len("models--"):].replace("--", "/")
+    return model_dir.name
+
+
+def load_config(model_dir: Path) -> PretrainedConfig:
+    """Loads the model's config and checks that DLLM can serve its architecture."""
+    config = AutoConfig.from_pretrained(model_dir)
+    architecture_for(config)  # raises UnsupportedArchitectureError with the family's name
+    # SDPA is the fast path on CPU and GPU; the explicit masks we pass keep it exact.
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _tensor_files(model_dir: Path) -> dict[str, Path]:
+    """Maps every tensor name to the safetensors file that holds it."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: model_dir / file for name, file in weight_map.items()}
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise ModelFilesError(f"{model_dir} has no model.safetensors(.index.json); convert the weights to safetensors")
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def read_tensors(model_dir: Path, prefixes: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Reads only the tensors whose names start with one of `prefixes`, each file opened once."""
+    files = _tensor_files(model_dir)
+    wanted: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        if any(name.startswith(p) for p in prefixes):
+            wanted.setdefault(file, []).append(name)
+    tensors: dict[str, torch.Tensor] = {}
+    for file, names in wanted.items():
+        with safe_open(file, framework="pt") as f:
+            for name in names:
+                t = f.get_tensor(name)
+                tensors[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return tensors

@@ -1,0 +1,117 @@
+"""The peer RPC protocol: handler names, message metadata, and the errors a peer can answer with.
+
+Requests and responses are hivemind `ExpertRequest`/`ExpertResponse` protobufs: tensors in `tensors`,
+everything else as a msgpack dict in `metadata`. A peer that rejects a request answers with
+`{"error": {"kind": ..., "message": ...}}`; the client raises the matching RemotePeerError subclass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+from hivemind.proto import runtime_pb2
+
+PROTOCOL_VERSION = 1
+
+HANDLER_INFO = "dllm.v1.info"
+HANDLER_FORWARD = "dllm.v1.forward"
+HANDLER_BACKWARD = "dllm.v1.backward"
+HANDLER_INFERENCE = "dllm.v1.inference"
+
+MAX_METADATA_BYTES = 64 * 2**10
+
+
+class ProtocolError(ValueError):
+    """A request or response violates the protocol (malformed metadata, missing fields)."""
+
+
+class RemotePeerError(RuntimeError):
+    """A peer answered a request with an error. `kind` says which; subclasses exist per kind."""
+
+    kind = "internal"
+
+    def __init__(self, message: str, peer_id: str | None = None):
+        super().__init__(f"peer {peer_id}: {message}" if peer_id else message)
+        self.remote_message = message
+        self.peer_id = peer_id
+
+
+class InvalidRequestError(RemotePeerError):
+    kind = "invalid_request"
+
+
+class InvalidTensorRemoteError(RemotePeerError):
+    kind = "invalid_tensor"
+
+
+class UnknownSessionError(RemotePeerError):
+    kind = "unknown_session"
+
+
+class BlocksNotServedError(RemotePeerError):
+    kind = "blocks_not_served"
+
+
+class PeerBusyError(RemotePeerError):
+    """The peer cannot take this session now (its attention-cache budget is full)."""
+
+    kind = "cache_full"
+
+
+_ERRORS = {cls.kind: cls for cls in (RemotePeerError, InvalidRequestError, InvalidTensorRemoteError,
+                                     UnknownSessionError, BlocksNotServedError, PeerBusyError)}
+
+
+def pack_metadata(metadata: dict[str, Any]) -> bytes:
+    return msgpack.packb(metadata, use_bin_type=True)
+
+
+def unpack_metadata(raw: bytes) -> dict[str, Any]:
+    """Decodes request metadata, raising ProtocolError for anything but a small msgpack map."""
+    if not raw:
+        return {}
+    if len(raw) > MAX_METADATA_BYTES:
+        raise ProtocolError(f"metadata of {len(raw)} bytes exceeds the {MAX_METADATA_BYTES}-byte limit")
+    try:
+        value = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as e:
+        raise ProtocolError(f"metadata is not valid msgpack: {e}") from e
+    if not isinstance(value, dict):
+        raise ProtocolError(f"metadata must be a map, got {type(value).__name__}")
+    return value
+
+
+def error_response(kind: str, message: str) -> runtime_pb2.ExpertResponse:
+    return runtime_pb2.ExpertResponse(metadata=pack_metadata({"error": {"kind": kind, "message": message}}))
+
+
+def raise_if_error(metadata: dict[str, Any], peer_id: str | None = None) -> None:
+    """Raises the RemotePeerError subclass named by an error response."""
+    error = metadata.get("error")
+    if error is None:
+        return
+    if not isinstance(error, dict):
+        raise RemotePeerError(f"malformed error reply: {error!r}", peer_id)
+    cls = _ERRORS.get(error.get("kind"), RemotePeerError)
+    raise cls(str(error.get("message", "no message")), peer_id)
+
+
+def get_field(metadata: dict[str, Any], name: str, kind: type, *, default: Any = ...) -> Any:
+    """Reads a typed field from request metadata, raising ProtocolError if absent or mistyped."""
+    if name not in metadata:
+        if default is ...:
+            raise ProtocolError(f"request metadata lacks the field {name!r}")
+        return default
+    value = metadata[name]
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise ProtocolError(f"field {name!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def get_block_range(metadata: dict[str, Any], default: tuple[int, int]) -> range:
+    """Reads `blocks: [start, end]` (defaults to the peer's whole span)."""
+    value = metadata.get("blocks", list(default))
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) is int for v in value)):
+        raise ProtocolError(f"field 'blocks' must be [start, end] integers, got {value!r}")
+    return range(value[0], value[1])
