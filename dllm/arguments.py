@@ -1,0 +1,126 @@
+"""Parsing and validation of `dllm` command-line values, each failing with one actionable message.
+
+Every parser raises `typer.BadParameter`, which the CLI turns into a one-line error and exit code 2.
+They import nothing heavy so `dllm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+AUTO = "auto"
+PEERS_HINT = "'--initial-peers'"
+BLOCKS_HINT = "'--blocks'"
+
+
+@dataclass(frozen=True)
+class BlockSpan:
+    """A half-open range [start, end) of transformer blocks, as given by `--blocks START:END`."""
+
+    start: int
+    end: int
+
+    def __str__(self) -> str:
+        return f"{self.start}:{self.end}"
+
+
+def parse_blocks(value: str) -> BlockSpan | None:
+    """Parse `--blocks`: "START:END" (half-open) or "auto" (None: the peer picks the weakest span)."""
+    text = value.strip()
+    if text.lower() == AUTO:
+        return None
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+        raise typer.BadParameter(f"{value!r} is not START:END (e.g. 0:4) or 'auto'", param_hint=BLOCKS_HINT)
+    start, end = (int(p) for p in parts)
+    if start < 0:
+        raise typer.BadParameter(f"{value!r}: START must be >= 0", param_hint=BLOCKS_HINT)
+    if end <= start:
+        raise typer.BadParameter(
+            f"{value!r} is empty: END must be greater than START (half-open range)", param_hint=BLOCKS_HINT
+        )
+    return BlockSpan(start, end)
+
+
+def check_blocks_fit(span: BlockSpan, num_layers: int) -> None:
+    """Reject a span that reaches past the model's last block."""
+    if span.end > num_layers:
+        raise typer.BadParameter(
+            f"{span} reaches past the model's {num_layers} blocks (valid: 0..{num_layers}, END exclusive)",
+            param_hint=BLOCKS_HINT,
+        )
+
+
+def parse_initial_peer(value: str) -> str:
+    """Validate one `--initial-peers` multiaddr: it must parse and end in /p2p/<peer id>."""
+    from multiaddr import Multiaddr  # small pure-Python package
+
+    try:
+        address = Multiaddr(value)
+    except Exception as error:  # the package raises several unrelated types for bad input
+        raise typer.BadParameter(f"{value!r} is not a multiaddr ({error})", param_hint=PEERS_HINT) from None
+    names = [protocol.name for protocol in address.protocols()]
+    if "p2p" not in names:
+        raise typer.BadParameter(
+            f"{value!r} has no /p2p/<peer id> part; copy the full address a bootstrap node or peer prints",
+            param_hint=PEERS_HINT,
+        )
+    if not ({"tcp", "udp"} & set(names)):
+        raise typer.BadParameter(f"{value!r} names no transport (/tcp/PORT or /udp/PORT)", param_hint=PEERS_HINT)
+    return value
+
+
+def parse_initial_peers(values: list[str] | None) -> list[str]:
+    """Validate every `--initial-peers` value (the option may repeat; commas also separate)."""
+    result: list[str] = []
+    for value in values or []:
+        for part in value.split(","):
+            if part.strip():
+                result.append(parse_initial_peer(part.strip()))
+    return result
+
+
+def check_model_folder(value: str) -> Path:
+    """A model argument that must be a local folder holding a Hugging Face config.json."""
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise typer.BadParameter(f"model folder {str(path)!r} does not exist", param_hint="'--model'")
+    if not (path / "config.json").is_file():
+        raise typer.BadParameter(
+            f"{str(path)!r} holds no config.json: pass a Hugging Face model folder", param_hint="'--model'"
+        )
+    return path.resolve()
+
+
+def parse_chain_url(value: str | None) -> str | None:
+    """A Substrate node endpoint: ws:// or wss:// (http(s) is accepted by substrate-interface too)."""
+    if value is None or value == "":
+        return None
+    if not value.startswith(("ws://", "wss://", "http://", "https://")):
+        raise typer.BadParameter(
+            f"{value!r} is not a node endpoint like ws://127.0.0.1:9944", param_hint="'--chain-url'"
+        )
+    return value
+
+
+def parse_chain_key(value: str | None) -> str | None:
+    """A signing key: a dev URI (//Alice), a 12/24-word mnemonic, or a 0x-prefixed 32-byte seed."""
+    if value is None or value == "":
+        return None
+    text = value.strip()
+    if text.startswith("//"):
+        return text
+    if text.startswith("0x"):
+        digits = text[2:]
+        if len(digits) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digits):
+            raise typer.BadParameter("a hex seed must be 0x followed by 64 hex digits", param_hint="'--chain-key'")
+        return text
+    words = text.split()
+    if len(words) in (12, 15, 18, 21, 24):
+        return text
+    raise typer.BadParameter(
+        "expected a dev URI like //Alice, a 12-24 word mnemonic, or a 0x hex seed", param_hint="'--chain-key'"
+    )

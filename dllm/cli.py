@@ -1,0 +1,423 @@
+"""The `dllm` command: run a dev chain, join the swarm, query it, serve the HTTP API and dashboard, demo.
+
+Heavy packages (torch, hivemind, substrate-interface) are imported inside each command so that
+`dllm --help` and argument errors answer instantly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Optional
+
+import typer
+
+from dllm import arguments
+from dllm.config import build_default_map, read_config_file
+
+log = logging.getLogger("dllm.cli")
+
+app = typer.Typer(
+    name="dllm",
+    help="DLLM: a dynamic LLM served by a peer-to-peer swarm, paid and policed through a Substrate chain.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+chain_app = typer.Typer(help="The local Substrate dev chain that settles payments and slashes.", no_args_is_help=True)
+peer_app = typer.Typer(help="Serve transformer blocks to the swarm as a compute provider.", no_args_is_help=True)
+swarm_app = typer.Typer(help="Swarm infrastructure: bootstrap nodes.", no_args_is_help=True)
+app.add_typer(chain_app, name="chain")
+app.add_typer(peer_app, name="peer")
+app.add_typer(swarm_app, name="swarm")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_CHAIN_URL = "ws://127.0.0.1:9944"
+
+# Reusable option declarations: the same name means the same thing in every command.
+InitialPeers = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--initial-peers",
+        "-p",
+        help="Multiaddr of a swarm node (…/tcp/PORT/p2p/PEER_ID); repeat or comma-separate for several.",
+        envvar="DLLM_INITIAL_PEERS",
+    ),
+]
+ModelOption = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="Model folder (or cached hub id). Default: the embedded dllm-tiny-llama."),
+]
+ChainUrl = Annotated[
+    Optional[str], typer.Option("--chain-url", help="Substrate node endpoint, e.g. ws://127.0.0.1:9944.")
+]
+ChainKey = Annotated[
+    Optional[str],
+    typer.Option(
+        "--chain-key",
+        help="Signing key: dev URI (//Alice), mnemonic or 0x seed. Prefer the env var over the command line.",
+        envvar="DLLM_CHAIN_KEY",
+        show_envvar=True,
+    ),
+]
+Host = Annotated[str, typer.Option("--host", help="Address to listen on (keep 127.0.0.1 unless you mean it).")]
+
+
+def _port_option(default: int, what: str) -> Any:
+    return typer.Option("--port", min=0, max=65535, help=f"TCP port for {what} (0: pick a free one).")
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    config: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--config",
+            "-c",
+            help="TOML or YAML file whose keys set command options (e.g. a peer.join table with stake = 10); "
+            "command-line options win.",
+            envvar="DLLM_CONFIG",
+            dir_okay=False,
+        ),
+    ] = None,
+    log_level: Annotated[
+        Optional[str],
+        typer.Option("--log-level", help="Logging verbosity: DEBUG, INFO, WARNING (default) or ERROR."),
+    ] = None,
+) -> None:
+    """Global options shared by every command."""
+    data: dict[str, Any] = {}
+    if config is not None:
+        data = read_config_file(config)
+        ctx.default_map = build_default_map(ctx.command, data, config)
+    # The file's log_level applies only when the command line gave none.
+    log_level = log_level or str(data.get("log_level") or "WARNING")
+    level = log_level.upper()
+    if level not in LOG_LEVELS:
+        raise typer.BadParameter(f"{log_level!r} is not one of {', '.join(LOG_LEVELS)}", param_hint="'--log-level'")
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # hivemind installs its own handler and reads this variable in every process it forks.
+    os.environ.setdefault("HIVEMIND_LOGLEVEL", level)
+
+
+class CommandError(typer.TyperException):
+    """A command that cannot do its work for a reason the user can act on (exit code 1)."""
+
+    exit_code = 1
+
+
+def _fail(message: str) -> NoReturn:
+    raise CommandError(message)
+
+
+def _model_folder(model: str | None) -> Path:
+    """The model's local folder, or a BadParameter naming what is wrong with --model."""
+    from dllm import default_model_path
+
+    if model is None:
+        return default_model_path()
+    text = model.strip()
+    looks_local = text.startswith((".", "/", "~")) or Path(text).expanduser().exists()
+    if looks_local:
+        return arguments.check_model_folder(text)
+    from swarm.model_files import ModelFilesError, resolve_model
+
+    try:
+        return resolve_model(text)
+    except ModelFilesError as error:
+        raise typer.BadParameter(str(error), param_hint="'--model'") from None
+
+
+def _require_peers(initial_peers: list[str] | None) -> list[str]:
+    peers = arguments.parse_initial_peers(initial_peers)
+    if not peers:
+        raise typer.BadParameter(
+            "give at least one swarm address (from `dllm swarm bootstrap` or a running peer), "
+            "or set DLLM_INITIAL_PEERS",
+            param_hint="'--initial-peers'",
+        )
+    return peers
+
+
+# ----------------------------------------------------------------------------------------------- chain
+
+
+@chain_app.command("dev")
+def chain_dev(
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port of the chain's RPC.")] = 9944,
+    state_dir: Annotated[
+        Optional[Path],
+        typer.Option("--state-dir", help="Folder where the chain's state is kept across restarts.", file_okay=False),
+    ] = None,
+) -> None:
+    """Run the local dev chain (the real Asset Hub runtime under chopsticks) on 127.0.0.1 until Ctrl-C."""
+    try:
+        from chain.devchain.cli_entry import run_dev_chain
+    except ImportError as error:
+        _fail(f"the dev chain is not available in this installation ({error}); run scripts/setup")
+    run_dev_chain(port=port, state_dir=state_dir)
+
+
+# ------------------------------------------------------------------------------------------------ swarm
+
+
+@swarm_app.command("bootstrap")
+def swarm_bootstrap(
+    host: Host = "127.0.0.1",
+    port: Annotated[int, _port_option(31337, "the DHT node")] = 31337,
+    initial_peers: InitialPeers = None,
+    identity: Annotated[
+        Optional[Path],
+        typer.Option("--identity", help="Private key file: a stable peer id across restarts (created if missing)."),
+    ] = None,
+) -> None:
+    """Run a bootstrap DHT node that peers and clients join; prints its multiaddrs, runs until Ctrl-C."""
+    peers = arguments.parse_initial_peers(initial_peers)
+    from dllm.bootstrap import BootstrapConfig, run_bootstrap
+
+    run_bootstrap(BootstrapConfig(host=host, port=port, initial_peers=peers, identity_path=identity))
+
+
+# ------------------------------------------------------------------------------------------------- peer
+
+
+@peer_app.command("join")
+def peer_join(
+    initial_peers: InitialPeers = None,
+    model: ModelOption = None,
+    blocks: Annotated[
+        str, typer.Option("--blocks", "-b", help="Blocks to serve: START:END (half-open) or 'auto' (fill the gaps).")
+    ] = "auto",
+    num_blocks: Annotated[
+        Optional[int], typer.Option("--num-blocks", min=1, help="With --blocks auto: how many blocks to serve.")
+    ] = None,
+    host: Host = "127.0.0.1",
+    port: Annotated[int, _port_option(0, "the peer's P2P endpoint")] = 0,
+    rate: Annotated[int, typer.Option("--rate", min=0, help="Price per token, in the chain's smallest unit.")] = 1,
+    stake: Annotated[
+        int, typer.Option("--stake", min=0, help="Stake to bond on chain when registering (0: do not register).")
+    ] = 0,
+    chain_url: ChainUrl = None,
+    chain_key: ChainKey = None,
+    identity: Annotated[
+        Optional[Path],
+        typer.Option("--identity", help="Private key file: a stable peer id across restarts (created if missing)."),
+    ] = None,
+) -> None:
+    """Join the swarm as a compute provider serving a span of the model's blocks (runs until Ctrl-C)."""
+    peers = _require_peers(initial_peers)
+    span = arguments.parse_blocks(blocks)
+    url = arguments.parse_chain_url(chain_url)
+    key = arguments.parse_chain_key(chain_key)
+    if stake and not (url and key):
+        raise typer.BadParameter("bonding a stake needs --chain-url and --chain-key", param_hint="'--stake'")
+    folder = _model_folder(model)
+    from swarm.model_files import load_config
+
+    num_layers = int(load_config(folder).num_hidden_layers)
+    if span is not None:
+        arguments.check_blocks_fit(span, num_layers)
+    elif num_blocks is not None and num_blocks > num_layers:
+        raise typer.BadParameter(f"the model has only {num_layers} blocks", param_hint="'--num-blocks'")
+    try:
+        from peer.server import PeerConfig, main as run_peer_blocking
+    except ImportError as error:
+        _fail(f"serving blocks is not available in this installation ({error})")
+    config = PeerConfig(
+        model=str(folder),
+        initial_peers=peers,
+        start=span.start if span else None,
+        end=span.end if span else None,
+        num_blocks=num_blocks,
+        host=host,
+        port=port,
+        rate=rate,
+        stake=stake,
+        chain_url=url,
+        chain_key=key,
+        identity_path=identity,
+    )
+    run_peer_blocking(config)
+
+
+# ------------------------------------------------------------------------------------------------ query
+
+
+def _check_top_p(value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise typer.BadParameter(f"{value} is outside (0, 1]")
+    return value
+
+
+@app.command("query")
+def query(
+    prompt: Annotated[str, typer.Argument(help="The prompt to complete.")],
+    initial_peers: InitialPeers = None,
+    model: ModelOption = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens to generate at most.")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 is greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample among the k likeliest (0: all).")] = 0,
+    top_p: Annotated[
+        float, typer.Option("--top-p", callback=_check_top_p, help="Nucleus sampling mass, in (0, 1].")
+    ] = 1.0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed, for reproducible output.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop at this text (repeatable).")] = None,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they arrive.")] = True,
+) -> None:
+    """Query the distributed model: the prompt's completion streams to the terminal."""
+    peers = _require_peers(initial_peers)
+    folder = _model_folder(model)
+    from rich.console import Console
+
+    from swarm.client import DistributedModel, GenerationParams
+
+    params = GenerationParams(
+        max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=list(stop or []), seed=seed
+    )
+    status = Console(stderr=True)
+    with status.status("Joining the swarm…"):
+        distributed = DistributedModel.from_pretrained(str(folder), peers)
+    try:
+        if stream:
+            for delta in distributed.stream(prompt, params):
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            result = distributed.generate(prompt, params)
+            sys.stdout.write(result.text + "\n")
+            status.print(
+                f"[dim]{result.prompt_tokens} prompt + {result.completion_tokens} generated tokens, "
+                f"finish: {result.finish_reason}[/dim]"
+            )
+    finally:
+        distributed.close()
+
+
+# --------------------------------------------------------------------------------------------- feedback
+
+
+@app.command("feedback")
+def feedback(
+    prompt: Annotated[str, typer.Argument(help="The prompt the model saw.")],
+    completion: Annotated[str, typer.Argument(help="The completion it should have given (the correction).")],
+    initial_peers: InitialPeers = None,
+    model: ModelOption = None,
+) -> None:
+    """Send a training example (prompt + preferred completion): the swarm's adapters learn from it."""
+    peers = _require_peers(initial_peers)
+    if not completion.strip():
+        raise typer.BadParameter("the preferred completion is empty", param_hint="COMPLETION")
+    folder = _model_folder(model)
+    from swarm.client import DistributedModel
+
+    distributed = DistributedModel.from_pretrained(str(folder), peers)
+    try:
+        if not hasattr(distributed, "feedback"):
+            _fail("this swarm client cannot send feedback yet (DistributedModel.feedback is missing)")
+        outcome = distributed.feedback(prompt, completion)
+        typer.echo(f"feedback accepted: {outcome}")
+    finally:
+        distributed.close()
+
+
+# ----------------------------------------------------------------------------------------------- verify
+
+
+@app.command("verify")
+def verify(
+    initial_peers: InitialPeers = None,
+    model: ModelOption = None,
+    chain_url: ChainUrl = None,
+    chain_key: ChainKey = None,
+    sample_rate: Annotated[
+        float, typer.Option("--sample-rate", min=0.0, max=1.0, help="Fraction of observed work to re-run.")
+    ] = 0.05,
+) -> None:
+    """Run a verifier: re-run a sample of providers' work and publish signed verdicts (runs until Ctrl-C)."""
+    _require_peers(initial_peers)
+    _model_folder(model)
+    arguments.parse_chain_url(chain_url)
+    arguments.parse_chain_key(chain_key)
+    _fail("the standalone verifier is not available in this installation yet")
+
+
+# -------------------------------------------------------------------------------------------------- api
+
+
+@app.command("api")
+def api(
+    initial_peers: InitialPeers = None,
+    model: ModelOption = None,
+    host: Host = "127.0.0.1",
+    port: Annotated[int, _port_option(8000, "the HTTP API")] = 8000,
+) -> None:
+    """Serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models) over the swarm."""
+    peers = _require_peers(initial_peers)
+    folder = _model_folder(model)
+    from swarm.api import serve_api
+
+    serve_api(model_path=folder, initial_peers=peers, host=host, port=port)
+
+
+# -------------------------------------------------------------------------------------------- dashboard
+
+
+@app.command("dashboard")
+def dashboard(
+    initial_peers: InitialPeers = None,
+    chain_url: ChainUrl = None,
+    host: Host = "127.0.0.1",
+    port: Annotated[int, _port_option(8080, "the dashboard")] = 8080,
+    refresh: Annotated[
+        float, typer.Option("--refresh", min=0.5, help="Seconds between page refreshes and swarm scans.")
+    ] = 2.0,
+) -> None:
+    """Serve a live web page of the swarm: block coverage, throughput, stake, earnings, slashes."""
+    peers = _require_peers(initial_peers)
+    url = arguments.parse_chain_url(chain_url)
+    from swarm.dashboard import DashboardConfig, serve_dashboard
+
+    serve_dashboard(DashboardConfig(initial_peers=peers, chain_url=url, host=host, port=port, refresh_s=refresh))
+
+
+# ------------------------------------------------------------------------------------------------- demo
+
+
+@app.command("demo")
+def demo(
+    peers: Annotated[int, typer.Option("--peers", min=1, max=8, help="How many compute peers to start.")] = 3,
+    queries: Annotated[int, typer.Option("--queries", min=1, max=20, help="How many demo queries to run.")] = 3,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, max=256, help="Tokens per query.")] = 24,
+    chain_port: Annotated[int, typer.Option("--chain-port", min=0, max=65535, help="Dev chain port (0: free).")] = 0,
+) -> None:
+    """Run everything locally: dev chain, bootstrap node, peers, queries, settlement; then shut it all down."""
+    from dllm.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(peers=peers, queries=queries, max_tokens=max_tokens, chain_port=chain_port))
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point of the `dllm` executable: bad arguments give one line on stderr and exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="dllm", standalone_mode=False)
+    except typer.TyperException as error:
+        # Usage errors carry the context of the command they concern; name it and where help is.
+        ctx = getattr(error, "ctx", None)
+        where = ctx.command_path if ctx is not None else "dllm"
+        hint = f" (see '{where} --help')" if ctx is not None else ""
+        sys.stderr.write(f"{where}: error: {error.format_message()}{hint}\n")
+        sys.exit(getattr(error, "exit_code", 1))
+    except (typer.Abort, KeyboardInterrupt):
+        sys.stderr.write("dllm: interrupted\n")
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
