@@ -1,0 +1,31 @@
+"""sr25519 signatures with chain keys, domain-separated per record type.
+
+Every signed message is `domain | payload`, so a signature over a receipt can never be replayed as
+a verdict or a gossip envelope (and vice versa).
+"""
+
+from __future__ import annotations
+
+from substrateinterface import Keypair, KeypairType
+
+SIGNATURE_BYTES = 64
+
+
+def sign(keypair: Keypair, domain: bytes, payload: bytes) -> bytes:
+    """64-byte sr25519 signature of `domain | payload` with `keypair` (must hold a private key)."""
+    if keypair.crypto_type != KeypairType.SR25519:
+        raise ValueError("DLLM records are signed with sr25519 chain keys")
+    return bytes(keypair.sign(domain + payload))
+
+
+def verify(address: str, domain: bytes, payload: bytes, signature: bytes) -> bool:
+    """True iff `signature` is the sr25519 signature of `domain | payload` by `address`'s key.
+
+    Never raises: a malformed address or signature simply does not verify.
+    """
+    if type(signature) is not bytes or len(signature) != SIGNATURE_BYTES:
+        return False
+    try:
+        return bool(Keypair(ss58_address=address, crypto_type=KeypairType.SR25519).verify(domain + payload, signature))
+    except Exception:  # bad address encodings raise assorted errors inside substrate-interface
+        return False
