@@ -1,0 +1,113 @@
+"""Held-out canary evaluation: an adapter update goes live only if it does not hurt the canary loss.
+
+A peer holds one span, so it cannot compute a language-model loss alone. The gate therefore takes an
+`evaluate(version)` coroutine that returns the mean loss on the canary examples of the whole model with
+adapter `version` pinned on this span (live versions elsewhere). In the swarm that coroutine runs the
+canary examples through a route as a client, with this span served by this peer; in tests it can run a
+route assembled in one process. Both versions are evaluated in the same call so that drifts elsewhere
+in the route affect both sides equally.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Mapping
+
+import torch
+
+from peer.adapters import AdapterSet
+
+logger = logging.getLogger(__name__)
+
+LossOfVersion = Callable[[int], Awaitable[float]]
+
+
+class CanaryConfigError(ValueError):
+    """A canary threshold is out of range."""
+
+
+@dataclass(frozen=True)
+class CanaryConfig:
+    """An update is rejected when candidate_loss > live_loss * (1 + max_relative_rise) + max_absolute_rise."""
+
+    max_relative_rise: float = 0.01
+    max_absolute_rise: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_relative_rise", "max_absolute_rise"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise CanaryConfigError(f"{name} must be a non-negative finite number, got {value!r}")
+
+    def limit(self, live_loss: float) -> float:
+        return live_loss * (1.0 + self.max_relative_rise) + self.max_absolute_rise
+
+
+@dataclass
+class CanaryVerdict:
+    """The outcome of one canary evaluation."""
+
+    accepted: bool
+    live_version: int
+    candidate_version: int
+    live_loss: float
+    candidate_loss: float
+    limit: float
+    at: float = field(default_factory=time.time)
+
+    @property
+    def reason(self) -> str:
+        relation = "<=" if self.accepted else ">"
+        return (f"canary loss {self.candidate_loss:.4f} (candidate v{self.candidate_version}) {relation} "
+                f"limit {self.limit:.4f} (live v{self.live_version}: {self.live_loss:.4f})")
+
+
+class CanaryGate:
+    """Evaluates candidate adapter versions on held-out canary examples and keeps the rollback log."""
+
+    def __init__(self, evaluate: LossOfVersion, config: CanaryConfig | None = None):
+        self.evaluate = evaluate
+        self.config = config or CanaryConfig()
+        self.rollbacks: list[CanaryVerdict] = []
+
+    async def check(self, live_version: int, candidate_version: int) -> CanaryVerdict:
+        """Canary loss of both versions; accepted unless the candidate's rises beyond the threshold."""
+        live_loss = float(await self.evaluate(live_version))
+        candidate_loss = float(await self.evaluate(candidate_version))
+        limit = self.config.limit(live_loss)
+        accepted = math.isfinite(candidate_loss) and candidate_loss <= limit
+        return CanaryVerdict(accepted, live_version, candidate_version, live_loss, candidate_loss, limit)
+
+    def record_rollback(self, verdict: CanaryVerdict) -> None:
+        """Logs a rejected update (the audit trail operators read) and keeps it in `rollbacks`."""
+        self.rollbacks.append(verdict)
+        logger.warning("adapter update rolled back: %s", verdict.reason)
+
+    async def apply(self, adapters: AdapterSet, tensors: Mapping[str, torch.Tensor]) -> CanaryVerdict:
+        """Proposes `tensors`, evaluates them, then promotes them or rolls back to the live version."""
+        live = adapters.live_version
+        candidate = adapters.propose(tensors)
+        try:
+            verdict = await self.check(live, candidate)
+        except BaseException:
+            adapters.discard(candidate)
+            adapters.reset_working()
+            raise
+        if verdict.accepted:
+            adapters.promote(candidate)
+            logger.info("adapter update accepted: %s", verdict.reason)
+        else:
+            adapters.discard(candidate)
+            adapters.reset_working()
+            self.record_rollback(verdict)
+        return verdict
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; label -100 marks positions that do not count (the prompt)."""
+    shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shifted_labels = labels[:, 1:].reshape(-1)
+    return torch.nn.functional.cross_entropy(shifted_logits, shifted_labels, ignore_index=-100)
