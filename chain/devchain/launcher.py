@@ -1,0 +1,186 @@
+"""Start and stop the local dev chain (chopsticks running the Rococo Asset Hub runtime)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from chain.devchain.genesis import BUILD_DIR, NODE_MODULES, ensure_dev_spec
+from chain.errors import DevChainStartError, DevChainUnavailableError
+
+log = logging.getLogger(__name__)
+
+CHOPSTICKS_BIN = NODE_MODULES / "@acala-network" / "chopsticks" / "chopsticks.cjs"
+DEFAULT_STATE_DIR = Path(".dllm") / "devchain"
+
+
+def dev_chain_available() -> str | None:
+    """None when the dev chain can run here, else the reason it cannot."""
+    if shutil.which("node") is None:
+        return "Node.js is not installed"
+    if not CHOPSTICKS_BIN.exists():
+        return f"chopsticks is not installed in {NODE_MODULES} (run scripts/setup)"
+    return None
+
+
+@dataclass
+class DevChainConfig:
+    """Everything one dev chain process needs."""
+
+    port: int = 9944
+    host: str = "127.0.0.1"
+    # Where chopsticks keeps its SQLite database; None keeps state in memory only.
+    state_dir: Path | None = DEFAULT_STATE_DIR
+    build_dir: Path = BUILD_DIR
+    start_timeout_s: float = 120.0
+    build_block_mode: str = "Instant"
+    extra_args: list[str] = field(default_factory=list)
+
+
+class DevChain:
+    """One chopsticks process serving the dev chain on 127.0.0.1.
+
+    Usage: `chain = DevChain(DevChainConfig(port=9944)); await chain.start(); ...; await chain.stop()`
+    or `async with DevChain(...) as chain:`.
+    """
+
+    def __init__(self, config: DevChainConfig | None = None) -> None:
+        self.config = config or DevChainConfig()
+        self._process: asyncio.subprocess.Process | None = None
+        self._log_file = None
+
+    @property
+    def url(self) -> str:
+        """WebSocket endpoint (what substrate-interface and @polkadot/api connect to)."""
+        return f"ws://{self.config.host}:{self.config.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    @property
+    def log_path(self) -> Path:
+        base = self.config.state_dir or self.config.build_dir
+        return base / f"chopsticks-{self.config.port}.log"
+
+    def _command(self, spec: Path) -> list[str]:
+        cfg = self.config
+        cmd = [
+            "node", str(CHOPSTICKS_BIN),
+            f"--genesis={spec}",
+            "--host", cfg.host,
+            "--port", str(cfg.port),
+            "--build-block-mode", cfg.build_block_mode,
+        ]
+        if cfg.state_dir is not None:
+            db = cfg.state_dir / "chain.sqlite"
+            # Resume only when a previous run left blocks behind; a fresh db starts at genesis.
+            cmd += ["--db", str(db)]
+            if db.exists():
+                # The CLI parses `--resume true` as a string; only a config file yields a boolean.
+                resume = cfg.state_dir / "resume.yml"
+                resume.write_text("resume: true\n")
+                cmd += ["--config", str(resume)]
+        return cmd + list(cfg.extra_args)
+
+    async def start(self) -> None:
+        """Build the spec if needed, spawn chopsticks, and wait until its RPC answers."""
+        reason = dev_chain_available()
+        if reason:
+            raise DevChainUnavailableError(reason)
+        if self._process is not None:
+            raise DevChainStartError("this dev chain is already running")
+        spec = await asyncio.to_thread(ensure_dev_spec, self.config.build_dir)
+        if self.config.state_dir is not None:
+            self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.log_path, "ab")
+        cmd = self._command(spec)
+        log.info("starting dev chain: %s", " ".join(cmd))
+        self._process = await asyncio.create_subprocess_exec(
+            *cmd, stdout=self._log_file, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "LOG_LEVEL": os.environ.get("CHOPSTICKS_LOG_LEVEL", "info")},
+        )
+        try:
+            await self._wait_ready()
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("dev chain ready at %s", self.url)
+
+    async def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.config.start_timeout_s
+        payload = {"jsonrpc": "2.0", "id": 1, "method": "chain_getHeader", "params": []}
+        async with httpx.AsyncClient(timeout=2.0) as http:
+            while time.monotonic() < deadline:
+                assert self._process is not None
+                if self._process.returncode is not None:
+                    raise DevChainStartError(
+                        f"chopsticks exited with code {self._process.returncode}; see {self.log_path}:\n"
+                        + self._log_tail()
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    reply = await http.post(self.http_url, json=payload)
+                    if reply.status_code == 200 and "result" in reply.json():
+                        return
+                await asyncio.sleep(0.25)
+        raise DevChainStartError(
+            f"dev chain did not answer on {self.http_url} within {self.config.start_timeout_s:.0f} s; "
+            f"see {self.log_path}:\n" + self._log_tail()
+        )
+
+    def _log_tail(self, lines: int = 15) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    async def rpc(self, method: str, params: list | None = None) -> object:
+        """One JSON-RPC call over HTTP (e.g. `dev_newBlock`)."""
+        payload = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params or []}
+        async with httpx.AsyncClient(timeout=60.0) as http:
+            reply = (await http.post(self.http_url, json=payload)).json()
+        if "error" in reply:
+            raise DevChainStartError(f"{method} failed: {reply['error']}")
+        return reply.get("result")
+
+    async def new_blocks(self, count: int = 1) -> None:
+        """Build `count` empty blocks (advances time-based delays such as the unbond delay)."""
+        await self.rpc("dev_newBlock", [{"count": count}])
+
+    async def wait_exit(self) -> int:
+        """Wait until the chopsticks process exits on its own; returns its exit code."""
+        if self._process is None:
+            raise DevChainStartError("the dev chain is not running")
+        return await self._process.wait()
+
+    async def stop(self) -> None:
+        """Stop chopsticks (SIGINT lets it flush its database), then kill it if it hangs."""
+        proc, self._process = self._process, None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=15)
+            except asyncio.TimeoutError:
+                log.warning("dev chain did not stop on SIGINT; killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    async def __aenter__(self) -> "DevChain":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
