@@ -114,7 +114,7 @@ async def announce(dht: DHT, record: ServerRecord, owner_marker: bytes, ttl: flo
 
 
 async def _get_keys(dht: DHT, node: DHTNode, keys: list[str]) -> dict[str, Any]:
-    found = await node.get_many(keys, latest=True, num_workers=len(keys))
+    found = await node.get_many(keys, sufficient_expiration_time=float("inf"), num_workers=len(keys))
     out = {}
     for key, entry in found.items():
         if entry is None or not isinstance(entry.value, dict):

@@ -1,0 +1,320 @@
+"""`dllm api`: an OpenAI-compatible HTTP API over the swarm client.
+
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with `stream: true`
+as server-sent events ending in `data: [DONE]`), POST /v1/feedback (a training example for the
+swarm's adapters). Bad requests get OpenAI's error envelope with status 400; a failure of the swarm
+while serving gets 503; no single request can take the server down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import sys
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
+
+from swarm import openai_schema as schema
+from swarm.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    FeedbackRequest,
+    UnsupportedParameterError,
+)
+from swarm.sampling import GenerationParams
+
+log = logging.getLogger(__name__)
+
+
+class TextGenerator(Protocol):
+    """What the API needs from a model; `swarm.client.DistributedModel` satisfies it."""
+
+    model_name: str
+    tokenizer: Any
+
+    async def agenerate(self, prompt: str, params: GenerationParams) -> Any: ...
+
+    def astream(self, prompt: str, params: GenerationParams) -> AsyncIterator[str]: ...
+
+
+class BadRequestError(ValueError):
+    """A request that is well-formed JSON but cannot be served as asked (answered with 400)."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.status, self.code = param, status, code
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=schema.error_body(message, kind, param, code))
+
+
+def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
+    """One readable line from pydantic's error list, e.g. "messages.0.role: Input should be 'system', ..."."""
+    problems = []
+    first_param = None
+    for item in error.errors()[:3]:
+        location = [str(part) for part in item.get("loc", ()) if part != "body"]
+        where = ".".join(location)
+        first_param = first_param or (location[0] if location else None)
+        problems.append(f"{where}: {item.get('msg')}" if where else str(item.get("msg")))
+    return "; ".join(problems) or "invalid request body", first_param
+
+
+def _context_limit(model: TextGenerator) -> int | None:
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) else None
+
+
+def _count_tokens(model: TextGenerator, text: str) -> int:
+    return len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _chat_prompt(model: TextGenerator, request: ChatCompletionRequest) -> str:
+    messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+    if getattr(model.tokenizer, "chat_template", None):
+        return model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # A model shipped without a chat template: a plain transcript the model can continue.
+    lines = [f"{m['role']}: {m['content']}" for m in messages]
+    return "\n".join(lines) + "\nassistant:"
+
+
+def _generation_params(request: schema.SamplingFields, max_tokens: int) -> GenerationParams:
+    request.check_supported()
+    return GenerationParams(
+        max_new_tokens=max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        stop=request.stop_list(),
+        seed=request.seed,
+    )
+
+
+def _check_prompt(model: TextGenerator, prompt: str, max_tokens: int) -> int:
+    """Tokens in `prompt`; rejects empty prompts and ones that overflow the model's context."""
+    count = len(model.tokenizer(prompt)["input_ids"])
+    if count == 0 or not prompt:
+        raise BadRequestError("the prompt is empty", param="prompt")
+    limit = _context_limit(model)
+    if limit is not None and count + max_tokens > limit:
+        raise BadRequestError(
+            f"the prompt ({count} tokens) plus max_tokens ({max_tokens}) exceeds the model's context of {limit} tokens",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return count
+
+
+def create_app(model: TextGenerator) -> FastAPI:
+    """The FastAPI application serving `model` under OpenAI's routes."""
+    app = FastAPI(title="DLLM OpenAI-compatible API", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(error)
+        return _error(400, message, "invalid_request_error", param)
+
+    @app.exception_handler(UnsupportedParameterError)
+    async def on_unsupported(_: Request, error: UnsupportedParameterError) -> JSONResponse:
+        return _error(400, str(error), "invalid_request_error", error.param)
+
+    @app.exception_handler(BadRequestError)
+    async def on_bad_request(_: Request, error: BadRequestError) -> JSONResponse:
+        return _error(error.status, str(error), "invalid_request_error", error.param, error.code)
+
+    @app.exception_handler(404)
+    async def on_not_found(request: Request, _: Exception) -> JSONResponse:
+        return _error(404, f"no route {request.method} {request.url.path}", "invalid_request_error")
+
+    @app.exception_handler(405)
+    async def on_bad_method(request: Request, _: Exception) -> JSONResponse:
+        return _error(405, f"{request.method} is not allowed on {request.url.path}", "invalid_request_error")
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model.model_name:
+            raise BadRequestError(
+                f"the model {name!r} does not exist here; this swarm serves {model.model_name!r}",
+                param="model", status=404, code="model_not_found",
+            )
+
+    async def run_generation(call: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await call()
+        except (BadRequestError, UnsupportedParameterError):
+            raise
+        except Exception as error:  # any swarm failure: the request fails, the server lives
+            log.warning("generation failed: %s: %s", type(error).__name__, error)
+            raise SwarmUnavailableError(f"the swarm could not serve this request: {type(error).__name__}: {error}")
+
+    @app.exception_handler(Exception)
+    async def on_failure(_: Request, error: Exception) -> JSONResponse:
+        if isinstance(error, SwarmUnavailableError):
+            return _error(503, str(error), "server_error", code="swarm_unavailable")
+        log.exception("unexpected error")
+        return _error(500, f"internal error: {type(error).__name__}: {error}", "server_error")
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return schema.model_list(model.model_name, schema.now())
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str) -> dict[str, Any]:
+        check_model(name)
+        return schema.model_list(model.model_name, schema.now())["data"][0]
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: CompletionRequest) -> Any:
+        check_model(request.model)
+        prompt = request.single_prompt()
+        params = _generation_params(request, request.max_tokens)
+        prompt_tokens = _check_prompt(model, prompt, request.max_tokens)
+        request_id, created = schema.new_id("cmpl"), schema.now()
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+
+            def chunk(text: str, finish: str | None, usage: dict[str, int] | None = None) -> dict[str, Any]:
+                return schema.completion_body(request_id, model.model_name, text, finish, usage, created)
+
+            events = _stream_events(model, prompt, params, prompt_tokens, chunk, include_usage, usage_chunk=None)
+            return EventSourceResponse(events, ping=15)
+        result = await run_generation(lambda: model.agenerate(prompt, params))
+        return schema.completion_body(
+            request_id, model.model_name, result.text, result.finish_reason,
+            schema.usage(result.prompt_tokens, result.completion_tokens), created,
+        )
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: ChatCompletionRequest) -> Any:
+        check_model(request.model)
+        prompt = _chat_prompt(model, request)
+        max_tokens = request.token_budget()
+        params = _generation_params(request, max_tokens)
+        prompt_tokens = _check_prompt(model, prompt, max_tokens)
+        request_id, created = schema.new_id("chatcmpl"), schema.now()
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+
+            def chunk(text: str, finish: str | None, usage: dict[str, int] | None = None) -> dict[str, Any]:
+                delta = {"content": text} if text or finish is None else {}
+                return schema.chat_chunk(request_id, model.model_name, created, delta, finish)
+
+            def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
+                return schema.chat_chunk(request_id, model.model_name, created, None, None, usage)
+
+            first = schema.chat_chunk(request_id, model.model_name, created, {"role": "assistant", "content": ""}, None)
+            events = _stream_events(model, prompt, params, prompt_tokens, chunk, include_usage, usage_chunk, first)
+            return EventSourceResponse(events, ping=15)
+        result = await run_generation(lambda: model.agenerate(prompt, params))
+        return schema.chat_body(
+            request_id, model.model_name, result.text, result.finish_reason,
+            schema.usage(result.prompt_tokens, result.completion_tokens), created,
+        )
+
+    @app.post("/v1/feedback")
+    async def feedback(request: FeedbackRequest) -> dict[str, Any]:
+        check_model(request.model)
+        submit = getattr(model, "afeedback", None)
+        if submit is None:
+            raise BadRequestError("this swarm client cannot take feedback", status=501, code="not_implemented")
+        outcome = await run_generation(lambda: submit(request.prompt, request.completion))
+        return {"object": "feedback", "accepted": True, "result": _jsonable(outcome)}
+
+    return app
+
+
+class SwarmUnavailableError(RuntimeError):
+    """The swarm failed while serving a request (no route, peers gone, timeouts): answered with 503."""
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(value)
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return str(value)
+
+
+async def _stream_events(
+    model: TextGenerator,
+    prompt: str,
+    params: GenerationParams,
+    prompt_tokens: int,
+    chunk: Callable[..., dict[str, Any]],
+    include_usage: bool,
+    usage_chunk: Callable[[dict[str, int]], dict[str, Any]] | None,
+    first: dict[str, Any] | None = None,
+) -> AsyncIterator[dict[str, str]]:
+    """SSE events of one streamed generation: deltas, a final chunk with finish_reason, usage, [DONE].
+
+    The swarm client streams text only, so the completion's token count is the re-tokenised text
+    (exact for the default tokenizer's round trip) and finish_reason is "length" when it used the
+    whole budget.
+    """
+    if first is not None:
+        yield {"data": json.dumps(first)}
+    text = ""
+    try:
+        async for delta in model.astream(prompt, params):
+            text += delta
+            yield {"data": json.dumps(chunk(delta, None))}
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:  # report in-band: the HTTP status is already sent
+        log.warning("streamed generation failed: %s: %s", type(error).__name__, error)
+        message = f"the swarm could not serve this request: {type(error).__name__}: {error}"
+        yield {"data": json.dumps(schema.error_body(message, "server_error", code="swarm_unavailable"))}
+        yield {"data": "[DONE]"}
+        return
+    completion_tokens = _count_tokens(model, text)
+    finish = "length" if completion_tokens >= params.max_new_tokens else "stop"
+    usage = schema.usage(prompt_tokens, completion_tokens)
+    final = chunk("", finish, usage if include_usage and usage_chunk is None else None)
+    yield {"data": json.dumps(final)}
+    if include_usage and usage_chunk is not None:
+        yield {"data": json.dumps(usage_chunk(usage))}
+    yield {"data": "[DONE]"}
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (port 0 picks a free one), so the real port is known before serving."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_api(model_path: Path, initial_peers: Sequence[str], host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Join the swarm as a client and serve the API until Ctrl-C (blocking; used by `dllm api`)."""
+    import uvicorn
+
+    from swarm.client import DistributedModel
+
+    sock = bind_socket(host, port)
+    model = DistributedModel.from_pretrained(str(model_path), initial_peers)
+    try:
+        bound_host, bound_port = sock.getsockname()[:2]
+        sys.stdout.write(f"DLLM API serving {model.model_name} at http://{bound_host}:{bound_port}/v1\n")
+        sys.stdout.flush()
+        config = uvicorn.Config(create_app(model), log_level="warning", lifespan="off")
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        model.close()
+        sock.close()

@@ -1,0 +1,408 @@
+"""The client: a model whose blocks run on the swarm while embeddings and head stay local.
+
+`SwarmClient` is the asyncio core (DHT lookups, routing, sessions, forward/backward RPCs);
+`DistributedModel` wraps it for ordinary Python code, running the core on a private event-loop thread
+so the same object works from scripts, notebooks and other event loops (the HTTP API).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Iterator, Literal, Sequence
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+from transformers import AutoTokenizer
+
+from swarm import protocol
+from swarm.dht import start_dht
+from swarm.local_head import LocalHead
+from swarm.model_files import load_config, model_name, resolve_model
+from swarm.records import ServerRecord, fetch_model_records
+from swarm.routing import BanList, Hop, NoRouteError, plan_route
+from swarm.sampling import GenerationParams, next_token
+from swarm.session import InferenceSession
+from swarm.tensors import InvalidTensorError, check_hidden_states, decode, encode
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ClientConfig", "DistributedModel", "GenerationParams", "GenerationResult", "SwarmClient"]
+
+
+@dataclass
+class ClientConfig:
+    """How a client talks to the swarm."""
+
+    request_timeout: float = 10.0  # a step slower than this counts as a failed peer
+    max_failovers: int = 8
+    ban_duration: float = 60.0
+    max_rate: int | None = None  # skip peers whose advertised rate is above this
+    refresh_interval: float = 5.0  # re-read DHT records at most this often
+    max_retries: int = 3  # for forward/backward RPCs
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+    route: list[str] = field(default_factory=list)
+    failovers: int = 0
+
+
+class SwarmClient:
+    """The asyncio core of a client of one model."""
+
+    def __init__(self, model_dir: Path, initial_peers: Sequence[str], config: ClientConfig):
+        self.config = config
+        self.model_dir = model_dir
+        self.model_config = load_config(model_dir)
+        self.model = model_name(model_dir, self.model_config)
+        self.num_blocks = self.model_config.num_hidden_layers
+        self.head = LocalHead(model_dir, self.model_config)
+        self.initial_peers = list(initial_peers)
+        self.bans = BanList(config.ban_duration)
+        self.latency: dict[str, float] = {}
+        self._records: list[ServerRecord] = []
+        self._records_at = 0.0
+        self.dht = None
+        self.p2p: P2P | None = None
+
+    async def start(self) -> None:
+        self.dht, _ = await asyncio.to_thread(start_dht, self.initial_peers, client_mode=True)
+        self.p2p = await self.dht.replicate_p2p()
+
+    async def shutdown(self) -> None:
+        if self.dht is not None:
+            await asyncio.to_thread(self.dht.shutdown)
+            self.dht = None
+
+    # --- routing -------------------------------------------------------------------------------
+
+    async def records(self, refresh: bool = False) -> list[ServerRecord]:
+        if refresh or time.monotonic() - self._records_at > self.config.refresh_interval:
+            self._records = await fetch_model_records(self.dht, self.model, self.num_blocks)
+            self._records_at = time.monotonic()
+            await self._ping_new(self._records)
+        return self._records
+
+    async def _ping_new(self, records: list[ServerRecord]) -> None:
+        new = {r.peer_id for r in records} - set(self.latency)
+        await asyncio.gather(*(self.ping(p) for p in new))
+
+    async def ping(self, peer_id: str) -> float:
+        """Round-trip time of rpc_info to `peer_id` (inf if unreachable); cached for routing."""
+        started = time.perf_counter()
+        try:
+            await self.call(peer_id, protocol.HANDLER_INFO, runtime_pb2.ExpertRequest(), timeout=2.0)
+            rtt = time.perf_counter() - started
+        except Exception:
+            rtt = float("inf")
+        self.latency[peer_id] = rtt
+        return rtt
+
+    async def plan(self, start: int, end: int) -> list[Hop]:
+        """A route for blocks start..end-1; re-reads the DHT once if the cached records fall short."""
+        for refresh in (False, True):
+            records = [r for r in await self.records(refresh) if self.latency.get(r.peer_id) != float("inf")]
+            try:
+                return plan_route(records, start, end, latency=self.latency, banned=self.bans, max_rate=self.config.max_rate)
+            except NoRouteError:
+                if refresh:
+                    raise
+        raise AssertionError("unreachable")
+
+    def report_failure(self, peer_id: str, error: Exception) -> None:
+        self.bans.ban(peer_id)
+        self._records_at = 0.0  # re-read the DHT on the next plan
+
+    # --- RPCs ----------------------------------------------------------------------------------
+
+    async def call(self, peer_id: str, handler: str, request: runtime_pb2.ExpertRequest, timeout: float | None = None) -> runtime_pb2.ExpertResponse:
+        response = await asyncio.wait_for(
+            self.p2p.call_protobuf_handler(PeerID.from_base58(peer_id), handler, request, runtime_pb2.ExpertResponse),
+            timeout or self.config.request_timeout,
+        )
+        protocol.raise_if_error(protocol.unpack_metadata(response.metadata), peer_id)
+        return response
+
+    async def _hop_call(self, hop: Hop, handler: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        metadata = {"model": self.model, "blocks": [hop.start, hop.end]}
+        request = runtime_pb2.ExpertRequest(tensors=[encode(t) for t in tensors], metadata=protocol.pack_metadata(metadata))
+        response = await self.call(hop.peer_id, handler, request)
+        if len(response.tensors) != 1:
+            raise InvalidTensorError(f"peer {hop.peer_id} returned {len(response.tensors)} tensors, expected 1")
+        out = decode(response.tensors[0])
+        check_hidden_states(out, tensors[0].shape[-1], 2**31, f"reply of peer {hop.peer_id}")
+        if out.shape != tensors[0].shape:
+            raise InvalidTensorError(f"peer {hop.peer_id} returned shape {list(out.shape)}, expected {list(tensors[0].shape)}")
+        return out
+
+    async def _with_failover(self, start: int, end: int, run) -> tuple[list[Hop], object]:
+        last: Exception | None = None
+        for _ in range(self.config.max_retries + 1):
+            hops = await self.plan(start, end)
+            try:
+                return hops, await run(hops)
+            except (protocol.InvalidRequestError, protocol.InvalidTensorRemoteError):
+                raise
+            except Exception as e:
+                last = e
+                failed = getattr(e, "peer_id", None) or getattr(e, "_hop_peer", None)
+                if failed:
+                    self.report_failure(failed, e)
+                logger.warning("request failed (%s); retrying on another route", e)
+        raise RuntimeError(f"request failed after {self.config.max_retries + 1} attempts: {last}") from last
+
+    async def forward_hidden(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[Hop], list[torch.Tensor]]:
+        """Runs a full sequence through all blocks (no cache); returns output, route, per-hop inputs."""
+
+        async def run(hops: list[Hop]):
+            inputs, x = [], hidden
+            for hop in hops:
+                inputs.append(x)
+                try:
+                    x = await self._hop_call(hop, protocol.HANDLER_FORWARD, [x])
+                except Exception as e:
+                    e._hop_peer = hop.peer_id
+                    raise
+            return x, inputs
+
+        hops, (out, inputs) = await self._with_failover(0, self.num_blocks, run)
+        return out, hops, inputs
+
+    async def backward_hidden(self, hops: list[Hop], inputs: list[torch.Tensor], grad_out: torch.Tensor) -> torch.Tensor:
+        """Gradient w.r.t. the first hop's inputs, walking the route backwards."""
+        grad = grad_out
+        for hop, x in zip(reversed(hops), reversed(inputs)):
+            try:
+                grad = await self._hop_call(hop, protocol.HANDLER_BACKWARD, [x, grad])
+            except (protocol.InvalidRequestError, protocol.InvalidTensorRemoteError):
+                raise
+            except Exception as e:
+                # The peer that holds those blocks is gone: recompute through another route for them.
+                self.report_failure(hop.peer_id, e)
+                alt = await self.plan(hop.start, hop.end)
+                grad = await self._backward_segment(alt, x, grad)
+        return grad
+
+    async def _backward_segment(self, hops: list[Hop], x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        inputs = []
+        for hop in hops:
+            inputs.append(x)
+            x = await self._hop_call(hop, protocol.HANDLER_FORWARD, [x])
+        for hop, inp in zip(reversed(hops), reversed(inputs)):
+            grad = await self._hop_call(hop, protocol.HANDLER_BACKWARD, [inp, grad])
+        return grad
+
+    # --- generation ----------------------------------------------------------------------------
+
+    def inference_session(self, max_length: int, batch: int = 1) -> InferenceSession:
+        return InferenceSession(self.p2p, self.model, self.num_blocks, self.plan, self.report_failure,
+                                max_length=max_length, batch=batch, timeout=self.config.request_timeout,
+                                max_failovers=self.config.max_failovers)
+
+    async def generate_tokens(self, prompt_ids: list[int], params: GenerationParams, eos_ids: set[int]) -> AsyncIterator[int]:
+        """Yields new token ids one by one (stop strings are the caller's business)."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        total = len(prompt_ids) + params.max_new_tokens
+        if total > getattr(self.model_config, "max_position_embeddings", total):
+            raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
+                             f"context of {self.model_config.max_position_embeddings} tokens")
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        session = self.inference_session(max_length=total)
+        self.last_session = session
+        try:
+            with torch.inference_mode():
+                hidden = await session.step(self.head.embed_tokens(torch.tensor([prompt_ids])))
+                for _ in range(params.max_new_tokens):
+                    token = next_token(self.head.logits(hidden[0, -1]), params, generator)
+                    yield token
+                    if token in eos_ids and not params.ignore_eos:
+                        return
+                    hidden = await session.step(self.head.embed_tokens(torch.tensor([[token]])))
+        finally:
+            await session.close()
+
+
+class _LoopThread:
+    """A private asyncio loop on a daemon thread; sync code submits coroutines to it."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="dllm-client-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        async def cancel_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            self.run(cancel_rest(), timeout=5)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=5)
+
+
+class DistributedModel:
+    """A language model served by the swarm. Create with `DistributedModel.from_pretrained(...)`."""
+
+    def __init__(self, core: SwarmClient, tokenizer, loop: _LoopThread):
+        self._core = core
+        self._loop = loop
+        self.tokenizer = tokenizer
+        self.model_name = core.model
+        self.config = core.model_config
+
+    @classmethod
+    def from_pretrained(cls, model: str, initial_peers: Sequence[str], *, config: ClientConfig | None = None) -> "DistributedModel":
+        """Loads the tokenizer, embeddings and head of `model` locally and joins the swarm."""
+        model_dir = resolve_model(model)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        core = SwarmClient(model_dir, initial_peers, config or ClientConfig())
+        loop = _LoopThread()
+        try:
+            loop.run(core.start())
+        except BaseException:
+            loop.stop()
+            raise
+        return cls(core, tokenizer, loop)
+
+    @property
+    def core(self) -> SwarmClient:
+        return self._core
+
+    def close(self) -> None:
+        try:
+            self._loop.run(self._core.shutdown(), timeout=15)
+        finally:
+            self._loop.stop()
+
+    def __enter__(self) -> "DistributedModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- generation ----------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt)["input_ids"]
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ids
+
+    @property
+    def _eos_ids(self) -> set[int]:
+        eos = self.tokenizer.eos_token_id
+        return {eos} if eos is not None else set()
+
+    async def _stream_on_loop(self, prompt_ids: list[int], params: GenerationParams, emit) -> GenerationResult:
+        """Runs on the private loop; `emit(delta)` is called for each piece of new text."""
+        ids: list[int] = []
+        text, finish = "", "length"
+        async for token in self._core.generate_tokens(prompt_ids, params, self._eos_ids):
+            ids.append(token)
+            if token in self._eos_ids and not params.ignore_eos:
+                finish = "stop"
+                break
+            full = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if full.endswith("\ufffd"):
+                continue  # an incomplete multi-byte character: wait for the rest
+            hit = min((full.find(s) for s in params.stop if s and full.find(s) >= 0), default=-1)
+            if hit >= 0:
+                full, finish = full[:hit], "stop"
+            if len(full) > len(text):
+                emit(full[len(text):])
+            text = full if len(full) >= len(text) else text
+            if finish == "stop":
+                break
+        session = getattr(self._core, "last_session", None)
+        return GenerationResult(
+            text=text, token_ids=ids, finish_reason=finish, prompt_tokens=len(prompt_ids), completion_tokens=len(ids),
+            route=[f"{h.hop.peer_id}:{h.hop.start}:{h.hop.end}" for h in (session.hops if session else [])],
+            failovers=session.failovers if session else 0,
+        )
+
+    def generate(self, prompt: str | list[int], params: GenerationParams | None = None) -> GenerationResult:
+        """Generates a completion of `prompt` (text or token ids)."""
+        params = params or GenerationParams()
+        return self._loop.run(self._stream_on_loop(self._prompt_ids(prompt), params, lambda _: None))
+
+    def stream(self, prompt: str | list[int], params: GenerationParams | None = None) -> Iterator[str]:
+        """Yields pieces of text as tokens arrive."""
+        import queue
+
+        params = params or GenerationParams()
+        pieces: queue.Queue = queue.Queue()
+        done = object()
+        future = asyncio.run_coroutine_threadsafe(
+            self._stream_on_loop(self._prompt_ids(prompt), params, pieces.put), self._loop.loop)
+        future.add_done_callback(lambda _: pieces.put(done))
+        while (item := pieces.get()) is not done:
+            yield item
+        future.result()  # re-raises a failure
+
+    async def agenerate(self, prompt: str | list[int], params: GenerationParams | None = None) -> GenerationResult:
+        params = params or GenerationParams()
+        future = asyncio.run_coroutine_threadsafe(
+            self._stream_on_loop(self._prompt_ids(prompt), params, lambda _: None), self._loop.loop)
+        return await asyncio.wrap_future(future)
+
+    async def astream(self, prompt: str | list[int], params: GenerationParams | None = None) -> AsyncIterator[str]:
+        params = params or GenerationParams()
+        caller = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        done = object()
+        future = asyncio.run_coroutine_threadsafe(
+            self._stream_on_loop(self._prompt_ids(prompt), params,
+                                 lambda piece: caller.call_soon_threadsafe(pieces.put_nowait, piece)),
+            self._loop.loop)
+        future.add_done_callback(lambda _: caller.call_soon_threadsafe(pieces.put_nowait, done))
+        while (item := await pieces.get()) is not done:
+            yield item
+        future.result()
+
+    # --- full-sequence forward / backward --------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, tokens, vocab] for `input_ids`; differentiable w.r.t. the embeddings if grad is on."""
+        hidden = self._core.head.embed_tokens(input_ids)
+        return self.forward_embeddings(hidden)
+
+    def forward_embeddings(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = _RemoteBlocks.apply(hidden, self)
+        return self._core.head.logits(out)
+
+
+class _RemoteBlocks(torch.autograd.Function):
+    """All remote blocks as one autograd op: forward RPCs going out, backward RPCs coming back."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, model: DistributedModel) -> torch.Tensor:
+        out, hops, inputs = model._loop.run(model._core.forward_hidden(hidden.detach()))
+        ctx.model, ctx.hops, ctx.inputs = model, hops, inputs
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_in = ctx.model._loop.run(ctx.model._core.backward_hidden(ctx.hops, ctx.inputs, grad_out.contiguous()))
+        return grad_in, None

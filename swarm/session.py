@@ -1,0 +1,159 @@
+"""Inference sessions through a route of peers, with failover that replays the session's history.
+
+Each hop holds a P2P stream to one peer; the peer keeps the attention cache for its blocks. The client
+keeps every hidden state it sent to each hop, so when a peer dies, stalls or answers garbage, the
+session bans it, routes those blocks through other peers, replays the history there to rebuild their
+caches, and carries on: greedy output is the same as without the failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import AsyncIterator, Awaitable, Callable
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from swarm import protocol
+from swarm.routing import Hop, NoRouteError
+from swarm.tensors import InvalidTensorError, check_hidden_states, decode, encode
+
+logger = logging.getLogger(__name__)
+
+# Plans a route for blocks start..end-1, avoiding banned peers.
+RoutePlanner = Callable[[int, int], Awaitable[list[Hop]]]
+
+
+class SessionFailedError(RuntimeError):
+    """The session could not continue: every failover attempt failed."""
+
+
+class _HopStream:
+    """One open inference stream to one peer, with the inputs it has been sent so far."""
+
+    def __init__(self, p2p: P2P, hop: Hop, model: str, max_length: int, batch: int, timeout: float):
+        self.p2p, self.hop, self.model = p2p, hop, model
+        self.max_length, self.batch, self.timeout = max_length, batch, timeout
+        self.history: list[torch.Tensor] = []
+        self.position = 0
+        self._requests: asyncio.Queue = asyncio.Queue()
+        self._responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
+        self._opened = False
+
+    async def _request_iter(self):
+        while True:
+            item = await self._requests.get()
+            if item is None:
+                return
+            yield item
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        metadata = {"position": self.position}
+        if not self._opened:
+            metadata.update(model=self.model, blocks=[self.hop.start, self.hop.end], max_length=self.max_length,
+                            batch=self.batch, session_id=uuid.uuid4().hex)
+        request = runtime_pb2.ExpertRequest(tensors=[encode(hidden)], metadata=protocol.pack_metadata(metadata))
+        if not self._opened:
+            self._opened = True
+            self._responses = await asyncio.wait_for(
+                self.p2p.iterate_protobuf_handler(
+                    PeerID.from_base58(self.hop.peer_id), protocol.HANDLER_INFERENCE, self._request_iter(),
+                    runtime_pb2.ExpertResponse),
+                self.timeout)
+        await self._requests.put(request)
+        try:
+            response = await asyncio.wait_for(anext(self._responses), self.timeout)
+        except StopAsyncIteration:
+            raise ConnectionError(f"peer {self.hop.peer_id} closed the inference stream") from None
+        meta = protocol.unpack_metadata(response.metadata)
+        protocol.raise_if_error(meta, self.hop.peer_id)
+        if len(response.tensors) != 1:
+            raise InvalidTensorError(f"peer {self.hop.peer_id} returned {len(response.tensors)} tensors, expected 1")
+        output = decode(response.tensors[0])
+        check_hidden_states(output, hidden.shape[-1], 2**31, f"output of peer {self.hop.peer_id}")
+        if output.shape != hidden.shape:
+            raise InvalidTensorError(f"peer {self.hop.peer_id} returned shape {list(output.shape)} for input {list(hidden.shape)}")
+        self.history.append(hidden)
+        self.position += hidden.shape[1]
+        return output.to(hidden.dtype)
+
+    async def close(self) -> None:
+        if self._opened:
+            await self._requests.put(None)
+            if self._responses is not None:
+                try:
+                    await asyncio.wait_for(self._responses.aclose(), 1.0)
+                except Exception:
+                    pass
+
+
+class InferenceSession:
+    """A generation session over the swarm: `await step(hidden)` runs new tokens through every block."""
+
+    def __init__(self, p2p: P2P, model: str, num_blocks: int, plan: RoutePlanner, on_failure: Callable[[str, Exception], None],
+                 *, max_length: int, batch: int = 1, timeout: float = 10.0, max_failovers: int = 8):
+        self.p2p, self.model, self.num_blocks = p2p, model, num_blocks
+        self.plan, self.on_failure = plan, on_failure
+        self.max_length, self.batch, self.timeout = max_length, batch, timeout
+        self.max_failovers = max_failovers
+        self.hops: list[_HopStream] = []
+        self.failovers = 0
+        self.stall_seconds: list[float] = []  # time lost to each failover (detection excluded)
+
+    def _new_hops(self, hops: list[Hop]) -> list[_HopStream]:
+        return [_HopStream(self.p2p, h, self.model, self.max_length, self.batch, self.timeout) for h in hops]
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.hops:
+            self.hops = self._new_hops(await self.plan(0, self.num_blocks))
+        i = 0
+        while i < len(self.hops):
+            hop = self.hops[i]
+            try:
+                hidden = await hop.step(hidden)
+                i += 1
+            except (protocol.InvalidRequestError, protocol.InvalidTensorRemoteError):
+                raise  # our own request is bad: another peer would reject it too
+            except Exception as e:  # dead, stalled, busy or lying peer: route around it
+                replacement, output = await self._fail_over(hop, hidden, e)
+                self.hops[i:i + 1] = replacement
+                hidden = output
+                i += len(replacement)
+        return hidden
+
+    async def _fail_over(self, failed: _HopStream, current: torch.Tensor, error: Exception) -> tuple[list[_HopStream], torch.Tensor]:
+        """Replaces `failed` by new hops for the same blocks and replays its history through them."""
+        started = time.perf_counter()
+        logger.warning("peer %s failed on blocks %d:%d (%s: %s); re-routing",
+                       failed.hop.peer_id, failed.hop.start, failed.hop.end, type(error).__name__, error)
+        self.on_failure(failed.hop.peer_id, error)
+        asyncio.create_task(failed.close())
+        last_error: Exception = error
+        while self.failovers < self.max_failovers:
+            self.failovers += 1
+            try:
+                hops = self._new_hops(await self.plan(failed.hop.start, failed.hop.end))
+            except NoRouteError as e:
+                raise SessionFailedError(f"lost blocks {failed.hop.start}:{failed.hop.end} and {e}") from last_error
+            # One message per new hop: the whole history plus the current step, so caches are rebuilt.
+            x = torch.cat(failed.history + [current], dim=1)
+            try:
+                for hop in hops:
+                    x = await hop.step(x)
+            except Exception as e:
+                last_error = e
+                self.on_failure(hop.hop.peer_id, e)
+                for h in hops:
+                    asyncio.create_task(h.close())
+                continue
+            self.stall_seconds.append(time.perf_counter() - started)
+            return hops, x[:, -current.shape[1]:]
+        raise SessionFailedError(f"gave up after {self.failovers} failovers: {last_error}") from last_error
+
+    async def close(self) -> None:
+        await asyncio.gather(*(h.close() for h in self.hops), return_exceptions=True)
+        self.hops = []
