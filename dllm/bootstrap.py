@@ -33,12 +33,13 @@ class BootstrapConfig:
 
 def run_bootstrap(config: BootstrapConfig) -> None:
     """Run the bootstrap node until SIGINT or SIGTERM, then shut it down cleanly (blocking)."""
-    from hivemind import DHT
+    from swarm.dht import start_dht
 
-    kwargs: dict[str, object] = {"host_maddrs": [f"/ip4/{config.host}/tcp/{config.port}"]}
-    if config.identity_path is not None:
-        kwargs["identity_path"] = str(config.identity_path)
-    dht = DHT(initial_peers=config.initial_peers or None, start=True, **kwargs)
+    dht, _ = start_dht(
+        config.initial_peers,
+        host_maddrs=[f"/ip4/{config.host}/tcp/{config.port}"],
+        identity_path=config.identity_path,
+    )
     # Handlers go in only after the DHT process is forked: a forked child inherits Python-level handlers,
     # and one that ignores SIGTERM could not be terminated by hivemind's own shutdown.
     stop = threading.Event()

@@ -185,6 +185,23 @@ def swarm_bootstrap(
 # ------------------------------------------------------------------------------------------------- peer
 
 
+def _chain_account(key: str) -> str:
+    """The ss58 address of a signing key (payments to this peer go there)."""
+    from substrateinterface import Keypair
+
+    try:
+        keypair = Keypair.create_from_uri(key) if key.startswith("//") else (
+            Keypair.create_from_seed(key) if key.startswith("0x") else Keypair.create_from_mnemonic(key)
+        )
+    except Exception as error:  # substrate-interface raises ValueError or its own types for bad keys
+        raise typer.BadParameter(f"not a usable key: {error}", param_hint="'--chain-key'") from None
+    return keypair.ss58_address
+
+
+def _register_provider(url: str | None, key: str | None, stake: int) -> None:
+    _fail("registering a stake on chain is not available in this installation yet")
+
+
 @peer_app.command("join")
 def peer_join(
     initial_peers: InitialPeers = None,
@@ -223,24 +240,25 @@ def peer_join(
         arguments.check_blocks_fit(span, num_layers)
     elif num_blocks is not None and num_blocks > num_layers:
         raise typer.BadParameter(f"the model has only {num_layers} blocks", param_hint="'--num-blocks'")
+    account = _chain_account(key) if key else None
+    from peer.config import PeerConfig
+    from peer.server import main as run_peer_blocking
+
     try:
-        from peer.server import PeerConfig, main as run_peer_blocking
-    except ImportError as error:
-        _fail(f"serving blocks is not available in this installation ({error})")
-    config = PeerConfig(
-        model=str(folder),
-        initial_peers=peers,
-        start=span.start if span else None,
-        end=span.end if span else None,
-        num_blocks=num_blocks,
-        host=host,
-        port=port,
-        rate=rate,
-        stake=stake,
-        chain_url=url,
-        chain_key=key,
-        identity_path=identity,
-    )
+        config = PeerConfig(
+            model=str(folder),
+            blocks=(span.start, span.end) if span else None,
+            num_blocks=num_blocks,
+            initial_peers=peers,
+            host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+            identity_path=identity,
+            rate=rate,
+            chain_account=account,
+        )
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    if stake:
+        _register_provider(url, key, stake)
     run_peer_blocking(config)
 
 
