@@ -175,6 +175,7 @@ def model_config() -> LlamaConfig:
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
         torch_dtype="float32",
+        dllm_name="dllm-tiny-llama",  # the name the swarm knows this model by (swarm.model_files.model_name)
     )
 
 

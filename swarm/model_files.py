@@ -32,7 +32,7 @@ def resolve_model(path_or_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        folder = snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
     except Exception as e:
         raise ModelFilesError(
             f"model {path_or_id!r} is neither a local folder nor a hub id that could be fetched: {e}"
