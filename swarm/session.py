@@ -156,4 +156,3 @@ class InferenceSession:
 
     async def close(self) -> None:
         await asyncio.gather(*(h.close() for h in self.hops), return_exceptions=True)
-        self.hops = []

@@ -1,0 +1,163 @@
+"""Running a whole local swarm as real processes: a bootstrap node and peers, cleanly stopped.
+
+Used by the demo, the benchmarks and the tests. Every process gets its own process group, so
+stopping it also stops the hivemind DHT daemon process and p2pd it forked; nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_READY = re.compile(r"DLLM peer ready: peer_id=(\S+) model=(\S+) blocks=(\d+):(\d+) maddrs=(.*)")
+
+
+class ProcessStartError(RuntimeError):
+    """A swarm process exited or did not become ready in time; carries its log tail."""
+
+
+def _dllm_command() -> list[str]:
+    return [sys.executable, "-m", "dllm.cli"]
+
+
+@dataclass
+class ManagedProcess:
+    """A child process with its output captured to a log file."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    info: dict = field(default_factory=dict)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        """Sends `sig` to the whole process group (the peer and its DHT daemon and p2pd), as a machine crash would."""
+        if self.alive:
+            try:
+                os.killpg(os.getpgid(self.popen.pid), sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (SIGCONT first if stopped), then SIGKILL of the whole process group."""
+        try:
+            pgid = os.getpgid(self.popen.pid)
+        except ProcessLookupError:
+            pgid = self.popen.pid
+        for sig in (signal.SIGCONT, signal.SIGTERM):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                pass
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(pgid, signal.SIGKILL)  # whatever the main process left: DHT children, p2pd
+        except ProcessLookupError:
+            pass
+        try:
+            self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            logger.error("process %s (pid %d) did not exit", self.name, self.popen.pid)
+
+
+class LocalSwarm:
+    """A bootstrap node and any number of peers for one model, all on 127.0.0.1."""
+
+    def __init__(self, model: str, workdir: Path | None = None, env: dict | None = None):
+        self.model = model
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dllm-swarm-"))
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.processes: list[ManagedProcess] = []
+        self.initial_peers: list[str] = []
+        self._counter = 0
+
+    def _spawn(self, name: str, args: list[str]) -> ManagedProcess:
+        self._counter += 1
+        log_path = self.workdir / f"{self._counter:02d}-{name}.log"
+        log = open(log_path, "w")
+        popen = subprocess.Popen(_dllm_command() + args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                 start_new_session=True, cwd=self.workdir)
+        log.close()
+        proc = ManagedProcess(name, popen, log_path)
+        self.processes.append(proc)
+        return proc
+
+    def _wait_for(self, proc: ManagedProcess, pattern: re.Pattern, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = pattern.search(proc.log_path.read_text(errors="replace"))
+            if match:
+                return match
+            if not proc.alive:
+                raise ProcessStartError(f"{proc.name} exited with code {proc.popen.returncode}:\n{proc.log_tail()}")
+            time.sleep(0.05)
+        raise ProcessStartError(f"{proc.name} was not ready after {timeout:.0f} s:\n{proc.log_tail()}")
+
+    def start_bootstrap(self, timeout: float = 30.0) -> ManagedProcess:
+        proc = self._spawn("bootstrap", ["swarm", "bootstrap", "--port", "0"])
+        match = self._wait_for(proc, re.compile(r"INITIAL_PEER (\S+)"), timeout)
+        self.initial_peers = [match.group(1)]
+        proc.info["maddr"] = match.group(1)
+        return proc
+
+    def start_peer(self, blocks: str | None = "auto", *extra: str, name: str | None = None, wait: bool = True,
+                   timeout: float = 60.0) -> ManagedProcess:
+        """Starts `dllm peer join` on this swarm; with `wait`, returns once it serves."""
+        if not self.initial_peers:
+            raise ProcessStartError("start the bootstrap node first")
+        args = ["peer", "join", "--model", self.model, "--initial-peers", *self.initial_peers]
+        if blocks:
+            args += ["--blocks", blocks]
+        proc = self._spawn(name or f"peer-{blocks or 'auto'}".replace(":", "-"), args + list(extra))
+        proc.info["started_at"] = time.monotonic()
+        if wait:
+            self.wait_ready(proc, timeout)
+        return proc
+
+    def wait_ready(self, proc: ManagedProcess, timeout: float = 60.0) -> ManagedProcess:
+        match = self._wait_for(proc, _READY, timeout)
+        proc.info.update(peer_id=match.group(1), model=match.group(2), start=int(match.group(3)),
+                         end=int(match.group(4)), maddrs=match.group(5).split(),
+                         ready_s=time.monotonic() - proc.info.get("started_at", time.monotonic()))
+        return proc
+
+    def peers(self) -> list[ManagedProcess]:
+        return [p for p in self.processes if "peer_id" in p.info]
+
+    def stop(self) -> None:
+        """Stops every process concurrently (each stop may wait for a graceful exit)."""
+        threads = [threading.Thread(target=p.stop) for p in self.processes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.processes.clear()
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

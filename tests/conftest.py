@@ -1,0 +1,60 @@
+"""Shared fixtures: the embedded tiny model, a running local swarm, a running dev chain."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from dllm import default_model_path
+from dllm.processes import LocalSwarm
+
+logging.getLogger("hivemind").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> Path:
+    """The embedded 8-layer Llama (dllm-tiny-llama), loaded through the same from-disk path as any model."""
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def swarm(tiny_model_path, tmp_path_factory):
+    """A bootstrap DHT node and 2 peers serving blocks 0:4 and 4:8 on 127.0.0.1, shared by a test session.
+
+    Tests must not kill these peers; tests that inject faults start their own LocalSwarm.
+    """
+    local = LocalSwarm(str(tiny_model_path), workdir=tmp_path_factory.mktemp("swarm"))
+    try:
+        local.start_bootstrap()
+        first = local.start_peer("0:4", wait=False)
+        second = local.start_peer("4:8", wait=False)
+        local.wait_ready(first)
+        local.wait_ready(second)
+        local.model = first.info["model"]
+        local.model_path = tiny_model_path
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture
+def local_swarm(tiny_model_path, tmp_path):
+    """An empty LocalSwarm (bootstrap started) for tests that start, kill and restart their own peers."""
+    local = LocalSwarm(str(tiny_model_path), workdir=tmp_path)
+    try:
+        local.start_bootstrap()
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture(scope="session")
+def distributed_model(swarm):
+    """A DistributedModel client of the shared swarm."""
+    from swarm.client import DistributedModel
+
+    model = DistributedModel.from_pretrained(str(swarm.model_path), swarm.initial_peers)
+    yield model
+    model.close()
