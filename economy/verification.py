@@ -1,0 +1,348 @@
+"""Spot-check verification: which work to re-run, how to compare, signed verdicts, slashing tally.
+
+Sampling. Each finished session segment is selected for a check with probability p, decided by a
+keyed hash only the client/verifier knows (the provider cannot tell which work will be checked).
+A provider that corrupts a fraction f of its requests is caught on a given request with
+probability p*f (a corrupted request fails any re-run of it: see `Tolerance`), so within n requests
+
+    P(detect) = 1 - (1 - p*f)^n.
+
+With the default p = 0.5: f = 5% -> 1 - 0.975^200 = 99.4% within 200 requests; f = 1% -> 63%;
+f = 20% -> ~100%. The compute cost stays small because a check re-runs a whole session in ONE
+parallel causal forward (all inputs are known), while serving ran one sequential step per token:
+scripts/bench/verification.py measures the overhead (p x check cost / serving cost).
+
+Comparison. Float results differ across machines, thread counts, batch shapes and kernels. The
+check compares, per token position, the relative L2 error ||claimed - recomputed|| / ||recomputed||
+and fails the step if the worst position exceeds the tolerance. Honest noise in float32 is ~1e-6;
+bfloat16 serving ~1e-2; wrong activations or a skipped block are >= 1e-1. Per-position comparison
+keeps one corrupted token from being diluted by a long honest context.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+
+import torch
+from substrateinterface import Keypair
+
+from economy import canonical, signing
+from economy.canonical import CanonicalFormatError, FieldSpec
+from economy.work_sample import WorkSample
+
+VERDICT_TAG = "dllm.verdict.1"
+SIGNED_VERDICT_TAG = "dllm.signed_verdict.1"
+VERDICT_DOMAIN = b"dllm/verdict/1:"
+DEFAULT_SAMPLE_RATE = 0.5
+ERROR_SCALE = 1_000_000
+"""Verdicts carry errors as integer parts-per-million (canonical bytes hold no floats)."""
+
+
+class VerificationError(ValueError):
+    """Base of every reason a verdict is refused."""
+
+
+class MalformedVerdictError(VerificationError):
+    """The bytes are not a well-formed verdict."""
+
+
+class ForgedVerdictError(VerificationError):
+    """The verdict's signature was not made by the verifier it names."""
+
+
+class NotAVerifierError(VerificationError):
+    """The verdict is signed by an account that is not an authorized verifier."""
+
+
+class StaleVerdictError(VerificationError):
+    """The verdict is too old, or dated in the future."""
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+def detection_probability(sample_rate: float, cheat_fraction: float, requests: int) -> float:
+    """P(at least one failing check) = 1 - (1 - p*f)^n."""
+    _check_probability("sample_rate", sample_rate)
+    _check_probability("cheat_fraction", cheat_fraction)
+    if requests < 0:
+        raise ValueError("requests must be >= 0")
+    return 1.0 - (1.0 - sample_rate * cheat_fraction) ** requests
+
+
+def required_sample_rate(cheat_fraction: float, requests: int, confidence: float) -> float:
+    """Smallest p with detection_probability(p, f, n) >= confidence (may exceed 1: unreachable)."""
+    _check_probability("cheat_fraction", cheat_fraction)
+    _check_probability("confidence", confidence)
+    if cheat_fraction == 0 or requests <= 0:
+        return math.inf
+    return (1.0 - (1.0 - confidence) ** (1.0 / requests)) / cheat_fraction
+
+
+def _check_probability(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class SpotCheckPolicy:
+    """Which work a verifier re-runs: a keyed-hash lottery at `sample_rate`."""
+
+    sample_rate: float = DEFAULT_SAMPLE_RATE
+    secret: bytes = field(default=b"", repr=False)
+    """Known only to the checking side: without it a provider cannot predict which work is checked."""
+
+    def __post_init__(self) -> None:
+        _check_probability("sample_rate", self.sample_rate)
+
+    def selects(self, work_id: bytes) -> bool:
+        """True if the work named `work_id` (e.g. session id + segment) is to be checked."""
+        mac = hmac.new(self.secret, work_id, hashlib.sha256).digest()
+        return int.from_bytes(mac[:8], "big") < self.sample_rate * 2**64
+
+
+# ---------------------------------------------------------------------------------------- comparison
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Largest per-position relative L2 error an honest provider can show."""
+
+    rel_l2: float = 0.05
+    """Default fits providers serving in float16/bfloat16 checked in float32 (measured ~1e-2)."""
+    floor: float = 1e-6
+    """Norm below which a position is compared in absolute terms (avoids dividing by ~0)."""
+
+    @classmethod
+    def for_dtype(cls, dtype: torch.dtype) -> "Tolerance":
+        """Tolerance for a provider that declares it computes in `dtype`."""
+        return cls(rel_l2=1e-3) if dtype in (torch.float32, torch.float64) else cls(rel_l2=0.05)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Result of comparing claimed activations with recomputed ones."""
+
+    passed: bool
+    worst_rel_error: float
+    worst_position: int
+    positions: int
+
+
+def compare_activations(claimed: torch.Tensor, recomputed: torch.Tensor, tolerance: Tolerance) -> Comparison:
+    """Per-position relative L2 comparison of [batch, seq, hidden] tensors."""
+    if claimed.shape != recomputed.shape or claimed.dim() != 3:
+        return Comparison(False, math.inf, 0, 0)
+    c = claimed.detach().float()
+    r = recomputed.detach().float()
+    if not torch.isfinite(c).all():
+        return Comparison(False, math.inf, 0, c.shape[1])
+    diff = (c - r).norm(dim=-1)  # [batch, seq]
+    scale = r.norm(dim=-1).clamp_min(tolerance.floor)
+    rel = (diff / scale).amax(dim=0)  # worst over the batch, per position
+    worst_pos = int(rel.argmax())
+    worst = float(rel[worst_pos])
+    return Comparison(worst <= tolerance.rel_l2, worst, worst_pos, int(rel.numel()))
+
+
+SpanForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""Runs [batch, seq, hidden] inputs with [batch, seq] position ids through the provider's span
+(e.g. `peer.span.SpanRunner.forward` on a span loaded with the same blocks)."""
+
+
+def recheck(sample: WorkSample, forward: SpanForward, tolerance: Tolerance) -> Comparison:
+    """Re-runs a work sample and compares with what the provider returned.
+
+    Raises EvidenceMismatchError (work_sample) if the sample is not what the provider committed to:
+    such a sample proves nothing and must not produce a verdict.
+    """
+    sample.check_commitment()
+    inputs, positions, claimed = sample.forward_batch()
+    with torch.no_grad():
+        recomputed = forward(inputs, positions)
+    return compare_activations(claimed, recomputed, tolerance)
+
+
+# ------------------------------------------------------------------------------------------ verdicts
+
+_VERDICT_SCHEMA = (
+    FieldSpec("verifier", "ss58"),
+    FieldSpec("provider", "ss58"),
+    FieldSpec("model", "str", max_len=256),
+    FieldSpec("start", "u64"),
+    FieldSpec("end", "u64"),
+    FieldSpec("receipt_id", "bytes", exact_len=32),
+    FieldSpec("evidence_hash", "bytes", exact_len=32),
+    FieldSpec("passed", "bool"),
+    FieldSpec("worst_error_ppm", "u64"),
+    FieldSpec("issued_at", "u64"),
+)
+_SIGNED_VERDICT_SCHEMA = (
+    FieldSpec("verdict", "bytes", max_len=4096),
+    FieldSpec("signature", "bytes", exact_len=signing.SIGNATURE_BYTES),
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A verifier's finding about one re-run piece of a provider's work."""
+
+    verifier: str
+    provider: str
+    model: str
+    start: int
+    end: int
+    receipt_id: bytes
+    evidence_hash: bytes
+    """blake2b-256 of the encoded WorkSample: anyone holding it can re-run the check."""
+    passed: bool
+    worst_error_ppm: int
+    issued_at: int
+
+    def encode(self) -> bytes:
+        try:
+            return canonical.encode(VERDICT_TAG, _VERDICT_SCHEMA, tuple(getattr(self, f.name) for f in fields(self)))
+        except CanonicalFormatError as e:
+            raise MalformedVerdictError(str(e)) from None
+
+    @property
+    def verdict_id(self) -> str:
+        return canonical.record_id(self.encode())
+
+    @classmethod
+    def decode(cls, data: bytes) -> "Verdict":
+        try:
+            values = canonical.decode(VERDICT_TAG, _VERDICT_SCHEMA, data)
+        except CanonicalFormatError as e:
+            raise MalformedVerdictError(f"malformed verdict: {e}") from None
+        verdict = cls(*values)
+        if verdict.end <= verdict.start:
+            raise MalformedVerdictError(f"verdict span {verdict.start}:{verdict.end} is empty")
+        if verdict.verifier == verdict.provider:
+            raise MalformedVerdictError("a provider cannot judge its own work")
+        return verdict
+
+
+@dataclass(frozen=True)
+class SignedVerdict:
+    """A verdict with the verifier's sr25519 signature: what travels on dllm/verdicts/1."""
+
+    verdict: Verdict
+    signature: bytes
+
+    def encode(self) -> bytes:
+        try:
+            return canonical.encode(SIGNED_VERDICT_TAG, _SIGNED_VERDICT_SCHEMA, (self.verdict.encode(), self.signature))
+        except CanonicalFormatError as e:
+            raise MalformedVerdictError(str(e)) from None
+
+    @classmethod
+    def decode(cls, data: bytes) -> "SignedVerdict":
+        """Parses bytes (signature unchecked: call `validate_verdict`). Raises MalformedVerdictError."""
+        try:
+            inner, signature = canonical.decode(SIGNED_VERDICT_TAG, _SIGNED_VERDICT_SCHEMA, data)
+        except CanonicalFormatError as e:
+            raise MalformedVerdictError(f"malformed signed verdict: {e}") from None
+        return cls(Verdict.decode(inner), signature)
+
+    @classmethod
+    def sign(cls, verdict: Verdict, keypair: Keypair) -> "SignedVerdict":
+        if keypair.ss58_address != verdict.verifier:
+            raise ForgedVerdictError(f"key {keypair.ss58_address} is not the verdict's verifier {verdict.verifier}")
+        return cls(verdict, signing.sign(keypair, VERDICT_DOMAIN, verdict.encode()))
+
+
+def make_verdict(
+    verifier: Keypair, sample: WorkSample, comparison: Comparison, issued_at: int | None = None
+) -> SignedVerdict:
+    """The verifier's signed verdict on a re-run sample."""
+    r = sample.receipt.receipt
+    error = comparison.worst_rel_error
+    ppm = canonical.MAX_U64 if not math.isfinite(error) else min(canonical.MAX_U64, int(round(error * ERROR_SCALE)))
+    verdict = Verdict(
+        verifier=verifier.ss58_address,
+        provider=r.provider,
+        model=r.model,
+        start=r.start,
+        end=r.end,
+        receipt_id=bytes.fromhex(sample.receipt.receipt_id[2:]),
+        evidence_hash=sample.evidence_hash,
+        passed=comparison.passed,
+        worst_error_ppm=ppm,
+        issued_at=int(time.time()) if issued_at is None else issued_at,
+    )
+    return SignedVerdict.sign(verdict, verifier)
+
+
+def validate_verdict(
+    signed: SignedVerdict, verifiers: Iterable[str], now: float | None = None, max_age_s: float = 24 * 3600
+) -> Verdict:
+    """Checks a received verdict; returns it.
+
+    Raises NotAVerifierError (signer not in `verifiers`), ForgedVerdictError (bad signature),
+    StaleVerdictError (older than `max_age_s` or more than 5 minutes in the future).
+    """
+    v = signed.verdict
+    if v.verifier not in set(verifiers):
+        raise NotAVerifierError(f"{v.verifier} is not an authorized verifier; its verdict is ignored")
+    if not signing.verify(v.verifier, VERDICT_DOMAIN, v.encode(), signed.signature):
+        raise ForgedVerdictError(f"verdict signature does not verify for verifier {v.verifier}")
+    now = time.time() if now is None else now
+    if v.issued_at > now + 300 or v.issued_at < now - max_age_s:
+        raise StaleVerdictError(f"verdict issued at {v.issued_at} is outside the accepted window around {int(now)}")
+    return v
+
+
+# ------------------------------------------------------------------------------------------ slashing
+
+
+@dataclass(frozen=True)
+class SlashProposal:
+    """Enough independent failing verdicts against one provider: what goes to the council."""
+
+    provider: str
+    verdicts: tuple[SignedVerdict, ...]
+    evidence_hash: bytes
+    """blake2b-256 over the sorted verdict ids: names exactly this body of evidence on chain."""
+
+
+@dataclass
+class SlashingTally:
+    """Collects failing verdicts per provider until `threshold` distinct verifiers agree.
+
+    Independence: one verifier counts once per provider however many verdicts it sends; a verifier
+    never counts against itself. After a proposal the provider's tally restarts, so one body of
+    evidence is proposed once.
+    """
+
+    verifiers: frozenset[str]
+    threshold: int
+    max_age_s: float = 24 * 3600
+    _failing: dict[str, dict[str, SignedVerdict]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.threshold < 1 or self.threshold > len(self.verifiers):
+            raise ValueError(f"threshold must be in 1..{len(self.verifiers)} (the number of verifiers)")
+
+    def add(self, signed: SignedVerdict, now: float | None = None) -> SlashProposal | None:
+        """Counts a verdict (validated first; raises VerificationError subclasses); a proposal when due."""
+        v = validate_verdict(signed, self.verifiers, now, self.max_age_s)
+        if v.passed:
+            return None
+        by_verifier = self._failing.setdefault(v.provider, {})
+        by_verifier.setdefault(v.verifier, signed)
+        if len(by_verifier) < self.threshold:
+            return None
+        chosen = tuple(sorted(by_verifier.values(), key=lambda s: s.verdict.verdict_id))
+        del self._failing[v.provider]
+        evidence = canonical.digest(b"".join(bytes.fromhex(s.verdict.verdict_id[2:]) for s in chosen))
+        return SlashProposal(v.provider, chosen, evidence)
+
+    def failing_verifiers(self, provider: str) -> int:
+        """Distinct verifiers with a pending failing verdict against `provider`."""
+        return len(self._failing.get(provider, {}))
