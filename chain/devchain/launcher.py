@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,22 @@ log = logging.getLogger(__name__)
 
 CHOPSTICKS_BIN = NODE_MODULES / "@acala-network" / "chopsticks" / "chopsticks.cjs"
 DEFAULT_STATE_DIR = Path(".dllm") / "devchain"
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: if the Python parent dies (even SIGKILL), Linux sends
+    SIGTERM to chopsticks, so a crashed test run never leaves a chain behind."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def dev_chain_available() -> str | None:
@@ -98,6 +116,11 @@ class DevChain:
             raise DevChainUnavailableError(reason)
         if self._process is not None:
             raise DevChainStartError("this dev chain is already running")
+        if not _port_free(self.config.host, self.config.port):
+            raise DevChainStartError(
+                f"port {self.config.port} on {self.config.host} is already in use (another dev chain?); "
+                "stop it or pick another --port"
+            )
         spec = await asyncio.to_thread(ensure_dev_spec, self.config.build_dir)
         if self.config.state_dir is not None:
             self.config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -107,6 +130,7 @@ class DevChain:
         log.info("starting dev chain: %s", " ".join(cmd))
         self._process = await asyncio.create_subprocess_exec(
             *cmd, stdout=self._log_file, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent,
             env={**os.environ, "LOG_LEVEL": os.environ.get("CHOPSTICKS_LOG_LEVEL", "info")},
         )
         try:

@@ -1,0 +1,423 @@
+"""ComputeLedger: DLLM's economy on the standard pallets of an Asset Hub-like runtime.
+
+Synchronous (substrate-interface is): async callers run it in a thread (`asyncio.to_thread`),
+one ledger per thread. See docs/chain.md for the design and who can move which funds.
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from substrateinterface import Keypair, SubstrateInterface
+
+from chain.account_derivation import (
+    BURN_ACCOUNT,
+    RECEIPT_REGISTRY_ACCOUNT,
+    account_id,
+    address,
+    blake2_256,
+    escrow_account,
+    escrow_indices,
+    multisig_account,
+)
+from chain.council import Council
+from chain.errors import (
+    AlreadyRegisteredError,
+    ChainConnectionError,
+    DispatchError,
+    DoubleSettlementError,
+    InsufficientBalanceError,
+    InsufficientStakeError,
+    InvalidPaymentError,
+    NotRegisteredError,
+    QuorumError,
+    UnbondNotReadyError,
+    UnknownAccountError,
+)
+from chain.history import LedgerIndex
+from chain.pro_rata import split_pro_rata
+from chain.records import (
+    ChainResult,
+    ComputeTotals,
+    Payment,
+    ProviderState,
+    ProviderStatus,
+    SettledReceipt,
+)
+from chain.remarks import encode_remark
+from chain.submission import ExtrinsicSubmitter
+
+log = logging.getLogger(__name__)
+
+PLANCK_PER_UNIT = 10**12
+
+
+@dataclass
+class LedgerConfig:
+    """One ledger client's settings (defaults match the dev chain)."""
+
+    url: str
+    council: Council = field(default_factory=Council.dev)
+    min_stake: int = 1 * PLANCK_PER_UNIT
+    unbond_delay_blocks: int = 10
+    # First block that can hold protocol records (the deployment block on a real chain).
+    start_block: int = 0
+    burn_account: bytes = BURN_ACCOUNT
+
+
+class ComputeLedger:
+    """Typed client for registration, compute records, settlement, slashing and queries."""
+
+    def __init__(self, url: str | None = None, config: LedgerConfig | None = None) -> None:
+        if config is None:
+            if url is None:
+                raise ValueError("give the chain url or a LedgerConfig")
+            config = LedgerConfig(url=url)
+        self.config = config
+        try:
+            self.substrate = SubstrateInterface(url=config.url)
+            self.substrate.init_runtime()
+        except (ConnectionError, OSError) as exc:
+            raise ChainConnectionError(f"cannot reach the chain at {config.url}: {exc}") from exc
+        self.ss58_format: int = self.substrate.ss58_format
+        self.council_account = config.council.account()
+        self.submitter = ExtrinsicSubmitter(self.substrate)
+        self.index = LedgerIndex(self.substrate, self.council_account, config.start_block)
+
+    def close(self) -> None:
+        self.substrate.close()
+
+    def __enter__(self) -> "ComputeLedger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def address(self, account: bytes) -> str:
+        return address(account, self.ss58_format)
+
+    def escrow_of(self, provider_ss58: str) -> str:
+        """The SS58 address of a provider's stake escrow."""
+        return self.address(escrow_account(self.council_account, account_id(provider_ss58)))
+
+    def _call(self, module: str, function: str, params: dict):
+        return self.substrate.compose_call(call_module=module, call_function=function, call_params=params)
+
+    def _remark(self, kind: str, body: dict):
+        return self._call("System", "remark_with_event", {"remark": "0x" + encode_remark(kind, body).hex()})
+
+    def _batch(self, calls: list):
+        return self._call("Utility", "batch_all", {"calls": calls})
+
+    def _from_escrow(self, provider: bytes, call):
+        """Wrap `call` so it dispatches from the provider's escrow (when sent by the council)."""
+        for index in reversed(escrow_indices(provider)):
+            call = self._call("Utility", "as_derivative", {"index": index, "call": call})
+        return call
+
+    def _account_info(self, account: bytes) -> dict:
+        return self.substrate.query("System", "Account", ["0x" + account.hex()]).value
+
+    def _spendable(self, account: bytes) -> int:
+        data = self._account_info(account)["data"]
+        frozen = max(data.get("misc_frozen", 0), data.get("fee_frozen", 0), data.get("frozen", 0))
+        return data["free"] - frozen
+
+    def _require_funds(self, signer: Keypair, call, outflow: int) -> None:
+        """Refuse before submitting when the signer cannot cover `outflow` plus the fee:
+        the chain state stays untouched (a dispatch failure would still charge the fee)."""
+        info = self._account_info(signer.public_key)
+        if info["providers"] == 0 and info["data"]["free"] == 0:
+            raise UnknownAccountError(
+                f"account {signer.ss58_address} does not exist on this chain (no balance); fund it first"
+            )
+        fee = int(self.substrate.get_payment_info(call, signer)["partialFee"])
+        existential = int(self.substrate.get_constant("Balances", "ExistentialDeposit").value)
+        needed = outflow + fee + existential
+        spendable = self._spendable(signer.public_key)
+        if spendable < needed:
+            raise InsufficientBalanceError(
+                f"{signer.ss58_address} has {spendable} planck spendable but needs {needed} "
+                f"({outflow} + fee {fee} + existential deposit {existential})"
+            )
+
+    # ---- provider registration ----------------------------------------------------------------
+    def register_provider(self, provider: Keypair, stake: int) -> ChainResult:
+        """Bond `stake` into the provider's escrow and record the registration (one batch_all)."""
+        if not isinstance(stake, int) or stake < self.config.min_stake:
+            raise InsufficientStakeError(f"stake must be at least {self.config.min_stake} planck, got {stake!r}")
+        self.index.sync()
+        entry = self.index.providers.get(provider.public_key)
+        if entry is not None and entry.unbonded_at is None:
+            raise AlreadyRegisteredError(f"{provider.ss58_address} is already registered (since block {entry.registered_at})")
+        escrow = escrow_account(self.council_account, provider.public_key)
+        owner = self.index.escrow_owner.get(escrow)
+        if owner is not None and owner != provider.public_key:
+            raise AlreadyRegisteredError(f"escrow {self.address(escrow)} already belongs to {self.address(owner)}")
+        call = self._batch([
+            self._call("Balances", "transfer_keep_alive", {"dest": self.address(escrow), "value": stake}),
+            self._remark("register", {"escrow": escrow.hex(), "stake": stake}),
+        ])
+        self._require_funds(provider, call, stake)
+        return self.submitter.submit(provider, call)
+
+    def request_unbond(self, provider: Keypair) -> ChainResult:
+        """Ask the council to return the stake; possible after `unbond_delay_blocks`."""
+        status = self.provider_status(provider.ss58_address)
+        if status.state is not ProviderState.REGISTERED:
+            raise NotRegisteredError(f"{provider.ss58_address} cannot request an unbond: {status.state.value}")
+        call = self._remark("unbond-request", {})
+        self._require_funds(provider, call, 0)
+        return self.submitter.submit(provider, call)
+
+    def unbond(self, council: list[Keypair], provider_ss58: str) -> ChainResult:
+        """Council returns the whole remaining stake to the provider once the delay has passed."""
+        provider = account_id(provider_ss58)
+        status = self.provider_status(provider_ss58)
+        if status.state is not ProviderState.UNBONDING:
+            raise UnbondNotReadyError(f"{provider_ss58} has no pending unbond request ({status.state.value})")
+        head = self.substrate.get_block_number(None)
+        if status.unbond_ready_at is not None and head < status.unbond_ready_at:
+            raise UnbondNotReadyError(
+                f"unbond of {provider_ss58} is possible from block {status.unbond_ready_at} (now {head})"
+            )
+        calls = [self._remark("unbond", {"provider": provider.hex()})]
+        if status.stake > 0:
+            calls.append(self._from_escrow(provider, self._call(
+                "Balances", "transfer_all", {"dest": provider_ss58, "keep_alive": False})))
+        return self._council_execute(council, self._batch(calls))
+
+    # ---- compute records -------------------------------------------------------------------------
+    def record_compute(self, provider: Keypair, receipts_hash: bytes, tokens_x_params: int, requests: int) -> ChainResult:
+        """Record compute served by `provider`, tied to the hash of the signed receipts it covers."""
+        if not isinstance(receipts_hash, (bytes, bytearray)) or len(receipts_hash) != 32:
+            raise InvalidPaymentError("receipts_hash must be 32 bytes (the hash of the signed receipts)")
+        if not isinstance(tokens_x_params, int) or not isinstance(requests, int) or tokens_x_params < 0 or requests < 0:
+            raise InvalidPaymentError("tokens_x_params and requests must be non-negative integers")
+        call = self._remark("compute", {
+            "receipts": bytes(receipts_hash).hex(), "tokens_x_params": tokens_x_params, "requests": requests,
+        })
+        self._require_funds(provider, call, 0)
+        return self.submitter.submit(provider, call)
+
+    # ---- settlement ------------------------------------------------------------------------------
+    def marker_account(self, client_ss58: str) -> bytes:
+        """The 2-of-2 multisig (client + keyless registry) whose open operations mark settled receipts."""
+        return multisig_account([account_id(client_ss58), RECEIPT_REGISTRY_ACCOUNT], 2)
+
+    def settled_on_chain(self, client_ss58: str, receipt_ids: list[bytes]) -> list[bytes]:
+        """The receipts among `receipt_ids` whose settlement marker exists on chain (O(1) each)."""
+        marker = "0x" + self.marker_account(client_ss58).hex()
+        keys = [self.substrate.create_storage_key("Multisig", "Multisigs", [marker, "0x" + r.hex()])
+                for r in receipt_ids]
+        settled = []
+        for key, value in self.substrate.query_multi(keys):
+            if value.value is not None:
+                settled.append(bytes.fromhex(key.params[1][2:]))
+        return settled
+
+    def build_settlement(self, client: Keypair, payments: list[Payment]):
+        """Validate and compose the settlement call (markers + transfers + record in one batch_all)."""
+        if not payments:
+            raise InvalidPaymentError("a settlement needs at least one payment")
+        ids = [p.receipt_id for p in payments]
+        for payment in payments:
+            split_pro_rata(payment)  # validates
+        if len(set(ids)) != len(ids):
+            raise InvalidPaymentError("the same receipt appears twice in one settlement")
+        already = self.settled_on_chain(client.ss58_address, ids)
+        if already:
+            raise DoubleSettlementError(already)
+        per_provider: dict[bytes, int] = defaultdict(int)
+        records = []
+        for payment in payments:
+            payouts = [(account_id(p), a) for p, a in split_pro_rata(payment)]
+            for provider, amount in payouts:
+                per_provider[provider] += amount
+            records.append([payment.receipt_id.hex(), [[p.hex(), a] for p, a in payouts]])
+        registry = "0x" + RECEIPT_REGISTRY_ACCOUNT.hex()
+        calls = [
+            self._call("Multisig", "approve_as_multi", {
+                "threshold": 2, "other_signatories": [registry], "maybe_timepoint": None,
+                "call_hash": "0x" + rid.hex(), "max_weight": 0,
+            })
+            for rid in ids
+        ]
+        calls += [
+            self._call("Balances", "transfer_keep_alive", {"dest": self.address(p), "value": amount})
+            for p, amount in per_provider.items()
+        ]
+        calls.append(self._remark("settle", {"receipts": records}))
+        deposit = int(self.substrate.get_constant("Multisig", "DepositBase").value) + 2 * int(
+            self.substrate.get_constant("Multisig", "DepositFactor").value)
+        outflow = sum(per_provider.values()) + deposit * len(ids)
+        return self._batch(calls), outflow
+
+    def settle(self, client: Keypair, payments: list[Payment]) -> ChainResult:
+        """Pay many receipts in one extrinsic; each receipt at most once (see docs/chain.md)."""
+        call, outflow = self.build_settlement(client, payments)
+        self._require_funds(client, call, outflow)
+        return self.submitter.submit(client, call)
+
+    def sign_settlement(self, client: Keypair, payments: list[Payment]) -> bytes:
+        """A signed settlement extrinsic as SCALE bytes, to submit later with submit_signed()."""
+        call, outflow = self.build_settlement(client, payments)
+        self._require_funds(client, call, outflow)
+        return bytes(self.submitter.sign(client, call).data.data)
+
+    def submit_signed(self, extrinsic: bytes) -> ChainResult:
+        """Submit an extrinsic signed elsewhere; a forged signature raises InvalidSignatureError."""
+        return self.submitter.submit_encoded(extrinsic)
+
+    def is_settled(self, receipt_id: bytes, client_ss58: str | None = None) -> bool:
+        """Whether a receipt was paid: an on-chain marker lookup when the client is known,
+        else the indexed settlement history."""
+        if client_ss58 is not None:
+            return bool(self.settled_on_chain(client_ss58, [receipt_id]))
+        self.index.sync()
+        return receipt_id in self.index.settled
+
+    # ---- slashing ----------------------------------------------------------------------------------
+    def slash(self, council: list[Keypair], provider_ss58: str, amount: int | None, evidence_hash: bytes,
+              beneficiary_ss58: str | None = None) -> ChainResult:
+        """Move `amount` (None: all) of the provider's stake to the burn sink (or a beneficiary),
+        approved by a threshold of council members; the evidence hash is recorded on chain."""
+        provider = account_id(provider_ss58)
+        if not isinstance(evidence_hash, (bytes, bytearray)) or len(evidence_hash) != 32:
+            raise InvalidPaymentError("evidence_hash must be 32 bytes")
+        self._check_quorum(council)
+        status = self.provider_status(provider_ss58)
+        if status.state is ProviderState.NOT_REGISTERED or status.state is ProviderState.UNBONDED:
+            raise NotRegisteredError(f"{provider_ss58} is not a registered provider")
+        if amount is not None and (not isinstance(amount, int) or amount <= 0):
+            raise InsufficientStakeError(f"slash amount must be a positive integer, got {amount!r}")
+        if status.stake == 0 or (amount is not None and amount > status.stake):
+            raise InsufficientStakeError(f"{provider_ss58} has {status.stake} planck staked; cannot slash {amount}")
+        beneficiary = account_id(beneficiary_ss58) if beneficiary_ss58 else self.config.burn_account
+        move = (self._call("Balances", "transfer_all", {"dest": self.address(beneficiary), "keep_alive": False})
+                if amount is None else
+                self._call("Balances", "transfer", {"dest": self.address(beneficiary), "value": amount}))
+        body = {"provider": provider.hex(), "amount": amount, "evidence": bytes(evidence_hash).hex(),
+                "beneficiary": beneficiary.hex()}
+        return self._council_execute(council, self._batch([self._remark("slash", body), self._from_escrow(provider, move)]))
+
+    # ---- council multisig ----------------------------------------------------------------------------
+    def _check_quorum(self, council: list[Keypair]) -> list[Keypair]:
+        members = self.config.council
+        seen: dict[bytes, Keypair] = {}
+        for kp in council:
+            if not members.is_member(kp.public_key):
+                raise QuorumError(f"{kp.ss58_address} is not a council member")
+            seen[kp.public_key] = kp
+        if len(seen) < members.threshold:
+            raise QuorumError(
+                f"{len(seen)} distinct council member(s) signed; {members.threshold} of {len(members.members)} needed"
+            )
+        return list(seen.values())[: members.threshold]
+
+    def _council_execute(self, council: list[Keypair], call) -> ChainResult:
+        """Dispatch `call` from the council account via Multisig: approvals, then execution."""
+        signers = self._check_quorum(council)
+        ids = self.config.council.member_ids()
+        call_hash = "0x" + blake2_256(call.data.data).hex()
+        weight = int(self.substrate.get_payment_info(call, signers[0])["weight"])
+
+        def others(kp: Keypair) -> list[str]:
+            return ["0x" + m.hex() for m in sorted(ids) if m != kp.public_key]
+
+        threshold = self.config.council.threshold
+        timepoint = None
+        first = None
+        try:
+            for n, kp in enumerate(signers):
+                if n < threshold - 1:
+                    result = self.submitter.submit(kp, self._call("Multisig", "approve_as_multi", {
+                        "threshold": threshold, "other_signatories": others(kp), "maybe_timepoint": timepoint,
+                        "call_hash": call_hash, "max_weight": 0}))
+                    if timepoint is None:
+                        timepoint = {"height": result.block_number, "index": result.extrinsic_index}
+                        first = kp
+                    continue
+                result = self.submitter.submit(kp, self._call("Multisig", "as_multi", {
+                    "threshold": threshold, "other_signatories": others(kp), "maybe_timepoint": timepoint,
+                    "call": call, "store_call": False, "max_weight": weight}))
+        except Exception:
+            if first is not None and timepoint is not None:
+                self._cancel_pending(first, others(first), timepoint, call_hash)
+            raise
+        executed = result.find("Multisig", "MultisigExecuted")
+        outcome = executed[0].attributes.get("result") if executed else None
+        if isinstance(outcome, dict) and "Err" in outcome:
+            raise self._inner_failure(outcome["Err"], result)
+        return result
+
+    def _cancel_pending(self, kp: Keypair, others: list[str], timepoint: dict, call_hash: str) -> None:
+        try:
+            self.submitter.submit(kp, self._call("Multisig", "cancel_as_multi", {
+                "threshold": self.config.council.threshold, "other_signatories": others,
+                "timepoint": timepoint, "call_hash": call_hash}))
+        except Exception as exc:  # best effort; the original error matters more
+            log.warning("could not cancel the pending council approval %s: %s", call_hash, exc)
+
+    def _inner_failure(self, err: object, result: ChainResult) -> Exception:
+        """Decode the module error of a council call that ran but failed (its effects rolled back)."""
+        if isinstance(err, dict) and isinstance(err.get("Module"), dict):
+            module = err["Module"]
+            index = int(module["index"])
+            code = module["error"]
+            code = int(code[2:4], 16) if isinstance(code, str) else int(code)
+            pallet = next((p for p in self.substrate.metadata.pallets if p.value.get("index") == index), None)
+            if pallet is not None:
+                errors = pallet.errors or []
+                for e in errors:
+                    if e.value.get("index") == code:
+                        name, docs = e.name, " ".join(e.docs or [])
+                        if name in ("InsufficientBalance", "KeepAlive", "ExistentialDeposit"):
+                            return InsufficientStakeError(f"escrow cannot pay: {pallet.name}.{name}: {docs}")
+                        return DispatchError(pallet.name, name, docs, result.block_hash)
+        return DispatchError("Runtime", str(err), "council call failed", result.block_hash)
+
+    # ---- queries -------------------------------------------------------------------------------------
+    def balance(self, ss58: str) -> int:
+        """Free balance (planck) of an account."""
+        return int(self._account_info(account_id(ss58))["data"]["free"])
+
+    def provider_status(self, provider_ss58: str) -> ProviderStatus:
+        """Registration state and stake (the escrow's free balance, read from chain now)."""
+        provider = account_id(provider_ss58)
+        self.index.sync()
+        escrow = escrow_account(self.council_account, provider)
+        stake = int(self._account_info(escrow)["data"]["free"])
+        entry = self.index.providers.get(provider)
+        if entry is None:
+            return ProviderStatus(provider_ss58, ProviderState.NOT_REGISTERED, self.address(escrow), stake)
+        if entry.unbonded_at is not None:
+            state = ProviderState.UNBONDED
+        elif entry.unbond_requested_at is not None:
+            state = ProviderState.UNBONDING
+        else:
+            state = ProviderState.REGISTERED
+        ready = (entry.unbond_requested_at + self.config.unbond_delay_blocks
+                 if entry.unbond_requested_at is not None else None)
+        return ProviderStatus(provider_ss58, state, self.address(escrow), stake, entry.registered_at,
+                              entry.unbond_requested_at, ready, tuple(entry.slashes))
+
+    def compute_ledger(self, provider_ss58: str) -> ComputeTotals:
+        """Totals and individual compute records of a provider."""
+        provider = account_id(provider_ss58)
+        self.index.sync()
+        records = tuple(self.index.compute.get(provider, ()))
+        return ComputeTotals(provider_ss58, sum(r.tokens_x_params for r in records),
+                             sum(r.requests for r in records), records)
+
+    def settlement_history(self, client_ss58: str | None = None, provider_ss58: str | None = None) -> list[SettledReceipt]:
+        """Settled receipts, oldest first, optionally filtered by paying client and/or paid provider."""
+        client = self.address(account_id(client_ss58)) if client_ss58 else None
+        provider = self.address(account_id(provider_ss58)) if provider_ss58 else None
+        self.index.sync()
+        return [
+            s for s in self.index.settlement_log
+            if (client is None or s.client == client) and (provider is None or any(p == provider for p, _ in s.payouts))
+        ]

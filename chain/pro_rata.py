@@ -1,0 +1,34 @@
+"""Split a receipt's payment between the providers that served it, pro rata by parameters served."""
+from __future__ import annotations
+
+from chain.errors import InvalidPaymentError
+from chain.records import Payment
+
+
+def split_pro_rata(payment: Payment) -> list[tuple[str, int]]:
+    """Exact integer split (largest remainder): the parts always sum to `payment.amount`.
+
+    Ties in the remainder go to the provider listed first, so the split is deterministic.
+    """
+    validate_payment(payment)
+    total_params = sum(s.params_served for s in payment.shares)
+    parts = []
+    for order, share in enumerate(payment.shares):
+        whole, rest = divmod(payment.amount * share.params_served, total_params)
+        parts.append([share.provider, whole, rest, order])
+    leftover = payment.amount - sum(p[1] for p in parts)
+    for part in sorted(parts, key=lambda p: (-p[2], p[3]))[:leftover]:
+        part[1] += 1
+    return [(p[0], p[1]) for p in parts if p[1] > 0]
+
+
+def validate_payment(payment: Payment) -> None:
+    if not isinstance(payment.receipt_id, (bytes, bytearray)) or len(payment.receipt_id) != 32:
+        raise InvalidPaymentError(f"receipt_id must be 32 bytes (a hash), got {payment.receipt_id!r:.80}")
+    if not isinstance(payment.amount, int) or payment.amount <= 0:
+        raise InvalidPaymentError(f"payment amount must be a positive integer (planck), got {payment.amount!r}")
+    if not payment.shares:
+        raise InvalidPaymentError(f"receipt 0x{payment.receipt_id.hex()} has no provider shares")
+    for share in payment.shares:
+        if not isinstance(share.params_served, int) or share.params_served <= 0:
+            raise InvalidPaymentError(f"params_served must be a positive integer, got {share.params_served!r}")

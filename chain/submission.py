@@ -1,0 +1,103 @@
+"""Sign and submit extrinsics; turn every failure into a specific exception."""
+from __future__ import annotations
+
+import logging
+
+from scalecodec.base import ScaleBytes
+from substrateinterface import Keypair, SubstrateInterface
+from substrateinterface.exceptions import SubstrateRequestException
+
+from chain.errors import (
+    DispatchError,
+    ExtrinsicRejectedError,
+    InsufficientBalanceError,
+    InvalidSignatureError,
+    UnknownAccountError,
+)
+from chain.records import ChainEvent, ChainResult
+
+log = logging.getLogger(__name__)
+
+_BALANCE_ERRORS = {"InsufficientBalance", "KeepAlive", "ExistentialDeposit", "LiquidityRestrictions"}
+
+
+class ExtrinsicSubmitter:
+    """Submits signed extrinsics and waits for inclusion (one connection, not thread-safe)."""
+
+    def __init__(self, substrate: SubstrateInterface) -> None:
+        self.substrate = substrate
+
+    def sign(self, signer: Keypair, call) -> object:
+        return self.substrate.create_signed_extrinsic(call=call, keypair=signer)
+
+    def submit(self, signer: Keypair, call) -> ChainResult:
+        """Sign `call` with `signer`, submit it, wait for its block; raise on any failure."""
+        return self.submit_extrinsic(self.sign(signer, call))
+
+    def submit_encoded(self, extrinsic_bytes: bytes) -> ChainResult:
+        """Submit an extrinsic signed elsewhere (SCALE bytes), e.g. by an offline wallet."""
+        extrinsic = self.substrate.create_scale_object("Extrinsic", data=ScaleBytes(extrinsic_bytes))
+        extrinsic.decode()
+        return self.submit_extrinsic(extrinsic)
+
+    def submit_extrinsic(self, extrinsic) -> ChainResult:
+        try:
+            receipt = self.substrate.submit_extrinsic(extrinsic, wait_for_inclusion=True)
+        except SubstrateRequestException as exc:
+            raise pool_rejection(exc) from exc
+        # Reading events must happen before error checks: is_success is derived from them.
+        events = tuple(
+            ChainEvent(e.value["module_id"], e.value["event_id"], e.value["attributes"])
+            for e in receipt.triggered_events
+        )
+        if not receipt.is_success:
+            raise self.dispatch_failure(receipt.error_message, events, receipt.block_hash)
+        return ChainResult(
+            block_hash=receipt.block_hash,
+            block_number=self.substrate.get_block_number(receipt.block_hash),
+            extrinsic_hash=receipt.extrinsic_hash,
+            extrinsic_index=receipt.extrinsic_idx,
+            fee=receipt.total_fee_amount or 0,
+            events=events,
+        )
+
+    def dispatch_failure(self, error: dict | None, events: tuple[ChainEvent, ...], block_hash: str) -> Exception:
+        error = error or {}
+        module = self.module_of_failure(events) or error.get("type", "Runtime")
+        name = error.get("name", "Unknown")
+        docs = " ".join(error.get("docs") or [])
+        failure = DispatchError(module, name, docs, block_hash)
+        if name in _BALANCE_ERRORS:
+            wrapped = InsufficientBalanceError(f"{failure} (fee paid, calls rolled back)")
+            wrapped.__cause__ = failure
+            return wrapped
+        return failure
+
+    def module_of_failure(self, events: tuple[ChainEvent, ...]) -> str | None:
+        for event in events:
+            if (event.module, event.name) != ("System", "ExtrinsicFailed"):
+                continue
+            err = event.attributes.get("dispatch_error", {}) if isinstance(event.attributes, dict) else {}
+            module = err.get("Module") if isinstance(err, dict) else None
+            if isinstance(module, dict) and "index" in module:
+                return self.pallet_name(int(module["index"]))
+        return None
+
+    def pallet_name(self, index: int) -> str | None:
+        for pallet in self.substrate.metadata.pallets:
+            if pallet.value.get("index") == index:
+                return pallet.name
+        return None
+
+
+def pool_rejection(exc: SubstrateRequestException) -> Exception:
+    """Map a transaction-pool refusal (the extrinsic never entered a block) to an error type."""
+    detail = exc.args[0] if exc.args else exc
+    text = str(detail).lower()
+    if "bad signature" in text or "badproof" in text or "bad proof" in text:
+        return InvalidSignatureError(f"the chain rejected the extrinsic's signature: {detail}")
+    if "inability to pay" in text or "payment" in text:
+        return InsufficientBalanceError(f"the signer cannot pay the transaction fee: {detail}")
+    if "unknown" in text and "account" in text:
+        return UnknownAccountError(str(detail))
+    return ExtrinsicRejectedError(f"the transaction pool rejected the extrinsic: {detail}")
