@@ -150,16 +150,26 @@ def _require_peers(initial_peers: list[str] | None) -> list[str]:
 def chain_dev(
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port of the chain's RPC.")] = 9944,
     state_dir: Annotated[
-        Optional[Path],
+        Path,
         typer.Option("--state-dir", help="Folder where the chain's state is kept across restarts.", file_okay=False),
-    ] = None,
+    ] = Path(".dllm/devchain"),
+    no_persist: Annotated[
+        bool, typer.Option("--no-persist", help="Keep the chain's state in memory only (lost on exit).")
+    ] = False,
 ) -> None:
     """Run the local dev chain (the real Asset Hub runtime under chopsticks) on 127.0.0.1 until Ctrl-C."""
+    from chain.devchain.launcher import dev_chain_available
+
+    missing = dev_chain_available()
+    if missing:
+        _fail(f"the dev chain cannot run here: {missing}")
+    from chain.devchain.cli_entry import run_dev_chain
+    from chain.errors import ChainError
+
     try:
-        from chain.devchain.cli_entry import run_dev_chain
-    except ImportError as error:
-        _fail(f"the dev chain is not available in this installation ({error}); run scripts/setup")
-    run_dev_chain(port=port, state_dir=state_dir)
+        run_dev_chain(port=port, state_dir=None if no_persist else state_dir)
+    except ChainError as error:
+        _fail(f"the dev chain failed: {error}")
 
 
 # ------------------------------------------------------------------------------------------------ swarm

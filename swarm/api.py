@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import sys
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
@@ -41,7 +40,9 @@ class TextGenerator(Protocol):
 
     async def agenerate(self, prompt: str, params: GenerationParams) -> Any: ...
 
-    def astream(self, prompt: str, params: GenerationParams) -> AsyncIterator[str]: ...
+    def astream(
+        self, prompt: str, params: GenerationParams, on_result: Callable[[Any], None] | None = None
+    ) -> AsyncIterator[str]: ...
 
 
 class BadRequestError(ValueError):
@@ -61,6 +62,11 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
     problems = []
     first_param = None
     for item in error.errors()[:3]:
+        if item.get("type") == "json_invalid":
+            detail = (item.get("ctx") or {}).get("error", "")
+            return f"the request body is not valid JSON ({detail} at position {item['loc'][-1]})", None
+        if tuple(item.get("loc", ())) == ("body",):
+            return "the request body must be a JSON object (send Content-Type: application/json)", None
         location = [str(part) for part in item.get("loc", ()) if part != "body"]
         where = ".".join(location)
         first_param = first_param or (location[0] if location else None)
@@ -72,10 +78,6 @@ def _context_limit(model: TextGenerator) -> int | None:
     config = getattr(model, "config", None)
     limit = getattr(config, "max_position_embeddings", None)
     return int(limit) if isinstance(limit, int) else None
-
-
-def _count_tokens(model: TextGenerator, text: str) -> int:
-    return len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _chat_prompt(model: TextGenerator, request: ChatCompletionRequest) -> str:
@@ -98,8 +100,8 @@ def _generation_params(request: schema.SamplingFields, max_tokens: int) -> Gener
     )
 
 
-def _check_prompt(model: TextGenerator, prompt: str, max_tokens: int) -> int:
-    """Tokens in `prompt`; rejects empty prompts and ones that overflow the model's context."""
+def _check_prompt(model: TextGenerator, prompt: str, max_tokens: int) -> None:
+    """Rejects empty prompts and ones that, with `max_tokens`, overflow the model's context."""
     count = len(model.tokenizer(prompt)["input_ids"])
     if count == 0 or not prompt:
         raise BadRequestError("the prompt is empty", param="prompt")
@@ -110,7 +112,6 @@ def _check_prompt(model: TextGenerator, prompt: str, max_tokens: int) -> int:
             param="max_tokens",
             code="context_length_exceeded",
         )
-    return count
 
 
 def create_app(model: TextGenerator) -> FastAPI:
@@ -175,7 +176,7 @@ def create_app(model: TextGenerator) -> FastAPI:
         check_model(request.model)
         prompt = request.single_prompt()
         params = _generation_params(request, request.max_tokens)
-        prompt_tokens = _check_prompt(model, prompt, request.max_tokens)
+        _check_prompt(model, prompt, request.max_tokens)
         request_id, created = schema.new_id("cmpl"), schema.now()
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -183,7 +184,7 @@ def create_app(model: TextGenerator) -> FastAPI:
             def chunk(text: str, finish: str | None, usage: dict[str, int] | None = None) -> dict[str, Any]:
                 return schema.completion_body(request_id, model.model_name, text, finish, usage, created)
 
-            events = _stream_events(model, prompt, params, prompt_tokens, chunk, include_usage, usage_chunk=None)
+            events = _stream_events(model, prompt, params, chunk, include_usage, usage_chunk=None)
             return EventSourceResponse(events, ping=15)
         result = await run_generation(lambda: model.agenerate(prompt, params))
         return schema.completion_body(
@@ -197,7 +198,7 @@ def create_app(model: TextGenerator) -> FastAPI:
         prompt = _chat_prompt(model, request)
         max_tokens = request.token_budget()
         params = _generation_params(request, max_tokens)
-        prompt_tokens = _check_prompt(model, prompt, max_tokens)
+        _check_prompt(model, prompt, max_tokens)
         request_id, created = schema.new_id("chatcmpl"), schema.now()
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -210,7 +211,7 @@ def create_app(model: TextGenerator) -> FastAPI:
                 return schema.chat_chunk(request_id, model.model_name, created, None, None, usage)
 
             first = schema.chat_chunk(request_id, model.model_name, created, {"role": "assistant", "content": ""}, None)
-            events = _stream_events(model, prompt, params, prompt_tokens, chunk, include_usage, usage_chunk, first)
+            events = _stream_events(model, prompt, params, chunk, include_usage, usage_chunk, first)
             return EventSourceResponse(events, ping=15)
         result = await run_generation(lambda: model.agenerate(prompt, params))
         return schema.chat_body(
@@ -250,24 +251,17 @@ async def _stream_events(
     model: TextGenerator,
     prompt: str,
     params: GenerationParams,
-    prompt_tokens: int,
     chunk: Callable[..., dict[str, Any]],
     include_usage: bool,
     usage_chunk: Callable[[dict[str, int]], dict[str, Any]] | None,
     first: dict[str, Any] | None = None,
 ) -> AsyncIterator[dict[str, str]]:
-    """SSE events of one streamed generation: deltas, a final chunk with finish_reason, usage, [DONE].
-
-    The swarm client streams text only, so the completion's token count is the re-tokenised text
-    (exact for the default tokenizer's round trip) and finish_reason is "length" when it used the
-    whole budget.
-    """
+    """SSE events of one streamed generation: deltas, a final chunk with finish_reason, usage, [DONE]."""
     if first is not None:
         yield {"data": json.dumps(first)}
-    text = ""
+    results: list[Any] = []
     try:
-        async for delta in model.astream(prompt, params):
-            text += delta
+        async for delta in model.astream(prompt, params, on_result=results.append):
             yield {"data": json.dumps(chunk(delta, None))}
     except asyncio.CancelledError:
         raise
@@ -277,35 +271,19 @@ async def _stream_events(
         yield {"data": json.dumps(schema.error_body(message, "server_error", code="swarm_unavailable"))}
         yield {"data": "[DONE]"}
         return
-    completion_tokens = _count_tokens(model, text)
-    finish = "length" if completion_tokens >= params.max_new_tokens else "stop"
-    usage = schema.usage(prompt_tokens, completion_tokens)
-    final = chunk("", finish, usage if include_usage and usage_chunk is None else None)
+    result = results[0]
+    usage = schema.usage(result.prompt_tokens, result.completion_tokens)
+    final = chunk("", result.finish_reason, usage if include_usage and usage_chunk is None else None)
     yield {"data": json.dumps(final)}
     if include_usage and usage_chunk is not None:
         yield {"data": json.dumps(usage_chunk(usage))}
     yield {"data": "[DONE]"}
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket (port 0 picks a free one), so the real port is known before serving."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as error:
-        sock.close()
-        raise OSError(f"cannot listen on {host}:{port}: {error.strerror}") from None
-    sock.listen(128)
-    sock.set_inheritable(True)
-    return sock
-
-
 def serve_api(model_path: Path, initial_peers: Sequence[str], host: str = "127.0.0.1", port: int = 8000) -> None:
     """Join the swarm as a client and serve the API until Ctrl-C (blocking; used by `dllm api`)."""
-    import uvicorn
-
     from swarm.client import DistributedModel
+    from swarm.http_server import bind_socket, serve_until_signal
 
     sock = bind_socket(host, port)
     model = DistributedModel.from_pretrained(str(model_path), initial_peers)
@@ -313,8 +291,7 @@ def serve_api(model_path: Path, initial_peers: Sequence[str], host: str = "127.0
         bound_host, bound_port = sock.getsockname()[:2]
         sys.stdout.write(f"DLLM API serving {model.model_name} at http://{bound_host}:{bound_port}/v1\n")
         sys.stdout.flush()
-        config = uvicorn.Config(create_app(model), log_level="warning", lifespan="off")
-        uvicorn.Server(config).run(sockets=[sock])
+        serve_until_signal(create_app(model), sock)
     finally:
         model.close()
         sock.close()

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Iterator, Literal, Sequence
+from typing import AsyncIterator, Callable, Iterator, Literal, Sequence
 
 import torch
 from hivemind.p2p import P2P, PeerID
@@ -367,7 +367,10 @@ class DistributedModel:
             self._stream_on_loop(self._prompt_ids(prompt), params, lambda _: None), self._loop.loop)
         return await asyncio.wrap_future(future)
 
-    async def astream(self, prompt: str | list[int], params: GenerationParams | None = None) -> AsyncIterator[str]:
+    async def astream(self, prompt: str | list[int], params: GenerationParams | None = None,
+                      on_result: Callable[[GenerationResult], None] | None = None) -> AsyncIterator[str]:
+        """Yields pieces of text as tokens arrive; `on_result` then gets the GenerationResult (token counts,
+        finish reason). Closing the iterator early (e.g. an HTTP client went away) cancels the generation."""
         params = params or GenerationParams()
         caller = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
@@ -377,9 +380,15 @@ class DistributedModel:
                                  lambda piece: caller.call_soon_threadsafe(pieces.put_nowait, piece)),
             self._loop.loop)
         future.add_done_callback(lambda _: caller.call_soon_threadsafe(pieces.put_nowait, done))
-        while (item := await pieces.get()) is not done:
-            yield item
-        future.result()
+        try:
+            while (item := await pieces.get()) is not done:
+                yield item
+        finally:
+            if not future.done():
+                future.cancel()
+        result = future.result()
+        if on_result is not None:
+            on_result(result)
 
     # --- full-sequence forward / backward --------------------------------------------------------
 
