@@ -19,7 +19,7 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
 from peer.config import PeerConfig
-from peer.kv_cache import CacheFullError, CacheManager, CacheOverflowError, SessionNotFoundError
+from peer.kv_cache import CacheFullError, CacheManager, CacheOverflowError, SessionExistsError, SessionNotFoundError
 from peer.span import SpanRunner
 from swarm import protocol
 from swarm.protocol import ProtocolError
@@ -40,6 +40,7 @@ _CALLER_ERRORS: dict[type[Exception], str] = {
     BlocksNotServed: "blocks_not_served",
     CacheFullError: "cache_full",
     CacheOverflowError: "invalid_request",
+    SessionExistsError: "invalid_request",
 }
 
 
@@ -175,36 +176,24 @@ class BlockHandler:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """A generation session: the first message opens it, each message appends tokens.
 
-        Opening metadata: {session_id?, blocks?, max_length, batch?}. Each step sends the new tokens'
+        Opening metadata: {session_id?, blocks?, max_length, batch?}, or {session_id, resume: true} to
+        re-attach to a session whose connection broke. Each step sends the new tokens'
         hidden states [batch, new, hidden] with `position` = how many tokens the session held before
         them; a position below that rolls the cache back (the client is re-sending a lost step).
         The cache lives as long as the stream, and is dropped when it closes or idles out.
         """
-        session_id = None
         try:
             first = await asyncio.wait_for(anext(requests), self.config.session_timeout)
         except (StopAsyncIteration, asyncio.TimeoutError):
             return
         try:
-            metadata = protocol.unpack_metadata(first.metadata)
-            self._check_model(metadata)
-            blocks = self._blocks(metadata)
-            max_length = protocol.get_field(metadata, "max_length", int)
-            batch = protocol.get_field(metadata, "batch", int, default=1)
-            if not (1 <= max_length <= self.config.max_session_length):
-                raise ProtocolError(f"max_length must be in 1..{self.config.max_session_length}, got {max_length}")
-            if not (1 <= batch <= 64):
-                raise ProtocolError(f"batch must be in 1..64, got {batch}")
-            session_id = str(protocol.get_field(metadata, "session_id", str, default=uuid.uuid4().hex))[:128]
-            nbytes = self.span.cache_bytes(batch, max_length, blocks)
-            self.caches.reserve(nbytes)  # raises CacheFullError before any buffer is allocated
-            cache = self.span.new_cache(batch, max_length, blocks)
-            self.caches.open(session_id, cache, nbytes, self.config.session_timeout)
+            session_id, blocks, batch = self._open_session(protocol.unpack_metadata(first.metadata))
         except Exception as e:
             yield self._reject(e, "inference open")
             return
 
         logger.debug("session %s opened on blocks %d:%d", session_id, blocks.start, blocks.stop)
+        finished = False
         try:
             message = first
             while True:
@@ -213,12 +202,39 @@ class BlockHandler:
                 try:
                     message = await asyncio.wait_for(anext(requests), self.config.session_timeout)
                 except StopAsyncIteration:
+                    finished = True
                     break
         except asyncio.TimeoutError:
+            finished = True
             logger.info("session %s idle for %.0f s: closed", session_id, self.config.session_timeout)
         finally:
-            self.caches.close(session_id)
-            logger.debug("session %s closed", session_id)
+            # A stream the client ended (or that idled out) frees its cache now. A broken connection
+            # keeps it until the idle timeout so the client can reconnect with `resume`.
+            if finished:
+                self.caches.close(session_id)
+            logger.debug("session %s %s", session_id, "closed" if finished else "detached")
+
+    def _open_session(self, metadata: dict) -> tuple[str, range, int]:
+        """Opens (or, with `resume`, re-attaches to) a session; returns its id, blocks and batch."""
+        self._check_model(metadata)
+        if metadata.get("resume"):
+            session_id = protocol.get_field(metadata, "session_id", str)
+            cache = self.caches.get(session_id)  # SessionNotFoundError if unknown or expired
+            return session_id, range(min(cache.keys), max(cache.keys) + 1), cache.keys[min(cache.keys)].shape[0]
+        blocks = self._blocks(metadata)
+        max_length = protocol.get_field(metadata, "max_length", int)
+        batch = protocol.get_field(metadata, "batch", int, default=1)
+        if not (1 <= max_length <= self.config.max_session_length):
+            raise ProtocolError(f"max_length must be in 1..{self.config.max_session_length}, got {max_length}")
+        if not (1 <= batch <= 64):
+            raise ProtocolError(f"batch must be in 1..64, got {batch}")
+        session_id = protocol.get_field(metadata, "session_id", str, default=uuid.uuid4().hex)
+        if not 0 < len(session_id) <= 128:
+            raise ProtocolError("session_id must be 1..128 characters")
+        nbytes = self.span.cache_bytes(batch, max_length, blocks)
+        self.caches.reserve(nbytes)  # raises CacheFullError before any buffer is allocated
+        self.caches.open(session_id, self.span.new_cache(batch, max_length, blocks), nbytes, self.config.session_timeout)
+        return session_id, blocks, batch
 
     async def _inference_step(self, session_id: str, blocks: range, batch: int, message: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
         started = time.perf_counter()

@@ -21,6 +21,10 @@ class SessionNotFoundError(KeyError):
     """The session is unknown to this peer (never opened, closed, or expired)."""
 
 
+class SessionExistsError(ValueError):
+    """A client tried to open a session id that is already open."""
+
+
 class CacheOverflowError(ValueError):
     """A session tried to store more tokens than it reserved when it opened."""
 
@@ -102,7 +106,7 @@ class CacheManager:
 
     def open(self, session_id: str, cache: SpanKVCache, nbytes: int, timeout: float) -> None:
         if session_id in self._sessions:
-            raise CacheFullError(f"session {session_id!r} is already open on this peer")
+            raise SessionExistsError(f"session {session_id!r} is already open on this peer; use a new id or resume it")
         self.reserve(nbytes)
         self._sessions[session_id] = _Entry(cache, nbytes, timeout)
 
