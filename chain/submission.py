@@ -57,7 +57,7 @@ class ExtrinsicSubmitter:
             block_number=self.substrate.get_block_number(receipt.block_hash),
             extrinsic_hash=receipt.extrinsic_hash,
             extrinsic_index=receipt.extrinsic_idx,
-            fee=receipt.total_fee_amount or 0,
+            fee=fee_paid(events),
             events=events,
         )
 
@@ -88,6 +88,20 @@ class ExtrinsicSubmitter:
             if pallet.value.get("index") == index:
                 return pallet.name
         return None
+
+
+def fee_paid(events: tuple[ChainEvent, ...]) -> int:
+    """The fee the signer really paid: its fee withdrawal minus the refund of unused weight.
+
+    (substrate-interface's total_fee_amount counts the withdrawal before the refund.)
+    """
+    withdrawals = [e for e in events if (e.module, e.name) == ("Balances", "Withdraw")]
+    if not withdrawals:
+        return 0
+    payer = withdrawals[0].attributes["who"]  # the fee is withdrawn before any call runs
+    refund = sum(int(e.attributes["amount"]) for e in events
+                 if (e.module, e.name) == ("Balances", "Deposit") and e.attributes["who"] == payer)
+    return int(withdrawals[0].attributes["amount"]) - refund
 
 
 def pool_rejection(exc: SubstrateRequestException) -> Exception:
