@@ -58,3 +58,48 @@ def distributed_model(swarm):
     model = DistributedModel.from_pretrained(str(swarm.model_path), swarm.initial_peers)
     yield model
     model.close()
+
+
+# ------------------------------------------------------------------------------------------- dev chain
+class RunningDevChain:
+    """A dev chain started for the test session: `.url` (ws), `.http_url`, `.new_blocks(n)`."""
+
+    def __init__(self, chain, loop) -> None:
+        self.chain = chain
+        self._loop = loop
+        self.url = chain.url
+        self.http_url = chain.http_url
+
+    def new_blocks(self, count: int = 1) -> None:
+        self._loop.run_until_complete(self.chain.new_blocks(count))
+
+
+def free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def dev_chain():
+    """One dev chain (chopsticks running the real Rococo Asset Hub runtime) on a free 127.0.0.1 port.
+
+    State is in memory: tests share it, so each test uses its own accounts or measures deltas.
+    """
+    import asyncio
+
+    from chain.devchain.launcher import DevChain, DevChainConfig, dev_chain_available
+
+    missing = dev_chain_available()
+    if missing:
+        pytest.skip(f"dev chain unavailable: {missing}")
+    loop = asyncio.new_event_loop()
+    chain = DevChain(DevChainConfig(port=free_tcp_port(), state_dir=None))
+    try:
+        loop.run_until_complete(chain.start())
+        yield RunningDevChain(chain, loop)
+    finally:
+        loop.run_until_complete(chain.stop())
+        loop.close()
