@@ -126,6 +126,11 @@ class UsageReceipt:
         return canonical.record_id(self.encode())
 
     @property
+    def receipt_id_bytes(self) -> bytes:
+        """The id as 32 raw bytes (what the chain stores)."""
+        return canonical.digest(self.encode())
+
+    @property
     def rate(self) -> ProviderRate:
         return ProviderRate(prompt=self.rate_prompt, generated=self.rate_generated)
 

@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""Benchmark of spot-check verification: compute overhead and detection rate.
+
+1. Overhead. Serves sessions (prompt + generated tokens, one KV-cached step per token, metered as a
+   peer meters them) through a span of Llama decoder layers with random weights, built by
+   transformers and run by peer.span.SpanRunner, then re-checks each session as a verifier does
+   (one parallel forward over the whole session + commitment recomputation). Overhead =
+   sample_rate x check time / serving time (the anchor: serving, measured in the same run).
+2. Per-check outcome on real tensors: the fraction of honest sessions that pass and of corrupted
+   sessions (one generated step with wrong activations, or a skipped block) that fail.
+3. Detection rate: many simulated providers that corrupt a fraction f of 200 requests, each request
+   selected for a check by the keyed-hash lottery and the check failing at the rate measured in 2.
+   Compared with the formula 1 - (1 - p f)^n.
+
+Usage: .venv/bin/python scripts/bench/verification.py [--sample-rate 0.5] [--runs 2000] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
+
+from economy.metering import StepKind, UsageMeter  # noqa: E402
+from economy.pricing import ProviderRate  # noqa: E402
+from economy.receipts import SignedReceipt, receipt_for_segment  # noqa: E402
+from economy.verification import (  # noqa: E402
+    SpotCheckPolicy,
+    Tolerance,
+    detection_probability,
+    recheck,
+)
+from economy.work_sample import SampledStep, WorkSample  # noqa: E402
+from peer.span import SpanRunner  # noqa: E402
+from swarm.architectures import architecture_for  # noqa: E402
+
+
+def build_span(hidden: int, layers: int, seed: int) -> SpanRunner:
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=2048,
+    )
+    torch.manual_seed(seed)
+    arch = architecture_for(config)
+    modules = torch.nn.ModuleList(arch.decoder_layer(config, layer_idx=i).eval() for i in range(layers))
+    for m in modules:
+        m.requires_grad_(False)
+    return SpanRunner(config, modules, 0, layers)
+
+
+def serve(runner: SpanRunner, keys, prompt: int, generated: int, cheat: str, seed: int) -> tuple[WorkSample, float]:
+    """One session served as a peer would (KV cache, metered); returns the client's work sample."""
+    g = torch.Generator().manual_seed(seed)
+    h = runner.hidden_size
+    xs = [torch.randn(1, prompt, h, generator=g)] + [torch.randn(1, 1, h, generator=g) for _ in range(generated)]
+    bad_step = 1 + int(torch.randint(generated, (1,), generator=g))
+    meter = UsageMeter(seed.to_bytes(8, "big"), "bench", 0, runner.num_blocks, 1)
+    cache = runner.new_cache(1, prompt + generated, range(0, runner.num_blocks))
+    steps = []
+    position = 0
+    started = time.perf_counter()
+    with torch.no_grad():
+        for i, x in enumerate(xs):
+            blocks = range(0, runner.num_blocks - 1) if cheat == "skip" else None
+            out = runner.forward(x, cache=cache, blocks=blocks)
+            if cheat == "corrupt" and i == bad_step:
+                out = out + 0.2 * out.norm(dim=-1, keepdim=True) / h**0.5 * torch.randn(out.shape, generator=g)
+            kind = StepKind.PROMPT if i == 0 else StepKind.GENERATED
+            meter.record_step(kind, x.shape[1], x, out)
+            steps.append(SampledStep(kind, position, x, out))
+            position += x.shape[1]
+    serve_s = time.perf_counter() - started
+    usage, before, after = meter.close_segment()
+    receipt = receipt_for_segment(
+        network="bench", session_id=meter.session_id, sequence=0, model="bench", start=0, end=runner.num_blocks,
+        params_served=1, rate=ProviderRate(1, 1), usage=usage, provider=keys[0].ss58_address,
+        client=keys[1].ss58_address, commitment_before=before, commitment=after, issued_at=0,
+    )
+    return WorkSample(SignedReceipt.create(receipt, keys[0], keys[1]), tuple(steps)), serve_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sample-rate", type=float, default=0.5)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--generated", type=int, default=64)
+    parser.add_argument("--sessions", type=int, default=12, help="real sessions per kind (honest, corrupt, skip)")
+    parser.add_argument("--runs", type=int, default=2000, help="simulated providers per cheat fraction")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.hidden, args.sessions, args.runs, args.generated = 256, 3, 300, 32
+    # One thread: on a shared 2-core machine more threads oversubscribe and make timings noise.
+    torch.set_num_threads(1)
+    from substrateinterface import Keypair
+
+    keys = (Keypair.create_from_uri("//Bob"), Keypair.create_from_uri("//Alice"))
+    console = Console()
+    served = build_span(args.hidden, args.layers, seed=0)
+    verifier = build_span(args.hidden, args.layers, seed=0)  # same weights, separate instance
+    tolerance = Tolerance.for_dtype(torch.float32)
+
+    serve(served, keys, 8, 2, "none", seed=10**6)  # warm-up
+    outcomes: dict[str, list[bool]] = {"honest": [], "corrupt": [], "skip": []}
+    serve_total = check_total = 0.0
+    worst_honest = 0.0
+    for kind in outcomes:
+        for s in tqdm(range(args.sessions), desc=f"serve+check {kind}", leave=False):
+            sample, serve_s = serve(served, keys, args.prompt, args.generated, kind, seed=s + 1000 * len(kind))
+            started = time.perf_counter()
+            result = recheck(sample, verifier.forward, tolerance)
+            check_s = time.perf_counter() - started
+            outcomes[kind].append(result.passed)
+            if kind == "honest":
+                serve_total += serve_s
+                check_total += check_s
+                worst_honest = max(worst_honest, result.worst_rel_error)
+
+    cost_ratio = check_total / serve_total
+    overhead = args.sample_rate * cost_ratio
+    t = Table(title=f"Spot-check compute ({args.layers} Llama layers, hidden {args.hidden}, "
+                    f"{args.prompt}+{args.generated} tokens per session, CPU x{torch.get_num_threads()})")
+    for col in ("measure", "value"):
+        t.add_column(col)
+    t.add_row("serving per session (anchor)", f"{1000 * serve_total / args.sessions:.1f} ms")
+    t.add_row("one check per session", f"{1000 * check_total / args.sessions:.1f} ms")
+    t.add_row("check / serving ratio", f"{cost_ratio:.3f}")
+    t.add_row(f"overhead at p={args.sample_rate}", f"{100 * overhead:.2f} %  (target <= 5 %)")
+    t.add_row("honest sessions passing", f"{sum(outcomes['honest'])}/{args.sessions} (worst rel err {worst_honest:.1e})")
+    t.add_row("one-step-corrupt sessions failing", f"{args.sessions - sum(outcomes['corrupt'])}/{args.sessions}")
+    t.add_row("skipped-block sessions failing", f"{args.sessions - sum(outcomes['skip'])}/{args.sessions}")
+    console.print(t)
+
+    catch_rate = (args.sessions - sum(outcomes["corrupt"])) / args.sessions
+    false_fail = 1 - sum(outcomes["honest"]) / args.sessions
+    rng = random.Random(7)
+    d = Table(title=f"Detection within {args.requests} requests, p={args.sample_rate}, {args.runs} runs each")
+    for col in ("cheat fraction", "simulated detected", "formula 1-(1-pf)^n", "honest runs flagged"):
+        d.add_column(col)
+    for f in (0.01, 0.05, 0.20):
+        detected = 0
+        flagged_honest = 0
+        for _ in tqdm(range(args.runs), desc=f"simulate f={f}", leave=False):
+            policy = SpotCheckPolicy(args.sample_rate, secret=rng.randbytes(16))
+            caught = False
+            for i in range(args.requests):
+                if not policy.selects(i.to_bytes(4, "big")):
+                    continue
+                if rng.random() < f and rng.random() < catch_rate:
+                    caught = True
+                    break
+            detected += caught
+            flagged_honest += any(rng.random() < false_fail for _ in range(args.requests)) if false_fail else 0
+        d.add_row(
+            f"{100 * f:.0f} %",
+            f"{100 * detected / args.runs:.2f} %",
+            f"{100 * detection_probability(args.sample_rate, f, args.requests):.2f} %",
+            f"{flagged_honest}/{args.runs}",
+        )
+    console.print(d)
+
+
+if __name__ == "__main__":
+    main()
