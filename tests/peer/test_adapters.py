@@ -20,7 +20,7 @@ from peer.span import SpanRunner
 from peer.training import AdapterTrainer, GradientError, RateLimitExceededError, TrainingConfig, TrainingConfigError
 from swarm.model_files import load_config
 
-from adapter_route import Example, LocalRoute
+from tests.peer.adapter_route import Example, LocalRoute
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,0 +1,90 @@
+"""Checking that an all-reduce result really is the weighted mean of every group member's input.
+
+hivemind's all-reduce splits the vector into parts, each reduced by one peer. When a peer fails mid-round
+the survivors can end up with some parts averaged over fewer peers, or not averaged at all, with only a
+log line to show for it. Every member therefore shares a small *linear* sketch of its input (block sums
+of x and of x * r for a fixed random r) in the round's gather data. Because the sketch is linear, the
+sketch of the true mean is the weighted mean of the input sketches; a member compares it with the
+sketch of the result it got. A part that missed any contributor shifts its block's sums, so partial
+averages are caught, while the rounding of a correct average stays far below the tolerance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+class SketchError(ValueError):
+    """A sketch from a groupmate has the wrong size or non-finite values."""
+
+
+@dataclass
+class Sketch:
+    """Per-block sums of x, of x * r, and of |x| (the last only scales the tolerance)."""
+
+    sums: np.ndarray
+    signed_sums: np.ndarray
+    abs_sums: np.ndarray
+
+    def to_bytes(self) -> bytes:
+        return np.concatenate([self.sums, self.signed_sums, self.abs_sums]).astype(np.float64).tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, blocks: int) -> "Sketch":
+        if not isinstance(data, (bytes, bytearray)) or len(data) != 3 * blocks * 8:
+            raise SketchError(f"a sketch must be {3 * blocks * 8} bytes")
+        values = np.frombuffer(data, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise SketchError("sketch contains non-finite values")
+        return cls(values[:blocks].copy(), values[blocks : 2 * blocks].copy(), values[2 * blocks :].copy())
+
+
+class AverageSketcher:
+    """Sketches vectors of one fixed size; every replica builds it with the same (size, blocks, seed)."""
+
+    def __init__(self, size: int, blocks: int = 256, seed: int = 0):
+        if size < 1:
+            raise SketchError("cannot sketch an empty vector")
+        self.size = size
+        self.blocks = min(blocks, size)
+        self.block_size = -(-size // self.blocks)
+        generator = torch.Generator().manual_seed(seed)
+        self._r = torch.randn(self.blocks * self.block_size, generator=generator, dtype=torch.float64)
+
+    def sketch(self, vector: torch.Tensor) -> Sketch:
+        if vector.numel() != self.size:
+            raise SketchError(f"expected a vector of {self.size} values, got {vector.numel()}")
+        x = torch.zeros(self.blocks * self.block_size, dtype=torch.float64)
+        x[: self.size] = vector.detach().reshape(-1).double()
+        blocks = x.view(self.blocks, self.block_size)
+        return Sketch(
+            blocks.sum(1).numpy(),
+            (blocks * self._r.view(self.blocks, self.block_size)).sum(1).numpy(),
+            blocks.abs().sum(1).numpy(),
+        )
+
+    @staticmethod
+    def mean(sketches: list[Sketch], weights: list[float]) -> Sketch:
+        w = np.asarray(weights, dtype=np.float64)
+        w = w / w.sum()
+        return Sketch(
+            sum(wi * s.sums for wi, s in zip(w, sketches)),
+            sum(wi * s.signed_sums for wi, s in zip(w, sketches)),
+            sum(wi * s.abs_sums for wi, s in zip(w, sketches)),
+        )
+
+    def mismatch(self, result: Sketch, inputs: list[Sketch], weights: list[float], rtol: float = 1e-4) -> float:
+        """How far `result` is from the weighted mean of `inputs`, in units of the tolerance (<= 1: a match).
+
+        The tolerance of a block is rtol * (largest input |x| block sum) * (1 + max |r|), plus a tiny floor.
+        """
+        expected = self.mean(inputs, weights)
+        scale = np.max(np.stack([s.abs_sums for s in inputs]), axis=0)
+        r_max = float(self._r.abs().max())
+        tol = rtol * scale * (1.0 + r_max) + 1e-12
+        worst_sum = np.max(np.abs(result.sums - expected.sums) / tol)
+        worst_signed = np.max(np.abs(result.signed_sums - expected.signed_sums) / tol)
+        return float(max(worst_sum, worst_signed))

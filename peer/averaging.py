@@ -1,0 +1,332 @@
+"""Decentralized averaging of adapter updates among the replicas of one span (hivemind all-reduce).
+
+One round, run by every replica of (model, start, end) at the same scheduled time:
+
+1. Each replica contributes its local update since the last agreed version, `working - live`, clipped
+   to norm `clip_tau` (one centered-clipping step around the agreed state, so one replica's update,
+   however poisoned, moves the average by at most clip_tau / group size).
+2. hivemind matchmaking forms a group under the prefix of (model, start, end); all-reduce averages the
+   updates, with `allreduce_timeout` and `next_chunk_timeout` set so a dead member cannot hang it.
+3. Checks, any failure of which skips the round: the group is exactly the set of replicas declared in
+   the DHT; every member started from the same version; the result matches the weighted mean of all
+   members' inputs (linear sketches, peer/average_check.py: no silent partial average).
+4. The candidate `live + average` is evaluated by the canary gate, if one is configured.
+5. Commit: each member publishes its verdict in the DHT and applies the candidate only when every
+   member of the group said yes within `commit_timeout`. A member that died mid-round never says yes,
+   so the survivors skip the round together; the next round (after its declaration expires) averages
+   among the survivors.
+
+The outcome of every round is explicit: `averaged` with N peers, or `skipped` with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import torch
+from hivemind import DHT
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.control import AveragingStage
+from hivemind.utils import get_dht_time
+
+from peer.adapters import AdapterSet, AdapterState, flatten, unflatten
+from peer.aggregation import clip_by_norm
+from peer.average_check import AverageSketcher, Sketch, SketchError
+from peer.canary import CanaryGate
+
+logger = logging.getLogger(__name__)
+
+ExpectedReplicas = Callable[[], Awaitable[set[str]]]
+
+
+class AveragingConfigError(ValueError):
+    """An averaging setting is out of range."""
+
+
+@dataclass(frozen=True)
+class AveragingConfig:
+    """Timeouts and bounds of one averaging group. All times in seconds."""
+
+    min_matchmaking_time: float = 1.5
+    request_timeout: float = 1.0
+    matchmaking_timeout: float = 8.0  # give up forming a group after this long
+    allreduce_timeout: float = 20.0
+    next_chunk_timeout: float = 2.0
+    commit_timeout: float = 5.0
+    replica_ttl: float = 6.0  # a replica's declaration expires this long after its last refresh
+    clip_tau: float = 1.0
+    # The gather data crosses hivemind's control pipe in one message; above ~16 KB the pipe can be read
+    # half-written (EAGAIN) and the averager's thread dies. 256 blocks = 6 KB of sketch.
+    sketch_blocks: int = 256
+    sketch_rtol: float = 1e-4
+    target_group_size: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("min_matchmaking_time", "request_timeout", "matchmaking_timeout", "allreduce_timeout",
+                     "next_chunk_timeout", "commit_timeout", "replica_ttl", "clip_tau", "sketch_rtol"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise AveragingConfigError(f"{name} must be a positive finite number, got {value!r}")
+        if self.request_timeout >= self.min_matchmaking_time:
+            raise AveragingConfigError("request_timeout must be shorter than min_matchmaking_time (hivemind deadlocks otherwise)")
+        if self.matchmaking_timeout <= self.min_matchmaking_time:
+            raise AveragingConfigError("matchmaking_timeout must exceed min_matchmaking_time")
+        if not 1 <= self.sketch_blocks <= 512:
+            raise AveragingConfigError("sketch_blocks must be in 1..512 (the gather message must stay small)")
+        if self.target_group_size < 2:
+            raise AveragingConfigError("target_group_size must be at least 2")
+
+
+@dataclass
+class RoundOutcome:
+    """What one averaging round did. `group` lists the peer ids that formed the group (if any)."""
+
+    status: str  # "averaged" | "skipped"
+    reason: str
+    version: int  # the live adapter version after the round
+    group: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def averaged(self) -> bool:
+        return self.status == "averaged"
+
+    @property
+    def group_size(self) -> int:
+        return len(self.group)
+
+
+def group_prefix(model: str, start: int, end: int) -> str:
+    """The hivemind key prefix of the adapter group of (model, start, end): no dots, as hivemind requires."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", model)
+    return f"dllm_adapters_{safe}_{start}_{end}"
+
+
+class _SpanAverager(DecentralizedAverager):
+    """hivemind's averager whose shared state (for joining replicas) is the live adapter version."""
+
+    def __init__(self, adapters: AdapterSet, *args, **kwargs):
+        self._adapters = adapters
+        super().__init__(*args, **kwargs)
+
+    def get_current_state(self):
+        # Runs in this (host) process when a joining replica asks; versions are immutable once stored.
+        state = self._adapters.state()
+        return {"version": state.version, "names": self._adapters.names}, [state.tensors[n] for n in self._adapters.names], None
+
+
+class AdapterAverager:
+    """Runs averaging rounds for one span's adapters; `run_round()` returns an explicit RoundOutcome."""
+
+    def __init__(
+        self,
+        dht: DHT,
+        adapters: AdapterSet,
+        *,
+        model: str,
+        start: int,
+        end: int,
+        config: AveragingConfig | None = None,
+        canary: CanaryGate | None = None,
+        expected_replicas: ExpectedReplicas | None = None,
+    ):
+        self.dht = dht
+        self.adapters = adapters
+        self.config = config or AveragingConfig()
+        self.canary = canary
+        self.prefix = group_prefix(model, start, end)
+        self.peer_id = dht.peer_id.to_base58()
+        self._expected_replicas = expected_replicas or self.declared_replicas
+        size = adapters.num_parameters()
+        self.sketcher = AverageSketcher(size, self.config.sketch_blocks, seed=int.from_bytes(
+            hashlib.sha256(self.prefix.encode()).digest()[:4], "little"))
+        self._buffers = [torch.zeros_like(p.detach()) for p in adapters.parameters()]
+        c = self.config
+        self.averager = _SpanAverager(
+            adapters,
+            self._buffers,
+            dht,
+            start=True,
+            prefix=self.prefix,
+            target_group_size=c.target_group_size,
+            min_group_size=2,
+            min_matchmaking_time=c.min_matchmaking_time,
+            request_timeout=c.request_timeout,
+            allreduce_timeout=c.allreduce_timeout,
+            next_chunk_timeout=c.next_chunk_timeout,
+            allow_state_sharing=True,
+            declare_state_period=c.replica_ttl,
+        )
+        self._control = None
+        self.history: list[RoundOutcome] = []
+
+    # ---- who should be in the group ----------------------------------------------------------------
+
+    async def declare_replica(self) -> None:
+        """Announces this peer as a replica of the span until now + replica_ttl."""
+        await asyncio.to_thread(
+            self.dht.store, f"{self.prefix}.replicas", self.adapters.live_version,
+            get_dht_time() + self.config.replica_ttl, subkey=self.peer_id,
+        )
+
+    async def declared_replicas(self) -> set[str]:
+        """Peer ids whose replica declaration has not expired (self included once declared)."""
+        found = await asyncio.to_thread(self.dht.get, f"{self.prefix}.replicas", latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return set()
+        return {str(peer) for peer in found.value}
+
+    @property
+    def stage(self) -> AveragingStage:
+        """The current round's stage (IDLE when no round runs)."""
+        control = self._control
+        return control.stage if control is not None and not control.done() else AveragingStage.IDLE
+
+    # ---- one round -----------------------------------------------------------------------------------
+
+    async def run_round(self, scheduled_time: float | None = None) -> RoundOutcome:
+        """Runs one round, applying its result only if every check and every member agrees."""
+        started = time.monotonic()
+        base_version = self.adapters.live_version
+        try:
+            outcome = await self._round(base_version, scheduled_time)
+        except Exception as e:  # a failed round must never take the peer down: report and move on
+            logger.exception("averaging round failed")
+            outcome = self._skip(f"round failed: {type(e).__name__}: {e}")
+        outcome.seconds = time.monotonic() - started
+        self.history.append(outcome)
+        log = logger.info if outcome.averaged else logger.warning
+        log("%s: %s (%s) with %d peers -> v%d", self.prefix, outcome.status, outcome.reason,
+            outcome.group_size, outcome.version)
+        return outcome
+
+    def _skip(self, reason: str, group: list[str] | None = None) -> RoundOutcome:
+        return RoundOutcome("skipped", reason, self.adapters.live_version, group or [])
+
+    async def _round(self, base_version: int, scheduled_time: float | None) -> RoundOutcome:
+        c = self.config
+        await self.declare_replica()
+
+        names = self.adapters.names
+        update = clip_by_norm(flatten(self.adapters.delta(), names), c.clip_tau)
+        my_sketch = self.sketcher.sketch(update)
+        with self.averager.get_tensors() as buffers:
+            for buffer, tensor in zip(buffers, unflatten(update, self.adapters.working, names).values()):
+                buffer.copy_(tensor)
+        gather = {"version": base_version, "nonce": secrets.token_hex(8), "sketch": my_sketch.to_bytes(), "weight": 1.0}
+        if scheduled_time is None:
+            scheduled_time = get_dht_time() + c.min_matchmaking_time
+        timeout = max(c.matchmaking_timeout, scheduled_time - get_dht_time() + c.min_matchmaking_time)
+        try:
+            self._control = self.averager.step(gather=gather, weight=1.0, scheduled_time=scheduled_time,
+                                               timeout=timeout, allow_retries=False, wait=False)
+            gathered = await asyncio.to_thread(self._control.result, timeout + c.allreduce_timeout + 5)
+        except Exception as e:
+            return self._skip(f"no complete all-reduce: {type(e).__name__}: {e}")
+        finally:
+            self._control = None
+        if not gathered:
+            return self._skip("matchmaking formed no group")
+
+        group = sorted(str(peer) for peer in gathered)
+        # Read after the group formed: every live member declared itself before matchmaking began.
+        expected = await self._expected_replicas() | {self.peer_id}
+        if set(group) != expected:
+            missing, extra = sorted(expected - set(group)), sorted(set(group) - expected)
+            return self._skip(f"group of {len(group)} != declared replicas (missing {missing}, undeclared {extra})", group)
+        try:
+            infos = [gathered[peer] for peer in sorted(gathered, key=str)]
+            versions = {int(info["version"]) for info in infos}
+            sketches = [Sketch.from_bytes(info["sketch"], self.sketcher.blocks) for info in infos]
+            weights = [float(info["weight"]) for info in infos]
+            round_key = hashlib.sha256("|".join(f"{p}:{i['nonce']}" for p, i in zip(group, infos)).encode()).hexdigest()[:16]
+        except (KeyError, TypeError, ValueError, SketchError) as e:
+            return self._skip(f"malformed gather data from a groupmate: {e}", group)
+        if versions != {base_version}:
+            return self._skip(f"members are on different adapter versions {sorted(versions)}", group)
+
+        with self.averager.get_tensors() as buffers:
+            average = torch.cat([b.reshape(-1) for b in buffers]).clone()
+        mismatch = self.sketcher.mismatch(self.sketcher.sketch(average), sketches, weights, c.sketch_rtol)
+        verdict, reason = mismatch <= 1.0, f"verified average of {len(group)} peers"
+        if not verdict:
+            reason = f"result is not the mean of all {len(group)} inputs (partial average, mismatch x{mismatch:.3g})"
+
+        candidate = None
+        if verdict:
+            live = self.adapters.state(base_version).tensors
+            delta = unflatten(average, live, names)
+            candidate = self.adapters.propose({n: live[n] + delta[n] for n in names})
+            if self.canary is not None:
+                canary_verdict = await self.canary.check(base_version, candidate)
+                if not canary_verdict.accepted:
+                    verdict, reason = False, f"canary rejected the update: {canary_verdict.reason}"
+                    self.canary.record_rollback(canary_verdict)
+
+        agreed = await self._commit(round_key, group, verdict)
+        if verdict and agreed:
+            self.adapters.promote(candidate)
+            return RoundOutcome("averaged", reason, self.adapters.live_version, group)
+        if candidate is not None:
+            self.adapters.discard(candidate)
+        if verdict and not agreed:
+            reason = "a groupmate did not confirm the round (it failed or rejected it)"
+        elif reason.startswith("canary"):
+            self.adapters.reset_working()  # drop the local update that produced a rejected average
+        return self._skip(reason, group)
+
+    async def _commit(self, round_key: str, group: list[str], verdict: bool) -> bool:
+        """Publishes this member's verdict; True once every member said yes, False on any no or timeout."""
+        key = f"{self.prefix}.commit.{round_key}"
+        deadline = get_dht_time() + self.config.commit_timeout
+        await asyncio.to_thread(self.dht.store, key, bool(verdict), deadline + self.config.commit_timeout,
+                                subkey=self.peer_id)
+        if not verdict:
+            return False
+        while get_dht_time() < deadline:
+            found = await asyncio.to_thread(self.dht.get, key, latest=True)
+            votes = {str(p): v.value for p, v in found.value.items()} if found and isinstance(found.value, dict) else {}
+            if any(votes.get(peer) is False for peer in group):
+                return False
+            if all(votes.get(peer) is True for peer in group):
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+
+    async def load_state_from_replicas(self, timeout: float = 10.0) -> bool:
+        """Fetches the live adapters of an existing replica (a joining peer does this before serving)."""
+        result = await asyncio.to_thread(self.averager.load_state_from_peers, True, timeout)
+        if result is None:
+            return False
+        metadata, tensors = result
+        if not isinstance(metadata, dict) or metadata.get("names") != self.adapters.names or len(tensors) != len(self.adapters.names):
+            logger.warning("%s: a replica sent adapter state that does not match this span; ignored", self.prefix)
+            return False
+        self.adapters.import_state(AdapterState(int(metadata["version"]), dict(zip(self.adapters.names, tensors))))
+        logger.info("%s: loaded adapter v%d from a replica", self.prefix, self.adapters.live_version)
+        return True
+
+    async def run_periodically(self, period: float, on_round: Callable[[RoundOutcome], None] | None = None) -> None:
+        """Runs a round at every multiple of `period` in DHT time, so all replicas meet without talking first."""
+        while True:
+            now = get_dht_time()
+            scheduled = (math.floor(now / period) + 1) * period
+            await asyncio.sleep(max(0.0, scheduled - now - self.config.min_matchmaking_time))
+            outcome = await self.run_round(scheduled_time=scheduled)
+            if on_round is not None:
+                on_round(outcome)
+
+    def shutdown(self) -> None:
+        """Stops the averager's background process (the DHT belongs to the caller)."""
+        if self.averager.is_alive():
+            self.averager.shutdown()

@@ -1,0 +1,100 @@
+"""One replica of a span for the averaging tests and benchmark, in its own process (and process group).
+
+Protocol on stdin/stdout (one JSON object per line):
+  -> {"event": "ready", "peer_id": ..., "maddrs": [...]}
+  <- {"t0": <dht time>, "period": <s>, "rounds": [<round index>, ...]}
+  for each listed round k, at t0 + k * period (its update saved to --out/<name>_r<k>_update.pt first):
+  -> {"event": "round", "round": k, "status": ..., "reason": ..., "group": [...], "version": v}
+     and the live adapter state saved to --out/<name>_r<k>_live.pt
+  -> {"event": "done"}, then it keeps serving until stdin closes or gets a line
+With --die-in-round k the process SIGKILLs its whole process group (DHT, averager, p2pd) as soon as its
+averager enters the all-reduce stage of round k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from hivemind import DHT
+from hivemind.averaging.control import AveragingStage
+from hivemind.utils import get_dht_time
+
+from dllm import default_model_path
+from peer.adapters import ATTENTION_TARGETS, MLP_TARGETS, AdapterSet, LoraConfig
+from peer.averaging import AdapterAverager, AveragingConfig
+from peer.blocks import load_span_layers
+from swarm.model_files import load_config
+
+
+def emit(**event) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def die_when_allreducing(averager: AdapterAverager) -> None:
+    while averager.stage != AveragingStage.RUNNING_ALLREDUCE:
+        time.sleep(0.002)
+    os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+async def main(args: argparse.Namespace) -> None:
+    config = load_config(default_model_path())
+    layers = load_span_layers(default_model_path(), config, args.start, args.end)
+    adapters = AdapterSet(layers, args.start, LoraConfig(rank=args.rank, targets=ATTENTION_TARGETS + MLP_TARGETS))
+    dht = DHT(initial_peers=args.initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    averaging = AveragingConfig(clip_tau=args.clip_tau, replica_ttl=args.ttl, allreduce_timeout=10.0,
+                                next_chunk_timeout=1.0, commit_timeout=3.0)
+    averager = AdapterAverager(dht, adapters, model="tiny", start=args.start, end=args.end, config=averaging)
+    try:
+        if args.fetch_state:
+            loaded = await averager.load_state_from_replicas()
+            emit(event="fetched", ok=loaded, version=adapters.live_version)
+        emit(event="ready", peer_id=averager.peer_id, maddrs=[str(m) for m in dht.get_visible_maddrs()],
+             parameters=adapters.num_parameters())
+        plan = json.loads(await asyncio.to_thread(sys.stdin.readline))
+        out = Path(args.out)
+        for k in plan["rounds"]:
+            scheduled = plan["t0"] + k * plan["period"]
+            await asyncio.sleep(max(0.0, scheduled - get_dht_time() - averaging.min_matchmaking_time))
+            generator = torch.Generator().manual_seed(sum(map(ord, args.name)) * 1000 + k)
+            with torch.no_grad():
+                for p in adapters.parameters():
+                    p.add_(torch.randn(p.shape, generator=generator) * args.update_scale)
+            torch.save(adapters.delta(), out / f"{args.name}_r{k}_update.pt")
+            if k == args.die_in_round:
+                threading.Thread(target=die_when_allreducing, args=(averager,), daemon=True).start()
+            outcome = await averager.run_round(scheduled_time=scheduled)
+            torch.save(adapters.state().tensors, out / f"{args.name}_r{k}_live.pt")
+            emit(event="round", round=k, status=outcome.status, reason=outcome.reason, group=outcome.group,
+                 version=outcome.version, seconds=outcome.seconds)
+        emit(event="done")
+        await asyncio.to_thread(sys.stdin.readline)  # stay reachable (e.g. to share state) until told to go
+    finally:
+        averager.shutdown()
+        dht.shutdown()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--initial-peers", nargs="*", default=[])
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--end", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--update-scale", type=float, default=1e-3)
+    parser.add_argument("--clip-tau", type=float, default=1e6)
+    parser.add_argument("--ttl", type=float, default=4.0)
+    parser.add_argument("--die-in-round", type=int, default=-1)
+    parser.add_argument("--fetch-state", action="store_true")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    asyncio.run(main(parser.parse_args()))

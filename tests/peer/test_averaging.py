@@ -1,0 +1,146 @@
+"""Averaging adapters among replicas: real hivemind DHT nodes and averagers in separate processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.timeout(240)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Replica:
+    """A tests/peer/averaging_replica.py process in its own process group."""
+
+    def __init__(self, name: str, out: Path, initial_peers: list[str], *extra: str):
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.peer.averaging_replica", "--name", name, "--out", str(out),
+             "--initial-peers", *initial_peers, *extra],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
+        )
+        self.events: list[dict] = []
+
+    def next_event(self, timeout: float = 60.0) -> dict | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                return None  # exited
+            if line.startswith("{"):
+                event = json.loads(line)
+                self.events.append(event)
+                return event
+        raise TimeoutError(f"{self.name}: no event within {timeout} s")
+
+    def wait_for(self, kind: str, timeout: float = 60.0) -> dict:
+        while True:
+            event = self.next_event(timeout)
+            assert event is not None, f"{self.name} exited (rc={self.proc.wait()}) before '{kind}'"
+            if event["event"] == kind:
+                return event
+
+    def send_plan(self, plan: dict) -> None:
+        self.proc.stdin.write(json.dumps(plan) + "\n")
+        self.proc.stdin.flush()
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # DHT, averager and p2pd children included
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def replicas(tmp_path):
+    started: list[Replica] = []
+
+    def start(name: str, *extra: str, bootstrap: Replica | None = None) -> Replica:
+        peers = next(e for e in bootstrap.events if e["event"] == "ready")["maddrs"] if bootstrap else []
+        replica = Replica(name, tmp_path, peers, *extra)
+        started.append(replica)
+        return replica
+
+    yield start
+    for replica in started:
+        replica.stop()
+
+
+def _load(out: Path, name: str, k: int, what: str) -> torch.Tensor:
+    state = torch.load(out / f"{name}_r{k}_{what}.pt")
+    return torch.cat([state[n].reshape(-1) for n in sorted(state)])
+
+
+def test_replicas_average_and_a_replica_killed_mid_round_never_leaves_a_partial_average(replicas, tmp_path):
+    # rank 96 on every projection of 8 layers: 1.67M adapter values, large enough that killing a
+    # member once all-reduce has started interrupts the transfer.
+    size = ["--rank", "96", "--update-scale", "0.01"]
+    a = replicas("a", *size)
+    a.wait_for("ready")
+    b = replicas("b", *size, bootstrap=a)
+    victim = replicas("victim", *size, "--die-in-round", "1", bootstrap=a)
+    b.wait_for("ready")
+    victim.wait_for("ready")
+
+    period, t0 = 6.0, time.time() + 3.0
+    for replica in (a, b, victim):
+        replica.send_plan({"t0": t0, "period": period, "rounds": [0, 1, 2]})
+
+    # round 0: all three average; the result is the exact mean of their updates, the same everywhere
+    outcomes = {r.name: r.wait_for("round") for r in (a, b, victim)}
+    assert all(o["status"] == "averaged" and len(o["group"]) == 3 and o["version"] == 1 for o in outcomes.values()), outcomes
+    mean0 = torch.stack([_load(tmp_path, n, 0, "update") for n in ("a", "b", "victim")]).mean(0)
+    initial = _load(tmp_path, "a", 0, "live") - mean0  # live = v0 + mean(update)
+    for name in ("a", "b", "victim"):
+        assert torch.allclose(_load(tmp_path, name, 0, "live") - initial, mean0, atol=1e-6)
+    assert torch.allclose(_load(tmp_path, "a", 0, "live"), _load(tmp_path, "b", 0, "live"), atol=1e-6)
+
+    # round 1: the victim SIGKILLs itself (and its DHT, averager, p2pd) during all-reduce
+    survivors = {r.name: r.wait_for("round") for r in (a, b)}
+    assert victim.next_event(30) is None and victim.proc.wait(10) == -signal.SIGKILL
+    updates1 = {n: _load(tmp_path, n, 1, "update") for n in ("a", "b", "victim")}
+    for name, outcome in survivors.items():
+        before1, live = _load(tmp_path, name, 0, "live"), _load(tmp_path, name, 1, "live")
+        if outcome["status"] == "skipped":  # live version unchanged
+            assert outcome["version"] == 1 and torch.equal(live, before1), outcome
+        else:  # or a correct average of exactly the group that formed
+            assert outcome["status"] == "averaged", outcome
+            members = ["victim" if p not in {a.events[0]["peer_id"], b.events[0]["peer_id"]} else
+                       ("a" if p == a.events[0]["peer_id"] else "b") for p in outcome["group"]]
+            expected = torch.stack([updates1[m] for m in members]).mean(0)
+            assert torch.allclose(live - before1, expected, atol=1e-6), outcome
+    assert survivors["a"]["status"] == survivors["b"]["status"], survivors
+
+    # round 2: the victim's declaration has expired; the survivors average between themselves
+    final = {r.name: r.wait_for("round") for r in (a, b)}
+    assert all(o["status"] == "averaged" and len(o["group"]) == 2 for o in final.values()), final
+    live_a, live_b = _load(tmp_path, "a", 2, "live"), _load(tmp_path, "b", 2, "live")
+    assert torch.allclose(live_a, live_b, atol=1e-6)
+    # each survivor's round-2 update also carries its round-1 update if round 1 was skipped
+    a.wait_for("done")
+    b.wait_for("done")
+
+
+def test_a_joining_replica_fetches_current_adapters_first(replicas, tmp_path):
+    a = replicas("a", "--rank", "4")
+    a.wait_for("ready")
+    b = replicas("b", "--rank", "4", bootstrap=a)
+    b.wait_for("ready")
+    t0 = time.time() + 2.5
+    for replica in (a, b):
+        replica.send_plan({"t0": t0, "period": 5.0, "rounds": [0]})
+    assert a.wait_for("round")["status"] == "averaged"
+    assert b.wait_for("round")["status"] == "averaged"
+    late = replicas("late", "--rank", "4", "--fetch-state", bootstrap=a)
+    fetched = late.wait_for("fetched", timeout=90)
+    assert fetched == {"event": "fetched", "ok": True, "version": 1}
