@@ -7,6 +7,7 @@ They import nothing heavy so `dllm --help` stays fast.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import typer
@@ -124,3 +125,17 @@ def parse_chain_key(value: str | None) -> str | None:
     raise typer.BadParameter(
         "expected a dev URI like //Alice, a 12-24 word mnemonic, or a 0x hex seed", param_hint="'--chain-key'"
     )
+
+
+def parse_amount(value: str, decimals: int, param_hint: str) -> int:
+    """A token amount like "10" or "0.5" to integer smallest units (exact: no float rounding)."""
+    try:
+        amount = Decimal(value.strip())
+    except InvalidOperation:
+        raise typer.BadParameter(f"{value!r} is not a number", param_hint=param_hint) from None
+    if not amount.is_finite() or amount < 0:
+        raise typer.BadParameter(f"{value!r} must be a non-negative amount", param_hint=param_hint)
+    units = amount.scaleb(decimals)
+    if units != units.to_integral_value():
+        raise typer.BadParameter(f"{value!r} has more than {decimals} decimals", param_hint=param_hint)
+    return int(units)

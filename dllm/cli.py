@@ -36,6 +36,7 @@ app.add_typer(swarm_app, name="swarm")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_CHAIN_URL = "ws://127.0.0.1:9944"
+TOKEN_DECIMALS = 12  # the dev chain's ROC: 1 token = 10**12 planck
 
 # Reusable option declarations: the same name means the same thing in every command.
 InitialPeers = Annotated[
@@ -195,21 +196,43 @@ def swarm_bootstrap(
 # ------------------------------------------------------------------------------------------------- peer
 
 
-def _chain_account(key: str) -> str:
-    """The ss58 address of a signing key (payments to this peer go there)."""
+def _keypair(key: str, ss58_format: int = 42) -> Any:
+    """The sr25519 keypair of a --chain-key value (dev URI, mnemonic or 0x seed)."""
     from substrateinterface import Keypair
 
     try:
-        keypair = Keypair.create_from_uri(key) if key.startswith("//") else (
-            Keypair.create_from_seed(key) if key.startswith("0x") else Keypair.create_from_mnemonic(key)
-        )
+        if key.startswith("//"):
+            return Keypair.create_from_uri(key, ss58_format=ss58_format)
+        if key.startswith("0x"):
+            return Keypair.create_from_seed(key, ss58_format=ss58_format)
+        return Keypair.create_from_mnemonic(key, ss58_format=ss58_format)
     except Exception as error:  # substrate-interface raises ValueError or its own types for bad keys
         raise typer.BadParameter(f"not a usable key: {error}", param_hint="'--chain-key'") from None
-    return keypair.ss58_address
 
 
-def _register_provider(url: str | None, key: str | None, stake: int) -> None:
-    _fail("registering a stake on chain is not available in this installation yet")
+def _register_provider(url: str, key: str, stake: int) -> str:
+    """Bond `stake` (planck) for this provider unless it is registered already; returns its address."""
+    from rich.console import Console
+
+    from chain.errors import AlreadyRegisteredError, ChainError
+    from chain.ledger import ComputeLedger
+
+    console = Console(stderr=True)
+    try:
+        with console.status(f"Registering as a provider on {url} (bonding the stake)…"):
+            with ComputeLedger(url) as ledger:
+                provider = _keypair(key, ledger.ss58_format)
+                try:
+                    result = ledger.register_provider(provider, stake)
+                    console.print(f"registered {provider.ss58_address} with a stake of {stake} planck "
+                                  f"(block {result.block_number})")
+                except AlreadyRegisteredError as error:
+                    console.print(f"already registered: {error}")
+                status = ledger.provider_status(provider.ss58_address)
+                console.print(f"provider {status.provider}: {status.state.value}, stake {status.stake} planck")
+                return provider.ss58_address
+    except ChainError as error:
+        _fail(f"could not register on chain: {error}")
 
 
 @peer_app.command("join")
@@ -224,10 +247,12 @@ def peer_join(
     ] = None,
     host: Host = "127.0.0.1",
     port: Annotated[int, _port_option(0, "the peer's P2P endpoint")] = 0,
-    rate: Annotated[int, typer.Option("--rate", min=0, help="Price per token, in the chain's smallest unit.")] = 1,
+    rate: Annotated[
+        int, typer.Option("--rate", min=0, help="Price per token per billion parameters served, in planck.")
+    ] = 1,
     stake: Annotated[
-        int, typer.Option("--stake", min=0, help="Stake to bond on chain when registering (0: do not register).")
-    ] = 0,
+        str, typer.Option("--stake", help="Stake to bond on chain, in whole tokens (e.g. 10 or 0.5; 0: do not register).")
+    ] = "0",
     chain_url: ChainUrl = None,
     chain_key: ChainKey = None,
     identity: Annotated[
@@ -240,7 +265,8 @@ def peer_join(
     span = arguments.parse_blocks(blocks)
     url = arguments.parse_chain_url(chain_url)
     key = arguments.parse_chain_key(chain_key)
-    if stake and not (url and key):
+    stake_planck = arguments.parse_amount(stake, TOKEN_DECIMALS, "'--stake'")
+    if stake_planck and not (url and key):
         raise typer.BadParameter("bonding a stake needs --chain-url and --chain-key", param_hint="'--stake'")
     folder = _model_folder(model)
     from swarm.model_files import load_config
@@ -250,7 +276,11 @@ def peer_join(
         arguments.check_blocks_fit(span, num_layers)
     elif num_blocks is not None and num_blocks > num_layers:
         raise typer.BadParameter(f"the model has only {num_layers} blocks", param_hint="'--num-blocks'")
-    account = _chain_account(key) if key else None
+    # Register before loading anything: a provider that cannot bond its stake should not start serving.
+    account = _keypair(key).ss58_address if key else None
+    if stake_planck:
+        assert url is not None and key is not None
+        account = _register_provider(url, key, stake_planck)
     from peer.config import PeerConfig
     from peer.server import main as run_peer_blocking
 
@@ -267,8 +297,6 @@ def peer_join(
         )
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
-    if stake:
-        _register_provider(url, key, stake)
     run_peer_blocking(config)
 
 

@@ -1,0 +1,120 @@
+"""`dllm dashboard`: a self-refreshing web page of the live swarm.
+
+GET /            the page (swarm/static: HTML, JS and CSS; no external resources)
+GET /api/swarm   JSON: models, their peers (blocks, throughput, cache, rate, chain account), per-block
+                 coverage, and, with a chain URL, each provider's stake, earnings, compute and slashes
+                 plus recent settlements.
+
+The snapshot is cached for half the refresh period so many open pages cost one DHT scan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from swarm.chain_view import ChainView
+from swarm.swarm_view import read_swarm
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+@dataclass
+class DashboardConfig:
+    """The one configuration object of a dashboard process."""
+
+    initial_peers: list[str]
+    chain_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    refresh_s: float = 2.0
+
+
+@dataclass
+class SwarmMonitor:
+    """Builds and caches the dashboard's snapshot from the DHT and, optionally, the chain."""
+
+    dht: Any
+    chain: ChainView | None = None
+    refresh_s: float = 2.0
+    _cached: dict[str, Any] | None = None
+    _cached_at: float = 0.0
+    _sequence: int = 0
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def snapshot(self) -> dict[str, Any]:
+        async with self._lock:
+            if self._cached is None or time.monotonic() - self._cached_at >= self.refresh_s / 2:
+                self._cached = await self._build()
+                self._cached_at = time.monotonic()
+            return self._cached
+
+    async def _build(self) -> dict[str, Any]:
+        self._sequence += 1
+        body: dict[str, Any] = {
+            "sequence": self._sequence,
+            "generated_at": time.time(),
+            "refresh_s": self.refresh_s,
+            "swarm_error": None,
+            "models": [],
+            "chain": None,
+        }
+        try:
+            models = await read_swarm(self.dht)
+            body["models"] = [m.to_json() for m in models]
+        except Exception as error:  # the DHT may be briefly unreachable; show it and retry next time
+            log.warning("reading the swarm failed: %s", error)
+            body["swarm_error"] = f"{type(error).__name__}: {error}"
+            models = []
+        if self.chain is not None:
+            accounts = [p.chain_account for m in models for p in m.peers if p.chain_account]
+            body["chain"] = (await self.chain.read(accounts)).to_json()
+        return body
+
+
+def create_dashboard_app(monitor: SwarmMonitor) -> FastAPI:
+    """The dashboard's FastAPI application over `monitor`."""
+    app = FastAPI(title="DLLM swarm dashboard", docs_url=None, redoc_url=None, openapi_url=None)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/swarm")
+    async def swarm_state() -> JSONResponse:
+        return JSONResponse(await monitor.snapshot(), headers={"Cache-Control": "no-store"})
+
+    return app
+
+
+def serve_dashboard(config: DashboardConfig) -> None:
+    """Join the swarm's DHT as a client and serve the dashboard until Ctrl-C (blocking)."""
+    from swarm.dht import start_dht
+    from swarm.http_server import bind_socket, serve_until_signal
+
+    sock = bind_socket(config.host, config.port)
+    dht, _ = start_dht(config.initial_peers, client_mode=True)
+    chain = ChainView(config.chain_url) if config.chain_url else None
+    try:
+        host, port = sock.getsockname()[:2]
+        sys.stdout.write(f"DLLM dashboard at http://{host}:{port}/\n")
+        sys.stdout.flush()
+        monitor = SwarmMonitor(dht, chain, config.refresh_s)
+        serve_until_signal(create_dashboard_app(monitor), sock)
+    finally:
+        if chain is not None:
+            chain.close()
+        dht.shutdown()
+        sock.close()

@@ -1,0 +1,158 @@
+"""`dllm dashboard` as a real process, loaded in headless Chromium against a running local swarm."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "build" / "test-artifacts"
+READY = re.compile(r"DLLM dashboard at (http://\S+)")
+
+
+@contextmanager
+def running_dashboard(initial_peer: str, workdir: Path, *extra: str):
+    """`dllm dashboard` on a free port; yields its URL; stops it and checks nothing it started survives."""
+    log_path = workdir / f"dashboard-{uuid.uuid4().hex[:6]}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dllm.cli", "dashboard", "--initial-peers", initial_peer, "--port", "0",
+             "--refresh", "1", *extra],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        match = None
+        deadline = time.monotonic() + 60
+        while match is None and time.monotonic() < deadline:
+            assert proc.poll() is None, f"dllm dashboard exited early:\n{log_path.read_text()}"
+            match = READY.search(log_path.read_text())
+            time.sleep(0.1)
+        assert match, f"dllm dashboard did not start:\n{log_path.read_text()}"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        yield match.group(1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 0, log_path.read_text()
+    _, leftovers = psutil.wait_procs(children, timeout=15)
+    assert not leftovers, f"dllm dashboard left processes behind: {leftovers}"
+
+
+def chromium(url: str, profile: Path, *mode: str) -> subprocess.CompletedProcess:
+    """Headless Chromium with everything that could reach the network off; virtual time lets the page's
+    refresh timers fire several times before the DOM is dumped or the screenshot taken."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Debian's chromium is not installed (scripts/setup installs it)")
+    args = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+        f"--user-data-dir={profile}", "--window-size=1280,900", "--virtual-time-budget=6000", *mode, url,
+    ]
+    return subprocess.run(args, capture_output=True, text=True, timeout=90)
+
+
+def load_dom(url: str, profile: Path) -> str:
+    result = chromium(url, profile, "--dump-dom")
+    assert result.returncode == 0 and "<body" in result.stdout, result.stderr[-2000:]
+    return result.stdout
+
+
+def screenshot(url: str, profile: Path, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / name
+    path.unlink(missing_ok=True)
+    result = chromium(url, profile, f"--screenshot={path}")
+    assert result.returncode == 0 and path.is_file() and path.stat().st_size > 10_000, result.stderr[-2000:]
+    return path
+
+
+def test_dashboard_shows_every_peer_and_block_range(swarm, tmp_path):
+    peers = {p.info["peer_id"]: (p.info["start"], p.info["end"]) for p in swarm.peers()}
+    assert len(peers) >= 2
+    with running_dashboard(swarm.initial_peers[0], tmp_path) as url:
+        state = httpx.get(f"{url}api/swarm", timeout=30).json()
+        (model,) = [m for m in state["models"] if m["name"] == swarm.model]
+        assert {p["peer_id"]: (p["start"], p["end"]) for p in model["peers"]} == peers
+        assert model["coverage"] == [1] * model["num_blocks"] and model["complete"] is True
+
+        dom = load_dom(url, tmp_path / "chromium")
+        for peer_id, (start, end) in peers.items():
+            # The coverage picture has a bar per peer, the table a row per peer.
+            assert f'<g data-peer-id="{peer_id}" data-blocks="{start}:{end}">' in dom
+            assert f'<tr data-peer-id="{peer_id}">' in dom
+        for block in range(model["num_blocks"]):
+            assert f'<g data-block="{block}" data-count="1">' in dom
+        assert "every block served" in dom
+        refreshes = int(re.search(r'data-refreshes="(\d+)"', dom).group(1))
+        assert refreshes >= 3, "the page did not refresh by itself"
+        shot = screenshot(url, tmp_path / "chromium-shot", "dashboard.png")
+        print(f"dashboard screenshot: {shot}")
+
+
+def test_dashboard_reports_a_gap_when_blocks_are_unserved(local_swarm, tmp_path):
+    local_swarm.start_peer("0:3")
+    with running_dashboard(local_swarm.initial_peers[0], tmp_path) as url:
+        dom = load_dom(url, tmp_path / "chromium")
+        assert '<g data-block="2" data-count="1">' in dom and '<g data-block="3" data-count="0">' in dom
+        assert "5 block(s) unserved: no route" in dom
+
+
+def test_dashboard_shows_stake_earnings_settlements_and_slashes(local_swarm, dev_chain, tmp_path):
+    from chain.devchain.dev_accounts import dev_keypair
+    from chain.ledger import ComputeLedger
+    from chain.records import Payment
+    from substrateinterface import Keypair
+
+    unit = 10**12
+    ledger = ComputeLedger(dev_chain.url)
+    provider_uri = f"//dllm-dashboard-{uuid.uuid4().hex}"
+    provider = Keypair.create_from_uri(provider_uri, ss58_format=ledger.ss58_format)
+    client = Keypair.create_from_uri(f"//dllm-dashboard-client-{uuid.uuid4().hex}", ss58_format=ledger.ss58_format)
+    for account in (provider, client):
+        call = ledger.substrate.compose_call(
+            "Balances", "transfer_keep_alive", {"dest": account.ss58_address, "value": 100 * unit})
+        ledger.submitter.submit(dev_keypair("Ferdie", ledger.ss58_format), call)
+
+    # The provider joins through the CLI, which bonds its stake on chain before serving.
+    staked = local_swarm.start_peer("0:8", "--chain-url", dev_chain.url, "--chain-key", provider_uri, "--stake", "5")
+    assert "registered" in staked.log_path.read_text()
+    receipt = hashlib.blake2b(uuid.uuid4().bytes, digest_size=32).digest()
+    ledger.settle(client, [Payment.single(receipt, provider.ss58_address, 3 * unit)])
+    council = [dev_keypair(n, ledger.ss58_format) for n in ("Alice", "Bob")]
+    evidence = hashlib.blake2b(b"wrong activations", digest_size=32).digest()
+    ledger.slash(council, provider.ss58_address, 2 * unit, evidence)
+    ledger.close()
+
+    with running_dashboard(local_swarm.initial_peers[0], tmp_path, "--chain-url", dev_chain.url) as url:
+        state = httpx.get(f"{url}api/swarm", timeout=60).json()
+        (peer,) = state["models"][0]["peers"]
+        info = state["chain"]["providers"][peer["chain_account"]]
+        assert info["account"] == provider.ss58_address
+        assert (info["stake"], info["earned"], info["slashes"], info["slashed_amount"]) == (3 * unit, 3 * unit, 1, 2 * unit)
+        assert any(s["receipt"] == receipt.hex() for s in state["chain"]["settlements"])
+        assert any(s["evidence"] == evidence.hex() for s in state["chain"]["slashes"])
+
+        dom = load_dom(url, tmp_path / "chromium")
+        row = re.search(rf'<tr data-peer-id="{peer["peer_id"]}">(.*?)</tr>', dom).group(1)
+        assert ">0:8<" in row and ">3<" in row and "slashed ×1" in row  # stake 3 and earned 3 ROC
+        assert receipt.hex()[:6] in dom and evidence.hex()[:6] in dom
+        screenshot(url, tmp_path / "chromium-shot", "dashboard-chain.png")
