@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ def _die_with_parent() -> None:
 
 def _port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Like Node's listener: a port in TIME_WAIT after a stop is free; a live listener is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -185,8 +188,36 @@ class DevChain:
             raise DevChainStartError("the dev chain is not running")
         return await self._process.wait()
 
+    async def _wait_head_saved(self, timeout_s: float = 15.0) -> None:
+        """Chopsticks writes blocks to its database asynchronously and a stop can lose the newest
+        ones: wait until the current head is stored (the database is what a restart resumes from)."""
+        if self.config.state_dir is None:
+            return
+        db = self.config.state_dir / "chain.sqlite"
+        try:
+            head = await self.rpc("chain_getBlockHash")
+        except (httpx.HTTPError, DevChainStartError) as exc:
+            log.warning("could not read the head before stopping: %s", exc)
+            return
+
+        def stored() -> bool:
+            try:
+                with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as conn:
+                    return conn.execute("SELECT 1 FROM block WHERE hash = ?", (head,)).fetchone() is not None
+            except sqlite3.Error:
+                return False
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if await asyncio.to_thread(stored):
+                return
+            await asyncio.sleep(0.2)
+        log.warning("head block %s not in %s after %.0f s; the newest state may be lost", head, db, timeout_s)
+
     async def stop(self) -> None:
-        """Stop chopsticks (SIGINT lets it flush its database), then kill it if it hangs."""
+        """Stop chopsticks after its database holds the head (SIGINT, then SIGKILL if it hangs)."""
+        if self._process is not None and self._process.returncode is None:
+            await self._wait_head_saved()
         proc, self._process = self._process, None
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
