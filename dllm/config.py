@@ -54,11 +54,20 @@ def read_config_file(path: Path) -> dict[str, Any]:
             data = {} if data is None else data
         else:
             raise ConfigFileError(path, f"unknown format {suffix!r}: use .toml, .yaml or .yml")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
-        raise ConfigFileError(path, f"not valid {suffix[1:].upper()}: {error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigFileError(path, f"not valid TOML: {error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigFileError(path, f"not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(data, dict):
         raise ConfigFileError(path, "the top level must be a table/mapping of option names")
     return _normalise_keys(data)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and where it is."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
 
 
 def _normalise_keys(data: dict[str, Any]) -> dict[str, Any]:
