@@ -75,8 +75,11 @@ class LocalRoute:
                   for ids, labels in map(self.encode, examples)]
         return sum(losses) / len(losses)
 
-    def train_pass(self, example: Example, contributor: str) -> float:
-        """One feedback pass: forward, loss, then backward span by span from the last (as the swarm does)."""
+    def train_pass(self, example: Example, contributor: str, grad_scale: float = 1.0) -> float:
+        """One feedback pass: forward, loss, then backward span by span from the last (as the swarm does).
+
+        `grad_scale` != 1 plays a malicious client that scales the gradient it sends back to the peers.
+        """
         ids, labels = self.encode(example)
         inputs = []
         hidden = self.embed[ids]
@@ -89,6 +92,7 @@ class LocalRoute:
         with torch.enable_grad():
             loss = causal_lm_loss(self.head(hidden), labels)
             (grad,) = torch.autograd.grad(loss, [hidden])
+        grad = grad * grad_scale
         for span, span_input in zip(reversed(self.spans), reversed(inputs)):
             span.trainer.admit(contributor)
             grad, adapter_grads = span_backward(span.runner.forward, span.adapters, span_input, grad)
