@@ -7,7 +7,6 @@ protocol usable at block 1: the dev accounts are funded and the protocol account
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -15,12 +14,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import xxhash
-
 from chain.account_derivation import BURN_ACCOUNT
 from chain.council import Council
 from chain.devchain.dev_accounts import DEV_ACCOUNT_NAMES, dev_keypair
 from chain.errors import DevChainUnavailableError
+from chain.storage_keys import blake2_128_concat, storage_prefix
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +45,8 @@ class GenesisAccount:
     free: int
 
 
-def twox128(data: bytes) -> bytes:
-    return xxhash.xxh64(data, seed=0).intdigest().to_bytes(8, "little") + xxhash.xxh64(
-        data, seed=1
-    ).intdigest().to_bytes(8, "little")
-
-
-def storage_prefix(pallet: str, item: str) -> bytes:
-    return twox128(pallet.encode()) + twox128(item.encode())
-
-
 def system_account_key(account: bytes) -> bytes:
-    return storage_prefix("System", "Account") + hashlib.blake2b(account, digest_size=16).digest() + account
+    return storage_prefix("System", "Account") + blake2_128_concat(account)
 
 
 def encode_account_info(free: int) -> bytes:
