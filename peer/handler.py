@@ -28,6 +28,9 @@ from swarm.tensors import InvalidTensorError, check_hidden_states, decode, encod
 logger = logging.getLogger(__name__)
 
 
+_INLINE_COMPUTE_S = 0.004
+
+
 class BlocksNotServed(ValueError):
     """A request names blocks outside this peer's span."""
 
@@ -63,6 +66,7 @@ class BlockHandler:
         self.info_extra = info_extra or (lambda: {})
         self.requests_served = 0
         self.requests_rejected = 0
+        self._compute_time: dict[int, float] = {}
 
     async def add_handlers(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(protocol.HANDLER_INFO, self.rpc_info, runtime_pb2.ExpertRequest)
@@ -77,8 +81,22 @@ class BlockHandler:
 
     # --- helpers -------------------------------------------------------------------------------
 
-    async def _compute(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    async def _compute(self, fn, tokens: int):
+        """Runs `fn` inline if work of this size has been quick so far, else on the compute thread.
+
+        Handing a ~1 ms single-token step to a thread costs about as much as the step itself on a
+        small machine, while a long prefill inline would stall every other session's I/O.
+        """
+        key = min(tokens, 2)  # single-token decode steps vs anything bigger
+        recent = self._compute_time.get(key)
+        started = time.perf_counter()
+        if recent is not None and recent < _INLINE_COMPUTE_S:
+            result = fn()
+        else:
+            result = await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        elapsed = time.perf_counter() - started
+        self._compute_time[key] = elapsed if recent is None else 0.7 * recent + 0.3 * elapsed
+        return result
 
     def _blocks(self, metadata: dict) -> range:
         blocks = protocol.get_block_range(metadata, (self.span.start, self.span.end))
@@ -139,7 +157,7 @@ class BlockHandler:
                 with torch.inference_mode():
                     return self.span.forward(hidden, blocks=blocks)
 
-            output = await self._compute(run)
+            output = await self._compute(run, hidden.shape[0] * hidden.shape[1])
             self.requests_served += 1
             return runtime_pb2.ExpertResponse(tensors=[encode(output)])
         except Exception as e:
@@ -165,7 +183,7 @@ class BlockHandler:
                     (grad_in,) = torch.autograd.grad(output, inputs, grad_out)
                 return grad_in
 
-            grad_in = await self._compute(run)
+            grad_in = await self._compute(run, 2)
             self.requests_served += 1
             return runtime_pb2.ExpertResponse(tensors=[encode(grad_in)])
         except Exception as e:
@@ -258,7 +276,7 @@ class BlockHandler:
                 with torch.inference_mode():
                     return self.span.forward(hidden, cache=cache, blocks=blocks)
 
-            output = await self._compute(run)
+            output = await self._compute(run, hidden.shape[0] * hidden.shape[1])
             self.requests_served += 1
             meta = {"position": position, "compute_ms": round((time.perf_counter() - started) * 1000, 3)}
             return runtime_pb2.ExpertResponse(tensors=[encode(output)], metadata=protocol.pack_metadata(meta))

@@ -98,16 +98,20 @@ class SwarmClient:
         new = {r.peer_id for r in records} - set(self.latency)
         await asyncio.gather(*(self.ping(p) for p in new))
 
-    async def ping(self, peer_id: str) -> float:
+    async def ping(self, peer_id: str, timeout: float = 2.0) -> float:
         """Round-trip time of rpc_info to `peer_id` (inf if unreachable); cached for routing."""
         started = time.perf_counter()
         try:
-            await self.call(peer_id, protocol.HANDLER_INFO, runtime_pb2.ExpertRequest(), timeout=2.0)
+            await self.call(peer_id, protocol.HANDLER_INFO, runtime_pb2.ExpertRequest(), timeout=timeout)
             rtt = time.perf_counter() - started
         except Exception:
             rtt = float("inf")
         self.latency[peer_id] = rtt
         return rtt
+
+    async def is_alive(self, peer_id: str) -> bool:
+        """Whether `peer_id` answers rpc_info within a second."""
+        return await self.ping(peer_id, timeout=1.0) != float("inf")
 
     async def plan(self, start: int, end: int) -> list[Hop]:
         """A route for blocks start..end-1; re-reads the DHT once if the cached records fall short."""
@@ -206,7 +210,7 @@ class SwarmClient:
     # --- generation ----------------------------------------------------------------------------
 
     def inference_session(self, max_length: int, batch: int = 1) -> InferenceSession:
-        return InferenceSession(self.p2p, self.model, self.num_blocks, self.plan, self.report_failure,
+        return InferenceSession(self.p2p, self.model, self.num_blocks, self.plan, self.report_failure, self.is_alive,
                                 max_length=max_length, batch=batch, timeout=self.config.request_timeout,
                                 max_failovers=self.config.max_failovers)
 

@@ -26,6 +26,12 @@ logger = logging.getLogger(__name__)
 
 # Plans a route for blocks start..end-1, avoiding banned peers.
 RoutePlanner = Callable[[int, int], Awaitable[list[Hop]]]
+# Tells whether a peer still answers a cheap request (used when a step is slower than usual).
+LivenessProbe = Callable[[str], Awaitable[bool]]
+
+# A step slower than this many times the usual step time makes us check that the peer is alive.
+_SUSPICION_FACTOR = 8.0
+_MIN_SUSPICION_S = 0.25
 
 
 class SessionFailedError(RuntimeError):
@@ -35,8 +41,9 @@ class SessionFailedError(RuntimeError):
 class _HopStream:
     """One open inference stream to one peer, with the inputs it has been sent so far."""
 
-    def __init__(self, p2p: P2P, hop: Hop, model: str, max_length: int, batch: int, timeout: float):
-        self.p2p, self.hop, self.model = p2p, hop, model
+    def __init__(self, p2p: P2P, hop: Hop, model: str, max_length: int, batch: int, timeout: float, probe: LivenessProbe):
+        self.p2p, self.hop, self.model, self.probe = p2p, hop, model, probe
+        self._step_time: float | None = None  # moving average of recent step round trips
         self.max_length, self.batch, self.timeout = max_length, batch, timeout
         self.history: list[torch.Tensor] = []
         self.position = 0
@@ -65,10 +72,11 @@ class _HopStream:
                     runtime_pb2.ExpertResponse),
                 self.timeout)
         await self._requests.put(request)
-        try:
-            response = await asyncio.wait_for(anext(self._responses), self.timeout)
-        except StopAsyncIteration:
-            raise ConnectionError(f"peer {self.hop.peer_id} closed the inference stream") from None
+        started = time.perf_counter()
+        response = await self._await_response()
+        elapsed = time.perf_counter() - started
+        if hidden.shape[1] == 1:
+            self._step_time = elapsed if self._step_time is None else 0.8 * self._step_time + 0.2 * elapsed
         meta = protocol.unpack_metadata(response.metadata)
         protocol.raise_if_error(meta, self.hop.peer_id)
         if len(response.tensors) != 1:
@@ -80,6 +88,33 @@ class _HopStream:
         self.history.append(hidden)
         self.position += hidden.shape[1]
         return output.to(hidden.dtype)
+
+    async def _await_response(self) -> runtime_pb2.ExpertResponse:
+        """The next reply, failing fast if the peer died.
+
+        hivemind's stream does not always end when the remote process dies, so a step that takes
+        much longer than usual triggers a cheap liveness probe; a dead or frozen peer fails the probe
+        within about a second, while a merely slow peer gets the full timeout.
+        """
+        pending = asyncio.ensure_future(anext(self._responses))
+        deadline = time.perf_counter() + self.timeout
+        suspicion = max(_MIN_SUSPICION_S, _SUSPICION_FACTOR * (self._step_time or _MIN_SUSPICION_S))
+        try:
+            while True:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    raise asyncio.TimeoutError(f"peer {self.hop.peer_id} did not answer within {self.timeout:.1f} s")
+                done, _ = await asyncio.wait({pending}, timeout=min(suspicion, remaining))
+                if done:
+                    return pending.result()
+                if not await self.probe(self.hop.peer_id):
+                    raise ConnectionError(f"peer {self.hop.peer_id} stopped answering")
+                suspicion *= 2
+        except StopAsyncIteration:
+            raise ConnectionError(f"peer {self.hop.peer_id} closed the inference stream") from None
+        finally:
+            if not pending.done():
+                pending.cancel()
 
     async def close(self) -> None:
         if self._opened:
@@ -95,17 +130,17 @@ class InferenceSession:
     """A generation session over the swarm: `await step(hidden)` runs new tokens through every block."""
 
     def __init__(self, p2p: P2P, model: str, num_blocks: int, plan: RoutePlanner, on_failure: Callable[[str, Exception], None],
-                 *, max_length: int, batch: int = 1, timeout: float = 10.0, max_failovers: int = 8):
+                 probe: LivenessProbe, *, max_length: int, batch: int = 1, timeout: float = 10.0, max_failovers: int = 8):
         self.p2p, self.model, self.num_blocks = p2p, model, num_blocks
-        self.plan, self.on_failure = plan, on_failure
+        self.plan, self.on_failure, self.probe = plan, on_failure, probe
         self.max_length, self.batch, self.timeout = max_length, batch, timeout
         self.max_failovers = max_failovers
         self.hops: list[_HopStream] = []
         self.failovers = 0
-        self.stall_seconds: list[float] = []  # time lost to each failover (detection excluded)
+        self.stall_seconds: list[float] = []  # per failover: from the failing step's start to recovery
 
     def _new_hops(self, hops: list[Hop]) -> list[_HopStream]:
-        return [_HopStream(self.p2p, h, self.model, self.max_length, self.batch, self.timeout) for h in hops]
+        return [_HopStream(self.p2p, h, self.model, self.max_length, self.batch, self.timeout, self.probe) for h in hops]
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.hops:
@@ -113,21 +148,22 @@ class InferenceSession:
         i = 0
         while i < len(self.hops):
             hop = self.hops[i]
+            step_started = time.perf_counter()
             try:
                 hidden = await hop.step(hidden)
                 i += 1
             except (protocol.InvalidRequestError, protocol.InvalidTensorRemoteError):
                 raise  # our own request is bad: another peer would reject it too
             except Exception as e:  # dead, stalled, busy or lying peer: route around it
-                replacement, output = await self._fail_over(hop, hidden, e)
+                replacement, output = await self._fail_over(hop, hidden, e, step_started)
                 self.hops[i:i + 1] = replacement
                 hidden = output
                 i += len(replacement)
         return hidden
 
-    async def _fail_over(self, failed: _HopStream, current: torch.Tensor, error: Exception) -> tuple[list[_HopStream], torch.Tensor]:
+    async def _fail_over(self, failed: _HopStream, current: torch.Tensor, error: Exception,
+                         started: float) -> tuple[list[_HopStream], torch.Tensor]:
         """Replaces `failed` by new hops for the same blocks and replays its history through them."""
-        started = time.perf_counter()
         logger.warning("peer %s failed on blocks %d:%d (%s: %s); re-routing",
                        failed.hop.peer_id, failed.hop.start, failed.hop.end, type(error).__name__, error)
         self.on_failure(failed.hop.peer_id, error)
