@@ -454,7 +454,14 @@ def demo(
     """Run everything locally: dev chain, bootstrap node, peers, queries, settlement; then shut it all down."""
     from dllm.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(peers=peers, queries=queries, max_tokens=max_tokens, chain_port=chain_port))
+    from dllm.demo import DemoError
+
+    try:
+        report = run_demo(DemoConfig(peers=peers, queries=queries, max_tokens=max_tokens, chain_port=chain_port))
+    except DemoError as error:
+        _fail(f"the demo failed: {error}")
+    if report.leftover_processes or report.leftover_sockets:
+        _fail("the demo left processes or sockets behind (listed above)")
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

@@ -1,0 +1,96 @@
+"""`dllm demo` end to end as a subprocess: its table, and that nothing it started outlives it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import psutil
+import pytest
+
+from chain.devchain.launcher import dev_chain_available
+
+pytestmark = pytest.mark.timeout(420)
+
+
+def _watch(proc: subprocess.Popen, seen: dict[tuple[int, float], str], sockets: set[str]) -> None:
+    """Record every descendant of the demo (pid + start time, so a reused pid is not confused)."""
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for child in children:
+        try:
+            key = (child.pid, child.create_time())
+            if key not in seen:
+                cmdline = child.cmdline()
+                seen[key] = " ".join(cmdline)
+                sockets.update(a[len("-listen=/unix"):] for a in cmdline if a.startswith("-listen=/unix/"))
+        except psutil.Error:
+            continue
+
+
+def _survivors(seen: dict[tuple[int, float], str]) -> list[str]:
+    alive = []
+    for (pid, created), cmd in seen.items():
+        try:
+            proc = psutil.Process(pid)
+            if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{pid} {cmd}")
+        except psutil.NoSuchProcess:
+            continue
+    return alive
+
+
+def test_demo_serves_settles_prints_the_table_and_leaves_nothing(tmp_path):
+    missing = dev_chain_available()
+    if missing:
+        pytest.skip(f"dev chain unavailable: {missing}")
+    seen: dict[tuple[int, float], str] = {}
+    sockets: set[str] = set()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160"}
+    log_path = tmp_path / "demo.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "dllm.cli", "demo", "--queries", "2", "--max-tokens", "8"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        while proc.poll() is None:
+            _watch(proc, seen, sockets)
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    out = log_path.read_text()
+    assert proc.returncode == 0, out
+
+    # Everything the demo started (chain, bootstrap, 3 peers, their DHT processes and p2pd daemons).
+    assert sum("chopsticks" in cmd for cmd in seen.values()) == 1, seen
+    # (a peer's forked DHT process shows the same command line: count distinct provider keys)
+    providers = {m for cmd in seen.values() for m in re.findall(r"//dllm-demo-provider-\d+", cmd)}
+    assert len(providers) == 3, seen
+    assert any("p2pd" in cmd for cmd in seen.values()), seen
+    deadline = time.monotonic() + 15
+    while _survivors(seen) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _survivors(seen), f"the demo left processes behind:\n{_survivors(seen)}"
+    assert sockets and not [s for s in sockets if Path(s).exists()], "p2pd sockets left in /tmp"
+    assert "shut down cleanly" in out
+
+    # Streamed queries and the settlement.
+    assert out.count("Query ") == 2 and "settled 6 receipts in 1 extrinsic" in out
+    # The table: each provider served its blocks, is staked and was paid; the client paid the sum.
+    rows = re.findall(r"│\s*(\S+)\s*│\s*(\d+:\d+)\s*│\s*(\S+)\s*│\s*(\d+)\s*│\s*(\d+)\s*│\s*([\d.,]+)\s*│\s*([\d.,]+)\s*│", out)
+    assert [r[1] for r in rows] == ["0:3", "3:5", "5:8"], out
+    paid = [Decimal(r[6].replace(",", "")) for r in rows]
+    assert all(int(r[3]) == 2 for r in rows)  # two queries, one receipt per hop each
+    assert all(Decimal(r[5]) == Decimal("10") for r in rows)  # stake bonded through `dllm peer join --stake`
+    assert all(p > 0 for p in paid)
+    # Same token counts everywhere, so pay follows blocks x rate: 3x1.0 : 2x1.5 : 3x2.0.
+    assert abs(paid[0] - paid[1]) <= Decimal("0.000002") and abs(paid[2] - 2 * paid[0]) <= Decimal("0.000004")
+    client = re.search(r"│\s*client\s*│.*-([\d.,]+)\s*│", out)
+    assert client and abs(Decimal(client.group(1)) - sum(paid)) <= Decimal("0.000003"), out
