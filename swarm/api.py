@@ -223,9 +223,16 @@ def create_app(model: TextGenerator) -> FastAPI:
     async def feedback(request: FeedbackRequest) -> dict[str, Any]:
         check_model(request.model)
         submit = getattr(model, "afeedback", None)
-        if submit is None:
+        blocking = getattr(model, "feedback", None)
+        if submit is None and blocking is None:
             raise BadRequestError("this swarm client cannot take feedback", status=501, code="not_implemented")
-        outcome = await run_generation(lambda: submit(request.prompt, request.completion))
+
+        async def send() -> Any:
+            if submit is not None:
+                return await submit(request.prompt, request.completion)
+            return await asyncio.to_thread(blocking, request.prompt, request.completion)
+
+        outcome = await run_generation(send)
         return {"object": "feedback", "accepted": True, "result": _jsonable(outcome)}
 
     return app
