@@ -17,6 +17,7 @@ from peer.config import PeerConfig
 from peer.handler import BlockHandler
 from peer.identity import load_or_create_record_key
 from peer.span import SpanRunner
+from swarm.architectures import architecture_for
 from swarm.dht import start_dht, visible_maddrs
 from swarm.model_files import load_config, model_name, resolve_model
 from swarm.records import ServerRecord, announce, fetch_model_records
@@ -67,12 +68,16 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
     dtype = _DTYPES[config.dtype]
 
     record_key = load_or_create_record_key(config.identity_path.with_suffix(".rsa")) if config.identity_path else None
-    dht, validator = await asyncio.to_thread(
-        start_dht, config.initial_peers, host_maddrs=config.host_maddrs, announce_maddrs=config.announce_maddrs,
-        identity_path=config.identity_path, private_key=record_key,
+    # Fork the DHT process first (before any helper thread exists), then import the model code while
+    # it connects: both take about a second, and a peer should serve within a few seconds of starting.
+    dht, validator = start_dht(
+        config.initial_peers, host_maddrs=config.host_maddrs, announce_maddrs=config.announce_maddrs,
+        identity_path=config.identity_path, private_key=record_key, await_ready=False,
     )
     handler = None
     try:
+        await asyncio.gather(asyncio.to_thread(dht.wait_until_ready, 60),
+                             asyncio.to_thread(architecture_for, model_config))
         if config.blocks is not None:
             start, end = config.blocks
             check_span(model_config, start, end)

@@ -48,8 +48,8 @@ _FAMILIES = {
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 
 
-def architecture_for(config: PretrainedConfig) -> Architecture:
-    """Returns the decoder family of `config`, or raises UnsupportedArchitectureError naming it."""
+def check_supported(config: PretrainedConfig) -> None:
+    """Raises UnsupportedArchitectureError naming the architecture unless DLLM can serve it (cheap: no imports)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in _FAMILIES:
         arch = ", ".join(getattr(config, "architectures", None) or []) or "unknown"
@@ -57,6 +57,12 @@ def architecture_for(config: PretrainedConfig) -> Architecture:
             f"model_type {model_type!r} (architectures: {arch}) is not supported by DLLM; "
             f"supported decoder families: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+
+
+def architecture_for(config: PretrainedConfig) -> Architecture:
+    """Returns the decoder family of `config` (importing its modeling code), or raises UnsupportedArchitectureError."""
+    check_supported(config)
+    model_type = config.model_type
     prefix = _FAMILIES[model_type]
     module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     return Architecture(

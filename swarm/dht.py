@@ -27,11 +27,13 @@ def start_dht(
     client_mode: bool = False,
     identity_path: Path | None = None,
     private_key: RSAPrivateKey | None = None,
+    await_ready: bool = True,
 ) -> tuple[DHT, RSASignatureValidator]:
     """Starts a DHT node (a daemon process) with record signing; returns it and its validator.
 
     `identity_path` keeps the libp2p peer id across restarts (a peer restarting with the same
     identity). The RSA key signs this process's DHT records so no one else can overwrite them.
+    With `await_ready=False` it returns right after forking; call `dht.wait_until_ready()` later.
     """
     validator = RSASignatureValidator(private_key or RSAPrivateKey())
     kwargs = {}
@@ -48,6 +50,7 @@ def start_dht(
             client_mode=client_mode,
             record_validators=[validator],
             num_workers=8,
+            await_ready=await_ready,
             **kwargs,
         )
     except Exception as e:

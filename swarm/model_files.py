@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
-from swarm.architectures import architecture_for
+from swarm.architectures import check_supported
 
 
 class ModelFilesError(FileNotFoundError):
@@ -55,7 +55,7 @@ def model_name(model_dir: Path, config: PretrainedConfig) -> str:
 def load_config(model_dir: Path) -> PretrainedConfig:
     """Loads the model's config and checks that DLLM can serve its architecture."""
     config = AutoConfig.from_pretrained(model_dir)
-    architecture_for(config)  # raises UnsupportedArchitectureError with the family's name
+    check_supported(config)  # raises UnsupportedArchitectureError naming the architecture
     # SDPA is the fast path on CPU and GPU; the explicit masks we pass keep it exact.
     config._attn_implementation = "sdpa"
     return config
