@@ -388,18 +388,44 @@ def feedback(
 def verify(
     initial_peers: InitialPeers = None,
     model: ModelOption = None,
-    chain_url: ChainUrl = None,
-    chain_key: ChainKey = None,
-    sample_rate: Annotated[
-        float, typer.Option("--sample-rate", min=0.0, max=1.0, help="Fraction of observed work to re-run.")
-    ] = 0.05,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, max=100, help="Probes per provider.")] = 1,
+    tokens: Annotated[int, typer.Option("--tokens", min=1, max=512, help="Positions per probe.")] = 8,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the probe inputs (default: random).")] = None,
 ) -> None:
-    """Run a verifier: re-run a sample of providers' work and publish signed verdicts (runs until Ctrl-C)."""
-    _require_peers(initial_peers)
-    _model_folder(model)
-    arguments.parse_chain_url(chain_url)
-    arguments.parse_chain_key(chain_key)
-    _fail("the standalone verifier is not available in this installation yet")
+    """Spot-check every provider: probe inputs through its blocks, recomputed locally and compared."""
+    peers = _require_peers(initial_peers)
+    folder = _model_folder(model)
+    import asyncio
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from dllm.probe_check import probe_swarm
+    from swarm.client import ClientConfig, SwarmClient
+
+    async def run() -> list[Any]:
+        core = SwarmClient(folder, peers, ClientConfig())
+        await core.start()
+        try:
+            return await probe_swarm(core, folder, rounds=rounds, tokens=tokens, seed=seed)
+        finally:
+            await core.shutdown()
+
+    console = Console()
+    with console.status("Probing every provider's blocks…"):
+        results = asyncio.run(run())
+    if not results:
+        _fail("no provider announces this model in the swarm")
+    table = Table(title="Spot checks (probe inputs, recomputed locally)")
+    for name in ("peer", "blocks", "chain account", "verdict", "worst relative error"):
+        table.add_column(name)
+    for r in results:
+        verdict = "[green]pass[/]" if r.passed else f"[red]FAIL[/] {r.error or ''}"
+        table.add_row(r.peer_id[-10:], f"{r.start}:{r.end}", r.chain_account or "-", verdict, f"{r.worst_rel_error:.2e}")
+    console.print(table)
+    failed = [r for r in results if not r.passed]
+    if failed:
+        _fail(f"{len(failed)} of {len(results)} checks failed: " + ", ".join(sorted({r.peer_id for r in failed})))
 
 
 # -------------------------------------------------------------------------------------------------- api
