@@ -259,6 +259,15 @@ def peer_join(
         Optional[Path],
         typer.Option("--identity", help="Private key file: a stable peer id across restarts (created if missing)."),
     ] = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Weights and activations: float32, float16 or bfloat16 (GPUs).")
+    ] = "float32",
+    cache_mb: Annotated[
+        int, typer.Option("--cache-mb", min=1, help="Attention-cache budget for all sessions, in MiB.")
+    ] = 256,
+    session_timeout: Annotated[
+        float, typer.Option("--session-timeout", min=1.0, help="Close inference sessions idle this many seconds.")
+    ] = 120.0,
 ) -> None:
     """Join the swarm as a compute provider serving a span of the model's blocks (runs until Ctrl-C)."""
     peers = _require_peers(initial_peers)
@@ -294,6 +303,9 @@ def peer_join(
             identity_path=identity,
             rate=rate,
             chain_account=account,
+            dtype=dtype,
+            cache_bytes=cache_mb * 2**20,
+            session_timeout=session_timeout,
         )
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
