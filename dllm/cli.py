@@ -262,6 +262,9 @@ def peer_join(
     dtype: Annotated[
         str, typer.Option("--dtype", help="Weights and activations: float32, float16 or bfloat16 (GPUs).")
     ] = "float32",
+    device: Annotated[
+        str, typer.Option("--device", help="Where the blocks run: auto (cuda if available), cpu, cuda, cuda:N.")
+    ] = "auto",
     cache_mb: Annotated[
         int, typer.Option("--cache-mb", min=1, help="Attention-cache budget for all sessions, in MiB.")
     ] = 256,
@@ -304,6 +307,7 @@ def peer_join(
             rate=rate,
             chain_account=account,
             dtype=dtype,
+            device=device,
             cache_bytes=cache_mb * 2**20,
             session_timeout=session_timeout,
         )

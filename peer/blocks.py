@@ -23,7 +23,8 @@ def check_span(config: PretrainedConfig, start: int, end: int) -> None:
 
 
 def load_span_layers(
-    model_dir: Path, config: PretrainedConfig, start: int, end: int, dtype: torch.dtype = torch.float32
+    model_dir: Path, config: PretrainedConfig, start: int, end: int, dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> torch.nn.ModuleList:
     """Builds decoder layers `start..end-1` and fills them with their weights from disk.
 
@@ -44,6 +45,7 @@ def load_span_layers(
         if missing:
             raise ModelFilesError(f"{model_dir}: layer {i} lacks tensors {sorted(missing)[:4]}")
         layer.load_state_dict(state, strict=True, assign=True)
+        layer.to(device)
         layer.requires_grad_(False)
         layers.append(layer.eval())
     return torch.nn.ModuleList(layers)

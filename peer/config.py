@@ -19,6 +19,7 @@ class PeerConfig:
     identity_path: Path | None = None  # keeps the same peer id across restarts
     model_name: str | None = None  # overrides the name the swarm knows the model by
     dtype: str = "float32"
+    device: str = "auto"  # "auto": cuda if available, else cpu
     cache_bytes: int = 256 * 2**20  # attention-cache budget for all inference sessions
     session_timeout: float = 120.0  # idle inference sessions are closed after this many seconds
     max_tokens_per_request: int = 8192
@@ -40,6 +41,8 @@ class PeerConfig:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
         if self.cache_bytes < 0 or self.session_timeout <= 0 or self.max_tokens_per_request < 1:
             raise ValueError("cache_bytes, session_timeout and max_tokens_per_request must be positive")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
 

@@ -108,8 +108,8 @@ class BlockHandler:
         return blocks
 
     def _hidden(self, message: runtime_pb2.Tensor, name: str = "hidden states") -> torch.Tensor:
-        tensor = check_hidden_states(decode(message), self.span.hidden_size, self.config.max_tokens_per_request, name)
-        return tensor.to(self.span.dtype)
+        """A validated [batch, tokens, hidden] tensor, in the dtype it came in (replies use the same)."""
+        return check_hidden_states(decode(message), self.span.hidden_size, self.config.max_tokens_per_request, name)
 
     def _reject(self, e: Exception, what: str) -> runtime_pb2.ExpertResponse:
         kind = _error_kind(e)
@@ -159,7 +159,7 @@ class BlockHandler:
 
             output = await self._compute(run, hidden.shape[0] * hidden.shape[1])
             self.requests_served += 1
-            return runtime_pb2.ExpertResponse(tensors=[encode(output)])
+            return runtime_pb2.ExpertResponse(tensors=[encode(output.to("cpu", hidden.dtype))])
         except Exception as e:
             return self._reject(e, "forward")
 
@@ -178,14 +178,14 @@ class BlockHandler:
 
             def run() -> torch.Tensor:
                 with torch.enable_grad():
-                    inputs = hidden.detach().requires_grad_(True)
+                    inputs = hidden.to(self.span.device, self.span.dtype).requires_grad_(True)
                     output = self.span.forward(inputs, blocks=blocks)
-                    (grad_in,) = torch.autograd.grad(output, inputs, grad_out)
+                    (grad_in,) = torch.autograd.grad(output, inputs, grad_out.to(output.device, output.dtype))
                 return grad_in
 
             grad_in = await self._compute(run, 2)
             self.requests_served += 1
-            return runtime_pb2.ExpertResponse(tensors=[encode(grad_in)])
+            return runtime_pb2.ExpertResponse(tensors=[encode(grad_in.to("cpu", hidden.dtype))])
         except Exception as e:
             return self._reject(e, "backward")
 
@@ -279,6 +279,6 @@ class BlockHandler:
             output = await self._compute(run, hidden.shape[0] * hidden.shape[1])
             self.requests_served += 1
             meta = {"position": position, "compute_ms": round((time.perf_counter() - started) * 1000, 3)}
-            return runtime_pb2.ExpertResponse(tensors=[encode(output)], metadata=protocol.pack_metadata(meta))
+            return runtime_pb2.ExpertResponse(tensors=[encode(output.to("cpu", hidden.dtype))], metadata=protocol.pack_metadata(meta))
         except Exception as e:
             return self._reject(e, "inference step")

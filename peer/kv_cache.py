@@ -36,10 +36,11 @@ class SpanKVCache:
     values and expects the whole prefix back. `commit(n)` advances the length once all layers ran.
     """
 
-    def __init__(self, layer_indices: range, batch: int, kv_heads: int, head_dim: int, max_length: int, dtype: torch.dtype):
+    def __init__(self, layer_indices: range, batch: int, kv_heads: int, head_dim: int, max_length: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
         shape = (batch, kv_heads, max_length, head_dim)
-        self.keys = {i: torch.zeros(shape, dtype=dtype) for i in layer_indices}
-        self.values = {i: torch.zeros(shape, dtype=dtype) for i in layer_indices}
+        self.keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_indices}
+        self.values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_indices}
         self.max_length = max_length
         self.length = 0
         self._pending = 0

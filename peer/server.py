@@ -30,12 +30,14 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 def measure_throughput(span: SpanRunner, steps: int = 8) -> float:
     """Tokens/s of single-token inference steps through the whole span (what generation needs)."""
     cache = span.new_cache(1, steps + 2, range(span.start, span.end))
-    hidden = torch.randn(1, 1, span.hidden_size, dtype=span.dtype)
+    hidden = torch.randn(1, 1, span.hidden_size, dtype=span.dtype, device=span.device)
     with torch.inference_mode():
         span.forward(hidden, cache=cache)  # warm-up
         started = time.perf_counter()
         for _ in range(steps):
             span.forward(hidden, cache=cache)
+        if span.device.type == "cuda":
+            torch.cuda.synchronize(span.device)
     return steps / max(time.perf_counter() - started, 1e-6)
 
 
@@ -66,6 +68,8 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
     model_config = load_config(model_dir)
     name = config.model_name or model_name(model_dir, model_config)
     dtype = _DTYPES[config.dtype]
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if config.device == "auto" else config.device)
 
     record_key = load_or_create_record_key(config.identity_path.with_suffix(".rsa")) if config.identity_path else None
     # Fork the DHT process first (before any helper thread exists), then import the model code while
@@ -87,7 +91,7 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
             start, end = choose_blocks(records, model_config.num_hidden_layers, span_length)
             logger.info("chose blocks %d:%d (least served among %d announced peers)", start, end, len(records))
 
-        layers = await asyncio.to_thread(load_span_layers, model_dir, model_config, start, end, dtype)
+        layers = await asyncio.to_thread(load_span_layers, model_dir, model_config, start, end, dtype, device)
         span = SpanRunner(model_config, layers, start, end)
         params_per_block = sum(p.numel() for p in layers[0].parameters())
         throughput = config.throughput or await asyncio.to_thread(measure_throughput, span)
