@@ -18,6 +18,8 @@ HANDLER_INFO = "dllm.v1.info"
 HANDLER_FORWARD = "dllm.v1.forward"
 HANDLER_BACKWARD = "dllm.v1.backward"
 HANDLER_INFERENCE = "dllm.v1.inference"
+HANDLER_FORWARD_STREAM = "dllm.v1.forward_stream"
+HANDLER_BACKWARD_STREAM = "dllm.v1.backward_stream"
 
 MAX_METADATA_BYTES = 64 * 2**10
 
@@ -93,7 +95,8 @@ def raise_if_error(metadata: dict[str, Any], peer_id: str | None = None) -> None
         return
     if not isinstance(error, dict):
         raise RemotePeerError(f"malformed error reply: {error!r}", peer_id)
-    cls = _ERRORS.get(error.get("kind"), RemotePeerError)
+    kind = error.get("kind")
+    cls = _ERRORS.get(kind, RemotePeerError) if isinstance(kind, str) else RemotePeerError
     raise cls(str(error.get("message", "no message")), peer_id)
 
 

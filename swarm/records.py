@@ -74,7 +74,8 @@ class ServerRecord:
             (isinstance(self.peer_id, str) and 0 < len(self.peer_id) < 128, "peer_id"),
             (isinstance(self.model, str) and 0 < len(self.model) < 256, "model"),
             (type(self.start) is int and type(self.end) is int and 0 <= self.start < self.end, "start/end"),
-            (isinstance(self.throughput, (int, float)) and self.throughput >= 0, "throughput"),
+            # An infinite throughput would attract every route to a peer that cannot deliver it.
+            (isinstance(self.throughput, (int, float)) and 0 <= self.throughput < float("inf"), "throughput"),
             (type(self.cache_tokens_free) is int and self.cache_tokens_free >= 0, "cache_tokens_free"),
             (type(self.rate) is int and self.rate >= 0, "rate"),
             (self.chain_account is None or isinstance(self.chain_account, str), "chain_account"),

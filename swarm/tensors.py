@@ -29,7 +29,7 @@ def encode(tensor: torch.Tensor) -> runtime_pb2.Tensor:
     if tensor.dtype not in _NAMES:
         raise InvalidTensorError(f"dtype {tensor.dtype} cannot be sent; use one of {sorted(_DTYPES)}")
     tensor = tensor.contiguous().cpu()
-    buffer = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    buffer = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
     return runtime_pb2.Tensor(buffer=buffer, size=list(tensor.shape), dtype=_NAMES[tensor.dtype])
 
 
@@ -46,6 +46,9 @@ def decode(message: runtime_pb2.Tensor, *, max_bytes: int = MAX_TENSOR_BYTES) ->
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > max_bytes:
         raise InvalidTensorError(f"tensor of shape {shape} needs {nbytes} bytes, over the {max_bytes}-byte limit")
+    if math.prod(max(s, 1) for s in shape) * dtype.itemsize > max_bytes:
+        # A zero-sized dim must not hide huge others: torch would overflow computing their strides.
+        raise InvalidTensorError(f"tensor of shape {shape} has dimensions over the {max_bytes}-byte limit")
     if len(message.buffer) != nbytes:
         raise InvalidTensorError(f"tensor buffer has {len(message.buffer)} bytes but shape {shape} {message.dtype} needs {nbytes}")
     if nbytes == 0:
