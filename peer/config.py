@@ -24,6 +24,7 @@ class PeerConfig:
     session_timeout: float = 120.0  # idle inference sessions are closed after this many seconds
     max_tokens_per_request: int = 8192
     max_session_length: int = 4096
+    max_stream_bytes: int = 256 * 2**20  # largest tensor accepted by the streamed forward/backward
     announce_period: float = 10.0
     record_ttl: float = 30.0
     rate: int = 1  # price per token per billion parameters, in the chain's smallest unit

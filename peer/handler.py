@@ -21,7 +21,7 @@ from hivemind.proto import runtime_pb2
 from peer.config import PeerConfig
 from peer.kv_cache import CacheFullError, CacheManager, CacheOverflowError, SessionExistsError, SessionNotFoundError
 from peer.span import SpanRunner
-from swarm import protocol
+from swarm import chunks, protocol
 from swarm.protocol import ProtocolError
 from swarm.tensors import InvalidTensorError, check_hidden_states, decode, encode
 
@@ -72,6 +72,9 @@ class BlockHandler:
         await p2p.add_protobuf_handler(protocol.HANDLER_INFO, self.rpc_info, runtime_pb2.ExpertRequest)
         await p2p.add_protobuf_handler(protocol.HANDLER_FORWARD, self.rpc_forward, runtime_pb2.ExpertRequest)
         await p2p.add_protobuf_handler(protocol.HANDLER_BACKWARD, self.rpc_backward, runtime_pb2.ExpertRequest)
+        for name, handler in ((protocol.HANDLER_FORWARD_STREAM, self.rpc_forward_stream),
+                              (protocol.HANDLER_BACKWARD_STREAM, self.rpc_backward_stream)):
+            await p2p.add_protobuf_handler(name, handler, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True)
         await p2p.add_protobuf_handler(
             protocol.HANDLER_INFERENCE, self.rpc_inference, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
         )
@@ -109,7 +112,8 @@ class BlockHandler:
 
     def _hidden(self, message: runtime_pb2.Tensor, name: str = "hidden states") -> torch.Tensor:
         """A validated [batch, tokens, hidden] tensor, in the dtype it came in (replies use the same)."""
-        return check_hidden_states(decode(message), self.span.hidden_size, self.config.max_tokens_per_request, name)
+        tensor = decode(message, max_bytes=self.config.max_stream_bytes)
+        return check_hidden_states(tensor, self.span.hidden_size, self.config.max_tokens_per_request, name)
 
     def _reject(self, e: Exception, what: str) -> runtime_pb2.ExpertResponse:
         kind = _error_kind(e)
@@ -146,48 +150,78 @@ class BlockHandler:
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """Runs a whole sequence through the requested blocks (no cache): [hidden] -> [hidden]."""
         try:
-            metadata = protocol.unpack_metadata(request.metadata)
-            self._check_model(metadata)
-            blocks = self._blocks(metadata)
-            if len(request.tensors) != 1:
-                raise ProtocolError(f"forward takes exactly 1 tensor (hidden states), got {len(request.tensors)}")
-            hidden = self._hidden(request.tensors[0])
-
-            def run() -> torch.Tensor:
-                with torch.inference_mode():
-                    return self.span.forward(hidden, blocks=blocks)
-
-            output = await self._compute(run, hidden.shape[0] * hidden.shape[1])
-            self.requests_served += 1
-            return runtime_pb2.ExpertResponse(tensors=[encode(output.to("cpu", hidden.dtype))])
+            output = await self._forward(protocol.unpack_metadata(request.metadata), list(request.tensors))
+            return runtime_pb2.ExpertResponse(tensors=[encode(output)])
         except Exception as e:
             return self._reject(e, "forward")
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """Gradient w.r.t. the inputs: [hidden_in, grad_out] -> [grad_in], recomputing the forward."""
         try:
-            metadata = protocol.unpack_metadata(request.metadata)
-            self._check_model(metadata)
-            blocks = self._blocks(metadata)
-            if len(request.tensors) != 2:
-                raise ProtocolError(f"backward takes 2 tensors (hidden states, output gradient), got {len(request.tensors)}")
-            hidden = self._hidden(request.tensors[0])
-            grad_out = self._hidden(request.tensors[1], "output gradient")
-            if grad_out.shape != hidden.shape:
-                raise InvalidTensorError(f"output gradient shape {list(grad_out.shape)} differs from inputs {list(hidden.shape)}")
-
-            def run() -> torch.Tensor:
-                with torch.enable_grad():
-                    inputs = hidden.to(self.span.device, self.span.dtype).requires_grad_(True)
-                    output = self.span.forward(inputs, blocks=blocks)
-                    (grad_in,) = torch.autograd.grad(output, inputs, grad_out.to(output.device, output.dtype))
-                return grad_in
-
-            grad_in = await self._compute(run, 2)
-            self.requests_served += 1
-            return runtime_pb2.ExpertResponse(tensors=[encode(grad_in.to("cpu", hidden.dtype))])
+            grad_in = await self._backward(protocol.unpack_metadata(request.metadata), list(request.tensors))
+            return runtime_pb2.ExpertResponse(tensors=[encode(grad_in)])
         except Exception as e:
             return self._reject(e, "backward")
+
+    async def rpc_forward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """rpc_forward for payloads over hivemind's 4 MiB unary limit: tensors arrive and leave in chunks."""
+        async for response in self._streamed(requests, self._forward, "forward"):
+            yield response
+
+    async def rpc_backward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """rpc_backward with chunked tensors, like rpc_forward_stream."""
+        async for response in self._streamed(requests, self._backward, "backward"):
+            yield response
+
+    async def _streamed(self, requests, run, what: str) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        try:
+            metadata, tensors = await chunks.receive(requests, self.config.max_stream_bytes)
+            output = await run(metadata, tensors)
+        except Exception as e:
+            yield self._reject(e, f"{what} (streamed)")
+            return
+        for part in chunks.split(encode(output)):
+            yield runtime_pb2.ExpertResponse(tensors=[part])
+
+    async def _forward(self, metadata: dict, tensors: list[runtime_pb2.Tensor]) -> torch.Tensor:
+        self._check_model(metadata)
+        blocks = self._blocks(metadata)
+        if len(tensors) != 1:
+            raise ProtocolError(f"forward takes exactly 1 tensor (hidden states), got {len(tensors)}")
+        hidden = self._hidden(tensors[0])
+
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                return self.span.forward(hidden, blocks=blocks)
+
+        output = await self._compute(run, hidden.shape[0] * hidden.shape[1])
+        self.requests_served += 1
+        return output.to("cpu", hidden.dtype)
+
+    async def _backward(self, metadata: dict, tensors: list[runtime_pb2.Tensor]) -> torch.Tensor:
+        self._check_model(metadata)
+        blocks = self._blocks(metadata)
+        if len(tensors) != 2:
+            raise ProtocolError(f"backward takes 2 tensors (hidden states, output gradient), got {len(tensors)}")
+        hidden = self._hidden(tensors[0])
+        grad_out = self._hidden(tensors[1], "output gradient")
+        if grad_out.shape != hidden.shape:
+            raise InvalidTensorError(f"output gradient shape {list(grad_out.shape)} differs from inputs {list(hidden.shape)}")
+
+        def run() -> torch.Tensor:
+            with torch.enable_grad():
+                inputs = hidden.to(self.span.device, self.span.dtype).requires_grad_(True)
+                output = self.span.forward(inputs, blocks=blocks)
+                (grad_in,) = torch.autograd.grad(output, inputs, grad_out.to(output.device, output.dtype))
+            return grad_in
+
+        grad_in = await self._compute(run, 2)
+        self.requests_served += 1
+        return grad_in.to("cpu", hidden.dtype)
 
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext

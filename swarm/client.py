@@ -20,7 +20,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from transformers import AutoTokenizer
 
-from swarm import protocol
+from swarm import chunks, protocol
 from swarm.dht import start_dht
 from swarm.local_head import LocalHead
 from swarm.model_files import load_config, model_name, resolve_model
@@ -31,6 +31,11 @@ from swarm.session import InferenceSession
 from swarm.tensors import InvalidTensorError, check_hidden_states, decode, encode
 
 logger = logging.getLogger(__name__)
+
+# Above this, forward/backward go through the streamed RPCs (hivemind refuses unary messages over 4 MiB).
+_UNARY_PAYLOAD_BYTES = 3 * 2**20
+_STREAMED = {protocol.HANDLER_FORWARD: protocol.HANDLER_FORWARD_STREAM,
+             protocol.HANDLER_BACKWARD: protocol.HANDLER_BACKWARD_STREAM}
 
 __all__ = ["ClientConfig", "DistributedModel", "GenerationParams", "GenerationResult", "SwarmClient"]
 
@@ -139,16 +144,36 @@ class SwarmClient:
         return response
 
     async def _hop_call(self, hop: Hop, handler: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """forward/backward on one hop; payloads too big for one message go through the streamed variant."""
         metadata = {"model": self.model, "blocks": [hop.start, hop.end]}
-        request = runtime_pb2.ExpertRequest(tensors=[encode(t) for t in tensors], metadata=protocol.pack_metadata(metadata))
-        response = await self.call(hop.peer_id, handler, request)
-        if len(response.tensors) != 1:
-            raise InvalidTensorError(f"peer {hop.peer_id} returned {len(response.tensors)} tensors, expected 1")
-        out = decode(response.tensors[0])
+        encoded = [encode(t) for t in tensors]
+        if sum(len(t.buffer) for t in encoded) <= _UNARY_PAYLOAD_BYTES:
+            request = runtime_pb2.ExpertRequest(tensors=encoded, metadata=protocol.pack_metadata(metadata))
+            response = await self.call(hop.peer_id, handler, request)
+            replies = list(response.tensors)
+        else:
+            replies = await self._streamed_call(hop.peer_id, _STREAMED[handler], chunks.requests(metadata, encoded))
+        if len(replies) != 1:
+            raise InvalidTensorError(f"peer {hop.peer_id} returned {len(replies)} tensors, expected 1")
+        out = decode(replies[0], max_bytes=2**40)
         check_hidden_states(out, tensors[0].shape[-1], 2**31, f"reply of peer {hop.peer_id}")
         if out.shape != tensors[0].shape:
             raise InvalidTensorError(f"peer {hop.peer_id} returned shape {list(out.shape)}, expected {list(tensors[0].shape)}")
         return out
+
+    async def _streamed_call(self, peer_id: str, handler: str, requests) -> list[runtime_pb2.Tensor]:
+        async def produce():
+            for request in requests:
+                yield request
+
+        async def run() -> list[runtime_pb2.Tensor]:
+            stream = await self.p2p.iterate_protobuf_handler(PeerID.from_base58(peer_id), handler, produce(),
+                                                             runtime_pb2.ExpertResponse)
+            metadata, tensors = await chunks.receive(stream, max_bytes=2**40)
+            protocol.raise_if_error(metadata, peer_id)
+            return tensors
+
+        return await asyncio.wait_for(run(), self.config.request_timeout * 4)
 
     async def _with_failover(self, start: int, end: int, run) -> tuple[list[Hop], object]:
         last: Exception | None = None

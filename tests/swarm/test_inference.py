@@ -71,3 +71,18 @@ def test_stop_strings_cut_the_output(distributed_model):
     result = distributed_model.generate("The module", GenerationParams(max_new_tokens=30, stop=[stop], ignore_eos=True))
     assert result.finish_reason == "stop"
     assert stop not in result.text and full.startswith(result.text)
+
+
+def test_payloads_over_the_unary_limit_are_streamed(distributed_model, local_model):
+    # 2 x 2500 tokens x 128 floats = 2.4 MiB per tensor; backward sends two: over the 3 MiB unary cut-off.
+    torch.manual_seed(2)
+    ids = torch.randint(0, local_model.config.vocab_size, (2, 2500))
+    emb = local_model.model.embed_tokens(ids).detach()
+    remote_in = emb.clone().requires_grad_(True)
+    remote = distributed_model.forward_embeddings(remote_in)
+    remote[:, -3:].logsumexp(-1).sum().backward()
+    with torch.no_grad():
+        local = local_model(inputs_embeds=emb[:, :8]).logits
+    assert torch.allclose(remote[:, :8], local, atol=1e-4)
+    assert remote_in.grad is not None and torch.isfinite(remote_in.grad).all()
+    assert remote_in.grad[:, :-3].abs().sum() > 0  # gradients flowed back through both peers
