@@ -35,7 +35,6 @@ app.add_typer(peer_app, name="peer")
 app.add_typer(swarm_app, name="swarm")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-DEFAULT_CHAIN_URL = "ws://127.0.0.1:9944"
 TOKEN_DECIMALS = 12  # the dev chain's ROC: 1 token = 10**12 planck
 
 # Reusable option declarations: the same name means the same thing in every command.
