@@ -270,6 +270,18 @@ def peer_join(
     session_timeout: Annotated[
         float, typer.Option("--session-timeout", min=1.0, help="Close inference sessions idle this many seconds.")
     ] = 120.0,
+    adapter_rank: Annotated[
+        int, typer.Option("--adapter-rank", min=0, help="Learn from feedback with LoRA adapters of this rank (0: off).")
+    ] = 0,
+    averaging_period: Annotated[
+        float, typer.Option("--averaging-period", min=3.0, help="Seconds between adapter averaging rounds with replicas.")
+    ] = 30.0,
+    train_step_batch: Annotated[
+        int, typer.Option("--train-step-batch", min=1, help="Feedback passes per adapter optimizer step.")
+    ] = 4,
+    learning_rate: Annotated[
+        float, typer.Option("--learning-rate", min=1e-7, max=1.0, help="Adapters' learning rate (Adam).")
+    ] = 1e-3,
 ) -> None:
     """Join the swarm as a compute provider serving a span of the model's blocks (runs until Ctrl-C)."""
     peers = _require_peers(initial_peers)
@@ -309,6 +321,10 @@ def peer_join(
             device=device,
             cache_bytes=cache_mb * 2**20,
             session_timeout=session_timeout,
+            adapter_rank=adapter_rank,
+            averaging_period=averaging_period,
+            train_step_batch=train_step_batch,
+            learning_rate=learning_rate,
         )
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None

@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import hashlib
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
@@ -97,7 +98,7 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self._adapters.weights_for(self.key)
         out = self.base(x)
-        low_rank = torch.nn.functional.linear(torch.nn.functional.linear(x, a.to(x.dtype)), b.to(x.dtype))
+        low_rank = torch.nn.functional.linear(torch.nn.functional.linear(x, a.to(x.device, x.dtype)), b.to(x.device, x.dtype))
         return out + low_rank * self._adapters.config.scaling
 
 
@@ -136,6 +137,8 @@ class AdapterSet:
         self._versions: dict[int, dict[str, torch.Tensor]] = {0: self._frozen_copy(self.working)}
         self._candidates: set[int] = set()
         self.live_version = 0
+        # Training (compute thread) and averaging (event loop) both write the working tensors.
+        self.lock = threading.RLock()
         self._selected: contextvars.ContextVar[int | str | None] = contextvars.ContextVar(
             f"adapter_selection_{id(self)}", default=None
         )
@@ -212,12 +215,14 @@ class AdapterSet:
         return AdapterState(version, self._frozen_copy(self._versions[version]), {"rank": self.config.rank})
 
     def working_state(self) -> dict[str, torch.Tensor]:
-        return self._frozen_copy(self.working)
+        with self.lock:
+            return self._frozen_copy(self.working)
 
     def delta(self) -> dict[str, torch.Tensor]:
         """working - live: the local update accumulated since the last agreed version."""
         live = self._versions[self.live_version]
-        return {name: self.working[name].detach() - live[name] for name in self.names}
+        with self.lock:
+            return {name: self.working[name].detach() - live[name] for name in self.names}
 
     def check_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Raises AdapterStateError unless `tensors` has exactly this span's names, shapes, finite values."""
@@ -264,7 +269,7 @@ class AdapterSet:
     def reset_working(self) -> None:
         """working := live, in place (optimizers keep their references to the parameters)."""
         live = self._versions[self.live_version]
-        with torch.no_grad():
+        with self.lock, torch.no_grad():
             for name in self.names:
                 self.working[name].copy_(live[name])
                 self.working[name].grad = None

@@ -27,6 +27,7 @@ import logging
 import math
 import re
 import secrets
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -150,6 +151,10 @@ class AdapterAverager:
             hashlib.sha256(self.prefix.encode()).digest()[:4], "little"))
         self._buffers = [torch.zeros_like(p.detach()) for p in adapters.parameters()]
         c = self.config
+        # hivemind sets SIGINT to "ignore" in the calling process when it starts the averager (and never
+        # restores it), which would make the peer deaf to Ctrl-C: put the handler back afterwards.
+        # Must run on the main thread for the same reason.
+        sigint = signal.getsignal(signal.SIGINT)
         self.averager = _SpanAverager(
             adapters,
             self._buffers,
@@ -165,6 +170,7 @@ class AdapterAverager:
             allow_state_sharing=True,
             declare_state_period=c.replica_ttl,
         )
+        signal.signal(signal.SIGINT, sigint)
         self._control = None
         self.history: list[RoundOutcome] = []
 
@@ -214,6 +220,8 @@ class AdapterAverager:
     async def _round(self, base_version: int, scheduled_time: float | None) -> RoundOutcome:
         c = self.config
         await self.declare_replica()
+        if not await self.declared_replicas() - {self.peer_id}:
+            return await self._solo_round(base_version)
 
         names = self.adapters.names
         update = clip_by_norm(flatten(self.adapters.delta(), names), c.clip_tau)
@@ -260,6 +268,8 @@ class AdapterAverager:
         if not verdict:
             reason = f"result is not the mean of all {len(group)} inputs (partial average, mismatch x{mismatch:.3g})"
 
+        if verdict and not average.any():  # every member computes the same zeros: all skip alike
+            return self._skip("no member had an update", group)
         candidate = None
         if verdict:
             live = self.adapters.state(base_version).tensors
@@ -283,6 +293,25 @@ class AdapterAverager:
             self.adapters.reset_working()  # drop the local update that produced a rejected average
         return self._skip(reason, group)
 
+    async def _solo_round(self, base_version: int) -> RoundOutcome:
+        """The only replica of its span: its own clipped update is the average, still canary-gated."""
+        names = self.adapters.names
+        live = self.adapters.state(base_version).tensors
+        flat = flatten(self.adapters.delta(), names)
+        if not flat.any():
+            return self._skip("no local update since the live version", [self.peer_id])
+        update = unflatten(clip_by_norm(flat, self.config.clip_tau), live, names)
+        candidate = self.adapters.propose({n: live[n] + update[n] for n in names})
+        if self.canary is not None:
+            verdict = await self.canary.check(base_version, candidate)
+            if not verdict.accepted:
+                self.canary.record_rollback(verdict)
+                self.adapters.discard(candidate)
+                self.adapters.reset_working()
+                return self._skip(f"canary rejected the update: {verdict.reason}", [self.peer_id])
+        self.adapters.promote(candidate)
+        return RoundOutcome("averaged", "sole replica of this span", self.adapters.live_version, [self.peer_id])
+
     async def _commit(self, round_key: str, group: list[str], verdict: bool) -> bool:
         """Publishes this member's verdict; True once every member said yes, False on any no or timeout."""
         key = f"{self.prefix}.commit.{round_key}"
@@ -298,7 +327,7 @@ class AdapterAverager:
                 return False
             if all(votes.get(peer) is True for peer in group):
                 return True
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.03)
         return False
 
     # ---- lifecycle -------------------------------------------------------------------------------------

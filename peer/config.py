@@ -32,6 +32,10 @@ class PeerConfig:
     compute_threads: int = 1
     throughput: float | None = None  # tokens/s to announce; None measures it at start
     request_timeout: float = 30.0
+    adapter_rank: int = 0  # LoRA rank of the span's trainable adapters (0: no learning, frozen blocks)
+    averaging_period: float = 30.0  # seconds between adapter-averaging rounds with replicas of the span
+    train_step_batch: int = 4  # training passes per adapter optimizer step
+    learning_rate: float = 1e-3  # adapters' learning rate
 
     def __post_init__(self) -> None:
         if self.blocks is not None:
@@ -44,6 +48,8 @@ class PeerConfig:
             raise ValueError("cache_bytes, session_timeout and max_tokens_per_request must be positive")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.adapter_rank < 0 or self.train_step_batch < 1 or self.averaging_period < 3:
+            raise ValueError("adapter_rank must be >= 0, train_step_batch >= 1 and averaging_period >= 3 s")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
 

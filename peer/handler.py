@@ -8,6 +8,7 @@ sessions. Compute runs on a dedicated thread so the event loop keeps serving I/O
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -18,7 +19,10 @@ import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
+from peer.adapters import AdapterError
 from peer.config import PeerConfig
+from peer.learning import SpanLearner
+from peer.training import GradientError, RateLimitExceededError
 from peer.kv_cache import CacheFullError, CacheManager, CacheOverflowError, SessionExistsError, SessionNotFoundError
 from peer.span import SpanRunner
 from swarm import chunks, protocol
@@ -44,6 +48,9 @@ _CALLER_ERRORS: dict[type[Exception], str] = {
     CacheFullError: "cache_full",
     CacheOverflowError: "invalid_request",
     SessionExistsError: "invalid_request",
+    AdapterError: "invalid_request",
+    GradientError: "invalid_request",
+    RateLimitExceededError: "invalid_request",
 }
 
 
@@ -57,8 +64,11 @@ def _error_kind(e: Exception) -> str | None:
 class BlockHandler:
     """Serves one span of blocks to clients. `info_extra` adds fields to rpc_info's reply."""
 
-    def __init__(self, config: PeerConfig, span: SpanRunner, model_name: str, info_extra: Callable[[], dict] | None = None):
+    def __init__(self, config: PeerConfig, span: SpanRunner, model_name: str, info_extra: Callable[[], dict] | None = None,
+                 learner: SpanLearner | None = None):
         self.config = config
+        self.learner = learner  # adapters on this span (None: plain frozen blocks)
+        self._session_versions: dict[str, int] = {}  # adapter version each inference session pinned
         self.span = span
         self.model_name = model_name
         self.caches = CacheManager(config.cache_bytes)
@@ -158,7 +168,8 @@ class BlockHandler:
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """Gradient w.r.t. the inputs: [hidden_in, grad_out] -> [grad_in], recomputing the forward."""
         try:
-            grad_in = await self._backward(protocol.unpack_metadata(request.metadata), list(request.tensors))
+            grad_in = await self._backward(protocol.unpack_metadata(request.metadata), list(request.tensors),
+                                           str(context.remote_id))
             return runtime_pb2.ExpertResponse(tensors=[encode(grad_in)])
         except Exception as e:
             return self._reject(e, "backward")
@@ -174,7 +185,8 @@ class BlockHandler:
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """rpc_backward with chunked tensors, like rpc_forward_stream."""
-        async for response in self._streamed(requests, self._backward, "backward"):
+        backward = lambda metadata, tensors: self._backward(metadata, tensors, str(context.remote_id))  # noqa: E731
+        async for response in self._streamed(requests, backward, "backward"):
             yield response
 
     async def _streamed(self, requests, run, what: str) -> AsyncIterator[runtime_pb2.ExpertResponse]:
@@ -193,16 +205,20 @@ class BlockHandler:
         if len(tensors) != 1:
             raise ProtocolError(f"forward takes exactly 1 tensor (hidden states), got {len(tensors)}")
         hidden = self._hidden(tensors[0])
+        learner, train = self.learner, bool(metadata.get("train"))
+        version = learner.requested_version(metadata) if learner else None
 
         def run() -> torch.Tensor:
-            with torch.inference_mode():
+            if learner is not None and train:
+                return learner.training_forward(hidden, blocks)
+            with torch.inference_mode(), (learner.version_scope(version) if learner else contextlib.nullcontext()):
                 return self.span.forward(hidden, blocks=blocks)
 
         output = await self._compute(run, hidden.shape[0] * hidden.shape[1])
         self.requests_served += 1
         return output.to("cpu", hidden.dtype)
 
-    async def _backward(self, metadata: dict, tensors: list[runtime_pb2.Tensor]) -> torch.Tensor:
+    async def _backward(self, metadata: dict, tensors: list[runtime_pb2.Tensor], remote: str = "") -> torch.Tensor:
         self._check_model(metadata)
         blocks = self._blocks(metadata)
         if len(tensors) != 2:
@@ -212,8 +228,15 @@ class BlockHandler:
         if grad_out.shape != hidden.shape:
             raise InvalidTensorError(f"output gradient shape {list(grad_out.shape)} differs from inputs {list(hidden.shape)}")
 
+        learner, train = self.learner, bool(metadata.get("train"))
+        version = learner.requested_version(metadata) if learner else None
+        if train and learner is None:
+            raise ProtocolError("this peer does not train adapters (started without --adapter-rank)")
+
         def run() -> torch.Tensor:
-            with torch.enable_grad():
+            if train:  # a feedback pass: adapter gradients are filed under the authenticated caller
+                return learner.train_backward(hidden, grad_out, blocks, remote or "anonymous")
+            with torch.enable_grad(), (learner.version_scope(version) if learner else contextlib.nullcontext()):
                 inputs = hidden.to(self.span.device, self.span.dtype).requires_grad_(True)
                 output = self.span.forward(inputs, blocks=blocks)
                 (grad_in,) = torch.autograd.grad(output, inputs, grad_out.to(output.device, output.dtype))
@@ -264,6 +287,7 @@ class BlockHandler:
             # keeps it until the idle timeout so the client can reconnect with `resume`.
             if finished:
                 self.caches.close(session_id)
+                self._session_versions.pop(session_id, None)
             logger.debug("session %s %s", session_id, "closed" if finished else "detached")
 
     def _open_session(self, metadata: dict) -> tuple[str, range, int]:
@@ -283,9 +307,15 @@ class BlockHandler:
         session_id = protocol.get_field(metadata, "session_id", str, default=uuid.uuid4().hex)
         if not 0 < len(session_id) <= 128:
             raise ProtocolError("session_id must be 1..128 characters")
+        version = None
+        if self.learner is not None:  # the session keeps this adapter version for its whole life
+            with self.learner.version_scope(self.learner.requested_version(metadata)) as version:
+                pass  # raises AdapterVersionUnavailableError for a version no longer held
         nbytes = self.span.cache_bytes(batch, max_length, blocks)
         self.caches.reserve(nbytes)  # raises CacheFullError before any buffer is allocated
         self.caches.open(session_id, self.span.new_cache(batch, max_length, blocks), nbytes, self.config.session_timeout)
+        if version is not None:
+            self._session_versions[session_id] = version
         return session_id, blocks, batch
 
     async def _inference_step(self, session_id: str, blocks: range, batch: int, message: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
@@ -306,8 +336,10 @@ class BlockHandler:
                     f"step would grow the session to {position + hidden.shape[1]} tokens, over its max_length {cache.max_length}"
                 )
 
+            learner, version = self.learner, self._session_versions.get(session_id)
+
             def run() -> torch.Tensor:
-                with torch.inference_mode():
+                with torch.inference_mode(), (learner.version_scope(version) if learner else contextlib.nullcontext()):
                     return self.span.forward(hidden, cache=cache, blocks=blocks)
 
             output = await self._compute(run, hidden.shape[0] * hidden.shape[1])

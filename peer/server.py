@@ -16,6 +16,8 @@ from peer.blocks import check_span, load_span_layers
 from peer.config import PeerConfig
 from peer.handler import BlockHandler
 from peer.identity import load_or_create_record_key
+from peer.learning import LearningConfig, SpanLearner
+from peer.training import TrainingConfig
 from peer.span import SpanRunner
 from swarm.architectures import architecture_for
 from swarm.dht import start_dht, visible_maddrs
@@ -79,6 +81,8 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
         identity_path=config.identity_path, private_key=record_key, await_ready=False,
     )
     handler = None
+    learner: SpanLearner | None = None
+    learning_task: asyncio.Task | None = None
     try:
         await asyncio.gather(asyncio.to_thread(dht.wait_until_ready, 60),
                              asyncio.to_thread(architecture_for, model_config))
@@ -106,10 +110,16 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
                 params_per_block=params_per_block, addrs=visible_maddrs(dht),
             )
 
+        if config.adapter_rank > 0:  # learning: adapters, then the replicas' current state before serving
+            learner = SpanLearner(span, LearningConfig(
+                rank=config.adapter_rank, averaging_period=config.averaging_period, step_batch=config.train_step_batch,
+                training=TrainingConfig(learning_rate=config.learning_rate)))
+            await learner.start(dht, name)
+            learning_task = asyncio.create_task(learner.run())
         handler = BlockHandler(config, span, name, info_extra=lambda: {
             "throughput": throughput, "rate": config.rate, "chain_account": config.chain_account,
-            "params_per_block": params_per_block,
-        })
+            "params_per_block": params_per_block, **(learner.info() if learner else {}),
+        }, learner=learner)
         p2p = await dht.replicate_p2p()
         await handler.add_handlers(p2p)
         await announce(dht, record(), validator.local_public_key, config.record_ttl)
@@ -132,6 +142,10 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
     finally:
         if handler is not None:
             handler.shutdown()
+        if learning_task is not None:
+            learning_task.cancel()
+        if learner is not None:
+            await asyncio.to_thread(learner.shutdown)
         await asyncio.to_thread(dht.shutdown)
 
 

@@ -183,10 +183,11 @@ class AdapterTrainer:
         else:
             aggregate = centered_clip(means, self.config.clip_tau)
         grads = unflatten(aggregate, self.adapters.working, self.adapters.names)
-        for name, p in self.adapters.working.items():
-            p.grad = grads[name]
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.adapters.lock:
+            for name, p in self.adapters.working.items():
+                p.grad = grads[name].to(p.device)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         report = StepReport(
             contributors=len(contributors),
             passes=self.pending_passes,

@@ -20,6 +20,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from transformers import AutoTokenizer
 
+from peer.canary import causal_lm_loss
 from swarm import chunks, protocol
 from swarm.dht import start_dht
 from swarm.local_head import LocalHead
@@ -28,6 +29,8 @@ from swarm.records import ServerRecord, fetch_model_records
 from swarm.routing import BanList, Hop, NoRouteError, plan_route
 from swarm.sampling import GenerationParams, next_token
 from swarm.session import InferenceSession
+from swarm.billing import BillingConfig, ClientBilling, SessionBilling, route_hops, route_price
+from economy.pricing import Bill, Quote, quote as price_quote
 from swarm.tensors import InvalidTensorError, check_hidden_states, decode, encode
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,8 @@ class ClientConfig:
     max_rate: int | None = None  # skip peers whose advertised rate is above this
     refresh_interval: float = 5.0  # re-read DHT records at most this often
     max_retries: int = 3  # for forward/backward RPCs
+    max_price_per_token: int | None = None  # planck per generated token for the whole route (economy.pricing)
+    billing: BillingConfig | None = None  # pay providers: receipts, settlement, spot checks (swarm/billing.py)
 
 
 @dataclass
@@ -61,6 +66,8 @@ class GenerationResult:
     completion_tokens: int
     route: list[str] = field(default_factory=list)
     failovers: int = 0
+    quote: Quote | None = None  # the price bound shown before generating (billing or a price cap set)
+    bill: Bill | None = None  # what the countersigned receipts charge (billing set)
 
 
 class SwarmClient:
@@ -80,12 +87,19 @@ class SwarmClient:
         self._records_at = 0.0
         self.dht = None
         self.p2p: P2P | None = None
+        self.billing: ClientBilling | None = None
 
     async def start(self) -> None:
         self.dht, _ = await asyncio.to_thread(start_dht, self.initial_peers, client_mode=True)
         self.p2p = await self.dht.replicate_p2p()
+        if self.config.billing is not None:
+            self.billing = ClientBilling(self.config.billing, self.p2p, self.dht, self.model)
+            await self.billing.start()
 
     async def shutdown(self) -> None:
+        if self.billing is not None:
+            billing, self.billing = self.billing, None
+            await billing.close()
         if self.dht is not None:
             await asyncio.to_thread(self.dht.shutdown)
             self.dht = None
@@ -123,7 +137,13 @@ class SwarmClient:
         for refresh in (False, True):
             records = [r for r in await self.records(refresh) if self.latency.get(r.peer_id) != float("inf")]
             try:
-                return plan_route(records, start, end, latency=self.latency, banned=self.bans, max_rate=self.config.max_rate)
+                cap = self.config.max_price_per_token
+                if cap is not None:  # a peer dearer than the cap for a single block can be on no affordable route
+                    records = [r for r in records if route_price([Hop(r, r.start, r.start + 1)]) <= cap]
+                hops = plan_route(records, start, end, latency=self.latency, banned=self.bans, max_rate=self.config.max_rate)
+                if cap is not None and route_price(hops) > cap:
+                    raise NoRouteError(f"the best route costs {route_price(hops)} planck per token, above the cap of {cap}")
+                return hops
             except NoRouteError:
                 if refresh:
                     raise
@@ -143,9 +163,11 @@ class SwarmClient:
         protocol.raise_if_error(protocol.unpack_metadata(response.metadata), peer_id)
         return response
 
-    async def _hop_call(self, hop: Hop, handler: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """forward/backward on one hop; payloads too big for one message go through the streamed variant."""
-        metadata = {"model": self.model, "blocks": [hop.start, hop.end]}
+    async def _hop_call(self, hop: Hop, handler: str, tensors: list[torch.Tensor], extra: dict | None = None) -> torch.Tensor:
+        """forward/backward on one hop; payloads too big for one message go through the streamed variant.
+
+        `extra` adds request metadata (e.g. {"train": True} for a feedback pass)."""
+        metadata = {"model": self.model, "blocks": [hop.start, hop.end], **(extra or {})}
         encoded = [encode(t) for t in tensors]
         if sum(len(t.buffer) for t in encoded) <= _UNARY_PAYLOAD_BYTES:
             request = runtime_pb2.ExpertRequest(tensors=encoded, metadata=protocol.pack_metadata(metadata))
@@ -191,7 +213,7 @@ class SwarmClient:
                 logger.warning("request failed (%s); retrying on another route", e)
         raise RuntimeError(f"request failed after {self.config.max_retries + 1} attempts: {last}") from last
 
-    async def forward_hidden(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[Hop], list[torch.Tensor]]:
+    async def forward_hidden(self, hidden: torch.Tensor, extra: dict | None = None) -> tuple[torch.Tensor, list[Hop], list[torch.Tensor]]:
         """Runs a full sequence through all blocks (no cache); returns output, route, per-hop inputs."""
 
         async def run(hops: list[Hop]):
@@ -199,7 +221,7 @@ class SwarmClient:
             for hop in hops:
                 inputs.append(x)
                 try:
-                    x = await self._hop_call(hop, protocol.HANDLER_FORWARD, [x])
+                    x = await self._hop_call(hop, protocol.HANDLER_FORWARD, [x], extra)
                 except Exception as e:
                     e._hop_peer = hop.peer_id
                     raise
@@ -208,36 +230,61 @@ class SwarmClient:
         hops, (out, inputs) = await self._with_failover(0, self.num_blocks, run)
         return out, hops, inputs
 
-    async def backward_hidden(self, hops: list[Hop], inputs: list[torch.Tensor], grad_out: torch.Tensor) -> torch.Tensor:
+    async def backward_hidden(self, hops: list[Hop], inputs: list[torch.Tensor], grad_out: torch.Tensor,
+                              extra: dict | None = None) -> torch.Tensor:
         """Gradient w.r.t. the first hop's inputs, walking the route backwards."""
         grad = grad_out
         for hop, x in zip(reversed(hops), reversed(inputs)):
             try:
-                grad = await self._hop_call(hop, protocol.HANDLER_BACKWARD, [x, grad])
+                grad = await self._hop_call(hop, protocol.HANDLER_BACKWARD, [x, grad], extra)
             except (protocol.InvalidRequestError, protocol.InvalidTensorRemoteError):
                 raise
             except Exception as e:
                 # The peer that holds those blocks is gone: recompute through another route for them.
                 self.report_failure(hop.peer_id, e)
                 alt = await self.plan(hop.start, hop.end)
-                grad = await self._backward_segment(alt, x, grad)
+                grad = await self._backward_segment(alt, x, grad, extra)
         return grad
 
-    async def _backward_segment(self, hops: list[Hop], x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    async def _backward_segment(self, hops: list[Hop], x: torch.Tensor, grad: torch.Tensor,
+                                extra: dict | None = None) -> torch.Tensor:
         inputs = []
         for hop in hops:
             inputs.append(x)
-            x = await self._hop_call(hop, protocol.HANDLER_FORWARD, [x])
+            x = await self._hop_call(hop, protocol.HANDLER_FORWARD, [x], extra)
         for hop, inp in zip(reversed(hops), reversed(inputs)):
-            grad = await self._hop_call(hop, protocol.HANDLER_BACKWARD, [inp, grad])
+            grad = await self._hop_call(hop, protocol.HANDLER_BACKWARD, [inp, grad], extra)
         return grad
+
+    async def feedback_pass(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float:
+        """One training pass through the route: forward, loss on `labels` (-100: ignored), backward.
+
+        Each peer on the route files its adapter gradients under this client's peer id and steps its
+        adapters; the update goes live after the span's replicas average and check it. Returns the loss.
+        """
+        train = {"train": True}
+        out, hops, inputs = await self.forward_hidden(self.head.embed_tokens(input_ids), train)
+        with torch.enable_grad():
+            out = out.detach().requires_grad_(True)
+            loss = causal_lm_loss(self.head.logits(out), labels)
+            (grad,) = torch.autograd.grad(loss, [out])
+        await self.backward_hidden(hops, inputs, grad, train)
+        return float(loss.detach())
 
     # --- generation ----------------------------------------------------------------------------
 
-    def inference_session(self, max_length: int, batch: int = 1) -> InferenceSession:
+    def inference_session(self, max_length: int, batch: int = 1, billing: SessionBilling | None = None) -> InferenceSession:
         return InferenceSession(self.p2p, self.model, self.num_blocks, self.plan, self.report_failure, self.is_alive,
                                 max_length=max_length, batch=batch, timeout=self.config.request_timeout,
-                                max_failovers=self.config.max_failovers)
+                                max_failovers=self.config.max_failovers,
+                                observer=billing.observe if billing else None,
+                                open_extra=billing.open_extra if billing else None)
+
+    async def quote(self, prompt_tokens: int, max_new_tokens: int, sampled: bool = False) -> Quote:
+        """Worst-case price of a request on the route the client would take now (PriceCapExceededError over the cap)."""
+        hops = await self.plan(0, self.num_blocks)
+        return price_quote(self.model, route_hops(hops), prompt_tokens, max_new_tokens, sampled=sampled,
+                           max_price_per_token=self.config.max_price_per_token)
 
     async def generate_tokens(self, prompt_ids: list[int], params: GenerationParams, eos_ids: set[int]) -> AsyncIterator[int]:
         """Yields new token ids one by one (stop strings are the caller's business)."""
@@ -248,7 +295,12 @@ class SwarmClient:
             raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
                              f"context of {self.model_config.max_position_embeddings} tokens")
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        session = self.inference_session(max_length=total)
+        sampled = params.temperature > 0
+        priced = self.billing is not None or self.config.max_price_per_token is not None
+        self.last_quote = await self.quote(len(prompt_ids), params.max_new_tokens, sampled) if priced else None
+        billing = self.billing.session(sampled) if self.billing is not None else None
+        self.last_billing = billing
+        session = self.inference_session(max_length=total, billing=billing)
         self.last_session = session
         try:
             with torch.inference_mode():
@@ -259,7 +311,15 @@ class SwarmClient:
                     if token in eos_ids and not params.ignore_eos:
                         return
                     hidden = await session.step(self.head.embed_tokens(torch.tensor([[token]])))
+                    if billing is not None:
+                        await billing.after_step(session.hops)
         finally:
+            if billing is not None:  # bill what was served, even if generation stopped early
+                try:
+                    await billing.finish(session.hops)
+                except Exception as e:
+                    logger.warning("billing the session failed: %s", e)
+                    billing.errors.append(e)
             await session.close()
 
 
@@ -369,6 +429,8 @@ class DistributedModel:
             text=text, token_ids=ids, finish_reason=finish, prompt_tokens=len(prompt_ids), completion_tokens=len(ids),
             route=[f"{h.hop.peer_id}:{h.hop.start}:{h.hop.end}" for h in (session.hops if session else [])],
             failovers=session.failovers if session else 0,
+            quote=getattr(self._core, "last_quote", None),
+            bill=billing.bill(self.model_name) if (billing := getattr(self._core, "last_billing", None)) else None,
         )
 
     def generate(self, prompt: str | list[int], params: GenerationParams | None = None) -> GenerationResult:
@@ -418,6 +480,34 @@ class DistributedModel:
         result = future.result()
         if on_result is not None:
             on_result(result)
+
+    # --- learning from feedback ------------------------------------------------------------------
+
+    def _feedback_tensors(self, prompt: str, completion: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
+            raise ValueError("feedback needs a prompt and a non-empty preferred completion (strings)")
+        prompt_ids = self.tokenizer(prompt)["input_ids"]
+        full = self.tokenizer(prompt + completion)["input_ids"]
+        if len(full) <= len(prompt_ids):
+            raise ValueError("the completion adds no tokens to the prompt")
+        labels = [-100] * len(prompt_ids) + full[len(prompt_ids):]
+        return torch.tensor([full]), torch.tensor([labels])
+
+    def feedback(self, prompt: str, completion: str) -> float:
+        """Teaches the swarm that `completion` is the preferred answer to `prompt` (one training pass).
+
+        Returns the loss of the completion before this pass. Updates go live after the peers' next
+        averaging round accepts them (peers must run with --adapter-rank > 0).
+        """
+        ids, labels = self._feedback_tensors(prompt, completion)
+        return self._loop.run(self._core.feedback_pass(ids, labels))
+
+    train_step = feedback
+
+    async def afeedback(self, prompt: str, completion: str) -> float:
+        ids, labels = self._feedback_tensors(prompt, completion)
+        future = asyncio.run_coroutine_threadsafe(self._core.feedback_pass(ids, labels), self._loop.loop)
+        return await asyncio.wrap_future(future)
 
     # --- full-sequence forward / backward --------------------------------------------------------
 

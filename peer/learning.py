@@ -1,0 +1,133 @@
+"""A peer's learning service: adapters on its span, training passes from clients, averaging with replicas.
+
+The handler asks it which adapter version a request runs with (`version_scope`), sends it training
+backward passes (`train_backward`), and reports `info()`; `run()` keeps the periodic work going: joining
+replicas' averaging rounds, which are the only way an update goes live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from hivemind import DHT
+
+from peer.adapters import ATTENTION_TARGETS, AdapterSet, LoraConfig, flatten
+from peer.average_check import AverageSketcher
+from peer.averaging import AdapterAverager, AveragingConfig, RoundOutcome
+from peer.canary import CanaryGate
+from peer.span import SpanRunner
+from peer.training import AdapterTrainer, TrainingConfig, span_backward
+from swarm.protocol import ProtocolError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LearningConfig:
+    """How a peer learns: adapter shape, local training, averaging cadence."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ATTENTION_TARGETS
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    averaging: AveragingConfig = field(default_factory=AveragingConfig)
+    step_batch: int = 4  # optimizer step once this many training passes are pending
+    averaging_period: float = 30.0  # seconds between averaging rounds (aligned to DHT time)
+    fetch_state_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.step_batch < 1:
+            raise ValueError(f"step_batch must be >= 1, got {self.step_batch}")
+        if not (math.isfinite(self.averaging_period) and self.averaging_period > self.averaging.min_matchmaking_time + 1):
+            raise ValueError("averaging_period must exceed the averaging's min_matchmaking_time by over a second")
+
+
+class SpanLearner:
+    """Adapters, trainer and averager of one served span."""
+
+    def __init__(self, span: SpanRunner, config: LearningConfig, canary: CanaryGate | None = None):
+        self.config = config
+        self.span = span
+        self.adapters = AdapterSet(span.layers, span.start,
+                                   LoraConfig(rank=config.rank, alpha=config.alpha, targets=config.targets))
+        for name, tensor in self.adapters.working.items():  # adapters live where the span runs
+            tensor.data = tensor.data.to(span.device)
+        self.trainer = AdapterTrainer(self.adapters, config.training)
+        self.canary = canary
+        self.averager: AdapterAverager | None = None
+        self.last_round: RoundOutcome | None = None
+        self._fingerprint = AverageSketcher(self.adapters.num_parameters(), blocks=8)
+
+    # ---- used by the handler -----------------------------------------------------------------
+
+    @staticmethod
+    def requested_version(metadata: dict) -> int | None:
+        """The adapter version a request pins (`adapter_version` in its metadata), None for live."""
+        version = metadata.get("adapter_version")
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 0):
+            raise ProtocolError(f"adapter_version must be a non-negative integer, got {version!r}")
+        return version
+
+    @contextlib.contextmanager
+    def version_scope(self, version: int | None) -> Iterator[int]:
+        """Forward passes inside use adapter `version` (None: live); yields the version used."""
+        with self.adapters.use(version) as used:
+            yield used
+
+    def train_backward(self, hidden: torch.Tensor, grad_out: torch.Tensor, blocks: range, contributor: str) -> torch.Tensor:
+        """One training pass on this span (compute thread): adapter gradients filed under `contributor`."""
+        self.trainer.admit(contributor)
+        grad_in, grads = span_backward(lambda x: self.span.forward(x, blocks=blocks), self.adapters,
+                                       hidden.to(self.span.device, self.span.dtype), grad_out)
+        self.trainer.accumulate(contributor, grads)
+        if self.trainer.pending_passes >= self.config.step_batch:
+            self.trainer.step()
+        return grad_in
+
+    def training_forward(self, hidden: torch.Tensor, blocks: range) -> torch.Tensor:
+        """The forward of a training pass: with the working adapters the backward will differentiate."""
+        with torch.inference_mode(), self.adapters.training():
+            return self.span.forward(hidden, blocks=blocks)
+
+    def info(self) -> dict[str, Any]:
+        live = flatten(self.adapters.state().tensors, self.adapters.names)
+        info: dict[str, Any] = {
+            "adapter_version": self.adapters.live_version,
+            "adapter_fingerprint": [round(float(x), 7) for x in self._fingerprint.sketch(live).sums],
+            "adapter_parameters": self.adapters.num_parameters(),
+        }
+        if self.last_round is not None:
+            info["last_averaging"] = {"status": self.last_round.status, "reason": self.last_round.reason,
+                                      "group_size": self.last_round.group_size}
+        return info
+
+    # ---- background work ----------------------------------------------------------------------
+
+    async def start(self, dht: DHT, model: str) -> None:
+        """Joins the span's averaging group and, if replicas exist, loads their live adapters first."""
+        # On this (main) thread: hivemind installs signal handlers while starting its averager process.
+        self.averager = AdapterAverager(dht, self.adapters, model=model, start=self.span.start, end=self.span.end,
+                                        config=self.config.averaging, canary=self.canary)
+        others = await self.averager.declared_replicas() - {self.averager.peer_id}
+        if others:
+            await self.averager.load_state_from_replicas(self.config.fetch_state_timeout)
+        await self.averager.declare_replica()
+
+    async def run(self) -> None:
+        """Periodic averaging rounds until cancelled; a failing round never stops the peer."""
+        assert self.averager is not None, "call start() first"
+
+        def remember(outcome: RoundOutcome) -> None:
+            self.last_round = outcome
+
+        await self.averager.run_periodically(self.config.averaging_period, remember)
+
+    def shutdown(self) -> None:
+        if self.averager is not None:
+            self.averager.shutdown()

@@ -1,0 +1,77 @@
+"""End to end: a client's feedback trains the swarm's adapters; replicas average to equal adapters."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+
+from peer.canary import causal_lm_loss
+from swarm import protocol
+from swarm.client import DistributedModel
+from swarm.sampling import GenerationParams
+
+pytestmark = pytest.mark.timeout(300)
+
+FEEDBACK = [("Q: what colour? the sky is A:", " blue"), ("Q: what colour? grass is A:", " green")]
+LEARNING = ("--adapter-rank", "4", "--averaging-period", "5", "--train-step-batch", "1", "--learning-rate", "1e-2")
+
+
+def _info(model: DistributedModel, peer_id: str) -> dict:
+    response = model._loop.run(model.core.call(peer_id, protocol.HANDLER_INFO, runtime_pb2.ExpertRequest()))
+    return protocol.unpack_metadata(response.metadata)
+
+
+def _live_loss(model: DistributedModel) -> float:
+    losses = []
+    for prompt, completion in FEEDBACK:
+        ids, labels = model._feedback_tensors(prompt, completion)
+        with torch.no_grad():
+            losses.append(float(causal_lm_loss(model.forward(ids), labels)))
+    return sum(losses) / len(losses)
+
+
+def test_feedback_trains_the_route_and_replicas_average_to_equal_adapters(local_swarm, tiny_model_path):
+    replica_a = local_swarm.start_peer("0:4", *LEARNING, name="replica-a", wait=False)
+    replica_b = local_swarm.start_peer("0:4", *LEARNING, name="replica-b", wait=False)
+    tail = local_swarm.start_peer("4:8", *LEARNING, name="tail", wait=False)
+    for peer in (replica_a, replica_b, tail):
+        local_swarm.wait_ready(peer, timeout=120)
+    model = DistributedModel.from_pretrained(str(tiny_model_path), local_swarm.initial_peers)
+    try:
+        greedy = GenerationParams(max_new_tokens=3)
+        before_text = model.generate(FEEDBACK[0][0], greedy).token_ids
+        before_loss = _live_loss(model)
+        peers = (replica_a, replica_b, tail)
+        initial = {p.name: _info(model, p.info["peer_id"])["adapter_version"] for p in peers}
+        assert initial == {"replica-a": 0, "replica-b": 0, "tail": 0}  # nothing to average yet: no version bump
+
+        # feedback rounds through the route: the loss the peers train on falls
+        losses = []
+        for _ in range(6):
+            losses.append(sum(model.feedback(p, c) for p, c in FEEDBACK) / len(FEEDBACK))
+        assert losses[-1] < 0.6 * losses[0], losses
+
+        # the next averaging rounds make the update live; the two replicas of 0:4 end up equal
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            infos = {p.name: _info(model, p.info["peer_id"]) for p in peers}
+            if all(i["adapter_version"] >= 1 for i in infos.values()):
+                break
+            time.sleep(1.0)
+        versions = {name: i["adapter_version"] for name, i in infos.items()}
+        assert all(v >= 1 for v in versions.values()), (versions, infos)
+        a, b = infos["replica-a"], infos["replica-b"]
+        assert a["adapter_version"] == b["adapter_version"]
+        assert a["last_averaging"]["status"] == "averaged" and a["last_averaging"]["group_size"] == 2, a
+        assert torch.allclose(torch.tensor(a["adapter_fingerprint"]), torch.tensor(b["adapter_fingerprint"]), atol=1e-5)
+        assert any(abs(x) > 1e-4 for x in a["adapter_fingerprint"])  # trained, not the zero-update start
+
+        # generation (live adapters) changed accordingly: the taught completion got likelier
+        after_loss = _live_loss(model)
+        assert after_loss < before_loss - 0.5, (before_loss, after_loss)
+        assert model.generate(FEEDBACK[0][0], greedy).token_ids != before_text
+    finally:
+        model.close()
