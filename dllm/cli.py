@@ -254,6 +254,14 @@ def peer_join(
     ] = "0",
     chain_url: ChainUrl = None,
     chain_key: ChainKey = None,
+    receipts: Annotated[
+        Optional[Path],
+        typer.Option("--receipts", help="SQLite file of this provider's receipts (default ~/.dllm/receipts-<account>.sqlite3).",
+                     dir_okay=False),
+    ] = None,
+    settle_interval: Annotated[
+        float, typer.Option("--settle-interval", min=1.0, help="Seconds between settlement rounds of stored receipts.")
+    ] = 30.0,
     identity: Annotated[
         Optional[Path],
         typer.Option("--identity", help="Private key file: a stable peer id across restarts (created if missing)."),
@@ -317,6 +325,10 @@ def peer_join(
             identity_path=identity,
             rate=rate,
             chain_account=account,
+            chain_key=key,
+            chain_url=url,
+            receipts_path=receipts,
+            settle_interval=settle_interval,
             dtype=dtype,
             device=device,
             cache_bytes=cache_mb * 2**20,
@@ -457,6 +469,46 @@ def verify(
     failed = [r for r in results if not r.passed]
     if failed:
         _fail(f"{len(failed)} of {len(results)} checks failed: " + ", ".join(sorted({r.peer_id for r in failed})))
+
+
+@app.command("verifier")
+def verifier(
+    initial_peers: InitialPeers = None,
+    model: ModelOption = None,
+    chain_url: ChainUrl = None,
+    chain_key: ChainKey = None,
+    council_key: Annotated[
+        Optional[list[str]],
+        typer.Option("--council-key", help="Council member key (repeat up to the threshold): this verifier also tallies "
+                     "verdicts and slashes on chain."),
+    ] = None,
+    authorized: Annotated[
+        Optional[list[str]],
+        typer.Option("--verifier", help="Account whose verdicts count (repeatable; default: the dev council members)."),
+    ] = None,
+    threshold: Annotated[int, typer.Option("--threshold", min=1, help="Failing verdicts from distinct verifiers to slash.")] = 2,
+    gossip_port: Annotated[int, typer.Option("--gossip-port", min=0, max=65535, help="TCP port of the gossip node (0: free).")] = 0,
+    gossip_peer: Annotated[
+        Optional[list[str]], typer.Option("--gossip-peer", help="Gossip node multiaddr to dial (others are found in the DHT).")
+    ] = None,
+) -> None:
+    """Run a verifier service: re-run clients' sampled work, publish signed verdicts, slash as council (until Ctrl-C)."""
+    peers = _require_peers(initial_peers)
+    folder = _model_folder(model)
+    url = arguments.parse_chain_url(chain_url)
+    key = arguments.parse_chain_key(chain_key)
+    if not key:
+        raise typer.BadParameter("a verifier signs its verdicts: give --chain-key", param_hint="'--chain-key'")
+    if council_key and not url:
+        raise typer.BadParameter("slashing as council needs --chain-url", param_hint="'--council-key'")
+    from economy.verifier import VerifierConfig, main as run_verifier_blocking
+
+    for value in [key, *(council_key or [])]:
+        _keypair(value)  # a bad key is a usage error now, not a crash later
+    run_verifier_blocking(VerifierConfig(
+        model=str(folder), key=key, initial_peers=peers, verifiers=list(authorized or []), threshold=threshold,
+        council_keys=list(council_key or []), chain_url=url, gossip_port=gossip_port, gossip_peers=list(gossip_peer or []),
+    ))
 
 
 # -------------------------------------------------------------------------------------------------- api

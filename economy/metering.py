@@ -186,3 +186,13 @@ class UsageMeter:
 def count_parameters(module: torch.nn.Module) -> int:
     """Parameters a span serves (what its share of a bill is proportional to)."""
     return sum(p.numel() for p in module.parameters())
+
+
+def step_kind_at(position: int) -> StepKind:
+    """How both ends classify a forward step of an inference session, so their meters agree.
+
+    A step that starts the context (position 0: the prompt, or a failover replay rebuilding a new
+    peer's cache) is a parallel prefill; every later step extends a context one generation step at
+    a time.
+    """
+    return StepKind.PROMPT if position == 0 else StepKind.GENERATED

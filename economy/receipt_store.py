@@ -39,6 +39,11 @@ CREATE TABLE IF NOT EXISTS receipts (
     UNIQUE (provider, client, session_id, sequence)
 );
 CREATE INDEX IF NOT EXISTS receipts_by_state ON receipts (state, client);
+CREATE TABLE IF NOT EXISTS settlements (
+    receipt_id TEXT PRIMARY KEY REFERENCES receipts (receipt_id),
+    nonce      INTEGER NOT NULL,
+    extrinsic  BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS batches (
     batch_id   TEXT PRIMARY KEY,
     client     TEXT NOT NULL,
@@ -129,11 +134,15 @@ class ReceiptStore:
     def _transaction(self) -> "_Transaction":
         return _Transaction(self._db)
 
-    def add(self, signed: SignedReceipt, expected_client: str | None = None) -> str:
+    def add(
+        self, signed: SignedReceipt, expected_client: str | None = None, settlement: tuple[int, bytes] | None = None
+    ) -> str:
         """Verifies and stores a co-signed receipt as unsettled; returns its id.
 
-        Raises the receipts module's errors for a bad receipt, ReplayedReceiptError if this receipt
-        (or another one for the same session segment) is already stored.
+        `settlement` = (nonce, extrinsic) of the client's pre-signed settlement paying it, stored in
+        the same transaction so a crash can never keep one without the other. Raises the receipts
+        module's errors for a bad receipt, ReplayedReceiptError if this receipt (or another one for
+        the same session segment) is already stored.
         """
         receipt_id = verify_receipt(
             signed, expected_client=expected_client, expected_provider=self.provider, network=self.network
@@ -146,6 +155,11 @@ class ReceiptStore:
                     " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'unsettled', ?)",
                     (receipt_id, r.provider, r.client, r.session_id, r.sequence, r.amount, signed.encode(), time.time()),
                 )
+                if settlement is not None:
+                    self._db.execute(
+                        "INSERT INTO settlements (receipt_id, nonce, extrinsic) VALUES (?, ?, ?)",
+                        (receipt_id, settlement[0], settlement[1]),
+                    )
         except sqlite3.IntegrityError:
             raise ReplayedReceiptError(
                 f"receipt {receipt_id} (session {r.session_id.hex()} segment {r.sequence}) is already stored"
@@ -159,6 +173,25 @@ class ReceiptStore:
         if row is None:
             raise ReceiptStoreError(f"no receipt {receipt_id} in {self.path}")
         return StoredReceipt(SignedReceipt.decode(row[0]), ReceiptState(row[1]), row[2], row[3])
+
+    def settlement_for(self, receipt_id: str) -> tuple[int, bytes] | None:
+        """(nonce, extrinsic) of the pre-signed settlement stored with a receipt, if any."""
+        row = self._db.execute("SELECT nonce, extrinsic FROM settlements WHERE receipt_id = ?", (receipt_id,)).fetchone()
+        return (int(row[0]), bytes(row[1])) if row else None
+
+    def has(self, receipt_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM receipts WHERE receipt_id = ?", (receipt_id,)).fetchone() is not None
+
+    def client_of(self, receipt_id: str) -> str:
+        row = self._db.execute("SELECT client FROM receipts WHERE receipt_id = ?", (receipt_id,)).fetchone()
+        if row is None:
+            raise ReceiptStoreError(f"no receipt {receipt_id} in {self.path}")
+        return str(row[0])
+
+    def amounts(self, state: ReceiptState) -> dict[str, int]:
+        """receipt id -> amount of every receipt in `state`."""
+        rows = self._db.execute("SELECT receipt_id, amount FROM receipts WHERE state = ?", (state.value,))
+        return {rid: int(amount) for rid, amount in rows}
 
     def counts(self) -> dict[ReceiptState, int]:
         """Number of receipts in each state."""

@@ -29,3 +29,19 @@ def verify(address: str, domain: bytes, payload: bytes, signature: bytes) -> boo
         return bool(Keypair(ss58_address=address, crypto_type=KeypairType.SR25519).verify(domain + payload, signature))
     except Exception:  # bad address encodings raise assorted errors inside substrate-interface
         return False
+
+
+class KeyFormatError(ValueError):
+    """A chain key is neither a dev URI (//Name), a mnemonic, nor a 0x-prefixed seed."""
+
+
+def load_keypair(key: str, ss58_format: int = 42) -> Keypair:
+    """The sr25519 keypair for a key as users give it: //Dev URI (or derivation path), mnemonic, or 0x seed."""
+    try:
+        if key.startswith("/"):
+            return Keypair.create_from_uri(key, ss58_format=ss58_format)
+        if key.startswith("0x"):
+            return Keypair.create_from_seed(key, ss58_format=ss58_format)
+        return Keypair.create_from_mnemonic(key, ss58_format=ss58_format)
+    except Exception as e:  # substrate-interface raises assorted types for bad keys
+        raise KeyFormatError(f"not a usable sr25519 key ({type(e).__name__}); give //Name, a mnemonic or a 0x seed") from None

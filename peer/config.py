@@ -29,6 +29,10 @@ class PeerConfig:
     record_ttl: float = 30.0
     rate: int = 1  # price per token per billion parameters, in the chain's smallest unit
     chain_account: str | None = None  # ss58 address that receives payments
+    chain_key: str | None = None  # sr25519 key (//Name, mnemonic, 0x seed) signing receipts; None: no billing
+    chain_url: str | None = None  # chain that settles receipts (None: receipts are kept, not settled)
+    receipts_path: Path | None = None  # SQLite receipt store (default ~/.dllm/receipts-<account>.sqlite3)
+    settle_interval: float = 30.0  # seconds between settlement rounds
     compute_threads: int = 1
     throughput: float | None = None  # tokens/s to announce; None measures it at start
     request_timeout: float = 30.0

@@ -24,6 +24,7 @@ from peer.config import PeerConfig
 from peer.learning import SpanLearner
 from peer.training import GradientError, RateLimitExceededError
 from peer.kv_cache import CacheFullError, CacheManager, CacheOverflowError, SessionExistsError, SessionNotFoundError
+from peer.metering_hook import MeteringRequestError, SessionMeters
 from peer.span import SpanRunner
 from swarm import chunks, protocol
 from swarm.protocol import ProtocolError
@@ -48,6 +49,7 @@ _CALLER_ERRORS: dict[type[Exception], str] = {
     CacheFullError: "cache_full",
     CacheOverflowError: "invalid_request",
     SessionExistsError: "invalid_request",
+    MeteringRequestError: "invalid_request",
     AdapterError: "invalid_request",
     GradientError: "invalid_request",
     RateLimitExceededError: "invalid_request",
@@ -77,6 +79,7 @@ class BlockHandler:
         self.requests_served = 0
         self.requests_rejected = 0
         self._compute_time: dict[int, float] = {}
+        self.metering: SessionMeters | None = None  # set by the server when this peer bills (peer/receipt_service.py)
 
     async def add_handlers(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(protocol.HANDLER_INFO, self.rpc_info, runtime_pb2.ExpertRequest)
@@ -311,6 +314,8 @@ class BlockHandler:
         if self.learner is not None:  # the session keeps this adapter version for its whole life
             with self.learner.version_scope(self.learner.requested_version(metadata)) as version:
                 pass  # raises AdapterVersionUnavailableError for a version no longer held
+        if self.metering is not None:
+            self.metering.open(session_id, blocks, metadata)
         nbytes = self.span.cache_bytes(batch, max_length, blocks)
         self.caches.reserve(nbytes)  # raises CacheFullError before any buffer is allocated
         self.caches.open(session_id, self.span.new_cache(batch, max_length, blocks), nbytes, self.config.session_timeout)
@@ -343,6 +348,8 @@ class BlockHandler:
                     return self.span.forward(hidden, cache=cache, blocks=blocks)
 
             output = await self._compute(run, hidden.shape[0] * hidden.shape[1])
+            if self.metering is not None:
+                self.metering.record(session_id, hidden, output, position)
             self.requests_served += 1
             meta = {"position": position, "compute_ms": round((time.perf_counter() - started) * 1000, 3)}
             return runtime_pb2.ExpertResponse(tensors=[encode(output.to("cpu", hidden.dtype))], metadata=protocol.pack_metadata(meta))

@@ -16,6 +16,8 @@ from peer.blocks import check_span, load_span_layers
 from peer.config import PeerConfig
 from peer.handler import BlockHandler
 from peer.identity import load_or_create_record_key
+from peer.metering_hook import SessionMeters
+from peer.receipt_service import ReceiptService, billing_setup
 from peer.learning import LearningConfig, SpanLearner
 from peer.training import TrainingConfig
 from peer.span import SpanRunner
@@ -81,6 +83,7 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
         identity_path=config.identity_path, private_key=record_key, await_ready=False,
     )
     handler = None
+    receipts: ReceiptService | None = None
     learner: SpanLearner | None = None
     learning_task: asyncio.Task | None = None
     try:
@@ -122,6 +125,11 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
         }, learner=learner)
         p2p = await dht.replicate_p2p()
         await handler.add_handlers(p2p)
+        billing = billing_setup(config.chain_key, config.chain_url, config.receipts_path, config.rate, config.settle_interval)
+        if billing is not None:  # meter sessions, co-sign receipts, settle them on chain
+            handler.metering = SessionMeters(name, params_per_block, idle_s=2 * config.session_timeout)
+            receipts = await ReceiptService.start(billing, handler.metering)
+            await receipts.add_handlers(p2p)
         await announce(dht, record(), validator.local_public_key, config.record_ttl)
 
         running = RunningPeer(peer_id, visible_maddrs(dht), name, start, end, handler)
@@ -142,6 +150,8 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
     finally:
         if handler is not None:
             handler.shutdown()
+        if receipts is not None:
+            await receipts.close()
         if learning_task is not None:
             learning_task.cancel()
         if learner is not None:

@@ -29,6 +29,8 @@ from swarm.records import ServerRecord, fetch_model_records
 from swarm.routing import BanList, Hop, NoRouteError, plan_route
 from swarm.sampling import GenerationParams, next_token
 from swarm.session import InferenceSession
+from swarm.billing import BillingConfig, ClientBilling, SessionBilling, route_hops, route_price
+from economy.pricing import Bill, Quote, quote as price_quote
 from swarm.tensors import InvalidTensorError, check_hidden_states, decode, encode
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ class ClientConfig:
     max_rate: int | None = None  # skip peers whose advertised rate is above this
     refresh_interval: float = 5.0  # re-read DHT records at most this often
     max_retries: int = 3  # for forward/backward RPCs
+    max_price_per_token: int | None = None  # planck per generated token for the whole route (economy.pricing)
+    billing: BillingConfig | None = None  # pay providers: receipts, settlement, spot checks (swarm/billing.py)
 
 
 @dataclass
@@ -62,6 +66,8 @@ class GenerationResult:
     completion_tokens: int
     route: list[str] = field(default_factory=list)
     failovers: int = 0
+    quote: Quote | None = None  # the price bound shown before generating (billing or a price cap set)
+    bill: Bill | None = None  # what the countersigned receipts charge (billing set)
 
 
 class SwarmClient:
@@ -81,12 +87,19 @@ class SwarmClient:
         self._records_at = 0.0
         self.dht = None
         self.p2p: P2P | None = None
+        self.billing: ClientBilling | None = None
 
     async def start(self) -> None:
         self.dht, _ = await asyncio.to_thread(start_dht, self.initial_peers, client_mode=True)
         self.p2p = await self.dht.replicate_p2p()
+        if self.config.billing is not None:
+            self.billing = ClientBilling(self.config.billing, self.p2p, self.dht, self.model)
+            await self.billing.start()
 
     async def shutdown(self) -> None:
+        if self.billing is not None:
+            billing, self.billing = self.billing, None
+            await billing.close()
         if self.dht is not None:
             await asyncio.to_thread(self.dht.shutdown)
             self.dht = None
@@ -124,7 +137,13 @@ class SwarmClient:
         for refresh in (False, True):
             records = [r for r in await self.records(refresh) if self.latency.get(r.peer_id) != float("inf")]
             try:
-                return plan_route(records, start, end, latency=self.latency, banned=self.bans, max_rate=self.config.max_rate)
+                cap = self.config.max_price_per_token
+                if cap is not None:  # a peer dearer than the cap for a single block can be on no affordable route
+                    records = [r for r in records if route_price([Hop(r, r.start, r.start + 1)]) <= cap]
+                hops = plan_route(records, start, end, latency=self.latency, banned=self.bans, max_rate=self.config.max_rate)
+                if cap is not None and route_price(hops) > cap:
+                    raise NoRouteError(f"the best route costs {route_price(hops)} planck per token, above the cap of {cap}")
+                return hops
             except NoRouteError:
                 if refresh:
                     raise
@@ -254,10 +273,18 @@ class SwarmClient:
 
     # --- generation ----------------------------------------------------------------------------
 
-    def inference_session(self, max_length: int, batch: int = 1) -> InferenceSession:
+    def inference_session(self, max_length: int, batch: int = 1, billing: SessionBilling | None = None) -> InferenceSession:
         return InferenceSession(self.p2p, self.model, self.num_blocks, self.plan, self.report_failure, self.is_alive,
                                 max_length=max_length, batch=batch, timeout=self.config.request_timeout,
-                                max_failovers=self.config.max_failovers)
+                                max_failovers=self.config.max_failovers,
+                                observer=billing.observe if billing else None,
+                                open_extra=billing.open_extra if billing else None)
+
+    async def quote(self, prompt_tokens: int, max_new_tokens: int, sampled: bool = False) -> Quote:
+        """Worst-case price of a request on the route the client would take now (PriceCapExceededError over the cap)."""
+        hops = await self.plan(0, self.num_blocks)
+        return price_quote(self.model, route_hops(hops), prompt_tokens, max_new_tokens, sampled=sampled,
+                           max_price_per_token=self.config.max_price_per_token)
 
     async def generate_tokens(self, prompt_ids: list[int], params: GenerationParams, eos_ids: set[int]) -> AsyncIterator[int]:
         """Yields new token ids one by one (stop strings are the caller's business)."""
@@ -268,7 +295,12 @@ class SwarmClient:
             raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
                              f"context of {self.model_config.max_position_embeddings} tokens")
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        session = self.inference_session(max_length=total)
+        sampled = params.temperature > 0
+        priced = self.billing is not None or self.config.max_price_per_token is not None
+        self.last_quote = await self.quote(len(prompt_ids), params.max_new_tokens, sampled) if priced else None
+        billing = self.billing.session(sampled) if self.billing is not None else None
+        self.last_billing = billing
+        session = self.inference_session(max_length=total, billing=billing)
         self.last_session = session
         try:
             with torch.inference_mode():
@@ -279,7 +311,15 @@ class SwarmClient:
                     if token in eos_ids and not params.ignore_eos:
                         return
                     hidden = await session.step(self.head.embed_tokens(torch.tensor([[token]])))
+                    if billing is not None:
+                        await billing.after_step(session.hops)
         finally:
+            if billing is not None:  # bill what was served, even if generation stopped early
+                try:
+                    await billing.finish(session.hops)
+                except Exception as e:
+                    logger.warning("billing the session failed: %s", e)
+                    billing.errors.append(e)
             await session.close()
 
 
@@ -389,6 +429,8 @@ class DistributedModel:
             text=text, token_ids=ids, finish_reason=finish, prompt_tokens=len(prompt_ids), completion_tokens=len(ids),
             route=[f"{h.hop.peer_id}:{h.hop.start}:{h.hop.end}" for h in (session.hops if session else [])],
             failovers=session.failovers if session else 0,
+            quote=getattr(self._core, "last_quote", None),
+            bill=billing.bill(self.model_name) if (billing := getattr(self._core, "last_billing", None)) else None,
         )
 
     def generate(self, prompt: str | list[int], params: GenerationParams | None = None) -> GenerationResult:

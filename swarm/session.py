@@ -29,6 +29,10 @@ RoutePlanner = Callable[[int, int], Awaitable[list[Hop]]]
 # Tells whether a peer still answers a cheap request (used when a step is slower than usual).
 LivenessProbe = Callable[[str], Awaitable[bool]]
 
+# Told of every completed step of a hop: (hop stream, inputs sent, outputs received, position).
+# Billing meters steps through it (swarm/billing.py).
+StepObserver = Callable[["_HopStream", torch.Tensor, torch.Tensor, int], None]
+
 # A step slower than this many times the usual step time makes us check that the peer is alive.
 _SUSPICION_FACTOR = 8.0
 _MIN_SUSPICION_S = 0.25
@@ -41,7 +45,10 @@ class SessionFailedError(RuntimeError):
 class _HopStream:
     """One open inference stream to one peer, with the inputs it has been sent so far."""
 
-    def __init__(self, p2p: P2P, hop: Hop, model: str, max_length: int, batch: int, timeout: float, probe: LivenessProbe):
+    def __init__(self, p2p: P2P, hop: Hop, model: str, max_length: int, batch: int, timeout: float, probe: LivenessProbe,
+                 observer: StepObserver | None = None, open_extra: dict | None = None):
+        self.session_id = uuid.uuid4().hex
+        self.observer, self.open_extra = observer, open_extra or {}
         self.p2p, self.hop, self.model, self.probe = p2p, hop, model, probe
         self._step_time: float | None = None  # moving average of recent step round trips
         self.max_length, self.batch, self.timeout = max_length, batch, timeout
@@ -62,7 +69,7 @@ class _HopStream:
         metadata = {"position": self.position}
         if not self._opened:
             metadata.update(model=self.model, blocks=[self.hop.start, self.hop.end], max_length=self.max_length,
-                            batch=self.batch, session_id=uuid.uuid4().hex)
+                            batch=self.batch, session_id=self.session_id, **self.open_extra)
         request = runtime_pb2.ExpertRequest(tensors=[encode(hidden)], metadata=protocol.pack_metadata(metadata))
         if not self._opened:
             self._opened = True
@@ -85,6 +92,8 @@ class _HopStream:
         check_hidden_states(output, hidden.shape[-1], 2**31, f"output of peer {self.hop.peer_id}")
         if output.shape != hidden.shape:
             raise InvalidTensorError(f"peer {self.hop.peer_id} returned shape {list(output.shape)} for input {list(hidden.shape)}")
+        if self.observer is not None:
+            self.observer(self, hidden, output, self.position)
         self.history.append(hidden)
         self.position += hidden.shape[1]
         return output.to(hidden.dtype)
@@ -130,7 +139,9 @@ class InferenceSession:
     """A generation session over the swarm: `await step(hidden)` runs new tokens through every block."""
 
     def __init__(self, p2p: P2P, model: str, num_blocks: int, plan: RoutePlanner, on_failure: Callable[[str, Exception], None],
-                 probe: LivenessProbe, *, max_length: int, batch: int = 1, timeout: float = 10.0, max_failovers: int = 8):
+                 probe: LivenessProbe, *, max_length: int, batch: int = 1, timeout: float = 10.0, max_failovers: int = 8,
+                 observer: StepObserver | None = None, open_extra: dict | None = None):
+        self.observer, self.open_extra = observer, open_extra
         self.p2p, self.model, self.num_blocks = p2p, model, num_blocks
         self.plan, self.on_failure, self.probe = plan, on_failure, probe
         self.max_length, self.batch, self.timeout = max_length, batch, timeout
@@ -140,7 +151,8 @@ class InferenceSession:
         self.stall_seconds: list[float] = []  # per failover: from the failing step's start to recovery
 
     def _new_hops(self, hops: list[Hop]) -> list[_HopStream]:
-        return [_HopStream(self.p2p, h, self.model, self.max_length, self.batch, self.timeout, self.probe) for h in hops]
+        return [_HopStream(self.p2p, h, self.model, self.max_length, self.batch, self.timeout, self.probe,
+                           self.observer, self.open_extra) for h in hops]
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.hops:

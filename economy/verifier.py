@@ -1,0 +1,326 @@
+"""The `dllm verify` process: re-runs work samples, publishes signed verdicts, and (as council) slashes.
+
+A verifier joins the swarm's DHT, announces itself under `dllm/verifiers` (peer id, account, model,
+gossip addresses) and serves `dllm.v1.verify`: a client sends a `WorkSample` (a co-signed receipt
+plus every step's tensors); the verifier checks both receipt signatures and that the tensors are
+what the provider committed to, re-runs the provider's blocks over them in one causal forward, and
+answers and publishes on `dllm/verdicts/1` a signed verdict. A verifier given `threshold` council
+keys also tallies verdicts from the authorized verifiers (its own and gossiped ones): once
+`threshold` distinct verifiers failed the same provider, it slashes the provider's stake on chain
+through the council multisig, citing the evidence hash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import msgpack
+import torch
+from hivemind.p2p import P2PContext
+from hivemind.proto import runtime_pb2
+from hivemind.utils import get_dht_time
+from scalecodec.utils.ss58 import ss58_decode, ss58_encode
+
+from economy.gossip import GossipBus, GossipConfig, VERDICTS_TOPIC
+from economy.receipts import ReceiptError, verify_receipt
+from economy.signing import load_keypair
+from economy.verification import (
+    SignedVerdict,
+    SlashingTally,
+    SlashProposal,
+    Tolerance,
+    VerificationError,
+    make_verdict,
+    recheck,
+)
+from economy.work_sample import EvidenceMismatchError, MalformedWorkSampleError, WorkSample
+from swarm import protocol
+
+logger = logging.getLogger(__name__)
+
+HANDLER_VERIFY = "dllm.v1.verify"
+VERIFIERS_KEY = "dllm/verifiers"
+GENERIC_SS58 = 42
+"""Verdicts name verifiers in the generic Substrate format so every process compares the same strings."""
+
+
+class SampleRejectedError(ValueError):
+    """A work sample is not for this model, or its blocks are outside it."""
+
+
+_SAMPLE_ERRORS: dict[type[Exception], str] = {
+    MalformedWorkSampleError: "malformed_sample",
+    EvidenceMismatchError: "evidence_mismatch",
+    ReceiptError: "invalid_receipt",
+    SampleRejectedError: "invalid_sample",
+}
+
+
+def generic_address(address: str) -> str:
+    """`address` re-encoded in the generic ss58 format (raises ValueError if it is not an address)."""
+    return ss58_encode(ss58_decode(address), GENERIC_SS58)
+
+
+@dataclass
+class VerifierConfig:
+    """Everything one verifier process needs (`dllm verify`)."""
+
+    model: str
+    key: str
+    initial_peers: list[str]
+    verifiers: list[str] = field(default_factory=list)
+    """Authorized verifier accounts whose verdicts count (default: the dev council's members)."""
+    threshold: int = 2
+    council_keys: list[str] = field(default_factory=list)
+    chain_url: str | None = None
+    gossip_port: int = 0
+    gossip_peers: list[str] = field(default_factory=list)
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    announce_period: float = 10.0
+
+
+@dataclass
+class VerifierStats:
+    checked: int = 0
+    failed: int = 0
+    published: int = 0
+    slashed: list[str] = field(default_factory=list)
+    rejected: Counter = field(default_factory=Counter)
+
+
+class Verifier:
+    """One running verifier (and council tally when it holds council keys)."""
+
+    def __init__(self, config: VerifierConfig, span, model_name: str, bus: GossipBus):
+        self.config = config
+        self.span = span
+        self.model_name = model_name
+        self.bus = bus
+        self.keypair = load_keypair(config.key, GENERIC_SS58)
+        self.tolerance = Tolerance.for_dtype(span.dtype)
+        self.stats = VerifierStats()
+        self.tally: SlashingTally | None = None
+        self.council = []
+        self.ledger = None
+        self._chain = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-council-chain")
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-verify")
+
+    async def start_council(self) -> None:
+        """Becomes a council tally if it holds council keys and can reach the chain."""
+        from chain.council import Council
+
+        authorized = self.config.verifiers or list(Council.dev().members)
+        verifiers = frozenset(generic_address(a) for a in authorized)
+        if not self.config.council_keys:
+            return
+        if not self.config.chain_url:
+            raise ValueError("council keys need --chain-url to slash on chain")
+        from chain.ledger import ComputeLedger
+
+        self.ledger = await self._on_chain(ComputeLedger, self.config.chain_url)
+        self.council = [load_keypair(k, self.ledger.ss58_format) for k in self.config.council_keys]
+        self.tally = SlashingTally(verifiers, self.config.threshold)
+
+    async def _on_chain(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._chain, partial(fn, *args))
+
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, blocks: range) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.span.forward(inputs.to(self.span.dtype), position_ids=positions, blocks=blocks)
+
+    async def check(self, sample: WorkSample) -> SignedVerdict:
+        """Validates and re-runs a sample; returns the signed verdict (raises on a sample that is not evidence)."""
+        r = sample.receipt.receipt
+        verify_receipt(sample.receipt)  # both parties' signatures: nobody can frame a provider
+        if r.model != self.model_name or not 0 <= r.start < r.end <= self.span.end:
+            raise SampleRejectedError(f"this verifier checks {self.model_name} blocks 0:{self.span.end}, "
+                                      f"not {r.model} {r.start}:{r.end}")
+        blocks = range(r.start, r.end)
+        comparison = await asyncio.get_running_loop().run_in_executor(
+            self._compute, recheck, sample, lambda x, p: self.forward(x, p, blocks), self.tolerance)
+        verdict = make_verdict(self.keypair, sample, comparison)
+        self.stats.checked += 1
+        if not comparison.passed:
+            self.stats.failed += 1
+            logger.warning("provider %s FAILED a spot check on blocks %d:%d (error %.3g at position %d)",
+                           r.provider, r.start, r.end, comparison.worst_rel_error, comparison.worst_position)
+        return verdict
+
+    async def rpc_verify(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        try:
+            try:
+                meta = msgpack.unpackb(request.metadata, raw=False, max_map_len=4)
+            except Exception:
+                raise MalformedWorkSampleError("request metadata is not a msgpack map") from None
+            if not isinstance(meta, dict) or not isinstance(meta.get("sample"), bytes):
+                raise MalformedWorkSampleError("request metadata must be {'sample': bytes}")
+            verdict = await self.check(WorkSample.decode(meta["sample"]))
+            await self.publish(verdict)
+            return runtime_pb2.ExpertResponse(metadata=msgpack.packb({"verdict": verdict.encode()}, use_bin_type=True))
+        except Exception as e:
+            kind = next((k for cls, k in _SAMPLE_ERRORS.items() if isinstance(e, cls)), None)
+            self.stats.rejected[type(e).__name__] += 1
+            if kind is None:
+                logger.exception("verify failed")
+                return protocol.error_response("internal", f"{type(e).__name__}: {e}")
+            logger.info("rejected a work sample: %s", e)
+            return protocol.error_response(kind, str(e))
+
+    async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        s = self.stats
+        info = {"role": "verifier", "account": self.keypair.ss58_address, "model": self.model_name,
+                "checked": s.checked, "failed": s.failed, "published": s.published, "slashed": s.slashed,
+                "rejected": dict(s.rejected), "council": self.tally is not None}
+        return runtime_pb2.ExpertResponse(metadata=protocol.pack_metadata(info))
+
+    async def publish(self, verdict: SignedVerdict) -> None:
+        try:
+            await self.bus.publish_verdict(verdict)
+            self.stats.published += 1
+        except Exception as e:  # gossip trouble must not lose the verdict for our own tally
+            logger.warning("could not publish a verdict: %s", e)
+        await self.count(verdict)
+
+    async def count(self, verdict: SignedVerdict) -> None:
+        """Adds a verdict to the council tally; slashes when enough verifiers agree."""
+        if self.tally is None:
+            return
+        try:
+            proposal = self.tally.add(verdict)
+        except VerificationError as e:
+            self.stats.rejected[type(e).__name__] += 1
+            logger.info("ignored a verdict: %s", e)
+            return
+        if proposal is not None:
+            await self.slash(proposal)
+
+    async def slash(self, proposal: SlashProposal) -> None:
+        provider = proposal.provider
+        if provider in self.stats.slashed:
+            return
+        try:
+            status = await self._on_chain(self.ledger.provider_status, provider)
+            if status.stake <= 0:
+                logger.info("provider %s has no stake left to slash", provider)
+                return
+            result = await self._on_chain(self.ledger.slash, self.council, provider, None, proposal.evidence_hash)
+        except Exception:
+            logger.exception("slashing %s failed", provider)
+            return
+        self.stats.slashed.append(provider)
+        logger.warning("slashed %s (%d planck) in block %d, evidence %s", provider, status.stake,
+                       result.block_number, proposal.evidence_hash.hex())
+
+    async def listen(self) -> None:
+        """Counts verdicts arriving on gossip."""
+        while True:
+            message = await self.bus.next_message()
+            if message.topic != VERDICTS_TOPIC:
+                continue
+            try:
+                verdict = SignedVerdict.decode(message.envelope.payload)
+            except VerificationError as e:
+                self.stats.rejected[type(e).__name__] += 1
+                continue
+            if verdict.verdict.verifier != message.sender:
+                self.stats.rejected["RelayedVerdict"] += 1  # only a verifier's own envelope carries its verdict
+                continue
+            await self.count(verdict)
+
+    def close(self) -> None:
+        self._compute.shutdown(wait=False)
+        self._chain.shutdown(wait=False)
+        if self.ledger is not None:
+            self.ledger.close()
+
+
+async def _announce(dht, validator, value: dict, ttl: float) -> None:
+    subkey = value["peer_id"].encode() + validator.local_public_key
+    await dht.store(VERIFIERS_KEY, value, get_dht_time() + ttl, subkey=subkey, return_future=True)
+
+
+async def _connect_gossip(bus: GossipBus, dht, own_peer_id: str, extra: list[str]) -> None:
+    """Dials the given gossip addresses and those of verifiers already announced."""
+    addrs = list(extra)
+    found = await dht.get(VERIFIERS_KEY, latest=True, return_future=True)
+    if found is not None and isinstance(found.value, dict):
+        for entry in found.value.values():
+            value = getattr(entry, "value", None)
+            if isinstance(value, dict) and value.get("peer_id") != own_peer_id:
+                addrs += [a for a in value.get("gossip", []) if isinstance(a, str)][:1]
+    for addr in addrs:
+        try:
+            await bus.connect(addr)
+        except Exception as e:
+            logger.warning("could not reach gossip peer %s: %s", addr, e)
+
+
+async def run_verifier(config: VerifierConfig, on_ready=None, stop: asyncio.Event | None = None) -> None:
+    """Runs a verifier until `stop` is set; `on_ready(verifier, peer_id)` once it serves."""
+    from peer.blocks import load_span_layers
+    from peer.span import SpanRunner
+    from swarm.dht import start_dht
+    from swarm.model_files import load_config, model_name, resolve_model
+
+    stop = stop or asyncio.Event()
+    model_dir = resolve_model(config.model)
+    model_config = load_config(model_dir)
+    name = model_name(model_dir, model_config)
+    layers = await asyncio.to_thread(load_span_layers, Path(model_dir), model_config, 0, model_config.num_hidden_layers)
+    span = SpanRunner(model_config, layers, 0, model_config.num_hidden_layers)
+    dht, validator = await asyncio.to_thread(start_dht, config.initial_peers, host_maddrs=config.host_maddrs)
+    verifier = None
+    bus = GossipBus(load_keypair(config.key, GENERIC_SS58), GossipConfig(port=config.gossip_port))
+    try:
+        await bus.start()
+        verifier = Verifier(config, span, name, bus)
+        await verifier.start_council()
+        p2p = await dht.replicate_p2p()
+        await p2p.add_protobuf_handler(HANDLER_VERIFY, verifier.rpc_verify, runtime_pb2.ExpertRequest)
+        await p2p.add_protobuf_handler(protocol.HANDLER_INFO, verifier.rpc_info, runtime_pb2.ExpertRequest)
+        peer_id = dht.peer_id.to_base58()
+        await _connect_gossip(bus, dht, peer_id, config.gossip_peers)
+        record = {"peer_id": peer_id, "account": verifier.keypair.ss58_address, "model": name, "gossip": bus.addrs}
+        await _announce(dht, validator, record, 3 * config.announce_period)
+        listener = asyncio.create_task(verifier.listen())
+        if on_ready is not None:
+            on_ready(verifier, peer_id)
+        try:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), config.announce_period)
+                except asyncio.TimeoutError:
+                    await _announce(dht, validator, record, 3 * config.announce_period)
+        finally:
+            listener.cancel()
+    finally:
+        await bus.close()
+        if verifier is not None:
+            verifier.close()
+        await asyncio.to_thread(dht.shutdown)
+
+
+def main(config: VerifierConfig) -> None:
+    """Blocking entry point of `dllm verify`: serves until SIGINT/SIGTERM."""
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        def on_ready(verifier: Verifier, peer_id: str) -> None:
+            role = "verifier+council" if verifier.tally is not None else "verifier"
+            print(f"DLLM verifier ready: account={verifier.keypair.ss58_address} peer_id={peer_id} role={role} "
+                  f"gossip={' '.join(verifier.bus.addrs)}", flush=True)
+
+        await run_verifier(config, on_ready, stop)
+
+    asyncio.run(_main())

@@ -1,0 +1,108 @@
+"""The peer's usage meters: one `UsageMeter` per metered inference session.
+
+`BlockHandler` calls `open` when a client opens a session naming its chain account, and `record`
+after each step with the step's input and output exactly as they crossed the wire, so the meter's
+commitment equals the one the client computes. Sessions without a client account are served but
+not metered (nobody would countersign their receipts). Meters outlive the stream for a while so
+that the client can ask for the final receipt after its last step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from economy.canonical import CanonicalFormatError, check_ss58
+from economy.metering import UsageMeter, step_kind_at
+from economy.receipts import UsageReceipt
+
+logger = logging.getLogger(__name__)
+
+MAX_METERED_SESSIONS = 10_000
+
+
+class MeteringRequestError(ValueError):
+    """A session's billing fields (client account, sampling flag) are malformed."""
+
+
+class UnknownMeteredSessionError(LookupError):
+    """No metered session has this id (never opened with a client account, or expired)."""
+
+
+@dataclass
+class MeteredSession:
+    """A session's meter, the client it bills, and the receipt proposed but not yet countersigned."""
+
+    meter: UsageMeter
+    client: str
+    sequence: int = 0
+    pending: UsageReceipt | None = None
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class SessionMeters:
+    """All metered sessions of one peer, expired `idle_s` after their last use."""
+
+    def __init__(self, model: str, params_per_block: int, idle_s: float):
+        self.model = model
+        self.params_per_block = params_per_block
+        self.idle_s = idle_s
+        self._sessions: dict[str, MeteredSession] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def open(self, session_id: str, blocks: range, metadata: dict) -> MeteredSession | None:
+        """Starts metering a session whose opening metadata names a `client` account; else None."""
+        client = metadata.get("client")
+        if client is None:
+            return None
+        try:
+            check_ss58(client, "client")
+        except CanonicalFormatError as e:
+            raise MeteringRequestError(f"{e}: name the paying client's chain account") from None
+        sampled = metadata.get("sampled", False)
+        if type(sampled) is not bool:
+            raise MeteringRequestError("field 'sampled' must be a bool")
+        raw_id = session_id.encode()
+        if len(raw_id) > 64:
+            raise MeteringRequestError("a metered session_id must be at most 64 bytes")
+        if session_id in self._sessions:
+            return self._sessions[session_id]
+        self.expire_idle()
+        if len(self._sessions) >= MAX_METERED_SESSIONS:
+            raise MeteringRequestError("too many metered sessions are open; retry later")
+        meter = UsageMeter(raw_id, self.model, blocks.start, blocks.stop,
+                           (blocks.stop - blocks.start) * self.params_per_block, sampled=sampled)
+        session = MeteredSession(meter, client)
+        self._sessions[session_id] = session
+        return session
+
+    def record(self, session_id: str, inputs: torch.Tensor, outputs: torch.Tensor, position: int) -> None:
+        """Meters one served step (no-op for a session that is not metered)."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return
+        tokens = int(inputs.shape[0] * inputs.shape[1])
+        session.meter.record_step(step_kind_at(position), tokens, inputs, outputs, position)
+        session.last_used = time.monotonic()
+
+    def get(self, session_id: str) -> MeteredSession:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise UnknownMeteredSessionError(f"no metered session {session_id!r} here (not opened with a client account, or expired)")
+        session.last_used = time.monotonic()
+        return session
+
+    def expire_idle(self) -> int:
+        """Drops sessions idle longer than idle_s; returns how many."""
+        cutoff = time.monotonic() - self.idle_s
+        stale = [sid for sid, s in self._sessions.items() if s.last_used < cutoff]
+        for sid in stale:
+            del self._sessions[sid]
+        if stale:
+            logger.info("dropped %d idle metered sessions", len(stale))
+        return len(stale)

@@ -1,0 +1,344 @@
+"""The client side of billing: meter every hop, countersign receipts, pay, hand work to verifiers.
+
+For each hop of an inference session the client runs its own `UsageMeter` over exactly the tensors
+it sent and received (the session's `StepObserver` hook), and keeps those tensors for spot checks.
+At the end of a session (and whenever a hop has `receipt_every_tokens` unbilled tokens) it asks
+each hop for its signed receipt (`dllm.v1.receipt` op propose), refuses any claim above its own
+meter (`check_claim`), countersigns, signs ONE settlement extrinsic paying the segment's receipts
+(explicit nonce, see economy/presigned_settlement.py), and delivers receipt + extrinsic to every
+hop. It then submits the extrinsic itself (providers hold the same bytes, so payment happens even
+if this process dies), and sends each receipt selected by the keyed spot-check lottery, as a
+`WorkSample`, to verifiers found in the DHT (`dllm.v1.verify`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import msgpack
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from economy import signing
+from economy.canonical import CanonicalFormatError
+from economy.metering import UsageMeter, step_kind_at
+from economy.presigned_settlement import account_nonce, payments_for, sign_at_nonce
+from economy.pricing import Bill, Line, ProviderRate, RouteHop, route_price_per_token
+from economy.receipts import (
+    RECEIPT_DOMAIN,
+    ForgedReceiptError,
+    MalformedReceiptError,
+    SignedReceipt,
+    UsageReceipt,
+    WrongSignerError,
+    check_claim,
+    sign_as_client,
+)
+from economy.verification import SignedVerdict, SpotCheckPolicy
+from economy.work_sample import SampledStep, WorkSample
+from swarm import protocol
+from swarm.routing import Hop
+
+logger = logging.getLogger(__name__)
+
+HANDLER_RECEIPT = "dllm.v1.receipt"
+HANDLER_VERIFY = "dllm.v1.verify"
+VERIFIERS_KEY = "dllm/verifiers"
+MAX_SAMPLE_MESSAGE_BYTES = 4 * 2**20 - 64 * 2**10
+"""hivemind's unary limit (4 MiB) less room for the envelope: larger samples are not sent."""
+
+
+@dataclass
+class BillingConfig:
+    """How a paying client bills its sessions (part of ClientConfig)."""
+
+    chain_url: str
+    client_key: str
+    """sr25519 key of the paying account: //Name, mnemonic or 0x seed."""
+    receipt_every_tokens: int = 512
+    sample_rate: float = 0.5
+    sample_secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
+    verifiers_per_sample: int = 2
+    submit_settlements: bool = True
+    """False leaves submission to the providers (each holds the signed extrinsic)."""
+    request_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.receipt_every_tokens < 1 or self.verifiers_per_sample < 0:
+            raise ValueError("receipt_every_tokens must be >= 1 and verifiers_per_sample >= 0")
+
+
+class ReceiptRefusedError(RuntimeError):
+    """A provider refused a receipt RPC; `kind` names why (forged_receipt, replayed_receipt, ...)."""
+
+    def __init__(self, kind: str, message: str, peer_id: str):
+        super().__init__(f"peer {peer_id} refused the receipt ({kind}): {message}")
+        self.kind, self.peer_id = kind, peer_id
+
+
+def route_hops(hops: list[Hop]) -> list[RouteHop]:
+    """Pricing's view of a route: who is paid, for which blocks, how many parameters, at what rate."""
+    return [RouteHop(h.record.chain_account or h.peer_id, h.start, h.end, (h.end - h.start) * h.record.params_per_block,
+                     ProviderRate.from_advertised(h.record.rate)) for h in hops]
+
+
+def route_price(hops: list[Hop], context_tokens: int = 0, sampled: bool = False) -> int:
+    """Planck per generated token of a whole route."""
+    return route_price_per_token(route_hops(hops), context_tokens, sampled)
+
+
+def _same_account(a: str | None, b: str) -> bool:
+    from chain.account_derivation import account_id
+
+    try:
+        return a is not None and account_id(a) == account_id(b)
+    except Exception:  # an unparsable address matches nothing
+        return False
+
+
+@dataclass
+class HopMeter:
+    """The client's meter of one hop stream and the tensors a spot check would need."""
+
+    hop: Hop
+    meter: UsageMeter
+    steps: list[SampledStep] = field(default_factory=list)
+
+
+class ClientBilling:
+    """One paying client: its key, its chain connection (on a private thread), its verifiers."""
+
+    def __init__(self, config: BillingConfig, p2p: P2P, dht: Any, model: str):
+        self.config = config
+        self.p2p, self.dht, self.model = p2p, dht, model
+        self.policy = SpotCheckPolicy(config.sample_rate, config.sample_secret)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-billing-chain")
+        self.ledger = None
+        self.keypair = None
+        self.network = ""
+        self._next_nonce = 0
+        self._background: set[asyncio.Task] = set()
+        self.verdicts: list[SignedVerdict] = []
+        self.sample_failures: list[str] = []
+
+    async def _chain(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
+
+    async def start(self) -> None:
+        from chain.ledger import ComputeLedger
+
+        self.ledger = await self._chain(ComputeLedger, self.config.chain_url)
+        self.keypair = signing.load_keypair(self.config.client_key, self.ledger.ss58_format)
+        self.network = await self._chain(self.ledger.substrate.get_block_hash, 0)
+
+    @property
+    def account(self) -> str:
+        return self.keypair.ss58_address
+
+    async def close(self) -> None:
+        await self.flush()
+        if self.ledger is not None:
+            await self._chain(self.ledger.close)
+        self._executor.shutdown(wait=False)
+
+    async def flush(self) -> None:
+        """Waits for background submissions and spot-check deliveries."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def session(self, sampled: bool) -> "SessionBilling":
+        return SessionBilling(self, sampled)
+
+    # --- chain ---------------------------------------------------------------------------------
+
+    async def sign_settlement(self, receipts: list[UsageReceipt]) -> tuple[int, bytes]:
+        """Signs one settlement paying `receipts` at this client's next unused nonce."""
+
+        def sign() -> tuple[int, bytes]:
+            nonce = max(self._next_nonce, account_nonce(self.ledger, self.account))
+            extrinsic = sign_at_nonce(self.ledger, self.keypair, payments_for(receipts), nonce)
+            self._next_nonce = nonce + 1
+            return nonce, extrinsic
+
+        return await self._chain(sign)
+
+    def submit_later(self, nonce: int, extrinsic: bytes, receipt_ids: list[bytes]) -> None:
+        """Submits a signed settlement in the background (chain calls stay in nonce order)."""
+
+        def submit() -> None:
+            if len(self.ledger.settled_on_chain(self.account, receipt_ids)) == len(receipt_ids):
+                return  # a provider was faster
+            if account_nonce(self.ledger, self.account) != nonce:
+                logger.info("settlement at nonce %d left to the providers (an earlier one is not on chain)", nonce)
+                return
+            try:
+                self.ledger.submit_signed(extrinsic)
+            except Exception as e:  # a provider may have submitted the same bytes a moment earlier
+                logger.info("settlement at nonce %d not submitted by the client: %s", nonce, e)
+
+        self._spawn(self._chain(submit))
+
+    # --- verifiers -----------------------------------------------------------------------------
+
+    async def verifier_peers(self) -> list[tuple[str, str]]:
+        """(peer_id, account) of verifiers announced in the DHT for this model."""
+        found = await self.dht.get(VERIFIERS_KEY, latest=True, return_future=True)
+        if found is None or not isinstance(found.value, dict):
+            return []
+        peers = []
+        for entry in found.value.values():
+            value = getattr(entry, "value", None)
+            if isinstance(value, dict) and value.get("model") == self.model and isinstance(value.get("peer_id"), str):
+                peers.append((value["peer_id"], str(value.get("account", ""))))
+        return sorted(peers)
+
+    async def send_sample(self, sample: WorkSample) -> list[SignedVerdict]:
+        """Hands a work sample to up to `verifiers_per_sample` verifiers; returns their verdicts."""
+        data = sample.encode()
+        if len(data) > MAX_SAMPLE_MESSAGE_BYTES:
+            self.sample_failures.append(f"sample of {len(data)} bytes is over the RPC limit; not checked")
+            return []
+        peers = (await self.verifier_peers())[: self.config.verifiers_per_sample]
+        if not peers:
+            self.sample_failures.append("no verifier is announced in the DHT")
+        request = runtime_pb2.ExpertRequest(metadata=msgpack.packb({"sample": data}, use_bin_type=True))
+        verdicts = []
+        for peer_id, _ in peers:
+            try:
+                response = await asyncio.wait_for(self.p2p.call_protobuf_handler(
+                    PeerID.from_base58(peer_id), HANDLER_VERIFY, request, runtime_pb2.ExpertResponse),
+                    self.config.request_timeout)
+                meta = msgpack.unpackb(response.metadata, raw=False) if response.metadata else {}
+                protocol.raise_if_error(meta, peer_id)
+                verdicts.append(SignedVerdict.decode(meta["verdict"]))
+            except Exception as e:  # one verifier failing must not stop the others
+                self.sample_failures.append(f"verifier {peer_id}: {type(e).__name__}: {e}")
+        self.verdicts.extend(verdicts)
+        return verdicts
+
+
+class SessionBilling:
+    """Billing of one inference session: the observer for its hops and its receipts."""
+
+    def __init__(self, billing: ClientBilling, sampled: bool):
+        self.billing = billing
+        self.sampled = sampled
+        self.meters: dict[str, HopMeter] = {}
+        self.receipts: list[SignedReceipt] = []
+        self.errors: list[Exception] = []
+
+    @property
+    def open_extra(self) -> dict:
+        """Opening metadata every hop gets: who pays, and whether the session samples."""
+        return {"client": self.billing.account, "sampled": self.sampled}
+
+    def observe(self, stream: Any, inputs: torch.Tensor, outputs: torch.Tensor, position: int) -> None:
+        """StepObserver: meters one completed step of a hop, exactly as it crossed the wire."""
+        hm = self.meters.get(stream.session_id)
+        if hm is None:
+            hop = stream.hop
+            hm = HopMeter(hop, UsageMeter(stream.session_id.encode(), self.billing.model, hop.start, hop.end,
+                                          (hop.end - hop.start) * hop.record.params_per_block, sampled=self.sampled))
+            self.meters[stream.session_id] = hm
+        kind = step_kind_at(position)
+        tokens = int(inputs.shape[0] * inputs.shape[1])
+        hm.meter.record_step(kind, tokens, inputs, outputs, position)
+        hm.steps.append(SampledStep(kind, position, inputs.detach().clone(), outputs.detach().clone()))
+
+    async def after_step(self, streams: list[Any]) -> None:
+        """Settles the hops that have accumulated `receipt_every_tokens` unbilled tokens."""
+        due = [s for s in streams if s.session_id in self.meters
+               and self.meters[s.session_id].meter.segment_tokens() >= self.billing.config.receipt_every_tokens]
+        if due:
+            await self.settle(due)
+
+    async def finish(self, streams: list[Any]) -> None:
+        """Settles every hop's unbilled work at the end of the session."""
+        await self.settle([s for s in streams if s.session_id in self.meters
+                           and self.meters[s.session_id].meter.segment_tokens() > 0])
+
+    async def settle(self, streams: list[Any]) -> list[SignedReceipt]:
+        """Receipts for the given hops' current segments, one settlement paying them, delivered to each."""
+        signed: list[tuple[Any, SignedReceipt]] = []
+        for stream in streams:
+            try:
+                signed.append((stream, await self._countersign(stream)))
+            except Exception as e:  # one provider's refusal must not stop paying the others
+                logger.warning("no receipt from %s: %s", stream.hop.peer_id, e)
+                self.errors.append(e)
+        if not signed:
+            return []
+        nonce, extrinsic = await self.billing.sign_settlement([s.receipt for _, s in signed])
+        delivered = []
+        for stream, s in signed:
+            try:
+                await self._call(stream.hop.peer_id, {"op": "deliver", "signed": s.encode(), "settlement": extrinsic})
+                delivered.append(s)
+            except Exception as e:
+                logger.warning("receipt delivery to %s failed: %s", stream.hop.peer_id, e)
+                self.errors.append(e)
+        self.receipts.extend(delivered)
+        if self.billing.config.submit_settlements:
+            self.billing.submit_later(nonce, extrinsic, [s.receipt.receipt_id_bytes for _, s in signed])
+        for stream, s in signed:
+            if self.billing.policy.selects(s.receipt.receipt_id_bytes):
+                sample = WorkSample(s, tuple(self.meters[stream.session_id].steps))
+                self.billing._spawn(self.billing.send_sample(sample))
+        return delivered
+
+    async def _countersign(self, stream: Any) -> SignedReceipt:
+        hm = self.meters[stream.session_id]
+        reply = await self._call(stream.hop.peer_id, {"op": "propose", "session_id": stream.session_id})
+        try:
+            receipt = UsageReceipt.decode(reply.get("receipt"))
+        except (MalformedReceiptError, CanonicalFormatError) as e:
+            raise MalformedReceiptError(f"peer {stream.hop.peer_id} proposed a malformed receipt: {e}") from None
+        provider_signature = reply.get("provider_signature")
+        record = hm.hop.record
+        if not _same_account(record.chain_account, receipt.provider):
+            raise WrongSignerError(f"receipt names provider {receipt.provider}, the peer announced {record.chain_account}")
+        if receipt.client != self.billing.account or receipt.network != self.billing.network:
+            raise WrongSignerError("the receipt names another client or another chain")
+        if receipt.session_id != hm.meter.session_id or (receipt.start, receipt.end) != (hm.hop.start, hm.hop.end):
+            raise MalformedReceiptError("the receipt is for another session or span")
+        if not signing.verify(receipt.provider, RECEIPT_DOMAIN, receipt.encode(), provider_signature):
+            raise ForgedReceiptError(f"the provider signature on {stream.hop.peer_id}'s receipt does not verify")
+        check_claim(receipt, hm.meter.segment_usage(), hm.meter.commitment,
+                    ProviderRate.from_advertised(record.rate), (hm.hop.end - hm.hop.start) * record.params_per_block)
+        hm.meter.close_segment()
+        return SignedReceipt(receipt, provider_signature, sign_as_client(receipt, self.billing.keypair))
+
+    async def _call(self, peer_id: str, metadata: dict) -> dict:
+        request = runtime_pb2.ExpertRequest(metadata=protocol.pack_metadata(metadata))
+        response = await asyncio.wait_for(self.billing.p2p.call_protobuf_handler(
+            PeerID.from_base58(peer_id), HANDLER_RECEIPT, request, runtime_pb2.ExpertResponse),
+            self.billing.config.request_timeout)
+        meta = protocol.unpack_metadata(response.metadata)
+        error = meta.get("error")
+        if isinstance(error, dict):
+            raise ReceiptRefusedError(str(error.get("kind")), str(error.get("message")), peer_id)
+        return meta
+
+    def bill(self, model: str) -> Bill:
+        """What the session cost: one line per delivered receipt (amounts as the receipts state them)."""
+        lines = []
+        for s in self.receipts:
+            r = s.receipt
+            hop = RouteHop(r.provider, r.start, r.end, r.params_served, r.rate)
+            lines.append(Line(hop, r.usage, r.amount))
+        return Bill(model=model, lines=tuple(lines), total=sum(line.amount for line in lines))
+
+
+__all__ = ["BillingConfig", "ClientBilling", "ReceiptRefusedError", "SessionBilling", "route_hops", "route_price"]

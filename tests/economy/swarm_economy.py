@@ -1,0 +1,108 @@
+"""Helpers for the economy tests that run real peers, verifiers and a client against the dev chain."""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from substrateinterface import Keypair
+
+from chain.devchain.dev_accounts import dev_keypair
+from chain.ledger import ComputeLedger
+from dllm.processes import LocalSwarm, ManagedProcess
+
+UNIT = 10**12
+REPO = Path(__file__).resolve().parents[2]
+VERIFIER_READY = re.compile(r"DLLM verifier ready: account=(\S+) peer_id=(\S+) role=(\S+) gossip=(.*)")
+
+
+def funded_key(ledger: ComputeLedger, funds: int = 100 * UNIT) -> tuple[str, Keypair]:
+    """A fresh key URI (unique across runs) and its keypair, funded by //Ferdie."""
+    uri = f"//dllm-econ-{uuid.uuid4().hex[:12]}"
+    kp = Keypair.create_from_uri(uri, ss58_format=ledger.ss58_format)
+    call = ledger.substrate.compose_call("Balances", "transfer_keep_alive", {"dest": kp.ss58_address, "value": funds})
+    ledger.submitter.submit(dev_keypair("Ferdie", ledger.ss58_format), call)
+    return uri, kp
+
+
+def start_billing_peer(swarm: LocalSwarm, blocks: str, uri: str, chain_url: str, receipts: Path, *,
+                       rate: int, stake_units: int = 5, settle_interval: float = 2.0, wait: bool = True) -> ManagedProcess:
+    """`dllm peer join` staked on chain, billing with `uri`, receipts in `receipts`."""
+    return swarm.start_peer(blocks, "--chain-url", chain_url, "--chain-key", uri, "--stake", str(stake_units),
+                            "--rate", str(rate), "--receipts", str(receipts), "--settle-interval", str(settle_interval),
+                            name=f"peer-{receipts.stem}", wait=wait, timeout=120)
+
+
+def start_cheater(swarm: LocalSwarm, blocks: str, uri: str, chain_url: str, receipts: Path, *, rate: int,
+                  stake_units: int = 5, fraction: float = 0.2, seed: int = 7) -> ManagedProcess:
+    """The corrupting test peer (tests/economy/cheating_peer.py) as a managed process of `swarm`."""
+    log_path = swarm.workdir / f"cheater-{receipts.stem}.log"
+    args = [sys.executable, "-m", "tests.economy.cheating_peer", "--model", swarm.model, "--blocks", blocks,
+            "--initial-peers", *swarm.initial_peers, "--chain-url", chain_url, "--chain-key", uri,
+            "--stake-planck", str(stake_units * UNIT), "--receipts", str(receipts), "--rate", str(rate),
+            "--fraction", str(fraction), "--seed", str(seed), "--settle-interval", "2"]
+    env = {**swarm.env, "PYTHONPATH": str(REPO) + os.pathsep + swarm.env.get("PYTHONPATH", "")}
+    with open(log_path, "w") as log:
+        popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+    proc = ManagedProcess("cheater", popen, log_path, {"started_at": time.monotonic()})
+    swarm.processes.append(proc)
+    return swarm.wait_ready(proc, timeout=120)
+
+
+def start_verifier(swarm: LocalSwarm, uri: str, chain_url: str, council: list[str] = ()) -> ManagedProcess:
+    """`dllm verifier` signing with `uri` (plus council keys: it also tallies and slashes)."""
+    args = ["verifier", "--model", swarm.model, "--initial-peers", *swarm.initial_peers, "--chain-url", chain_url,
+            "--chain-key", uri]
+    for key in council:
+        args += ["--council-key", key]
+    proc = swarm._spawn(f"verifier{len(swarm.processes)}", args)
+    match = swarm._wait_for(proc, VERIFIER_READY, 120)
+    proc.info.update(account=match.group(1), peer_id=match.group(2), role=match.group(3), gossip=match.group(4).split())
+    return proc
+
+
+def store_totals(path: Path) -> dict[str, tuple[int, int]]:
+    """state -> (receipts, planck) of a provider's receipt store, read while the provider runs."""
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10) as db:
+        rows = db.execute("SELECT state, COUNT(*), COALESCE(SUM(amount), 0) FROM receipts GROUP BY state").fetchall()
+    return {state: (int(n), int(total)) for state, n, total in rows}
+
+
+def total_balance(ledger: ComputeLedger, ss58: str) -> int:
+    """free + reserved: deposits the runtime reserves stay the account's money."""
+    data = ledger.substrate.query("System", "Account", [ss58]).value["data"]
+    return int(data["free"]) + int(data["reserved"])
+
+
+def fees_paid(ledger: ComputeLedger, first_block: int, last_block: int, payers: set[str]) -> int:
+    """Transaction fees (with tips) the given accounts paid in blocks first..last."""
+    from chain.account_derivation import account_id
+
+    ids = {account_id(p) for p in payers}
+    total = 0
+    for number in range(first_block, last_block + 1):
+        block_hash = ledger.substrate.get_block_hash(number)
+        for event in ledger.substrate.get_events(block_hash):
+            v = event.value
+            if (v["module_id"], v["event_id"]) == ("TransactionPayment", "TransactionFeePaid"):
+                attrs = v["attributes"]
+                if account_id(attrs["who"]) in ids:
+                    total += int(attrs["actual_fee"]) + int(attrs["tip"])
+    return total
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
