@@ -83,6 +83,7 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
         identity_path=config.identity_path, private_key=record_key, await_ready=False,
     )
     handler = None
+    p2p = None
     receipts: ReceiptService | None = None
     learner: SpanLearner | None = None
     learning_task: asyncio.Task | None = None
@@ -156,6 +157,8 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
             learning_task.cancel()
         if learner is not None:
             await asyncio.to_thread(learner.shutdown)
+        if p2p is not None:  # this process's replica of the DHT's P2P: its unix socket file stays in /tmp otherwise
+            await p2p.shutdown()
         await asyncio.to_thread(dht.shutdown)
 
 

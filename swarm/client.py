@@ -100,6 +100,9 @@ class SwarmClient:
         if self.billing is not None:
             billing, self.billing = self.billing, None
             await billing.close()
+        if self.p2p is not None:  # the replica's unix socket file stays in /tmp otherwise
+            p2p, self.p2p = self.p2p, None
+            await p2p.shutdown()
         if self.dht is not None:
             await asyncio.to_thread(self.dht.shutdown)
             self.dht = None
