@@ -183,6 +183,19 @@ class AdapterAverager:
             get_dht_time() + self.config.replica_ttl, subkey=self.peer_id,
         )
 
+    async def keep_declared(self) -> None:
+        """Refreshes the declaration every replica_ttl / 3 until cancelled.
+
+        Declaring only at round start would race: a replica checking for others at that moment may
+        miss one that declares a few milliseconds later and wrongly run its round alone.
+        """
+        while True:
+            try:
+                await self.declare_replica()
+            except Exception as e:  # a DHT hiccup: the next refresh retries well before expiry
+                logger.warning("%s: replica declaration failed: %s", self.prefix, e)
+            await asyncio.sleep(self.config.replica_ttl / 3)
+
     async def declared_replicas(self) -> set[str]:
         """Peer ids whose replica declaration has not expired (self included once declared)."""
         found = await asyncio.to_thread(self.dht.get, f"{self.prefix}.replicas", latest=True)
@@ -347,6 +360,13 @@ class AdapterAverager:
 
     async def run_periodically(self, period: float, on_round: Callable[[RoundOutcome], None] | None = None) -> None:
         """Runs a round at every multiple of `period` in DHT time, so all replicas meet without talking first."""
+        declaring = asyncio.create_task(self.keep_declared())
+        try:
+            await self._rounds_forever(period, on_round)
+        finally:
+            declaring.cancel()
+
+    async def _rounds_forever(self, period: float, on_round: Callable[[RoundOutcome], None] | None) -> None:
         while True:
             now = get_dht_time()
             scheduled = (math.floor(now / period) + 1) * period

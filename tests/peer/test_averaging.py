@@ -92,7 +92,8 @@ def test_replicas_average_and_a_replica_killed_mid_round_never_leaves_a_partial_
     b.wait_for("ready")
     victim.wait_for("ready")
 
-    period, t0 = 6.0, time.time() + 3.0
+    # period 10 s, declarations live 4 s: the victim's lapses before round 2 starts matchmaking
+    period, t0 = 10.0, time.time() + 4.0
     for replica in (a, b, victim):
         replica.send_plan({"t0": t0, "period": period, "rounds": [0, 1, 2]})
 
@@ -136,11 +137,33 @@ def test_a_joining_replica_fetches_current_adapters_first(replicas, tmp_path):
     a.wait_for("ready")
     b = replicas("b", "--rank", "4", bootstrap=a)
     b.wait_for("ready")
-    t0 = time.time() + 2.5
+    t0 = time.time() + 4.0
     for replica in (a, b):
-        replica.send_plan({"t0": t0, "period": 5.0, "rounds": [0]})
+        replica.send_plan({"t0": t0, "period": 8.0, "rounds": [0]})
     assert a.wait_for("round")["status"] == "averaged"
     assert b.wait_for("round")["status"] == "averaged"
     late = replicas("late", "--rank", "4", "--fetch-state", bootstrap=a)
     fetched = late.wait_for("fetched", timeout=90)
     assert fetched == {"event": "fetched", "ok": True, "version": 1}
+
+
+def test_sketch_check_accepts_a_true_mean_and_catches_partial_averages():
+    from peer.average_check import AverageSketcher, Sketch, SketchError
+
+    torch.manual_seed(1)
+    inputs = [torch.randn(100_000) for _ in range(3)]
+    sketcher = AverageSketcher(100_000, blocks=256, seed=7)
+    sketches = [sketcher.sketch(x) for x in inputs]
+    mean = torch.stack(inputs).mean(0)
+    assert sketcher.mismatch(sketcher.sketch(mean), sketches, [1, 1, 1]) <= 1.0
+    # hivemind's failure modes: one part averaged without a sender, or a part left un-averaged
+    missing_sender = mean.clone()
+    missing_sender[20_000:30_000] = torch.stack(inputs[:2]).mean(0)[20_000:30_000]
+    not_averaged = mean.clone()
+    not_averaged[:512] = inputs[0][:512]
+    for partial in (missing_sender, not_averaged):
+        assert sketcher.mismatch(sketcher.sketch(partial), sketches, [1, 1, 1]) > 1.0
+    # weights count: the same result is wrong if a member's weight was different
+    assert sketcher.mismatch(sketcher.sketch(mean), sketches, [2, 1, 1]) > 1.0
+    with pytest.raises(SketchError):
+        Sketch.from_bytes(b"\x00" * 10, 256)
