@@ -81,19 +81,24 @@ def total_balance(ledger: ComputeLedger, ss58: str) -> int:
 
 
 def fees_paid(ledger: ComputeLedger, first_block: int, last_block: int, payers: set[str]) -> int:
-    """Transaction fees (with tips) the given accounts paid in blocks first..last."""
+    """Transaction fees the given accounts paid in blocks first..last (withdrawal minus refund, per extrinsic)."""
     from chain.account_derivation import account_id
+    from chain.records import ChainEvent
+    from chain.submission import fee_paid
 
     ids = {account_id(p) for p in payers}
     total = 0
     for number in range(first_block, last_block + 1):
-        block_hash = ledger.substrate.get_block_hash(number)
-        for event in ledger.substrate.get_events(block_hash):
+        by_extrinsic: dict[int, list[ChainEvent]] = {}
+        for event in ledger.substrate.get_events(ledger.substrate.get_block_hash(number)):
             v = event.value
-            if (v["module_id"], v["event_id"]) == ("TransactionPayment", "TransactionFeePaid"):
-                attrs = v["attributes"]
-                if account_id(attrs["who"]) in ids:
-                    total += int(attrs["actual_fee"]) + int(attrs["tip"])
+            if v.get("extrinsic_idx") is not None:
+                by_extrinsic.setdefault(v["extrinsic_idx"], []).append(
+                    ChainEvent(v["module_id"], v["event_id"], v["attributes"]))
+        for events in by_extrinsic.values():
+            withdrawals = [e for e in events if (e.module, e.name) == ("Balances", "Withdraw")]
+            if withdrawals and account_id(withdrawals[0].attributes["who"]) in ids:
+                total += fee_paid(tuple(events))
     return total
 
 
