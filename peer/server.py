@@ -123,6 +123,8 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
         handler = BlockHandler(config, span, name, info_extra=lambda: {
             "throughput": throughput, "rate": config.rate, "chain_account": config.chain_account,
             "params_per_block": params_per_block, **(learner.info() if learner else {}),
+            # Binds this peer id to the key that signs its DHT records (clients drop records signed by others).
+            "record_owner": validator.local_public_key.decode(),
         }, learner=learner)
         p2p = await dht.replicate_p2p()
         await handler.add_handlers(p2p)

@@ -83,6 +83,7 @@ class SwarmClient:
         self.initial_peers = list(initial_peers)
         self.bans = BanList(config.ban_duration)
         self.latency: dict[str, float] = {}
+        self.record_owners: dict[str, str] = {}  # peer id -> the DHT signing key the peer itself reports
         self._records: list[ServerRecord] = []
         self._records_at = 0.0
         self.dht = None
@@ -111,9 +112,12 @@ class SwarmClient:
 
     async def records(self, refresh: bool = False) -> list[ServerRecord]:
         if refresh or time.monotonic() - self._records_at > self.config.refresh_interval:
-            self._records = await fetch_model_records(self.dht, self.model, self.num_blocks)
+            records = await fetch_model_records(self.dht, self.model, self.num_blocks)
             self._records_at = time.monotonic()
-            await self._ping_new(self._records)
+            await self._ping_new(records)
+            # Anyone can announce a record naming another peer's id under their own key; only the key the
+            # peer itself reports over its authenticated connection may speak for it.
+            self._records = [r for r in records if self.record_owners.get(r.peer_id, r.owner) == r.owner]
         return self._records
 
     async def _ping_new(self, records: list[ServerRecord]) -> None:
@@ -124,8 +128,11 @@ class SwarmClient:
         """Round-trip time of rpc_info to `peer_id` (inf if unreachable); cached for routing."""
         started = time.perf_counter()
         try:
-            await self.call(peer_id, protocol.HANDLER_INFO, runtime_pb2.ExpertRequest(), timeout=timeout)
+            reply = await self.call(peer_id, protocol.HANDLER_INFO, runtime_pb2.ExpertRequest(), timeout=timeout)
             rtt = time.perf_counter() - started
+            owner = protocol.unpack_metadata(reply.metadata).get("record_owner")
+            if isinstance(owner, str):
+                self.record_owners[peer_id] = owner
         except Exception:
             rtt = float("inf")
         self.latency[peer_id] = rtt

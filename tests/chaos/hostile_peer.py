@@ -32,13 +32,16 @@ def _corrupt_outputs(mode: str) -> None:
     SpanRunner.forward = forward
 
 
-def _announce_everything() -> None:
+def _announce_attractively(whole_model: bool) -> None:
+    """Every mode advertises a huge throughput so that routing tries it first; lie_blocks also claims every block."""
     import peer.server
 
     honest_announce = peer.server.announce
 
     async def announce(dht, record, owner_marker, ttl):
-        record.start, record.end, record.throughput = 0, record.num_blocks, 1e6
+        record.throughput = 1e6
+        if whole_model:
+            record.start, record.end = 0, record.num_blocks
         return await honest_announce(dht, record, owner_marker, ttl)
 
     peer.server.announce = announce
@@ -48,9 +51,8 @@ def main() -> None:
     mode = sys.argv[1]
     if mode not in MODES:
         raise SystemExit(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "lie_blocks":
-        _announce_everything()
-    else:
+    _announce_attractively(whole_model=mode == "lie_blocks")
+    if mode != "lie_blocks":
         _corrupt_outputs(mode)
     from dllm.cli import main as dllm_main
 
