@@ -431,13 +431,66 @@ def feedback(
 def verify(
     initial_peers: InitialPeers = None,
     model: ModelOption = None,
-    rounds: Annotated[int, typer.Option("--rounds", min=1, max=100, help="Probes per provider.")] = 1,
-    tokens: Annotated[int, typer.Option("--tokens", min=1, max=512, help="Positions per probe.")] = 8,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the probe inputs (default: random).")] = None,
+    chain_url: ChainUrl = None,
+    chain_key: ChainKey = None,
+    council_key: Annotated[
+        Optional[list[str]],
+        typer.Option("--council-key", help="Council member key (repeat up to the threshold): this verifier also tallies "
+                     "verdicts and slashes on chain."),
+    ] = None,
+    authorized: Annotated[
+        Optional[list[str]],
+        typer.Option("--verifier", help="Account whose verdicts count (repeatable; default: the dev council members)."),
+    ] = None,
+    threshold: Annotated[int, typer.Option("--threshold", min=1, help="Failing verdicts from distinct verifiers to slash.")] = 2,
+    gossip_port: Annotated[int, typer.Option("--gossip-port", min=0, max=65535, help="TCP port of the gossip node (0: free).")] = 0,
+    gossip_peer: Annotated[
+        Optional[list[str]], typer.Option("--gossip-peer", help="Gossip node multiaddr to dial (others are found in the DHT).")
+    ] = None,
+    probe: Annotated[
+        bool, typer.Option("--probe", help="Do not serve: probe every provider's blocks once with random inputs, "
+                           "recomputed locally, print a table and exit (1 if any provider is wrong).")
+    ] = False,
+    rounds: Annotated[Optional[int], typer.Option("--rounds", min=1, max=100, help="With --probe: probes per provider (default 1).")] = None,
+    tokens: Annotated[Optional[int], typer.Option("--tokens", min=1, max=512, help="With --probe: positions per probe (default 8).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="With --probe: seed of the probe inputs (default: random).")] = None,
 ) -> None:
-    """Spot-check every provider: probe inputs through its blocks, recomputed locally and compared."""
+    """Run a verifier: re-run clients' sampled work, publish signed verdicts, slash as council (until Ctrl-C).
+
+    With --probe, check every provider once with probe inputs instead, and exit.
+    """
     peers = _require_peers(initial_peers)
     folder = _model_folder(model)
+    if probe:
+        # (--chain-key may come from DLLM_CHAIN_KEY: a probe just does not use it)
+        serving_only = {"'--council-key'": council_key, "'--verifier'": authorized, "'--gossip-peer'": gossip_peer}
+        for hint, value in serving_only.items():
+            if value:
+                raise typer.BadParameter("only a serving verifier uses this; drop it or drop --probe", param_hint=hint)
+        _probe_providers(peers, folder, rounds or 1, tokens or 8, seed)
+        return
+    for hint, value in (("'--rounds'", rounds), ("'--tokens'", tokens), ("'--seed'", seed)):
+        if value is not None:
+            raise typer.BadParameter("only a one-shot probe uses this: add --probe", param_hint=hint)
+    url = arguments.parse_chain_url(chain_url)
+    key = arguments.parse_chain_key(chain_key)
+    if not key:
+        raise typer.BadParameter("a verifier signs its verdicts: give --chain-key (or --probe for a one-shot check)",
+                                 param_hint="'--chain-key'")
+    if council_key and not url:
+        raise typer.BadParameter("slashing as council needs --chain-url", param_hint="'--council-key'")
+    from economy.verifier import VerifierConfig, main as run_verifier_blocking
+
+    for value in [key, *(council_key or [])]:
+        _keypair(value)  # a bad key is a usage error now, not a crash later
+    run_verifier_blocking(VerifierConfig(
+        model=str(folder), key=key, initial_peers=peers, verifiers=list(authorized or []), threshold=threshold,
+        council_keys=list(council_key or []), chain_url=url, gossip_port=gossip_port, gossip_peers=list(gossip_peer or []),
+    ))
+
+
+def _probe_providers(peers: list[str], folder: Path, rounds: int, tokens: int, seed: int | None) -> None:
+    """`dllm verify --probe`: probe inputs through every provider's span, compared with a local recomputation."""
     import asyncio
 
     from rich.console import Console
@@ -469,46 +522,6 @@ def verify(
     failed = [r for r in results if not r.passed]
     if failed:
         _fail(f"{len(failed)} of {len(results)} checks failed: " + ", ".join(sorted({r.peer_id for r in failed})))
-
-
-@app.command("verifier")
-def verifier(
-    initial_peers: InitialPeers = None,
-    model: ModelOption = None,
-    chain_url: ChainUrl = None,
-    chain_key: ChainKey = None,
-    council_key: Annotated[
-        Optional[list[str]],
-        typer.Option("--council-key", help="Council member key (repeat up to the threshold): this verifier also tallies "
-                     "verdicts and slashes on chain."),
-    ] = None,
-    authorized: Annotated[
-        Optional[list[str]],
-        typer.Option("--verifier", help="Account whose verdicts count (repeatable; default: the dev council members)."),
-    ] = None,
-    threshold: Annotated[int, typer.Option("--threshold", min=1, help="Failing verdicts from distinct verifiers to slash.")] = 2,
-    gossip_port: Annotated[int, typer.Option("--gossip-port", min=0, max=65535, help="TCP port of the gossip node (0: free).")] = 0,
-    gossip_peer: Annotated[
-        Optional[list[str]], typer.Option("--gossip-peer", help="Gossip node multiaddr to dial (others are found in the DHT).")
-    ] = None,
-) -> None:
-    """Run a verifier service: re-run clients' sampled work, publish signed verdicts, slash as council (until Ctrl-C)."""
-    peers = _require_peers(initial_peers)
-    folder = _model_folder(model)
-    url = arguments.parse_chain_url(chain_url)
-    key = arguments.parse_chain_key(chain_key)
-    if not key:
-        raise typer.BadParameter("a verifier signs its verdicts: give --chain-key", param_hint="'--chain-key'")
-    if council_key and not url:
-        raise typer.BadParameter("slashing as council needs --chain-url", param_hint="'--council-key'")
-    from economy.verifier import VerifierConfig, main as run_verifier_blocking
-
-    for value in [key, *(council_key or [])]:
-        _keypair(value)  # a bad key is a usage error now, not a crash later
-    run_verifier_blocking(VerifierConfig(
-        model=str(folder), key=key, initial_peers=peers, verifiers=list(authorized or []), threshold=threshold,
-        council_keys=list(council_key or []), chain_url=url, gossip_port=gossip_port, gossip_peers=list(gossip_peer or []),
-    ))
 
 
 # -------------------------------------------------------------------------------------------------- api

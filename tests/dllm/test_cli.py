@@ -73,6 +73,11 @@ BAD_ARGUMENTS = [
     (["dashboard", "-p", PEER, "--refresh", "0.1"], "'--refresh'", ""),
     (["chain", "dev", "--port", "0"], "'--port'", ""),
     (["demo", "--peers", "0"], "'--peers'", ""),
+    (["verify", "-p", PEER], "'--chain-key'", "a verifier signs its verdicts"),
+    (["verify", "-p", PEER, "--chain-key", "//Alice", "--rounds", "2"], "'--rounds'", "add --probe"),
+    (["verify", "-p", PEER, "--probe", "--council-key", "//Alice"], "'--council-key'", "drop --probe"),
+    (["verify", "-p", PEER, "--probe", "--tokens", "0"], "'--tokens'", "greater than or equal to 1"),
+    (["verifier", "-p", PEER], "No such command", ""),  # the verifier daemon is `dllm verify` now
     (["frobnicate"], "No such command", ""),
     (["--log-level", "LOUD", "demo", "--help"], "'--log-level'", "not one of"),
 ]

@@ -1,4 +1,6 @@
-"""`dllm verify` against a local swarm with one honest and one cheating provider."""
+"""`dllm verify --probe` (the one-shot check) against a local swarm with one honest and one cheating provider.
+
+The serving verifier (`dllm verify` without --probe) is exercised by tests/economy/test_end_to_end.py."""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def test_verify_passes_honest_and_fails_cheating_providers(local_swarm, tiny_mod
     cheater = local_swarm.start_peer("4:8", "--model", str(cheating_model(tiny_model_path, tmp_path / "bad-model")))
     result = subprocess.run(
         [sys.executable, "-m", "dllm.cli", "verify", "-p", local_swarm.initial_peers[0], "--model", str(tiny_model_path),
-         "--rounds", "2", "--seed", "3"],
+         "--probe", "--rounds", "2", "--seed", "3"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "160"},
     )
     assert result.returncode == 1, result.stdout + result.stderr

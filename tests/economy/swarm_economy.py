@@ -56,8 +56,8 @@ def start_cheater(swarm: LocalSwarm, blocks: str, uri: str, chain_url: str, rece
 
 
 def start_verifier(swarm: LocalSwarm, uri: str, chain_url: str, council: list[str] = ()) -> ManagedProcess:
-    """`dllm verifier` signing with `uri` (plus council keys: it also tallies and slashes)."""
-    args = ["verifier", "--model", swarm.model, "--initial-peers", *swarm.initial_peers, "--chain-url", chain_url,
+    """`dllm verify` (the verifier process) signing with `uri` (plus council keys: it also tallies and slashes)."""
+    args = ["verify", "--model", swarm.model, "--initial-peers", *swarm.initial_peers, "--chain-url", chain_url,
             "--chain-key", uri]
     for key in council:
         args += ["--council-key", key]
