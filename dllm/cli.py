@@ -262,6 +262,10 @@ def peer_join(
     settle_interval: Annotated[
         float, typer.Option("--settle-interval", min=1.0, help="Seconds between settlement rounds of stored receipts.")
     ] = 30.0,
+    quote_period: Annotated[
+        float, typer.Option("--quote-period", min=0.0,
+                            help="Seconds between signed price asks gossiped on dllm/quotes/1 (with --chain-key; 0: no gossip).")
+    ] = 30.0,
     identity: Annotated[
         Optional[Path],
         typer.Option("--identity", help="Private key file: a stable peer id across restarts (created if missing)."),
@@ -329,6 +333,7 @@ def peer_join(
             chain_url=url,
             receipts_path=receipts,
             settle_interval=settle_interval,
+            quote_period=quote_period,
             dtype=dtype,
             device=device,
             cache_bytes=cache_mb * 2**20,

@@ -33,6 +33,7 @@ class PeerConfig:
     chain_url: str | None = None  # chain that settles receipts (None: receipts are kept, not settled)
     receipts_path: Path | None = None  # SQLite receipt store (default ~/.dllm/receipts-<account>.sqlite3)
     settle_interval: float = 30.0  # seconds between settlement rounds
+    quote_period: float = 30.0  # seconds between signed price asks on dllm/quotes/1 (needs chain_key; 0: no gossip)
     compute_threads: int = 1
     throughput: float | None = None  # tokens/s to announce; None measures it at start
     request_timeout: float = 30.0
@@ -54,6 +55,8 @@ class PeerConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.adapter_rank < 0 or self.train_step_batch < 1 or self.averaging_period < 3:
             raise ValueError("adapter_rank must be >= 0, train_step_batch >= 1 and averaging_period >= 3 s")
+        if self.quote_period < 0:
+            raise ValueError(f"quote_period must be >= 0 seconds (0: no price gossip), got {self.quote_period}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
 

@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
+from economy.gossip import GossipError
 from peer.block_selection import choose_blocks
 from peer.blocks import check_span, load_span_layers
 from peer.config import PeerConfig
 from peer.handler import BlockHandler
 from peer.identity import load_or_create_record_key
 from peer.metering_hook import SessionMeters
+from peer.quote_publisher import QuotePublisher, QuotePublisherConfig, provider_ask
 from peer.receipt_service import ReceiptService, billing_setup
 from peer.learning import LearningConfig, SpanLearner
 from peer.training import TrainingConfig
@@ -85,6 +87,7 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
     handler = None
     p2p = None
     receipts: ReceiptService | None = None
+    quotes: QuotePublisher | None = None
     learner: SpanLearner | None = None
     learning_task: asyncio.Task | None = None
     try:
@@ -123,6 +126,7 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
         handler = BlockHandler(config, span, name, info_extra=lambda: {
             "throughput": throughput, "rate": config.rate, "chain_account": config.chain_account,
             "params_per_block": params_per_block, **(learner.info() if learner else {}),
+            **(quotes.info() if quotes else {}),
             # Binds this peer id to the key that signs its DHT records (clients drop records signed by others).
             "record_owner": validator.local_public_key.decode(),
         }, learner=learner)
@@ -133,6 +137,16 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
             handler.metering = SessionMeters(name, params_per_block, idle_s=2 * config.session_timeout)
             receipts = await ReceiptService.start(billing, handler.metering)
             await receipts.add_handlers(p2p)
+            if config.quote_period > 0:  # signed price asks on dllm/quotes/1 (an extra: serving goes on without)
+                quotes = QuotePublisher(billing.keypair, peer_id, lambda: provider_ask(
+                    billing.keypair, peer_id, name, start, end, params_per_block, billing.rate, 2 * config.quote_period),
+                    dht, validator.local_public_key, QuotePublisherConfig(period=config.quote_period))
+                try:
+                    await quotes.start()
+                except GossipError as e:
+                    logger.warning("price gossip is off: %s", e)
+                    await quotes.close()
+                    quotes = None
         await announce(dht, record(), validator.local_public_key, config.record_ttl)
 
         running = RunningPeer(peer_id, visible_maddrs(dht), name, start, end, handler)
@@ -153,6 +167,8 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
     finally:
         if handler is not None:
             handler.shutdown()
+        if quotes is not None:
+            await quotes.close()
         if receipts is not None:
             await receipts.close()
         if learning_task is not None:
