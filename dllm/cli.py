@@ -294,6 +294,16 @@ def peer_join(
     learning_rate: Annotated[
         float, typer.Option("--learning-rate", min=1e-7, max=1.0, help="Adapters' learning rate (Adam).")
     ] = 1e-3,
+    canary_file: Annotated[
+        Optional[Path],
+        typer.Option("--canary-file", dir_okay=False,
+                     help="Held-out canary examples (one per line; TAB splits prompt from scored text) that gate "
+                          "adapter updates. Default: the set shipped with DLLM."),
+    ] = None,
+    canary_max_rise: Annotated[
+        float, typer.Option("--canary-max-rise", min=0.0, max=1.0,
+                            help="Roll back an adapter update whose canary loss rises by more than this fraction.")
+    ] = 0.01,
 ) -> None:
     """Join the swarm as a compute provider serving a span of the model's blocks (runs until Ctrl-C)."""
     peers = _require_peers(initial_peers)
@@ -342,9 +352,18 @@ def peer_join(
             averaging_period=averaging_period,
             train_step_batch=train_step_batch,
             learning_rate=learning_rate,
+            canary_file=canary_file,
+            canary_max_rise=canary_max_rise,
         )
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
+    if adapter_rank > 0:  # a bad canary file fails here, in one line, not in the peer's start-up
+        from peer.canary_examples import CanaryExamplesError, read_canary_file
+
+        try:
+            read_canary_file(canary_file)
+        except CanaryExamplesError as error:
+            raise typer.BadParameter(str(error), param_hint="'--canary-file'") from None
     run_peer_blocking(config)
 
 

@@ -41,7 +41,7 @@ from hivemind.utils import get_dht_time
 from peer.adapters import AdapterSet, AdapterState, flatten, unflatten
 from peer.aggregation import clip_by_norm
 from peer.average_check import AverageSketcher, Sketch, SketchError
-from peer.canary import CanaryGate
+from peer.canary import CanaryGate, CanaryVerdict
 
 logger = logging.getLogger(__name__)
 
@@ -283,16 +283,13 @@ class AdapterAverager:
 
         if verdict and not average.any():  # every member computes the same zeros: all skip alike
             return self._skip("no member had an update", group)
-        candidate = None
+        candidate, harmful = None, False
         if verdict:
             live = self.adapters.state(base_version).tensors
             delta = unflatten(average, live, names)
             candidate = self.adapters.propose({n: live[n] + delta[n] for n in names})
             if self.canary is not None:
-                canary_verdict = await self.canary.check(base_version, candidate)
-                if not canary_verdict.accepted:
-                    verdict, reason = False, f"canary rejected the update: {canary_verdict.reason}"
-                    self.canary.record_rollback(canary_verdict)
+                verdict, reason, harmful = self._canary_outcome(await self.canary.check(base_version, candidate), reason)
 
         agreed = await self._commit(round_key, group, verdict)
         if verdict and agreed:
@@ -302,7 +299,7 @@ class AdapterAverager:
             self.adapters.discard(candidate)
         if verdict and not agreed:
             reason = "a groupmate did not confirm the round (it failed or rejected it)"
-        elif reason.startswith("canary"):
+        elif harmful:
             self.adapters.reset_working()  # drop the local update that produced a rejected average
         return self._skip(reason, group)
 
@@ -315,15 +312,27 @@ class AdapterAverager:
             return self._skip("no local update since the live version", [self.peer_id])
         update = unflatten(clip_by_norm(flat, self.config.clip_tau), live, names)
         candidate = self.adapters.propose({n: live[n] + update[n] for n in names})
+        reason = "sole replica of this span"
         if self.canary is not None:
-            verdict = await self.canary.check(base_version, candidate)
-            if not verdict.accepted:
-                self.canary.record_rollback(verdict)
+            accepted, reason, harmful = self._canary_outcome(await self.canary.check(base_version, candidate), reason)
+            if not accepted:
                 self.adapters.discard(candidate)
-                self.adapters.reset_working()
-                return self._skip(f"canary rejected the update: {verdict.reason}", [self.peer_id])
+                if harmful:
+                    self.adapters.reset_working()
+                return self._skip(reason, [self.peer_id])
         self.adapters.promote(candidate)
-        return RoundOutcome("averaged", "sole replica of this span", self.adapters.live_version, [self.peer_id])
+        return RoundOutcome("averaged", reason, self.adapters.live_version, [self.peer_id])
+
+    def _canary_outcome(self, verdict: CanaryVerdict, reason: str) -> tuple[bool, str, bool]:
+        """(accepted, reason, harmful). A measured rise is harmful: rolled back and logged. A failed
+        evaluation only keeps the candidate from going live (fail-closed); local progress stays."""
+        if verdict.accepted:
+            return True, f"{reason}; {verdict.reason}" if reason else verdict.reason, False
+        if verdict.error is not None:
+            return False, verdict.reason, False
+        assert self.canary is not None
+        self.canary.record_rollback(verdict)
+        return False, f"canary rejected the update: {verdict.reason}", True
 
     async def _commit(self, round_key: str, group: list[str], verdict: bool) -> bool:
         """Publishes this member's verdict; True once every member said yes, False on any no or timeout."""

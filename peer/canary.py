@@ -5,7 +5,11 @@ A peer holds one span, so it cannot compute a language-model loss alone. The gat
 adapter `version` pinned on this span (live versions elsewhere). In the swarm that coroutine runs the
 canary examples through a route as a client, with this span served by this peer; in tests it can run a
 route assembled in one process. Both versions are evaluated in the same call so that drifts elsewhere
-in the route affect both sides equally.
+in the route affect both sides equally. An evaluator object with `losses(versions)` (see
+peer/canary_eval.py) evaluates them in one pass, pinning the same versions everywhere else.
+
+The gate fails closed: if the canary cannot be evaluated (no route, a peer down, a timeout), the
+candidate does not go live, but the local progress is kept since nothing shows it is harmful.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Mapping
+from typing import Awaitable, Callable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -23,6 +27,12 @@ from peer.adapters import AdapterSet
 logger = logging.getLogger(__name__)
 
 LossOfVersion = Callable[[int], Awaitable[float]]
+
+
+class VersionsEvaluator(Protocol):
+    """Canary losses of several versions of this span, evaluated on the same route in one call."""
+
+    async def losses(self, versions: Sequence[int]) -> list[float]: ...
 
 
 class CanaryConfigError(ValueError):
@@ -57,9 +67,12 @@ class CanaryVerdict:
     candidate_loss: float
     limit: float
     at: float = field(default_factory=time.time)
+    error: str | None = None  # set when the canary could not be evaluated (rejected, fail-closed)
 
     @property
     def reason(self) -> str:
+        if self.error is not None:
+            return f"canary could not evaluate candidate v{self.candidate_version}: {self.error}"
         relation = "<=" if self.accepted else ">"
         return (f"canary loss {self.candidate_loss:.4f} (candidate v{self.candidate_version}) {relation} "
                 f"limit {self.limit:.4f} (live v{self.live_version}: {self.live_loss:.4f})")
@@ -68,18 +81,34 @@ class CanaryVerdict:
 class CanaryGate:
     """Evaluates candidate adapter versions on held-out canary examples and keeps the rollback log."""
 
-    def __init__(self, evaluate: LossOfVersion, config: CanaryConfig | None = None):
+    def __init__(self, evaluate: LossOfVersion | VersionsEvaluator, config: CanaryConfig | None = None):
         self.evaluate = evaluate
         self.config = config or CanaryConfig()
         self.rollbacks: list[CanaryVerdict] = []
+        self.verdicts: list[CanaryVerdict] = []  # every evaluation, accepted or not (newest last)
+
+    async def _losses(self, versions: Sequence[int]) -> list[float]:
+        if hasattr(self.evaluate, "losses"):
+            return [float(x) for x in await self.evaluate.losses(versions)]
+        return [float(await self.evaluate(v)) for v in versions]
 
     async def check(self, live_version: int, candidate_version: int) -> CanaryVerdict:
-        """Canary loss of both versions; accepted unless the candidate's rises beyond the threshold."""
-        live_loss = float(await self.evaluate(live_version))
-        candidate_loss = float(await self.evaluate(candidate_version))
-        limit = self.config.limit(live_loss)
-        accepted = math.isfinite(candidate_loss) and candidate_loss <= limit
-        return CanaryVerdict(accepted, live_version, candidate_version, live_loss, candidate_loss, limit)
+        """Canary loss of both versions; accepted unless the candidate's rises beyond the threshold.
+
+        Never raises for a failed evaluation: the verdict is then a rejection carrying `error`.
+        """
+        try:
+            live_loss, candidate_loss = await self._losses([live_version, candidate_version])
+        except Exception as e:  # fail closed: an update nobody could check does not go live
+            logger.warning("canary evaluation failed: %s: %s", type(e).__name__, e)
+            verdict = CanaryVerdict(False, live_version, candidate_version, math.nan, math.nan, math.nan,
+                                    error=f"{type(e).__name__}: {e}")
+        else:
+            limit = self.config.limit(live_loss)
+            accepted = math.isfinite(candidate_loss) and math.isfinite(live_loss) and candidate_loss <= limit
+            verdict = CanaryVerdict(accepted, live_version, candidate_version, live_loss, candidate_loss, limit)
+        self.verdicts = self.verdicts[-31:] + [verdict]
+        return verdict
 
     def record_rollback(self, verdict: CanaryVerdict) -> None:
         """Logs a rejected update (the audit trail operators read) and keeps it in `rollbacks`."""
@@ -101,8 +130,9 @@ class CanaryGate:
             logger.info("adapter update accepted: %s", verdict.reason)
         else:
             adapters.discard(candidate)
-            adapters.reset_working()
-            self.record_rollback(verdict)
+            if verdict.error is None:  # measured harmful: drop the local progress that produced it
+                adapters.reset_working()
+                self.record_rollback(verdict)
         return verdict
 
 

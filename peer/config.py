@@ -41,6 +41,8 @@ class PeerConfig:
     averaging_period: float = 30.0  # seconds between adapter-averaging rounds with replicas of the span
     train_step_batch: int = 4  # training passes per adapter optimizer step
     learning_rate: float = 1e-3  # adapters' learning rate
+    canary_file: Path | None = None  # held-out canary examples gating adapter updates (None: the default set)
+    canary_max_rise: float = 0.01  # an update whose canary loss rises more than this fraction is rolled back
 
     def __post_init__(self) -> None:
         if self.blocks is not None:
@@ -55,6 +57,8 @@ class PeerConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.adapter_rank < 0 or self.train_step_batch < 1 or self.averaging_period < 3:
             raise ValueError("adapter_rank must be >= 0, train_step_batch >= 1 and averaging_period >= 3 s")
+        if not 0 <= self.canary_max_rise < 10:
+            raise ValueError(f"canary_max_rise must be a fraction in [0, 10), got {self.canary_max_rise}")
         if self.quote_period < 0:
             raise ValueError(f"quote_period must be >= 0 seconds (0: no price gossip), got {self.quote_period}")
         if self.dtype not in ("float32", "float16", "bfloat16"):

@@ -24,6 +24,7 @@ from peer.config import PeerConfig
 from peer.learning import SpanLearner
 from peer.training import GradientError, RateLimitExceededError
 from peer.kv_cache import CacheFullError, CacheManager, CacheOverflowError, SessionExistsError, SessionNotFoundError
+from economy.metering import StepKind
 from peer.metering_hook import MeteringRequestError, SessionMeters
 from peer.span import SpanRunner
 from swarm import chunks, protocol
@@ -217,9 +218,11 @@ class BlockHandler:
             with torch.inference_mode(), (learner.version_scope(version) if learner else contextlib.nullcontext()):
                 return self.span.forward(hidden, blocks=blocks)
 
-        output = await self._compute(run, hidden.shape[0] * hidden.shape[1])
+        self._open_metered_pass(metadata, blocks)
+        output = (await self._compute(run, hidden.shape[0] * hidden.shape[1])).to("cpu", hidden.dtype)
+        self._meter_pass(metadata, StepKind.PROMPT, hidden, output)
         self.requests_served += 1
-        return output.to("cpu", hidden.dtype)
+        return output
 
     async def _backward(self, metadata: dict, tensors: list[runtime_pb2.Tensor], remote: str = "") -> torch.Tensor:
         self._check_model(metadata)
@@ -245,9 +248,28 @@ class BlockHandler:
                 (grad_in,) = torch.autograd.grad(output, inputs, grad_out.to(output.device, output.dtype))
             return grad_in
 
-        grad_in = await self._compute(run, 2)
+        self._open_metered_pass(metadata, blocks)
+        grad_in = (await self._compute(run, 2)).to("cpu", hidden.dtype)
+        self._meter_pass(metadata, StepKind.BACKWARD, grad_out, grad_in)
         self.requests_served += 1
-        return grad_in.to("cpu", hidden.dtype)
+        return grad_in
+
+    # A forward/backward request naming a paying `client` and a `session_id` (a training pass) is metered
+    # like an inference session: the forward as a prompt step at position 0, the backward as a backward
+    # step (grad_out in, grad_in out), so receipts price it with economy.pricing's backward rate.
+    def _open_metered_pass(self, metadata: dict, blocks: range) -> None:
+        if self.metering is None or metadata.get("client") is None:
+            return
+        session_id = protocol.get_field(metadata, "session_id", str)
+        session = self.metering.open(session_id, blocks, metadata)  # validates before any compute
+        if session is not None and (session.meter.start, session.meter.end) != (blocks.start, blocks.stop):
+            raise MeteringRequestError(f"metered session {session_id!r} covers blocks "
+                                       f"{session.meter.start}:{session.meter.end}, not {blocks.start}:{blocks.stop}")
+
+    def _meter_pass(self, metadata: dict, kind: StepKind, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
+        if self.metering is None or metadata.get("client") is None:
+            return
+        self.metering.record(metadata["session_id"], inputs, outputs, 0, kind=kind)
 
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext

@@ -95,6 +95,11 @@ class SpanLearner:
         with torch.inference_mode(), self.adapters.training():
             return self.span.forward(hidden, blocks=blocks)
 
+    def pinned_forward(self, hidden: torch.Tensor, version: int) -> torch.Tensor:
+        """The whole span with adapter `version` (a candidate included): what the canary evaluator runs."""
+        with torch.inference_mode(), self.adapters.use(version):
+            return self.span.forward(hidden.to(self.span.device, self.span.dtype)).to("cpu", torch.float32)
+
     def info(self) -> dict[str, Any]:
         live = flatten(self.adapters.state().tensors, self.adapters.names)
         info: dict[str, Any] = {
@@ -102,6 +107,12 @@ class SpanLearner:
             "adapter_fingerprint": [round(float(x), 7) for x in self._fingerprint.sketch(live).sums],
             "adapter_parameters": self.adapters.num_parameters(),
         }
+        if self.canary is not None:
+            info["canary_rollbacks"] = len(self.canary.rollbacks)
+            if self.canary.verdicts:
+                last = self.canary.verdicts[-1]
+                info["last_canary"] = {"accepted": last.accepted, "live_loss": last.live_loss,
+                                       "candidate_loss": last.candidate_loss, "reason": last.reason}
         if self.last_round is not None:
             info["last_averaging"] = {"status": self.last_round.status, "reason": self.last_round.reason,
                                       "group_size": self.last_round.group_size}

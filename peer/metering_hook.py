@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from economy.canonical import CanonicalFormatError, check_ss58
-from economy.metering import UsageMeter, step_kind_at
+from economy.metering import StepKind, UsageMeter, step_kind_at
 from economy.receipts import UsageReceipt
 
 logger = logging.getLogger(__name__)
@@ -81,13 +81,14 @@ class SessionMeters:
         self._sessions[session_id] = session
         return session
 
-    def record(self, session_id: str, inputs: torch.Tensor, outputs: torch.Tensor, position: int) -> None:
-        """Meters one served step (no-op for a session that is not metered)."""
+    def record(self, session_id: str, inputs: torch.Tensor, outputs: torch.Tensor, position: int,
+               kind: StepKind | None = None) -> None:
+        """Meters one served step (no-op for a session that is not metered); `kind` defaults by position."""
         session = self._sessions.get(session_id)
         if session is None:
             return
         tokens = int(inputs.shape[0] * inputs.shape[1])
-        session.meter.record_step(step_kind_at(position), tokens, inputs, outputs, position)
+        session.meter.record_step(kind or step_kind_at(position), tokens, inputs, outputs, position)
         session.last_used = time.monotonic()
 
     def get(self, session_id: str) -> MeteredSession:

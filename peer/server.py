@@ -20,6 +20,7 @@ from peer.identity import load_or_create_record_key
 from peer.metering_hook import SessionMeters
 from peer.quote_publisher import QuotePublisher, QuotePublisherConfig, provider_ask
 from peer.receipt_service import ReceiptService, billing_setup
+from peer.canary_eval import swarm_canary_gate
 from peer.learning import LearningConfig, SpanLearner
 from peer.training import TrainingConfig
 from peer.span import SpanRunner
@@ -117,10 +118,16 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
                 params_per_block=params_per_block, addrs=visible_maddrs(dht),
             )
 
+        p2p = await dht.replicate_p2p()
         if config.adapter_rank > 0:  # learning: adapters, then the replicas' current state before serving
             learner = SpanLearner(span, LearningConfig(
                 rank=config.adapter_rank, averaging_period=config.averaging_period, step_batch=config.train_step_batch,
                 training=TrainingConfig(learning_rate=config.learning_rate)))
+            learner.canary = swarm_canary_gate(  # updates go live only if the canary loss does not rise
+                model_dir=model_dir, model_name=name, dht=dht, p2p=p2p, start=start, end=end,
+                local_forward=lambda hidden, version: asyncio.to_thread(learner.pinned_forward, hidden, version),
+                canary_file=config.canary_file, max_relative_rise=config.canary_max_rise,
+                request_timeout=config.request_timeout)
             await learner.start(dht, name)
             learning_task = asyncio.create_task(learner.run())
         handler = BlockHandler(config, span, name, info_extra=lambda: {
@@ -130,7 +137,6 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
             # Binds this peer id to the key that signs its DHT records (clients drop records signed by others).
             "record_owner": validator.local_public_key.decode(),
         }, learner=learner)
-        p2p = await dht.replicate_p2p()
         await handler.add_handlers(p2p)
         billing = billing_setup(config.chain_key, config.chain_url, config.receipts_path, config.rate, config.settle_interval)
         if billing is not None:  # meter sessions, co-sign receipts, settle them on chain

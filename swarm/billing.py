@@ -28,7 +28,7 @@ from hivemind.proto import runtime_pb2
 
 from economy import signing
 from economy.canonical import CanonicalFormatError
-from economy.metering import UsageMeter, step_kind_at
+from economy.metering import StepKind, UsageMeter, step_kind_at
 from economy.presigned_settlement import account_nonce, payments_for, sign_at_nonce
 from economy.pricing import Bill, Line, ProviderRate, RouteHop, route_price_per_token
 from economy.receipts import (
@@ -158,8 +158,8 @@ class ClientBilling:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def session(self, sampled: bool) -> "SessionBilling":
-        return SessionBilling(self, sampled)
+    def session(self, sampled: bool, spot_checks: bool = True) -> "SessionBilling":
+        return SessionBilling(self, sampled, spot_checks)
 
     # --- chain ---------------------------------------------------------------------------------
 
@@ -232,9 +232,11 @@ class ClientBilling:
 class SessionBilling:
     """Billing of one inference session: the observer for its hops and its receipts."""
 
-    def __init__(self, billing: ClientBilling, sampled: bool):
+    def __init__(self, billing: ClientBilling, sampled: bool, spot_checks: bool = True):
         self.billing = billing
         self.sampled = sampled
+        # Training passes run the peers' working adapters, which no verifier can reproduce: not sampled.
+        self.spot_checks = spot_checks
         self.meters: dict[str, HopMeter] = {}
         self.receipts: list[SignedReceipt] = []
         self.errors: list[Exception] = []
@@ -244,15 +246,18 @@ class SessionBilling:
         """Opening metadata every hop gets: who pays, and whether the session samples."""
         return {"client": self.billing.account, "sampled": self.sampled}
 
-    def observe(self, stream: Any, inputs: torch.Tensor, outputs: torch.Tensor, position: int) -> None:
-        """StepObserver: meters one completed step of a hop, exactly as it crossed the wire."""
+    def observe(self, stream: Any, inputs: torch.Tensor, outputs: torch.Tensor, position: int,
+                kind: StepKind | None = None) -> None:
+        """StepObserver: meters one completed step of a hop, exactly as it crossed the wire.
+
+        `kind` defaults by position (prompt at 0, else generated); training passes give it explicitly."""
         hm = self.meters.get(stream.session_id)
         if hm is None:
             hop = stream.hop
             hm = HopMeter(hop, UsageMeter(stream.session_id.encode(), self.billing.model, hop.start, hop.end,
                                           (hop.end - hop.start) * hop.record.params_per_block, sampled=self.sampled))
             self.meters[stream.session_id] = hm
-        kind = step_kind_at(position)
+        kind = kind or step_kind_at(position)
         tokens = int(inputs.shape[0] * inputs.shape[1])
         hm.meter.record_step(kind, tokens, inputs, outputs, position)
         hm.steps.append(SampledStep(kind, position, inputs.detach().clone(), outputs.detach().clone()))
@@ -293,7 +298,7 @@ class SessionBilling:
         if self.billing.config.submit_settlements:
             self.billing.submit_later(nonce, extrinsic, [s.receipt.receipt_id_bytes for _, s in signed])
         for stream, s in signed:
-            if self.billing.policy.selects(s.receipt.receipt_id_bytes):
+            if self.spot_checks and self.billing.policy.selects(s.receipt.receipt_id_bytes):
                 sample = WorkSample(s, tuple(self.meters[stream.session_id].steps))
                 self.billing._spawn(self.billing.send_sample(sample))
         return delivered

@@ -32,6 +32,7 @@ from swarm.session import InferenceSession
 from swarm.billing import BillingConfig, ClientBilling, SessionBilling, route_hops, route_price
 from economy.pricing import Bill, Quote, quote as price_quote
 from swarm.tensors import InvalidTensorError, check_hidden_states, decode, encode
+from swarm.training_billing import TrainingPassBilling
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class ClientConfig:
     request_timeout: float = 10.0  # a step slower than this counts as a failed peer
     max_failovers: int = 8
     ban_duration: float = 60.0
+    busy_backoff: float = 1.0  # how long a peer that refused for lack of cache is skipped
     max_rate: int | None = None  # skip peers whose advertised rate is above this
     refresh_interval: float = 5.0  # re-read DHT records at most this often
     max_retries: int = 3  # for forward/backward RPCs
@@ -143,6 +145,18 @@ class SwarmClient:
         return await self.ping(peer_id, timeout=1.0) != float("inf")
 
     async def plan(self, start: int, end: int) -> list[Hop]:
+        """A route for blocks start..end-1, waiting (up to request_timeout) for short bans of busy peers to end."""
+        deadline = time.monotonic() + self.config.request_timeout
+        while True:
+            try:
+                return await self._plan_once(start, end)
+            except NoRouteError:
+                wait = self.bans.seconds_until_next_release()
+                if wait is None or time.monotonic() + wait > deadline:
+                    raise
+                await asyncio.sleep(wait + 0.01)
+
+    async def _plan_once(self, start: int, end: int) -> list[Hop]:
         """A route for blocks start..end-1; re-reads the DHT once if the cached records fall short."""
         for refresh in (False, True):
             records = [r for r in await self.records(refresh) if self.latency.get(r.peer_id) != float("inf")]
@@ -160,7 +174,9 @@ class SwarmClient:
         raise AssertionError("unreachable")
 
     def report_failure(self, peer_id: str, error: Exception) -> None:
-        self.bans.ban(peer_id)
+        # A busy peer (cache budget full) is healthy: skip it only briefly. Anything else is banned.
+        busy = isinstance(error, protocol.PeerBusyError)
+        self.bans.ban(peer_id, self.config.busy_backoff if busy else None)
         self._records_at = 0.0  # re-read the DHT on the next plan
 
     # --- RPCs ----------------------------------------------------------------------------------
@@ -173,11 +189,14 @@ class SwarmClient:
         protocol.raise_if_error(protocol.unpack_metadata(response.metadata), peer_id)
         return response
 
-    async def _hop_call(self, hop: Hop, handler: str, tensors: list[torch.Tensor], extra: dict | None = None) -> torch.Tensor:
+    async def _hop_call(self, hop: Hop, handler: str, tensors: list[torch.Tensor], extra: dict | None = None,
+                        metered: TrainingPassBilling | None = None) -> torch.Tensor:
         """forward/backward on one hop; payloads too big for one message go through the streamed variant.
 
-        `extra` adds request metadata (e.g. {"train": True} for a feedback pass)."""
+        `extra` adds request metadata (e.g. {"train": True} for a feedback pass); `metered` bills the call."""
         metadata = {"model": self.model, "blocks": [hop.start, hop.end], **(extra or {})}
+        if metered is not None:
+            metadata.update(metered.request_metadata(hop))
         encoded = [encode(t) for t in tensors]
         if sum(len(t.buffer) for t in encoded) <= _UNARY_PAYLOAD_BYTES:
             request = runtime_pb2.ExpertRequest(tensors=encoded, metadata=protocol.pack_metadata(metadata))
@@ -191,6 +210,8 @@ class SwarmClient:
         check_hidden_states(out, tensors[0].shape[-1], 2**31, f"reply of peer {hop.peer_id}")
         if out.shape != tensors[0].shape:
             raise InvalidTensorError(f"peer {hop.peer_id} returned shape {list(out.shape)}, expected {list(tensors[0].shape)}")
+        if metered is not None:
+            metered.observe(hop, handler, tensors, out)
         return out
 
     async def _streamed_call(self, peer_id: str, handler: str, requests) -> list[runtime_pb2.Tensor]:
@@ -223,7 +244,8 @@ class SwarmClient:
                 logger.warning("request failed (%s); retrying on another route", e)
         raise RuntimeError(f"request failed after {self.config.max_retries + 1} attempts: {last}") from last
 
-    async def forward_hidden(self, hidden: torch.Tensor, extra: dict | None = None) -> tuple[torch.Tensor, list[Hop], list[torch.Tensor]]:
+    async def forward_hidden(self, hidden: torch.Tensor, extra: dict | None = None,
+                             metered: TrainingPassBilling | None = None) -> tuple[torch.Tensor, list[Hop], list[torch.Tensor]]:
         """Runs a full sequence through all blocks (no cache); returns output, route, per-hop inputs."""
 
         async def run(hops: list[Hop]):
@@ -231,7 +253,7 @@ class SwarmClient:
             for hop in hops:
                 inputs.append(x)
                 try:
-                    x = await self._hop_call(hop, protocol.HANDLER_FORWARD, [x], extra)
+                    x = await self._hop_call(hop, protocol.HANDLER_FORWARD, [x], extra, metered)
                 except Exception as e:
                     e._hop_peer = hop.peer_id
                     raise
@@ -241,29 +263,29 @@ class SwarmClient:
         return out, hops, inputs
 
     async def backward_hidden(self, hops: list[Hop], inputs: list[torch.Tensor], grad_out: torch.Tensor,
-                              extra: dict | None = None) -> torch.Tensor:
+                              extra: dict | None = None, metered: TrainingPassBilling | None = None) -> torch.Tensor:
         """Gradient w.r.t. the first hop's inputs, walking the route backwards."""
         grad = grad_out
         for hop, x in zip(reversed(hops), reversed(inputs)):
             try:
-                grad = await self._hop_call(hop, protocol.HANDLER_BACKWARD, [x, grad], extra)
+                grad = await self._hop_call(hop, protocol.HANDLER_BACKWARD, [x, grad], extra, metered)
             except (protocol.InvalidRequestError, protocol.InvalidTensorRemoteError):
                 raise
             except Exception as e:
                 # The peer that holds those blocks is gone: recompute through another route for them.
                 self.report_failure(hop.peer_id, e)
                 alt = await self.plan(hop.start, hop.end)
-                grad = await self._backward_segment(alt, x, grad, extra)
+                grad = await self._backward_segment(alt, x, grad, extra, metered)
         return grad
 
     async def _backward_segment(self, hops: list[Hop], x: torch.Tensor, grad: torch.Tensor,
-                                extra: dict | None = None) -> torch.Tensor:
+                                extra: dict | None = None, metered: TrainingPassBilling | None = None) -> torch.Tensor:
         inputs = []
         for hop in hops:
             inputs.append(x)
-            x = await self._hop_call(hop, protocol.HANDLER_FORWARD, [x], extra)
+            x = await self._hop_call(hop, protocol.HANDLER_FORWARD, [x], extra, metered)
         for hop, inp in zip(reversed(hops), reversed(inputs)):
-            grad = await self._hop_call(hop, protocol.HANDLER_BACKWARD, [inp, grad], extra)
+            grad = await self._hop_call(hop, protocol.HANDLER_BACKWARD, [inp, grad], extra, metered)
         return grad
 
     async def feedback_pass(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float:
@@ -271,14 +293,26 @@ class SwarmClient:
 
         Each peer on the route files its adapter gradients under this client's peer id and steps its
         adapters; the update goes live after the span's replicas average and check it. Returns the loss.
+        With billing configured, each hop's forward and backward are metered and paid like a session
+        (`last_training_billing` holds the pass's receipts).
         """
         train = {"train": True}
-        out, hops, inputs = await self.forward_hidden(self.head.embed_tokens(input_ids), train)
-        with torch.enable_grad():
-            out = out.detach().requires_grad_(True)
-            loss = causal_lm_loss(self.head.logits(out), labels)
-            (grad,) = torch.autograd.grad(loss, [out])
-        await self.backward_hidden(hops, inputs, grad, train)
+        metered = TrainingPassBilling(self.billing.session(sampled=False, spot_checks=False)) if self.billing else None
+        self.last_training_billing = metered
+        try:
+            out, hops, inputs = await self.forward_hidden(self.head.embed_tokens(input_ids), train, metered)
+            with torch.enable_grad():
+                out = out.detach().requires_grad_(True)
+                loss = causal_lm_loss(self.head.logits(out), labels)
+                (grad,) = torch.autograd.grad(loss, [out])
+            await self.backward_hidden(hops, inputs, grad, train, metered)
+        finally:
+            if metered is not None:  # pay for the work served, even if the pass failed half-way
+                try:
+                    await metered.finish()
+                except Exception as e:
+                    logger.warning("billing the training pass failed: %s", e)
+                    metered.session.errors.append(e)
         return float(loss.detach())
 
     # --- generation ----------------------------------------------------------------------------

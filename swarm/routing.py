@@ -42,8 +42,16 @@ class BanList:
         self.duration = duration
         self._until: dict[str, float] = {}
 
-    def ban(self, peer_id: str) -> None:
-        self._until[peer_id] = time.monotonic() + self.duration
+    def ban(self, peer_id: str, duration: float | None = None) -> None:
+        """Excludes `peer_id` for `duration` seconds (default: the list's duration); never shortens a ban."""
+        until = time.monotonic() + (self.duration if duration is None else duration)
+        self._until[peer_id] = max(until, self._until.get(peer_id, 0.0))
+
+    def seconds_until_next_release(self) -> float | None:
+        """How long until the soonest ban ends (None if no one is banned)."""
+        now = time.monotonic()
+        pending = [until - now for until in self._until.values() if until > now]
+        return min(pending) if pending else None
 
     def is_banned(self, peer_id: str) -> bool:
         until = self._until.get(peer_id)

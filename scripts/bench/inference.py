@@ -12,17 +12,22 @@ from __future__ import annotations
 import argparse
 import signal
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
-from rich.console import Console
-from rich.table import Table
-from transformers import AutoModelForCausalLM, AutoTokenizer
+# Run as a script, this folder comes first on sys.path and its chain.py would shadow the `chain` package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dllm import default_model_path
-from dllm.processes import LocalSwarm
-from swarm.client import DistributedModel
-from swarm.sampling import GenerationParams
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from dllm import default_model_path  # noqa: E402
+from dllm.processes import LocalSwarm  # noqa: E402
+from swarm.client import DistributedModel  # noqa: E402
+from swarm.sampling import GenerationParams  # noqa: E402
 
 PROMPT = "The module"
 
