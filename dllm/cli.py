@@ -596,14 +596,18 @@ def demo(
     queries: Annotated[int, typer.Option("--queries", min=1, max=20, help="How many demo queries to run.")] = 3,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, max=256, help="Tokens per query.")] = 24,
     chain_port: Annotated[int, typer.Option("--chain-port", min=0, max=65535, help="Dev chain port (0: free).")] = 0,
+    verifier: Annotated[
+        bool, typer.Option("--verifier/--no-verifier", help="Start a verifier that spot-checks every receipt's work.")
+    ] = True,
 ) -> None:
-    """Run everything locally: dev chain, bootstrap node, peers, queries, settlement; then shut it all down."""
+    """Run everything locally: dev chain, bootstrap node, paid peers, a verifier, queries, settlement; then shut it all down."""
     from dllm.demo import DemoConfig, run_demo
 
     from dllm.demo import DemoError
 
     try:
-        report = run_demo(DemoConfig(peers=peers, queries=queries, max_tokens=max_tokens, chain_port=chain_port))
+        report = run_demo(DemoConfig(peers=peers, queries=queries, max_tokens=max_tokens, chain_port=chain_port,
+                                     verifier=verifier))
     except DemoError as error:
         _fail(f"the demo failed: {error}")
     if report.leftover_processes or report.leftover_sockets:

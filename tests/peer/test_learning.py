@@ -12,6 +12,7 @@ from peer.canary import causal_lm_loss
 from swarm import protocol
 from swarm.client import DistributedModel
 from swarm.sampling import GenerationParams
+from tests.peer.learning_swarm import FACTS_CANARY
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -33,10 +34,14 @@ def _live_loss(model: DistributedModel) -> float:
     return sum(losses) / len(losses)
 
 
-def test_feedback_trains_the_route_and_replicas_average_to_equal_adapters(local_swarm, tiny_model_path):
-    replica_a = local_swarm.start_peer("0:4", *LEARNING, name="replica-a", wait=False)
-    replica_b = local_swarm.start_peer("0:4", *LEARNING, name="replica-b", wait=False)
-    tail = local_swarm.start_peer("4:8", *LEARNING, name="tail", wait=False)
+def test_feedback_trains_the_route_and_replicas_average_to_equal_adapters(local_swarm, tiny_model_path, tmp_path):
+    # Every round's candidate passes the in-swarm canary gate; its held-out set covers the taught facts.
+    canary = tmp_path / "canary.txt"
+    canary.write_text(FACTS_CANARY)
+    learning = (*LEARNING, "--canary-file", str(canary))
+    replica_a = local_swarm.start_peer("0:4", *learning, name="replica-a", wait=False)
+    replica_b = local_swarm.start_peer("0:4", *learning, name="replica-b", wait=False)
+    tail = local_swarm.start_peer("4:8", *learning, name="tail", wait=False)
     for peer in (replica_a, replica_b, tail):
         local_swarm.wait_ready(peer, timeout=120)
     model = DistributedModel.from_pretrained(str(tiny_model_path), local_swarm.initial_peers)
@@ -66,6 +71,7 @@ def test_feedback_trains_the_route_and_replicas_average_to_equal_adapters(local_
         a, b = infos["replica-a"], infos["replica-b"]
         assert a["adapter_version"] == b["adapter_version"]
         assert a["last_averaging"]["status"] == "averaged" and a["last_averaging"]["group_size"] == 2, a
+        assert all(i["last_canary"]["accepted"] and i["canary_rollbacks"] == 0 for i in infos.values()), infos
         assert torch.allclose(torch.tensor(a["adapter_fingerprint"]), torch.tensor(b["adapter_fingerprint"]), atol=1e-5)
         assert any(abs(x) > 1e-4 for x in a["adapter_fingerprint"])  # trained, not the zero-update start
 
