@@ -1,11 +1,16 @@
 """`dllm demo`: the whole system on one machine, then a clean shutdown.
 
 1. the dev chain (chopsticks running the real Asset Hub runtime), in memory;
-2. a bootstrap DHT node and N peers on the embedded model, each registered on chain with a stake;
-3. a few queries through the swarm, streamed to the terminal;
-4. co-signed usage receipts for every hop of every query, settled in one batch on chain;
-5. a table of who served what and who was paid what, read back from the chain;
-6. every process it started stopped, checked: no process and no hivemind socket left behind.
+2. a bootstrap DHT node, N peers on the embedded model (each bonds a stake on chain, meters its
+   sessions, proposes receipts, settles them, and gossips its signed price ask) and one verifier;
+3. a few queries through the swarm, streamed to the terminal, by a paying client: it co-signs each
+   hop's receipt, pre-signs the settlement extrinsic that pays it, and sends its work to the
+   verifier for a spot check;
+4. a table of who served what and who was paid what, read back from the chain;
+5. every process it started stopped, checked: no process and no hivemind socket left behind.
+
+Nothing here issues receipts or pays on anyone's behalf: the demo only holds the client's key
+(and funds fresh provider accounts); providers sign with their own keys in their own processes.
 """
 
 from __future__ import annotations
@@ -37,8 +42,12 @@ DEMO_PROMPTS = (
 )
 PROVIDER_FUNDS = 50 * PLANCK_PER_ROC
 PROVIDER_STAKE_ROC = 10
+CLIENT_URI = "//Eve"
+VERIFIER_URI = "//Alice"  # a dev council member: its verdicts count for a council tally
 # Advertised rates (planck per generated token per billion parameters): different, to show pro-rata pay.
 RATES = (1_000_000_000_000, 1_500_000_000_000, 2_000_000_000_000, 2_500_000_000_000)
+SETTLE_INTERVAL_S = 5.0
+QUOTE_PERIOD_S = 10.0
 
 
 class DemoError(RuntimeError):
@@ -53,7 +62,9 @@ class DemoConfig:
     queries: int = 3
     max_tokens: int = 24
     chain_port: int = 0
-    workdir: Path | None = None  # logs and the receipt store; a temporary folder (removed) by default
+    verifier: bool = True  # start one `dllm verify` process: every receipt is spot-checked
+    settle_timeout: float = 60.0  # seconds to wait for every receipt to be paid on chain
+    workdir: Path | None = None  # logs and receipt stores; a temporary folder (removed) by default
 
 
 @dataclass
@@ -63,10 +74,13 @@ class ProviderRow:
     peer_id: str
     blocks: str
     account: str
-    receipts: int = 0
-    tokens: int = 0
-    stake: int = 0
-    paid: int = 0
+    receipts: int = 0  # settled on chain
+    tokens: int = 0  # prompt + generated, as the co-signed receipts state
+    billed: int = 0  # what the co-signed receipts charge
+    stake: int = 0  # read from chain
+    paid: int = 0  # read from chain
+    checks_passed: int = 0
+    checks: int = 0
 
 
 @dataclass
@@ -75,6 +89,10 @@ class DemoReport:
     client: str = ""
     client_spent: int = 0
     settled_receipts: int = 0
+    settlement_extrinsics: int = 0
+    spot_checks: int = 0
+    spot_checks_failed: int = 0
+    billing_errors: list[str] = field(default_factory=list)
     leftover_processes: list[str] = field(default_factory=list)
     leftover_sockets: list[str] = field(default_factory=list)
 
@@ -99,6 +117,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _same_account(a: str, b: str) -> bool:
+    from chain.account_derivation import account_id
+
+    return account_id(a) == account_id(b)  # verdicts and receipts may name accounts in another ss58 format
+
+
 class Demo:
     """Owns every resource the demo starts, so `shutdown` can stop all of them whatever failed."""
 
@@ -113,9 +137,9 @@ class Demo:
         self.ledger: Any = None
         self.swarm: Any = None
         self.model: Any = None
-        self.provider_keys: dict[str, Any] = {}
-        self.client_key: Any = None
+        self.provider_uris: dict[str, str] = {}  # ss58 -> key URI, passed to the provider's own process
         self.results: list[Any] = []
+        self.receipts: list[Any] = []  # every co-signed receipt the client delivered
         self.report = DemoReport()
 
     # -------------------------------------------------------------------------------- start-up
@@ -135,29 +159,28 @@ class Demo:
         self.console.print(f"[green]✓[/] dev chain at {self.chain.url}")
 
     def fund_accounts(self) -> None:
-        """Fresh provider accounts (not council members) funded by //Ferdie; //Eve is the client."""
+        """Fresh provider accounts (not council members) funded by //Ferdie; //Eve is the paying client."""
         from substrateinterface import Keypair
 
-        from chain.devchain.dev_accounts import dev_keypair
-
         fmt = self.ledger.ss58_format
-        keys = [Keypair.create_from_uri(f"//dllm-demo-provider-{i + 1}", ss58_format=fmt)
-                for i in range(self.config.peers)]
+        uris = [f"//dllm-demo-provider-{i + 1}" for i in range(self.config.peers)]
+        keys = [Keypair.create_from_uri(uri, ss58_format=fmt) for uri in uris]
         transfers = [
             self.ledger.substrate.compose_call(
                 "Balances", "transfer_keep_alive", {"dest": k.ss58_address, "value": PROVIDER_FUNDS})
             for k in keys
         ]
         batch = self.ledger.substrate.compose_call("Utility", "batch_all", {"calls": transfers})
+        from chain.devchain.dev_accounts import dev_keypair
+
         with self.console.status("Funding the provider accounts…"):
             self.ledger.submitter.submit(dev_keypair("Ferdie", fmt), batch)
-        self.provider_keys = {k.ss58_address: k for k in keys}
-        self.client_key = dev_keypair("Eve", fmt)
-        self.report.client = self.client_key.ss58_address
+        self.provider_uris = {k.ss58_address: uri for k, uri in zip(keys, uris)}
+        self.report.client = Keypair.create_from_uri(CLIENT_URI, ss58_format=fmt).ss58_address
 
     def start_swarm(self) -> None:
         from dllm import default_model_path
-        from dllm.processes import LocalSwarm
+        from dllm.processes import LocalSwarm, ProcessStartError
         from swarm.model_files import load_config
 
         model_path = default_model_path()
@@ -167,34 +190,53 @@ class Demo:
         with self.console.status("Starting the bootstrap node…"):
             self.swarm.start_bootstrap()
         self.console.print(f"[green]✓[/] bootstrap node {self.swarm.initial_peers[0]}", soft_wrap=True)
-        keys = list(self.provider_keys.values())
         procs = []
-        for i, (start, end) in enumerate(spans):
-            uri = f"//dllm-demo-provider-{i + 1}"
+        for i, ((start, end), (account, uri)) in enumerate(zip(spans, self.provider_uris.items())):
+            # Each provider signs with its own key in its own process: it bonds its stake, meters sessions,
+            # proposes receipts, stores the client's pre-signed settlement, settles, and gossips its ask.
             procs.append(self.swarm.start_peer(
                 f"{start}:{end}", "--chain-url", self.chain.url, "--chain-key", uri,
                 "--stake", str(PROVIDER_STAKE_ROC), "--rate", str(RATES[i % len(RATES)]),
+                "--receipts", str(self.workdir / f"receipts-{i + 1}.sqlite3"),
+                "--settle-interval", str(SETTLE_INTERVAL_S), "--quote-period", str(QUOTE_PERIOD_S),
                 name=f"peer-{i + 1}", wait=False,
             ))
-        with self._progress() as progress:
-            task = progress.add_task("Peers: bond stake, load blocks, announce", total=len(procs))
-            for proc in procs:
-                self.swarm.wait_ready(proc, timeout=180)
-                progress.advance(task)
-        for proc, key in zip(procs, keys):
+        verifier = None
+        if self.config.verifier:
+            verifier = self.swarm.start_verifier(VERIFIER_URI, "--chain-url", self.chain.url, name="verifier", wait=False)
+        try:
+            with self._progress() as progress:
+                task = progress.add_task("Peers: bond stake, load blocks, announce", total=len(procs) + bool(verifier))
+                for proc in procs:
+                    self.swarm.wait_ready(proc, timeout=180)
+                    progress.advance(task)
+                if verifier is not None:
+                    self.swarm.wait_verifier_ready(verifier, timeout=180)
+                    progress.advance(task)
+        except ProcessStartError as error:
+            raise DemoError(f"a swarm process did not start: {error}") from None
+        for proc, account in zip(procs, self.provider_uris):
             info = proc.info
-            self.report.providers.append(ProviderRow(info["peer_id"], f"{info['start']}:{info['end']}", key.ss58_address))
+            self.report.providers.append(ProviderRow(info["peer_id"], f"{info['start']}:{info['end']}", account))
             self.console.print(f"[green]✓[/] peer {info['peer_id'][-8:]} serves blocks {info['start']}:{info['end']} "
-                               f"(staked {PROVIDER_STAKE_ROC} ROC as {key.ss58_address[:8]}…)")
+                               f"(staked {PROVIDER_STAKE_ROC} ROC as {account[:8]}…)")
+        if verifier is not None:
+            self.console.print(f"[green]✓[/] verifier signing as {VERIFIER_URI} re-runs sampled work")
 
     # -------------------------------------------------------------------------------- queries
     def run_queries(self) -> None:
-        from swarm.client import DistributedModel, GenerationParams
-
         from dllm import default_model_path
+        from swarm.billing import BillingConfig
+        from swarm.client import ClientConfig, DistributedModel, GenerationParams
 
-        with self.console.status("Client joining the swarm…"):
-            self.model = DistributedModel.from_pretrained(str(default_model_path()), self.swarm.initial_peers)
+        # Sample rate 1: every receipt goes to the verifier, so the demo shows a check per hop.
+        billing = BillingConfig(self.chain.url, CLIENT_URI, sample_rate=1.0 if self.config.verifier else 0.0,
+                                verifiers_per_sample=1)
+        with self.console.status("Paying client joining the swarm…"):
+            self.model = DistributedModel.from_pretrained(str(default_model_path()), self.swarm.initial_peers,
+                                                          config=ClientConfig(billing=billing))
+            if self.config.verifier:
+                self._wait_for_verifier()
         params = GenerationParams(max_new_tokens=self.config.max_tokens)
         for i in range(self.config.queries):
             prompt = DEMO_PROMPTS[i % len(DEMO_PROMPTS)]
@@ -203,76 +245,90 @@ class Demo:
             self.loop.run_until_complete(self._stream(prompt, params, results))
             result = results[0]
             self.results.append(result)
+            session = self.model.core.last_billing
+            self.receipts.extend(session.receipts)
+            self.report.billing_errors += [f"{type(e).__name__}: {e}" for e in session.errors]
             hops = " → ".join(f"{h.rsplit(':', 2)[0][-6:]}[{h.rsplit(':', 2)[1]}:{h.rsplit(':', 2)[2]}]"
                               for h in result.route)
-            self.console.print(f"\n[dim]  {result.completion_tokens} tokens via {hops}[/]")
+            self.console.print(f"\n[dim]  {result.completion_tokens} tokens via {hops}; "
+                               f"{len(session.receipts)} receipts co-signed, billed {roc(result.bill.total)} ROC "
+                               f"(quoted at most {roc(result.quote.total)})[/]")
+        for error in self.report.billing_errors:
+            self.console.print(f"[yellow]billing problem: {error}[/]")
+
+    def _wait_for_verifier(self, timeout: float = 30.0) -> None:
+        billing = self.model.core.billing
+        deadline = time.monotonic() + timeout
+        while not self._on_client(billing.verifier_peers()):
+            if time.monotonic() > deadline:
+                raise DemoError(f"the verifier was not found in the DHT after {timeout:.0f} s")
+            time.sleep(0.5)
 
     async def _stream(self, prompt: str, params: Any, results: list[Any]) -> None:
         async for delta in self.model.astream(prompt, params, on_result=results.append):
             sys.stdout.write(delta)
             sys.stdout.flush()
 
+    def _on_client(self, coro: Any) -> Any:
+        # The client's DHT, P2P and billing belong to its private event loop: run there.
+        return asyncio.run_coroutine_threadsafe(coro, self.model._loop.loop).result(120)
+
     # -------------------------------------------------------------------------------- settlement
-    def settle(self) -> None:
-        from economy.chain_settlement import ComputeLedgerSettlement
-        from economy.receipt_store import ReceiptStore
-        from economy.receipts import verify_receipt
-        from economy.settlement import Settler
-        from swarm.records import fetch_model_records
-
-        from dllm.demo_receipts import receipts_for_query
-
-        network = self.ledger.substrate.get_block_hash(0)
-        core = self.model.core
-        records = self.loop.run_until_complete(self._on_client_loop(fetch_model_records(core.dht, core.model, core.num_blocks)))
-        by_peer = {r.peer_id: r for r in records}
-        store = ReceiptStore(self.workdir / "receipts.sqlite3", network=network)
-        try:
-            for result in self.results:
-                for signed in receipts_for_query(result, by_peer, self.provider_keys, self.client_key, network):
-                    verify_receipt(signed, expected_client=self.client_key.ss58_address, network=network)
-                    store.add(signed, expected_client=self.client_key.ss58_address)
-                    row = self._row(signed.receipt.provider)
-                    row.receipts += 1
-                    row.tokens += signed.receipt.prompt_tokens + signed.receipt.generated_tokens
-            settler = Settler(store, ComputeLedgerSettlement(self.ledger, {self.client_key.ss58_address: self.client_key}))
-            with self.console.status("Settling the receipts on chain (one batch extrinsic)…"):
-                batches = self.loop.run_until_complete(settler.settle_pending())
-        finally:
-            store.close()
-        self.report.settled_receipts = sum(b.receipts for b in batches)
-        self.console.print(f"\n[green]✓[/] settled {self.report.settled_receipts} receipts in {len(batches)} "
-                           f"extrinsic(s): {', '.join(b.tx_hash[:12] + '…' for b in batches)}")
-
-    async def _on_client_loop(self, coro: Any) -> Any:
-        # The client's DHT handle belongs to its private event loop: run the lookup there.
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.model._loop.loop))
-
-    def _row(self, account: str) -> ProviderRow:
+    def wait_for_settlement(self) -> None:
+        """Waits for spot checks, then until the chain holds a settlement marker for every receipt."""
+        billing = self.model.core.billing
+        with self.console.status("Spot checks and settlement (client and providers submit the same extrinsics)…"):
+            self._on_client(billing.flush())
+            ids = [s.receipt.receipt_id_bytes for s in self.receipts]
+            deadline = time.monotonic() + self.config.settle_timeout
+            while len(self.ledger.settled_on_chain(self.report.client, ids)) < len(ids):
+                if time.monotonic() > deadline:
+                    raise DemoError(f"receipts were not all paid on chain within {self.config.settle_timeout:.0f} s; "
+                                    f"see the peers' logs in {self.workdir}")
+                time.sleep(1.0)
+        verdicts = [v.verdict for v in billing.verdicts]
+        self.report.spot_checks = len(verdicts)
+        self.report.spot_checks_failed = sum(not v.passed for v in verdicts)
         for row in self.report.providers:
-            if row.account == account:
-                return row
-        raise DemoError(f"a receipt names {account}, which is none of the demo's providers")
+            mine = [v for v in verdicts if _same_account(v.provider, row.account)]
+            row.checks, row.checks_passed = len(mine), sum(v.passed for v in mine)
+            for s in self.receipts:
+                if _same_account(s.receipt.provider, row.account):
+                    row.tokens += s.receipt.prompt_tokens + s.receipt.generated_tokens
+                    row.billed += s.receipt.amount
+        for failure in billing.sample_failures:
+            self.console.print(f"[yellow]spot check not done: {failure}[/]")
 
     def read_back(self) -> None:
-        """Stakes and payments as the chain records them (not as the demo computed them)."""
+        """Stakes, settled receipts and payments as the chain records them (not as the demo computed them)."""
         for row in self.report.providers:
             row.stake = self.ledger.provider_status(row.account).stake
-            row.paid = sum(a for s in self.ledger.settlement_history(provider_ss58=row.account)
-                           for p, a in s.payouts if p == row.account)
-        self.report.client_spent = sum(
-            s.amount for s in self.ledger.settlement_history(client_ss58=self.report.client))
+            settled = self.ledger.settlement_history(provider_ss58=row.account)
+            row.receipts = len(settled)
+            row.paid = sum(a for s in settled for p, a in s.payouts if _same_account(p, row.account))
+        history = self.ledger.settlement_history(client_ss58=self.report.client)
+        self.report.client_spent = sum(s.amount for s in history)
+        self.report.settled_receipts = len(history)
+        self.report.settlement_extrinsics = len({s.extrinsic_hash for s in history})
+        self.console.print(f"\n[green]✓[/] {self.report.settled_receipts} receipts paid on chain in "
+                           f"{self.report.settlement_extrinsics} client-signed extrinsic(s); "
+                           f"spot checks: {self.report.spot_checks - self.report.spot_checks_failed}/"
+                           f"{self.report.spot_checks} passed")
 
     def print_table(self) -> None:
-        table = Table(title="Who served what, who was paid what (read from the chain)")
+        table = Table(title="Who served what, who was paid what",
+                      caption="receipts, stake and paid: read from the chain; tokens and billed: the co-signed receipts; "
+                              "checks: the verifier's signed verdicts")
         for name, justify in (("peer", "left"), ("blocks", "left"), ("account", "left"), ("receipts", "right"),
-                              ("tokens", "right"), ("stake (ROC)", "right"), ("paid (ROC)", "right")):
+                              ("tokens", "right"), ("checks", "right"), ("stake (ROC)", "right"),
+                              ("billed (ROC)", "right"), ("paid (ROC)", "right")):
             table.add_column(name, justify=justify)  # type: ignore[arg-type]
         for row in self.report.providers:
             table.add_row(row.peer_id[-10:], row.blocks, row.account[:12] + "…", str(row.receipts), str(row.tokens),
-                          roc(row.stake), roc(row.paid))
-        table.add_row("client", "", self.report.client[:12] + "…", str(self.report.settled_receipts), "", "",
-                      "-" + roc(self.report.client_spent), style="bold")
+                          f"{row.checks_passed}/{row.checks}", roc(row.stake), roc(row.billed), roc(row.paid))
+        table.add_row("client", "", self.report.client[:12] + "…", str(self.report.settled_receipts), "", "", "",
+                      roc(sum(r.billed for r in self.report.providers)), "-" + roc(self.report.client_spent),
+                      style="bold")
         self.console.print(table)
 
     # -------------------------------------------------------------------------------- shutdown
@@ -346,7 +402,7 @@ def run_demo(config: DemoConfig) -> DemoReport:
         demo.fund_accounts()
         demo.start_swarm()
         demo.run_queries()
-        demo.settle()
+        demo.wait_for_settlement()
         demo.read_back()
         demo.print_table()
     finally:

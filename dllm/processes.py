@@ -21,6 +21,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 _READY = re.compile(r"DLLM peer ready: peer_id=(\S+) model=(\S+) blocks=(\d+):(\d+) maddrs=(.*)")
+_VERIFIER_READY = re.compile(r"DLLM verifier ready: account=(\S+) peer_id=(\S+) role=(\S+) gossip=(.*)")
 
 
 class ProcessStartError(RuntimeError):
@@ -135,6 +136,24 @@ class LocalSwarm:
         proc.info["started_at"] = time.monotonic()
         if wait:
             self.wait_ready(proc, timeout)
+        return proc
+
+    def start_verifier(self, chain_key: str, *extra: str, name: str | None = None, wait: bool = True,
+                       timeout: float = 120.0) -> ManagedProcess:
+        """Starts `dllm verify` (the verifier process) signing with `chain_key`; with `wait`, returns once it serves
+        (`.info` then has account, peer_id, role, gossip)."""
+        if not self.initial_peers:
+            raise ProcessStartError("start the bootstrap node first")
+        args = ["verify", "--model", self.model, "--initial-peers", *self.initial_peers, "--chain-key", chain_key]
+        proc = self._spawn(name or f"verifier{len(self.processes)}", args + list(extra))
+        if wait:
+            self.wait_verifier_ready(proc, timeout)
+        return proc
+
+    def wait_verifier_ready(self, proc: ManagedProcess, timeout: float = 120.0) -> ManagedProcess:
+        match = self._wait_for(proc, _VERIFIER_READY, timeout)
+        proc.info.update(account=match.group(1), peer_id=match.group(2), role=match.group(3),
+                         gossip=match.group(4).split())
         return proc
 
     def wait_ready(self, proc: ManagedProcess, timeout: float = 60.0) -> ManagedProcess:

@@ -8,6 +8,7 @@ so the same object works from scripts, notebooks and other event loops (the HTTP
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -452,22 +453,25 @@ class DistributedModel:
         """Runs on the private loop; `emit(delta)` is called for each piece of new text."""
         ids: list[int] = []
         text, finish = "", "length"
-        async for token in self._core.generate_tokens(prompt_ids, params, self._eos_ids):
-            ids.append(token)
-            if token in self._eos_ids and not params.ignore_eos:
-                finish = "stop"
-                break
-            full = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if full.endswith("\ufffd"):
-                continue  # an incomplete multi-byte character: wait for the rest
-            hit = min((full.find(s) for s in params.stop if s and full.find(s) >= 0), default=-1)
-            if hit >= 0:
-                full, finish = full[:hit], "stop"
-            if len(full) > len(text):
-                emit(full[len(text):])
-            text = full if len(full) >= len(text) else text
-            if finish == "stop":
-                break
+        # aclosing: stopping early (EOS, stop string) must finish the session (bill, close hops) before the
+        # result is built, not whenever the abandoned generator is garbage-collected.
+        async with contextlib.aclosing(self._core.generate_tokens(prompt_ids, params, self._eos_ids)) as tokens:
+            async for token in tokens:
+                ids.append(token)
+                if token in self._eos_ids and not params.ignore_eos:
+                    finish = "stop"
+                    break
+                full = self.tokenizer.decode(ids, skip_special_tokens=True)
+                if full.endswith("\ufffd"):
+                    continue  # an incomplete multi-byte character: wait for the rest
+                hit = min((full.find(s) for s in params.stop if s and full.find(s) >= 0), default=-1)
+                if hit >= 0:
+                    full, finish = full[:hit], "stop"
+                if len(full) > len(text):
+                    emit(full[len(text):])
+                text = full if len(full) >= len(text) else text
+                if finish == "stop":
+                    break
         session = getattr(self._core, "last_session", None)
         return GenerationResult(
             text=text, token_ids=ids, finish_reason=finish, prompt_tokens=len(prompt_ids), completion_tokens=len(ids),

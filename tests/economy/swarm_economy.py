@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +18,6 @@ from dllm.processes import LocalSwarm, ManagedProcess
 
 UNIT = 10**12
 REPO = Path(__file__).resolve().parents[2]
-VERIFIER_READY = re.compile(r"DLLM verifier ready: account=(\S+) peer_id=(\S+) role=(\S+) gossip=(.*)")
 
 
 def funded_key(ledger: ComputeLedger, funds: int = 100 * UNIT) -> tuple[str, Keypair]:
@@ -57,14 +55,10 @@ def start_cheater(swarm: LocalSwarm, blocks: str, uri: str, chain_url: str, rece
 
 def start_verifier(swarm: LocalSwarm, uri: str, chain_url: str, council: list[str] = ()) -> ManagedProcess:
     """`dllm verify` (the verifier process) signing with `uri` (plus council keys: it also tallies and slashes)."""
-    args = ["verify", "--model", swarm.model, "--initial-peers", *swarm.initial_peers, "--chain-url", chain_url,
-            "--chain-key", uri]
+    extra = ["--chain-url", chain_url]
     for key in council:
-        args += ["--council-key", key]
-    proc = swarm._spawn(f"verifier{len(swarm.processes)}", args)
-    match = swarm._wait_for(proc, VERIFIER_READY, 120)
-    proc.info.update(account=match.group(1), peer_id=match.group(2), role=match.group(3), gossip=match.group(4).split())
-    return proc
+        extra += ["--council-key", key]
+    return swarm.start_verifier(uri, *extra)
 
 
 def store_totals(path: Path) -> dict[str, tuple[int, int]]:
