@@ -1,4 +1,5 @@
-"""`dllm demo` end to end as a subprocess: its table, and that nothing it started outlives it."""
+"""`dllm demo` end to end as a subprocess: real receipts paid on chain, its table, and that nothing it started
+outlives it."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def _survivors(seen: dict[tuple[int, float], str]) -> list[str]:
     return alive
 
 
-def test_demo_serves_settles_prints_the_table_and_leaves_nothing(tmp_path):
+def test_demo_pays_real_receipts_prints_the_chain_table_and_leaves_nothing(tmp_path):
     missing = dev_chain_available()
     if missing:
         pytest.skip(f"dev chain unavailable: {missing}")
@@ -68,11 +69,13 @@ def test_demo_serves_settles_prints_the_table_and_leaves_nothing(tmp_path):
     out = log_path.read_text()
     assert proc.returncode == 0, out
 
-    # Everything the demo started (chain, bootstrap, 3 peers, their DHT processes and p2pd daemons).
+    # Everything the demo started (chain, bootstrap, 3 peers, a verifier, their DHT, p2pd and gossip processes).
     assert sum("chopsticks" in cmd for cmd in seen.values()) == 1, seen
     # (a peer's forked DHT process shows the same command line: count distinct provider keys)
     providers = {m for cmd in seen.values() for m in re.findall(r"//dllm-demo-provider-\d+", cmd)}
     assert len(providers) == 3, seen
+    assert any("dllm.cli verify" in cmd for cmd in seen.values()), seen
+    assert any("economy.gossip_node" in cmd for cmd in seen.values()), seen  # peers gossip their price asks
     assert any("p2pd" in cmd for cmd in seen.values()), seen
     deadline = time.monotonic() + 15
     while _survivors(seen) and time.monotonic() < deadline:
@@ -81,16 +84,21 @@ def test_demo_serves_settles_prints_the_table_and_leaves_nothing(tmp_path):
     assert sockets and not [s for s in sockets if Path(s).exists()], "p2pd sockets left in /tmp"
     assert "shut down cleanly" in out
 
-    # Streamed queries and the settlement.
-    assert out.count("Query ") == 2 and "settled 6 receipts in 1 extrinsic" in out
-    # The table: each provider served its blocks, is staked and was paid; the client paid the sum.
-    rows = re.findall(r"│\s*(\S+)\s*│\s*(\d+:\d+)\s*│\s*(\S+)\s*│\s*(\d+)\s*│\s*(\d+)\s*│\s*([\d.,]+)\s*│\s*([\d.,]+)\s*│", out)
+    # Streamed queries, each hop's receipt co-signed by the client, paid on chain, spot-checked.
+    assert out.count("Query ") == 2 and out.count("3 receipts co-signed") == 2, out
+    assert "6 receipts paid on chain" in out and "spot checks: 6/6 passed" in out, out
+    assert "billing problem" not in out and "spot check not done" not in out, out
+    # The table: each provider served its blocks, is staked, was checked, and was paid on chain exactly
+    # what the receipts it co-signed with the client charge; the client paid the sum.
+    cell = r"\s*([^│]*?)\s*│"
+    rows = re.findall(r"│\s*(\S+)\s*│\s*(\d+:\d+)\s*│" + cell * 7, out)
     assert [r[1] for r in rows] == ["0:3", "3:5", "5:8"], out
-    paid = [Decimal(r[6].replace(",", "")) for r in rows]
-    assert all(int(r[3]) == 2 for r in rows)  # two queries, one receipt per hop each
-    assert all(Decimal(r[5]) == Decimal("10") for r in rows)  # stake bonded through `dllm peer join --stake`
-    assert all(p > 0 for p in paid)
-    # Same token counts everywhere, so pay follows blocks x rate: 3x1.0 : 2x1.5 : 3x2.0.
+    for peer, blocks, account, receipts, tokens, checks, stake, billed, paid in rows:
+        assert int(receipts) == 2 and int(tokens) > 0 and checks == "2/2", out  # two queries, one receipt per hop
+        assert Decimal(stake) == Decimal("10"), out  # bonded through `dllm peer join --stake`
+        assert Decimal(paid) == Decimal(billed) > 0, out
+    paid = [Decimal(r[8].replace(",", "")) for r in rows]
+    # Same token counts on every hop, so pay follows blocks x rate: 3x1.0 : 2x1.5 : 3x2.0.
     assert abs(paid[0] - paid[1]) <= Decimal("0.000002") and abs(paid[2] - 2 * paid[0]) <= Decimal("0.000004")
     client = re.search(r"│\s*client\s*│.*-([\d.,]+)\s*│", out)
-    assert client and abs(Decimal(client.group(1)) - sum(paid)) <= Decimal("0.000003"), out
+    assert client and abs(Decimal(client.group(1)) - sum(paid)) <= Decimal("0.000003"), out  # (6-decimal display)
