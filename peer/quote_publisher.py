@@ -81,12 +81,12 @@ class QuotePublisher:
         return list(self.bus.addrs)
 
     async def start(self) -> None:
-        """Starts the gossip node, dials known nodes, announces it, publishes the first ask (raises GossipError)."""
+        """Starts the gossip node (raises GossipError), then dials known nodes, announces it, publishes the first
+        ask (a failure there is logged; the periodic round retries)."""
         await self.bus.start()
-        await self._discover()
-        await self._announce()
-        await self._publish()
-        self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._listen())]
+        self._tasks = [asyncio.create_task(self._listen())]
+        await self._round()
+        self._tasks.append(asyncio.create_task(self._run()))
 
     async def close(self) -> None:
         self._stop.set()
@@ -107,12 +107,15 @@ class QuotePublisher:
                 return
             except asyncio.TimeoutError:
                 pass
-            try:
-                await self._discover()
-                await self._announce()
-                await self._publish()
-            except Exception as e:  # a DHT or gossip hiccup: the next period retries
-                logger.warning("publishing the price ask failed: %s", e)
+            await self._round()
+
+    async def _round(self) -> None:
+        try:
+            await self._discover()
+            await self._announce()
+            await self._publish()
+        except Exception as e:  # a DHT or gossip hiccup: the next period retries
+            logger.warning("publishing the price ask failed: %s", e)
 
     async def _publish(self) -> None:
         await self.bus.publish_quote(self.announcement())

@@ -7,11 +7,14 @@ import time
 
 import psutil
 import pytest
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
 
 from economy.gossip import QUOTES_TOPIC, GossipBus
 from economy.price_announcement import PriceAnnouncement
 from economy.signing import load_keypair
 from peer.quote_publisher import GOSSIP_KEY, QuotePublisherConfig
+from swarm import protocol
 from swarm.dht import start_dht
 
 pytestmark = pytest.mark.timeout(180)
@@ -62,11 +65,26 @@ async def _first_ask(addr: str, from_account: str, timeout: float = 30.0) -> Pri
                 return PriceAnnouncement.from_envelope(message.envelope)
 
 
-def test_billing_peer_gossips_its_signed_ask_and_a_free_peer_does_not_gossip(local_swarm, tmp_path):
+async def _gossip_info(initial_peers: list[str], peer_id: str) -> dict:
+    """The `gossip` part of a peer's rpc_info."""
+    dht, _ = start_dht(initial_peers, client_mode=True)
+    p2p = await dht.replicate_p2p()
+    try:
+        response = await p2p.call_protobuf_handler(PeerID.from_base58(peer_id), protocol.HANDLER_INFO,
+                                                   runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse)
+        return protocol.unpack_metadata(response.metadata)["gossip"]
+    finally:
+        await p2p.shutdown()
+        dht.shutdown()
+
+
+def test_billing_peers_gossip_signed_asks_and_a_free_peer_does_not_gossip(local_swarm, tmp_path):
     dave = load_keypair("//Dave")
     paid = local_swarm.start_peer("0:8", "--chain-key", "//Dave", "--rate", str(RATE), "--quote-period", "1",
                                   "--receipts", str(tmp_path / "dave.sqlite3"), name="paid-peer")
-    free = local_swarm.start_peer("0:8", name="free-peer")
+    other = local_swarm.start_peer("0:4", "--chain-key", "//Charlie", "--rate", "1", "--quote-period", "1",
+                                   "--receipts", str(tmp_path / "charlie.sqlite3"), name="other-paid-peer")
+    free = local_swarm.start_peer("4:8", name="free-peer")
     assert len(_gossip_children(paid)) == 1 and _gossip_children(free) == []
 
     addr = _announced_gossip_addr(local_swarm.initial_peers, paid.info["peer_id"])
@@ -77,6 +95,15 @@ def test_billing_peer_gossips_its_signed_ask_and_a_free_peer_does_not_gossip(loc
     assert (ask.rate_generated, ask.rate_prompt, ask.max_price_per_token) == (RATE, RATE // 4, 0)
     assert ask.params_served > 0 and ask.params_served % 8 == 0
     assert time.time() < ask.expires_at <= time.time() + 2 * 1 + 1
+
+    # The two billing peers found each other through the DHT and each keeps the other's ask.
+    deadline = time.monotonic() + 30
+    while True:
+        infos = [asyncio.run(_gossip_info(local_swarm.initial_peers, p.info["peer_id"])) for p in (paid, other)]
+        if all(info["asks_seen"] >= 1 for info in infos) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert all(info["asks_seen"] >= 1 and info["quotes_published"] >= 2 for info in infos), infos
 
 
 def test_quote_publisher_config_refuses_nonsense():
