@@ -80,3 +80,4 @@ def test_poisoned_update_is_rolled_back_by_the_in_swarm_canary(local_swarm, tiny
     finally:
         mallory.close()
         honest.close()
+

@@ -1,0 +1,42 @@
+"""The canary gate fails closed in a real swarm: while the blocks after a learning peer's span are gone,
+its canary cannot run, so its update does not go live (but is kept, not rolled back); once a peer
+serves those blocks again, the kept update passes the canary and goes live."""
+
+from __future__ import annotations
+
+import pytest
+
+from swarm.client import DistributedModel
+from tests.peer.learning_swarm import FACTS, FACTS_CANARY, just_after_round, learning_args, wait_for_peers
+
+pytestmark = pytest.mark.timeout(240)
+
+PERIOD = 6.0
+
+
+def test_update_waits_while_the_canary_cannot_run_and_goes_live_once_it_can(local_swarm, tiny_model_path, tmp_path):
+    canary = tmp_path / "canary.txt"
+    canary.write_text(FACTS_CANARY)
+    head = local_swarm.start_peer("0:4", *learning_args(PERIOD, canary), name="head", wait=False)
+    tail = local_swarm.start_peer("4:8", *learning_args(PERIOD, canary), name="tail", wait=False)
+    for peer in (head, tail):
+        local_swarm.wait_ready(peer, timeout=120)
+    ids = {"head": head.info["peer_id"]}
+    model = DistributedModel.from_pretrained(str(tiny_model_path), local_swarm.initial_peers)
+    try:
+        just_after_round(PERIOD)
+        for _ in range(3):
+            for prompt, completion in FACTS:
+                model.feedback(prompt, completion)
+        tail.stop()  # blocks 4:8 are gone before the head's next round: its canary has no route
+
+        info = wait_for_peers(model, ids, lambda i: "could not evaluate" in i.get("last_averaging", {}).get("reason", ""),
+                              30, "a round skipped for want of a canary route")["head"]
+        assert info["last_averaging"]["status"] == "skipped" and info["adapter_version"] == 0
+        assert info["canary_rollbacks"] == 0  # not judged harmful: the local progress is kept
+
+        local_swarm.start_peer("4:8", *learning_args(PERIOD, canary), name="tail-2", wait=True, timeout=120)
+        info = wait_for_peers(model, ids, lambda i: i["adapter_version"] >= 1, 45, "the kept update to go live")["head"]
+        assert info["last_canary"]["accepted"] and info["last_canary"]["candidate_loss"] < info["last_canary"]["live_loss"]
+    finally:
+        model.close()
