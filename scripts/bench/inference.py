@@ -32,8 +32,8 @@ from swarm.sampling import GenerationParams  # noqa: E402
 PROMPT = "The module"
 
 
-def local_tokens_per_s(path, tokens: int, runs: int) -> float:
-    torch.set_num_threads(1)
+def local_tokens_per_s(path, tokens: int, runs: int, threads: int) -> float:
+    torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     ids = AutoTokenizer.from_pretrained(path)(PROMPT, return_tensors="pt")["input_ids"]
     kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -84,8 +84,14 @@ def main() -> None:
     console = Console()
     rows = []
 
-    local = local_tokens_per_s(path, args.tokens, args.runs)
-    rows.append(("local transformers, 1 process", f"{local:.1f}", "1.00"))
+    # The anchor: transformers' own generate in one process, 1 thread (its fastest setting for a tiny
+    # model, and what each peer uses). The default thread count is shown for reference.
+    default_threads = torch.get_num_threads()
+    local_default = local_tokens_per_s(path, args.tokens, args.runs, default_threads)
+    local = local_tokens_per_s(path, args.tokens, args.runs, 1)
+    rows.append(("local transformers, 1 process, 1 thread (anchor)", f"{local:.1f}", "1.00"))
+    rows.append((f"local transformers, 1 process, {default_threads} threads", f"{local_default:.1f}",
+                 f"{local_default / local:.2f}"))
 
     with LocalSwarm(str(path)) as swarm:
         swarm.start_bootstrap()
