@@ -10,9 +10,11 @@ in the same run; swarm figures are given as a ratio to it.
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from dllm import default_model_path  # noqa: E402
 from dllm.processes import LocalSwarm  # noqa: E402
@@ -75,10 +77,39 @@ def failover_stall(swarm: LocalSwarm, model: DistributedModel, tokens: int) -> t
     return (max(stalls) if stalls else float("nan")), interrupted - clean
 
 
+def build_wider_model(base: Path, hidden: int, folder: Path) -> Path:
+    """A random-weights copy of the embedded model's architecture, `hidden` wide (tokenizer shared)."""
+    config = AutoConfig.from_pretrained(base)
+    config.hidden_size, config.intermediate_size = hidden, int(hidden * 2.75)
+    config.num_attention_heads = config.num_key_value_heads = hidden // 64
+    config.head_dim = 64
+    config.dllm_name = f"dllm-bench-h{hidden}"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for f in base.iterdir():
+        if f.name.startswith("tokenizer") or f.suffix == ".jinja":
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+def two_peer_ratio(path: Path, tokens: int, runs: int) -> tuple[float, float]:
+    """(local 1-thread tokens/s, 2-peer swarm tokens/s) for the model at `path`."""
+    local = local_tokens_per_s(path, tokens, runs, 1)
+    with LocalSwarm(str(path)) as swarm:
+        swarm.start_bootstrap()
+        peers = [swarm.start_peer(b, wait=False) for b in ("0:4", "4:8")]
+        for p in peers:
+            swarm.wait_ready(p, timeout=180)
+        with DistributedModel.from_pretrained(str(path), swarm.initial_peers) as model:
+            return local, swarm_tokens_per_s(model, tokens, runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--wider", type=int, default=1024,
+                        help="also measure a random model of this hidden size (0: skip); network overhead matters less")
     args = parser.parse_args()
     path = default_model_path()
     console = Console()
@@ -110,6 +141,13 @@ def main() -> None:
             tps2 = swarm_tokens_per_s(model, args.tokens, args.runs)
             rows.append(("swarm, 2 peers (0:4 + 4:8)", f"{tps2:.1f}", f"{tps2 / local:.2f}"))
             stall, extra = failover_stall(swarm, model, args.tokens)
+
+    if args.wider:
+        with tempfile.TemporaryDirectory() as tmp:
+            wide = build_wider_model(path, args.wider, Path(tmp) / "wide")
+            wide_local, wide_swarm = two_peer_ratio(wide, args.tokens, args.runs)
+        rows.append((f"local, random 8-layer model of hidden {args.wider}, 1 thread", f"{wide_local:.1f}", "1.00"))
+        rows.append(("swarm, 2 peers (0:4 + 4:8), same model", f"{wide_swarm:.1f}", f"{wide_swarm / wide_local:.2f}"))
 
     table = Table(title=f"DLLM inference, {args.tokens} new tokens, greedy, median of {args.runs}")
     table.add_column("setup")
