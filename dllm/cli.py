@@ -197,16 +197,12 @@ def swarm_bootstrap(
 
 def _keypair(key: str, ss58_format: int = 42) -> Any:
     """The sr25519 keypair of a --chain-key value (dev URI, mnemonic or 0x seed)."""
-    from substrateinterface import Keypair
+    from economy.signing import KeyFormatError, load_keypair
 
     try:
-        if key.startswith("//"):
-            return Keypair.create_from_uri(key, ss58_format=ss58_format)
-        if key.startswith("0x"):
-            return Keypair.create_from_seed(key, ss58_format=ss58_format)
-        return Keypair.create_from_mnemonic(key, ss58_format=ss58_format)
-    except Exception as error:  # substrate-interface raises ValueError or its own types for bad keys
-        raise typer.BadParameter(f"not a usable key: {error}", param_hint="'--chain-key'") from None
+        return load_keypair(key, ss58_format)
+    except KeyFormatError as error:
+        raise typer.BadParameter(str(error), param_hint="'--chain-key'") from None
 
 
 def _register_provider(url: str, key: str, stake: int) -> str:
