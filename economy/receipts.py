@@ -5,6 +5,9 @@ every N tokens of a long one: `sequence` numbers the segments). The provider pro
 meter and signs; the client checks it against its own meter (`check_claim`) and countersigns. So a
 provider cannot inflate usage (the client would not sign) and a client cannot deny a receipt (its
 signature is on it). Settlement pays each receipt id at most once (`ReplayedReceiptError`).
+
+A receipt also states which weights served the segment (`adapter_version`): 0 is the base model,
+the only weights a spot check can recompute; anything else is never judged (see economy/verifier.py).
 """
 
 from __future__ import annotations
@@ -18,9 +21,13 @@ from economy import canonical, signing
 from economy.canonical import CanonicalFormatError, FieldSpec
 from economy.pricing import ProviderRate, Usage, provider_amount
 
-RECEIPT_TAG = "dllm.receipt.1"
+RECEIPT_TAG = "dllm.receipt.2"  # .2 added adapter_version: older verifiers reject, never misjudge
 SIGNED_RECEIPT_TAG = "dllm.signed_receipt.1"
 RECEIPT_DOMAIN = b"dllm/receipt/1:"
+BASE_WEIGHTS = 0
+"""adapter_version of work served with the base model's weights (no adapter, or adapters still at zero)."""
+TRAINING_ADAPTERS = canonical.MAX_U64
+"""adapter_version of a training pass: the peer's working adapters, which are no published version."""
 
 
 class ReceiptError(ValueError):
@@ -76,6 +83,7 @@ _RECEIPT_SCHEMA = (
     FieldSpec("commitment_before", "bytes", exact_len=32),
     FieldSpec("commitment", "bytes", exact_len=32),
     FieldSpec("issued_at", "u64"),
+    FieldSpec("adapter_version", "u64"),
 )
 _SIGNED_SCHEMA = (
     FieldSpec("receipt", "bytes", max_len=canonical.MAX_RECORD_BYTES),
@@ -112,6 +120,13 @@ class UsageReceipt:
     commitment: bytes
     """Commitment chain value after this segment's last step (the output commitment)."""
     issued_at: int
+    adapter_version: int = BASE_WEIGHTS
+    """Weights the session's steps ran with: BASE_WEIGHTS, a LoRA adapter version, or TRAINING_ADAPTERS."""
+
+    @property
+    def base_weights(self) -> bool:
+        """True when a verifier holding only the base model can recompute this work."""
+        return self.adapter_version == BASE_WEIGHTS
 
     def encode(self) -> bytes:
         """Canonical bytes (raises MalformedReceiptError if a field is out of range)."""
@@ -306,6 +321,7 @@ def receipt_for_segment(
     commitment_before: bytes,
     commitment: bytes,
     issued_at: int,
+    adapter_version: int = BASE_WEIGHTS,
 ) -> UsageReceipt:
     """The receipt a provider proposes for one metered segment (from `UsageMeter.close_segment()`)."""
     receipt = UsageReceipt(
@@ -329,6 +345,7 @@ def receipt_for_segment(
         commitment_before=commitment_before,
         commitment=commitment,
         issued_at=issued_at,
+        adapter_version=adapter_version,
     )
     receipt.encode()  # validates every field now rather than at signing time
     receipt.check_consistent()

@@ -159,8 +159,10 @@ def recheck(sample: WorkSample, forward: SpanForward, tolerance: Tolerance) -> C
     """Re-runs a work sample and compares with what the provider returned.
 
     Raises EvidenceMismatchError (work_sample) if the sample is not what the provider committed to:
-    such a sample proves nothing and must not produce a verdict.
+    such a sample proves nothing and must not produce a verdict; UnverifiableSampleError if it ran with
+    adapters (a base-weight re-run would wrongly fail an honest provider).
     """
+    sample.check_base_weights()
     sample.check_commitment()
     inputs, positions, claimed = sample.forward_batch()
     with torch.no_grad():

@@ -8,6 +8,10 @@ answers and publishes on `dllm/verdicts/1` a signed verdict. A verifier given `t
 keys also tallies verdicts from the authorized verifiers (its own and gossiped ones): once
 `threshold` distinct verifiers failed the same provider, it slashes the provider's stake on chain
 through the council multisig, citing the evidence hash.
+
+A verifier holds the base model only. A sample whose receipt states adapters served it (a learning
+peer's live version, or a training pass) is never judged: the verifier abstains, answers
+`unverifiable` and counts it, since re-running it with base weights would fail an honest provider.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from economy.verification import (
     make_verdict,
     recheck,
 )
-from economy.work_sample import EvidenceMismatchError, MalformedWorkSampleError, WorkSample
+from economy.work_sample import EvidenceMismatchError, MalformedWorkSampleError, UnverifiableSampleError, WorkSample
 from swarm import protocol
 
 logger = logging.getLogger(__name__)
@@ -91,6 +95,8 @@ class VerifierStats:
     checked: int = 0
     failed: int = 0
     published: int = 0
+    unverifiable: int = 0
+    """Samples served with adapters: abstained, no verdict."""
     slashed: list[str] = field(default_factory=list)
     rejected: Counter = field(default_factory=Counter)
 
@@ -142,6 +148,12 @@ class Verifier:
         if r.model != self.model_name or not 0 <= r.start < r.end <= self.span.end:
             raise SampleRejectedError(f"this verifier checks {self.model_name} blocks 0:{self.span.end}, "
                                       f"not {r.model} {r.start}:{r.end}")
+        try:
+            sample.check_base_weights()
+        except UnverifiableSampleError as e:
+            self.stats.unverifiable += 1
+            logger.info("abstained on receipt %s: %s", sample.receipt.receipt_id, e)
+            raise
         blocks = range(r.start, r.end)
         comparison = await asyncio.get_running_loop().run_in_executor(
             self._compute, recheck, sample, lambda x, p: self.forward(x, p, blocks), self.tolerance)
@@ -164,6 +176,8 @@ class Verifier:
             verdict = await self.check(WorkSample.decode(meta["sample"]))
             await self.publish(verdict)
             return runtime_pb2.ExpertResponse(metadata=msgpack.packb({"verdict": verdict.encode()}, use_bin_type=True))
+        except UnverifiableSampleError as e:  # an abstention, not a bad request: counted in stats.unverifiable
+            return protocol.error_response("unverifiable", str(e))
         except Exception as e:
             kind = next((k for cls, k in _SAMPLE_ERRORS.items() if isinstance(e, cls)), None)
             self.stats.rejected[type(e).__name__] += 1
@@ -177,6 +191,7 @@ class Verifier:
         s = self.stats
         info = {"role": "verifier", "account": self.keypair.ss58_address, "model": self.model_name,
                 "checked": s.checked, "failed": s.failed, "published": s.published, "slashed": s.slashed,
+                "unverifiable": s.unverifiable,
                 "rejected": dict(s.rejected), "council": self.tally is not None}
         return runtime_pb2.ExpertResponse(metadata=protocol.pack_metadata(info))
 

@@ -4,6 +4,10 @@ It holds every forward step of one session on one span from the session start (i
 sent, outputs it received) and the provider's co-signed receipt whose output commitment covers
 them. The verifier first proves the tensors are what the provider committed to (recomputing the
 commitment chain), then re-runs them. The client cannot frame a provider: inputs are committed too.
+
+Only work the receipt states was served with the base weights (`adapter_version` 0) can be re-run:
+a verifier holds the base model, not a learning peer's adapters, so for any other sample it abstains
+(`UnverifiableSampleError`) instead of judging honest adapted outputs as wrong.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 
 from economy import canonical
 from economy.metering import StepKind, StepRecord, activation_digest, chain_commitment, commitment_start
-from economy.receipts import MalformedReceiptError, SignedReceipt
+from economy.receipts import TRAINING_ADAPTERS, MalformedReceiptError, SignedReceipt
 
 WORK_SAMPLE_TAG = "dllm.work_sample.1"
 MAX_SAMPLE_BYTES = 64 * 1024 * 1024
@@ -29,6 +33,10 @@ class MalformedWorkSampleError(ValueError):
 
 class EvidenceMismatchError(ValueError):
     """The sample's tensors do not match the provider's signed commitment: it is not evidence."""
+
+
+class UnverifiableSampleError(ValueError):
+    """The work ran with weights a verifier does not hold (adapters): no verdict either way."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,15 @@ class WorkSample:
 
     receipt: SignedReceipt
     steps: tuple[SampledStep, ...]
+
+    def check_base_weights(self) -> None:
+        """Raises UnverifiableSampleError unless the receipt states the base weights served this work."""
+        r = self.receipt.receipt
+        if not r.base_weights:
+            what = "a training pass" if r.adapter_version == TRAINING_ADAPTERS else f"adapter version {r.adapter_version}"
+            raise UnverifiableSampleError(
+                f"{r.provider} served blocks {r.start}:{r.end} with {what}; only base-weight work can be re-run"
+            )
 
     def check_commitment(self) -> None:
         """Raises EvidenceMismatchError unless the steps chain to the receipt's output commitment."""

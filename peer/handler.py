@@ -25,6 +25,7 @@ from peer.learning import SpanLearner
 from peer.training import GradientError, RateLimitExceededError
 from peer.kv_cache import CacheFullError, CacheManager, CacheOverflowError, SessionExistsError, SessionNotFoundError
 from economy.metering import StepKind
+from economy.receipts import BASE_WEIGHTS, TRAINING_ADAPTERS
 from peer.metering_hook import MeteringRequestError, SessionMeters
 from peer.span import SpanRunner
 from swarm import chunks, protocol
@@ -210,7 +211,7 @@ class BlockHandler:
             raise ProtocolError(f"forward takes exactly 1 tensor (hidden states), got {len(tensors)}")
         hidden = self._hidden(tensors[0])
         learner, train = self.learner, bool(metadata.get("train"))
-        version = learner.requested_version(metadata) if learner else None
+        version = self._pass_version(metadata, train)
 
         def run() -> torch.Tensor:
             if learner is not None and train:
@@ -218,7 +219,7 @@ class BlockHandler:
             with torch.inference_mode(), (learner.version_scope(version) if learner else contextlib.nullcontext()):
                 return self.span.forward(hidden, blocks=blocks)
 
-        self._open_metered_pass(metadata, blocks)
+        self._open_metered_pass(metadata, blocks, version)
         output = (await self._compute(run, hidden.shape[0] * hidden.shape[1])).to("cpu", hidden.dtype)
         self._meter_pass(metadata, StepKind.PROMPT, hidden, output)
         self.requests_served += 1
@@ -235,9 +236,9 @@ class BlockHandler:
             raise InvalidTensorError(f"output gradient shape {list(grad_out.shape)} differs from inputs {list(hidden.shape)}")
 
         learner, train = self.learner, bool(metadata.get("train"))
-        version = learner.requested_version(metadata) if learner else None
         if train and learner is None:
             raise ProtocolError("this peer does not train adapters (started without --adapter-rank)")
+        version = self._pass_version(metadata, train)
 
         def run() -> torch.Tensor:
             if train:  # a feedback pass: adapter gradients are filed under the authenticated caller
@@ -248,20 +249,31 @@ class BlockHandler:
                 (grad_in,) = torch.autograd.grad(output, inputs, grad_out.to(output.device, output.dtype))
             return grad_in
 
-        self._open_metered_pass(metadata, blocks)
+        self._open_metered_pass(metadata, blocks, version)
         grad_in = (await self._compute(run, 2)).to("cpu", hidden.dtype)
         self._meter_pass(metadata, StepKind.BACKWARD, grad_out, grad_in)
         self.requests_served += 1
         return grad_in
 
+    def _pass_version(self, metadata: dict, train: bool) -> int | None:
+        """The adapter version a forward/backward pass runs with, resolved now so its receipt states it
+        exactly (None: no adapters here; TRAINING_ADAPTERS: the working adapters of a training pass)."""
+        if self.learner is None:
+            return None
+        if train:
+            return TRAINING_ADAPTERS
+        with self.learner.version_scope(self.learner.requested_version(metadata)) as version:
+            return version  # raises AdapterVersionUnavailableError for a version no longer held
+
     # A forward/backward request naming a paying `client` and a `session_id` (a training pass) is metered
     # like an inference session: the forward as a prompt step at position 0, the backward as a backward
     # step (grad_out in, grad_in out), so receipts price it with economy.pricing's backward rate.
-    def _open_metered_pass(self, metadata: dict, blocks: range) -> None:
+    def _open_metered_pass(self, metadata: dict, blocks: range, version: int | None) -> None:
         if self.metering is None or metadata.get("client") is None:
             return
         session_id = protocol.get_field(metadata, "session_id", str)
-        session = self.metering.open(session_id, blocks, metadata)  # validates before any compute
+        session = self.metering.open(session_id, blocks, metadata,  # validates before any compute
+                                     BASE_WEIGHTS if version is None else version)
         if session is not None and (session.meter.start, session.meter.end) != (blocks.start, blocks.stop):
             raise MeteringRequestError(f"metered session {session_id!r} covers blocks "
                                        f"{session.meter.start}:{session.meter.end}, not {blocks.start}:{blocks.stop}")
@@ -337,7 +349,7 @@ class BlockHandler:
             with self.learner.version_scope(self.learner.requested_version(metadata)) as version:
                 pass  # raises AdapterVersionUnavailableError for a version no longer held
         if self.metering is not None:
-            self.metering.open(session_id, blocks, metadata)
+            self.metering.open(session_id, blocks, metadata, BASE_WEIGHTS if version is None else version)
         nbytes = self.span.cache_bytes(batch, max_length, blocks)
         self.caches.reserve(nbytes)  # raises CacheFullError before any buffer is allocated
         self.caches.open(session_id, self.span.new_cache(batch, max_length, blocks), nbytes, self.config.session_timeout)

@@ -17,7 +17,7 @@ import torch
 
 from economy.canonical import CanonicalFormatError, check_ss58
 from economy.metering import StepKind, UsageMeter, step_kind_at
-from economy.receipts import UsageReceipt
+from economy.receipts import BASE_WEIGHTS, UsageReceipt
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class MeteredSession:
 
     meter: UsageMeter
     client: str
+    adapter_version: int = BASE_WEIGHTS
+    """Weights the session ran with, stated in its receipts (only base-weight work is spot-checked)."""
     sequence: int = 0
     pending: UsageReceipt | None = None
     last_used: float = field(default_factory=time.monotonic)
@@ -55,8 +57,11 @@ class SessionMeters:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, session_id: str, blocks: range, metadata: dict) -> MeteredSession | None:
-        """Starts metering a session whose opening metadata names a `client` account; else None."""
+    def open(self, session_id: str, blocks: range, metadata: dict,
+             adapter_version: int = BASE_WEIGHTS) -> MeteredSession | None:
+        """Starts metering a session whose opening metadata names a `client` account; else None.
+
+        `adapter_version` is the weights the request runs with (receipts state it)."""
         client = metadata.get("client")
         if client is None:
             return None
@@ -71,13 +76,16 @@ class SessionMeters:
         if len(raw_id) > 64:
             raise MeteringRequestError("a metered session_id must be at most 64 bytes")
         if session_id in self._sessions:
-            return self._sessions[session_id]
+            session = self._sessions[session_id]
+            if adapter_version != BASE_WEIGHTS:  # once any step ran with adapters, a base re-run cannot match
+                session.adapter_version = adapter_version
+            return session
         self.expire_idle()
         if len(self._sessions) >= MAX_METERED_SESSIONS:
             raise MeteringRequestError("too many metered sessions are open; retry later")
         meter = UsageMeter(raw_id, self.model, blocks.start, blocks.stop,
                            (blocks.stop - blocks.start) * self.params_per_block, sampled=sampled)
-        session = MeteredSession(meter, client)
+        session = MeteredSession(meter, client, adapter_version)
         self._sessions[session_id] = session
         return session
 

@@ -188,7 +188,7 @@ class ReceiptService:
                 network=self.network, session_id=m.session_id, sequence=session.sequence, model=m.model,
                 start=m.start, end=m.end, params_served=m.params_served, rate=self.setup.rate, usage=usage,
                 provider=self.keypair.ss58_address, client=session.client, commitment_before=before,
-                commitment=after, issued_at=int(time.time()),
+                commitment=after, issued_at=int(time.time()), adapter_version=session.adapter_version,
             )
         receipt = session.pending
         return {"receipt": receipt.encode(), "provider_signature": sign_as_provider(receipt, self.keypair)}

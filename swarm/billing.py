@@ -127,6 +127,7 @@ class ClientBilling:
         self._background: set[asyncio.Task] = set()
         self.verdicts: list[SignedVerdict] = []
         self.sample_failures: list[str] = []
+        self.unverifiable_samples: list[str] = []  # receipt ids drawn for a check but served with adapters
 
     async def _chain(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
@@ -205,7 +206,14 @@ class ClientBilling:
         return sorted(peers)
 
     async def send_sample(self, sample: WorkSample) -> list[SignedVerdict]:
-        """Hands a work sample to up to `verifiers_per_sample` verifiers; returns their verdicts."""
+        """Hands a work sample to up to `verifiers_per_sample` verifiers; returns their verdicts.
+
+        Work the receipt says ran with adapters is not sent: no verifier can re-run it (they would abstain)."""
+        if not sample.receipt.receipt.base_weights:
+            self.unverifiable_samples.append(sample.receipt.receipt_id)
+            logger.info("receipt %s is not spot-checked: served with adapter version %d", sample.receipt.receipt_id,
+                        sample.receipt.receipt.adapter_version)
+            return []
         data = sample.encode()
         if len(data) > MAX_SAMPLE_MESSAGE_BYTES:
             self.sample_failures.append(f"sample of {len(data)} bytes is over the RPC limit; not checked")
