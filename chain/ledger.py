@@ -9,7 +9,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from substrateinterface import Keypair, SubstrateInterface
+from substrateinterface import Keypair
 
 from chain.account_derivation import (
     BURN_ACCOUNT,
@@ -37,6 +37,7 @@ from chain.errors import (
 )
 from chain.history import LedgerIndex
 from chain.pro_rata import split_pro_rata
+from chain.substrate_connection import ResilientSubstrate
 from chain.records import (
     ChainResult,
     ComputeTotals,
@@ -79,7 +80,8 @@ class ComputeLedger:
             config = LedgerConfig(url=url)
         self.config = config
         try:
-            self.substrate = SubstrateInterface(url=config.url)
+            # Survives node restarts (see chain/substrate_connection.py); transport failures: ChainConnectionError.
+            self.substrate = ResilientSubstrate(url=config.url)
             self.substrate.init_runtime()
         except (ConnectionError, OSError) as exc:
             raise ChainConnectionError(f"cannot reach the chain at {config.url}: {exc}") from exc

@@ -26,6 +26,7 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 from substrateinterface import Keypair
 
+from chain.errors import ChainConnectionError
 from economy.presigned_ledger import PresignedSettlementLedger, settle_round
 from economy.presigned_settlement import SettlementOfferError, decode_settlement, validate_on_chain
 from economy.pricing import ProviderRate
@@ -70,6 +71,7 @@ RECEIPT_ERROR_KINDS: dict[type[Exception], str] = {
     UnknownMeteredSessionError: "unknown_session",
     NothingToBillError: "nothing_to_bill",
     ProtocolError: "invalid_request",
+    ChainConnectionError: "chain_unavailable",  # the settlement cannot be checked now; the client retries
 }
 
 

@@ -26,6 +26,7 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
+from chain.errors import ChainConnectionError
 from economy import signing
 from economy.canonical import CanonicalFormatError
 from economy.metering import StepKind, UsageMeter, step_kind_at
@@ -53,6 +54,7 @@ HANDLER_VERIFY = "dllm.v1.verify"
 VERIFIERS_KEY = "dllm/verifiers"
 MAX_SAMPLE_MESSAGE_BYTES = 4 * 2**20 - 64 * 2**10
 """hivemind's unary limit (4 MiB) less room for the envelope: larger samples are not sent."""
+CHAIN_RETRY_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -69,10 +71,12 @@ class BillingConfig:
     submit_settlements: bool = True
     """False leaves submission to the providers (each holds the signed extrinsic)."""
     request_timeout: float = 30.0
+    settlement_retry_s: float = 120.0
+    """How long paying co-signed receipts is retried while the chain is unreachable (close() waits for it)."""
 
     def __post_init__(self) -> None:
-        if self.receipt_every_tokens < 1 or self.verifiers_per_sample < 0:
-            raise ValueError("receipt_every_tokens must be >= 1 and verifiers_per_sample >= 0")
+        if self.receipt_every_tokens < 1 or self.verifiers_per_sample < 0 or self.settlement_retry_s < 0:
+            raise ValueError("receipt_every_tokens must be >= 1, verifiers_per_sample and settlement_retry_s >= 0")
 
 
 class ReceiptRefusedError(RuntimeError):
@@ -128,6 +132,7 @@ class ClientBilling:
         self.verdicts: list[SignedVerdict] = []
         self.sample_failures: list[str] = []
         self.unverifiable_samples: list[str] = []  # receipt ids drawn for a check but served with adapters
+        self.settlement_failures: list[str] = []  # co-signed receipts this client could not get paid in time
 
     async def _chain(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
@@ -175,21 +180,45 @@ class ClientBilling:
 
         return await self._chain(sign)
 
-    def submit_later(self, nonce: int, extrinsic: bytes, receipt_ids: list[bytes]) -> None:
-        """Submits a signed settlement in the background (chain calls stay in nonce order)."""
+    def submit_later(self, nonce: int, extrinsic: bytes, receipt_ids: list[bytes], providers_hold_it: bool = True) -> None:
+        """Submits a signed settlement in the background (chain calls stay in nonce order).
 
-        def submit() -> None:
+        While the chain is unreachable it retries for `settlement_retry_s`; so it does while an earlier
+        nonce is missing if no provider holds this extrinsic (a failed delivery), else it leaves it to them."""
+
+        def submit() -> bool:
+            """True when done: paid, submitted, refused, or left to the providers."""
             if len(self.ledger.settled_on_chain(self.account, receipt_ids)) == len(receipt_ids):
-                return  # a provider was faster
-            if account_nonce(self.ledger, self.account) != nonce:
-                logger.info("settlement at nonce %d left to the providers (an earlier one is not on chain)", nonce)
-                return
+                return True  # a provider was faster
+            next_nonce = account_nonce(self.ledger, self.account)
+            if next_nonce != nonce:
+                if next_nonce < nonce and not providers_hold_it:
+                    return False  # only this client holds it: wait for the earlier nonce
+                logger.info("settlement at nonce %d left to the providers (the account is at nonce %d)", nonce, next_nonce)
+                return True
             try:
                 self.ledger.submit_signed(extrinsic)
+            except ChainConnectionError:
+                raise
             except Exception as e:  # a provider may have submitted the same bytes a moment earlier
                 logger.info("settlement at nonce %d not submitted by the client: %s", nonce, e)
+            return True
 
-        self._spawn(self._chain(submit))
+        async def until_done() -> None:
+            deadline = asyncio.get_running_loop().time() + self.config.settlement_retry_s
+            while True:
+                try:
+                    if await self._chain(submit):
+                        return
+                except ChainConnectionError as e:  # the outcome of a cut-off submission is read back next try
+                    logger.info("settlement at nonce %d: %s", nonce, e)
+                if asyncio.get_running_loop().time() > deadline:
+                    self.settlement_failures.append(f"settlement at nonce {nonce} not confirmed in "
+                                                    f"{self.config.settlement_retry_s:.0f} s")
+                    return
+                await asyncio.sleep(CHAIN_RETRY_INTERVAL_S)
+
+        self._spawn(until_done())
 
     # --- verifiers -----------------------------------------------------------------------------
 
@@ -247,6 +276,7 @@ class SessionBilling:
         self.spot_checks = spot_checks
         self.meters: dict[str, HopMeter] = {}
         self.receipts: list[SignedReceipt] = []
+        self.undelivered: list[SignedReceipt] = []  # co-signed and paid by this client's own submission only
         self.errors: list[Exception] = []
 
     @property
@@ -293,8 +323,33 @@ class SessionBilling:
                 self.errors.append(e)
         if not signed:
             return []
+        try:
+            return await self._pay(signed)
+        except ChainConnectionError as e:
+            # The receipts are co-signed: this client owes them. Pay them once the chain is back.
+            logger.warning("cannot sign the settlement now (%s); retrying in the background", e)
+            self.billing._spawn(self._pay_when_reachable(signed))
+            return []
+
+    async def _pay_when_reachable(self, signed: list[tuple[Any, SignedReceipt]]) -> None:
+        deadline = asyncio.get_running_loop().time() + self.billing.config.settlement_retry_s
+        while True:
+            await asyncio.sleep(CHAIN_RETRY_INTERVAL_S)
+            try:
+                await self._pay(signed)
+                return
+            except ChainConnectionError as e:
+                if asyncio.get_running_loop().time() > deadline:
+                    ids = ", ".join(s.receipt.receipt_id for _, s in signed)
+                    self.billing.settlement_failures.append(f"receipts {ids} unpaid: {e}")
+                    logger.error("co-signed receipts %s stay unpaid: the chain was unreachable for %.0f s",
+                                 ids, self.billing.config.settlement_retry_s)
+                    return
+
+    async def _pay(self, signed: list[tuple[Any, SignedReceipt]]) -> list[SignedReceipt]:
+        """Signs one settlement for the co-signed receipts, delivers both to each hop, submits it."""
         nonce, extrinsic = await self.billing.sign_settlement([s.receipt for _, s in signed])
-        delivered = []
+        delivered, undelivered = [], []
         for stream, s in signed:
             try:
                 await self._call(stream.hop.peer_id, {"op": "deliver", "signed": s.encode(), "settlement": extrinsic})
@@ -302,9 +357,13 @@ class SessionBilling:
             except Exception as e:
                 logger.warning("receipt delivery to %s failed: %s", stream.hop.peer_id, e)
                 self.errors.append(e)
+                undelivered.append(s)
         self.receipts.extend(delivered)
-        if self.billing.config.submit_settlements:
-            self.billing.submit_later(nonce, extrinsic, [s.receipt.receipt_id_bytes for _, s in signed])
+        self.undelivered.extend(undelivered)
+        # A receipt no provider holds is paid only if this client submits (even with submit_settlements off).
+        if self.billing.config.submit_settlements or undelivered:
+            self.billing.submit_later(nonce, extrinsic, [s.receipt.receipt_id_bytes for _, s in signed],
+                                      providers_hold_it=not undelivered)
         for stream, s in signed:
             if self.spot_checks and self.billing.policy.selects(s.receipt.receipt_id_bytes):
                 sample = WorkSample(s, tuple(self.meters[stream.session_id].steps))

@@ -214,9 +214,22 @@ class DevChain:
             await asyncio.sleep(0.2)
         log.warning("head block %s not in %s after %.0f s; the newest state may be lost", head, db, timeout_s)
 
+    async def _stop_building(self) -> None:
+        """Stops block production, so no block is built between saving the head and exiting.
+
+        Without this, a block built (Instant mode: on every submission) after the head was saved was
+        lost by the restart while clients had seen it included: the chain rolled back settlements."""
+        if self.config.state_dir is None:
+            return
+        try:
+            await self.rpc("dev_setBlockBuildMode", ["Manual"])
+        except (httpx.HTTPError, DevChainStartError) as exc:
+            log.warning("could not stop block production before stopping: %s", exc)
+
     async def stop(self) -> None:
         """Stop chopsticks after its database holds the head (SIGINT, then SIGKILL if it hangs)."""
         if self._process is not None and self._process.returncode is None:
+            await self._stop_building()
             await self._wait_head_saved()
         proc, self._process = self._process, None
         if proc is not None and proc.returncode is None:

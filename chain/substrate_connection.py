@@ -1,0 +1,77 @@
+"""A substrate-interface client that survives the chain's node restarting.
+
+substrate-interface reconnects only when *sending* on a socket it already knows is closed. After
+the node restarts, the first request usually goes out on the dead socket without error and fails
+while waiting for the reply ("Connection to remote host was lost"), and a node that is still down
+fails with "Connection refused". Both leave callers with untyped transport errors.
+
+`ResilientSubstrate` turns every transport failure into `ChainConnectionError` and, for plain
+requests (reads, queries), reconnects and sends the request once more. Submissions and
+subscriptions are never re-sent: whether a submitted extrinsic was included is unknown after a drop,
+and callers find out from the chain (the settler reconciles against the receipt markers).
+
+It also signs against the genesis hash the runtime checks (`System.BlockHash(0)`, what the
+CheckGenesis signed extension compares with) rather than the node's `chain_getBlockHash(0)`: the
+two are equal on a real node, but chopsticks resuming from its database reports another block-0
+hash, and every extrinsic signed over it was refused as `badProof` after a dev chain restart.
+"""
+from __future__ import annotations
+
+import logging
+
+from substrateinterface import SubstrateInterface
+from websocket import WebSocketException
+
+from chain.errors import ChainConnectionError
+
+log = logging.getLogger(__name__)
+
+# What a dropped or refused websocket raises (ConnectionError covers refused, reset and broken pipe).
+_TRANSPORT_ERRORS = (WebSocketException, ConnectionError)
+
+
+class ResilientSubstrate(SubstrateInterface):
+    """SubstrateInterface that reconnects after the endpoint went away and signs for the runtime's genesis."""
+
+    _runtime_genesis: str | None = None
+
+    def get_block_hash(self, block_id: int = None) -> str:
+        if block_id != 0:
+            return super().get_block_hash(block_id)
+        if self._runtime_genesis is None:
+            stored = self.query("System", "BlockHash", [0]).value
+            # An empty entry (all zeros) would mean a runtime that does not keep it: use the node's answer.
+            self._runtime_genesis = stored if stored and int(stored, 16) else super().get_block_hash(0)
+        return self._runtime_genesis
+
+    def rpc_request(self, method, params, result_handler=None):
+        try:
+            return super().rpc_request(method, params, result_handler=result_handler)
+        except _TRANSPORT_ERRORS as first:
+            if result_handler is not None or method.startswith("author_"):
+                self._reconnect_quietly()
+                raise ChainConnectionError(
+                    f"lost the chain at {self.url} during {method}; its outcome is unknown: "
+                    f"check on chain before retrying ({type(first).__name__}: {first})") from first
+            try:
+                self._reconnect()
+                log.info("reconnected to %s; retrying %s", self.url, method)
+                return super().rpc_request(method, params, result_handler=result_handler)
+            except _TRANSPORT_ERRORS as e:
+                raise ChainConnectionError(
+                    f"cannot reach the chain at {self.url} ({type(e).__name__}: {e}); retry when it is back") from e
+
+    def _reconnect(self) -> None:
+        old = getattr(self.transport, "websocket", None)
+        if old is not None:
+            try:
+                old.close(timeout=0)  # free the dead socket's descriptor
+            except Exception:  # noqa: BLE001 - it is dead already
+                pass
+        self.connect_websocket()
+
+    def _reconnect_quietly(self) -> None:
+        try:
+            self._reconnect()
+        except _TRANSPORT_ERRORS as e:  # still down: the next request tries again
+            log.debug("reconnect to %s failed: %s", self.url, e)
