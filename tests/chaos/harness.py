@@ -125,16 +125,28 @@ class ChaosSwarm(LocalSwarm):
 class ClientFleet:
     """`size` independent SwarmClients (each its own DHT node) issuing greedy requests concurrently."""
 
-    def __init__(self, model_dir: Path, initial_peers: Sequence[str], size: int, config: ClientConfig | None = None):
+    def __init__(self, model_dir: Path, initial_peers: Sequence[str], size: int, config: ClientConfig | None = None,
+                 configs: Sequence[ClientConfig] | None = None):
+        """`configs` gives each client its own config (e.g. its own paying key); else all share `config`."""
         self.model_dir, self.initial_peers, self.size = model_dir, list(initial_peers), size
         self.config = config or ClientConfig(request_timeout=5.0, ban_duration=3.0, refresh_interval=1.0)
+        self.configs = list(configs) if configs is not None else [self.config] * size
+        if len(self.configs) != size:
+            raise ValueError(f"{len(self.configs)} client configs for a fleet of {size}")
         self.clients: list[SwarmClient] = []
+        self.billings: list = []  # every billed session's SessionBilling (its co-signed receipts), in order
         self.reference: dict[str, list[int]] = {}
         self.tokens_done = 0  # across all clients, for timing fault injection mid-session
 
     async def start(self) -> None:
-        self.clients = [SwarmClient(self.model_dir, self.initial_peers, self.config) for _ in range(self.size)]
-        await asyncio.gather(*(c.start() for c in self.clients))
+        self.clients = [SwarmClient(self.model_dir, self.initial_peers, c) for c in self.configs]
+        if any(c.billing is not None for c in self.configs):
+            # One at a time: substrate-interface connections created concurrently in one process
+            # race in scalecodec's type loading ("Decoder class for Compact<u32> not found").
+            for client in self.clients:
+                await client.start()
+        else:
+            await asyncio.gather(*(c.start() for c in self.clients))
         self.socket_files = own_hivemind_sockets()  # must all be gone once the fleet is closed
 
     async def close(self) -> None:
@@ -143,9 +155,15 @@ class ClientFleet:
 
     async def _generate(self, client: SwarmClient, prompt: str, params: GenerationParams) -> list[int]:
         ids = []
-        async for token in client.generate_tokens(_tokenize(self.model_dir, prompt), params, set()):
-            ids.append(token)
-            self.tokens_done += 1
+        tokens = client.generate_tokens(_tokenize(self.model_dir, prompt), params, set())
+        try:
+            async for token in tokens:
+                ids.append(token)
+                self.tokens_done += 1
+        finally:
+            billing = getattr(client, "last_billing", None)  # set when the session began
+            if billing is not None and all(billing is not b for b in self.billings):
+                self.billings.append(billing)
         return ids
 
     async def make_reference(self, params: GenerationParams) -> None:
