@@ -115,11 +115,15 @@ class SwarmCanaryEvaluator:
         before = await self._route(0, self.start)
         after = await self._route(self.end, self.client.num_blocks)
         pins = await self._pinned_versions(before + after)
+        # No grad-mode context spans an await: grad modes are thread-local and would leak into the
+        # peer's other coroutines (its backward RPCs among them) while this one is suspended.
         with torch.no_grad():
-            prefix = await self._through(before, self.client.head.embed_tokens(self.batch.input_ids), pins)
-            losses = []
-            for version in versions:
-                out = await self._through(after, await self.local_forward(prefix, version), pins)
+            embedded = self.client.head.embed_tokens(self.batch.input_ids)
+        prefix = await self._through(before, embedded, pins)
+        losses = []
+        for version in versions:
+            out = await self._through(after, await self.local_forward(prefix, version), pins)
+            with torch.no_grad():
                 losses.append(float(causal_lm_loss(self.client.head.logits(out.float()), self.batch.labels)))
         return losses
 

@@ -347,17 +347,27 @@ class SwarmClient:
         self.last_billing = billing
         session = self.inference_session(max_length=total, billing=billing)
         self.last_session = session
-        try:
+        # Grad modes are thread-local: a `with torch.inference_mode()` held across an await or a yield would
+        # leak into every other coroutine on this loop (and into tensors they return), so only the local,
+        # synchronous head computations run in it.
+        def embed(ids: list[list[int]]) -> torch.Tensor:
             with torch.inference_mode():
-                hidden = await session.step(self.head.embed_tokens(torch.tensor([prompt_ids])))
-                for _ in range(params.max_new_tokens):
-                    token = next_token(self.head.logits(hidden[0, -1]), params, generator)
-                    yield token
-                    if token in eos_ids and not params.ignore_eos:
-                        return
-                    hidden = await session.step(self.head.embed_tokens(torch.tensor([[token]])))
-                    if billing is not None:
-                        await billing.after_step(session.hops)
+                return self.head.embed_tokens(torch.tensor(ids))
+
+        def choose(hidden: torch.Tensor) -> int:
+            with torch.inference_mode():
+                return next_token(self.head.logits(hidden[0, -1]), params, generator)
+
+        try:
+            hidden = await session.step(embed([prompt_ids]))
+            for _ in range(params.max_new_tokens):
+                token = choose(hidden)
+                yield token
+                if token in eos_ids and not params.ignore_eos:
+                    return
+                hidden = await session.step(embed([[token]]))
+                if billing is not None:
+                    await billing.after_step(session.hops)
         finally:
             if billing is not None:  # bill what was served, even if generation stopped early
                 try:

@@ -86,3 +86,15 @@ def test_payloads_over_the_unary_limit_are_streamed(distributed_model, local_mod
     assert torch.allclose(remote[:, :8], local, atol=1e-4)
     assert remote_in.grad is not None and torch.isfinite(remote_in.grad).all()
     assert remote_in.grad[:, :-3].abs().sum() > 0  # gradients flowed back through both peers
+
+
+def test_an_abandoned_stream_leaves_autograd_working(distributed_model, local_model):
+    # Grad modes are thread-local: a generation suspended inside `inference_mode` used to leak it into
+    # everything else on the client's loop, so a later forward returned inference tensors.
+    stream = distributed_model.stream("The module", GenerationParams(max_new_tokens=32, ignore_eos=True))
+    next(stream)
+    stream.close()
+    ids = torch.randint(0, local_model.config.vocab_size, (1, 5))
+    hidden = local_model.model.embed_tokens(ids).detach().requires_grad_(True)
+    distributed_model.forward_embeddings(hidden).sum().backward()
+    assert hidden.grad is not None
