@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
+
+from tests.cli_server import running_dllm
 
 from dllm.processes import LocalSwarm
 from swarm.client import DistributedModel
@@ -84,28 +84,9 @@ def test_dllm_feedback_command_changes_the_peers_adapters(learning_swarm, observ
 @pytest.fixture(scope="module")
 def api_url(learning_swarm, tiny_model_path, tmp_path_factory):
     """`dllm api` on a free port, as a real process; stopped with SIGTERM afterwards."""
-    log_path = tmp_path_factory.mktemp("feedback-api") / "api.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dllm.cli", "api", "--model", str(tiny_model_path),
-             "--initial-peers", learning_swarm.initial_peers[0], "--port", "0"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    try:
-        deadline, match = time.monotonic() + 90, None
-        while match is None and time.monotonic() < deadline:
-            assert proc.poll() is None, f"dllm api exited early:\n{log_path.read_text()}"
-            match = API_READY.search(log_path.read_text())
-            time.sleep(0.1)
-        assert match, f"dllm api did not start:\n{log_path.read_text()}"
+    args = ["api", "--model", str(tiny_model_path), "--initial-peers", learning_swarm.initial_peers[0], "--port", "0"]
+    with running_dllm(args, API_READY, tmp_path_factory.mktemp("feedback-api")) as match:
         yield match.group(2)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_http_feedback_endpoint_changes_the_peers_adapters(learning_swarm, observer, api_url):

@@ -29,6 +29,17 @@ def learning_args(period: float = 6.0, canary_file: Path | None = None, *extra: 
     return args + (("--canary-file", str(canary_file)) if canary_file else ())
 
 
+def start_canary_gated_pair(local_swarm, canary_dir: Path, period: float = 6.0):
+    """Two learning peers (head 0:4, tail 4:8) whose canary is the FACTS set; returns (head, tail), ready."""
+    canary = canary_dir / "canary.txt"
+    canary.write_text(FACTS_CANARY)
+    head = local_swarm.start_peer("0:4", *learning_args(period, canary), name="head", wait=False)
+    tail = local_swarm.start_peer("4:8", *learning_args(period, canary), name="tail", wait=False)
+    for peer in (head, tail):
+        local_swarm.wait_ready(peer, timeout=120)
+    return head, tail
+
+
 def peer_info(model: DistributedModel, peer_id: str) -> dict:
     """The peer's rpc_info reply (adapter_version, adapter_fingerprint, last_canary, last_averaging, ...)."""
     response = model._loop.run(model.core.call(peer_id, protocol.HANDLER_INFO, runtime_pb2.ExpertRequest()))

@@ -14,7 +14,7 @@ import torch
 from swarm.client import DistributedModel
 from swarm.sampling import GenerationParams
 from tests.peer.learning_swarm import (
-    FACTS, FACTS_CANARY, just_after_round, learning_args, live_loss, peer_info, poisoned_pass, wait_for_peers,
+    FACTS, just_after_round, live_loss, peer_info, poisoned_pass, start_canary_gated_pair, wait_for_peers,
 )
 
 pytestmark = pytest.mark.timeout(240)
@@ -23,12 +23,7 @@ PERIOD = 6.0
 
 
 def test_poisoned_update_is_rolled_back_by_the_in_swarm_canary(local_swarm, tiny_model_path, tmp_path):
-    canary = tmp_path / "canary.txt"
-    canary.write_text(FACTS_CANARY)
-    head = local_swarm.start_peer("0:4", *learning_args(PERIOD, canary), name="head", wait=False)
-    tail = local_swarm.start_peer("4:8", *learning_args(PERIOD, canary), name="tail", wait=False)
-    for peer in (head, tail):
-        local_swarm.wait_ready(peer, timeout=120)
+    head, tail = start_canary_gated_pair(local_swarm, tmp_path, PERIOD)
     ids = {"head": head.info["peer_id"], "tail": tail.info["peer_id"]}
     honest = DistributedModel.from_pretrained(str(tiny_model_path), local_swarm.initial_peers)
     mallory = DistributedModel.from_pretrained(str(tiny_model_path), local_swarm.initial_peers)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from swarm.client import DistributedModel
-from tests.peer.learning_swarm import FACTS, FACTS_CANARY, just_after_round, learning_args, wait_for_peers
+from tests.peer.learning_swarm import FACTS, just_after_round, learning_args, start_canary_gated_pair, wait_for_peers
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -15,12 +15,7 @@ PERIOD = 6.0
 
 
 def test_update_waits_while_the_canary_cannot_run_and_goes_live_once_it_can(local_swarm, tiny_model_path, tmp_path):
-    canary = tmp_path / "canary.txt"
-    canary.write_text(FACTS_CANARY)
-    head = local_swarm.start_peer("0:4", *learning_args(PERIOD, canary), name="head", wait=False)
-    tail = local_swarm.start_peer("4:8", *learning_args(PERIOD, canary), name="tail", wait=False)
-    for peer in (head, tail):
-        local_swarm.wait_ready(peer, timeout=120)
+    head, tail = start_canary_gated_pair(local_swarm, tmp_path, PERIOD)
     ids = {"head": head.info["peer_id"]}
     model = DistributedModel.from_pretrained(str(tiny_model_path), local_swarm.initial_peers)
     try:
@@ -35,7 +30,7 @@ def test_update_waits_while_the_canary_cannot_run_and_goes_live_once_it_can(loca
         assert info["last_averaging"]["status"] == "skipped" and info["adapter_version"] == 0
         assert info["canary_rollbacks"] == 0  # not judged harmful: the local progress is kept
 
-        local_swarm.start_peer("4:8", *learning_args(PERIOD, canary), name="tail-2", wait=True, timeout=120)
+        local_swarm.start_peer("4:8", *learning_args(PERIOD, tmp_path / "canary.txt"), name="tail-2", wait=True, timeout=120)
         info = wait_for_peers(model, ids, lambda i: i["adapter_version"] >= 1, 45, "the kept update to go live")["head"]
         assert info["last_canary"]["accepted"] and info["last_canary"]["candidate_loss"] < info["last_canary"]["live_loss"]
     finally:

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import httpx
 import openai
-import psutil
 import pytest
+
+from tests.cli_server import running_dllm
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -22,35 +18,9 @@ READY = re.compile(r"DLLM API serving (\S+) at (http://\S+)")
 @pytest.fixture(scope="module")
 def api_server(swarm, tmp_path_factory):
     """`dllm api` on a free port; yields (base_url, model name); on exit checks it stopped cleanly."""
-    log_path = tmp_path_factory.mktemp("api") / "api.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dllm.cli", "api", "--model", str(swarm.model_path),
-             "--initial-peers", swarm.initial_peers[0], "--port", "0"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    try:
-        match = None
-        deadline = time.monotonic() + 90
-        while match is None and time.monotonic() < deadline:
-            assert proc.poll() is None, f"dllm api exited early:\n{log_path.read_text()}"
-            match = READY.search(log_path.read_text())
-            time.sleep(0.1)
-        assert match, f"dllm api did not start:\n{log_path.read_text()}"
-        children = psutil.Process(proc.pid).children(recursive=True)
+    args = ["api", "--model", str(swarm.model_path), "--initial-peers", swarm.initial_peers[0], "--port", "0"]
+    with running_dllm(args, READY, tmp_path_factory.mktemp("api")) as match:
         yield match.group(2), match.group(1)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    assert code == 0, log_path.read_text()
-    # torch's shared-memory manager lingers a moment after its last client; give helpers time to exit.
-    _, leftovers = psutil.wait_procs(children, timeout=15)
-    assert not leftovers, f"dllm api left processes behind: {leftovers}"
 
 
 @pytest.fixture(scope="module")

@@ -6,17 +6,15 @@ import hashlib
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
-import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
+
+from tests.cli_server import running_dllm
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -28,33 +26,9 @@ READY = re.compile(r"DLLM dashboard at (http://\S+)")
 @contextmanager
 def running_dashboard(initial_peer: str, workdir: Path, *extra: str):
     """`dllm dashboard` on a free port; yields its URL; stops it and checks nothing it started survives."""
-    log_path = workdir / f"dashboard-{uuid.uuid4().hex[:6]}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dllm.cli", "dashboard", "--initial-peers", initial_peer, "--port", "0",
-             "--refresh", "1", *extra],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    try:
-        match = None
-        deadline = time.monotonic() + 60
-        while match is None and time.monotonic() < deadline:
-            assert proc.poll() is None, f"dllm dashboard exited early:\n{log_path.read_text()}"
-            match = READY.search(log_path.read_text())
-            time.sleep(0.1)
-        assert match, f"dllm dashboard did not start:\n{log_path.read_text()}"
-        children = psutil.Process(proc.pid).children(recursive=True)
+    args = ["dashboard", "--initial-peers", initial_peer, "--port", "0", "--refresh", "1", *extra]
+    with running_dllm(args, READY, workdir, timeout=60) as match:
         yield match.group(1)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    assert code == 0, log_path.read_text()
-    _, leftovers = psutil.wait_procs(children, timeout=15)
-    assert not leftovers, f"dllm dashboard left processes behind: {leftovers}"
 
 
 def chromium(url: str, profile: Path, *mode: str) -> subprocess.CompletedProcess:
