@@ -114,12 +114,14 @@ def span_backward(
 
     Returns (gradient w.r.t. `hidden`, for the previous span; adapter gradients by name). Uses
     torch.autograd.grad, never `.grad`, so concurrent passes of different contributors never mix.
+    Holds the adapters' lock from forward to backward: an averaging round that promotes a version
+    rewrites the working tensors in place, which would invalidate the saved graph half-way.
     """
     if grad_output.shape[:-1] != hidden.shape[:-1]:
         raise GradientError(f"grad_output shape {tuple(grad_output.shape)} does not match hidden {tuple(hidden.shape)}")
     hidden = hidden.detach().requires_grad_(True)
     params = adapters.parameters()
-    with torch.enable_grad(), adapters.training():
+    with adapters.lock, torch.enable_grad(), adapters.training():
         out = run_span(hidden)
         grads = torch.autograd.grad(out, [hidden, *params], grad_outputs=grad_output.to(out.dtype))
     return grads[0], dict(zip(adapters.names, grads[1:]))

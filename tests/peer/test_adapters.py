@@ -170,3 +170,35 @@ def test_feedback_training_lowers_loss_through_a_route():
         target = route.tokenizer(example.prompt + example.completion)["input_ids"]
         prompt_length = len(route.tokenizer(example.prompt)["input_ids"])
         assert route.generate(example.prompt, 2)[prompt_length:] == target[prompt_length : prompt_length + 2]
+
+
+def test_training_pass_is_not_broken_by_an_averaging_round_rewriting_the_working_tensors(config):
+    """A round promoting a version (reset_working, in place) while a pass is between forward and backward
+    must wait for the pass: it used to fail the pass with autograd's "modified by an inplace operation"."""
+    import threading
+
+    from peer.training import span_backward
+
+    runner, adapters = _span(config, 0, 2, LoraConfig(rank=4))
+    adapters.promote(adapters.propose({n: t + 0.01 for n, t in adapters.working_state().items()}))
+    forward_done, reset_done = threading.Event(), threading.Event()
+
+    def run_span(x):
+        out = runner.forward(x)
+        forward_done.set()
+        reset_done.wait(0.5)  # gives the round its chance to write in the middle of the pass
+        return out
+
+    def averaging_round():
+        forward_done.wait(5)
+        with adapters.lock, torch.no_grad():  # as trainer.step() does: local training moved working away from live
+            adapters.working[adapters.names[0]].add_(1.0)
+        adapters.reset_working()
+        reset_done.set()
+
+    hidden, grad_out = torch.randn(1, 5, config.hidden_size), torch.randn(1, 5, config.hidden_size)
+    other = threading.Thread(target=averaging_round)
+    other.start()
+    grad_in, grads = span_backward(run_span, adapters, hidden, grad_out)
+    other.join(5)
+    assert reset_done.is_set() and torch.isfinite(grad_in).all() and set(grads) == set(adapters.names)
