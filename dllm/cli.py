@@ -242,6 +242,14 @@ def peer_join(
     ] = None,
     host: Host = "127.0.0.1",
     port: Annotated[int, _port_option(0, "the peer's P2P endpoint")] = 0,
+    direct: Annotated[
+        bool, typer.Option("--direct/--no-direct",
+                           help="Also serve inference over direct TLS streams (faster on fast networks; clients fall "
+                                "back to P2P when they cannot reach it).")
+    ] = True,
+    direct_port: Annotated[
+        int, typer.Option("--direct-port", min=0, max=65535, help="TCP port for direct streams (0: pick a free one).")
+    ] = 0,
     rate: Annotated[
         int, typer.Option("--rate", min=0, help="Price per token per billion parameters served, in planck.")
     ] = 1,
@@ -332,6 +340,7 @@ def peer_join(
             num_blocks=num_blocks,
             initial_peers=peers,
             host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+            direct_port=direct_port if direct else None,
             identity_path=identity,
             rate=rate,
             chain_account=account,

@@ -16,6 +16,7 @@ class PeerConfig:
     initial_peers: list[str] = field(default_factory=list)
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     announce_maddrs: list[str] | None = None
+    direct_port: int | None = 0  # TCP port for direct TLS inference streams (0: any free port; None: P2P only)
     identity_path: Path | None = None  # keeps the same peer id across restarts
     model_name: str | None = None  # overrides the name the swarm knows the model by
     dtype: str = "float32"
@@ -59,6 +60,8 @@ class PeerConfig:
             raise ValueError("adapter_rank must be >= 0, train_step_batch >= 1 and averaging_period >= 3 s")
         if not 0 <= self.canary_max_rise < 10:
             raise ValueError(f"canary_max_rise must be a fraction in [0, 10), got {self.canary_max_rise}")
+        if self.direct_port is not None and not 0 <= self.direct_port <= 65535:
+            raise ValueError(f"direct_port must be in 0..65535 (0: any free port), got {self.direct_port}")
         if self.quote_period < 0:
             raise ValueError(f"quote_period must be >= 0 seconds (0: no price gossip), got {self.quote_period}")
         if self.dtype not in ("float32", "float16", "bfloat16"):

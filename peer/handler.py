@@ -301,9 +301,11 @@ class BlockHandler:
         self.metering.record(metadata["session_id"], inputs, outputs, 0, kind=kind)
 
     async def rpc_inference(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext | None = None
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """A generation session: the first message opens it, each message appends tokens.
+
+        Served over a hivemind P2P stream, or over a direct TLS stream (peer/direct_server.py, no context).
 
         Opening metadata: {session_id?, blocks?, max_length, batch?}, or {session_id, resume: true} to
         re-attach to a session whose connection broke. Each step sends the new tokens'

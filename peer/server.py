@@ -15,6 +15,7 @@ from economy.gossip import GossipError
 from peer.block_selection import choose_blocks
 from peer.blocks import check_span, load_span_layers
 from peer.config import PeerConfig
+from peer.direct_server import DirectServer, advertised_host, listen_host
 from peer.handler import BlockHandler
 from peer.identity import load_or_create_record_key
 from peer.metering_hook import SessionMeters
@@ -91,6 +92,7 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
     quotes: QuotePublisher | None = None
     learner: SpanLearner | None = None
     learning_task: asyncio.Task | None = None
+    direct: DirectServer | None = None
     try:
         await asyncio.gather(asyncio.to_thread(dht.wait_until_ready, 60),
                              asyncio.to_thread(architecture_for, model_config))
@@ -130,13 +132,20 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
                 request_timeout=config.request_timeout)
             await learner.start(dht, name)
             learning_task = asyncio.create_task(learner.run())
+        if config.direct_port is not None:  # listening starts once the handler exists
+            direct = DirectServer(lambda requests: handler.rpc_inference(requests), config.max_stream_bytes + 2**20)
         handler = BlockHandler(config, span, name, info_extra=lambda: {
             "throughput": throughput, "rate": config.rate, "chain_account": config.chain_account,
             "params_per_block": params_per_block, **(learner.info() if learner else {}),
             **(quotes.info() if quotes else {}),
             # Binds this peer id to the key that signs its DHT records (clients drop records signed by others).
             "record_owner": validator.local_public_key.decode(),
+            # Where clients may open direct TLS inference streams, and the certificate to pin (swarm/direct.py).
+            **(direct.info() if direct is not None else {}),
         }, learner=learner)
+        if direct is not None:
+            host = listen_host(config.host_maddrs)
+            await direct.start(host, config.direct_port, advertised_host(host, config.announce_maddrs, visible_maddrs(dht)))
         await handler.add_handlers(p2p)
         billing = billing_setup(config.chain_key, config.chain_url, config.receipts_path, config.rate, config.settle_interval)
         if billing is not None:  # meter sessions, co-sign receipts, settle them on chain
@@ -171,6 +180,8 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
                 except Exception as e:  # a DHT hiccup must not stop serving; the next period retries
                     logger.warning("announce failed: %s", e)
     finally:
+        if direct is not None:
+            await direct.close()
         if handler is not None:
             handler.shutdown()
         if quotes is not None:

@@ -24,6 +24,8 @@ from transformers import AutoTokenizer
 from peer.canary import causal_lm_loss
 from swarm import chunks, protocol
 from swarm.dht import start_dht
+from swarm.direct import DirectEndpoint, DirectEndpointError, DirectStreamError
+from swarm.inference_streams import DirectInferenceStream, InferenceStream, P2PInferenceStream
 from swarm.local_head import LocalHead
 from swarm.model_files import load_config, model_name, resolve_model
 from swarm.records import ServerRecord, fetch_model_records
@@ -58,6 +60,8 @@ class ClientConfig:
     max_retries: int = 3  # for forward/backward RPCs
     max_price_per_token: int | None = None  # planck per generated token for the whole route (economy.pricing)
     billing: BillingConfig | None = None  # pay providers: receipts, settlement, spot checks (swarm/billing.py)
+    direct_streams: bool = True  # inference over direct TLS streams where peers offer them (else hivemind P2P)
+    direct_connect_timeout: float = 2.0  # past this, fall back to P2P for that peer
 
 
 @dataclass
@@ -87,6 +91,7 @@ class SwarmClient:
         self.bans = BanList(config.ban_duration)
         self.latency: dict[str, float] = {}
         self.record_owners: dict[str, str] = {}  # peer id -> the DHT signing key the peer itself reports
+        self.direct_endpoints: dict[str, DirectEndpoint] = {}  # peer id -> its direct stream endpoint (from rpc_info)
         self._records: list[ServerRecord] = []
         self._records_at = 0.0
         self.dht = None
@@ -133,13 +138,42 @@ class SwarmClient:
         try:
             reply = await self.call(peer_id, protocol.HANDLER_INFO, runtime_pb2.ExpertRequest(), timeout=timeout)
             rtt = time.perf_counter() - started
-            owner = protocol.unpack_metadata(reply.metadata).get("record_owner")
+            info = protocol.unpack_metadata(reply.metadata)
+            owner = info.get("record_owner")
             if isinstance(owner, str):
                 self.record_owners[peer_id] = owner
+            self._learn_direct_endpoint(peer_id, info.get("direct"))
         except Exception:
             rtt = float("inf")
         self.latency[peer_id] = rtt
         return rtt
+
+    def _learn_direct_endpoint(self, peer_id: str, value) -> None:
+        # rpc_info came over the P2P connection authenticated by `peer_id`: the certificate it names is the peer's.
+        self.direct_endpoints.pop(peer_id, None)
+        if value is None:
+            return
+        try:
+            self.direct_endpoints[peer_id] = DirectEndpoint.from_info(value)
+        except DirectEndpointError as e:
+            logger.warning("peer %s advertises a malformed direct endpoint (%s); using P2P", peer_id, e)
+
+    async def open_inference_stream(self, peer_id: str) -> InferenceStream:
+        """An inference stream to `peer_id`: direct TLS if the peer offers it and it answers, else hivemind P2P.
+
+        A failed direct attempt re-reads the peer's info once (a restarted peer has a new certificate)."""
+        for attempt in range(2):
+            endpoint = self.direct_endpoints.get(peer_id) if self.config.direct_streams else None
+            if endpoint is None:
+                break
+            try:
+                return await DirectInferenceStream.open(endpoint, self.config.direct_connect_timeout)
+            except DirectStreamError as e:
+                logger.info("no direct stream to %s (%s)%s", peer_id, e, "" if attempt else "; re-reading its info")
+                self.direct_endpoints.pop(peer_id, None)
+                if attempt == 0:
+                    await self.ping(peer_id)
+        return await P2PInferenceStream.open(self.p2p, peer_id)
 
     async def is_alive(self, peer_id: str) -> bool:
         """Whether `peer_id` answers rpc_info within a second."""
@@ -319,7 +353,7 @@ class SwarmClient:
     # --- generation ----------------------------------------------------------------------------
 
     def inference_session(self, max_length: int, batch: int = 1, billing: SessionBilling | None = None) -> InferenceSession:
-        return InferenceSession(self.p2p, self.model, self.num_blocks, self.plan, self.report_failure, self.is_alive,
+        return InferenceSession(self.open_inference_stream, self.model, self.num_blocks, self.plan, self.report_failure, self.is_alive,
                                 max_length=max_length, batch=batch, timeout=self.config.request_timeout,
                                 max_failovers=self.config.max_failovers,
                                 observer=billing.observe if billing else None,

@@ -1,6 +1,7 @@
 """Inference sessions through a route of peers, with failover that replays the session's history.
 
-Each hop holds a P2P stream to one peer; the peer keeps the attention cache for its blocks. The client
+Each hop holds an inference stream to one peer (direct TLS or hivemind P2P: swarm/inference_streams.py);
+the peer keeps the attention cache for its blocks. The client
 keeps every hidden state it sent to each hop, so when a peer dies, stalls or answers garbage, the
 session bans it, routes those blocks through other peers, replays the history there to rebuild their
 caches, and carries on: greedy output is the same as without the failure.
@@ -12,13 +13,14 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Awaitable, Callable
 
 import torch
-from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from swarm import protocol
+from swarm.direct import MAX_RESPONSE_BYTES
+from swarm.inference_streams import InferenceStream
 from swarm.routing import Hop, NoRouteError
 from swarm.tensors import InvalidTensorError, check_hidden_states, decode, encode
 
@@ -28,6 +30,8 @@ logger = logging.getLogger(__name__)
 RoutePlanner = Callable[[int, int], Awaitable[list[Hop]]]
 # Tells whether a peer still answers a cheap request (used when a step is slower than usual).
 LivenessProbe = Callable[[str], Awaitable[bool]]
+# Opens an inference stream to a peer (SwarmClient.open_inference_stream picks the transport).
+StreamOpener = Callable[[str], Awaitable[InferenceStream]]
 
 # Told of every completed step of a hop: (hop stream, inputs sent, outputs received, position).
 # Billing meters steps through it (swarm/billing.py).
@@ -45,40 +49,31 @@ class SessionFailedError(RuntimeError):
 class _HopStream:
     """One open inference stream to one peer, with the inputs it has been sent so far."""
 
-    def __init__(self, p2p: P2P, hop: Hop, model: str, max_length: int, batch: int, timeout: float, probe: LivenessProbe,
-                 observer: StepObserver | None = None, open_extra: dict | None = None):
+    def __init__(self, open_stream: StreamOpener, hop: Hop, model: str, max_length: int, batch: int, timeout: float,
+                 probe: LivenessProbe, observer: StepObserver | None = None, open_extra: dict | None = None):
         self.session_id = uuid.uuid4().hex
         self.observer, self.open_extra = observer, open_extra or {}
-        self.p2p, self.hop, self.model, self.probe = p2p, hop, model, probe
+        self.open_stream, self.hop, self.model, self.probe = open_stream, hop, model, probe
         self._step_time: float | None = None  # moving average of recent step round trips
         self.max_length, self.batch, self.timeout = max_length, batch, timeout
         self.history: list[torch.Tensor] = []
         self.position = 0
-        self._requests: asyncio.Queue = asyncio.Queue()
-        self._responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
-        self._opened = False
+        self._stream: InferenceStream | None = None
 
-    async def _request_iter(self):
-        while True:
-            item = await self._requests.get()
-            if item is None:
-                return
-            yield item
+    @property
+    def transport(self) -> str | None:
+        """"direct" or "p2p" once the stream is open."""
+        return self._stream.transport if self._stream is not None else None
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         metadata = {"position": self.position}
-        if not self._opened:
+        if self._stream is None:
             metadata.update(model=self.model, blocks=[self.hop.start, self.hop.end], max_length=self.max_length,
                             batch=self.batch, session_id=self.session_id, **self.open_extra)
         request = runtime_pb2.ExpertRequest(tensors=[encode(hidden)], metadata=protocol.pack_metadata(metadata))
-        if not self._opened:
-            self._opened = True
-            self._responses = await asyncio.wait_for(
-                self.p2p.iterate_protobuf_handler(
-                    PeerID.from_base58(self.hop.peer_id), protocol.HANDLER_INFERENCE, self._request_iter(),
-                    runtime_pb2.ExpertResponse),
-                self.timeout)
-        await self._requests.put(request)
+        if self._stream is None:
+            self._stream = await asyncio.wait_for(self.open_stream(self.hop.peer_id), self.timeout)
+        await self._stream.send(request)
         started = time.perf_counter()
         response = await self._await_response()
         elapsed = time.perf_counter() - started
@@ -88,7 +83,7 @@ class _HopStream:
         protocol.raise_if_error(meta, self.hop.peer_id)
         if len(response.tensors) != 1:
             raise InvalidTensorError(f"peer {self.hop.peer_id} returned {len(response.tensors)} tensors, expected 1")
-        output = decode(response.tensors[0])
+        output = decode(response.tensors[0], max_bytes=MAX_RESPONSE_BYTES)  # a failover replay can be large
         check_hidden_states(output, hidden.shape[-1], 2**31, f"output of peer {self.hop.peer_id}")
         if output.shape != hidden.shape:
             raise InvalidTensorError(f"peer {self.hop.peer_id} returned shape {list(output.shape)} for input {list(hidden.shape)}")
@@ -105,7 +100,7 @@ class _HopStream:
         much longer than usual triggers a cheap liveness probe; a dead or frozen peer fails the probe
         within about a second, while a merely slow peer gets the full timeout.
         """
-        pending = asyncio.ensure_future(anext(self._responses))
+        pending = asyncio.ensure_future(self._stream.receive())
         deadline = time.perf_counter() + self.timeout
         suspicion = max(_MIN_SUSPICION_S, _SUSPICION_FACTOR * (self._step_time or _MIN_SUSPICION_S))
         try:
@@ -119,30 +114,24 @@ class _HopStream:
                 if not await self.probe(self.hop.peer_id):
                     raise ConnectionError(f"peer {self.hop.peer_id} stopped answering")
                 suspicion *= 2
-        except StopAsyncIteration:
-            raise ConnectionError(f"peer {self.hop.peer_id} closed the inference stream") from None
         finally:
             if not pending.done():
                 pending.cancel()
 
     async def close(self) -> None:
-        if self._opened:
-            await self._requests.put(None)
-            if self._responses is not None:
-                try:
-                    await asyncio.wait_for(self._responses.aclose(), 1.0)
-                except Exception:
-                    pass
+        if self._stream is not None:
+            await self._stream.close()
 
 
 class InferenceSession:
     """A generation session over the swarm: `await step(hidden)` runs new tokens through every block."""
 
-    def __init__(self, p2p: P2P, model: str, num_blocks: int, plan: RoutePlanner, on_failure: Callable[[str, Exception], None],
-                 probe: LivenessProbe, *, max_length: int, batch: int = 1, timeout: float = 10.0, max_failovers: int = 8,
-                 observer: StepObserver | None = None, open_extra: dict | None = None):
+    def __init__(self, open_stream: StreamOpener, model: str, num_blocks: int, plan: RoutePlanner,
+                 on_failure: Callable[[str, Exception], None], probe: LivenessProbe, *, max_length: int, batch: int = 1,
+                 timeout: float = 10.0, max_failovers: int = 8, observer: StepObserver | None = None,
+                 open_extra: dict | None = None):
         self.observer, self.open_extra = observer, open_extra
-        self.p2p, self.model, self.num_blocks = p2p, model, num_blocks
+        self.open_stream, self.model, self.num_blocks = open_stream, model, num_blocks
         self.plan, self.on_failure, self.probe = plan, on_failure, probe
         self.max_length, self.batch, self.timeout = max_length, batch, timeout
         self.max_failovers = max_failovers
@@ -151,7 +140,7 @@ class InferenceSession:
         self.stall_seconds: list[float] = []  # per failover: from the failing step's start to recovery
 
     def _new_hops(self, hops: list[Hop]) -> list[_HopStream]:
-        return [_HopStream(self.p2p, h, self.model, self.max_length, self.batch, self.timeout, self.probe,
+        return [_HopStream(self.open_stream, h, self.model, self.max_length, self.batch, self.timeout, self.probe,
                            self.observer, self.open_extra) for h in hops]
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,10 @@
 """Inference speed of the swarm vs the same model run locally, failover stall, and peer start time.
 
 Prints one table. The anchor is local greedy generation with transformers in one process, measured
-in the same run; swarm figures are given as a ratio to it.
+in the same run, taking turns with the swarm runs; swarm figures are given as a ratio to it, for both
+transports of the inference streams (direct TLS, hivemind P2P).
 
-    .venv/bin/python scripts/bench/inference.py [--tokens 64] [--runs 3]
+    .venv/bin/python scripts/bench/inference.py [--tokens 64] [--runs 10] [--wider 1024]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 # Run as a script, this folder comes first on sys.path and its chain.py would shadow the `chain` package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -28,36 +30,50 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa
 
 from dllm import default_model_path  # noqa: E402
 from dllm.processes import LocalSwarm  # noqa: E402
-from swarm.client import DistributedModel  # noqa: E402
+from swarm.client import ClientConfig, DistributedModel  # noqa: E402
 from swarm.sampling import GenerationParams  # noqa: E402
 
 PROMPT = "The module"
 
 
-def local_tokens_per_s(path, tokens: int, runs: int, threads: int) -> float:
+def local_generator(path, tokens: int, threads: int) -> Callable[[], None]:
+    """One greedy generation of `tokens` tokens with transformers in this process (the anchor)."""
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     ids = AutoTokenizer.from_pretrained(path)(PROMPT, return_tensors="pt")["input_ids"]
     kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        model.generate(ids, **kwargs)  # warm-up
-        times = []
-        for _ in range(runs):
-            started = time.perf_counter()
+
+    def run() -> None:
+        with torch.no_grad():
             model.generate(ids, **kwargs)
-            times.append(time.perf_counter() - started)
-    return tokens / statistics.median(times)
+
+    return run
 
 
-def swarm_tokens_per_s(model: DistributedModel, tokens: int, runs: int) -> float:
+def swarm_generator(model: DistributedModel, tokens: int) -> Callable[[], None]:
     params = GenerationParams(max_new_tokens=tokens, ignore_eos=True)
-    model.generate(PROMPT, params)  # warm-up: routing, connections
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        model.generate(PROMPT, params)
-        times.append(time.perf_counter() - started)
-    return tokens / statistics.median(times)
+    return lambda: model.generate(PROMPT, params)
+
+
+def interleaved_tokens_per_s(runners: dict[str, Callable[[], None]], tokens: int, runs: int) -> dict[str, float]:
+    """Tokens/s of each runner, median of `runs`, taking turns so that a machine whose speed drifts
+    (a shared 2-core VM does) treats every setup alike."""
+    for run in runners.values():
+        run()  # warm-up: routing, connections, allocator
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for i in range(runs):
+        for name, run in (list(runners.items())[:: 1 if i % 2 == 0 else -1]):
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    return {name: tokens / statistics.median(t) for name, t in times.items()}
+
+
+def clients(path: str, swarm: LocalSwarm) -> dict[str, DistributedModel]:
+    """One client per transport of the inference streams."""
+    return {transport: DistributedModel.from_pretrained(path, swarm.initial_peers,
+                                                        config=ClientConfig(direct_streams=transport == "direct"))
+            for transport in ("direct", "p2p")}
 
 
 def failover_stall(swarm: LocalSwarm, model: DistributedModel, tokens: int) -> tuple[float, float]:
@@ -92,22 +108,27 @@ def build_wider_model(base: Path, hidden: int, folder: Path) -> Path:
     return folder
 
 
-def two_peer_ratio(path: Path, tokens: int, runs: int) -> tuple[float, float]:
-    """(local 1-thread tokens/s, 2-peer swarm tokens/s) for the model at `path`."""
-    local = local_tokens_per_s(path, tokens, runs, 1)
+def two_peer_ratio(path: Path, tokens: int, runs: int) -> dict[str, float]:
+    """Tokens/s of local 1-thread generation and a 2-peer swarm (both transports) for the model at `path`."""
+    local = local_generator(path, tokens, 1)
     with LocalSwarm(str(path)) as swarm:
         swarm.start_bootstrap()
         peers = [swarm.start_peer(b, wait=False) for b in ("0:4", "4:8")]
         for p in peers:
             swarm.wait_ready(p, timeout=180)
-        with DistributedModel.from_pretrained(str(path), swarm.initial_peers) as model:
-            return local, swarm_tokens_per_s(model, tokens, runs)
+        models = clients(str(path), swarm)
+        try:
+            return interleaved_tokens_per_s({"local": local, **{t: swarm_generator(m, tokens) for t, m in models.items()}},
+                                            tokens, runs)
+        finally:
+            for m in models.values():
+                m.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--wider", type=int, default=1024,
                         help="also measure a random model of this hidden size (0: skip); network overhead matters less")
     args = parser.parse_args()
@@ -116,40 +137,52 @@ def main() -> None:
     rows = []
 
     # The anchor: transformers' own generate in one process, 1 thread (its fastest setting for a tiny
-    # model, and what each peer uses). The default thread count is shown for reference.
+    # model, and what each peer uses), measured in turns with every swarm setup.
     default_threads = torch.get_num_threads()
-    local_default = local_tokens_per_s(path, args.tokens, args.runs, default_threads)
-    local = local_tokens_per_s(path, args.tokens, args.runs, 1)
-    rows.append(("local transformers, 1 process, 1 thread (anchor)", f"{local:.1f}", "1.00"))
-    rows.append((f"local transformers, 1 process, {default_threads} threads", f"{local_default:.1f}",
-                 f"{local_default / local:.2f}"))
+    local_default = interleaved_tokens_per_s({"local": local_generator(path, args.tokens, default_threads)},
+                                             args.tokens, 3)["local"]
+    local = local_generator(path, args.tokens, 1)
 
     with LocalSwarm(str(path)) as swarm:
         swarm.start_bootstrap()
         one = swarm.start_peer("0:8", "--rate", "1")
         ready_s = one.info["ready_s"]
-        with DistributedModel.from_pretrained(str(path), swarm.initial_peers) as model:
-            tps = swarm_tokens_per_s(model, args.tokens, args.runs)
-        rows.append(("swarm, 1 peer (0:8)", f"{tps:.1f}", f"{tps / local:.2f}"))
+        models = clients(str(path), swarm)
+        one_peer = interleaved_tokens_per_s(
+            {"local": local, **{t: swarm_generator(m, args.tokens) for t, m in models.items()}}, args.tokens, args.runs)
+        for m in models.values():
+            m.close()
         one.stop()
         swarm.processes.remove(one)
 
         peers = [swarm.start_peer(b, wait=False) for b in ("0:4", "4:8", "4:8")]
         for p in peers:
             swarm.wait_ready(p)
-        with DistributedModel.from_pretrained(str(path), swarm.initial_peers) as model:
-            tps2 = swarm_tokens_per_s(model, args.tokens, args.runs)
-            rows.append(("swarm, 2 peers (0:4 + 4:8)", f"{tps2:.1f}", f"{tps2 / local:.2f}"))
-            stall, extra = failover_stall(swarm, model, args.tokens)
+        models = clients(str(path), swarm)
+        two_peers = interleaved_tokens_per_s(
+            {"local": local, **{t: swarm_generator(m, args.tokens) for t, m in models.items()}}, args.tokens, args.runs)
+        stall, extra = failover_stall(swarm, models["direct"], args.tokens)
+        for m in models.values():
+            m.close()
+
+    anchor = statistics.median([one_peer["local"], two_peers["local"]])
+    rows.append(("local transformers, 1 process, 1 thread (anchor)", f"{anchor:.1f}", "1.00"))
+    rows.append((f"local transformers, 1 process, {default_threads} threads", f"{local_default:.1f}",
+                 f"{local_default / anchor:.2f}"))
+    for label, measured in (("1 peer (0:8)", one_peer), ("2 peers (0:4 + 4:8)", two_peers)):
+        for transport, name in (("direct", "direct TLS streams"), ("p2p", "hivemind P2P streams")):
+            # each swarm figure against the local runs it took turns with
+            rows.append((f"swarm, {label}, {name}", f"{measured[transport]:.1f}",
+                         f"{measured[transport] / measured['local']:.2f}"))
 
     if args.wider:
         with tempfile.TemporaryDirectory() as tmp:
-            wide = build_wider_model(path, args.wider, Path(tmp) / "wide")
-            wide_local, wide_swarm = two_peer_ratio(wide, args.tokens, args.runs)
-        rows.append((f"local, random 8-layer model of hidden {args.wider}, 1 thread", f"{wide_local:.1f}", "1.00"))
-        rows.append(("swarm, 2 peers (0:4 + 4:8), same model", f"{wide_swarm:.1f}", f"{wide_swarm / wide_local:.2f}"))
+            wide = two_peer_ratio(build_wider_model(path, args.wider, Path(tmp) / "wide"), args.tokens, max(3, args.runs // 3))
+        rows.append((f"local, random 8-layer model of hidden {args.wider}, 1 thread", f"{wide['local']:.1f}", "1.00"))
+        for transport, name in (("direct", "direct TLS streams"), ("p2p", "hivemind P2P streams")):
+            rows.append((f"swarm, 2 peers, same model, {name}", f"{wide[transport]:.1f}", f"{wide[transport] / wide['local']:.2f}"))
 
-    table = Table(title=f"DLLM inference, {args.tokens} new tokens, greedy, median of {args.runs}")
+    table = Table(title=f"DLLM inference, {args.tokens} new tokens, greedy, median of {args.runs} interleaved runs")
     table.add_column("setup")
     table.add_column("tokens/s", justify="right")
     table.add_column("ratio to local", justify="right")

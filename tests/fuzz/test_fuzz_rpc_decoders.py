@@ -1,12 +1,14 @@
 """Property-based fuzzing of everything a peer or client decodes from the network.
 
 Each property says: whatever arrives, the decoder either returns a well-formed value or raises its
-one documented error type (never another exception, never a crash). Receipts and verdicts are fuzzed
+one documented error type (never another exception, never a crash). That includes the framing of
+direct TLS inference streams and the direct endpoint a peer advertises. Receipts and verdicts are fuzzed
 in tests/economy (test_receipts.py, test_verification.py) and not repeated here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
@@ -15,6 +17,7 @@ from hypothesis import given, strategies as st
 from hivemind.proto import runtime_pb2
 
 from swarm import protocol
+from swarm.direct import END_OF_STREAM, DirectEndpoint, DirectEndpointError, DirectStreamError, encode_frame, read_frame
 from swarm.protocol import ProtocolError, RemotePeerError
 from swarm.records import RecordError, ServerRecord
 from swarm.tensors import MAX_TENSOR_BYTES, InvalidTensorError, check_hidden_states, decode, encode
@@ -179,3 +182,58 @@ def test_server_record_from_arbitrary_msgpack_bytes(raw: bytes) -> None:
         ServerRecord.from_wire(value)
     except RecordError:
         pass
+
+
+# ------------------------------------------------------------------------------ direct stream framing
+def _read_all_frames(raw: bytes, limit: int) -> tuple[list[runtime_pb2.ExpertRequest], bool]:
+    """(frames read, whether the stream ended cleanly) from `raw`, as a direct-stream listener reads them."""
+    async def run():
+        reader = asyncio.StreamReader()
+        reader.feed_data(raw)
+        reader.feed_eof()
+        frames = []
+        while True:
+            try:
+                frame = await read_frame(reader, runtime_pb2.ExpertRequest, limit)
+            except DirectStreamError as e:
+                assert str(e)
+                return frames, False
+            if frame is None:
+                return frames, True
+            frames.append(frame)
+
+    return asyncio.run(run())
+
+
+_frames = st.lists(st.builds(lambda t, m: runtime_pb2.ExpertRequest(tensors=t, metadata=m),
+                             st.lists(tensor_messages(), max_size=2), metadata_bytes), max_size=3)
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=300), _frames.map(lambda fs: b"".join(encode_frame(f) for f in fs))),
+       st.integers(0, 2048), st.integers(0, 16))
+def test_read_frame_yields_messages_a_clean_end_or_a_direct_stream_error(raw: bytes, limit: int, cut: int) -> None:
+    frames, _ = _read_all_frames(raw[: max(0, len(raw) - cut)], limit)
+    assert all(isinstance(f, runtime_pb2.ExpertRequest) for f in frames)
+
+
+@FUZZ
+@given(_frames)
+def test_encode_frame_read_frame_roundtrip(frames: list[runtime_pb2.ExpertRequest]) -> None:
+    raw = b"".join(encode_frame(f) for f in frames) + END_OF_STREAM
+    assert _read_all_frames(raw, 2**20) == (frames, True)
+
+
+@FUZZ
+@given(st.one_of(values, metadata_maps, st.fixed_dictionaries(
+    {"host": st.one_of(st.sampled_from(["127.0.0.1", "::1", "10.0.0.7", "example.org", ""]), values),
+     "port": st.one_of(st.integers(-5, 70000), values),
+     "tls_sha256": st.one_of(st.binary(min_size=32, max_size=32).map(bytes.hex), st.text(max_size=70), values)})))
+def test_direct_endpoint_from_info_is_valid_or_direct_endpoint_error(value) -> None:
+    try:
+        endpoint = DirectEndpoint.from_info(value)
+    except DirectEndpointError as e:
+        assert str(e)
+        return
+    assert 0 < endpoint.port < 65536 and len(endpoint.tls_sha256) == 32
+    assert DirectEndpoint.from_info(endpoint.to_info()) == endpoint

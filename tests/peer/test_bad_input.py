@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 
 import msgpack
 import pytest
@@ -12,6 +13,7 @@ from hivemind.proto import runtime_pb2
 
 from swarm import protocol
 from swarm.dht import start_dht
+from swarm.direct import END_OF_STREAM, DirectEndpoint, DirectStreamError, connect, encode_frame, read_frame
 from swarm.tensors import encode
 
 HIDDEN = 128
@@ -149,4 +151,64 @@ def test_inference_rejects_bad_steps_but_keeps_the_session(raw):
 def test_session_over_the_cache_budget_is_refused(raw):
     replies = _inference(raw, [_request([encode(torch.randn(64, 1, HIDDEN))], {"blocks": [0, 4], "max_length": 4096, "batch": 64})])
     assert replies[0]["error"]["kind"] == "cache_full" and "MiB" in replies[0]["error"]["message"]
+    _assert_still_serving(raw)
+
+
+# ---------------------------------------------------------------------------------- direct TLS streams
+def _direct_endpoint(raw) -> DirectEndpoint:
+    loop, p2p, peer_id, _ = raw
+    reply = loop.run_until_complete(p2p.call_protobuf_handler(peer_id, protocol.HANDLER_INFO, runtime_pb2.ExpertRequest(),
+                                                              runtime_pb2.ExpertResponse))
+    return DirectEndpoint.from_info(protocol.unpack_metadata(reply.metadata)["direct"])
+
+
+def _direct_exchange(raw, payload: bytes, tls: bool = True) -> list:
+    """Sends raw bytes on a direct stream; returns the metadata of every frame the peer answered before closing."""
+    loop, endpoint = raw[0], _direct_endpoint(raw)
+
+    async def run():
+        if tls:
+            reader, writer = await connect(endpoint, 10)
+        else:
+            reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+        writer.write(payload)
+        await writer.drain()
+        replies = []
+        try:
+            while (frame := await read_frame(reader, runtime_pb2.ExpertResponse, 2**24)) is not None:
+                replies.append(protocol.unpack_metadata(frame.metadata))
+        except DirectStreamError:
+            pass  # the peer closed the connection
+        writer.close()
+        return replies
+
+    return loop.run_until_complete(asyncio.wait_for(run(), 30))
+
+
+def test_direct_stream_without_tls_is_dropped(raw):
+    assert _direct_exchange(raw, b"GET / HTTP/1.1\r\n\r\n" * 10, tls=False) == []
+    _assert_still_serving(raw)
+
+
+@pytest.mark.parametrize("payload, words", [
+    (struct.pack(">I", 2**31) + b"\0" * 16, "exceeds"),
+    (struct.pack(">I", 6) + b"\xff\xfe\x00junk", "not a valid ExpertRequest"),
+])
+def test_direct_stream_with_broken_framing_gets_an_error_and_is_dropped(raw, payload, words):
+    replies = _direct_exchange(raw, payload)
+    assert len(replies) == 1 and replies[0]["error"]["kind"] == "invalid_request" and words in replies[0]["error"]["message"]
+    _assert_still_serving(raw)
+
+
+def test_direct_stream_rejects_bad_steps_like_p2p_and_keeps_the_session(raw):
+    open_meta = {"blocks": [0, 4], "max_length": 8, "session_id": "direct-bad-steps"}
+    steps = [
+        _request([encode(torch.randn(1, 2, HIDDEN))], open_meta),
+        _request([encode(_nan())], {"position": 2}),
+        _request([runtime_pb2.Tensor(size=[1, 10**6, HIDDEN], dtype="float32", buffer=b"\0" * 16)], {"position": 2}),
+        _request([encode(torch.randn(1, 1, HIDDEN))], {"position": 2}),
+    ]
+    replies = _direct_exchange(raw, b"".join(encode_frame(m) for m in steps) + END_OF_STREAM)
+    assert [r.get("error", {}).get("kind") for r in replies] == [None, "invalid_tensor", "invalid_tensor", None]
+    assert replies[3]["position"] == 2
     _assert_still_serving(raw)

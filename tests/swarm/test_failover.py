@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import signal
 
-from swarm.client import DistributedModel
+import pytest
+
+from swarm.client import ClientConfig, DistributedModel
 from swarm.sampling import GenerationParams
 
 PROMPT = "The module"
 
 
-def test_sigkill_of_the_peer_in_use_does_not_change_greedy_output(local_swarm):
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-streams", "p2p-streams"])
+def test_sigkill_of_the_peer_in_use_does_not_change_greedy_output(local_swarm, direct):
     first = local_swarm.start_peer("0:4", wait=False)
     b = local_swarm.start_peer("4:8", wait=False, name="peer-b")
     c = local_swarm.start_peer("4:8", wait=False, name="peer-c")
@@ -19,7 +22,8 @@ def test_sigkill_of_the_peer_in_use_does_not_change_greedy_output(local_swarm):
     by_id = {p.info["peer_id"]: p for p in (first, b, c)}
     params = GenerationParams(max_new_tokens=64, ignore_eos=True)
 
-    model = DistributedModel.from_pretrained(local_swarm.model, local_swarm.initial_peers)
+    model = DistributedModel.from_pretrained(local_swarm.model, local_swarm.initial_peers,
+                                             config=ClientConfig(direct_streams=direct))
     try:
         expected = model.generate(PROMPT, params)
         victim, pieces = None, []
@@ -31,6 +35,7 @@ def test_sigkill_of_the_peer_in_use_does_not_change_greedy_output(local_swarm):
                 victim.signal(signal.SIGKILL)
         session = model.core.last_session
 
+        assert {h.transport for h in session.hops} == {"direct" if direct else "p2p"}
         assert victim is not None and victim.popen.wait(5) == -signal.SIGKILL
         assert session.failovers >= 1
         assert "".join(pieces) == expected.text  # identical greedy output despite the failover
