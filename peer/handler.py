@@ -332,7 +332,8 @@ class BlockHandler:
                 if message.tensors:
                     yield await self._inference_step(session_id, blocks, batch, message)
                 try:
-                    message = await asyncio.wait_for(anext(requests), self.config.session_timeout)
+                    async with asyncio.timeout(self.config.session_timeout):  # unlike wait_for, no task per message
+                        message = await anext(requests)
                 except StopAsyncIteration:
                     finished = True
                     break
