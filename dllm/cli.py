@@ -318,9 +318,13 @@ def peer_join(
     if stake_planck and not (url and key):
         raise typer.BadParameter("bonding a stake needs --chain-url and --chain-key", param_hint="'--stake'")
     folder = _model_folder(model)
-    from swarm.model_files import load_config
+    from swarm.architectures import UnsupportedArchitectureError
+    from swarm.model_files import ModelFilesError, read_config_fields
 
-    num_layers = int(load_config(folder).num_hidden_layers)
+    try:  # without transformers: the peer imports it once its DHT process is forked (peer/server.py)
+        num_layers = read_config_fields(folder).num_hidden_layers
+    except (ModelFilesError, UnsupportedArchitectureError) as error:
+        raise typer.BadParameter(str(error), param_hint="'--model'") from None
     if span is not None:
         arguments.check_blocks_fit(span, num_layers)
     elif num_blocks is not None and num_blocks > num_layers:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PretrainedConfig
 
 from swarm.architectures import architecture_for
 from swarm.model_files import ModelFilesError, read_tensors
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 class InvalidSpanError(ValueError):

@@ -27,13 +27,13 @@ SessionServer = Callable[[AsyncIterator[runtime_pb2.ExpertRequest]], AsyncIterat
 class DirectServer:
     """Accepts direct streams for `serve`, at most `max_connections` at a time."""
 
-    def __init__(self, serve: SessionServer, max_frame_bytes: int, max_connections: int = 256,
-                 handshake_timeout: float = 10.0):
+    def __init__(self, serve: SessionServer, max_frame_bytes: int, identity: TlsIdentity | None = None,
+                 max_connections: int = 256, handshake_timeout: float = 10.0):
         self.serve = serve
         self.max_frame_bytes = max_frame_bytes
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
-        self.identity = TlsIdentity.generate()
+        self.identity = identity or TlsIdentity.generate()
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task] = set()
         self.endpoint: DirectEndpoint | None = None  # set once listening

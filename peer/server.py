@@ -7,6 +7,8 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import torch
@@ -16,12 +18,12 @@ from peer.block_selection import choose_blocks
 from peer.blocks import check_span, load_span_layers
 from peer.config import PeerConfig
 from peer.direct_server import DirectServer, advertised_host, listen_host
+from swarm.direct import TlsIdentity
 from peer.handler import BlockHandler
 from peer.identity import load_or_create_record_key
 from peer.metering_hook import SessionMeters
 from peer.quote_publisher import QuotePublisher, QuotePublisherConfig, provider_ask
 from peer.receipt_service import ReceiptService, billing_setup
-from peer.canary_eval import swarm_canary_gate
 from peer.learning import LearningConfig, SpanLearner
 from peer.training import TrainingConfig
 from peer.span import SpanRunner
@@ -29,6 +31,9 @@ from swarm.architectures import architecture_for
 from swarm.dht import start_dht, visible_maddrs
 from swarm.model_files import load_config, model_name, resolve_model
 from swarm.records import ServerRecord, announce, fetch_model_records
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +60,13 @@ def _span_length_that_fits(config, dtype: torch.dtype, params_per_block: int) ->
     return max(1, min(config.num_hidden_layers, budget // max(1, params_per_block * dtype.itemsize)))
 
 
+def _load_model_code(model_dir: Path) -> PretrainedConfig:
+    """The model's config, with its architecture's modeling code imported."""
+    config = load_config(model_dir)
+    architecture_for(config)
+    return config
+
+
 @dataclass
 class RunningPeer:
     """A peer that is serving; what tests and the CLI need to know about it."""
@@ -73,15 +85,14 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
     started = time.perf_counter()
     torch.set_num_threads(config.compute_threads)
     model_dir = resolve_model(config.model)
-    model_config = load_config(model_dir)
-    name = config.model_name or model_name(model_dir, model_config)
     dtype = _DTYPES[config.dtype]
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           "cpu" if config.device == "auto" else config.device)
 
     record_key = load_or_create_record_key(config.identity_path.with_suffix(".rsa")) if config.identity_path else None
-    # Fork the DHT process first (before any helper thread exists), then import the model code while
-    # it connects: both take about a second, and a peer should serve within a few seconds of starting.
+    # Fork the DHT process first (before any helper thread exists), then import the model code
+    # (transformers: over a second; nothing imported so far needs it) and make the TLS certificate while
+    # it connects: a peer should serve within a few seconds of starting.
     dht, validator = start_dht(
         config.initial_peers, host_maddrs=config.host_maddrs, announce_maddrs=config.announce_maddrs,
         identity_path=config.identity_path, private_key=record_key, await_ready=False,
@@ -94,8 +105,10 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
     learning_task: asyncio.Task | None = None
     direct: DirectServer | None = None
     try:
-        await asyncio.gather(asyncio.to_thread(dht.wait_until_ready, 60),
-                             asyncio.to_thread(architecture_for, model_config))
+        _, model_config, tls = await asyncio.gather(
+            asyncio.to_thread(dht.wait_until_ready, 60), asyncio.to_thread(_load_model_code, model_dir),
+            asyncio.to_thread(TlsIdentity.generate) if config.direct_port is not None else asyncio.sleep(0))
+        name = config.model_name or model_name(model_dir, model_config)
         if config.blocks is not None:
             start, end = config.blocks
             check_span(model_config, start, end)
@@ -122,6 +135,8 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
 
         p2p = await dht.replicate_p2p()
         if config.adapter_rank > 0:  # learning: adapters, then the replicas' current state before serving
+            from peer.canary_eval import swarm_canary_gate  # the client side of the swarm: only learners need it
+
             learner = SpanLearner(span, LearningConfig(
                 rank=config.adapter_rank, averaging_period=config.averaging_period, step_batch=config.train_step_batch,
                 training=TrainingConfig(learning_rate=config.learning_rate)))
@@ -133,7 +148,7 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
             await learner.start(dht, name)
             learning_task = asyncio.create_task(learner.run())
         if config.direct_port is not None:  # listening starts once the handler exists
-            direct = DirectServer(lambda requests: handler.rpc_inference(requests), config.max_stream_bytes + 2**20)
+            direct = DirectServer(lambda requests: handler.rpc_inference(requests), config.max_stream_bytes + 2**20, tls)
         handler = BlockHandler(config, span, name, info_extra=lambda: {
             "throughput": throughput, "rate": config.rate, "chain_account": config.chain_account,
             "params_per_block": params_per_block, **(learner.info() if learner else {}),

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformers import PretrainedConfig
 
 from swarm.architectures import architecture_for
 from peer.kv_cache import SpanKVCache
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 def causal_mask(

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import PretrainedConfig
+if TYPE_CHECKING:  # transformers is imported only with a model's modeling code (architecture_for)
+    from transformers import PretrainedConfig
 
 
 class UnsupportedArchitectureError(ValueError):

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, PretrainedConfig
 
 from swarm.architectures import check_supported
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 class ModelFilesError(FileNotFoundError):
@@ -52,8 +56,27 @@ def model_name(model_dir: Path, config: PretrainedConfig) -> str:
     return model_dir.name
 
 
+def read_config_fields(model_dir: Path) -> SimpleNamespace:
+    """config.json's top-level fields, read without transformers (a second of imports): enough to check
+    arguments against the model before anything heavy loads. Checks the architecture and the layer count."""
+    try:
+        data = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelFilesError(f"{model_dir}/config.json cannot be read: {e}") from e
+    if not isinstance(data, dict):
+        raise ModelFilesError(f"{model_dir}/config.json is not a JSON object")
+    fields = SimpleNamespace(**{k: v for k, v in data.items() if isinstance(k, str)})
+    check_supported(fields)  # raises UnsupportedArchitectureError naming the architecture
+    layers = getattr(fields, "num_hidden_layers", None)
+    if type(layers) is not int or layers < 1:
+        raise ModelFilesError(f"{model_dir}/config.json: num_hidden_layers must be a positive integer, got {layers!r}")
+    return fields
+
+
 def load_config(model_dir: Path) -> PretrainedConfig:
     """Loads the model's config and checks that DLLM can serve its architecture."""
+    from transformers import AutoConfig  # imported with the first model, not with this module
+
     config = AutoConfig.from_pretrained(model_dir)
     check_supported(config)  # raises UnsupportedArchitectureError naming the architecture
     # SDPA is the fast path on CPU and GPU; the explicit masks we pass keep it exact.

@@ -60,6 +60,7 @@ BAD_ARGUMENTS = [
     (["peer", "join", "-p", "/ip4/127.0.0.1/tcp/4001"], "'--initial-peers'", "no /p2p/<peer id>"),
     (["peer", "join", "-p", "/ip4/999.0.0.1/tcp/1/p2p/x"], "'--initial-peers'", "not a multiaddr"),
     (["peer", "join", "-p", PEER, "--port", "70000"], "'--port'", "65535"),
+    (["peer", "join", "-p", PEER, "--direct-port", "70000"], "'--direct-port'", "65535"),
     (["peer", "join", "-p", PEER, "--stake", "10"], "'--stake'", "needs --chain-url and --chain-key"),
     (["peer", "join", "-p", PEER, "--stake", "-1", "--chain-url", "ws://x:1", "--chain-key", "//A"], "'--stake'",
      "non-negative"),
@@ -93,6 +94,19 @@ def test_bad_arguments_give_one_clear_line(capsys, monkeypatch, argv, names, say
     assert len(lines) == 1, err
     assert lines[0].startswith("dllm") and "error:" in lines[0]
     assert names in lines[0] and says in lines[0]
+
+
+@pytest.mark.parametrize(("config", "says"), [
+    ('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2}',
+     "model_type 'gpt2' (architectures: GPT2LMHeadModel) is not supported by DLLM"),
+    ('{"model_type": "llama"}', "num_hidden_layers must be a positive integer"),
+    ('{"model_type": "llama", "num_hidden_layers": 4', "config.json cannot be read"),
+], ids=["unsupported architecture", "no layer count", "broken json"])
+def test_peer_join_checks_the_model_config_before_loading_anything(capsys, tmp_path, config, says):
+    (tmp_path / "config.json").write_text(config)
+    code, _, err = run_cli(capsys, "peer", "join", "-p", PEER, "--model", str(tmp_path))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "'--model'" in err and says in err
 
 
 def write(path: Path, text: str) -> Path:
