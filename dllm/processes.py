@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,6 +90,7 @@ class LocalSwarm:
 
     def __init__(self, model: str, workdir: Path | None = None, env: dict | None = None):
         self.model = model
+        self._owns_workdir = workdir is None  # a folder it made for the logs is removed by stop()
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dllm-swarm-"))
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.processes: list[ManagedProcess] = []
@@ -97,6 +99,7 @@ class LocalSwarm:
 
     def _spawn(self, name: str, args: list[str]) -> ManagedProcess:
         self._counter += 1
+        self.workdir.mkdir(parents=True, exist_ok=True)  # stop() removes a folder it made
         log_path = self.workdir / f"{self._counter:02d}-{name}.log"
         log = open(log_path, "w")
         popen = subprocess.Popen(_dllm_command() + args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
@@ -174,6 +177,8 @@ class LocalSwarm:
         for t in threads:
             t.join()
         self.processes.clear()
+        if self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "LocalSwarm":
         return self
