@@ -108,7 +108,14 @@ class ComputeLedger:
         return self.address(escrow_account(self.council_account, account_id(provider_ss58)))
 
     def _call(self, module: str, function: str, params: dict):
-        return self.substrate.compose_call(call_module=module, call_function=function, call_params=params)
+        # Encoded against the runtime metadata loaded by the last query or signature (every operation
+        # queries the chain before composing): substrate-interface's compose_call re-checks the runtime
+        # with 3 RPCs per call, which made a 500-receipt settlement spend most of a second composing.
+        if self.substrate.metadata is None:
+            self.substrate.init_runtime()
+        call = self.substrate.runtime_config.create_scale_object("Call", metadata=self.substrate.metadata)
+        call.encode({"call_module": module, "call_function": function, "call_args": params})
+        return call
 
     def _remark(self, kind: str, body: dict):
         return self._call("System", "remark_with_event", {"remark": "0x" + encode_remark(kind, body).hex()})
