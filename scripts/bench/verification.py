@@ -54,6 +54,7 @@ def build_span(hidden: int, layers: int, seed: int) -> SpanRunner:
         num_key_value_heads=hidden // 64,
         max_position_embeddings=2048,
     )
+    config._attn_implementation = "sdpa"  # as swarm.model_files.load_config sets it for peers and verifiers
     torch.manual_seed(seed)
     arch = architecture_for(config)
     modules = torch.nn.ModuleList(arch.decoder_layer(config, layer_idx=i).eval() for i in range(layers))
