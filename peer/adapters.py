@@ -136,6 +136,7 @@ class AdapterSet:
         self.names: list[str] = list(self.working)
         self._versions: dict[int, dict[str, torch.Tensor]] = {0: self._frozen_copy(self.working)}
         self._candidates: set[int] = set()
+        self._digests: dict[int, str] = {}
         self.live_version = 0
         # Training (compute thread) and averaging (event loop) both write the working tensors.
         self.lock = threading.RLock()
@@ -214,6 +215,19 @@ class AdapterSet:
             raise AdapterVersionUnavailableError(f"adapter version {version} is not held (held: {self.held_versions})")
         return AdapterState(version, self._frozen_copy(self._versions[version]), {"rank": self.config.rank})
 
+    def digest(self, version: int | None = None) -> str:
+        """sha256 of a held version's tensors (default: live); versions never change once stored."""
+        version = self.live_version if version is None else version
+        if version not in self._versions:
+            raise AdapterVersionUnavailableError(f"adapter version {version} is not held (held: {self.held_versions})")
+        if version not in self._digests:
+            h = hashlib.sha256()
+            for name in self.names:
+                h.update(name.encode())
+                h.update(self._versions[version][name].detach().cpu().contiguous().numpy().tobytes())
+            self._digests[version] = h.hexdigest()
+        return self._digests[version]
+
     def working_state(self) -> dict[str, torch.Tensor]:
         with self.lock:
             return self._frozen_copy(self.working)
@@ -247,6 +261,7 @@ class AdapterSet:
         self.check_tensors(tensors)
         version = self.live_version + 1
         self._versions[version] = {name: tensors[name].detach().clone().float() for name in self.names}
+        self._digests.pop(version, None)
         self._candidates.add(version)
         return version
 
@@ -282,6 +297,7 @@ class AdapterSet:
         self._versions[state.version] = {n: state.tensors[n].detach().clone().float() for n in self.names}
         for stale in [v for v in self._versions if v > state.version]:
             del self._versions[stale]
+        self._digests = {v: d for v, d in self._digests.items() if v in self._versions and v != state.version}
         self._candidates.clear()
         self.live_version = state.version
         self.reset_working()

@@ -8,8 +8,13 @@ One round, run by every replica of (model, start, end) at the same scheduled tim
 2. hivemind matchmaking forms a group under the prefix of (model, start, end); all-reduce averages the
    updates, with `allreduce_timeout` and `next_chunk_timeout` set so a dead member cannot hang it.
 3. Checks, any failure of which skips the round: the group is exactly the set of replicas declared in
-   the DHT; every member started from the same version; the result matches the weighted mean of all
-   members' inputs (linear sketches, peer/average_check.py: no silent partial average).
+   the DHT; every member started from the same live adapters (same version, and contents equal up to
+   float noise by a small linear sketch: all-reduce leaves replicas ~1e-7 apart, not bit-equal); the result
+   matches the weighted mean of all members' inputs (linear sketches, peer/average_check.py: no silent
+   partial average). Members whose live adapters differ (a replica that was cut off and promoted alone,
+   or missed rounds) skip the round and the ones behind adopt the group's leading state: the highest
+   version, ties broken by content digest, downloaded like a joining replica's. Their unaveraged local update is
+   dropped; without this, replicas that diverged once would skip every round after.
 4. The candidate `live + average` is evaluated by the canary gate, if one is configured.
 5. Commit: each member publishes its verdict in the DHT and applies the candidate only when every
    member of the group said yes within `commit_timeout`. A member that died mid-round never says yes,
@@ -44,6 +49,8 @@ from peer.average_check import AverageSketcher, Sketch, SketchError
 from peer.canary import CanaryGate, CanaryVerdict
 
 logger = logging.getLogger(__name__)
+
+_LIVE_SKETCH_BLOCKS = 32
 
 ExpectedReplicas = Callable[[], Awaitable[set[str]]]
 
@@ -118,6 +125,11 @@ class _SpanAverager(DecentralizedAverager):
         self._adapters = adapters
         super().__init__(*args, **kwargs)
 
+    def state_priority(self, version: int, digest: str) -> float:
+        """Joining and lagging replicas download from the highest priority: the highest version, then a
+        deterministic tie-break by content digest, so every replica converges on the same state."""
+        return version + int(digest[:8], 16) / 2**33
+
     def get_current_state(self):
         # Runs in this (host) process when a joining replica asks; versions are immutable once stored.
         state = self._adapters.state()
@@ -147,8 +159,11 @@ class AdapterAverager:
         self.peer_id = dht.peer_id.to_base58()
         self._expected_replicas = expected_replicas or self.declared_replicas
         size = adapters.num_parameters()
-        self.sketcher = AverageSketcher(size, self.config.sketch_blocks, seed=int.from_bytes(
-            hashlib.sha256(self.prefix.encode()).digest()[:4], "little"))
+        seed = int.from_bytes(hashlib.sha256(self.prefix.encode()).digest()[:4], "little")
+        self.sketcher = AverageSketcher(size, self.config.sketch_blocks, seed=seed)
+        # Compares members' live adapters; small, since the whole gather must stay under ~16 KB.
+        self._live_sketcher = AverageSketcher(size, _LIVE_SKETCH_BLOCKS, seed=seed + 1)
+        self._live_sketches: dict[str, Sketch] = {}  # by content digest
         self._buffers = [torch.zeros_like(p.detach()) for p in adapters.parameters()]
         c = self.config
         # hivemind sets SIGINT to "ignore" in the calling process when it starts the averager (and never
@@ -173,6 +188,24 @@ class AdapterAverager:
         signal.signal(signal.SIGINT, sigint)
         self._control = None
         self.history: list[RoundOutcome] = []
+        self._live_changed()
+
+    def _live_sketch(self, version: int) -> Sketch:
+        digest = self.adapters.digest(version)
+        if digest not in self._live_sketches:
+            self._live_sketches = {digest: self._live_sketcher.sketch(flatten(self.adapters.state(version).tensors,
+                                                                              self.adapters.names))}
+        return self._live_sketches[digest]
+
+    def _same_live(self, sketches: list[Sketch]) -> bool:
+        """Whether every member's live adapters equal every other's up to float noise (the same answer
+        at every member: all of them evaluate the same gathered sketches)."""
+        return all(self._live_sketcher.mismatch(a, [b], [1.0], self.config.sketch_rtol) <= 1.0
+                   for a in sketches for b in sketches)
+
+    def _live_changed(self) -> None:
+        version = self.adapters.live_version
+        self.averager.state_sharing_priority = self.averager.state_priority(version, self.adapters.digest(version))
 
     # ---- who should be in the group ----------------------------------------------------------------
 
@@ -242,7 +275,9 @@ class AdapterAverager:
         with self.averager.get_tensors() as buffers:
             for buffer, tensor in zip(buffers, unflatten(update, self.adapters.working, names).values()):
                 buffer.copy_(tensor)
-        gather = {"version": base_version, "nonce": secrets.token_hex(8), "sketch": my_sketch.to_bytes(), "weight": 1.0}
+        gather = {"version": base_version, "live": self.adapters.digest(base_version),
+                  "live_sketch": self._live_sketch(base_version).to_bytes(), "nonce": secrets.token_hex(8),
+                  "sketch": my_sketch.to_bytes(), "weight": 1.0}
         if scheduled_time is None:
             scheduled_time = get_dht_time() + c.min_matchmaking_time
         timeout = max(c.matchmaking_timeout, scheduled_time - get_dht_time() + c.min_matchmaking_time)
@@ -265,14 +300,19 @@ class AdapterAverager:
             return self._skip(f"group of {len(group)} != declared replicas (missing {missing}, undeclared {extra})", group)
         try:
             infos = [gathered[peer] for peer in sorted(gathered, key=str)]
-            versions = {int(info["version"]) for info in infos}
+            lives = {(int(info["version"]), str(info["live"])) for info in infos}
+            live_sketches = [Sketch.from_bytes(info["live_sketch"], self._live_sketcher.blocks) for info in infos]
             sketches = [Sketch.from_bytes(info["sketch"], self.sketcher.blocks) for info in infos]
             weights = [float(info["weight"]) for info in infos]
             round_key = hashlib.sha256("|".join(f"{p}:{i['nonce']}" for p, i in zip(group, infos)).encode()).hexdigest()[:16]
         except (KeyError, TypeError, ValueError, SketchError) as e:
             return self._skip(f"malformed gather data from a groupmate: {e}", group)
-        if versions != {base_version}:
-            return self._skip(f"members are on different adapter versions {sorted(versions)}", group)
+        if {v for v, _ in lives} != {base_version} or not self._same_live(live_sketches):
+            leader = max(lives, key=lambda vd: self.averager.state_priority(*vd))
+            reason = f"members hold different live adapters (versions {sorted({v for v, _ in lives})})"
+            if leader != (base_version, self.adapters.digest(base_version)):
+                reason += "; " + await self._catch_up(leader)
+            return self._skip(reason, group)
 
         with self.averager.get_tensors() as buffers:
             average = torch.cat([b.reshape(-1) for b in buffers]).clone()
@@ -294,6 +334,7 @@ class AdapterAverager:
         agreed = await self._commit(round_key, group, verdict)
         if verdict and agreed:
             self.adapters.promote(candidate)
+            self._live_changed()
             return RoundOutcome("averaged", reason, self.adapters.live_version, group)
         if candidate is not None:
             self.adapters.discard(candidate)
@@ -321,6 +362,7 @@ class AdapterAverager:
                     self.adapters.reset_working()
                 return self._skip(reason, [self.peer_id])
         self.adapters.promote(candidate)
+        self._live_changed()
         return RoundOutcome("averaged", reason, self.adapters.live_version, [self.peer_id])
 
     def _canary_outcome(self, verdict: CanaryVerdict, reason: str) -> tuple[bool, str, bool]:
@@ -354,6 +396,17 @@ class AdapterAverager:
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
+    async def _catch_up(self, leader: tuple[int, str]) -> str:
+        """Adopts the leading live state of the group (this replica is behind or diverged)."""
+        try:
+            loaded = await self.load_state_from_replicas()
+        except Exception as e:  # the next round tries again
+            return f"catching up failed: {type(e).__name__}: {e}"
+        mine = (self.adapters.live_version, self.adapters.digest())
+        if not loaded or self.averager.state_priority(*mine) < self.averager.state_priority(*leader):
+            return f"catching up to v{leader[0]} failed (now v{mine[0]}); next round retries"
+        return f"caught up to v{mine[0]} from a replica"
+
     async def load_state_from_replicas(self, timeout: float = 10.0) -> bool:
         """Fetches the live adapters of an existing replica (a joining peer does this before serving)."""
         result = await asyncio.to_thread(self.averager.load_state_from_peers, True, timeout)
@@ -364,6 +417,7 @@ class AdapterAverager:
             logger.warning("%s: a replica sent adapter state that does not match this span; ignored", self.prefix)
             return False
         self.adapters.import_state(AdapterState(int(metadata["version"]), dict(zip(self.adapters.names, tensors))))
+        self._live_changed()
         logger.info("%s: loaded adapter v%d from a replica", self.prefix, self.adapters.live_version)
         return True
 

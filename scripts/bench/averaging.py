@@ -67,6 +67,7 @@ def _worker(index: int, sizes: list[int], inbox: mp.Queue, outbox: mp.Queue) -> 
             raw = DecentralizedAverager([torch.randn(adapters.num_parameters())], dht, start=True,
                                         prefix=f"bench_raw_{size}", min_matchmaking_time=1.5, request_timeout=1.0,
                                         allreduce_timeout=60.0, next_chunk_timeout=5.0, target_group_size=16)
+            asyncio.run(ours.declare_replica())  # as a serving peer does from its start (keep_declared)
             outbox.put(("built", index, adapters.num_parameters()))
             while (plan := inbox.get()) is not None:
                 kind, scheduled = plan

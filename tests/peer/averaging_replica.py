@@ -8,7 +8,8 @@ Protocol on stdin/stdout (one JSON object per line):
      and the live adapter state saved to --out/<name>_r<k>_live.pt
   -> {"event": "done"}, then it keeps serving until stdin closes or gets a line
 With --die-in-round k the process SIGKILLs its whole process group (DHT, averager, p2pd) as soon as its
-averager enters the all-reduce stage of round k.
+averager enters the all-reduce stage of round k. With --diverge-in-round k it does not meet the others in
+round k but promotes its own update alone, as a replica cut off from its group would.
 """
 
 from __future__ import annotations
@@ -76,7 +77,11 @@ async def main(args: argparse.Namespace) -> None:
             torch.save(adapters.delta(), out / f"{args.name}_r{k}_update.pt")
             if k == args.die_in_round:
                 threading.Thread(target=die_when_allreducing, args=(averager,), daemon=True).start()
-            outcome = await averager.run_round(scheduled_time=scheduled)
+            if k == args.diverge_in_round:
+                await asyncio.sleep(max(0.0, scheduled - get_dht_time()))
+                outcome = await averager._solo_round(adapters.live_version)
+            else:
+                outcome = await averager.run_round(scheduled_time=scheduled)
             torch.save(adapters.state().tensors, out / f"{args.name}_r{k}_live.pt")
             emit(event="round", round=k, status=outcome.status, reason=outcome.reason, group=outcome.group,
                  version=outcome.version, seconds=outcome.seconds)
@@ -100,6 +105,7 @@ if __name__ == "__main__":
     parser.add_argument("--clip-tau", type=float, default=1e6)
     parser.add_argument("--ttl", type=float, default=4.0)
     parser.add_argument("--die-in-round", type=int, default=-1)
+    parser.add_argument("--diverge-in-round", type=int, default=-1)
     parser.add_argument("--fetch-state", action="store_true")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     asyncio.run(main(parser.parse_args()))

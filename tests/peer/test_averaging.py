@@ -147,6 +147,35 @@ def test_a_joining_replica_fetches_current_adapters_first(replicas, tmp_path):
     assert fetched == {"event": "fetched", "ok": True, "version": 1}
 
 
+def test_a_replica_that_diverged_is_brought_back_to_the_group_state(replicas, tmp_path):
+    """A replica promoted an update alone (cut off from its group): the next round finds the members'
+    live adapters differ, skips, and the ones behind adopt the leading state; then rounds average again."""
+    a = replicas("a", "--rank", "4")
+    a.wait_for("ready")
+    b = replicas("b", "--rank", "4", bootstrap=a)
+    loner = replicas("loner", "--rank", "4", "--diverge-in-round", "0", bootstrap=a)
+    b.wait_for("ready")
+    loner.wait_for("ready")
+    t0 = time.time() + 4.0
+    for replica in (a, b, loner):
+        replica.send_plan({"t0": t0, "period": 10.0, "rounds": [0, 1, 2]})
+
+    first = {r.name: r.wait_for("round") for r in (a, b, loner)}
+    assert first["loner"]["status"] == "averaged" and first["loner"]["version"] == 1, first
+    assert first["a"]["status"] == first["b"]["status"] == "skipped" and first["a"]["version"] == 0, first
+
+    second = {r.name: r.wait_for("round") for r in (a, b, loner)}
+    assert all(o["status"] == "skipped" and "different live adapters" in o["reason"] for o in second.values()), second
+    for name in ("a", "b"):  # adopted the loner's v1, exactly
+        assert second[name]["version"] == 1 and "caught up to v1" in second[name]["reason"], second
+        assert torch.equal(_load(tmp_path, name, 1, "live"), _load(tmp_path, "loner", 0, "live"))
+
+    third = {r.name: r.wait_for("round") for r in (a, b, loner)}
+    assert all(o["status"] == "averaged" and len(o["group"]) == 3 and o["version"] == 2 for o in third.values()), third
+    for name in ("a", "b"):  # all-reduce leaves replicas equal up to float rounding, not bit for bit
+        assert torch.allclose(_load(tmp_path, name, 2, "live"), _load(tmp_path, "loner", 2, "live"), atol=1e-6)
+
+
 def test_sketch_check_accepts_a_true_mean_and_catches_partial_averages():
     from peer.average_check import AverageSketcher, Sketch, SketchError
 
