@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     table = Table(title="Adapter averaging on 127.0.0.1 (seconds from scheduled start, median)")
-    for column in ("peers", "parameters", "raw hivemind", "DLLM averager", "ratio DLLM/raw", "failed rounds"):
+    for column in ("peers", "parameters", "raw hivemind", "DLLM averager", "ratio DLLM/raw", "failed rounds raw/DLLM"):
         table.add_column(column, justify="right")
     with tqdm(total=len(args.peers) * len(args.sizes) * (args.rounds + 1), desc="rounds") as progress:
         for n in args.peers:
