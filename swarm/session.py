@@ -165,8 +165,10 @@ class InferenceSession:
     async def _fail_over(self, failed: _HopStream, current: torch.Tensor, error: Exception,
                          started: float) -> tuple[list[_HopStream], torch.Tensor]:
         """Replaces `failed` by new hops for the same blocks and replays its history through them."""
-        logger.warning("peer %s failed on blocks %d:%d (%s: %s); re-routing",
-                       failed.hop.peer_id, failed.hop.start, failed.hop.end, type(error).__name__, error)
+        # A busy peer (cache budget full) is healthy and expected under load: not worth a warning.
+        log = logger.info if isinstance(error, protocol.PeerBusyError) else logger.warning
+        log("peer %s failed on blocks %d:%d (%s: %s); re-routing",
+            failed.hop.peer_id, failed.hop.start, failed.hop.end, type(error).__name__, error)
         self.on_failure(failed.hop.peer_id, error)
         asyncio.create_task(failed.close())
         last_error: Exception = error
