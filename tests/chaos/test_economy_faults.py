@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import Counter
 import signal
 
 import pytest
 
+from chain.account_derivation import account_id
 from chain.errors import DispatchError, DoubleSettlementError, ExtrinsicRejectedError
 from chain.ledger import ComputeLedger
 from chain.records import Payment
@@ -111,8 +113,20 @@ async def _settle_and_audit(econ: ChaosSwarm, report: ScenarioReport) -> None:
     assert new, "the scenario produced no co-signed receipt"
     report.lost_receipts = len(new & set(result.lost))
     report.paid_twice = len(new & set(result.paid_twice))
-    assert result.lost == [] and result.paid_twice == [], result
+    assert result.lost == [] and result.paid_twice == [], f"{result}\n{_settlement_diagnosis(econ, held, result.lost)}"
     assert result.balance_mismatches == {}, result.balance_mismatches
+
+
+def _settlement_diagnosis(econ: ChaosSwarm, held: dict, lost: list) -> str:
+    """Who holds the unpaid receipts, and what each peer logged about settling (for a failure message)."""
+    names = {account_id(ss58): name for name, ss58 in econ.audit.providers.items()}
+    owners = Counter(names.get(held[rid].provider, "?") for rid in lost if rid in held)
+    lines = [f"unpaid receipts by provider: {dict(owners)}"]
+    for proc in econ.peers():
+        relevant = [line for line in proc.log_tail(400).splitlines()
+                    if any(w in line.lower() for w in ("settl", "chain", "error", "traceback"))]
+        lines.append(f"--- {proc.name} (alive: {proc.alive}) ---\n" + "\n".join(relevant[-25:]))
+    return "\n".join(lines)
 
 
 async def test_sigkill_mid_session_then_restart_with_same_identity_and_receipts(econ, chaos_reports):
