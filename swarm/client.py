@@ -132,17 +132,16 @@ class SwarmClient:
         new = {r.peer_id for r in records} - set(self.latency)
         await asyncio.gather(*(self.ping(p) for p in new))
 
-    async def ping(self, peer_id: str, timeout: float = 2.0) -> float:
+    async def ping(self, peer_id: str, timeout: float = 2.0, samples: int = 2) -> float:
         """Round-trip time of rpc_info to `peer_id` (inf if unreachable); cached for routing.
 
         The first call to a new peer also dials it (handshakes, and on a busy host whichever dial the
-        scheduler served last), so its time says little about the link: the faster of two calls counts."""
+        scheduler served last), so its time says little about the link: the fastest of `samples` calls
+        counts. A peer that answered the first call is reachable whatever the later ones do."""
         try:
-            rtt = float("inf")
-            for _ in range(2):
-                started = time.perf_counter()
-                reply = await self.call(peer_id, protocol.HANDLER_INFO, runtime_pb2.ExpertRequest(), timeout=timeout)
-                rtt = min(rtt, time.perf_counter() - started)
+            started = time.perf_counter()
+            reply = await self.call(peer_id, protocol.HANDLER_INFO, runtime_pb2.ExpertRequest(), timeout=timeout)
+            rtt = time.perf_counter() - started
             info = protocol.unpack_metadata(reply.metadata)
             owner = info.get("record_owner")
             if isinstance(owner, str):
@@ -150,6 +149,14 @@ class SwarmClient:
             self._learn_direct_endpoint(peer_id, info.get("direct"))
         except Exception:
             rtt = float("inf")
+        else:
+            for _ in range(samples - 1):  # over the connection the first call opened: the link alone
+                started = time.perf_counter()
+                try:
+                    await self.call(peer_id, protocol.HANDLER_INFO, runtime_pb2.ExpertRequest(), timeout=timeout)
+                except Exception:
+                    break
+                rtt = min(rtt, time.perf_counter() - started)
         self.latency[peer_id] = rtt
         return rtt
 
@@ -177,12 +184,12 @@ class SwarmClient:
                 logger.info("no direct stream to %s (%s)%s", peer_id, e, "" if attempt else "; re-reading its info")
                 self.direct_endpoints.pop(peer_id, None)
                 if attempt == 0:
-                    await self.ping(peer_id)
+                    await self.ping(peer_id, samples=1)  # connected already: one call re-reads the info
         return await P2PInferenceStream.open(self.p2p, peer_id)
 
     async def is_alive(self, peer_id: str) -> bool:
         """Whether `peer_id` answers rpc_info within a second."""
-        return await self.ping(peer_id, timeout=1.0) != float("inf")
+        return await self.ping(peer_id, timeout=1.0, samples=1) != float("inf")
 
     async def plan(self, start: int, end: int) -> list[Hop]:
         """A route for blocks start..end-1, waiting (up to request_timeout) for short bans of busy peers to end."""
