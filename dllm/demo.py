@@ -109,6 +109,11 @@ def roc(planck: int) -> str:
     return f"{planck / PLANCK_PER_ROC:,.6f}"
 
 
+def _short_id(peer_id: str) -> str:
+    """The tail of a peer id, the same in the progress lines, the routes and the table (the head is shared)."""
+    return peer_id[-6:]
+
+
 def free_port() -> int:
     import socket
 
@@ -218,7 +223,7 @@ class Demo:
         for proc, account in zip(procs, self.provider_uris):
             info = proc.info
             self.report.providers.append(ProviderRow(info["peer_id"], f"{info['start']}:{info['end']}", account))
-            self.console.print(f"[green]✓[/] peer {info['peer_id'][-8:]} serves blocks {info['start']}:{info['end']} "
+            self.console.print(f"[green]✓[/] peer {_short_id(info['peer_id'])} serves blocks {info['start']}:{info['end']} "
                                f"(staked {PROVIDER_STAKE_ROC} ROC as {account[:8]}…)")
         if verifier is not None:
             self.console.print(f"[green]✓[/] verifier signing as {VERIFIER_URI} re-runs sampled work")
@@ -248,7 +253,7 @@ class Demo:
             session = self.model.core.last_billing
             self.receipts.extend(session.receipts)
             self.report.billing_errors += [f"{type(e).__name__}: {e}" for e in session.errors]
-            hops = " → ".join(f"{h.rsplit(':', 2)[0][-6:]}[{h.rsplit(':', 2)[1]}:{h.rsplit(':', 2)[2]}]"
+            hops = " → ".join(f"{_short_id(h.rsplit(':', 2)[0])}[{h.rsplit(':', 2)[1]}:{h.rsplit(':', 2)[2]}]"
                               for h in result.route)
             self.console.print(f"\n[dim]  {result.completion_tokens} tokens via {hops}; "
                                f"{len(session.receipts)} receipts co-signed, billed {roc(result.bill.total)} ROC "
@@ -324,7 +329,7 @@ class Demo:
                               ("billed (ROC)", "right"), ("paid (ROC)", "right")):
             table.add_column(name, justify=justify)  # type: ignore[arg-type]
         for row in self.report.providers:
-            table.add_row(row.peer_id[-10:], row.blocks, row.account[:12] + "…", str(row.receipts), str(row.tokens),
+            table.add_row(_short_id(row.peer_id), row.blocks, row.account[:12] + "…", str(row.receipts), str(row.tokens),
                           f"{row.checks_passed}/{row.checks}", roc(row.stake), roc(row.billed), roc(row.paid))
         table.add_row("client", "", self.report.client[:12] + "…", str(self.report.settled_receipts), "", "", "",
                       roc(sum(r.billed for r in self.report.providers)), "-" + roc(self.report.client_spent),
