@@ -1,4 +1,5 @@
 """DLLM's chain package: the local dev chain and the ComputeLedger client (see docs/chain.md)."""
+
 from chain.council import Council
 from chain.ledger import ComputeLedger, LedgerConfig
 from chain.records import (
@@ -15,6 +16,17 @@ from chain.records import (
 )
 
 __all__ = [
-    "ChainEvent", "ChainResult", "ComputeLedger", "ComputeRecord", "ComputeTotals", "Council", "LedgerConfig",
-    "Payment", "ProviderShare", "ProviderState", "ProviderStatus", "SettledReceipt", "SlashRecord",
+    "ChainEvent",
+    "ChainResult",
+    "ComputeLedger",
+    "ComputeRecord",
+    "ComputeTotals",
+    "Council",
+    "LedgerConfig",
+    "Payment",
+    "ProviderShare",
+    "ProviderState",
+    "ProviderStatus",
+    "SettledReceipt",
+    "SlashRecord",
 ]

@@ -5,6 +5,7 @@
 - keyless accounts (receipt registry, burn sink): 32-byte hashes of a fixed label. Nobody holds a
   private key for them, so nobody can sign for them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -69,7 +70,7 @@ def derivative_account(parent: bytes, index: int) -> bytes:
 def escrow_indices(provider: bytes) -> tuple[int, ...]:
     """The nested `as_derivative` indices of a provider's escrow (outermost first)."""
     digest = blake2_256(b"dllm:v1:escrow" + provider)
-    return tuple(int.from_bytes(digest[2 * i: 2 * i + 2], "little") for i in range(ESCROW_DERIVATION_DEPTH))
+    return tuple(int.from_bytes(digest[2 * i : 2 * i + 2], "little") for i in range(ESCROW_DERIVATION_DEPTH))
 
 
 def escrow_account(council_account: bytes, provider: bytes) -> bytes:

@@ -1,4 +1,5 @@
 """The verifier council: an m-of-n multisig that alone controls every provider's stake escrow."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ class Council:
             raise ValueError("council members must be distinct accounts")
 
     @classmethod
-    def dev(cls) -> "Council":
+    def dev(cls) -> Council:
         """The dev chain's council: //Alice, //Bob, //Charlie with threshold 2."""
         from chain.devchain.dev_accounts import dev_keypair
 

@@ -2,6 +2,7 @@
 
 Every failure a caller can act on has its own type, so callers never parse messages.
 """
+
 from __future__ import annotations
 
 

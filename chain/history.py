@@ -9,6 +9,7 @@ a real chain never rewrites what was indexed. Each record is trusted only if:
   client, or the council's multisig account), and
 - the funds it claims moved did move in that extrinsic (matching `Balances.Transfer` events).
 """
+
 from __future__ import annotations
 
 import logging
@@ -113,9 +114,7 @@ class LedgerIndex:
             tokens, requests = int(body["tokens_x_params"]), int(body["requests"])
             if len(receipts) != 32 or tokens < 0 or requests < 0:
                 raise ValueError("bad compute record")
-            self.compute[sender].append(
-                ComputeRecord(self._ss58(sender), receipts, tokens, requests, block)
-            )
+            self.compute[sender].append(ComputeRecord(self._ss58(sender), receipts, tokens, requests, block))
         elif remark.kind == "settle":
             self._apply_settlement(body, sender, ext, block, ext_hash)
         elif remark.kind == "unbond-request":
@@ -137,7 +136,9 @@ class LedgerIndex:
             beneficiary = bytes.fromhex(body["beneficiary"])
             moved = sum(a for f, t, a in ext.transfers if f == escrow and t == beneficiary)
             entry.slashes.append(
-                SlashRecord(self._ss58(provider), moved, bytes.fromhex(body["evidence"]), self._ss58(beneficiary), block)
+                SlashRecord(
+                    self._ss58(provider), moved, bytes.fromhex(body["evidence"]), self._ss58(beneficiary), block
+                )
             )
 
     def _apply_settlement(self, body: dict, client: bytes, ext: _Extrinsic, block: int, ext_hash: str) -> None:

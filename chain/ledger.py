@@ -3,6 +3,7 @@
 Synchronous (substrate-interface is): async callers run it in a thread (`asyncio.to_thread`),
 one ledger per thread. See docs/chain.md for the design and who can move which funds.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,7 +38,6 @@ from chain.errors import (
 )
 from chain.history import LedgerIndex
 from chain.pro_rata import split_pro_rata
-from chain.substrate_connection import ResilientSubstrate
 from chain.records import (
     ChainResult,
     ComputeTotals,
@@ -49,6 +49,7 @@ from chain.records import (
 from chain.remarks import encode_remark
 from chain.storage_keys import blake2_128_concat, storage_prefix, twox64_concat
 from chain.submission import ExtrinsicSubmitter
+from chain.substrate_connection import ResilientSubstrate
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class ComputeLedger:
     def close(self) -> None:
         self.substrate.close()
 
-    def __enter__(self) -> "ComputeLedger":
+    def __enter__(self) -> ComputeLedger:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -165,15 +166,19 @@ class ComputeLedger:
         self.index.sync()
         entry = self.index.providers.get(provider.public_key)
         if entry is not None and entry.unbonded_at is None:
-            raise AlreadyRegisteredError(f"{provider.ss58_address} is already registered (since block {entry.registered_at})")
+            raise AlreadyRegisteredError(
+                f"{provider.ss58_address} is already registered (since block {entry.registered_at})"
+            )
         escrow = escrow_account(self.council_account, provider.public_key)
         owner = self.index.escrow_owner.get(escrow)
         if owner is not None and owner != provider.public_key:
             raise AlreadyRegisteredError(f"escrow {self.address(escrow)} already belongs to {self.address(owner)}")
-        call = self._batch([
-            self._call("Balances", "transfer_keep_alive", {"dest": self.address(escrow), "value": stake}),
-            self._remark("register", {"escrow": escrow.hex(), "stake": stake}),
-        ])
+        call = self._batch(
+            [
+                self._call("Balances", "transfer_keep_alive", {"dest": self.address(escrow), "value": stake}),
+                self._remark("register", {"escrow": escrow.hex(), "stake": stake}),
+            ]
+        )
         self._require_funds(provider, call, stake)
         return self.submitter.submit(provider, call)
 
@@ -199,20 +204,30 @@ class ComputeLedger:
             )
         calls = [self._remark("unbond", {"provider": provider.hex()})]
         if status.stake > 0:
-            calls.append(self._from_escrow(provider, self._call(
-                "Balances", "transfer_all", {"dest": provider_ss58, "keep_alive": False})))
+            calls.append(
+                self._from_escrow(
+                    provider, self._call("Balances", "transfer_all", {"dest": provider_ss58, "keep_alive": False})
+                )
+            )
         return self._council_execute(council, self._batch(calls))
 
     # ---- compute records -------------------------------------------------------------------------
-    def record_compute(self, provider: Keypair, receipts_hash: bytes, tokens_x_params: int, requests: int) -> ChainResult:
+    def record_compute(
+        self, provider: Keypair, receipts_hash: bytes, tokens_x_params: int, requests: int
+    ) -> ChainResult:
         """Record compute served by `provider`, tied to the hash of the signed receipts it covers."""
         if not isinstance(receipts_hash, (bytes, bytearray)) or len(receipts_hash) != 32:
             raise InvalidPaymentError("receipts_hash must be 32 bytes (the hash of the signed receipts)")
         if not isinstance(tokens_x_params, int) or not isinstance(requests, int) or tokens_x_params < 0 or requests < 0:
             raise InvalidPaymentError("tokens_x_params and requests must be non-negative integers")
-        call = self._remark("compute", {
-            "receipts": bytes(receipts_hash).hex(), "tokens_x_params": tokens_x_params, "requests": requests,
-        })
+        call = self._remark(
+            "compute",
+            {
+                "receipts": bytes(receipts_hash).hex(),
+                "tokens_x_params": tokens_x_params,
+                "requests": requests,
+            },
+        )
         self._require_funds(provider, call, 0)
         return self.submitter.submit(provider, call)
 
@@ -229,7 +244,7 @@ class ComputeLedger:
         settled = []
         key_list = list(keys)
         for start in range(0, len(key_list), 500):  # keep each RPC request small
-            reply = self.substrate.rpc_request("state_queryStorageAt", [key_list[start:start + 500]])
+            reply = self.substrate.rpc_request("state_queryStorageAt", [key_list[start : start + 500]])
             for change_set in reply["result"]:
                 for key, value in change_set["changes"]:
                     if value is not None:
@@ -257,10 +272,17 @@ class ComputeLedger:
             records.append([payment.receipt_id.hex(), [[p.hex(), a] for p, a in payouts]])
         registry = "0x" + RECEIPT_REGISTRY_ACCOUNT.hex()
         calls = [
-            self._call("Multisig", "approve_as_multi", {
-                "threshold": 2, "other_signatories": [registry], "maybe_timepoint": None,
-                "call_hash": "0x" + rid.hex(), "max_weight": 0,
-            })
+            self._call(
+                "Multisig",
+                "approve_as_multi",
+                {
+                    "threshold": 2,
+                    "other_signatories": [registry],
+                    "maybe_timepoint": None,
+                    "call_hash": "0x" + rid.hex(),
+                    "max_weight": 0,
+                },
+            )
             for rid in ids
         ]
         calls += [
@@ -269,7 +291,8 @@ class ComputeLedger:
         ]
         calls.append(self._remark("settle", {"receipts": records}))
         deposit = int(self.substrate.get_constant("Multisig", "DepositBase").value) + 2 * int(
-            self.substrate.get_constant("Multisig", "DepositFactor").value)
+            self.substrate.get_constant("Multisig", "DepositFactor").value
+        )
         outflow = sum(per_provider.values()) + deposit * len(ids)
         return self._batch(calls), outflow
 
@@ -298,8 +321,14 @@ class ComputeLedger:
         return receipt_id in self.index.settled
 
     # ---- slashing ----------------------------------------------------------------------------------
-    def slash(self, council: list[Keypair], provider_ss58: str, amount: int | None, evidence_hash: bytes,
-              beneficiary_ss58: str | None = None) -> ChainResult:
+    def slash(
+        self,
+        council: list[Keypair],
+        provider_ss58: str,
+        amount: int | None,
+        evidence_hash: bytes,
+        beneficiary_ss58: str | None = None,
+    ) -> ChainResult:
         """Move `amount` (None: all) of the provider's stake to the burn sink (or a beneficiary),
         approved by a threshold of council members; the evidence hash is recorded on chain."""
         provider = account_id(provider_ss58)
@@ -314,12 +343,20 @@ class ComputeLedger:
         if status.stake == 0 or (amount is not None and amount > status.stake):
             raise InsufficientStakeError(f"{provider_ss58} has {status.stake} planck staked; cannot slash {amount}")
         beneficiary = account_id(beneficiary_ss58) if beneficiary_ss58 else self.config.burn_account
-        move = (self._call("Balances", "transfer_all", {"dest": self.address(beneficiary), "keep_alive": False})
-                if amount is None else
-                self._call("Balances", "transfer", {"dest": self.address(beneficiary), "value": amount}))
-        body = {"provider": provider.hex(), "amount": amount, "evidence": bytes(evidence_hash).hex(),
-                "beneficiary": beneficiary.hex()}
-        return self._council_execute(council, self._batch([self._remark("slash", body), self._from_escrow(provider, move)]))
+        move = (
+            self._call("Balances", "transfer_all", {"dest": self.address(beneficiary), "keep_alive": False})
+            if amount is None
+            else self._call("Balances", "transfer", {"dest": self.address(beneficiary), "value": amount})
+        )
+        body = {
+            "provider": provider.hex(),
+            "amount": amount,
+            "evidence": bytes(evidence_hash).hex(),
+            "beneficiary": beneficiary.hex(),
+        }
+        return self._council_execute(
+            council, self._batch([self._remark("slash", body), self._from_escrow(provider, move)])
+        )
 
     # ---- council multisig ----------------------------------------------------------------------------
     def _check_quorum(self, council: list[Keypair]) -> list[Keypair]:
@@ -351,16 +388,39 @@ class ComputeLedger:
         try:
             for n, kp in enumerate(signers):
                 if n < threshold - 1:
-                    result = self.submitter.submit(kp, self._call("Multisig", "approve_as_multi", {
-                        "threshold": threshold, "other_signatories": others(kp), "maybe_timepoint": timepoint,
-                        "call_hash": call_hash, "max_weight": 0}))
+                    result = self.submitter.submit(
+                        kp,
+                        self._call(
+                            "Multisig",
+                            "approve_as_multi",
+                            {
+                                "threshold": threshold,
+                                "other_signatories": others(kp),
+                                "maybe_timepoint": timepoint,
+                                "call_hash": call_hash,
+                                "max_weight": 0,
+                            },
+                        ),
+                    )
                     if timepoint is None:
                         timepoint = {"height": result.block_number, "index": result.extrinsic_index}
                         first = kp
                     continue
-                result = self.submitter.submit(kp, self._call("Multisig", "as_multi", {
-                    "threshold": threshold, "other_signatories": others(kp), "maybe_timepoint": timepoint,
-                    "call": call, "store_call": False, "max_weight": weight}))
+                result = self.submitter.submit(
+                    kp,
+                    self._call(
+                        "Multisig",
+                        "as_multi",
+                        {
+                            "threshold": threshold,
+                            "other_signatories": others(kp),
+                            "maybe_timepoint": timepoint,
+                            "call": call,
+                            "store_call": False,
+                            "max_weight": weight,
+                        },
+                    ),
+                )
         except Exception:
             if first is not None and timepoint is not None:
                 self._cancel_pending(first, others(first), timepoint, call_hash)
@@ -373,9 +433,19 @@ class ComputeLedger:
 
     def _cancel_pending(self, kp: Keypair, others: list[str], timepoint: dict, call_hash: str) -> None:
         try:
-            self.submitter.submit(kp, self._call("Multisig", "cancel_as_multi", {
-                "threshold": self.config.council.threshold, "other_signatories": others,
-                "timepoint": timepoint, "call_hash": call_hash}))
+            self.submitter.submit(
+                kp,
+                self._call(
+                    "Multisig",
+                    "cancel_as_multi",
+                    {
+                        "threshold": self.config.council.threshold,
+                        "other_signatories": others,
+                        "timepoint": timepoint,
+                        "call_hash": call_hash,
+                    },
+                ),
+            )
         except Exception as exc:  # best effort; the original error matters more
             log.warning("could not cancel the pending council approval %s: %s", call_hash, exc)
 
@@ -417,25 +487,40 @@ class ComputeLedger:
             state = ProviderState.UNBONDING
         else:
             state = ProviderState.REGISTERED
-        ready = (entry.unbond_requested_at + self.config.unbond_delay_blocks
-                 if entry.unbond_requested_at is not None else None)
-        return ProviderStatus(provider_ss58, state, self.address(escrow), stake, entry.registered_at,
-                              entry.unbond_requested_at, ready, tuple(entry.slashes))
+        ready = (
+            entry.unbond_requested_at + self.config.unbond_delay_blocks
+            if entry.unbond_requested_at is not None
+            else None
+        )
+        return ProviderStatus(
+            provider_ss58,
+            state,
+            self.address(escrow),
+            stake,
+            entry.registered_at,
+            entry.unbond_requested_at,
+            ready,
+            tuple(entry.slashes),
+        )
 
     def compute_ledger(self, provider_ss58: str) -> ComputeTotals:
         """Totals and individual compute records of a provider."""
         provider = account_id(provider_ss58)
         self.index.sync()
         records = tuple(self.index.compute.get(provider, ()))
-        return ComputeTotals(provider_ss58, sum(r.tokens_x_params for r in records),
-                             sum(r.requests for r in records), records)
+        return ComputeTotals(
+            provider_ss58, sum(r.tokens_x_params for r in records), sum(r.requests for r in records), records
+        )
 
-    def settlement_history(self, client_ss58: str | None = None, provider_ss58: str | None = None) -> list[SettledReceipt]:
+    def settlement_history(
+        self, client_ss58: str | None = None, provider_ss58: str | None = None
+    ) -> list[SettledReceipt]:
         """Settled receipts, oldest first, optionally filtered by paying client and/or paid provider."""
         client = self.address(account_id(client_ss58)) if client_ss58 else None
         provider = self.address(account_id(provider_ss58)) if provider_ss58 else None
         self.index.sync()
         return [
-            s for s in self.index.settlement_log
+            s
+            for s in self.index.settlement_log
             if (client is None or s.client == client) and (provider is None or any(p == provider for p, _ in s.payouts))
         ]

@@ -1,4 +1,5 @@
 """Split a receipt's payment between the providers that served it, pro rata by parameters served."""
+
 from __future__ import annotations
 
 from chain.errors import InvalidPaymentError

@@ -1,4 +1,5 @@
 """Records the ledger returns: results of extrinsics and the protocol state read back from chain."""
+
 from __future__ import annotations
 
 import enum
@@ -47,7 +48,7 @@ class Payment:
     shares: tuple[ProviderShare, ...]
 
     @classmethod
-    def single(cls, receipt_id: bytes, provider: str, amount: int) -> "Payment":
+    def single(cls, receipt_id: bytes, provider: str, amount: int) -> Payment:
         """A receipt served entirely by one provider."""
         return cls(receipt_id, amount, (ProviderShare(provider, 1),))
 

@@ -5,6 +5,7 @@ whatever SS58 prefix a chain uses. The runtime emits `System.Remarked {sender, h
 hash = blake2_256(payload); the ledger only trusts a payload whose hash appears in such an event of
 the same extrinsic, with the sender the record kind requires.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,7 @@ def encode_remark(kind: str, body: dict) -> bytes:
 def decode_remark(payload: bytes) -> Remark:
     if not payload.startswith(PREFIX):
         raise MalformedRemarkError("not a dllm:v1 remark")
-    kind, sep, body = payload[len(PREFIX):].partition(b":")
+    kind, sep, body = payload[len(PREFIX) :].partition(b":")
     if not sep or kind.decode(errors="replace") not in KINDS:
         raise MalformedRemarkError(f"unknown record kind {kind[:32]!r}")
     try:
@@ -59,12 +60,12 @@ def find_candidate_payloads(extrinsic: bytes) -> list[bytes]:
         for width in (1, 2, 4):
             if start - width < 0:
                 continue
-            raw = int.from_bytes(extrinsic[start - width:start], "little")
+            raw = int.from_bytes(extrinsic[start - width : start], "little")
             mode = raw & 0b11
             if (width, mode) not in ((1, 0), (2, 1), (4, 2)):
                 continue
             length = raw >> 2
             if start + length <= len(extrinsic):
-                found.append(extrinsic[start:start + length])
+                found.append(extrinsic[start : start + length])
         start = extrinsic.find(PREFIX, start + 1)
     return found

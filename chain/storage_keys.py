@@ -1,4 +1,5 @@
 """Raw storage keys, hashed exactly as FRAME hashes them (for direct storage reads and genesis writes)."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """Sign and submit extrinsics; turn every failure into a specific exception."""
+
 from __future__ import annotations
 
 import logging
@@ -99,8 +100,11 @@ def fee_paid(events: tuple[ChainEvent, ...]) -> int:
     if not withdrawals:
         return 0
     payer = withdrawals[0].attributes["who"]  # the fee is withdrawn before any call runs
-    refund = sum(int(e.attributes["amount"]) for e in events
-                 if (e.module, e.name) == ("Balances", "Deposit") and e.attributes["who"] == payer)
+    refund = sum(
+        int(e.attributes["amount"])
+        for e in events
+        if (e.module, e.name) == ("Balances", "Deposit") and e.attributes["who"] == payer
+    )
     return int(withdrawals[0].attributes["amount"]) - refund
 
 

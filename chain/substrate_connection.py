@@ -15,6 +15,7 @@ CheckGenesis signed extension compares with) rather than the node's `chain_getBl
 two are equal on a real node, but chopsticks resuming from its database reports another block-0
 hash, and every extrinsic signed over it was refused as `badProof` after a dev chain restart.
 """
+
 from __future__ import annotations
 
 import logging
@@ -52,14 +53,16 @@ class ResilientSubstrate(SubstrateInterface):
                 self._reconnect_quietly()
                 raise ChainConnectionError(
                     f"lost the chain at {self.url} during {method}; its outcome is unknown: "
-                    f"check on chain before retrying ({type(first).__name__}: {first})") from first
+                    f"check on chain before retrying ({type(first).__name__}: {first})"
+                ) from first
             try:
                 self._reconnect()
                 log.info("reconnected to %s; retrying %s", self.url, method)
                 return super().rpc_request(method, params, result_handler=result_handler)
             except _TRANSPORT_ERRORS as e:
                 raise ChainConnectionError(
-                    f"cannot reach the chain at {self.url} ({type(e).__name__}: {e}); retry when it is back") from e
+                    f"cannot reach the chain at {self.url} ({type(e).__name__}: {e}); retry when it is back"
+                ) from e
 
     def _reconnect(self) -> None:
         old = getattr(self.transport, "websocket", None)

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -39,7 +39,7 @@ TOKEN_DECIMALS = 12  # the dev chain's ROC: 1 token = 10**12 planck
 
 # Reusable option declarations: the same name means the same thing in every command.
 InitialPeers = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option(
         "--initial-peers",
         "-p",
@@ -48,14 +48,14 @@ InitialPeers = Annotated[
     ),
 ]
 ModelOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--model", "-m", help="Model folder (or cached hub id). Default: the embedded dllm-tiny-llama."),
 ]
 ChainUrl = Annotated[
-    Optional[str], typer.Option("--chain-url", help="Substrate node endpoint, e.g. ws://127.0.0.1:9944.")
+    str | None, typer.Option("--chain-url", help="Substrate node endpoint, e.g. ws://127.0.0.1:9944.")
 ]
 ChainKey = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--chain-key",
         help="Signing key: dev URI (//Alice), mnemonic or 0x seed. Prefer the env var over the command line.",
@@ -74,7 +74,7 @@ def _port_option(default: int, what: str) -> Any:
 def root(
     ctx: typer.Context,
     config: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--config",
             "-c",
@@ -85,7 +85,7 @@ def root(
         ),
     ] = None,
     log_level: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--log-level", help="Logging verbosity: DEBUG, INFO, WARNING (default) or ERROR."),
     ] = None,
 ) -> None:
@@ -181,7 +181,7 @@ def swarm_bootstrap(
     port: Annotated[int, _port_option(31337, "the DHT node")] = 31337,
     initial_peers: InitialPeers = None,
     identity: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--identity", help="Private key file: a stable peer id across restarts (created if missing)."),
     ] = None,
 ) -> None:
@@ -219,8 +219,10 @@ def _register_provider(url: str, key: str, stake: int) -> str:
                 provider = _keypair(key, ledger.ss58_format)
                 try:
                     result = ledger.register_provider(provider, stake)
-                    console.print(f"registered {provider.ss58_address} with a stake of {stake} planck "
-                                  f"(block {result.block_number})")
+                    console.print(
+                        f"registered {provider.ss58_address} with a stake of {stake} planck "
+                        f"(block {result.block_number})"
+                    )
                 except AlreadyRegisteredError as error:
                     console.print(f"already registered: {error}")
                 status = ledger.provider_status(provider.ss58_address)
@@ -238,14 +240,17 @@ def peer_join(
         str, typer.Option("--blocks", "-b", help="Blocks to serve: START:END (half-open) or 'auto' (fill the gaps).")
     ] = "auto",
     num_blocks: Annotated[
-        Optional[int], typer.Option("--num-blocks", min=1, help="With --blocks auto: how many blocks to serve.")
+        int | None, typer.Option("--num-blocks", min=1, help="With --blocks auto: how many blocks to serve.")
     ] = None,
     host: Host = "127.0.0.1",
     port: Annotated[int, _port_option(0, "the peer's P2P endpoint")] = 0,
     direct: Annotated[
-        bool, typer.Option("--direct/--no-direct",
-                           help="Also serve inference over direct TLS streams (faster on fast networks; clients fall "
-                                "back to P2P when they cannot reach it).")
+        bool,
+        typer.Option(
+            "--direct/--no-direct",
+            help="Also serve inference over direct TLS streams (faster on fast networks; clients fall "
+            "back to P2P when they cannot reach it).",
+        ),
     ] = True,
     direct_port: Annotated[
         int, typer.Option("--direct-port", min=0, max=65535, help="TCP port for direct streams (0: pick a free one).")
@@ -254,24 +259,32 @@ def peer_join(
         int, typer.Option("--rate", min=0, help="Price per token per billion parameters served, in planck.")
     ] = 1,
     stake: Annotated[
-        str, typer.Option("--stake", help="Stake to bond on chain, in whole tokens (e.g. 10 or 0.5; 0: do not register).")
+        str,
+        typer.Option("--stake", help="Stake to bond on chain, in whole tokens (e.g. 10 or 0.5; 0: do not register)."),
     ] = "0",
     chain_url: ChainUrl = None,
     chain_key: ChainKey = None,
     receipts: Annotated[
-        Optional[Path],
-        typer.Option("--receipts", help="SQLite file of this provider's receipts (default ~/.dllm/receipts-<account>.sqlite3).",
-                     dir_okay=False),
+        Path | None,
+        typer.Option(
+            "--receipts",
+            help="SQLite file of this provider's receipts (default ~/.dllm/receipts-<account>.sqlite3).",
+            dir_okay=False,
+        ),
     ] = None,
     settle_interval: Annotated[
         float, typer.Option("--settle-interval", min=1.0, help="Seconds between settlement rounds of stored receipts.")
     ] = 30.0,
     quote_period: Annotated[
-        float, typer.Option("--quote-period", min=0.0,
-                            help="Seconds between signed price asks gossiped on dllm/quotes/1 (with --chain-key; 0: no gossip).")
+        float,
+        typer.Option(
+            "--quote-period",
+            min=0.0,
+            help="Seconds between signed price asks gossiped on dllm/quotes/1 (with --chain-key; 0: no gossip).",
+        ),
     ] = 30.0,
     identity: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--identity", help="Private key file: a stable peer id across restarts (created if missing)."),
     ] = None,
     dtype: Annotated[
@@ -290,7 +303,8 @@ def peer_join(
         int, typer.Option("--adapter-rank", min=0, help="Learn from feedback with LoRA adapters of this rank (0: off).")
     ] = 0,
     averaging_period: Annotated[
-        float, typer.Option("--averaging-period", min=3.0, help="Seconds between adapter averaging rounds with replicas.")
+        float,
+        typer.Option("--averaging-period", min=3.0, help="Seconds between adapter averaging rounds with replicas."),
     ] = 30.0,
     train_step_batch: Annotated[
         int, typer.Option("--train-step-batch", min=1, help="Feedback passes per adapter optimizer step.")
@@ -299,14 +313,22 @@ def peer_join(
         float, typer.Option("--learning-rate", min=1e-7, max=1.0, help="Adapters' learning rate (Adam).")
     ] = 1e-3,
     canary_file: Annotated[
-        Optional[Path],
-        typer.Option("--canary-file", dir_okay=False,
-                     help="Held-out canary examples (one per line; TAB splits prompt from scored text) that gate "
-                          "adapter updates. Default: the set shipped with DLLM."),
+        Path | None,
+        typer.Option(
+            "--canary-file",
+            dir_okay=False,
+            help="Held-out canary examples (one per line; TAB splits prompt from scored text) that gate "
+            "adapter updates. Default: the set shipped with DLLM.",
+        ),
     ] = None,
     canary_max_rise: Annotated[
-        float, typer.Option("--canary-max-rise", min=0.0, max=1.0,
-                            help="Roll back an adapter update whose canary loss rises by more than this fraction.")
+        float,
+        typer.Option(
+            "--canary-max-rise",
+            min=0.0,
+            max=1.0,
+            help="Roll back an adapter update whose canary loss rises by more than this fraction.",
+        ),
     ] = 0.01,
 ) -> None:
     """Join the swarm as a compute provider serving a span of the model's blocks (runs until Ctrl-C)."""
@@ -396,8 +418,8 @@ def query(
     top_p: Annotated[
         float, typer.Option("--top-p", callback=_check_top_p, help="Nucleus sampling mass, in (0, 1].")
     ] = 1.0,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed, for reproducible output.")] = None,
-    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop at this text (repeatable).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed, for reproducible output.")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop at this text (repeatable).")] = None,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they arrive.")] = True,
 ) -> None:
     """Query the distributed model: the prompt's completion streams to the terminal."""
@@ -467,26 +489,44 @@ def verify(
     chain_url: ChainUrl = None,
     chain_key: ChainKey = None,
     council_key: Annotated[
-        Optional[list[str]],
-        typer.Option("--council-key", help="Council member key (repeat up to the threshold): this verifier also tallies "
-                     "verdicts and slashes on chain."),
+        list[str] | None,
+        typer.Option(
+            "--council-key",
+            help="Council member key (repeat up to the threshold): this verifier also tallies "
+            "verdicts and slashes on chain.",
+        ),
     ] = None,
     authorized: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--verifier", help="Account whose verdicts count (repeatable; default: the dev council members)."),
     ] = None,
-    threshold: Annotated[int, typer.Option("--threshold", min=1, help="Failing verdicts from distinct verifiers to slash.")] = 2,
-    gossip_port: Annotated[int, typer.Option("--gossip-port", min=0, max=65535, help="TCP port of the gossip node (0: free).")] = 0,
+    threshold: Annotated[
+        int, typer.Option("--threshold", min=1, help="Failing verdicts from distinct verifiers to slash.")
+    ] = 2,
+    gossip_port: Annotated[
+        int, typer.Option("--gossip-port", min=0, max=65535, help="TCP port of the gossip node (0: free).")
+    ] = 0,
     gossip_peer: Annotated[
-        Optional[list[str]], typer.Option("--gossip-peer", help="Gossip node multiaddr to dial (others are found in the DHT).")
+        list[str] | None,
+        typer.Option("--gossip-peer", help="Gossip node multiaddr to dial (others are found in the DHT)."),
     ] = None,
     probe: Annotated[
-        bool, typer.Option("--probe", help="Do not serve: probe every provider's blocks once with random inputs, "
-                           "recomputed locally, print a table and exit (1 if any provider is wrong).")
+        bool,
+        typer.Option(
+            "--probe",
+            help="Do not serve: probe every provider's blocks once with random inputs, "
+            "recomputed locally, print a table and exit (1 if any provider is wrong).",
+        ),
     ] = False,
-    rounds: Annotated[Optional[int], typer.Option("--rounds", min=1, max=100, help="With --probe: probes per provider (default 1).")] = None,
-    tokens: Annotated[Optional[int], typer.Option("--tokens", min=1, max=512, help="With --probe: positions per probe (default 8).")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="With --probe: seed of the probe inputs (default: random).")] = None,
+    rounds: Annotated[
+        int | None, typer.Option("--rounds", min=1, max=100, help="With --probe: probes per provider (default 1).")
+    ] = None,
+    tokens: Annotated[
+        int | None, typer.Option("--tokens", min=1, max=512, help="With --probe: positions per probe (default 8).")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="With --probe: seed of the probe inputs (default: random).")
+    ] = None,
 ) -> None:
     """Run a verifier: re-run clients' sampled work, publish signed verdicts, slash as council (until Ctrl-C).
 
@@ -508,18 +548,30 @@ def verify(
     url = arguments.parse_chain_url(chain_url)
     key = arguments.parse_chain_key(chain_key)
     if not key:
-        raise typer.BadParameter("a verifier signs its verdicts: give --chain-key (or --probe for a one-shot check)",
-                                 param_hint="'--chain-key'")
+        raise typer.BadParameter(
+            "a verifier signs its verdicts: give --chain-key (or --probe for a one-shot check)",
+            param_hint="'--chain-key'",
+        )
     if council_key and not url:
         raise typer.BadParameter("slashing as council needs --chain-url", param_hint="'--council-key'")
-    from economy.verifier import VerifierConfig, main as run_verifier_blocking
+    from economy.verifier import VerifierConfig
+    from economy.verifier import main as run_verifier_blocking
 
     for value in [key, *(council_key or [])]:
         _keypair(value)  # a bad key is a usage error now, not a crash later
-    run_verifier_blocking(VerifierConfig(
-        model=str(folder), key=key, initial_peers=peers, verifiers=list(authorized or []), threshold=threshold,
-        council_keys=list(council_key or []), chain_url=url, gossip_port=gossip_port, gossip_peers=list(gossip_peer or []),
-    ))
+    run_verifier_blocking(
+        VerifierConfig(
+            model=str(folder),
+            key=key,
+            initial_peers=peers,
+            verifiers=list(authorized or []),
+            threshold=threshold,
+            council_keys=list(council_key or []),
+            chain_url=url,
+            gossip_port=gossip_port,
+            gossip_peers=list(gossip_peer or []),
+        )
+    )
 
 
 def _probe_providers(peers: list[str], folder: Path, rounds: int, tokens: int, seed: int | None) -> None:
@@ -550,7 +602,9 @@ def _probe_providers(peers: list[str], folder: Path, rounds: int, tokens: int, s
         table.add_column(name)
     for r in results:
         verdict = "[green]pass[/]" if r.passed else f"[red]FAIL[/] {r.error or ''}"
-        table.add_row(r.peer_id[-10:], f"{r.start}:{r.end}", r.chain_account or "-", verdict, f"{r.worst_rel_error:.2e}")
+        table.add_row(
+            r.peer_id[-10:], f"{r.start}:{r.end}", r.chain_account or "-", verdict, f"{r.worst_rel_error:.2e}"
+        )
     console.print(table)
     failed = [r for r in results if not r.passed]
     if failed:
@@ -610,13 +664,12 @@ def demo(
     ] = True,
 ) -> None:
     """Run everything locally: dev chain, bootstrap node, paid peers, a verifier, queries, settlement; then shut it all down."""
-    from dllm.demo import DemoConfig, run_demo
-
-    from dllm.demo import DemoError
+    from dllm.demo import DemoConfig, DemoError, run_demo
 
     try:
-        report = run_demo(DemoConfig(peers=peers, queries=queries, max_tokens=max_tokens, chain_port=chain_port,
-                                     verifier=verifier))
+        report = run_demo(
+            DemoConfig(peers=peers, queries=queries, max_tokens=max_tokens, chain_port=chain_port, verifier=verifier)
+        )
     except DemoError as error:
         _fail(f"the demo failed: {error}")
     if report.leftover_processes or report.leftover_sockets:

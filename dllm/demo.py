@@ -172,7 +172,8 @@ class Demo:
         keys = [Keypair.create_from_uri(uri, ss58_format=fmt) for uri in uris]
         transfers = [
             self.ledger.substrate.compose_call(
-                "Balances", "transfer_keep_alive", {"dest": k.ss58_address, "value": PROVIDER_FUNDS})
+                "Balances", "transfer_keep_alive", {"dest": k.ss58_address, "value": PROVIDER_FUNDS}
+            )
             for k in keys
         ]
         batch = self.ledger.substrate.compose_call("Utility", "batch_all", {"calls": transfers})
@@ -199,16 +200,32 @@ class Demo:
         for i, ((start, end), (account, uri)) in enumerate(zip(spans, self.provider_uris.items())):
             # Each provider signs with its own key in its own process: it bonds its stake, meters sessions,
             # proposes receipts, stores the client's pre-signed settlement, settles, and gossips its ask.
-            procs.append(self.swarm.start_peer(
-                f"{start}:{end}", "--chain-url", self.chain.url, "--chain-key", uri,
-                "--stake", str(PROVIDER_STAKE_ROC), "--rate", str(RATES[i % len(RATES)]),
-                "--receipts", str(self.workdir / f"receipts-{i + 1}.sqlite3"),
-                "--settle-interval", str(SETTLE_INTERVAL_S), "--quote-period", str(QUOTE_PERIOD_S),
-                name=f"peer-{i + 1}", wait=False,
-            ))
+            procs.append(
+                self.swarm.start_peer(
+                    f"{start}:{end}",
+                    "--chain-url",
+                    self.chain.url,
+                    "--chain-key",
+                    uri,
+                    "--stake",
+                    str(PROVIDER_STAKE_ROC),
+                    "--rate",
+                    str(RATES[i % len(RATES)]),
+                    "--receipts",
+                    str(self.workdir / f"receipts-{i + 1}.sqlite3"),
+                    "--settle-interval",
+                    str(SETTLE_INTERVAL_S),
+                    "--quote-period",
+                    str(QUOTE_PERIOD_S),
+                    name=f"peer-{i + 1}",
+                    wait=False,
+                )
+            )
         verifier = None
         if self.config.verifier:
-            verifier = self.swarm.start_verifier(VERIFIER_URI, "--chain-url", self.chain.url, name="verifier", wait=False)
+            verifier = self.swarm.start_verifier(
+                VERIFIER_URI, "--chain-url", self.chain.url, name="verifier", wait=False
+            )
         try:
             with self._progress() as progress:
                 task = progress.add_task("Peers: bond stake, load blocks, announce", total=len(procs) + bool(verifier))
@@ -223,8 +240,10 @@ class Demo:
         for proc, account in zip(procs, self.provider_uris):
             info = proc.info
             self.report.providers.append(ProviderRow(info["peer_id"], f"{info['start']}:{info['end']}", account))
-            self.console.print(f"[green]✓[/] peer {_short_id(info['peer_id'])} serves blocks {info['start']}:{info['end']} "
-                               f"(staked {PROVIDER_STAKE_ROC} ROC as {account[:8]}…)")
+            self.console.print(
+                f"[green]✓[/] peer {_short_id(info['peer_id'])} serves blocks {info['start']}:{info['end']} "
+                f"(staked {PROVIDER_STAKE_ROC} ROC as {account[:8]}…)"
+            )
         if verifier is not None:
             self.console.print(f"[green]✓[/] verifier signing as {VERIFIER_URI} re-runs sampled work")
 
@@ -235,11 +254,13 @@ class Demo:
         from swarm.client import ClientConfig, DistributedModel, GenerationParams
 
         # Sample rate 1: every receipt goes to the verifier, so the demo shows a check per hop.
-        billing = BillingConfig(self.chain.url, CLIENT_URI, sample_rate=1.0 if self.config.verifier else 0.0,
-                                verifiers_per_sample=1)
+        billing = BillingConfig(
+            self.chain.url, CLIENT_URI, sample_rate=1.0 if self.config.verifier else 0.0, verifiers_per_sample=1
+        )
         with self.console.status("Paying client joining the swarm…"):
-            self.model = DistributedModel.from_pretrained(str(default_model_path()), self.swarm.initial_peers,
-                                                          config=ClientConfig(billing=billing))
+            self.model = DistributedModel.from_pretrained(
+                str(default_model_path()), self.swarm.initial_peers, config=ClientConfig(billing=billing)
+            )
             if self.config.verifier:
                 self._wait_for_verifier()
         params = GenerationParams(max_new_tokens=self.config.max_tokens)
@@ -253,11 +274,14 @@ class Demo:
             session = self.model.core.last_billing
             self.receipts.extend(session.receipts)
             self.report.billing_errors += [f"{type(e).__name__}: {e}" for e in session.errors]
-            hops = " → ".join(f"{_short_id(h.rsplit(':', 2)[0])}[{h.rsplit(':', 2)[1]}:{h.rsplit(':', 2)[2]}]"
-                              for h in result.route)
-            self.console.print(f"\n[dim]  {result.completion_tokens} tokens via {hops}; "
-                               f"{len(session.receipts)} receipts co-signed, billed {roc(result.bill.total)} ROC "
-                               f"(quoted at most {roc(result.quote.total)})[/]")
+            hops = " → ".join(
+                f"{_short_id(h.rsplit(':', 2)[0])}[{h.rsplit(':', 2)[1]}:{h.rsplit(':', 2)[2]}]" for h in result.route
+            )
+            self.console.print(
+                f"\n[dim]  {result.completion_tokens} tokens via {hops}; "
+                f"{len(session.receipts)} receipts co-signed, billed {roc(result.bill.total)} ROC "
+                f"(quoted at most {roc(result.quote.total)})[/]"
+            )
         for error in self.report.billing_errors:
             self.console.print(f"[yellow]billing problem: {error}[/]")
 
@@ -288,8 +312,10 @@ class Demo:
             deadline = time.monotonic() + self.config.settle_timeout
             while len(self.ledger.settled_on_chain(self.report.client, ids)) < len(ids):
                 if time.monotonic() > deadline:
-                    raise DemoError(f"receipts were not all paid on chain within {self.config.settle_timeout:.0f} s; "
-                                    f"see the peers' logs in {self.workdir}")
+                    raise DemoError(
+                        f"receipts were not all paid on chain within {self.config.settle_timeout:.0f} s; "
+                        f"see the peers' logs in {self.workdir}"
+                    )
                 time.sleep(1.0)
         verdicts = [v.verdict for v in billing.verdicts]
         self.report.spot_checks = len(verdicts)
@@ -315,25 +341,55 @@ class Demo:
         self.report.client_spent = sum(s.amount for s in history)
         self.report.settled_receipts = len(history)
         self.report.settlement_extrinsics = len({s.extrinsic_hash for s in history})
-        self.console.print(f"\n[green]✓[/] {self.report.settled_receipts} receipts paid on chain in "
-                           f"{self.report.settlement_extrinsics} client-signed extrinsic(s); "
-                           f"spot checks: {self.report.spot_checks - self.report.spot_checks_failed}/"
-                           f"{self.report.spot_checks} passed")
+        self.console.print(
+            f"\n[green]✓[/] {self.report.settled_receipts} receipts paid on chain in "
+            f"{self.report.settlement_extrinsics} client-signed extrinsic(s); "
+            f"spot checks: {self.report.spot_checks - self.report.spot_checks_failed}/"
+            f"{self.report.spot_checks} passed"
+        )
 
     def print_table(self) -> None:
-        table = Table(title="Who served what, who was paid what",
-                      caption="receipts, stake and paid: read from the chain; tokens and billed: the co-signed receipts; "
-                              "checks: the verifier's signed verdicts")
-        for name, justify in (("peer", "left"), ("blocks", "left"), ("account", "left"), ("receipts", "right"),
-                              ("tokens", "right"), ("checks", "right"), ("stake (ROC)", "right"),
-                              ("billed (ROC)", "right"), ("paid (ROC)", "right")):
+        table = Table(
+            title="Who served what, who was paid what",
+            caption="receipts, stake and paid: read from the chain; tokens and billed: the co-signed receipts; "
+            "checks: the verifier's signed verdicts",
+        )
+        for name, justify in (
+            ("peer", "left"),
+            ("blocks", "left"),
+            ("account", "left"),
+            ("receipts", "right"),
+            ("tokens", "right"),
+            ("checks", "right"),
+            ("stake (ROC)", "right"),
+            ("billed (ROC)", "right"),
+            ("paid (ROC)", "right"),
+        ):
             table.add_column(name, justify=justify)  # type: ignore[arg-type]
         for row in self.report.providers:
-            table.add_row(_short_id(row.peer_id), row.blocks, row.account[:12] + "…", str(row.receipts), str(row.tokens),
-                          f"{row.checks_passed}/{row.checks}", roc(row.stake), roc(row.billed), roc(row.paid))
-        table.add_row("client", "", self.report.client[:12] + "…", str(self.report.settled_receipts), "", "", "",
-                      roc(sum(r.billed for r in self.report.providers)), "-" + roc(self.report.client_spent),
-                      style="bold")
+            table.add_row(
+                _short_id(row.peer_id),
+                row.blocks,
+                row.account[:12] + "…",
+                str(row.receipts),
+                str(row.tokens),
+                f"{row.checks_passed}/{row.checks}",
+                roc(row.stake),
+                roc(row.billed),
+                roc(row.paid),
+            )
+        table.add_row(
+            "client",
+            "",
+            self.report.client[:12] + "…",
+            str(self.report.settled_receipts),
+            "",
+            "",
+            "",
+            roc(sum(r.billed for r in self.report.providers)),
+            "-" + roc(self.report.client_spent),
+            style="bold",
+        )
         self.console.print(table)
 
     # -------------------------------------------------------------------------------- shutdown
@@ -366,15 +422,24 @@ class Demo:
         if self.own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         if self.report.leftover_processes or self.report.leftover_sockets:
-            self.console.print(f"[red]left behind: processes {self.report.leftover_processes}, "
-                               f"sockets {self.report.leftover_sockets}[/]")
+            self.console.print(
+                f"[red]left behind: processes {self.report.leftover_processes}, "
+                f"sockets {self.report.leftover_sockets}[/]"
+            )
         else:
-            self.console.print(f"[green]✓[/] shut down cleanly: {len(started)} processes stopped, "
-                               "no process or socket left behind")
+            self.console.print(
+                f"[green]✓[/] shut down cleanly: {len(started)} processes stopped, no process or socket left behind"
+            )
 
     def _progress(self) -> Progress:
-        return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                        TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=self.console)
+        return Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=self.console,
+        )
 
 
 def _is_own_torch_shm_manager(proc: Any, own_pid: int) -> bool:
@@ -391,7 +456,7 @@ def _hivemind_sockets(processes: list[Any]) -> list[str]:
         try:
             for arg in proc.cmdline():
                 if arg.startswith("-listen=/unix/"):
-                    sockets.append(arg[len("-listen=/unix"):])
+                    sockets.append(arg[len("-listen=/unix") :])
         except Exception:  # the process may have exited meanwhile: nothing to record
             continue
     return sockets

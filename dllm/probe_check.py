@@ -52,19 +52,36 @@ async def probe_span(core: Any, record: Any, local: Any, tokens: int, generator:
         response = await core.call(record.peer_id, protocol.HANDLER_FORWARD, request)
         claimed = decode(response.tensors[0])
     except Exception as error:  # an unreachable provider is reported, not a verifier crash
-        return ProbeResult(record.peer_id, record.start, record.end, record.chain_account, False, math.inf,
-                           f"{type(error).__name__}: {error}")
+        return ProbeResult(
+            record.peer_id,
+            record.start,
+            record.end,
+            record.chain_account,
+            False,
+            math.inf,
+            f"{type(error).__name__}: {error}",
+        )
     with torch.inference_mode():
         expected = local.forward(hidden)
     if claimed.shape != expected.shape:
-        return ProbeResult(record.peer_id, record.start, record.end, record.chain_account, False, math.inf,
-                           f"returned shape {list(claimed.shape)}, expected {list(expected.shape)}")
+        return ProbeResult(
+            record.peer_id,
+            record.start,
+            record.end,
+            record.chain_account,
+            False,
+            math.inf,
+            f"returned shape {list(claimed.shape)}, expected {list(expected.shape)}",
+        )
     comparison = compare_activations(claimed, expected, Tolerance.for_dtype(local.dtype))
-    return ProbeResult(record.peer_id, record.start, record.end, record.chain_account, comparison.passed,
-                       comparison.worst_rel_error)
+    return ProbeResult(
+        record.peer_id, record.start, record.end, record.chain_account, comparison.passed, comparison.worst_rel_error
+    )
 
 
-async def probe_swarm(core: Any, model_dir: Path, rounds: int = 1, tokens: int = 8, seed: int | None = None) -> list[ProbeResult]:
+async def probe_swarm(
+    core: Any, model_dir: Path, rounds: int = 1, tokens: int = 8, seed: int | None = None
+) -> list[ProbeResult]:
     """Probe every provider of `core`'s model `rounds` times; spans are loaded once each."""
     from peer.blocks import load_span_layers
     from peer.span import SpanRunner

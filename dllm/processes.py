@@ -102,8 +102,14 @@ class LocalSwarm:
         self.workdir.mkdir(parents=True, exist_ok=True)  # stop() removes a folder it made
         log_path = self.workdir / f"{self._counter:02d}-{name}.log"
         log = open(log_path, "w")
-        popen = subprocess.Popen(_dllm_command() + args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                 start_new_session=True, cwd=self.workdir)
+        popen = subprocess.Popen(
+            _dllm_command() + args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+            cwd=self.workdir,
+        )
         log.close()
         proc = ManagedProcess(name, popen, log_path)
         self.processes.append(proc)
@@ -127,8 +133,14 @@ class LocalSwarm:
         proc.info["maddr"] = match.group(1)
         return proc
 
-    def start_peer(self, blocks: str | None = "auto", *extra: str, name: str | None = None, wait: bool = True,
-                   timeout: float = 60.0) -> ManagedProcess:
+    def start_peer(
+        self,
+        blocks: str | None = "auto",
+        *extra: str,
+        name: str | None = None,
+        wait: bool = True,
+        timeout: float = 60.0,
+    ) -> ManagedProcess:
         """Starts `dllm peer join` on this swarm; with `wait`, returns once it serves."""
         if not self.initial_peers:
             raise ProcessStartError("start the bootstrap node first")
@@ -141,8 +153,9 @@ class LocalSwarm:
             self.wait_ready(proc, timeout)
         return proc
 
-    def start_verifier(self, chain_key: str, *extra: str, name: str | None = None, wait: bool = True,
-                       timeout: float = 120.0) -> ManagedProcess:
+    def start_verifier(
+        self, chain_key: str, *extra: str, name: str | None = None, wait: bool = True, timeout: float = 120.0
+    ) -> ManagedProcess:
         """Starts `dllm verify` (the verifier process) signing with `chain_key`; with `wait`, returns once it serves
         (`.info` then has account, peer_id, role, gossip)."""
         if not self.initial_peers:
@@ -155,15 +168,21 @@ class LocalSwarm:
 
     def wait_verifier_ready(self, proc: ManagedProcess, timeout: float = 120.0) -> ManagedProcess:
         match = self._wait_for(proc, _VERIFIER_READY, timeout)
-        proc.info.update(account=match.group(1), peer_id=match.group(2), role=match.group(3),
-                         gossip=match.group(4).split())
+        proc.info.update(
+            account=match.group(1), peer_id=match.group(2), role=match.group(3), gossip=match.group(4).split()
+        )
         return proc
 
     def wait_ready(self, proc: ManagedProcess, timeout: float = 60.0) -> ManagedProcess:
         match = self._wait_for(proc, _READY, timeout)
-        proc.info.update(peer_id=match.group(1), model=match.group(2), start=int(match.group(3)),
-                         end=int(match.group(4)), maddrs=match.group(5).split(),
-                         ready_s=time.monotonic() - proc.info.get("started_at", time.monotonic()))
+        proc.info.update(
+            peer_id=match.group(1),
+            model=match.group(2),
+            start=int(match.group(3)),
+            end=int(match.group(4)),
+            maddrs=match.group(5).split(),
+            ready_s=time.monotonic() - proc.info.get("started_at", time.monotonic()),
+        )
         return proc
 
     def peers(self) -> list[ManagedProcess]:
@@ -180,7 +199,7 @@ class LocalSwarm:
         if self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "LocalSwarm":
+    def __enter__(self) -> LocalSwarm:
         return self
 
     def __exit__(self, *exc) -> None:

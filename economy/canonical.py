@@ -96,8 +96,15 @@ def decode(tag: str, schema: tuple[FieldSpec, ...], data: Any) -> tuple[Any, ...
         raise CanonicalFormatError(f"{tag}: {len(data)} bytes exceeds the {MAX_RECORD_BYTES}-byte limit")
     try:
         items = msgpack.unpackb(
-            data, raw=False, use_list=True, strict_map_key=True,
-            max_bin_len=MAX_RECORD_BYTES, max_str_len=MAX_RECORD_BYTES, max_array_len=4096, max_map_len=0, max_ext_len=0,
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_bin_len=MAX_RECORD_BYTES,
+            max_str_len=MAX_RECORD_BYTES,
+            max_array_len=4096,
+            max_map_len=0,
+            max_ext_len=0,
         )
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise CanonicalFormatError(f"{tag}: not valid msgpack ({type(e).__name__})") from None

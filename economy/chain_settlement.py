@@ -31,8 +31,12 @@ class ComputeLedgerSettlement:
         """Submits the batch (blocking; the Settler runs it in a thread); returns the extrinsic hash."""
         key = self.client_keys.get(batch.client)
         if key is None:
-            raise MissingClientKeyError(f"no key for client {batch.client}: only the paying client can sign its settlement")
-        payments = [Payment.single(s.receipt.receipt_id_bytes, s.receipt.provider, s.receipt.amount) for s in batch.receipts]
+            raise MissingClientKeyError(
+                f"no key for client {batch.client}: only the paying client can sign its settlement"
+            )
+        payments = [
+            Payment.single(s.receipt.receipt_id_bytes, s.receipt.provider, s.receipt.amount) for s in batch.receipts
+        ]
         return self.ledger.settle(key, payments).extrinsic_hash
 
     def is_settled(self, receipt_id: str) -> bool:

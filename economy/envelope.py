@@ -69,7 +69,9 @@ class SignedEnvelope:
     def encode(self) -> bytes:
         try:
             return canonical.encode(
-                ENVELOPE_TAG, _SCHEMA, (self.topic, self.sender, self.timestamp_ms, self.nonce, self.payload, self.signature)
+                ENVELOPE_TAG,
+                _SCHEMA,
+                (self.topic, self.sender, self.timestamp_ms, self.nonce, self.payload, self.signature),
             )
         except CanonicalFormatError as e:
             raise MalformedEnvelopeError(str(e)) from None
@@ -103,5 +105,7 @@ def open_envelope(data: bytes, topic: str, now_ms: int | None = None) -> SignedE
         raise ForgedEnvelopeError(f"envelope signature does not verify for sender {envelope.sender}")
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     if abs(envelope.timestamp_ms - now_ms) > MAX_CLOCK_SKEW_S * 1000:
-        raise StaleEnvelopeError(f"envelope dated {envelope.timestamp_ms} ms is more than {MAX_CLOCK_SKEW_S} s from now")
+        raise StaleEnvelopeError(
+            f"envelope dated {envelope.timestamp_ms} ms is more than {MAX_CLOCK_SKEW_S} s from now"
+        )
     return envelope

@@ -75,7 +75,7 @@ class GossipBus:
         self._ready: asyncio.Future[dict[str, Any]] | None = None
         self._reader: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> "GossipBus":
+    async def __aenter__(self) -> GossipBus:
         await self.start()
         return self
 
@@ -87,14 +87,23 @@ class GossipBus:
         c = self.config
         self._proc = await asyncio.create_subprocess_exec(
             *self._node_argv(),
-            "--host", c.host, "--port", str(c.port), "--rate", str(c.rate), "--burst", str(c.burst),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=4 * 1024 * 1024,
+            "--host",
+            c.host,
+            "--port",
+            str(c.port),
+            "--rate",
+            str(c.rate),
+            "--burst",
+            str(c.burst),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=4 * 1024 * 1024,
         )
         self._ready = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._read_events())
         try:
             ready = await asyncio.wait_for(asyncio.shield(self._ready), c.start_timeout_s)
-        except (asyncio.TimeoutError, GossipError) as e:
+        except (TimeoutError, GossipError) as e:
             await self.close()
             raise GossipError(f"gossip node did not start within {c.start_timeout_s} s: {e}") from None
         self.peer_id, self.addrs = ready["peer_id"], list(ready["addrs"])
@@ -151,7 +160,7 @@ class GossipBus:
         await self._proc.stdin.drain()
         try:
             reply = await asyncio.wait_for(fut, self.config.command_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._pending.pop(command_id, None)
             raise GossipError(f"gossip node did not answer {op!r} within {self.config.command_timeout_s} s") from None
         if not reply.get("ok"):
@@ -209,7 +218,7 @@ class GossipBus:
                 proc.stdin.close()
             try:
                 await asyncio.wait_for(proc.wait(), 5.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 proc.kill()
                 await proc.wait()
         if self._reader is not None:

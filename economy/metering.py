@@ -136,7 +136,9 @@ class UsageMeter:
         if not isinstance(tokens, int) or tokens <= 0:
             raise MeteringError(f"a step must process at least one token, got {tokens!r}")
         if inputs.dim() != 3 or inputs.shape[0] * inputs.shape[1] != tokens:
-            raise MeteringError(f"input shape {tuple(inputs.shape)} ([batch, seq, hidden]) does not hold {tokens} tokens")
+            raise MeteringError(
+                f"input shape {tuple(inputs.shape)} ([batch, seq, hidden]) does not hold {tokens} tokens"
+            )
         seq = int(inputs.shape[1])
         pos = self._position if position is None else position
         if pos < 0:

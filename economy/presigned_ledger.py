@@ -51,7 +51,9 @@ class PresignedSettlementLedger:
         for rid in batch.receipt_ids:
             offer = self.store.settlement_for(rid)
             if offer is None:
-                raise MissingSettlementError(f"receipt {rid} has no pre-signed settlement; ask the client {batch.client} to pay it")
+                raise MissingSettlementError(
+                    f"receipt {rid} has no pre-signed settlement; ask the client {batch.client} to pay it"
+                )
             offers[offer[1]] = offer[0]
         ids = [bytes.fromhex(r.removeprefix("0x")) for r in batch.receipt_ids]
         return await asyncio.to_thread(self._submit, batch.client, ids, sorted(offers.items(), key=lambda kv: kv[1]))
@@ -64,7 +66,9 @@ class PresignedSettlementLedger:
                     break
                 next_nonce = account_nonce(self.ledger, client)
                 if nonce > next_nonce:
-                    raise SettlementNotReadyError(f"settlement at nonce {nonce} of {client} waits for nonce {next_nonce}")
+                    raise SettlementNotReadyError(
+                        f"settlement at nonce {nonce} of {client} waits for nonce {next_nonce}"
+                    )
                 if nonce < next_nonce:
                     raise StaleSettlementError(
                         f"nonce {nonce} of {client} was used by another transaction; these receipts stay unpaid"

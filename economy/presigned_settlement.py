@@ -30,9 +30,17 @@ from economy.receipts import UsageReceipt
 
 # TransactionValidityError::Invalid variants (sp_runtime), as the runtime encodes them.
 _INVALID_REASONS = {
-    0: "call", 1: "payment (the client cannot pay the fee)", 2: "future", 3: "stale (its nonce was already used)",
-    4: "bad signature", 5: "ancient birth block", 6: "exhausts resources", 7: "custom", 8: "bad mandatory",
-    9: "mandatory validation", 10: "bad signer",
+    0: "call",
+    1: "payment (the client cannot pay the fee)",
+    2: "future",
+    3: "stale (its nonce was already used)",
+    4: "bad signature",
+    5: "ancient birth block",
+    6: "exhausts resources",
+    7: "custom",
+    8: "bad mandatory",
+    9: "mandatory validation",
+    10: "bad signer",
 }
 _EXTERNAL_SOURCE = "02"
 
@@ -64,7 +72,9 @@ class PresignedSettlement:
     def check_pays(self, receipt: UsageReceipt) -> None:
         """Raises SettlementOfferError unless this extrinsic settles `receipt` in full."""
         if self.signer != account_id(receipt.client):
-            raise SettlementOfferError(f"the settlement is signed by another account than the receipt's client {receipt.client}")
+            raise SettlementOfferError(
+                f"the settlement is signed by another account than the receipt's client {receipt.client}"
+            )
         if receipt.receipt_id_bytes not in self.receipt_ids:
             raise SettlementOfferError(f"the settlement does not mark receipt {receipt.receipt_id}")
         paid = self.transfers.get(account_id(receipt.provider), 0)
@@ -119,7 +129,8 @@ def validate_on_chain(ledger: ComputeLedger, extrinsic: bytes) -> None:
     """
     head = ledger.substrate.get_chain_head()
     reply = ledger.substrate.rpc_request(
-        "state_call", ["TaggedTransactionQueue_validate_transaction", "0x" + _EXTERNAL_SOURCE + extrinsic.hex() + head[2:]]
+        "state_call",
+        ["TaggedTransactionQueue_validate_transaction", "0x" + _EXTERNAL_SOURCE + extrinsic.hex() + head[2:]],
     )
     result = bytes.fromhex(str(reply["result"]).removeprefix("0x"))
     if result[:1] == b"\x00":

@@ -66,7 +66,7 @@ class PriceAnnouncement:
             raise MalformedAnnouncementError(str(e)) from None
 
     @classmethod
-    def decode(cls, data: bytes) -> "PriceAnnouncement":
+    def decode(cls, data: bytes) -> PriceAnnouncement:
         try:
             values = canonical.decode(ANNOUNCEMENT_TAG, _SCHEMA, data)
         except CanonicalFormatError as e:
@@ -79,7 +79,7 @@ class PriceAnnouncement:
         return a
 
     @classmethod
-    def from_envelope(cls, envelope: SignedEnvelope) -> "PriceAnnouncement":
+    def from_envelope(cls, envelope: SignedEnvelope) -> PriceAnnouncement:
         """The announcement an (already authenticated) envelope carries, if it is the sender's own."""
         a = cls.decode(envelope.payload)
         if a.account != envelope.sender:

@@ -18,8 +18,8 @@ quote computed from larger or equal usage (the formula is monotone in every coun
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 BP = 10_000
 """Basis points: multipliers are integers where BP means 1.0."""
@@ -68,7 +68,7 @@ class ProviderRate:
         _require_non_negative(prompt=self.prompt, generated=self.generated)
 
     @classmethod
-    def from_advertised(cls, generated: int) -> "ProviderRate":
+    def from_advertised(cls, generated: int) -> ProviderRate:
         """Rate from the single number a DHT `ServerRecord.rate` carries (the generated-token rate)."""
         _require_non_negative(rate=generated)
         return cls(prompt=-(-generated * PROMPT_SHARE_BP // BP), generated=generated)
@@ -120,15 +120,14 @@ def provider_amount(rate: ProviderRate, params_served: int, usage: Usage) -> int
         + usage.backward_tokens * rate.prompt * BACKWARD_FACTOR
     )
     numerator = (
-        token_units
-        * params_served
-        * context_multiplier_bp(usage.max_context)
-        * sampling_multiplier_bp(usage.sampled)
+        token_units * params_served * context_multiplier_bp(usage.max_context) * sampling_multiplier_bp(usage.sampled)
     )
     return -(-numerator // (PARAMS_UNIT * BP * BP))
 
 
-def price_per_generated_token(rate: ProviderRate, params_served: int, context_tokens: int = 0, sampled: bool = False) -> int:
+def price_per_generated_token(
+    rate: ProviderRate, params_served: int, context_tokens: int = 0, sampled: bool = False
+) -> int:
     """Planck one generated token costs on this provider (rounded up): what routing compares."""
     return provider_amount(rate, params_served, Usage(generated_tokens=1, max_context=context_tokens, sampled=sampled))
 

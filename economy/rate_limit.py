@@ -21,9 +21,7 @@ class SenderRateLimiter:
     cannot grow memory without bound.
     """
 
-    def __init__(
-        self, rate: float, burst: int, max_keys: int = 10_000, clock: Callable[[], float] = time.monotonic
-    ):
+    def __init__(self, rate: float, burst: int, max_keys: int = 10_000, clock: Callable[[], float] = time.monotonic):
         if rate <= 0 or burst < 1 or max_keys < 1:
             raise ValueError("rate must be > 0, burst >= 1, max_keys >= 1")
         self.rate, self.burst, self.max_keys, self._clock = rate, burst, max_keys, clock

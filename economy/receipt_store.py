@@ -125,13 +125,13 @@ class ReceiptStore:
     def close(self) -> None:
         self._db.close()
 
-    def __enter__(self) -> "ReceiptStore":
+    def __enter__(self) -> ReceiptStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _transaction(self) -> "_Transaction":
+    def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
 
     def add(
@@ -153,7 +153,16 @@ class ReceiptStore:
                 self._db.execute(
                     "INSERT INTO receipts (receipt_id, provider, client, session_id, sequence, amount, blob, state,"
                     " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'unsettled', ?)",
-                    (receipt_id, r.provider, r.client, r.session_id, r.sequence, r.amount, signed.encode(), time.time()),
+                    (
+                        receipt_id,
+                        r.provider,
+                        r.client,
+                        r.session_id,
+                        r.sequence,
+                        r.amount,
+                        signed.encode(),
+                        time.time(),
+                    ),
                 )
                 if settlement is not None:
                     self._db.execute(
@@ -176,7 +185,9 @@ class ReceiptStore:
 
     def settlement_for(self, receipt_id: str) -> tuple[int, bytes] | None:
         """(nonce, extrinsic) of the pre-signed settlement stored with a receipt, if any."""
-        row = self._db.execute("SELECT nonce, extrinsic FROM settlements WHERE receipt_id = ?", (receipt_id,)).fetchone()
+        row = self._db.execute(
+            "SELECT nonce, extrinsic FROM settlements WHERE receipt_id = ?", (receipt_id,)
+        ).fetchone()
         return (int(row[0]), bytes(row[1])) if row else None
 
     def has(self, receipt_id: str) -> bool:

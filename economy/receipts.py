@@ -157,7 +157,7 @@ class UsageReceipt:
         return provider_amount(self.rate, self.params_served, self.usage)
 
     @classmethod
-    def decode(cls, data: bytes) -> "UsageReceipt":
+    def decode(cls, data: bytes) -> UsageReceipt:
         """Parses canonical bytes; raises MalformedReceiptError on anything else."""
         try:
             values = canonical.decode(RECEIPT_TAG, _RECEIPT_SCHEMA, data)
@@ -219,7 +219,7 @@ class SignedReceipt:
             raise MalformedReceiptError(str(e)) from None
 
     @classmethod
-    def decode(cls, data: bytes) -> "SignedReceipt":
+    def decode(cls, data: bytes) -> SignedReceipt:
         """Parses bytes (signatures not yet checked: call `verify_receipt`). Raises MalformedReceiptError."""
         try:
             inner, provider_sig, client_sig = canonical.decode(SIGNED_RECEIPT_TAG, _SIGNED_SCHEMA, data)
@@ -228,7 +228,7 @@ class SignedReceipt:
         return cls(UsageReceipt.decode(inner), provider_sig, client_sig)
 
     @classmethod
-    def create(cls, receipt: UsageReceipt, provider: Keypair, client: Keypair) -> "SignedReceipt":
+    def create(cls, receipt: UsageReceipt, provider: Keypair, client: Keypair) -> SignedReceipt:
         """Both signatures at once (when one process holds both keys, e.g. a local demo)."""
         return cls(receipt, sign_as_provider(receipt, provider), sign_as_client(receipt, client))
 

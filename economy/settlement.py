@@ -102,7 +102,9 @@ class Settler:
             raise
         self.store.record_submission(batch.batch_id, tx_hash)
         self.store.mark_settled(batch.receipt_ids, tx_hash)
-        log.info("settled %d receipts of %s for %d planck in %s", len(batch.receipts), batch.client, batch.total, tx_hash)
+        log.info(
+            "settled %d receipts of %s for %d planck in %s", len(batch.receipts), batch.client, batch.total, tx_hash
+        )
         return BatchResult(batch.batch_id, batch.client, tx_hash, len(batch.receipts), batch.total)
 
     async def settle_pending(self) -> list[BatchResult]:
@@ -127,5 +129,5 @@ class Settler:
                 log.exception("settlement round failed; retrying in %.0f s", interval_s)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass

@@ -44,4 +44,6 @@ def load_keypair(key: str, ss58_format: int = 42) -> Keypair:
             return Keypair.create_from_seed(key, ss58_format=ss58_format)
         return Keypair.create_from_mnemonic(key, ss58_format=ss58_format)
     except Exception as e:  # substrate-interface raises assorted types for bad keys
-        raise KeyFormatError(f"not a usable sr25519 key ({type(e).__name__}); give //Name, a mnemonic or a 0x seed") from None
+        raise KeyFormatError(
+            f"not a usable sr25519 key ({type(e).__name__}); give //Name, a mnemonic or a 0x seed"
+        ) from None

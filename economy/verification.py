@@ -119,7 +119,7 @@ class Tolerance:
     """Norm below which a position is compared in absolute terms (avoids dividing by ~0)."""
 
     @classmethod
-    def for_dtype(cls, dtype: torch.dtype) -> "Tolerance":
+    def for_dtype(cls, dtype: torch.dtype) -> Tolerance:
         """Tolerance for a provider that declares it computes in `dtype`."""
         return cls(rel_l2=1e-3) if dtype in (torch.float32, torch.float64) else cls(rel_l2=0.05)
 
@@ -217,7 +217,7 @@ class Verdict:
         return canonical.record_id(self.encode())
 
     @classmethod
-    def decode(cls, data: bytes) -> "Verdict":
+    def decode(cls, data: bytes) -> Verdict:
         try:
             values = canonical.decode(VERDICT_TAG, _VERDICT_SCHEMA, data)
         except CanonicalFormatError as e:
@@ -244,7 +244,7 @@ class SignedVerdict:
             raise MalformedVerdictError(str(e)) from None
 
     @classmethod
-    def decode(cls, data: bytes) -> "SignedVerdict":
+    def decode(cls, data: bytes) -> SignedVerdict:
         """Parses bytes (signature unchecked: call `validate_verdict`). Raises MalformedVerdictError."""
         try:
             inner, signature = canonical.decode(SIGNED_VERDICT_TAG, _SIGNED_VERDICT_SCHEMA, data)
@@ -253,7 +253,7 @@ class SignedVerdict:
         return cls(Verdict.decode(inner), signature)
 
     @classmethod
-    def sign(cls, verdict: Verdict, keypair: Keypair) -> "SignedVerdict":
+    def sign(cls, verdict: Verdict, keypair: Keypair) -> SignedVerdict:
         if keypair.ss58_address != verdict.verifier:
             raise ForgedVerdictError(f"key {keypair.ss58_address} is not the verdict's verifier {verdict.verifier}")
         return cls(verdict, signing.sign(keypair, VERDICT_DOMAIN, verdict.encode()))

@@ -32,7 +32,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 from scalecodec.utils.ss58 import ss58_decode, ss58_encode
 
-from economy.gossip import GossipBus, GossipConfig, VERDICTS_TOPIC
+from economy.gossip import VERDICTS_TOPIC, GossipBus, GossipConfig
 from economy.receipts import ReceiptError, verify_receipt
 from economy.signing import load_keypair
 from economy.verification import (
@@ -146,8 +146,9 @@ class Verifier:
         r = sample.receipt.receipt
         verify_receipt(sample.receipt)  # both parties' signatures: nobody can frame a provider
         if r.model != self.model_name or not 0 <= r.start < r.end <= self.span.end:
-            raise SampleRejectedError(f"this verifier checks {self.model_name} blocks 0:{self.span.end}, "
-                                      f"not {r.model} {r.start}:{r.end}")
+            raise SampleRejectedError(
+                f"this verifier checks {self.model_name} blocks 0:{self.span.end}, not {r.model} {r.start}:{r.end}"
+            )
         try:
             sample.check_base_weights()
         except UnverifiableSampleError as e:
@@ -156,13 +157,20 @@ class Verifier:
             raise
         blocks = range(r.start, r.end)
         comparison = await asyncio.get_running_loop().run_in_executor(
-            self._compute, recheck, sample, lambda x, p: self.forward(x, p, blocks), self.tolerance)
+            self._compute, recheck, sample, lambda x, p: self.forward(x, p, blocks), self.tolerance
+        )
         verdict = make_verdict(self.keypair, sample, comparison)
         self.stats.checked += 1
         if not comparison.passed:
             self.stats.failed += 1
-            logger.warning("provider %s FAILED a spot check on blocks %d:%d (error %.3g at position %d)",
-                           r.provider, r.start, r.end, comparison.worst_rel_error, comparison.worst_position)
+            logger.warning(
+                "provider %s FAILED a spot check on blocks %d:%d (error %.3g at position %d)",
+                r.provider,
+                r.start,
+                r.end,
+                comparison.worst_rel_error,
+                comparison.worst_position,
+            )
         return verdict
 
     async def rpc_verify(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -189,10 +197,18 @@ class Verifier:
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         s = self.stats
-        info = {"role": "verifier", "account": self.keypair.ss58_address, "model": self.model_name,
-                "checked": s.checked, "failed": s.failed, "published": s.published, "slashed": s.slashed,
-                "unverifiable": s.unverifiable,
-                "rejected": dict(s.rejected), "council": self.tally is not None}
+        info = {
+            "role": "verifier",
+            "account": self.keypair.ss58_address,
+            "model": self.model_name,
+            "checked": s.checked,
+            "failed": s.failed,
+            "published": s.published,
+            "slashed": s.slashed,
+            "unverifiable": s.unverifiable,
+            "rejected": dict(s.rejected),
+            "council": self.tally is not None,
+        }
         return runtime_pb2.ExpertResponse(metadata=protocol.pack_metadata(info))
 
     async def publish(self, verdict: SignedVerdict) -> None:
@@ -230,8 +246,13 @@ class Verifier:
             logger.exception("slashing %s failed", provider)
             return
         self.stats.slashed.append(provider)
-        logger.warning("slashed %s (%d planck) in block %d, evidence %s", provider, status.stake,
-                       result.block_number, proposal.evidence_hash.hex())
+        logger.warning(
+            "slashed %s (%d planck) in block %d, evidence %s",
+            provider,
+            status.stake,
+            result.block_number,
+            proposal.evidence_hash.hex(),
+        )
 
     async def listen(self) -> None:
         """Counts verdicts arriving on gossip."""
@@ -311,7 +332,7 @@ async def run_verifier(config: VerifierConfig, on_ready=None, stop: asyncio.Even
             while not stop.is_set():
                 try:
                     await asyncio.wait_for(stop.wait(), config.announce_period)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     await _announce(dht, validator, record, 3 * config.announce_period)
         finally:
             listener.cancel()
@@ -333,8 +354,11 @@ def main(config: VerifierConfig) -> None:
 
         def on_ready(verifier: Verifier, peer_id: str) -> None:
             role = "verifier+council" if verifier.tally is not None else "verifier"
-            print(f"DLLM verifier ready: account={verifier.keypair.ss58_address} peer_id={peer_id} role={role} "
-                  f"gossip={' '.join(verifier.bus.addrs)}", flush=True)
+            print(
+                f"DLLM verifier ready: account={verifier.keypair.ss58_address} peer_id={peer_id} role={role} "
+                f"gossip={' '.join(verifier.bus.addrs)}",
+                flush=True,
+            )
 
         await run_verifier(config, on_ready, stop)
 

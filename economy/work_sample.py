@@ -52,7 +52,9 @@ class SampledStep:
 
     def record(self) -> StepRecord:
         b, s = int(self.inputs.shape[0]), int(self.inputs.shape[1])
-        return StepRecord(self.kind, b * s, s, self.position, activation_digest(self.inputs), activation_digest(self.outputs))
+        return StepRecord(
+            self.kind, b * s, s, self.position, activation_digest(self.inputs), activation_digest(self.outputs)
+        )
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,9 @@ class WorkSample:
         """Raises UnverifiableSampleError unless the receipt states the base weights served this work."""
         r = self.receipt.receipt
         if not r.base_weights:
-            what = "a training pass" if r.adapter_version == TRAINING_ADAPTERS else f"adapter version {r.adapter_version}"
+            what = (
+                "a training pass" if r.adapter_version == TRAINING_ADAPTERS else f"adapter version {r.adapter_version}"
+            )
             raise UnverifiableSampleError(
                 f"{r.provider} served blocks {r.start}:{r.end} with {what}; only base-weight work can be re-run"
             )
@@ -76,9 +80,7 @@ class WorkSample:
         r = self.receipt.receipt
         digests = [s.record().digest() for s in self.steps]
         if chain_commitment(commitment_start(r.session_id), digests) != r.commitment:
-            raise EvidenceMismatchError(
-                "the sampled steps do not reproduce the provider's signed output commitment"
-            )
+            raise EvidenceMismatchError("the sampled steps do not reproduce the provider's signed output commitment")
 
     def forward_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(inputs, position_ids, claimed outputs) of all forward steps, concatenated along the sequence.
@@ -115,7 +117,7 @@ class WorkSample:
         return canonical.digest(self.encode())
 
     @classmethod
-    def decode(cls, data: bytes) -> "WorkSample":
+    def decode(cls, data: bytes) -> WorkSample:
         """Parses bytes; raises MalformedWorkSampleError on anything else."""
         if type(data) is not bytes or len(data) > MAX_SAMPLE_BYTES:
             raise MalformedWorkSampleError("a work sample must be bytes of at most 64 MiB")

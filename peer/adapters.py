@@ -16,8 +16,8 @@ import contextvars
 import hashlib
 import math
 import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -88,7 +88,7 @@ class AdapterState:
 class LoraLinear(nn.Module):
     """`base(x) + scaling * (x @ A.T) @ B.T`, with A and B looked up in the owning AdapterSet."""
 
-    def __init__(self, base: nn.Linear, key: str, adapters: "AdapterSet"):
+    def __init__(self, base: nn.Linear, key: str, adapters: AdapterSet):
         super().__init__()
         self.base = base
         self.key = key
@@ -98,7 +98,9 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self._adapters.weights_for(self.key)
         out = self.base(x)
-        low_rank = torch.nn.functional.linear(torch.nn.functional.linear(x, a.to(x.device, x.dtype)), b.to(x.device, x.dtype))
+        low_rank = torch.nn.functional.linear(
+            torch.nn.functional.linear(x, a.to(x.device, x.dtype)), b.to(x.device, x.dtype)
+        )
         return out + low_rank * self._adapters.config.scaling
 
 
@@ -242,7 +244,9 @@ class AdapterSet:
         """Raises AdapterStateError unless `tensors` has exactly this span's names, shapes, finite values."""
         if set(tensors) != set(self.names):
             extra, missing = sorted(set(tensors) - set(self.names)), sorted(set(self.names) - set(tensors))
-            raise AdapterStateError(f"adapter tensors do not match this span: missing {missing[:3]}, unexpected {extra[:3]}")
+            raise AdapterStateError(
+                f"adapter tensors do not match this span: missing {missing[:3]}, unexpected {extra[:3]}"
+            )
         for name in self.names:
             t = tensors[name]
             if not isinstance(t, torch.Tensor) or t.shape != self.working[name].shape:
@@ -257,7 +261,9 @@ class AdapterSet:
         Numbering by live+1 keeps replicas that commit the same updates on the same version numbers.
         """
         if self._candidates:
-            raise AdapterError(f"candidate version {min(self._candidates)} is still pending; promote or discard it first")
+            raise AdapterError(
+                f"candidate version {min(self._candidates)} is still pending; promote or discard it first"
+            )
         self.check_tensors(tensors)
         version = self.live_version + 1
         self._versions[version] = {name: tensors[name].detach().clone().float() for name in self.names}

@@ -7,7 +7,7 @@ span (peer/averaging.py runs one centered-clipping step around the last agreed a
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -33,7 +33,7 @@ class Sketch:
         return np.concatenate([self.sums, self.signed_sums, self.abs_sums]).astype(np.float64).tobytes()
 
     @classmethod
-    def from_bytes(cls, data: bytes, blocks: int) -> "Sketch":
+    def from_bytes(cls, data: bytes, blocks: int) -> Sketch:
         if not isinstance(data, (bytes, bytearray)) or len(data) != 3 * blocks * 8:
             raise SketchError(f"a sketch must be {3 * blocks * 8} bytes")
         values = np.frombuffer(data, dtype=np.float64)

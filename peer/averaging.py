@@ -34,8 +34,8 @@ import re
 import secrets
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 import torch
 from hivemind import DHT
@@ -78,13 +78,24 @@ class AveragingConfig:
     target_group_size: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("min_matchmaking_time", "request_timeout", "matchmaking_timeout", "allreduce_timeout",
-                     "next_chunk_timeout", "commit_timeout", "replica_ttl", "clip_tau", "sketch_rtol"):
+        for name in (
+            "min_matchmaking_time",
+            "request_timeout",
+            "matchmaking_timeout",
+            "allreduce_timeout",
+            "next_chunk_timeout",
+            "commit_timeout",
+            "replica_ttl",
+            "clip_tau",
+            "sketch_rtol",
+        ):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise AveragingConfigError(f"{name} must be a positive finite number, got {value!r}")
         if self.request_timeout >= self.min_matchmaking_time:
-            raise AveragingConfigError("request_timeout must be shorter than min_matchmaking_time (hivemind deadlocks otherwise)")
+            raise AveragingConfigError(
+                "request_timeout must be shorter than min_matchmaking_time (hivemind deadlocks otherwise)"
+            )
         if self.matchmaking_timeout <= self.min_matchmaking_time:
             raise AveragingConfigError("matchmaking_timeout must exceed min_matchmaking_time")
         if not 1 <= self.sketch_blocks <= 512:
@@ -133,7 +144,11 @@ class _SpanAverager(DecentralizedAverager):
     def get_current_state(self):
         # Runs in this (host) process when a joining replica asks; versions are immutable once stored.
         state = self._adapters.state()
-        return {"version": state.version, "names": self._adapters.names}, [state.tensors[n] for n in self._adapters.names], None
+        return (
+            {"version": state.version, "names": self._adapters.names},
+            [state.tensors[n] for n in self._adapters.names],
+            None,
+        )
 
 
 class AdapterAverager:
@@ -193,15 +208,19 @@ class AdapterAverager:
     def _live_sketch(self, version: int) -> Sketch:
         digest = self.adapters.digest(version)
         if digest not in self._live_sketches:
-            self._live_sketches = {digest: self._live_sketcher.sketch(flatten(self.adapters.state(version).tensors,
-                                                                              self.adapters.names))}
+            self._live_sketches = {
+                digest: self._live_sketcher.sketch(flatten(self.adapters.state(version).tensors, self.adapters.names))
+            }
         return self._live_sketches[digest]
 
     def _same_live(self, sketches: list[Sketch]) -> bool:
         """Whether every member's live adapters equal every other's up to float noise (the same answer
         at every member: all of them evaluate the same gathered sketches)."""
-        return all(self._live_sketcher.mismatch(a, [b], [1.0], self.config.sketch_rtol) <= 1.0
-                   for a in sketches for b in sketches)
+        return all(
+            self._live_sketcher.mismatch(a, [b], [1.0], self.config.sketch_rtol) <= 1.0
+            for a in sketches
+            for b in sketches
+        )
 
     def _live_changed(self) -> None:
         version = self.adapters.live_version
@@ -212,8 +231,11 @@ class AdapterAverager:
     async def declare_replica(self) -> None:
         """Announces this peer as a replica of the span until now + replica_ttl."""
         await asyncio.to_thread(
-            self.dht.store, f"{self.prefix}.replicas", self.adapters.live_version,
-            get_dht_time() + self.config.replica_ttl, subkey=self.peer_id,
+            self.dht.store,
+            f"{self.prefix}.replicas",
+            self.adapters.live_version,
+            get_dht_time() + self.config.replica_ttl,
+            subkey=self.peer_id,
         )
 
     async def keep_declared(self) -> None:
@@ -256,8 +278,14 @@ class AdapterAverager:
         outcome.seconds = time.monotonic() - started
         self.history.append(outcome)
         log = logger.info if outcome.averaged else logger.warning
-        log("%s: %s (%s) with %d peers -> v%d", self.prefix, outcome.status, outcome.reason,
-            outcome.group_size, outcome.version)
+        log(
+            "%s: %s (%s) with %d peers -> v%d",
+            self.prefix,
+            outcome.status,
+            outcome.reason,
+            outcome.group_size,
+            outcome.version,
+        )
         return outcome
 
     def _skip(self, reason: str, group: list[str] | None = None) -> RoundOutcome:
@@ -275,15 +303,26 @@ class AdapterAverager:
         with self.averager.get_tensors() as buffers:
             for buffer, tensor in zip(buffers, unflatten(update, self.adapters.working, names).values()):
                 buffer.copy_(tensor)
-        gather = {"version": base_version, "live": self.adapters.digest(base_version),
-                  "live_sketch": self._live_sketch(base_version).to_bytes(), "nonce": secrets.token_hex(8),
-                  "sketch": my_sketch.to_bytes(), "weight": 1.0}
+        gather = {
+            "version": base_version,
+            "live": self.adapters.digest(base_version),
+            "live_sketch": self._live_sketch(base_version).to_bytes(),
+            "nonce": secrets.token_hex(8),
+            "sketch": my_sketch.to_bytes(),
+            "weight": 1.0,
+        }
         if scheduled_time is None:
             scheduled_time = get_dht_time() + c.min_matchmaking_time
         timeout = max(c.matchmaking_timeout, scheduled_time - get_dht_time() + c.min_matchmaking_time)
         try:
-            self._control = self.averager.step(gather=gather, weight=1.0, scheduled_time=scheduled_time,
-                                               timeout=timeout, allow_retries=False, wait=False)
+            self._control = self.averager.step(
+                gather=gather,
+                weight=1.0,
+                scheduled_time=scheduled_time,
+                timeout=timeout,
+                allow_retries=False,
+                wait=False,
+            )
             gathered = await asyncio.to_thread(self._control.result, timeout + c.allreduce_timeout + 5)
         except Exception as e:
             return self._skip(f"no complete all-reduce: {type(e).__name__}: {e}")
@@ -297,14 +336,18 @@ class AdapterAverager:
         expected = await self._expected_replicas() | {self.peer_id}
         if set(group) != expected:
             missing, extra = sorted(expected - set(group)), sorted(set(group) - expected)
-            return self._skip(f"group of {len(group)} != declared replicas (missing {missing}, undeclared {extra})", group)
+            return self._skip(
+                f"group of {len(group)} != declared replicas (missing {missing}, undeclared {extra})", group
+            )
         try:
             infos = [gathered[peer] for peer in sorted(gathered, key=str)]
             lives = {(int(info["version"]), str(info["live"])) for info in infos}
             live_sketches = [Sketch.from_bytes(info["live_sketch"], self._live_sketcher.blocks) for info in infos]
             sketches = [Sketch.from_bytes(info["sketch"], self.sketcher.blocks) for info in infos]
             weights = [float(info["weight"]) for info in infos]
-            round_key = hashlib.sha256("|".join(f"{p}:{i['nonce']}" for p, i in zip(group, infos)).encode()).hexdigest()[:16]
+            round_key = hashlib.sha256(
+                "|".join(f"{p}:{i['nonce']}" for p, i in zip(group, infos)).encode()
+            ).hexdigest()[:16]
         except (KeyError, TypeError, ValueError, SketchError) as e:
             return self._skip(f"malformed gather data from a groupmate: {e}", group)
         if {v for v, _ in lives} != {base_version} or not self._same_live(live_sketches):
@@ -329,7 +372,9 @@ class AdapterAverager:
             delta = unflatten(average, live, names)
             candidate = self.adapters.propose({n: live[n] + delta[n] for n in names})
             if self.canary is not None:
-                verdict, reason, harmful = self._canary_outcome(await self.canary.check(base_version, candidate), reason)
+                verdict, reason, harmful = self._canary_outcome(
+                    await self.canary.check(base_version, candidate), reason
+                )
 
         agreed = await self._commit(round_key, group, verdict)
         if verdict and agreed:
@@ -380,8 +425,9 @@ class AdapterAverager:
         """Publishes this member's verdict; True once every member said yes, False on any no or timeout."""
         key = f"{self.prefix}.commit.{round_key}"
         deadline = get_dht_time() + self.config.commit_timeout
-        await asyncio.to_thread(self.dht.store, key, bool(verdict), deadline + self.config.commit_timeout,
-                                subkey=self.peer_id)
+        await asyncio.to_thread(
+            self.dht.store, key, bool(verdict), deadline + self.config.commit_timeout, subkey=self.peer_id
+        )
         if not verdict:
             return False
         while get_dht_time() < deadline:
@@ -413,7 +459,11 @@ class AdapterAverager:
         if result is None:
             return False
         metadata, tensors = result
-        if not isinstance(metadata, dict) or metadata.get("names") != self.adapters.names or len(tensors) != len(self.adapters.names):
+        if (
+            not isinstance(metadata, dict)
+            or metadata.get("names") != self.adapters.names
+            or len(tensors) != len(self.adapters.names)
+        ):
             logger.warning("%s: a replica sent adapter state that does not match this span; ignored", self.prefix)
             return False
         self.adapters.import_state(AdapterState(int(metadata["version"]), dict(zip(self.adapters.names, tensors))))

@@ -23,6 +23,6 @@ def choose_blocks(records: list[ServerRecord], num_blocks: int, span_length: int
     served = coverage(records, num_blocks)
     best = min(
         range(num_blocks - span_length + 1),
-        key=lambda s: (min(served[s:s + span_length]), sum(served[s:s + span_length]), s),
+        key=lambda s: (min(served[s : s + span_length]), sum(served[s : s + span_length]), s),
     )
     return best, best + span_length

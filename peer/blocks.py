@@ -22,11 +22,17 @@ def check_span(config: PretrainedConfig, start: int, end: int) -> None:
     """Raises InvalidSpanError unless 0 <= start < end <= num_hidden_layers."""
     n = config.num_hidden_layers
     if not (0 <= start < end <= n):
-        raise InvalidSpanError(f"blocks {start}:{end} are not a valid span of a {n}-layer model (need 0 <= start < end <= {n})")
+        raise InvalidSpanError(
+            f"blocks {start}:{end} are not a valid span of a {n}-layer model (need 0 <= start < end <= {n})"
+        )
 
 
 def load_span_layers(
-    model_dir: Path, config: PretrainedConfig, start: int, end: int, dtype: torch.dtype = torch.float32,
+    model_dir: Path,
+    config: PretrainedConfig,
+    start: int,
+    end: int,
+    dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> torch.nn.ModuleList:
     """Builds decoder layers `start..end-1` and fills them with their weights from disk.
@@ -41,7 +47,7 @@ def load_span_layers(
     layers = []
     for i in range(start, end):
         prefix = f"model.layers.{i}."
-        state = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+        state = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
         with torch.device("meta"):
             layer = arch.decoder_layer(config, layer_idx=i)
         missing = set(layer.state_dict()) - set(state)

@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Mapping, Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -74,8 +75,10 @@ class CanaryVerdict:
         if self.error is not None:
             return f"canary could not evaluate candidate v{self.candidate_version}: {self.error}"
         relation = "<=" if self.accepted else ">"
-        return (f"canary loss {self.candidate_loss:.4f} (candidate v{self.candidate_version}) {relation} "
-                f"limit {self.limit:.4f} (live v{self.live_version}: {self.live_loss:.4f})")
+        return (
+            f"canary loss {self.candidate_loss:.4f} (candidate v{self.candidate_version}) {relation} "
+            f"limit {self.limit:.4f} (live v{self.live_version}: {self.live_loss:.4f})"
+        )
 
 
 class CanaryGate:
@@ -101,8 +104,9 @@ class CanaryGate:
             live_loss, candidate_loss = await self._losses([live_version, candidate_version])
         except Exception as e:  # fail closed: an update nobody could check does not go live
             logger.warning("canary evaluation failed: %s: %s", type(e).__name__, e)
-            verdict = CanaryVerdict(False, live_version, candidate_version, math.nan, math.nan, math.nan,
-                                    error=f"{type(e).__name__}: {e}")
+            verdict = CanaryVerdict(
+                False, live_version, candidate_version, math.nan, math.nan, math.nan, error=f"{type(e).__name__}: {e}"
+            )
         else:
             limit = self.config.limit(live_loss)
             accepted = math.isfinite(candidate_loss) and math.isfinite(live_loss) and candidate_loss <= limit

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Awaitable, Callable, Sequence
 
 import torch
 from hivemind import DHT
@@ -46,8 +46,18 @@ class SwarmCanaryEvaluator:
     `client` must already be connected (its `dht` and `p2p` set); the evaluator never shuts it down.
     """
 
-    def __init__(self, client: SwarmClient, *, peer_id: str, start: int, end: int, batch: CanaryBatch,
-                 local_forward: LocalForward, timeout: float = 20.0, attempts: int = 2):
+    def __init__(
+        self,
+        client: SwarmClient,
+        *,
+        peer_id: str,
+        start: int,
+        end: int,
+        batch: CanaryBatch,
+        local_forward: LocalForward,
+        timeout: float = 20.0,
+        attempts: int = 2,
+    ):
         if attempts < 1 or timeout <= 0:
             raise ValueError("attempts must be >= 1 and timeout positive")
         self.client = client
@@ -63,7 +73,7 @@ class SwarmCanaryEvaluator:
         """Mean canary loss of the whole model with each of `versions` on this span, same route for all."""
         try:
             return await asyncio.wait_for(self._losses(list(versions)), self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise CanaryEvaluationError(f"canary evaluation took over {self.timeout:.0f} s") from None
 
     async def _losses(self, versions: list[int]) -> list[float]:
@@ -79,7 +89,9 @@ class SwarmCanaryEvaluator:
                 if failed and not isinstance(e, protocol.InvalidRequestError):
                     self.client.report_failure(failed, e)
                 logger.info("canary evaluation attempt %d failed: %s: %s", attempt + 1, type(e).__name__, e)
-        raise CanaryEvaluationError(f"canary examples could not run through the swarm: {type(last).__name__}: {last}") from last
+        raise CanaryEvaluationError(
+            f"canary examples could not run through the swarm: {type(last).__name__}: {last}"
+        ) from last
 
     async def _route(self, start: int, end: int) -> list[Hop]:
         if start >= end:
@@ -149,8 +161,20 @@ def swarm_canary_gate(
     client = SwarmClient(model_dir, [], ClientConfig(request_timeout=request_timeout))
     # The peer's own DHT and P2P replica: the evaluator is a client of the swarm it is part of.
     client.dht, client.p2p, client.model = dht, p2p, model_name
-    evaluator = SwarmCanaryEvaluator(client, peer_id=dht.peer_id.to_base58(), start=start, end=end, batch=batch,
-                                     local_forward=local_forward, timeout=2 * request_timeout)
-    logger.info("canary gate: %d examples (%d scored tokens) from %s, max rise %.1f%%", len(examples),
-                batch.scored_tokens, canary_file or "the default set", 100 * max_relative_rise)
+    evaluator = SwarmCanaryEvaluator(
+        client,
+        peer_id=dht.peer_id.to_base58(),
+        start=start,
+        end=end,
+        batch=batch,
+        local_forward=local_forward,
+        timeout=2 * request_timeout,
+    )
+    logger.info(
+        "canary gate: %d examples (%d scored tokens) from %s, max rise %.1f%%",
+        len(examples),
+        batch.scored_tokens,
+        canary_file or "the default set",
+        100 * max_relative_rise,
+    )
     return CanaryGate(evaluator, CanaryConfig(max_relative_rise=max_relative_rise))

@@ -67,8 +67,10 @@ def read_canary_file(path: Path | None = None) -> list[CanaryExample]:
     if not examples:
         raise CanaryExamplesError(f"canary file {path} holds no example (one per line; '#' starts a comment)")
     if len(examples) > MAX_EXAMPLES:
-        raise CanaryExamplesError(f"canary file {path} holds {len(examples)} examples; at most {MAX_EXAMPLES} "
-                                  "(every averaging round evaluates all of them twice)")
+        raise CanaryExamplesError(
+            f"canary file {path} holds {len(examples)} examples; at most {MAX_EXAMPLES} "
+            "(every averaging round evaluates all of them twice)"
+        )
     return examples
 
 
@@ -83,9 +85,10 @@ def build_canary_batch(examples: list[CanaryExample], tokenizer) -> CanaryBatch:
         context = tokenizer(example.prompt)["input_ids"] if example.prompt else []
         full = tokenizer(example.prompt + example.scored if example.prompt else example.scored)["input_ids"]
         if len(full) > MAX_TOKENS_PER_EXAMPLE:
-            raise CanaryExamplesError(f"canary example {example.scored[:40]!r}... is {len(full)} tokens; "
-                                      f"at most {MAX_TOKENS_PER_EXAMPLE}")
-        labels = [-100] * len(context) + full[len(context):]
+            raise CanaryExamplesError(
+                f"canary example {example.scored[:40]!r}... is {len(full)} tokens; at most {MAX_TOKENS_PER_EXAMPLE}"
+            )
+        labels = [-100] * len(context) + full[len(context) :]
         if sum(label != -100 for label in labels[1:]) == 0:
             raise CanaryExamplesError(f"canary example {example.scored[:40]!r} adds no token to score")
         rows.append((full, labels))

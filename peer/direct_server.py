@@ -11,12 +11,20 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 from hivemind.proto import runtime_pb2
 
 from swarm import protocol
-from swarm.direct import DirectEndpoint, DirectStreamError, FrameTooLargeError, MalformedFrameError, TlsIdentity, encode_frame, read_frame
+from swarm.direct import (
+    DirectEndpoint,
+    DirectStreamError,
+    FrameTooLargeError,
+    MalformedFrameError,
+    TlsIdentity,
+    encode_frame,
+    read_frame,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +35,14 @@ SessionServer = Callable[[AsyncIterator[runtime_pb2.ExpertRequest]], AsyncIterat
 class DirectServer:
     """Accepts direct streams for `serve`, at most `max_connections` at a time."""
 
-    def __init__(self, serve: SessionServer, max_frame_bytes: int, identity: TlsIdentity | None = None,
-                 max_connections: int = 256, handshake_timeout: float = 10.0):
+    def __init__(
+        self,
+        serve: SessionServer,
+        max_frame_bytes: int,
+        identity: TlsIdentity | None = None,
+        max_connections: int = 256,
+        handshake_timeout: float = 10.0,
+    ):
         self.serve = serve
         self.max_frame_bytes = max_frame_bytes
         self.max_connections = max_connections
@@ -41,8 +55,9 @@ class DirectServer:
 
     async def start(self, host: str, port: int, advertised: str) -> DirectEndpoint:
         """Listens on host:port (0: a free port); clients are told to dial `advertised` at that port."""
-        self._server = await asyncio.start_server(self._handle, host, port, ssl=self.identity.server_context(),
-                                                  ssl_handshake_timeout=self.handshake_timeout)
+        self._server = await asyncio.start_server(
+            self._handle, host, port, ssl=self.identity.server_context(), ssl_handshake_timeout=self.handshake_timeout
+        )
         self.endpoint = DirectEndpoint(advertised, self._server.sockets[0].getsockname()[1], self.identity.sha256)
         return self.endpoint
 
@@ -87,7 +102,7 @@ class DirectServer:
             try:
                 writer.write(encode_frame(protocol.error_response("invalid_request", str(e))))
                 await asyncio.wait_for(writer.drain(), 1.0)
-            except (ConnectionError, asyncio.TimeoutError):
+            except (TimeoutError, ConnectionError):
                 pass
         except (DirectStreamError, ConnectionError):
             pass  # the client went away; its session stays until it idles out (it may resume)

@@ -12,22 +12,22 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, Callable
 
 import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
-from peer.adapters import AdapterError
-from peer.config import PeerConfig
-from peer.learning import SpanLearner
-from peer.training import GradientError, RateLimitExceededError
-from peer.kv_cache import CacheFullError, CacheManager, CacheOverflowError, SessionExistsError, SessionNotFoundError
 from economy.metering import StepKind
 from economy.receipts import BASE_WEIGHTS, TRAINING_ADAPTERS
+from peer.adapters import AdapterError
+from peer.config import PeerConfig
+from peer.kv_cache import CacheFullError, CacheManager, CacheOverflowError, SessionExistsError, SessionNotFoundError
+from peer.learning import SpanLearner
 from peer.metering_hook import MeteringRequestError, SessionMeters
 from peer.span import SpanRunner
+from peer.training import GradientError, RateLimitExceededError
 from swarm import chunks, protocol
 from swarm.protocol import ProtocolError
 from swarm.tensors import InvalidTensorError, check_hidden_states, decode, encode
@@ -64,6 +64,7 @@ async def _await_end(requests: AsyncIterator[runtime_pb2.ExpertRequest], timeout
     A hivemind stream closed by its handler while the caller's end-of-stream marker is still unread is
     reset, and the reply just sent can be lost with it: the caller would see a bare broken stream
     instead of the error that explains it (seen in ~4% of rejected opens)."""
+
     async def drain() -> None:
         async for _ in requests:
             pass
@@ -84,8 +85,14 @@ def _error_kind(e: Exception) -> str | None:
 class BlockHandler:
     """Serves one span of blocks to clients. `info_extra` adds fields to rpc_info's reply."""
 
-    def __init__(self, config: PeerConfig, span: SpanRunner, model_name: str, info_extra: Callable[[], dict] | None = None,
-                 learner: SpanLearner | None = None):
+    def __init__(
+        self,
+        config: PeerConfig,
+        span: SpanRunner,
+        model_name: str,
+        info_extra: Callable[[], dict] | None = None,
+        learner: SpanLearner | None = None,
+    ):
         self.config = config
         self.learner = learner  # adapters on this span (None: plain frozen blocks)
         self._session_versions: dict[str, int] = {}  # adapter version each inference session pinned
@@ -103,11 +110,19 @@ class BlockHandler:
         await p2p.add_protobuf_handler(protocol.HANDLER_INFO, self.rpc_info, runtime_pb2.ExpertRequest)
         await p2p.add_protobuf_handler(protocol.HANDLER_FORWARD, self.rpc_forward, runtime_pb2.ExpertRequest)
         await p2p.add_protobuf_handler(protocol.HANDLER_BACKWARD, self.rpc_backward, runtime_pb2.ExpertRequest)
-        for name, handler in ((protocol.HANDLER_FORWARD_STREAM, self.rpc_forward_stream),
-                              (protocol.HANDLER_BACKWARD_STREAM, self.rpc_backward_stream)):
-            await p2p.add_protobuf_handler(name, handler, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True)
+        for name, handler in (
+            (protocol.HANDLER_FORWARD_STREAM, self.rpc_forward_stream),
+            (protocol.HANDLER_BACKWARD_STREAM, self.rpc_backward_stream),
+        ):
+            await p2p.add_protobuf_handler(
+                name, handler, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+            )
         await p2p.add_protobuf_handler(
-            protocol.HANDLER_INFERENCE, self.rpc_inference, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+            protocol.HANDLER_INFERENCE,
+            self.rpc_inference,
+            runtime_pb2.ExpertRequest,
+            stream_input=True,
+            stream_output=True,
         )
 
     def shutdown(self) -> None:
@@ -189,8 +204,9 @@ class BlockHandler:
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """Gradient w.r.t. the inputs: [hidden_in, grad_out] -> [grad_in], recomputing the forward."""
         try:
-            grad_in = await self._backward(protocol.unpack_metadata(request.metadata), list(request.tensors),
-                                           str(context.remote_id))
+            grad_in = await self._backward(
+                protocol.unpack_metadata(request.metadata), list(request.tensors), str(context.remote_id)
+            )
             return runtime_pb2.ExpertResponse(tensors=[encode(grad_in)])
         except Exception as e:
             return self._reject(e, "backward")
@@ -233,7 +249,7 @@ class BlockHandler:
         def run() -> torch.Tensor:
             if learner is not None and train:
                 return learner.training_forward(hidden, blocks)
-            with torch.inference_mode(), (learner.version_scope(version) if learner else contextlib.nullcontext()):
+            with torch.inference_mode(), learner.version_scope(version) if learner else contextlib.nullcontext():
                 return self.span.forward(hidden, blocks=blocks)
 
         self._open_metered_pass(metadata, blocks, version)
@@ -250,7 +266,9 @@ class BlockHandler:
         hidden = self._hidden(tensors[0])
         grad_out = self._hidden(tensors[1], "output gradient")
         if grad_out.shape != hidden.shape:
-            raise InvalidTensorError(f"output gradient shape {list(grad_out.shape)} differs from inputs {list(hidden.shape)}")
+            raise InvalidTensorError(
+                f"output gradient shape {list(grad_out.shape)} differs from inputs {list(hidden.shape)}"
+            )
 
         learner, train = self.learner, bool(metadata.get("train"))
         if train and learner is None:
@@ -260,7 +278,7 @@ class BlockHandler:
         def run() -> torch.Tensor:
             if train:  # a feedback pass: adapter gradients are filed under the authenticated caller
                 return learner.train_backward(hidden, grad_out, blocks, remote or "anonymous")
-            with torch.enable_grad(), (learner.version_scope(version) if learner else contextlib.nullcontext()):
+            with torch.enable_grad(), learner.version_scope(version) if learner else contextlib.nullcontext():
                 inputs = hidden.to(self.span.device, self.span.dtype).requires_grad_(True)
                 output = self.span.forward(inputs, blocks=blocks)
                 (grad_in,) = torch.autograd.grad(output, inputs, grad_out.to(output.device, output.dtype))
@@ -289,11 +307,17 @@ class BlockHandler:
         if self.metering is None or metadata.get("client") is None:
             return
         session_id = protocol.get_field(metadata, "session_id", str)
-        session = self.metering.open(session_id, blocks, metadata,  # validates before any compute
-                                     BASE_WEIGHTS if version is None else version)
+        session = self.metering.open(
+            session_id,
+            blocks,
+            metadata,  # validates before any compute
+            BASE_WEIGHTS if version is None else version,
+        )
         if session is not None and (session.meter.start, session.meter.end) != (blocks.start, blocks.stop):
-            raise MeteringRequestError(f"metered session {session_id!r} covers blocks "
-                                       f"{session.meter.start}:{session.meter.end}, not {blocks.start}:{blocks.stop}")
+            raise MeteringRequestError(
+                f"metered session {session_id!r} covers blocks "
+                f"{session.meter.start}:{session.meter.end}, not {blocks.start}:{blocks.stop}"
+            )
 
     def _meter_pass(self, metadata: dict, kind: StepKind, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
         if self.metering is None or metadata.get("client") is None:
@@ -315,7 +339,7 @@ class BlockHandler:
         """
         try:
             first = await asyncio.wait_for(anext(requests), self.config.session_timeout)
-        except (StopAsyncIteration, asyncio.TimeoutError):
+        except (TimeoutError, StopAsyncIteration):
             return
         try:
             session_id, blocks, batch = self._open_session(protocol.unpack_metadata(first.metadata))
@@ -337,7 +361,7 @@ class BlockHandler:
                 except StopAsyncIteration:
                     finished = True
                     break
-        except asyncio.TimeoutError:
+        except TimeoutError:
             finished = True
             logger.info("session %s idle for %.0f s: closed", session_id, self.config.session_timeout)
         finally:
@@ -373,12 +397,16 @@ class BlockHandler:
             self.metering.open(session_id, blocks, metadata, BASE_WEIGHTS if version is None else version)
         nbytes = self.span.cache_bytes(batch, max_length, blocks)
         self.caches.reserve(nbytes)  # raises CacheFullError before any buffer is allocated
-        self.caches.open(session_id, self.span.new_cache(batch, max_length, blocks), nbytes, self.config.session_timeout)
+        self.caches.open(
+            session_id, self.span.new_cache(batch, max_length, blocks), nbytes, self.config.session_timeout
+        )
         if version is not None:
             self._session_versions[session_id] = version
         return session_id, blocks, batch
 
-    async def _inference_step(self, session_id: str, blocks: range, batch: int, message: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+    async def _inference_step(
+        self, session_id: str, blocks: range, batch: int, message: runtime_pb2.ExpertRequest
+    ) -> runtime_pb2.ExpertResponse:
         started = time.perf_counter()
         try:
             cache = self.caches.get(session_id)
@@ -399,7 +427,7 @@ class BlockHandler:
             learner, version = self.learner, self._session_versions.get(session_id)
 
             def run() -> torch.Tensor:
-                with torch.inference_mode(), (learner.version_scope(version) if learner else contextlib.nullcontext()):
+                with torch.inference_mode(), learner.version_scope(version) if learner else contextlib.nullcontext():
                     return self.span.forward(hidden, cache=cache, blocks=blocks)
 
             output = await self._compute(run, hidden.shape[0] * hidden.shape[1])
@@ -407,6 +435,8 @@ class BlockHandler:
                 self.metering.record(session_id, hidden, output, position)
             self.requests_served += 1
             meta = {"position": position, "compute_ms": round((time.perf_counter() - started) * 1000, 3)}
-            return runtime_pb2.ExpertResponse(tensors=[encode(output.to("cpu", hidden.dtype))], metadata=protocol.pack_metadata(meta))
+            return runtime_pb2.ExpertResponse(
+                tensors=[encode(output.to("cpu", hidden.dtype))], metadata=protocol.pack_metadata(meta)
+            )
         except Exception as e:
             return self._reject(e, "inference step")

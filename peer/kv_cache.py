@@ -36,8 +36,16 @@ class SpanKVCache:
     values and expects the whole prefix back. `commit(n)` advances the length once all layers ran.
     """
 
-    def __init__(self, layer_indices: range, batch: int, kv_heads: int, head_dim: int, max_length: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        layer_indices: range,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        max_length: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
         shape = (batch, kv_heads, max_length, head_dim)
         self.keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_indices}
         self.values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_indices}
@@ -50,8 +58,8 @@ class SpanKVCache:
         end = self.length + new
         if end > self.max_length:
             raise CacheOverflowError(f"session would hold {end} tokens but reserved {self.max_length}")
-        self.keys[layer_idx][:, :, self.length:end] = key
-        self.values[layer_idx][:, :, self.length:end] = value
+        self.keys[layer_idx][:, :, self.length : end] = key
+        self.values[layer_idx][:, :, self.length : end] = value
         self._pending = new
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 

@@ -7,12 +7,12 @@ replicas' averaging rounds, which are the only way an update goes live.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from hivemind import DHT
@@ -44,7 +44,9 @@ class LearningConfig:
     def __post_init__(self) -> None:
         if self.step_batch < 1:
             raise ValueError(f"step_batch must be >= 1, got {self.step_batch}")
-        if not (math.isfinite(self.averaging_period) and self.averaging_period > self.averaging.min_matchmaking_time + 1):
+        if not (
+            math.isfinite(self.averaging_period) and self.averaging_period > self.averaging.min_matchmaking_time + 1
+        ):
             raise ValueError("averaging_period must exceed the averaging's min_matchmaking_time by over a second")
 
 
@@ -54,8 +56,9 @@ class SpanLearner:
     def __init__(self, span: SpanRunner, config: LearningConfig, canary: CanaryGate | None = None):
         self.config = config
         self.span = span
-        self.adapters = AdapterSet(span.layers, span.start,
-                                   LoraConfig(rank=config.rank, alpha=config.alpha, targets=config.targets))
+        self.adapters = AdapterSet(
+            span.layers, span.start, LoraConfig(rank=config.rank, alpha=config.alpha, targets=config.targets)
+        )
         for name, tensor in self.adapters.working.items():  # adapters live where the span runs
             tensor.data = tensor.data.to(span.device)
         self.trainer = AdapterTrainer(self.adapters, config.training)
@@ -80,11 +83,17 @@ class SpanLearner:
         with self.adapters.use(version) as used:
             yield used
 
-    def train_backward(self, hidden: torch.Tensor, grad_out: torch.Tensor, blocks: range, contributor: str) -> torch.Tensor:
+    def train_backward(
+        self, hidden: torch.Tensor, grad_out: torch.Tensor, blocks: range, contributor: str
+    ) -> torch.Tensor:
         """One training pass on this span (compute thread): adapter gradients filed under `contributor`."""
         self.trainer.admit(contributor)
-        grad_in, grads = span_backward(lambda x: self.span.forward(x, blocks=blocks), self.adapters,
-                                       hidden.to(self.span.device, self.span.dtype), grad_out)
+        grad_in, grads = span_backward(
+            lambda x: self.span.forward(x, blocks=blocks),
+            self.adapters,
+            hidden.to(self.span.device, self.span.dtype),
+            grad_out,
+        )
         self.trainer.accumulate(contributor, grads)
         if self.trainer.pending_passes >= self.config.step_batch:
             self.trainer.step()
@@ -111,11 +120,18 @@ class SpanLearner:
             info["canary_rollbacks"] = len(self.canary.rollbacks)
             if self.canary.verdicts:
                 last = self.canary.verdicts[-1]
-                info["last_canary"] = {"accepted": last.accepted, "live_loss": last.live_loss,
-                                       "candidate_loss": last.candidate_loss, "reason": last.reason}
+                info["last_canary"] = {
+                    "accepted": last.accepted,
+                    "live_loss": last.live_loss,
+                    "candidate_loss": last.candidate_loss,
+                    "reason": last.reason,
+                }
         if self.last_round is not None:
-            info["last_averaging"] = {"status": self.last_round.status, "reason": self.last_round.reason,
-                                      "group_size": self.last_round.group_size}
+            info["last_averaging"] = {
+                "status": self.last_round.status,
+                "reason": self.last_round.reason,
+                "group_size": self.last_round.group_size,
+            }
         return info
 
     # ---- background work ----------------------------------------------------------------------
@@ -123,8 +139,15 @@ class SpanLearner:
     async def start(self, dht: DHT, model: str) -> None:
         """Joins the span's averaging group and, if replicas exist, loads their live adapters first."""
         # On this (main) thread: hivemind installs signal handlers while starting its averager process.
-        self.averager = AdapterAverager(dht, self.adapters, model=model, start=self.span.start, end=self.span.end,
-                                        config=self.config.averaging, canary=self.canary)
+        self.averager = AdapterAverager(
+            dht,
+            self.adapters,
+            model=model,
+            start=self.span.start,
+            end=self.span.end,
+            config=self.config.averaging,
+            canary=self.canary,
+        )
         others = await self.averager.declared_replicas() - {self.averager.peer_id}
         if others:
             await self.averager.load_state_from_replicas(self.config.fetch_state_timeout)

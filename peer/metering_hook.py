@@ -57,8 +57,9 @@ class SessionMeters:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, session_id: str, blocks: range, metadata: dict,
-             adapter_version: int = BASE_WEIGHTS) -> MeteredSession | None:
+    def open(
+        self, session_id: str, blocks: range, metadata: dict, adapter_version: int = BASE_WEIGHTS
+    ) -> MeteredSession | None:
         """Starts metering a session whose opening metadata names a `client` account; else None.
 
         `adapter_version` is the weights the request runs with (receipts state it)."""
@@ -83,14 +84,21 @@ class SessionMeters:
         self.expire_idle()
         if len(self._sessions) >= MAX_METERED_SESSIONS:
             raise MeteringRequestError("too many metered sessions are open; retry later")
-        meter = UsageMeter(raw_id, self.model, blocks.start, blocks.stop,
-                           (blocks.stop - blocks.start) * self.params_per_block, sampled=sampled)
+        meter = UsageMeter(
+            raw_id,
+            self.model,
+            blocks.start,
+            blocks.stop,
+            (blocks.stop - blocks.start) * self.params_per_block,
+            sampled=sampled,
+        )
         session = MeteredSession(meter, client, adapter_version)
         self._sessions[session_id] = session
         return session
 
-    def record(self, session_id: str, inputs: torch.Tensor, outputs: torch.Tensor, position: int,
-               kind: StepKind | None = None) -> None:
+    def record(
+        self, session_id: str, inputs: torch.Tensor, outputs: torch.Tensor, position: int, kind: StepKind | None = None
+    ) -> None:
         """Meters one served step (no-op for a session that is not metered); `kind` defaults by position."""
         session = self._sessions.get(session_id)
         if session is None:
@@ -102,7 +110,9 @@ class SessionMeters:
     def get(self, session_id: str) -> MeteredSession:
         session = self._sessions.get(session_id)
         if session is None:
-            raise UnknownMeteredSessionError(f"no metered session {session_id!r} here (not opened with a client account, or expired)")
+            raise UnknownMeteredSessionError(
+                f"no metered session {session_id!r} here (not opened with a client account, or expired)"
+            )
         session.last_used = time.monotonic()
         return session
 

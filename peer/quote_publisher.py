@@ -15,8 +15,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from hivemind.utils import get_dht_time
 from substrateinterface import Keypair
@@ -48,21 +49,44 @@ class QuotePublisherConfig:
             raise ValueError(f"period must be > 0 and max_dials >= 0, got {self.period}, {self.max_dials}")
 
 
-def provider_ask(keypair: Keypair, peer_id: str, model: str, start: int, end: int, params_per_block: int,
-                 rate: ProviderRate, valid_for: float) -> PriceAnnouncement:
+def provider_ask(
+    keypair: Keypair,
+    peer_id: str,
+    model: str,
+    start: int,
+    end: int,
+    params_per_block: int,
+    rate: ProviderRate,
+    valid_for: float,
+) -> PriceAnnouncement:
     """The ask a provider serving blocks start..end-1 at `rate` publishes, expiring after `valid_for` seconds."""
     return PriceAnnouncement(
-        role="ask", account=keypair.ss58_address, peer_id=peer_id, model=model, start=start, end=end,
-        params_served=(end - start) * params_per_block, rate_prompt=rate.prompt, rate_generated=rate.generated,
-        max_price_per_token=0, expires_at=int(time.time() + valid_for),
+        role="ask",
+        account=keypair.ss58_address,
+        peer_id=peer_id,
+        model=model,
+        start=start,
+        end=end,
+        params_served=(end - start) * params_per_block,
+        rate_prompt=rate.prompt,
+        rate_generated=rate.generated,
+        max_price_per_token=0,
+        expires_at=int(time.time() + valid_for),
     )
 
 
 class QuotePublisher:
     """Publishes one peer's ask periodically and listens to everyone else's."""
 
-    def __init__(self, keypair: Keypair, peer_id: str, announcement: Callable[[], PriceAnnouncement], dht: Any,
-                 owner_marker: bytes, config: QuotePublisherConfig):
+    def __init__(
+        self,
+        keypair: Keypair,
+        peer_id: str,
+        announcement: Callable[[], PriceAnnouncement],
+        dht: Any,
+        owner_marker: bytes,
+        config: QuotePublisherConfig,
+    ):
         self.keypair = keypair
         self.peer_id = peer_id
         self.announcement = announcement
@@ -105,7 +129,7 @@ class QuotePublisher:
             try:
                 await asyncio.wait_for(self._stop.wait(), self.config.period)
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             await self._round()
 
@@ -141,8 +165,9 @@ class QuotePublisher:
     async def _announce(self) -> None:
         value = {"peer_id": self.peer_id, "account": self.keypair.ss58_address, "addrs": self.addrs}
         subkey = self.peer_id.encode() + self.owner_marker  # signed: nobody else can replace this entry
-        await self.dht.store(GOSSIP_KEY, value, get_dht_time() + 3 * self.config.period, subkey=subkey,
-                             return_future=True)
+        await self.dht.store(
+            GOSSIP_KEY, value, get_dht_time() + 3 * self.config.period, subkey=subkey, return_future=True
+        )
 
     async def _discover(self) -> None:
         """Dials gossip nodes announced in the DHT that this one has not dialled yet."""

@@ -89,8 +89,7 @@ class BillingSetup:
 class ReceiptService:
     """Issues, accepts and settles one provider's receipts."""
 
-    def __init__(self, setup: BillingSetup, meters: SessionMeters, store: ReceiptStore, network: str,
-                 ledger=None):
+    def __init__(self, setup: BillingSetup, meters: SessionMeters, store: ReceiptStore, network: str, ledger=None):
         self.setup = setup
         self.keypair = setup.keypair
         self.meters = meters
@@ -106,7 +105,7 @@ class ReceiptService:
         self._stop = asyncio.Event()
 
     @classmethod
-    async def start(cls, setup: BillingSetup, meters: SessionMeters) -> "ReceiptService":
+    async def start(cls, setup: BillingSetup, meters: SessionMeters) -> ReceiptService:
         """Connects to the chain (if any), opens the store, settles what an earlier run left."""
         ledger, network = None, "dllm-offline"
         if setup.chain_url:
@@ -143,7 +142,7 @@ class ReceiptService:
         while not self._stop.is_set():
             try:
                 await asyncio.wait_for(self._stop.wait(), self.setup.settle_interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             try:
                 await settle_round(self.settler)
@@ -153,9 +152,15 @@ class ReceiptService:
     def info(self) -> dict:
         """Fields for rpc_info: who gets paid and the receipt counters."""
         counts = self.store.counts()
-        return {"billing": {"account": self.keypair.ss58_address, "network": self.network,
-                            "receipts": {state.value: n for state, n in counts.items()},
-                            "accepted": self.receipts_accepted, "rejected": self.receipts_rejected}}
+        return {
+            "billing": {
+                "account": self.keypair.ss58_address,
+                "network": self.network,
+                "receipts": {state.value: n for state, n in counts.items()},
+                "accepted": self.receipts_accepted,
+                "rejected": self.receipts_rejected,
+            }
+        }
 
     # --- the RPC -------------------------------------------------------------------------------
 
@@ -187,10 +192,21 @@ class ReceiptService:
                 raise NothingToBillError("no work was metered in this session since its last receipt")
             m = session.meter
             session.pending = receipt_for_segment(
-                network=self.network, session_id=m.session_id, sequence=session.sequence, model=m.model,
-                start=m.start, end=m.end, params_served=m.params_served, rate=self.setup.rate, usage=usage,
-                provider=self.keypair.ss58_address, client=session.client, commitment_before=before,
-                commitment=after, issued_at=int(time.time()), adapter_version=session.adapter_version,
+                network=self.network,
+                session_id=m.session_id,
+                sequence=session.sequence,
+                model=m.model,
+                start=m.start,
+                end=m.end,
+                params_served=m.params_served,
+                rate=self.setup.rate,
+                usage=usage,
+                provider=self.keypair.ss58_address,
+                client=session.client,
+                commitment_before=before,
+                commitment=after,
+                issued_at=int(time.time()),
+                adapter_version=session.adapter_version,
             )
         receipt = session.pending
         return {"receipt": receipt.encode(), "provider_signature": sign_as_provider(receipt, self.keypair)}
@@ -204,8 +220,9 @@ class ReceiptService:
         except UnicodeDecodeError:
             raise MalformedReceiptError("the receipt's session id is not one this peer issues") from None
         session = self.meters.get(session_id)
-        receipt_id = verify_receipt(signed, expected_client=session.client, expected_provider=self.keypair.ss58_address,
-                                    network=self.network)
+        receipt_id = verify_receipt(
+            signed, expected_client=session.client, expected_provider=self.keypair.ss58_address, network=self.network
+        )
         if self.store.has(receipt_id):
             raise ReplayedReceiptError(f"receipt {receipt_id} was already delivered")
         if session.pending is None or session.pending.encode() != r.encode():
@@ -230,8 +247,14 @@ class ReceiptService:
         return settlement
 
 
-def billing_setup(chain_key: str | None, chain_url: str | None, receipts_path: Path | None, rate: int,
-                  settle_interval: float, ss58_format: int = 42) -> BillingSetup | None:
+def billing_setup(
+    chain_key: str | None,
+    chain_url: str | None,
+    receipts_path: Path | None,
+    rate: int,
+    settle_interval: float,
+    ss58_format: int = 42,
+) -> BillingSetup | None:
     """The peer's billing setup from its config, or None when it has no chain key (serves for free)."""
     if not chain_key:
         return None

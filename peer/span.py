@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from swarm.architectures import architecture_for
 from peer.kv_cache import SpanKVCache
+from swarm.architectures import architecture_for
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -50,8 +50,7 @@ class SpanRunner:
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self._windows = {
-            i: (config.sliding_window if self.arch.uses_sliding_window(config, i) else None)
-            for i in range(start, end)
+            i: (config.sliding_window if self.arch.uses_sliding_window(config, i) else None) for i in range(start, end)
         }
 
     @property

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -34,9 +34,7 @@ class RateLimitExceededError(RuntimeError):
     """A contributor sent training passes faster than its allowance; retry after `retry_after` seconds."""
 
     def __init__(self, contributor: str, retry_after: float):
-        super().__init__(
-            f"contributor {contributor!r} exceeded its training rate limit; retry in {retry_after:.1f} s"
-        )
+        super().__init__(f"contributor {contributor!r} exceeded its training rate limit; retry in {retry_after:.1f} s")
         self.contributor = contributor
         self.retry_after = retry_after
 
@@ -130,8 +128,9 @@ def span_backward(
 class AdapterTrainer:
     """Accumulates contributors' adapter gradients and steps the working adapters."""
 
-    def __init__(self, adapters: AdapterSet, config: TrainingConfig | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, adapters: AdapterSet, config: TrainingConfig | None = None, clock: Callable[[], float] = time.monotonic
+    ):
         self.adapters = adapters
         self.config = config or TrainingConfig()
         self.limiter = ContributorRateLimiter(self.config.passes_per_minute, self.config.burst, clock)

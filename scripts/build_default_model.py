@@ -52,8 +52,19 @@ CHAT_TEMPLATE = (
 )
 
 # Stdlib folders that are tests, GUIs, vendored packages or installed third-party code, not prose.
-SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
-                "lib2to3", "idlelib", "turtledemo", "ensurepip", "config-3.11-x86_64-linux-gnu"}
+SKIPPED_DIRS = {
+    "test",
+    "tests",
+    "idle_test",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "lib2to3",
+    "idlelib",
+    "turtledemo",
+    "ensurepip",
+    "config-3.11-x86_64-linux-gnu",
+}
 
 
 @dataclass
@@ -73,10 +84,7 @@ class BuildConfig:
 def stdlib_source_files() -> list[Path]:
     """Sorted .py files of this interpreter's standard library (no tests, no site-packages)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [
-        path for path in root.rglob("*.py")
-        if not SKIPPED_DIRS.intersection(path.relative_to(root).parts[:-1])
-    ]
+    files = [path for path in root.rglob("*.py") if not SKIPPED_DIRS.intersection(path.relative_to(root).parts[:-1])]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -95,8 +103,7 @@ def docstrings_of(source: str) -> list[str]:
     except SyntaxError:
         return []
     nodes = [tree] + [
-        node for node in ast.walk(tree)
-        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        node for node in ast.walk(tree) if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
     ]
     found = []
     for node in nodes:
@@ -137,12 +144,12 @@ def train_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     )
     tokenizer.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
     # Like Llama: every encoded text starts with <s>; byte-level offsets stay exact.
-    tokenizer.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
-        ),
-    ])
+    tokenizer.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]),
+        ]
+    )
     for token, expected in zip(SPECIAL_TOKENS, range(4)):
         if tokenizer.token_to_id(token) != expected:
             raise RuntimeError(f"special token {token} got id {tokenizer.token_to_id(token)}, want {expected}")
@@ -202,14 +209,13 @@ def learning_rate_at(step: int, cfg: BuildConfig) -> float:
 def train(model: LlamaForCausalLM, stream: torch.Tensor, cfg: BuildConfig) -> float:
     """Next-token training on random windows of the stream; returns the final smoothed loss."""
     generator = torch.Generator().manual_seed(cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01,
-                                  betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
     model.train()
     smoothed = float("nan")
     progress = tqdm(range(cfg.steps), desc="train", unit="step")
     for step in progress:
         starts = torch.randint(0, len(stream) - cfg.seq_len - 1, (cfg.batch_size,), generator=generator)
-        batch = torch.stack([stream[s:s + cfg.seq_len] for s in starts.tolist()])
+        batch = torch.stack([stream[s : s + cfg.seq_len] for s in starts.tolist()])
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, cfg)
         loss = model(input_ids=batch, labels=batch).loss
@@ -256,15 +262,17 @@ def build(cfg: BuildConfig) -> None:
         log.info("training on a stream of %d tokens", len(stream))
         final_loss = train(model, stream, cfg)
     model.generation_config = GenerationConfig(
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        do_sample=False,
         max_new_tokens=64,
     )
     cfg.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(cfg.out, safe_serialization=True)
     tokenizer.save_pretrained(cfg.out)
     write_model_card(cfg.out, cfg, params, final_loss)
-    log.info("saved %s (%d parameters) to %s in %.1f s", MODEL_NAME, params, cfg.out,
-             time.perf_counter() - started)
+    log.info("saved %s (%d parameters) to %s in %.1f s", MODEL_NAME, params, cfg.out, time.perf_counter() - started)
 
 
 def parse_args(argv: list[str] | None = None) -> BuildConfig:

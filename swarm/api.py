@@ -12,8 +12,9 @@ import asyncio
 import json
 import logging
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -143,7 +144,9 @@ def create_app(model: TextGenerator) -> FastAPI:
         if name is not None and name != model.model_name:
             raise BadRequestError(
                 f"the model {name!r} does not exist here; this swarm serves {model.model_name!r}",
-                param="model", status=404, code="model_not_found",
+                param="model",
+                status=404,
+                code="model_not_found",
             )
 
     async def run_generation(call: Callable[[], Awaitable[Any]]) -> Any:
@@ -188,8 +191,12 @@ def create_app(model: TextGenerator) -> FastAPI:
             return EventSourceResponse(events, ping=15)
         result = await run_generation(lambda: model.agenerate(prompt, params))
         return schema.completion_body(
-            request_id, model.model_name, result.text, result.finish_reason,
-            schema.usage(result.prompt_tokens, result.completion_tokens), created,
+            request_id,
+            model.model_name,
+            result.text,
+            result.finish_reason,
+            schema.usage(result.prompt_tokens, result.completion_tokens),
+            created,
         )
 
     @app.post("/v1/chat/completions", response_model=None)
@@ -215,8 +222,12 @@ def create_app(model: TextGenerator) -> FastAPI:
             return EventSourceResponse(events, ping=15)
         result = await run_generation(lambda: model.agenerate(prompt, params))
         return schema.chat_body(
-            request_id, model.model_name, result.text, result.finish_reason,
-            schema.usage(result.prompt_tokens, result.completion_tokens), created,
+            request_id,
+            model.model_name,
+            result.text,
+            result.finish_reason,
+            schema.usage(result.prompt_tokens, result.completion_tokens),
+            created,
         )
 
     @app.post("/v1/feedback")

@@ -89,8 +89,16 @@ class ReceiptRefusedError(RuntimeError):
 
 def route_hops(hops: list[Hop]) -> list[RouteHop]:
     """Pricing's view of a route: who is paid, for which blocks, how many parameters, at what rate."""
-    return [RouteHop(h.record.chain_account or h.peer_id, h.start, h.end, (h.end - h.start) * h.record.params_per_block,
-                     ProviderRate.from_advertised(h.record.rate)) for h in hops]
+    return [
+        RouteHop(
+            h.record.chain_account or h.peer_id,
+            h.start,
+            h.end,
+            (h.end - h.start) * h.record.params_per_block,
+            ProviderRate.from_advertised(h.record.rate),
+        )
+        for h in hops
+    ]
 
 
 def route_price(hops: list[Hop], context_tokens: int = 0, sampled: bool = False) -> int:
@@ -164,7 +172,7 @@ class ClientBilling:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def session(self, sampled: bool, spot_checks: bool = True) -> "SessionBilling":
+    def session(self, sampled: bool, spot_checks: bool = True) -> SessionBilling:
         return SessionBilling(self, sampled, spot_checks)
 
     # --- chain ---------------------------------------------------------------------------------
@@ -180,7 +188,9 @@ class ClientBilling:
 
         return await self._chain(sign)
 
-    def submit_later(self, nonce: int, extrinsic: bytes, receipt_ids: list[bytes], providers_hold_it: bool = True) -> None:
+    def submit_later(
+        self, nonce: int, extrinsic: bytes, receipt_ids: list[bytes], providers_hold_it: bool = True
+    ) -> None:
         """Submits a signed settlement in the background (chain calls stay in nonce order).
 
         While the chain is unreachable it retries for `settlement_retry_s`; so it does while an earlier
@@ -194,7 +204,9 @@ class ClientBilling:
             if next_nonce != nonce:
                 if next_nonce < nonce and not providers_hold_it:
                     return False  # only this client holds it: wait for the earlier nonce
-                logger.info("settlement at nonce %d left to the providers (the account is at nonce %d)", nonce, next_nonce)
+                logger.info(
+                    "settlement at nonce %d left to the providers (the account is at nonce %d)", nonce, next_nonce
+                )
                 return True
             try:
                 self.ledger.submit_signed(extrinsic)
@@ -213,8 +225,9 @@ class ClientBilling:
                 except ChainConnectionError as e:  # the outcome of a cut-off submission is read back next try
                     logger.info("settlement at nonce %d: %s", nonce, e)
                 if asyncio.get_running_loop().time() > deadline:
-                    self.settlement_failures.append(f"settlement at nonce {nonce} not confirmed in "
-                                                    f"{self.config.settlement_retry_s:.0f} s")
+                    self.settlement_failures.append(
+                        f"settlement at nonce {nonce} not confirmed in {self.config.settlement_retry_s:.0f} s"
+                    )
                     return
                 await asyncio.sleep(CHAIN_RETRY_INTERVAL_S)
 
@@ -240,8 +253,11 @@ class ClientBilling:
         Work the receipt says ran with adapters is not sent: no verifier can re-run it (they would abstain)."""
         if not sample.receipt.receipt.base_weights:
             self.unverifiable_samples.append(sample.receipt.receipt_id)
-            logger.info("receipt %s is not spot-checked: served with adapter version %d", sample.receipt.receipt_id,
-                        sample.receipt.receipt.adapter_version)
+            logger.info(
+                "receipt %s is not spot-checked: served with adapter version %d",
+                sample.receipt.receipt_id,
+                sample.receipt.receipt.adapter_version,
+            )
             return []
         data = sample.encode()
         if len(data) > MAX_SAMPLE_MESSAGE_BYTES:
@@ -254,9 +270,12 @@ class ClientBilling:
         verdicts = []
         for peer_id, _ in peers:
             try:
-                response = await asyncio.wait_for(self.p2p.call_protobuf_handler(
-                    PeerID.from_base58(peer_id), HANDLER_VERIFY, request, runtime_pb2.ExpertResponse),
-                    self.config.request_timeout)
+                response = await asyncio.wait_for(
+                    self.p2p.call_protobuf_handler(
+                        PeerID.from_base58(peer_id), HANDLER_VERIFY, request, runtime_pb2.ExpertResponse
+                    ),
+                    self.config.request_timeout,
+                )
                 meta = msgpack.unpackb(response.metadata, raw=False) if response.metadata else {}
                 protocol.raise_if_error(meta, peer_id)
                 verdicts.append(SignedVerdict.decode(meta["verdict"]))
@@ -284,16 +303,26 @@ class SessionBilling:
         """Opening metadata every hop gets: who pays, and whether the session samples."""
         return {"client": self.billing.account, "sampled": self.sampled}
 
-    def observe(self, stream: Any, inputs: torch.Tensor, outputs: torch.Tensor, position: int,
-                kind: StepKind | None = None) -> None:
+    def observe(
+        self, stream: Any, inputs: torch.Tensor, outputs: torch.Tensor, position: int, kind: StepKind | None = None
+    ) -> None:
         """StepObserver: meters one completed step of a hop, exactly as it crossed the wire.
 
         `kind` defaults by position (prompt at 0, else generated); training passes give it explicitly."""
         hm = self.meters.get(stream.session_id)
         if hm is None:
             hop = stream.hop
-            hm = HopMeter(hop, UsageMeter(stream.session_id.encode(), self.billing.model, hop.start, hop.end,
-                                          (hop.end - hop.start) * hop.record.params_per_block, sampled=self.sampled))
+            hm = HopMeter(
+                hop,
+                UsageMeter(
+                    stream.session_id.encode(),
+                    self.billing.model,
+                    hop.start,
+                    hop.end,
+                    (hop.end - hop.start) * hop.record.params_per_block,
+                    sampled=self.sampled,
+                ),
+            )
             self.meters[stream.session_id] = hm
         kind = kind or step_kind_at(position)
         tokens = int(inputs.shape[0] * inputs.shape[1])
@@ -302,15 +331,20 @@ class SessionBilling:
 
     async def after_step(self, streams: list[Any]) -> None:
         """Settles the hops that have accumulated `receipt_every_tokens` unbilled tokens."""
-        due = [s for s in streams if s.session_id in self.meters
-               and self.meters[s.session_id].meter.segment_tokens() >= self.billing.config.receipt_every_tokens]
+        due = [
+            s
+            for s in streams
+            if s.session_id in self.meters
+            and self.meters[s.session_id].meter.segment_tokens() >= self.billing.config.receipt_every_tokens
+        ]
         if due:
             await self.settle(due)
 
     async def finish(self, streams: list[Any]) -> None:
         """Settles every hop's unbilled work at the end of the session."""
-        await self.settle([s for s in streams if s.session_id in self.meters
-                           and self.meters[s.session_id].meter.segment_tokens() > 0])
+        await self.settle(
+            [s for s in streams if s.session_id in self.meters and self.meters[s.session_id].meter.segment_tokens() > 0]
+        )
 
     async def settle(self, streams: list[Any]) -> list[SignedReceipt]:
         """Receipts for the given hops' current segments, one settlement paying them, delivered to each."""
@@ -342,8 +376,11 @@ class SessionBilling:
                 if asyncio.get_running_loop().time() > deadline:
                     ids = ", ".join(s.receipt.receipt_id for _, s in signed)
                     self.billing.settlement_failures.append(f"receipts {ids} unpaid: {e}")
-                    logger.error("co-signed receipts %s stay unpaid: the chain was unreachable for %.0f s",
-                                 ids, self.billing.config.settlement_retry_s)
+                    logger.error(
+                        "co-signed receipts %s stay unpaid: the chain was unreachable for %.0f s",
+                        ids,
+                        self.billing.config.settlement_retry_s,
+                    )
                     return
 
     async def _pay(self, signed: list[tuple[Any, SignedReceipt]]) -> list[SignedReceipt]:
@@ -362,8 +399,9 @@ class SessionBilling:
         self.undelivered.extend(undelivered)
         # A receipt no provider holds is paid only if this client submits (even with submit_settlements off).
         if self.billing.config.submit_settlements or undelivered:
-            self.billing.submit_later(nonce, extrinsic, [s.receipt.receipt_id_bytes for _, s in signed],
-                                      providers_hold_it=not undelivered)
+            self.billing.submit_later(
+                nonce, extrinsic, [s.receipt.receipt_id_bytes for _, s in signed], providers_hold_it=not undelivered
+            )
         for stream, s in signed:
             if self.spot_checks and self.billing.policy.selects(s.receipt.receipt_id_bytes):
                 sample = WorkSample(s, tuple(self.meters[stream.session_id].steps))
@@ -380,23 +418,33 @@ class SessionBilling:
         provider_signature = reply.get("provider_signature")
         record = hm.hop.record
         if not _same_account(record.chain_account, receipt.provider):
-            raise WrongSignerError(f"receipt names provider {receipt.provider}, the peer announced {record.chain_account}")
+            raise WrongSignerError(
+                f"receipt names provider {receipt.provider}, the peer announced {record.chain_account}"
+            )
         if receipt.client != self.billing.account or receipt.network != self.billing.network:
             raise WrongSignerError("the receipt names another client or another chain")
         if receipt.session_id != hm.meter.session_id or (receipt.start, receipt.end) != (hm.hop.start, hm.hop.end):
             raise MalformedReceiptError("the receipt is for another session or span")
         if not signing.verify(receipt.provider, RECEIPT_DOMAIN, receipt.encode(), provider_signature):
             raise ForgedReceiptError(f"the provider signature on {stream.hop.peer_id}'s receipt does not verify")
-        check_claim(receipt, hm.meter.segment_usage(), hm.meter.commitment,
-                    ProviderRate.from_advertised(record.rate), (hm.hop.end - hm.hop.start) * record.params_per_block)
+        check_claim(
+            receipt,
+            hm.meter.segment_usage(),
+            hm.meter.commitment,
+            ProviderRate.from_advertised(record.rate),
+            (hm.hop.end - hm.hop.start) * record.params_per_block,
+        )
         hm.meter.close_segment()
         return SignedReceipt(receipt, provider_signature, sign_as_client(receipt, self.billing.keypair))
 
     async def _call(self, peer_id: str, metadata: dict) -> dict:
         request = runtime_pb2.ExpertRequest(metadata=protocol.pack_metadata(metadata))
-        response = await asyncio.wait_for(self.billing.p2p.call_protobuf_handler(
-            PeerID.from_base58(peer_id), HANDLER_RECEIPT, request, runtime_pb2.ExpertResponse),
-            self.billing.config.request_timeout)
+        response = await asyncio.wait_for(
+            self.billing.p2p.call_protobuf_handler(
+                PeerID.from_base58(peer_id), HANDLER_RECEIPT, request, runtime_pb2.ExpertResponse
+            ),
+            self.billing.config.request_timeout,
+        )
         meta = protocol.unpack_metadata(response.metadata)
         error = meta.get("error")
         if isinstance(error, dict):

@@ -6,7 +6,7 @@ checks the running total against a cap before buffering more, so a sender cannot
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 from hivemind.proto import runtime_pb2
 
@@ -19,10 +19,14 @@ CHUNK_BYTES = 2 * 2**20
 def split(tensor: runtime_pb2.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Iterator[runtime_pb2.Tensor]:
     """Yields the chunks of an encoded tensor (at least one, even for an empty tensor)."""
     buffer = memoryview(tensor.buffer)
-    yield runtime_pb2.Tensor(buffer=buffer[:chunk_bytes].tobytes(), size=tensor.size, dtype=tensor.dtype,
-                             chunks=max(1, -(-len(buffer) // chunk_bytes)))
+    yield runtime_pb2.Tensor(
+        buffer=buffer[:chunk_bytes].tobytes(),
+        size=tensor.size,
+        dtype=tensor.dtype,
+        chunks=max(1, -(-len(buffer) // chunk_bytes)),
+    )
     for start in range(chunk_bytes, len(buffer), chunk_bytes):
-        yield runtime_pb2.Tensor(buffer=buffer[start:start + chunk_bytes].tobytes())
+        yield runtime_pb2.Tensor(buffer=buffer[start : start + chunk_bytes].tobytes())
 
 
 def requests(metadata: dict, tensors: list[runtime_pb2.Tensor]) -> Iterator[runtime_pb2.ExpertRequest]:

@@ -12,17 +12,21 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator, Literal, Sequence
+from typing import Literal
 
 import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from transformers import AutoTokenizer
 
+from economy.pricing import Bill, Quote
+from economy.pricing import quote as price_quote
 from peer.canary import causal_lm_loss
 from swarm import chunks, protocol
+from swarm.billing import BillingConfig, ClientBilling, SessionBilling, route_hops, route_price
 from swarm.dht import start_dht
 from swarm.direct import DirectEndpoint, DirectEndpointError, DirectStreamError
 from swarm.inference_streams import DirectInferenceStream, InferenceStream, P2PInferenceStream
@@ -32,8 +36,6 @@ from swarm.records import ServerRecord, fetch_model_records
 from swarm.routing import BanList, Hop, NoRouteError, plan_route
 from swarm.sampling import GenerationParams, next_token
 from swarm.session import InferenceSession
-from swarm.billing import BillingConfig, ClientBilling, SessionBilling, route_hops, route_price
-from economy.pricing import Bill, Quote, quote as price_quote
 from swarm.tensors import InvalidTensorError, check_hidden_states, decode, encode
 from swarm.training_billing import TrainingPassBilling
 
@@ -41,8 +43,10 @@ logger = logging.getLogger(__name__)
 
 # Above this, forward/backward go through the streamed RPCs (hivemind refuses unary messages over 4 MiB).
 _UNARY_PAYLOAD_BYTES = 3 * 2**20
-_STREAMED = {protocol.HANDLER_FORWARD: protocol.HANDLER_FORWARD_STREAM,
-             protocol.HANDLER_BACKWARD: protocol.HANDLER_BACKWARD_STREAM}
+_STREAMED = {
+    protocol.HANDLER_FORWARD: protocol.HANDLER_FORWARD_STREAM,
+    protocol.HANDLER_BACKWARD: protocol.HANDLER_BACKWARD_STREAM,
+}
 
 __all__ = ["ClientConfig", "DistributedModel", "GenerationParams", "GenerationResult", "SwarmClient"]
 
@@ -211,9 +215,13 @@ class SwarmClient:
                 cap = self.config.max_price_per_token
                 if cap is not None:  # a peer dearer than the cap for a single block can be on no affordable route
                     records = [r for r in records if route_price([Hop(r, r.start, r.start + 1)]) <= cap]
-                hops = plan_route(records, start, end, latency=self.latency, banned=self.bans, max_rate=self.config.max_rate)
+                hops = plan_route(
+                    records, start, end, latency=self.latency, banned=self.bans, max_rate=self.config.max_rate
+                )
                 if cap is not None and route_price(hops) > cap:
-                    raise NoRouteError(f"the best route costs {route_price(hops)} planck per token, above the cap of {cap}")
+                    raise NoRouteError(
+                        f"the best route costs {route_price(hops)} planck per token, above the cap of {cap}"
+                    )
                 return hops
             except NoRouteError:
                 if refresh:
@@ -228,7 +236,9 @@ class SwarmClient:
 
     # --- RPCs ----------------------------------------------------------------------------------
 
-    async def call(self, peer_id: str, handler: str, request: runtime_pb2.ExpertRequest, timeout: float | None = None) -> runtime_pb2.ExpertResponse:
+    async def call(
+        self, peer_id: str, handler: str, request: runtime_pb2.ExpertRequest, timeout: float | None = None
+    ) -> runtime_pb2.ExpertResponse:
         response = await asyncio.wait_for(
             self.p2p.call_protobuf_handler(PeerID.from_base58(peer_id), handler, request, runtime_pb2.ExpertResponse),
             timeout or self.config.request_timeout,
@@ -236,8 +246,14 @@ class SwarmClient:
         protocol.raise_if_error(protocol.unpack_metadata(response.metadata), peer_id)
         return response
 
-    async def _hop_call(self, hop: Hop, handler: str, tensors: list[torch.Tensor], extra: dict | None = None,
-                        metered: TrainingPassBilling | None = None) -> torch.Tensor:
+    async def _hop_call(
+        self,
+        hop: Hop,
+        handler: str,
+        tensors: list[torch.Tensor],
+        extra: dict | None = None,
+        metered: TrainingPassBilling | None = None,
+    ) -> torch.Tensor:
         """forward/backward on one hop; payloads too big for one message go through the streamed variant.
 
         `extra` adds request metadata (e.g. {"train": True} for a feedback pass); `metered` bills the call."""
@@ -256,7 +272,9 @@ class SwarmClient:
         out = decode(replies[0], max_bytes=2**40)
         check_hidden_states(out, tensors[0].shape[-1], 2**31, f"reply of peer {hop.peer_id}")
         if out.shape != tensors[0].shape:
-            raise InvalidTensorError(f"peer {hop.peer_id} returned shape {list(out.shape)}, expected {list(tensors[0].shape)}")
+            raise InvalidTensorError(
+                f"peer {hop.peer_id} returned shape {list(out.shape)}, expected {list(tensors[0].shape)}"
+            )
         if metered is not None:
             metered.observe(hop, handler, tensors, out)
         return out
@@ -267,8 +285,9 @@ class SwarmClient:
                 yield request
 
         async def run() -> list[runtime_pb2.Tensor]:
-            stream = await self.p2p.iterate_protobuf_handler(PeerID.from_base58(peer_id), handler, produce(),
-                                                             runtime_pb2.ExpertResponse)
+            stream = await self.p2p.iterate_protobuf_handler(
+                PeerID.from_base58(peer_id), handler, produce(), runtime_pb2.ExpertResponse
+            )
             metadata, tensors = await chunks.receive(stream, max_bytes=2**40)
             protocol.raise_if_error(metadata, peer_id)
             return tensors
@@ -291,8 +310,9 @@ class SwarmClient:
                 logger.warning("request failed (%s); retrying on another route", e)
         raise RuntimeError(f"request failed after {self.config.max_retries + 1} attempts: {last}") from last
 
-    async def forward_hidden(self, hidden: torch.Tensor, extra: dict | None = None,
-                             metered: TrainingPassBilling | None = None) -> tuple[torch.Tensor, list[Hop], list[torch.Tensor]]:
+    async def forward_hidden(
+        self, hidden: torch.Tensor, extra: dict | None = None, metered: TrainingPassBilling | None = None
+    ) -> tuple[torch.Tensor, list[Hop], list[torch.Tensor]]:
         """Runs a full sequence through all blocks (no cache); returns output, route, per-hop inputs."""
 
         async def run(hops: list[Hop]):
@@ -309,8 +329,14 @@ class SwarmClient:
         hops, (out, inputs) = await self._with_failover(0, self.num_blocks, run)
         return out, hops, inputs
 
-    async def backward_hidden(self, hops: list[Hop], inputs: list[torch.Tensor], grad_out: torch.Tensor,
-                              extra: dict | None = None, metered: TrainingPassBilling | None = None) -> torch.Tensor:
+    async def backward_hidden(
+        self,
+        hops: list[Hop],
+        inputs: list[torch.Tensor],
+        grad_out: torch.Tensor,
+        extra: dict | None = None,
+        metered: TrainingPassBilling | None = None,
+    ) -> torch.Tensor:
         """Gradient w.r.t. the first hop's inputs, walking the route backwards."""
         grad = grad_out
         for hop, x in zip(reversed(hops), reversed(inputs)):
@@ -325,8 +351,14 @@ class SwarmClient:
                 grad = await self._backward_segment(alt, x, grad, extra, metered)
         return grad
 
-    async def _backward_segment(self, hops: list[Hop], x: torch.Tensor, grad: torch.Tensor,
-                                extra: dict | None = None, metered: TrainingPassBilling | None = None) -> torch.Tensor:
+    async def _backward_segment(
+        self,
+        hops: list[Hop],
+        x: torch.Tensor,
+        grad: torch.Tensor,
+        extra: dict | None = None,
+        metered: TrainingPassBilling | None = None,
+    ) -> torch.Tensor:
         inputs = []
         for hop in hops:
             inputs.append(x)
@@ -364,27 +396,48 @@ class SwarmClient:
 
     # --- generation ----------------------------------------------------------------------------
 
-    def inference_session(self, max_length: int, batch: int = 1, billing: SessionBilling | None = None) -> InferenceSession:
-        return InferenceSession(self.open_inference_stream, self.model, self.num_blocks, self.plan, self.report_failure, self.is_alive,
-                                max_length=max_length, batch=batch, timeout=self.config.request_timeout,
-                                max_failovers=self.config.max_failovers,
-                                observer=billing.observe if billing else None,
-                                open_extra=billing.open_extra if billing else None)
+    def inference_session(
+        self, max_length: int, batch: int = 1, billing: SessionBilling | None = None
+    ) -> InferenceSession:
+        return InferenceSession(
+            self.open_inference_stream,
+            self.model,
+            self.num_blocks,
+            self.plan,
+            self.report_failure,
+            self.is_alive,
+            max_length=max_length,
+            batch=batch,
+            timeout=self.config.request_timeout,
+            max_failovers=self.config.max_failovers,
+            observer=billing.observe if billing else None,
+            open_extra=billing.open_extra if billing else None,
+        )
 
     async def quote(self, prompt_tokens: int, max_new_tokens: int, sampled: bool = False) -> Quote:
         """Worst-case price of a request on the route the client would take now (PriceCapExceededError over the cap)."""
         hops = await self.plan(0, self.num_blocks)
-        return price_quote(self.model, route_hops(hops), prompt_tokens, max_new_tokens, sampled=sampled,
-                           max_price_per_token=self.config.max_price_per_token)
+        return price_quote(
+            self.model,
+            route_hops(hops),
+            prompt_tokens,
+            max_new_tokens,
+            sampled=sampled,
+            max_price_per_token=self.config.max_price_per_token,
+        )
 
-    async def generate_tokens(self, prompt_ids: list[int], params: GenerationParams, eos_ids: set[int]) -> AsyncIterator[int]:
+    async def generate_tokens(
+        self, prompt_ids: list[int], params: GenerationParams, eos_ids: set[int]
+    ) -> AsyncIterator[int]:
         """Yields new token ids one by one (stop strings are the caller's business)."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         total = len(prompt_ids) + params.max_new_tokens
         if total > getattr(self.model_config, "max_position_embeddings", total):
-            raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
-                             f"context of {self.model_config.max_position_embeddings} tokens")
+            raise ValueError(
+                f"prompt ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
+                f"context of {self.model_config.max_position_embeddings} tokens"
+            )
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         sampled = params.temperature > 0
         priced = self.billing is not None or self.config.max_price_per_token is not None
@@ -393,6 +446,7 @@ class SwarmClient:
         self.last_billing = billing
         session = self.inference_session(max_length=total, billing=billing)
         self.last_session = session
+
         # Grad modes are thread-local: a `with torch.inference_mode()` held across an await or a yield would
         # leak into every other coroutine on this loop (and into tensors they return), so only the local,
         # synchronous head computations run in it.
@@ -460,7 +514,9 @@ class DistributedModel:
         self.config = core.model_config
 
     @classmethod
-    def from_pretrained(cls, model: str, initial_peers: Sequence[str], *, config: ClientConfig | None = None) -> "DistributedModel":
+    def from_pretrained(
+        cls, model: str, initial_peers: Sequence[str], *, config: ClientConfig | None = None
+    ) -> DistributedModel:
         """Loads the tokenizer, embeddings and head of `model` locally and joins the swarm."""
         model_dir = resolve_model(model)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -483,7 +539,7 @@ class DistributedModel:
         finally:
             self._loop.stop()
 
-    def __enter__(self) -> "DistributedModel":
+    def __enter__(self) -> DistributedModel:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -524,13 +580,17 @@ class DistributedModel:
                 if hit >= 0:
                     full, finish = full[:hit], "stop"
                 if len(full) > len(text):
-                    emit(full[len(text):])
+                    emit(full[len(text) :])
                 text = full if len(full) >= len(text) else text
                 if finish == "stop":
                     break
         session = getattr(self._core, "last_session", None)
         return GenerationResult(
-            text=text, token_ids=ids, finish_reason=finish, prompt_tokens=len(prompt_ids), completion_tokens=len(ids),
+            text=text,
+            token_ids=ids,
+            finish_reason=finish,
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=len(ids),
             route=[f"{h.hop.peer_id}:{h.hop.start}:{h.hop.end}" for h in (session.hops if session else [])],
             failovers=session.failovers if session else 0,
             quote=getattr(self._core, "last_quote", None),
@@ -550,7 +610,8 @@ class DistributedModel:
         pieces: queue.Queue = queue.Queue()
         done = object()
         future = asyncio.run_coroutine_threadsafe(
-            self._stream_on_loop(self._prompt_ids(prompt), params, pieces.put), self._loop.loop)
+            self._stream_on_loop(self._prompt_ids(prompt), params, pieces.put), self._loop.loop
+        )
         future.add_done_callback(lambda _: pieces.put(done))
         while (item := pieces.get()) is not done:
             yield item
@@ -559,11 +620,16 @@ class DistributedModel:
     async def agenerate(self, prompt: str | list[int], params: GenerationParams | None = None) -> GenerationResult:
         params = params or GenerationParams()
         future = asyncio.run_coroutine_threadsafe(
-            self._stream_on_loop(self._prompt_ids(prompt), params, lambda _: None), self._loop.loop)
+            self._stream_on_loop(self._prompt_ids(prompt), params, lambda _: None), self._loop.loop
+        )
         return await asyncio.wrap_future(future)
 
-    async def astream(self, prompt: str | list[int], params: GenerationParams | None = None,
-                      on_result: Callable[[GenerationResult], None] | None = None) -> AsyncIterator[str]:
+    async def astream(
+        self,
+        prompt: str | list[int],
+        params: GenerationParams | None = None,
+        on_result: Callable[[GenerationResult], None] | None = None,
+    ) -> AsyncIterator[str]:
         """Yields pieces of text as tokens arrive; `on_result` then gets the GenerationResult (token counts,
         finish reason). Closing the iterator early (e.g. an HTTP client went away) cancels the generation."""
         params = params or GenerationParams()
@@ -571,9 +637,11 @@ class DistributedModel:
         pieces: asyncio.Queue = asyncio.Queue()
         done = object()
         future = asyncio.run_coroutine_threadsafe(
-            self._stream_on_loop(self._prompt_ids(prompt), params,
-                                 lambda piece: caller.call_soon_threadsafe(pieces.put_nowait, piece)),
-            self._loop.loop)
+            self._stream_on_loop(
+                self._prompt_ids(prompt), params, lambda piece: caller.call_soon_threadsafe(pieces.put_nowait, piece)
+            ),
+            self._loop.loop,
+        )
         future.add_done_callback(lambda _: caller.call_soon_threadsafe(pieces.put_nowait, done))
         try:
             while (item := await pieces.get()) is not done:
@@ -594,7 +662,7 @@ class DistributedModel:
         full = self.tokenizer(prompt + completion)["input_ids"]
         if len(full) <= len(prompt_ids):
             raise ValueError("the completion adds no tokens to the prompt")
-        labels = [-100] * len(prompt_ids) + full[len(prompt_ids):]
+        labels = [-100] * len(prompt_ids) + full[len(prompt_ids) :]
         return torch.tensor([full]), torch.tensor([labels])
 
     def feedback(self, prompt: str, completion: str) -> float:

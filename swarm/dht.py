@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from hivemind import DHT
 from hivemind.dht.crypto import RSASignatureValidator

@@ -67,7 +67,7 @@ class DirectEndpoint:
         return {"host": self.host, "port": self.port, "tls_sha256": self.tls_sha256.hex()}
 
     @classmethod
-    def from_info(cls, value: Any) -> "DirectEndpoint":
+    def from_info(cls, value: Any) -> DirectEndpoint:
         """Parses the `direct` field of a peer's info reply; raises DirectEndpointError if malformed."""
         if not isinstance(value, dict):
             raise DirectEndpointError(f"direct endpoint must be a map, got {type(value).__name__}")
@@ -96,7 +96,7 @@ class TlsIdentity:
     sha256: bytes  # of the DER certificate: what clients pin
 
     @classmethod
-    def generate(cls) -> "TlsIdentity":
+    def generate(cls) -> TlsIdentity:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
@@ -104,15 +104,22 @@ class TlsIdentity:
 
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dllm-peer")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=3650))
-                .sign(key, hashes.SHA256()))
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=3650))
+            .sign(key, hashes.SHA256())
+        )
         return cls(
             cert_pem=cert.public_bytes(serialization.Encoding.PEM),
-            key_pem=key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()),
+            key_pem=key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
             sha256=hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest(),
         )
 
@@ -142,15 +149,19 @@ async def connect(endpoint: DirectEndpoint, timeout: float) -> tuple[asyncio.Str
     """Opens a TLS connection to `endpoint` and checks that the peer presented the pinned certificate."""
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(endpoint.host, endpoint.port, ssl=client_context(), server_hostname=""), timeout)
-    except (OSError, ssl.SSLError, asyncio.TimeoutError) as e:
-        raise DirectStreamError(f"cannot open a direct stream to {endpoint.host}:{endpoint.port}: "
-                                f"{type(e).__name__}: {e}") from e
+            asyncio.open_connection(endpoint.host, endpoint.port, ssl=client_context(), server_hostname=""), timeout
+        )
+    except (TimeoutError, OSError, ssl.SSLError) as e:
+        raise DirectStreamError(
+            f"cannot open a direct stream to {endpoint.host}:{endpoint.port}: {type(e).__name__}: {e}"
+        ) from e
     der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
     if der is None or hashlib.sha256(der).digest() != endpoint.tls_sha256:
         writer.close()
-        raise DirectStreamError(f"{endpoint.host}:{endpoint.port} presented another TLS certificate than the "
-                                "peer announced over P2P; not using it")
+        raise DirectStreamError(
+            f"{endpoint.host}:{endpoint.port} presented another TLS certificate than the "
+            "peer announced over P2P; not using it"
+        )
     return reader, writer
 
 

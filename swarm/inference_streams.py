@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator, Protocol
+from collections.abc import AsyncIterator
+from typing import Protocol
 
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
@@ -41,7 +42,7 @@ class P2PInferenceStream:
         self._responses, self._requests = responses, requests
 
     @classmethod
-    async def open(cls, p2p: P2P, peer_id: str) -> "P2PInferenceStream":
+    async def open(cls, p2p: P2P, peer_id: str) -> P2PInferenceStream:
         requests: asyncio.Queue = asyncio.Queue()
 
         async def outgoing():
@@ -49,7 +50,8 @@ class P2PInferenceStream:
                 yield item
 
         responses = await p2p.iterate_protobuf_handler(
-            PeerID.from_base58(peer_id), protocol.HANDLER_INFERENCE, outgoing(), runtime_pb2.ExpertResponse)
+            PeerID.from_base58(peer_id), protocol.HANDLER_INFERENCE, outgoing(), runtime_pb2.ExpertResponse
+        )
         return cls(responses, requests)
 
     async def send(self, request: runtime_pb2.ExpertRequest) -> None:
@@ -76,7 +78,7 @@ class DirectInferenceStream:
         self._reader, self._writer = reader, writer
 
     @classmethod
-    async def open(cls, endpoint: DirectEndpoint, timeout: float) -> "DirectInferenceStream":
+    async def open(cls, endpoint: DirectEndpoint, timeout: float) -> DirectInferenceStream:
         return cls(*await connect(endpoint, timeout))
 
     async def send(self, request: runtime_pb2.ExpertRequest) -> None:

@@ -36,7 +36,9 @@ def resolve_model(path_or_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        folder = snapshot_download(
+            path_or_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        )
     except Exception as e:
         raise ModelFilesError(
             f"model {path_or_id!r} is neither a local folder nor a hub id that could be fetched: {e}"
@@ -52,7 +54,7 @@ def model_name(model_dir: Path, config: PretrainedConfig) -> str:
     # A hub snapshot lives in .../models--org--name/snapshots/<hash>: name it org/name.
     for parent in model_dir.parents:
         if parent.name.startswith("models--"):
-            return parent.name[len("models--"):].replace("--", "/")
+            return parent.name[len("models--") :].replace("--", "/")
     return model_dir.name
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -36,13 +36,13 @@ class SamplingFields(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: Union[bool, int, None] = None
-    user: Optional[str] = None
+    logprobs: bool | int | None = None
+    user: str | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -63,10 +63,10 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str]]
+    prompt: str | list[str]
     max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
     echo: bool = False
-    suffix: Optional[str] = None
+    suffix: str | None = None
 
     def single_prompt(self) -> str:
         if isinstance(self.prompt, str):
@@ -85,7 +85,7 @@ class CompletionRequest(SamplingFields):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: Union[str, list[dict[str, Any]]]
+    content: str | list[dict[str, Any]]
 
     def text(self) -> str:
         """The message's text; content parts other than text are refused."""
@@ -101,8 +101,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    max_completion_tokens: Optional[int] = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
 
     def token_budget(self) -> int:
         return self.max_completion_tokens or self.max_tokens or 256
@@ -113,7 +113,7 @@ class FeedbackRequest(BaseModel):
 
     prompt: str = Field(min_length=1)
     completion: str = Field(min_length=1)
-    model: Optional[str] = None
+    model: str | None = None
 
 
 def new_id(prefix: str) -> str:
@@ -132,14 +132,16 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     """OpenAI's error envelope: {"error": {"message", "type", "param", "code"}}."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def completion_body(request_id: str, model: str, text: str, finish_reason: str | None,
-                    usage_counts: dict[str, int] | None, created: int) -> dict[str, Any]:
+def completion_body(
+    request_id: str, model: str, text: str, finish_reason: str | None, usage_counts: dict[str, int] | None, created: int
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": request_id,
         "object": "text_completion",
@@ -152,29 +154,36 @@ def completion_body(request_id: str, model: str, text: str, finish_reason: str |
     return body
 
 
-def chat_body(request_id: str, model: str, text: str, finish_reason: str, usage_counts: dict[str, int],
-              created: int) -> dict[str, Any]:
+def chat_body(
+    request_id: str, model: str, text: str, finish_reason: str, usage_counts: dict[str, int], created: int
+) -> dict[str, Any]:
     return {
         "id": request_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": finish_reason,
-        }],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
         "usage": usage_counts,
     }
 
 
-def chat_chunk(request_id: str, model: str, created: int, delta: dict[str, Any] | None,
-               finish_reason: str | None, usage_counts: dict[str, int] | None = None) -> dict[str, Any]:
+def chat_chunk(
+    request_id: str,
+    model: str,
+    created: int,
+    delta: dict[str, Any] | None,
+    finish_reason: str | None,
+    usage_counts: dict[str, int] | None = None,
+) -> dict[str, Any]:
     """One `chat.completion.chunk`; a usage-only chunk (stream_options.include_usage) has no choices."""
-    choices = [] if delta is None else [
-        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    ]
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
     body: dict[str, Any] = {
         "id": request_id,
         "object": "chat.completion.chunk",

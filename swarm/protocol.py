@@ -61,8 +61,17 @@ class PeerBusyError(RemotePeerError):
     kind = "cache_full"
 
 
-_ERRORS = {cls.kind: cls for cls in (RemotePeerError, InvalidRequestError, InvalidTensorRemoteError,
-                                     UnknownSessionError, BlocksNotServedError, PeerBusyError)}
+_ERRORS = {
+    cls.kind: cls
+    for cls in (
+        RemotePeerError,
+        InvalidRequestError,
+        InvalidTensorRemoteError,
+        UnknownSessionError,
+        BlocksNotServedError,
+        PeerBusyError,
+    )
+}
 
 
 def pack_metadata(metadata: dict[str, Any]) -> bytes:

@@ -57,7 +57,7 @@ class ServerRecord:
         return d
 
     @classmethod
-    def from_wire(cls, value: Any, expires_at: float = 0.0, owner: str = "") -> "ServerRecord":
+    def from_wire(cls, value: Any, expires_at: float = 0.0, owner: str = "") -> ServerRecord:
         if not isinstance(value, dict):
             raise RecordError(f"record must be a map, got {type(value).__name__}")
         expected = {f.name for f in fields(cls)}
@@ -109,8 +109,13 @@ async def _store_records(dht: DHT, node: DHTNode, record: dict, model_entry: dic
 async def announce(dht: DHT, record: ServerRecord, owner_marker: bytes, ttl: float) -> bool:
     """Stores `record` under every block it serves (and the model in the model list), signed."""
     model_entry = {"model": record.model, "num_blocks": record.num_blocks}
-    fn = partial(_store_records, record=record.to_wire(), model_entry=model_entry,
-                 subkey=_subkey(record.peer_id, owner_marker), ttl=ttl)
+    fn = partial(
+        _store_records,
+        record=record.to_wire(),
+        model_entry=model_entry,
+        subkey=_subkey(record.peer_id, owner_marker),
+        ttl=ttl,
+    )
     return await dht.run_coroutine(fn, return_future=True)
 
 

@@ -88,8 +88,7 @@ def plan_route(
     """
     latency = latency or {}
     usable = [
-        r for r in records
-        if not (banned and banned.is_banned(r.peer_id)) and (max_rate is None or r.rate <= max_rate)
+        r for r in records if not (banned and banned.is_banned(r.peer_id)) and (max_rate is None or r.rate <= max_rate)
     ]
     INF = (float("inf"), 0)
     best: dict[int, tuple[tuple[float, int], list[Hop]]] = {end: ((0.0, 0), [])}
@@ -110,7 +109,9 @@ def plan_route(
     cost, hops = best[start]
     if cost == INF:
         missing = [b for b in range(start, end) if not any(r.start <= b < r.end for r in usable)]
-        detail = f"no reachable peer serves block(s) {missing}" if missing else "the available spans do not chain together"
+        detail = (
+            f"no reachable peer serves block(s) {missing}" if missing else "the available spans do not chain together"
+        )
         if max_rate is not None:
             detail += f" within the price cap of {max_rate}"
         raise NoRouteError(f"cannot route blocks {start}:{end}: {detail} ({len(records)} peers announced)")

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import torch
 from hivemind.proto import runtime_pb2
@@ -49,8 +49,18 @@ class SessionFailedError(RuntimeError):
 class _HopStream:
     """One open inference stream to one peer, with the inputs it has been sent so far."""
 
-    def __init__(self, open_stream: StreamOpener, hop: Hop, model: str, max_length: int, batch: int, timeout: float,
-                 probe: LivenessProbe, observer: StepObserver | None = None, open_extra: dict | None = None):
+    def __init__(
+        self,
+        open_stream: StreamOpener,
+        hop: Hop,
+        model: str,
+        max_length: int,
+        batch: int,
+        timeout: float,
+        probe: LivenessProbe,
+        observer: StepObserver | None = None,
+        open_extra: dict | None = None,
+    ):
         self.session_id = uuid.uuid4().hex
         self.observer, self.open_extra = observer, open_extra or {}
         self.open_stream, self.hop, self.model, self.probe = open_stream, hop, model, probe
@@ -62,14 +72,20 @@ class _HopStream:
 
     @property
     def transport(self) -> str | None:
-        """"direct" or "p2p" once the stream is open."""
+        """ "direct" or "p2p" once the stream is open."""
         return self._stream.transport if self._stream is not None else None
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         metadata = {"position": self.position}
         if self._stream is None:
-            metadata.update(model=self.model, blocks=[self.hop.start, self.hop.end], max_length=self.max_length,
-                            batch=self.batch, session_id=self.session_id, **self.open_extra)
+            metadata.update(
+                model=self.model,
+                blocks=[self.hop.start, self.hop.end],
+                max_length=self.max_length,
+                batch=self.batch,
+                session_id=self.session_id,
+                **self.open_extra,
+            )
         request = runtime_pb2.ExpertRequest(tensors=[encode(hidden)], metadata=protocol.pack_metadata(metadata))
         if self._stream is None:
             self._stream = await asyncio.wait_for(self.open_stream(self.hop.peer_id), self.timeout)
@@ -86,7 +102,9 @@ class _HopStream:
         output = decode(response.tensors[0], max_bytes=MAX_RESPONSE_BYTES)  # a failover replay can be large
         check_hidden_states(output, hidden.shape[-1], 2**31, f"output of peer {self.hop.peer_id}")
         if output.shape != hidden.shape:
-            raise InvalidTensorError(f"peer {self.hop.peer_id} returned shape {list(output.shape)} for input {list(hidden.shape)}")
+            raise InvalidTensorError(
+                f"peer {self.hop.peer_id} returned shape {list(output.shape)} for input {list(hidden.shape)}"
+            )
         if self.observer is not None:
             self.observer(self, hidden, output, self.position)
         self.history.append(hidden)
@@ -107,7 +125,7 @@ class _HopStream:
             while True:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
-                    raise asyncio.TimeoutError(f"peer {self.hop.peer_id} did not answer within {self.timeout:.1f} s")
+                    raise TimeoutError(f"peer {self.hop.peer_id} did not answer within {self.timeout:.1f} s")
                 done, _ = await asyncio.wait({pending}, timeout=min(suspicion, remaining))
                 if done:
                     return pending.result()
@@ -126,10 +144,22 @@ class _HopStream:
 class InferenceSession:
     """A generation session over the swarm: `await step(hidden)` runs new tokens through every block."""
 
-    def __init__(self, open_stream: StreamOpener, model: str, num_blocks: int, plan: RoutePlanner,
-                 on_failure: Callable[[str, Exception], None], probe: LivenessProbe, *, max_length: int, batch: int = 1,
-                 timeout: float = 10.0, max_failovers: int = 8, observer: StepObserver | None = None,
-                 open_extra: dict | None = None):
+    def __init__(
+        self,
+        open_stream: StreamOpener,
+        model: str,
+        num_blocks: int,
+        plan: RoutePlanner,
+        on_failure: Callable[[str, Exception], None],
+        probe: LivenessProbe,
+        *,
+        max_length: int,
+        batch: int = 1,
+        timeout: float = 10.0,
+        max_failovers: int = 8,
+        observer: StepObserver | None = None,
+        open_extra: dict | None = None,
+    ):
         self.observer, self.open_extra = observer, open_extra
         self.open_stream, self.model, self.num_blocks = open_stream, model, num_blocks
         self.plan, self.on_failure, self.probe = plan, on_failure, probe
@@ -140,8 +170,20 @@ class InferenceSession:
         self.stall_seconds: list[float] = []  # per failover: from the failing step's start to recovery
 
     def _new_hops(self, hops: list[Hop]) -> list[_HopStream]:
-        return [_HopStream(self.open_stream, h, self.model, self.max_length, self.batch, self.timeout, self.probe,
-                           self.observer, self.open_extra) for h in hops]
+        return [
+            _HopStream(
+                self.open_stream,
+                h,
+                self.model,
+                self.max_length,
+                self.batch,
+                self.timeout,
+                self.probe,
+                self.observer,
+                self.open_extra,
+            )
+            for h in hops
+        ]
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.hops:
@@ -157,18 +199,25 @@ class InferenceSession:
                 raise  # our own request is bad: another peer would reject it too
             except Exception as e:  # dead, stalled, busy or lying peer: route around it
                 replacement, output = await self._fail_over(hop, hidden, e, step_started)
-                self.hops[i:i + 1] = replacement
+                self.hops[i : i + 1] = replacement
                 hidden = output
                 i += len(replacement)
         return hidden
 
-    async def _fail_over(self, failed: _HopStream, current: torch.Tensor, error: Exception,
-                         started: float) -> tuple[list[_HopStream], torch.Tensor]:
+    async def _fail_over(
+        self, failed: _HopStream, current: torch.Tensor, error: Exception, started: float
+    ) -> tuple[list[_HopStream], torch.Tensor]:
         """Replaces `failed` by new hops for the same blocks and replays its history through them."""
         # A busy peer (cache budget full) is healthy and expected under load: not worth a warning.
         log = logger.info if isinstance(error, protocol.PeerBusyError) else logger.warning
-        log("peer %s failed on blocks %d:%d (%s: %s); re-routing",
-            failed.hop.peer_id, failed.hop.start, failed.hop.end, type(error).__name__, error)
+        log(
+            "peer %s failed on blocks %d:%d (%s: %s); re-routing",
+            failed.hop.peer_id,
+            failed.hop.start,
+            failed.hop.end,
+            type(error).__name__,
+            error,
+        )
         self.on_failure(failed.hop.peer_id, error)
         asyncio.create_task(failed.close())
         last_error: Exception = error
@@ -190,7 +239,7 @@ class InferenceSession:
                     asyncio.create_task(h.close())
                 continue
             self.stall_seconds.append(time.perf_counter() - started)
-            return hops, x[:, -current.shape[1]:]
+            return hops, x[:, -current.shape[1] :]
         raise SessionFailedError(f"gave up after {self.failovers} failovers: {last_error}") from last_error
 
     async def close(self) -> None:

@@ -28,7 +28,7 @@ class PeerView:
     expires_in_s: float
 
     @classmethod
-    def from_record(cls, record: ServerRecord, now: float) -> "PeerView":
+    def from_record(cls, record: ServerRecord, now: float) -> PeerView:
         return cls(
             peer_id=record.peer_id,
             start=record.start,

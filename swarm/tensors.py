@@ -51,13 +51,17 @@ def decode(message: runtime_pb2.Tensor, *, max_bytes: int = MAX_TENSOR_BYTES) ->
         # A zero-sized dim must not hide huge others: torch would overflow computing their strides.
         raise InvalidTensorError(f"tensor of shape {shape} has dimensions over the {max_bytes}-byte limit")
     if len(message.buffer) != nbytes:
-        raise InvalidTensorError(f"tensor buffer has {len(message.buffer)} bytes but shape {shape} {message.dtype} needs {nbytes}")
+        raise InvalidTensorError(
+            f"tensor buffer has {len(message.buffer)} bytes but shape {shape} {message.dtype} needs {nbytes}"
+        )
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(bytearray(message.buffer), dtype=dtype).view(shape)
 
 
-def check_hidden_states(tensor: torch.Tensor, hidden_size: int, max_tokens: int, name: str = "hidden states") -> torch.Tensor:
+def check_hidden_states(
+    tensor: torch.Tensor, hidden_size: int, max_tokens: int, name: str = "hidden states"
+) -> torch.Tensor:
     """Checks a [batch, tokens, hidden_size] floating tensor of finite values; returns it unchanged."""
     if not tensor.is_floating_point():
         raise InvalidTensorError(f"{name} must be floating point, got {tensor.dtype}")
@@ -66,7 +70,9 @@ def check_hidden_states(tensor: torch.Tensor, hidden_size: int, max_tokens: int,
     if tensor.shape[0] < 1 or tensor.shape[1] < 1:
         raise InvalidTensorError(f"{name} is empty: shape {list(tensor.shape)}")
     if tensor.shape[0] * tensor.shape[1] > max_tokens:
-        raise InvalidTensorError(f"{name} hold {tensor.shape[0] * tensor.shape[1]} tokens, over this peer's limit of {max_tokens} per request")
+        raise InvalidTensorError(
+            f"{name} hold {tensor.shape[0] * tensor.shape[1]} tokens, over this peer's limit of {max_tokens} per request"
+        )
     if not _all_finite(tensor):
         raise InvalidTensorError(f"{name} contain NaN or infinite values")
     return tensor

@@ -1,4 +1,5 @@
 """`dllm chain dev`: run the dev chain in the foreground until Ctrl-C."""
+
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,5 @@
 """The well-known development accounts (//Alice ... //Ferdie) every Substrate tool knows."""
+
 from __future__ import annotations
 
 from substrateinterface import Keypair, KeypairType

@@ -5,6 +5,7 @@ so it is extracted at install / first-run time into the ignored build directory,
 The dev spec is that genesis, unchanged runtime and all, plus storage writes that make the
 protocol usable at block 1: the dev accounts are funded and the protocol accounts exist.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Start and stop the local dev chain (chopsticks running the Rococo Asset Hub runtime)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -95,11 +96,15 @@ class DevChain:
     def _command(self, spec: Path) -> list[str]:
         cfg = self.config
         cmd = [
-            "node", str(CHOPSTICKS_BIN),
+            "node",
+            str(CHOPSTICKS_BIN),
             f"--genesis={spec}",
-            "--host", cfg.host,
-            "--port", str(cfg.port),
-            "--build-block-mode", cfg.build_block_mode,
+            "--host",
+            cfg.host,
+            "--port",
+            str(cfg.port),
+            "--build-block-mode",
+            cfg.build_block_mode,
         ]
         if cfg.state_dir is not None:
             db = cfg.state_dir / "chain.sqlite"
@@ -132,7 +137,10 @@ class DevChain:
         cmd = self._command(spec)
         log.info("starting dev chain: %s", " ".join(cmd))
         self._process = await asyncio.create_subprocess_exec(
-            *cmd, stdout=self._log_file, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            *cmd,
+            stdout=self._log_file,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
             preexec_fn=_die_with_parent,
             env={**os.environ, "LOG_LEVEL": os.environ.get("CHOPSTICKS_LOG_LEVEL", "info")},
         )
@@ -237,7 +245,7 @@ class DevChain:
                 os.killpg(proc.pid, signal.SIGINT)
             try:
                 await asyncio.wait_for(proc.wait(), timeout=15)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("dev chain did not stop on SIGINT; killing it")
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -246,7 +254,7 @@ class DevChain:
             self._log_file.close()
             self._log_file = None
 
-    async def __aenter__(self) -> "DevChain":
+    async def __aenter__(self) -> DevChain:
         await self.start()
         return self
 

@@ -55,18 +55,34 @@ def _worker(index: int, sizes: list[int], inbox: mp.Queue, outbox: mp.Queue) -> 
     initial_peers = inbox.get()
     dht = DHT(initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     outbox.put(("ready", index, [str(m) for m in dht.get_visible_maddrs()]))
-    config = AveragingConfig(min_matchmaking_time=1.5, request_timeout=1.0, allreduce_timeout=60.0,
-                             next_chunk_timeout=5.0, commit_timeout=10.0, replica_ttl=120.0, clip_tau=1e9)
+    config = AveragingConfig(
+        min_matchmaking_time=1.5,
+        request_timeout=1.0,
+        allreduce_timeout=60.0,
+        next_chunk_timeout=5.0,
+        commit_timeout=10.0,
+        replica_ttl=120.0,
+        clip_tau=1e9,
+    )
     try:
         for size in sizes:
             layers = nn.ModuleList(
                 nn.ModuleDict({"q_proj": nn.Linear(LINEAR, LINEAR), "v_proj": nn.Linear(LINEAR, LINEAR)})
-                for _ in range(LAYERS))
+                for _ in range(LAYERS)
+            )
             adapters = AdapterSet(layers, 0, LoraConfig(rank=rank_for(size), targets=("q_proj", "v_proj")))
             ours = AdapterAverager(dht, adapters, model=f"bench{size}", start=0, end=LAYERS, config=config)
-            raw = DecentralizedAverager([torch.randn(adapters.num_parameters())], dht, start=True,
-                                        prefix=f"bench_raw_{size}", min_matchmaking_time=1.5, request_timeout=1.0,
-                                        allreduce_timeout=60.0, next_chunk_timeout=5.0, target_group_size=16)
+            raw = DecentralizedAverager(
+                [torch.randn(adapters.num_parameters())],
+                dht,
+                start=True,
+                prefix=f"bench_raw_{size}",
+                min_matchmaking_time=1.5,
+                request_timeout=1.0,
+                allreduce_timeout=60.0,
+                next_chunk_timeout=5.0,
+                target_group_size=16,
+            )
             asyncio.run(ours.declare_replica())  # as a serving peer does from its start (keep_declared)
             outbox.put(("built", index, adapters.num_parameters()))
             while (plan := inbox.get()) is not None:
@@ -145,8 +161,9 @@ def main() -> None:
             results = measure(n, args.sizes, args.rounds, progress)
             for size in sorted({s for s, _ in results}):
                 (raw, raw_fail), (ours, our_fail) = results[(size, "raw")], results[(size, "dllm")]
-                table.add_row(str(n), f"{size:,}", f"{raw:.3f}", f"{ours:.3f}", f"{ours / raw:.2f}x",
-                              f"{raw_fail}/{our_fail}")
+                table.add_row(
+                    str(n), f"{size:,}", f"{raw:.3f}", f"{ours:.3f}", f"{ours / raw:.2f}x", f"{raw_fail}/{our_fail}"
+                )
     Console().print(table)
 
 

@@ -58,8 +58,14 @@ async def measure(swarm: LocalSwarm, examples: list[int], repeats: int) -> list[
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         for count in examples:
             batch = build_canary_batch((default * (count // len(default) + 1))[:count], tokenizer)
-            evaluator = SwarmCanaryEvaluator(client, peer_id="this-bench", start=0, end=4, batch=batch,
-                                             local_forward=lambda h, v: asyncio.to_thread(pinned, h, v))
+            evaluator = SwarmCanaryEvaluator(
+                client,
+                peer_id="this-bench",
+                start=0,
+                end=4,
+                batch=batch,
+                local_forward=lambda h, v: asyncio.to_thread(pinned, h, v),
+            )
             await evaluator.losses([0, candidate])  # warm-up: route, pings, first compute
             await client.forward_hidden(client.head.embed_tokens(batch.input_ids))
             canary_s, anchor_s = [], []

@@ -5,6 +5,7 @@ and block build time. Starts its own dev chain (in memory) on a free 127.0.0.1 p
 Run: .venv/bin/python scripts/bench/chain.py [--extrinsics 5]
 The anchor is batch size 1 measured in the same run; the target is >= 200 receipts/s with batching.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,13 +45,20 @@ def receipt_id(tag: str) -> bytes:
 
 def measure(ledger: ComputeLedger, batch: int, extrinsics: int, providers: list[str]) -> dict:
     client = Keypair.create_from_uri(f"//bench-{uuid.uuid4().hex}", ss58_format=ledger.ss58_format)
-    ledger.submitter.submit(dev_keypair("Ferdie", ledger.ss58_format), ledger.substrate.compose_call(
-        "Balances", "transfer_keep_alive", {"dest": client.ss58_address, "value": 10_000 * UNIT}))
+    ledger.submitter.submit(
+        dev_keypair("Ferdie", ledger.ss58_format),
+        ledger.substrate.compose_call(
+            "Balances", "transfer_keep_alive", {"dest": client.ss58_address, "value": 10_000 * UNIT}
+        ),
+    )
     durations, inclusion, fees = [], [], []
     for n in tqdm(range(extrinsics), desc=f"batch {batch:>3}", leave=False):
         payments = [
-            Payment(receipt_id(f"{client.ss58_address}-{n}-{i}"), UNIT // 100,
-                    tuple(ProviderShare(p, 1 + j) for j, p in enumerate(providers)))
+            Payment(
+                receipt_id(f"{client.ss58_address}-{n}-{i}"),
+                UNIT // 100,
+                tuple(ProviderShare(p, 1 + j) for j, p in enumerate(providers)),
+            )
             for i in range(batch)
         ]
         start = time.perf_counter()
@@ -65,8 +73,11 @@ def measure(ledger: ComputeLedger, batch: int, extrinsics: int, providers: list[
         fees.append(result.fee)
     total = sum(durations)
     return {
-        "batch": batch, "extrinsics": extrinsics, "receipts_per_s": batch * extrinsics / total,
-        "latency_s": statistics.median(durations), "inclusion_s": statistics.median(inclusion),
+        "batch": batch,
+        "extrinsics": extrinsics,
+        "receipts_per_s": batch * extrinsics / total,
+        "latency_s": statistics.median(durations),
+        "inclusion_s": statistics.median(inclusion),
         "fee_per_receipt": statistics.median(fees) / batch,
     }
 
@@ -98,16 +109,31 @@ def main() -> None:
         loop.close()
     anchor = rows[0]["receipts_per_s"]
     table = Table(title="Settlement on the dev chain (Rococo Asset Hub runtime, chopsticks, Instant mode)")
-    for col in ("receipts/extrinsic", "extrinsics", "receipts/s", "x vs batch 1", "median latency s",
-                "median inclusion s", "fee/receipt (planck)"):
+    for col in (
+        "receipts/extrinsic",
+        "extrinsics",
+        "receipts/s",
+        "x vs batch 1",
+        "median latency s",
+        "median inclusion s",
+        "fee/receipt (planck)",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["batch"]), str(r["extrinsics"]), f"{r['receipts_per_s']:.1f}",
-                      f"{r['receipts_per_s'] / anchor:.1f}", f"{r['latency_s']:.3f}", f"{r['inclusion_s']:.3f}",
-                      f"{r['fee_per_receipt']:,.0f}")
+        table.add_row(
+            str(r["batch"]),
+            str(r["extrinsics"]),
+            f"{r['receipts_per_s']:.1f}",
+            f"{r['receipts_per_s'] / anchor:.1f}",
+            f"{r['latency_s']:.3f}",
+            f"{r['inclusion_s']:.3f}",
+            f"{r['fee_per_receipt']:,.0f}",
+        )
     console.print(table)
-    console.print(f"empty block build (dev_newBlock): {empty_block:.3f} s; target >= 200 receipts/s with batching: "
-                  + ("met" if max(r["receipts_per_s"] for r in rows) >= 200 else "NOT met"))
+    console.print(
+        f"empty block build (dev_newBlock): {empty_block:.3f} s; target >= 200 receipts/s with batching: "
+        + ("met" if max(r["receipts_per_s"] for r in rows) >= 200 else "NOT met")
+    )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 # Run as a script, this folder comes first on sys.path and its chain.py would shadow the `chain` package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -62,7 +62,7 @@ def interleaved_tokens_per_s(runners: dict[str, Callable[[], None]], tokens: int
         run()  # warm-up: routing, connections, allocator
     times: dict[str, list[float]] = {name: [] for name in runners}
     for i in range(runs):
-        for name, run in (list(runners.items())[:: 1 if i % 2 == 0 else -1]):
+        for name, run in list(runners.items())[:: 1 if i % 2 == 0 else -1]:
             started = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - started)
@@ -71,9 +71,12 @@ def interleaved_tokens_per_s(runners: dict[str, Callable[[], None]], tokens: int
 
 def clients(path: str, swarm: LocalSwarm) -> dict[str, DistributedModel]:
     """One client per transport of the inference streams."""
-    return {transport: DistributedModel.from_pretrained(path, swarm.initial_peers,
-                                                        config=ClientConfig(direct_streams=transport == "direct"))
-            for transport in ("direct", "p2p")}
+    return {
+        transport: DistributedModel.from_pretrained(
+            path, swarm.initial_peers, config=ClientConfig(direct_streams=transport == "direct")
+        )
+        for transport in ("direct", "p2p")
+    }
 
 
 def failover_stall(swarm: LocalSwarm, model: DistributedModel, tokens: int) -> tuple[float, float]:
@@ -118,8 +121,9 @@ def two_peer_ratio(path: Path, tokens: int, runs: int) -> dict[str, float]:
             swarm.wait_ready(p, timeout=180)
         models = clients(str(path), swarm)
         try:
-            return interleaved_tokens_per_s({"local": local, **{t: swarm_generator(m, tokens) for t, m in models.items()}},
-                                            tokens, runs)
+            return interleaved_tokens_per_s(
+                {"local": local, **{t: swarm_generator(m, tokens) for t, m in models.items()}}, tokens, runs
+            )
         finally:
             for m in models.values():
                 m.close()
@@ -129,8 +133,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--wider", type=int, default=1024,
-                        help="also measure a random model of this hidden size (0: skip); network overhead matters less")
+    parser.add_argument(
+        "--wider",
+        type=int,
+        default=1024,
+        help="also measure a random model of this hidden size (0: skip); network overhead matters less",
+    )
     args = parser.parse_args()
     path = default_model_path()
     console = Console()
@@ -139,8 +147,9 @@ def main() -> None:
     # The anchor: transformers' own generate in one process, 1 thread (its fastest setting for a tiny
     # model, and what each peer uses), measured in turns with every swarm setup.
     default_threads = torch.get_num_threads()
-    local_default = interleaved_tokens_per_s({"local": local_generator(path, args.tokens, default_threads)},
-                                             args.tokens, 3)["local"]
+    local_default = interleaved_tokens_per_s(
+        {"local": local_generator(path, args.tokens, default_threads)}, args.tokens, 3
+    )["local"]
     local = local_generator(path, args.tokens, 1)
 
     with LocalSwarm(str(path)) as swarm:
@@ -149,7 +158,8 @@ def main() -> None:
         ready_s = one.info["ready_s"]
         models = clients(str(path), swarm)
         one_peer = interleaved_tokens_per_s(
-            {"local": local, **{t: swarm_generator(m, args.tokens) for t, m in models.items()}}, args.tokens, args.runs)
+            {"local": local, **{t: swarm_generator(m, args.tokens) for t, m in models.items()}}, args.tokens, args.runs
+        )
         for m in models.values():
             m.close()
         one.stop()
@@ -160,27 +170,46 @@ def main() -> None:
             swarm.wait_ready(p)
         models = clients(str(path), swarm)
         two_peers = interleaved_tokens_per_s(
-            {"local": local, **{t: swarm_generator(m, args.tokens) for t, m in models.items()}}, args.tokens, args.runs)
+            {"local": local, **{t: swarm_generator(m, args.tokens) for t, m in models.items()}}, args.tokens, args.runs
+        )
         stall, extra = failover_stall(swarm, models["direct"], args.tokens)
         for m in models.values():
             m.close()
 
     anchor = statistics.median([one_peer["local"], two_peers["local"]])
     rows.append(("local transformers, 1 process, 1 thread (anchor)", f"{anchor:.1f}", "1.00"))
-    rows.append((f"local transformers, 1 process, {default_threads} threads", f"{local_default:.1f}",
-                 f"{local_default / anchor:.2f}"))
+    rows.append(
+        (
+            f"local transformers, 1 process, {default_threads} threads",
+            f"{local_default:.1f}",
+            f"{local_default / anchor:.2f}",
+        )
+    )
     for label, measured in (("1 peer (0:8)", one_peer), ("2 peers (0:4 + 4:8)", two_peers)):
         for transport, name in (("direct", "direct TLS streams"), ("p2p", "hivemind P2P streams")):
             # each swarm figure against the local runs it took turns with
-            rows.append((f"swarm, {label}, {name}", f"{measured[transport]:.1f}",
-                         f"{measured[transport] / measured['local']:.2f}"))
+            rows.append(
+                (
+                    f"swarm, {label}, {name}",
+                    f"{measured[transport]:.1f}",
+                    f"{measured[transport] / measured['local']:.2f}",
+                )
+            )
 
     if args.wider:
         with tempfile.TemporaryDirectory() as tmp:
-            wide = two_peer_ratio(build_wider_model(path, args.wider, Path(tmp) / "wide"), args.tokens, max(3, args.runs // 3))
+            wide = two_peer_ratio(
+                build_wider_model(path, args.wider, Path(tmp) / "wide"), args.tokens, max(3, args.runs // 3)
+            )
         rows.append((f"local, random 8-layer model of hidden {args.wider}, 1 thread", f"{wide['local']:.1f}", "1.00"))
         for transport, name in (("direct", "direct TLS streams"), ("p2p", "hivemind P2P streams")):
-            rows.append((f"swarm, 2 peers, same model, {name}", f"{wide[transport]:.1f}", f"{wide[transport] / wide['local']:.2f}"))
+            rows.append(
+                (
+                    f"swarm, 2 peers, same model, {name}",
+                    f"{wide[transport]:.1f}",
+                    f"{wide[transport] / wide['local']:.2f}",
+                )
+            )
 
     table = Table(title=f"DLLM inference, {args.tokens} new tokens, greedy, median of {args.runs} interleaved runs")
     table.add_column("setup")

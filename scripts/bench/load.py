@@ -72,8 +72,9 @@ def error_name(e: BaseException) -> str:
     return f"{type(e).__name__}({type(cause).__name__})" if cause else type(e).__name__
 
 
-async def run_level(clients: list[SwarmClient], streams: int, seconds: float, tokens: int,
-                    peers: list[ManagedProcess]) -> LevelResult:
+async def run_level(
+    clients: list[SwarmClient], streams: int, seconds: float, tokens: int, peers: list[ManagedProcess]
+) -> LevelResult:
     result = LevelResult(streams, seconds)
     prompt_ids = AutoTokenizer.from_pretrained(clients[0].model_dir)(PROMPT)["input_ids"]
     params = GenerationParams(max_new_tokens=tokens, ignore_eos=True)
@@ -117,7 +118,9 @@ async def main_async(args) -> list[LevelResult]:
         for p in peers:
             swarm.wait_ready(p)
         config = ClientConfig(request_timeout=30.0, ban_duration=1.0)
-        clients = [SwarmClient(path, swarm.initial_peers, config) for _ in range(-(-max(args.levels) // STREAMS_PER_CLIENT))]
+        clients = [
+            SwarmClient(path, swarm.initial_peers, config) for _ in range(-(-max(args.levels) // STREAMS_PER_CLIENT))
+        ]
         await asyncio.gather(*(c.start() for c in clients))
         try:
             for level in tqdm(args.levels, desc="load levels"):
@@ -140,17 +143,34 @@ def main() -> None:
     results = asyncio.run(main_async(args))
 
     anchor = results[0].tokens / results[0].seconds or float("nan")
-    table = Table(title=f"swarm load: dllm-tiny-llama, 2 peers (0:4, 4:8), --cache-mb {args.cache_mb}, "
-                        f"{args.tokens} tokens/request, {args.seconds:.0f} s per level")
-    for col in ("clients", "requests/s", "tokens/s", f"vs {results[0].clients} client", "p50 s", "p99 s",
-                "errors", "peak RSS per peer (MiB)"):
+    table = Table(
+        title=f"swarm load: dllm-tiny-llama, 2 peers (0:4, 4:8), --cache-mb {args.cache_mb}, "
+        f"{args.tokens} tokens/request, {args.seconds:.0f} s per level"
+    )
+    for col in (
+        "clients",
+        "requests/s",
+        "tokens/s",
+        f"vs {results[0].clients} client",
+        "p50 s",
+        "p99 s",
+        "errors",
+        "peak RSS per peer (MiB)",
+    ):
         table.add_column(col, justify="right")
     for r in results:
         tps = r.tokens / r.seconds
         errors = ", ".join(f"{k} x{v}" for k, v in sorted(r.errors.items())) or "0"
-        table.add_row(str(r.clients), f"{len(r.latencies) / r.seconds:.2f}", f"{tps:.1f}", f"{tps / anchor:.2f}x",
-                      f"{percentile(r.latencies, 50):.3f}", f"{percentile(r.latencies, 99):.3f}", errors,
-                      " / ".join(f"{v:.0f}" for v in r.peak_rss_mb.values()))
+        table.add_row(
+            str(r.clients),
+            f"{len(r.latencies) / r.seconds:.2f}",
+            f"{tps:.1f}",
+            f"{tps / anchor:.2f}x",
+            f"{percentile(r.latencies, 50):.3f}",
+            f"{percentile(r.latencies, 99):.3f}",
+            errors,
+            " / ".join(f"{v:.0f}" for v in r.peak_rss_mb.values()),
+        )
     Console(width=160).print(table)
 
 

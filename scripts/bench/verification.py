@@ -87,9 +87,20 @@ def serve(runner: SpanRunner, keys, prompt: int, generated: int, cheat: str, see
     serve_s = time.perf_counter() - started
     usage, before, after = meter.close_segment()
     receipt = receipt_for_segment(
-        network="bench", session_id=meter.session_id, sequence=0, model="bench", start=0, end=runner.num_blocks,
-        params_served=1, rate=ProviderRate(1, 1), usage=usage, provider=keys[0].ss58_address,
-        client=keys[1].ss58_address, commitment_before=before, commitment=after, issued_at=0,
+        network="bench",
+        session_id=meter.session_id,
+        sequence=0,
+        model="bench",
+        start=0,
+        end=runner.num_blocks,
+        params_served=1,
+        rate=ProviderRate(1, 1),
+        usage=usage,
+        provider=keys[0].ss58_address,
+        client=keys[1].ss58_address,
+        commitment_before=before,
+        commitment=after,
+        issued_at=0,
     )
     return WorkSample(SignedReceipt.create(receipt, keys[0], keys[1]), tuple(steps)), serve_s
 
@@ -136,15 +147,19 @@ def main() -> None:
 
     cost_ratio = check_total / serve_total
     overhead = args.sample_rate * cost_ratio
-    t = Table(title=f"Spot-check compute ({args.layers} Llama layers, hidden {args.hidden}, "
-                    f"{args.prompt}+{args.generated} tokens per session, CPU x{torch.get_num_threads()})")
+    t = Table(
+        title=f"Spot-check compute ({args.layers} Llama layers, hidden {args.hidden}, "
+        f"{args.prompt}+{args.generated} tokens per session, CPU x{torch.get_num_threads()})"
+    )
     for col in ("measure", "value"):
         t.add_column(col)
     t.add_row("serving per session (anchor)", f"{1000 * serve_total / args.sessions:.1f} ms")
     t.add_row("one check per session", f"{1000 * check_total / args.sessions:.1f} ms")
     t.add_row("check / serving ratio", f"{cost_ratio:.3f}")
     t.add_row(f"overhead at p={args.sample_rate}", f"{100 * overhead:.2f} %  (target <= 5 %)")
-    t.add_row("honest sessions passing", f"{sum(outcomes['honest'])}/{args.sessions} (worst rel err {worst_honest:.1e})")
+    t.add_row(
+        "honest sessions passing", f"{sum(outcomes['honest'])}/{args.sessions} (worst rel err {worst_honest:.1e})"
+    )
     t.add_row("one-step-corrupt sessions failing", f"{args.sessions - sum(outcomes['corrupt'])}/{args.sessions}")
     t.add_row("skipped-block sessions failing", f"{args.sessions - sum(outcomes['skip'])}/{args.sessions}")
     console.print(t)

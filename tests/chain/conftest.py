@@ -1,4 +1,5 @@
 """Fixtures of the chain tests: one ledger client on the session's dev chain."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Helpers shared by the ledger tests: fresh funded accounts so tests never share balances."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,7 +23,9 @@ def fresh_account(ledger: ComputeLedger, funds: int = 1_000 * UNIT) -> Keypair:
     """A new sr25519 account funded by //Ferdie (unique per call, even across test runs)."""
     kp = Keypair.create_from_uri(f"//dllm-test-{uuid.uuid4().hex}-{next(_counter)}", ss58_format=ledger.ss58_format)
     if funds:
-        call = ledger.substrate.compose_call("Balances", "transfer_keep_alive", {"dest": kp.ss58_address, "value": funds})
+        call = ledger.substrate.compose_call(
+            "Balances", "transfer_keep_alive", {"dest": kp.ss58_address, "value": funds}
+        )
         ledger.submitter.submit(dev_keypair("Ferdie", ledger.ss58_format), call)
     return kp
 

@@ -1,4 +1,5 @@
 """Bad input gets a specific error and leaves the chain state unchanged."""
+
 from __future__ import annotations
 
 import pytest
@@ -79,16 +80,31 @@ def test_double_settlement_is_refused_by_client_and_runtime(ledger):
     ledger.settle(client, [Payment.single(receipt, provider.ss58_address, UNIT)])
     before = account_state(ledger, client), account_state(ledger, provider)
     with pytest.raises(DoubleSettlementError) as refused:
-        ledger.settle(client, [Payment.single(h("fresh-one" + client.ss58_address), provider.ss58_address, UNIT),
-                               Payment.single(receipt, provider.ss58_address, UNIT)])
+        ledger.settle(
+            client,
+            [
+                Payment.single(h("fresh-one" + client.ss58_address), provider.ss58_address, UNIT),
+                Payment.single(receipt, provider.ss58_address, UNIT),
+            ],
+        )
     assert refused.value.receipt_ids == [receipt]
     assert (account_state(ledger, client), account_state(ledger, provider)) == before
     # A client that skips the check: the runtime itself rejects the replayed marker, so the
     # transfer in the same batch_all is rolled back (only the fee is charged).
-    marker = ledger.substrate.compose_call("Multisig", "approve_as_multi", {
-        "threshold": 2, "other_signatories": ["0x" + RECEIPT_REGISTRY_ACCOUNT.hex()], "maybe_timepoint": None,
-        "call_hash": "0x" + receipt.hex(), "max_weight": 0})
-    pay = ledger.substrate.compose_call("Balances", "transfer_keep_alive", {"dest": provider.ss58_address, "value": UNIT})
+    marker = ledger.substrate.compose_call(
+        "Multisig",
+        "approve_as_multi",
+        {
+            "threshold": 2,
+            "other_signatories": ["0x" + RECEIPT_REGISTRY_ACCOUNT.hex()],
+            "maybe_timepoint": None,
+            "call_hash": "0x" + receipt.hex(),
+            "max_weight": 0,
+        },
+    )
+    pay = ledger.substrate.compose_call(
+        "Balances", "transfer_keep_alive", {"dest": provider.ss58_address, "value": UNIT}
+    )
     with pytest.raises(DispatchError) as failed:
         ledger.submitter.submit(client, ledger.substrate.compose_call("Utility", "batch_all", {"calls": [marker, pay]}))
     assert (failed.value.module, failed.value.name) == ("Multisig", "NoTimepoint")
@@ -108,18 +124,42 @@ def test_slash_without_quorum_changes_nothing(ledger):
             ledger.slash(signers, provider.ss58_address, UNIT, h("no-quorum"))
     assert (account_state(ledger, escrow), account_state(ledger, alice)) == before
     # On chain too: one approval alone opens an operation but moves nothing.
-    move = ledger._from_escrow(provider.public_key, ledger.substrate.compose_call(
-        "Balances", "transfer", {"dest": alice.ss58_address, "value": UNIT}))
+    move = ledger._from_escrow(
+        provider.public_key,
+        ledger.substrate.compose_call("Balances", "transfer", {"dest": alice.ss58_address, "value": UNIT}),
+    )
     from chain.account_derivation import blake2_256
 
     others = ["0x" + m.hex() for m in sorted(ledger.config.council.member_ids()) if m != alice.public_key]
     call_hash = "0x" + blake2_256(move.data.data).hex()
-    opened = ledger.submitter.submit(alice, ledger.substrate.compose_call("Multisig", "approve_as_multi", {
-        "threshold": 2, "other_signatories": others, "maybe_timepoint": None, "call_hash": call_hash, "max_weight": 0}))
+    opened = ledger.submitter.submit(
+        alice,
+        ledger.substrate.compose_call(
+            "Multisig",
+            "approve_as_multi",
+            {
+                "threshold": 2,
+                "other_signatories": others,
+                "maybe_timepoint": None,
+                "call_hash": call_hash,
+                "max_weight": 0,
+            },
+        ),
+    )
     assert opened.find("Multisig", "NewMultisig") and account_state(ledger, escrow) == before[0]
-    ledger.submitter.submit(alice, ledger.substrate.compose_call("Multisig", "cancel_as_multi", {
-        "threshold": 2, "other_signatories": others, "call_hash": call_hash,
-        "timepoint": {"height": opened.block_number, "index": opened.extrinsic_index}}))
+    ledger.submitter.submit(
+        alice,
+        ledger.substrate.compose_call(
+            "Multisig",
+            "cancel_as_multi",
+            {
+                "threshold": 2,
+                "other_signatories": others,
+                "call_hash": call_hash,
+                "timepoint": {"height": opened.block_number, "index": opened.extrinsic_index},
+            },
+        ),
+    )
     assert account_state(ledger, escrow) == before[0]
 
 

@@ -1,4 +1,5 @@
 """The dev chain itself: real runtime, funded dev accounts, persistence, the CLI, clean stops."""
+
 from __future__ import annotations
 
 import asyncio
@@ -45,7 +46,9 @@ def test_state_survives_a_restart(tmp_path):
     async def first_run() -> int:
         async with DevChain(config) as chain:
             with ComputeLedger(chain.url) as ledger:
-                call = ledger.substrate.compose_call("Balances", "transfer_keep_alive", {"dest": receiver, "value": 5 * UNIT})
+                call = ledger.substrate.compose_call(
+                    "Balances", "transfer_keep_alive", {"dest": receiver, "value": 5 * UNIT}
+                )
                 ledger.submitter.submit(dev_keypair("Bob"), call)
                 return ledger.balance(receiver)
 
@@ -73,7 +76,10 @@ def test_cli_starts_prints_endpoint_and_accounts_and_stops_on_ctrl_c(tmp_path):
     dllm = Path(sys.executable).with_name("dllm")
     proc = subprocess.Popen(
         [str(dllm), "chain", "dev", "--port", str(port), "--state-dir", str(tmp_path / "cli-state")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
     )
     output = []
     try:

@@ -1,4 +1,5 @@
 """Every ledger operation end to end on the real runtime, checking balances and events."""
+
 from __future__ import annotations
 
 import pytest
@@ -39,7 +40,9 @@ def test_settle_pays_pro_rata_in_one_batch_and_each_receipt_once(ledger):
     client, p1, p2 = fresh_account(ledger), fresh_account(ledger), fresh_account(ledger)
     tag = client.ss58_address
     payments = [
-        Payment(h(f"{tag}-r{i}"), 4 * UNIT, (ProviderShare(p1.ss58_address, 3_000), ProviderShare(p2.ss58_address, 1_000)))
+        Payment(
+            h(f"{tag}-r{i}"), 4 * UNIT, (ProviderShare(p1.ss58_address, 3_000), ProviderShare(p2.ss58_address, 1_000))
+        )
         for i in range(20)
     ] + [Payment.single(h(f"{tag}-solo"), p2.ss58_address, 7)]
     balances = {kp.ss58_address: ledger.balance(kp.ss58_address) for kp in (client, p1, p2)}
@@ -48,7 +51,8 @@ def test_settle_pays_pro_rata_in_one_batch_and_each_receipt_once(ledger):
     assert ledger.balance(p2.ss58_address) - balances[p2.ss58_address] == 20 * UNIT + 7
     # The client pays the amounts and the fee; marker deposits are reserved, not spent.
     assert balances[client.ss58_address] - ledger.balance(client.ss58_address) - result.fee == (
-        80 * UNIT + 7 + ledger.substrate.query("System", "Account", [client.ss58_address]).value["data"]["reserved"])
+        80 * UNIT + 7 + ledger.substrate.query("System", "Account", [client.ss58_address]).value["data"]["reserved"]
+    )
     assert len(result.find("Multisig", "NewMultisig")) == 21
     assert all(ledger.is_settled(p.receipt_id, client.ss58_address) for p in payments)
     assert ledger.is_settled(payments[0].receipt_id) and not ledger.is_settled(h("never-paid"))
@@ -111,4 +115,5 @@ def test_a_fresh_client_rebuilds_the_same_history_from_the_chain(ledger, dev_cha
     ledger.settle(client, [Payment.single(h(f"{client.ss58_address}-x"), provider.ss58_address, UNIT)])
     with ComputeLedger(dev_chain.url) as other:
         assert other.settlement_history(client_ss58=client.ss58_address) == ledger.settlement_history(
-            client_ss58=client.ss58_address)
+            client_ss58=client.ss58_address
+        )

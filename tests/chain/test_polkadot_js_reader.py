@@ -1,4 +1,5 @@
 """Standard Polkadot tooling (@polkadot/api from npm) reads the same ledger state and records."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,18 @@ def test_polkadot_js_reads_balances_and_protocol_records(ledger, dev_chain):
     ledger.settle(client, [Payment.single(receipt, provider.ss58_address, 3 * UNIT)])
     escrow = ledger.escrow_of(provider.ss58_address)
     proc = subprocess.run(
-        ["node", str(DEVCHAIN_DIR / "read_ledger.mjs"), dev_chain.url, client.ss58_address, provider.ss58_address, escrow],
-        capture_output=True, text=True, timeout=180, check=False,
+        [
+            "node",
+            str(DEVCHAIN_DIR / "read_ledger.mjs"),
+            dev_chain.url,
+            client.ss58_address,
+            provider.ss58_address,
+            escrow,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -35,7 +46,11 @@ def test_polkadot_js_reads_balances_and_protocol_records(ledger, dev_chain):
         assert int(seen["accounts"][address]["reserved"]) == info["data"]["reserved"]
     assert int(seen["accounts"][escrow]["free"]) == 7 * UNIT
     mine = {(r["sender"], r["remark"].split(":")[2]) for r in seen["remarks"]}
-    assert {(provider.ss58_address, "register"), (provider.ss58_address, "compute"), (client.ss58_address, "settle")} <= mine
+    assert {
+        (provider.ss58_address, "register"),
+        (provider.ss58_address, "compute"),
+        (client.ss58_address, "settle"),
+    } <= mine
     settle = next(r for r in seen["remarks"] if r["sender"] == client.ss58_address)
     assert receipt.hex() in settle["remark"]
     # Python's index and @polkadot/api agree on which records exist.

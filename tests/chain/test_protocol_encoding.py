@@ -1,4 +1,5 @@
 """Pure tests of the protocol's encodings: pro-rata split, remarks, derived accounts, council."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,12 +27,15 @@ def test_pro_rata_split_is_exact_and_proportional(amount, weights):
         assert abs(parts.get(ADDRESSES[i], 0) - amount * w / total) < 1.0 + 1e-9 * amount
 
 
-@pytest.mark.parametrize("payment", [
-    Payment(b"short", 10, (ProviderShare(ADDRESSES[0], 1),)),
-    Payment(bytes(32), 0, (ProviderShare(ADDRESSES[0], 1),)),
-    Payment(bytes(32), 10, ()),
-    Payment(bytes(32), 10, (ProviderShare(ADDRESSES[0], 0),)),
-])
+@pytest.mark.parametrize(
+    "payment",
+    [
+        Payment(b"short", 10, (ProviderShare(ADDRESSES[0], 1),)),
+        Payment(bytes(32), 0, (ProviderShare(ADDRESSES[0], 1),)),
+        Payment(bytes(32), 10, ()),
+        Payment(bytes(32), 10, (ProviderShare(ADDRESSES[0], 0),)),
+    ],
+)
 def test_malformed_payments_are_refused(payment):
     with pytest.raises(InvalidPaymentError):
         split_pro_rata(payment)

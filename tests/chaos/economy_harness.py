@@ -16,9 +16,9 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from substrateinterface import Keypair
 
@@ -78,10 +78,14 @@ def fund_fresh_keys(ledger: ComputeLedger, count: int, funds: int) -> list[tuple
     for _ in range(count):
         uri = f"//dllm-chaos-{uuid.uuid4().hex[:12]}"
         keys.append((uri, Keypair.create_from_uri(uri, ss58_format=ledger.ss58_format)))
-    transfers = [ledger.substrate.compose_call("Balances", "transfer_keep_alive", {"dest": kp.ss58_address, "value": funds})
-                 for _, kp in keys]
-    ledger.submitter.submit(dev_keypair("Ferdie", ledger.ss58_format),
-                            ledger.substrate.compose_call("Utility", "batch_all", {"calls": transfers}))
+    transfers = [
+        ledger.substrate.compose_call("Balances", "transfer_keep_alive", {"dest": kp.ss58_address, "value": funds})
+        for _, kp in keys
+    ]
+    ledger.submitter.submit(
+        dev_keypair("Ferdie", ledger.ss58_format),
+        ledger.substrate.compose_call("Utility", "batch_all", {"calls": transfers}),
+    )
     return keys
 
 
@@ -125,7 +129,9 @@ def client_receipts(billings: Iterable[SessionBilling]) -> dict[bytes, HeldRecei
     for billing in billings:
         for signed in [*billing.receipts, *billing.undelivered]:
             r = signed.receipt
-            held[r.receipt_id_bytes] = HeldReceipt(r.receipt_id_bytes, account_id(r.client), account_id(r.provider), r.amount)
+            held[r.receipt_id_bytes] = HeldReceipt(
+                r.receipt_id_bytes, account_id(r.client), account_id(r.provider), r.amount
+            )
     return held
 
 

@@ -18,9 +18,10 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import psutil
 
@@ -75,13 +76,17 @@ class ScenarioReport:
     def row(self) -> str:
         c = self.counts
         money = lambda v: "-" if v is None else str(v)  # noqa: E731
-        return (f"| {self.scenario} | {len(self.outcomes)} | {c['correct']} | {c['clear_error']} | "
-                f"{sum(c[v] for v in VIOLATIONS)} | {money(self.lost_receipts)} | {money(self.paid_twice)} |")
+        return (
+            f"| {self.scenario} | {len(self.outcomes)} | {c['correct']} | {c['clear_error']} | "
+            f"{sum(c[v] for v in VIOLATIONS)} | {money(self.lost_receipts)} | {money(self.paid_twice)} |"
+        )
 
 
 def report_table(reports: Sequence[ScenarioReport]) -> str:
-    header = ("| scenario | requests | completed correctly | failed with a clear error | wrong/hung/unclear | "
-              "receipts lost | paid twice |\n|---|---|---|---|---|---|---|")
+    header = (
+        "| scenario | requests | completed correctly | failed with a clear error | wrong/hung/unclear | "
+        "receipts lost | paid twice |\n|---|---|---|---|---|---|---|"
+    )
     return "\n".join([header, *(r.row() for r in reports)])
 
 
@@ -92,19 +97,47 @@ class ChaosSwarm(LocalSwarm):
     the peer (adds latency, lies, ...) and then runs the real `dllm` entry point.
     """
 
-    def start_peer_with(self, blocks: str, *extra: str, name: str, launcher: Sequence[str] = (),
-                        identity: bool = True, wait: bool = True, timeout: float = 60.0) -> ManagedProcess:
-        args = ["peer", "join", "--model", self.model, "--initial-peers", *self.initial_peers, "--blocks", blocks, *extra]
+    def start_peer_with(
+        self,
+        blocks: str,
+        *extra: str,
+        name: str,
+        launcher: Sequence[str] = (),
+        identity: bool = True,
+        wait: bool = True,
+        timeout: float = 60.0,
+    ) -> ManagedProcess:
+        args = [
+            "peer",
+            "join",
+            "--model",
+            self.model,
+            "--initial-peers",
+            *self.initial_peers,
+            "--blocks",
+            blocks,
+            *extra,
+        ]
         if identity:
             args += ["--identity", str(self.identity_path(name))]
         prefix = [sys.executable, "-m", *launcher] if launcher else [sys.executable, "-m", "dllm.cli"]
         self._counter += 1
         log_path = self.workdir / f"{self._counter:02d}-{name}.log"
         with open(log_path, "w") as log:
-            popen = subprocess.Popen(prefix + args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True, cwd=Path(__file__).resolve().parents[2])
-        proc = ManagedProcess(name, popen, log_path, info={"started_at": time.monotonic(), "blocks": blocks,
-                                                            "extra": list(extra), "launcher": list(launcher)})
+            popen = subprocess.Popen(
+                prefix + args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+                cwd=Path(__file__).resolve().parents[2],
+            )
+        proc = ManagedProcess(
+            name,
+            popen,
+            log_path,
+            info={"started_at": time.monotonic(), "blocks": blocks, "extra": list(extra), "launcher": list(launcher)},
+        )
         self.processes.append(proc)
         if wait:
             self.wait_ready(proc, timeout)
@@ -117,16 +150,23 @@ class ChaosSwarm(LocalSwarm):
         """Starts `proc` again under the same name, identity and launcher (after it died or was killed)."""
         proc.stop()
         self.processes.remove(proc)
-        return self.start_peer_with(proc.info["blocks"], *proc.info["extra"], name=proc.name,
-                                    launcher=proc.info["launcher"], wait=wait)
+        return self.start_peer_with(
+            proc.info["blocks"], *proc.info["extra"], name=proc.name, launcher=proc.info["launcher"], wait=wait
+        )
 
 
 # ------------------------------------------------------------------------------------------ clients
 class ClientFleet:
     """`size` independent SwarmClients (each its own DHT node) issuing greedy requests concurrently."""
 
-    def __init__(self, model_dir: Path, initial_peers: Sequence[str], size: int, config: ClientConfig | None = None,
-                 configs: Sequence[ClientConfig] | None = None):
+    def __init__(
+        self,
+        model_dir: Path,
+        initial_peers: Sequence[str],
+        size: int,
+        config: ClientConfig | None = None,
+        configs: Sequence[ClientConfig] | None = None,
+    ):
         """`configs` gives each client its own config (e.g. its own paying key); else all share `config`."""
         self.model_dir, self.initial_peers, self.size = model_dir, list(initial_peers), size
         self.config = config or ClientConfig(request_timeout=5.0, ban_duration=3.0, refresh_interval=1.0)
@@ -178,25 +218,30 @@ class ClientFleet:
             ids = await asyncio.wait_for(self._generate(client, prompt, params), deadline)
             status: Status = "correct" if ids == self.reference[prompt] else "wrong"
             detail = "" if status == "correct" else f"got {ids[:8]}..., expected {self.reference[prompt][:8]}..."
-        except asyncio.TimeoutError:
+        except TimeoutError:
             status, detail = "hung", f"no result after {deadline:.0f} s"
         except CLEAR_ERRORS as e:
             status, detail = ("clear_error", f"{type(e).__name__}: {e}") if str(e) else ("unclear_error", repr(e))
         except Exception as e:  # anything else is a bug the scenario reports
             status, detail = "unclear_error", f"{type(e).__name__}: {e}"
         session = getattr(client, "last_session", None)
-        outcome = RequestOutcome(index, prompt, status, time.perf_counter() - started,
-                                 session.failovers if session else 0, detail)
+        outcome = RequestOutcome(
+            index, prompt, status, time.perf_counter() - started, session.failovers if session else 0, detail
+        )
         if status != "correct":
             logger.warning("client %d request %r: %s %s", index, prompt, status, detail)
         return outcome
 
-    async def run(self, requests_per_client: int, params: GenerationParams, deadline: float = 60.0) -> list[RequestOutcome]:
+    async def run(
+        self, requests_per_client: int, params: GenerationParams, deadline: float = 60.0
+    ) -> list[RequestOutcome]:
         """Every client issues `requests_per_client` requests back to back; all clients run at once."""
 
         async def one_client(index: int) -> list[RequestOutcome]:
-            return [await self.request(index, PROMPTS[(index + k) % len(PROMPTS)], params, deadline)
-                    for k in range(requests_per_client)]
+            return [
+                await self.request(index, PROMPTS[(index + k) % len(PROMPTS)], params, deadline)
+                for k in range(requests_per_client)
+            ]
 
         results = await asyncio.gather(*(one_client(i) for i in range(self.size)))
         return [o for r in results for o in r]
@@ -246,7 +291,7 @@ class ResourceSnapshot:
     fd_targets: list[str] = field(default_factory=list, repr=False)  # what the descriptors point at, for the message
 
     @classmethod
-    def take(cls) -> "ResourceSnapshot":
+    def take(cls) -> ResourceSnapshot:
         """Children in this process's own group: the clients' DHT daemons and p2pd (swarm processes have their own)."""
         gc.collect()  # descriptors owned by unreachable objects are not leaks: let them close first
         me = psutil.Process()
@@ -287,8 +332,11 @@ def unix_sockets_of(procs: Sequence[ManagedProcess]) -> set[str]:
 
 def own_hivemind_sockets() -> set[str]:
     """Unix socket files this process listens on for hivemind (the clients' P2P replicas)."""
-    return {c.laddr for c in psutil.Process().net_connections(kind="unix")
-            if isinstance(c.laddr, str) and "hivemind" in c.laddr}
+    return {
+        c.laddr
+        for c in psutil.Process().net_connections(kind="unix")
+        if isinstance(c.laddr, str) and "hivemind" in c.laddr
+    }
 
 
 def alive_in_groups(pgids: Sequence[int]) -> list[int]:

@@ -14,10 +14,17 @@ import signal
 import pytest
 
 from swarm import protocol
-from swarm.client import ClientConfig, SwarmClient
+from swarm.client import SwarmClient
 from swarm.sampling import GenerationParams
 from tests.chaos.harness import (
-    ChaosSwarm, ClientFleet, ResourceSnapshot, ScenarioReport, alive_in_groups, pause, unix_sockets_of, wait_until,
+    ChaosSwarm,
+    ClientFleet,
+    ResourceSnapshot,
+    ScenarioReport,
+    alive_in_groups,
+    pause,
+    unix_sockets_of,
+    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(240)
@@ -35,7 +42,9 @@ def chaos(tiny_model_path, tmp_path_factory):
             swarm.start_peer_with("0:4", name="a", wait=False),
             swarm.start_peer_with("0:4", name="b", wait=False),
             swarm.start_peer_with("4:8", name="c", wait=False),
-            swarm.start_peer_with("4:8", name="slow", launcher=["tests.chaos.slow_peer", str(SLOW_DELAY_S)], wait=False),
+            swarm.start_peer_with(
+                "4:8", name="slow", launcher=["tests.chaos.slow_peer", str(SLOW_DELAY_S)], wait=False
+            ),
         ]
         for p in procs:
             swarm.wait_ready(p)
@@ -122,7 +131,10 @@ async def test_slow_peer_while_its_alternative_is_frozen(chaos, chaos_reports):
             report.outcomes += await fleet.run(2, PARAMS)
         finally:
             fast.signal(signal.SIGCONT)
-        assert await _requests_served(fleet.clients[0], slow.info["peer_id"]) >= served_before + 3 * 2 * PARAMS.max_new_tokens
+        assert (
+            await _requests_served(fleet.clients[0], slow.info["peer_id"])
+            >= served_before + 3 * 2 * PARAMS.max_new_tokens
+        )
     finally:
         chaos_reports.append(report)
         await fleet.close()
@@ -178,7 +190,9 @@ def test_no_process_or_socket_left_after_stop(chaos):
     first, *later = chaos.snapshots
     assert later, "run the whole module: the fleet scenarios record the snapshots"
     for snapshot in later:
-        assert snapshot.children <= first.children, f"client processes left behind: {snapshot.children - first.children}"
+        assert snapshot.children <= first.children, (
+            f"client processes left behind: {snapshot.children - first.children}"
+        )
         new_fds = sorted(set(snapshot.fd_targets) - set(first.fd_targets))
         assert snapshot.connections <= first.connections and snapshot.fds <= first.fds, (first, snapshot, new_fds)
 

@@ -15,8 +15,19 @@ from dllm.cli import main
 pytestmark = pytest.mark.timeout(120)
 
 COMMANDS = [
-    [], ["chain"], ["chain", "dev"], ["peer"], ["peer", "join"], ["swarm"], ["swarm", "bootstrap"], ["query"],
-    ["feedback"], ["verify"], ["api"], ["dashboard"], ["demo"],
+    [],
+    ["chain"],
+    ["chain", "dev"],
+    ["peer"],
+    ["peer", "join"],
+    ["swarm"],
+    ["swarm", "bootstrap"],
+    ["query"],
+    ["feedback"],
+    ["verify"],
+    ["api"],
+    ["dashboard"],
+    ["demo"],
 ]
 PEER = "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWNa4GGduZp2bgq6AqFgwfCkn2UTTsYj4VKr6uWnxh4MZY"
 
@@ -62,8 +73,11 @@ BAD_ARGUMENTS = [
     (["peer", "join", "-p", PEER, "--port", "70000"], "'--port'", "65535"),
     (["peer", "join", "-p", PEER, "--direct-port", "70000"], "'--direct-port'", "65535"),
     (["peer", "join", "-p", PEER, "--stake", "10"], "'--stake'", "needs --chain-url and --chain-key"),
-    (["peer", "join", "-p", PEER, "--stake", "-1", "--chain-url", "ws://x:1", "--chain-key", "//A"], "'--stake'",
-     "non-negative"),
+    (
+        ["peer", "join", "-p", PEER, "--stake", "-1", "--chain-url", "ws://x:1", "--chain-key", "//A"],
+        "'--stake'",
+        "non-negative",
+    ),
     (["peer", "join", "-p", PEER, "--chain-key", "not a key"], "'--chain-key'", "dev URI like //Alice"),
     (["peer", "join", "-p", PEER, "--chain-url", "localhost:9944"], "'--chain-url'", "ws://127.0.0.1:9944"),
     (["peer", "join"], "'--initial-peers'", "give at least one swarm address"),
@@ -84,7 +98,9 @@ BAD_ARGUMENTS = [
 ]
 
 
-@pytest.mark.parametrize(("argv", "names", "says"), BAD_ARGUMENTS, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+@pytest.mark.parametrize(
+    ("argv", "names", "says"), BAD_ARGUMENTS, ids=lambda v: " ".join(v) if isinstance(v, list) else None
+)
 def test_bad_arguments_give_one_clear_line(capsys, monkeypatch, argv, names, says):
     monkeypatch.delenv("DLLM_INITIAL_PEERS", raising=False)
     monkeypatch.delenv("DLLM_CONFIG", raising=False)
@@ -96,12 +112,18 @@ def test_bad_arguments_give_one_clear_line(capsys, monkeypatch, argv, names, say
     assert names in lines[0] and says in lines[0]
 
 
-@pytest.mark.parametrize(("config", "says"), [
-    ('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2}',
-     "model_type 'gpt2' (architectures: GPT2LMHeadModel) is not supported by DLLM"),
-    ('{"model_type": "llama"}', "num_hidden_layers must be a positive integer"),
-    ('{"model_type": "llama", "num_hidden_layers": 4', "config.json cannot be read"),
-], ids=["unsupported architecture", "no layer count", "broken json"])
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        (
+            '{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2}',
+            "model_type 'gpt2' (architectures: GPT2LMHeadModel) is not supported by DLLM",
+        ),
+        ('{"model_type": "llama"}', "num_hidden_layers must be a positive integer"),
+        ('{"model_type": "llama", "num_hidden_layers": 4', "config.json cannot be read"),
+    ],
+    ids=["unsupported architecture", "no layer count", "broken json"],
+)
 def test_peer_join_checks_the_model_config_before_loading_anything(capsys, tmp_path, config, says):
     (tmp_path / "config.json").write_text(config)
     code, _, err = run_cli(capsys, "peer", "join", "-p", PEER, "--model", str(tmp_path))
@@ -156,9 +178,21 @@ def test_query_streams_the_swarm_completion(swarm, distributed_model, tmp_path):
     expected = distributed_model.generate("The module", GenerationParams(max_new_tokens=12)).text
     config = write(tmp_path / "dllm.toml", f'initial_peers = ["{swarm.initial_peers[0]}"]\n[query]\nmax_tokens = 12\n')
     result = subprocess.run(
-        [sys.executable, "-m", "dllm.cli", "--config", str(config), "query", "The module",
-         "--model", str(swarm.model_path)],
-        capture_output=True, text=True, timeout=90, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [
+            sys.executable,
+            "-m",
+            "dllm.cli",
+            "--config",
+            str(config),
+            "query",
+            "The module",
+            "--model",
+            str(swarm.model_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"

@@ -17,8 +17,14 @@ pytestmark = pytest.mark.timeout(120)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build_default_model.py"
-REQUIRED_FILES = {"config.json", "model.safetensors", "generation_config.json",
-                  "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+REQUIRED_FILES = {
+    "config.json",
+    "model.safetensors",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +46,7 @@ def model(model_dir: Path):
 def test_folder_is_packaged_and_small(model_dir: Path) -> None:
     assert model_dir.is_dir()
     names = {p.name for p in model_dir.iterdir()}
-    assert REQUIRED_FILES <= names
+    assert names >= REQUIRED_FILES
     # pyproject's package-data glob "default_model/*" does not recurse: everything must be top-level.
     assert not [p for p in model_dir.iterdir() if p.is_dir()]
     assert (model_dir / "model.safetensors").stat().st_size < 10 * 1024 * 1024
@@ -69,9 +75,11 @@ def test_model_weights_load_as_float32_llama(model) -> None:
 
 
 def test_tokenizer_round_trips_text(tokenizer) -> None:
-    for text in ["Return the number of items in a list.",
-                 "Ünïcödé, emoji 🚀 and\ttabs\nnewlines   spaces",
-                 "def f(x):\n    return x ** 2  # code too"]:
+    for text in [
+        "Return the number of items in a list.",
+        "Ünïcödé, emoji 🚀 and\ttabs\nnewlines   spaces",
+        "def f(x):\n    return x ** 2  # code too",
+    ]:
         ids = tokenizer(text)["input_ids"]
         assert ids[0] == tokenizer.bos_token_id
         assert tokenizer.unk_token_id not in ids  # byte-level: nothing is unknown
@@ -100,8 +108,9 @@ def test_greedy_generation_decodes_to_text(model, tokenizer) -> None:
 
 def test_weights_are_trained_not_random(model, tokenizer) -> None:
     # A random model scores about ln(2048) = 7.6 nats per token; the trained one knows stdlib prose.
-    batch = tokenizer("Return a new list containing all items from the iterable in ascending order.",
-                      return_tensors="pt")
+    batch = tokenizer(
+        "Return a new list containing all items from the iterable in ascending order.", return_tensors="pt"
+    )
     with torch.no_grad():
         loss = model(**batch, labels=batch["input_ids"]).loss.item()
     assert loss < 5.0, f"loss {loss:.2f}: weights look untrained; rebuild with scripts/build_default_model.py"
@@ -109,10 +118,14 @@ def test_weights_are_trained_not_random(model, tokenizer) -> None:
 
 def test_build_script_rebuilds_a_loadable_model(tmp_path: Path, model_dir: Path) -> None:
     out = tmp_path / "rebuilt"
-    done = subprocess.run([sys.executable, str(BUILD_SCRIPT), "--out", str(out), "--steps", "2"],
-                          capture_output=True, text=True, timeout=100)
+    done = subprocess.run(
+        [sys.executable, str(BUILD_SCRIPT), "--out", str(out), "--steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert REQUIRED_FILES <= {p.name for p in out.iterdir()}
+    assert {p.name for p in out.iterdir()} >= REQUIRED_FILES
     rebuilt_config = json.loads((out / "config.json").read_text())
     shipped_config = json.loads((model_dir / "config.json").read_text())
     assert rebuilt_config == shipped_config
@@ -123,7 +136,11 @@ def test_build_script_rebuilds_a_loadable_model(tmp_path: Path, model_dir: Path)
 
 
 def test_build_script_rejects_bad_arguments(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, str(BUILD_SCRIPT), "--out", str(tmp_path), "--steps", "-1"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(BUILD_SCRIPT), "--out", str(tmp_path), "--steps", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert "--steps must be >= 0" in done.stderr

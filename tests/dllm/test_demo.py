@@ -31,7 +31,7 @@ def _watch(proc: subprocess.Popen, seen: dict[tuple[int, float], str], sockets: 
             if key not in seen:
                 cmdline = child.cmdline()
                 seen[key] = " ".join(cmdline)
-                sockets.update(a[len("-listen=/unix"):] for a in cmdline if a.startswith("-listen=/unix/"))
+                sockets.update(a[len("-listen=/unix") :] for a in cmdline if a.startswith("-listen=/unix/"))
         except psutil.Error:
             continue
 
@@ -57,8 +57,13 @@ def test_demo_pays_real_receipts_prints_the_chain_table_and_leaves_nothing(tmp_p
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160"}
     log_path = tmp_path / "demo.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "dllm.cli", "demo", "--queries", "2", "--max-tokens", "8"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dllm.cli", "demo", "--queries", "2", "--max-tokens", "8"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     try:
         while proc.poll() is None:
             _watch(proc, seen, sockets)

@@ -14,10 +14,9 @@ import sys
 import httpx
 import pytest
 
-from tests.cli_server import running_dllm
-
 from dllm.processes import LocalSwarm
 from swarm.client import DistributedModel
+from tests.cli_server import running_dllm
 from tests.peer.learning_swarm import FACTS, learning_args, peer_info, wait_for_peers
 
 pytestmark = pytest.mark.timeout(180)
@@ -33,8 +32,10 @@ def learning_swarm(tiny_model_path, tmp_path_factory):
     try:
         local.start_bootstrap()
         args = learning_args(PERIOD, None, "--canary-max-rise", "0.05")
-        peers = {"head": local.start_peer("0:4", *args, name="head", wait=False),
-                 "tail": local.start_peer("4:8", *args, name="tail", wait=False)}
+        peers = {
+            "head": local.start_peer("0:4", *args, name="head", wait=False),
+            "tail": local.start_peer("4:8", *args, name="tail", wait=False),
+        }
         for peer in peers.values():
             local.wait_ready(peer, timeout=120)
         local.ids = {name: peer.info["peer_id"] for name, peer in peers.items()}
@@ -57,8 +58,13 @@ def _adapters(observer, swarm) -> dict[int, dict]:
 
 
 def _wait_for_new_versions(observer, swarm, before: dict[int, dict]) -> dict[str, dict]:
-    infos = wait_for_peers(observer, swarm.ids, lambda info: info["adapter_version"] > before[info["start"]]["adapter_version"],
-                           60, "the feedback's update to go live on both spans")
+    infos = wait_for_peers(
+        observer,
+        swarm.ids,
+        lambda info: info["adapter_version"] > before[info["start"]]["adapter_version"],
+        60,
+        "the feedback's update to go live on both spans",
+    )
     for info in infos.values():
         old = before[info["start"]]
         assert info["adapter_fingerprint"] != old["adapter_fingerprint"]  # the live adapters changed
@@ -71,9 +77,22 @@ def test_dllm_feedback_command_changes_the_peers_adapters(learning_swarm, observ
     before = _adapters(observer, learning_swarm)
     for prompt, completion in FACTS:
         result = subprocess.run(
-            [sys.executable, "-m", "dllm.cli", "feedback", prompt, completion, "--model", str(tiny_model_path),
-             "--initial-peers", learning_swarm.initial_peers[0]],
-            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            [
+                sys.executable,
+                "-m",
+                "dllm.cli",
+                "feedback",
+                prompt,
+                completion,
+                "--model",
+                str(tiny_model_path),
+                "--initial-peers",
+                learning_swarm.initial_peers[0],
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         assert result.returncode == 0, result.stdout + result.stderr
         loss = float(re.search(r"feedback accepted: ([0-9.]+)", result.stdout).group(1))

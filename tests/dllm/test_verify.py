@@ -33,9 +33,25 @@ def test_verify_passes_honest_and_fails_cheating_providers(local_swarm, tiny_mod
     honest = local_swarm.start_peer("0:4")
     cheater = local_swarm.start_peer("4:8", "--model", str(cheating_model(tiny_model_path, tmp_path / "bad-model")))
     result = subprocess.run(
-        [sys.executable, "-m", "dllm.cli", "verify", "-p", local_swarm.initial_peers[0], "--model", str(tiny_model_path),
-         "--probe", "--rounds", "2", "--seed", "3"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "160"},
+        [
+            sys.executable,
+            "-m",
+            "dllm.cli",
+            "verify",
+            "-p",
+            local_swarm.initial_peers[0],
+            "--model",
+            str(tiny_model_path),
+            "--probe",
+            "--rounds",
+            "2",
+            "--seed",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "160"},
     )
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stdout.splitlines()

@@ -67,11 +67,19 @@ def main() -> None:
         except AlreadyRegisteredError:
             pass
     peer.server.SpanRunner = corrupting_runner(args.fraction, args.seed)
-    peer.server.main(PeerConfig(
-        model=args.model, blocks=parse_blocks(args.blocks), initial_peers=args.initial_peers, rate=args.rate,
-        chain_account=load_keypair(args.chain_key).ss58_address, chain_key=args.chain_key, chain_url=args.chain_url,
-        receipts_path=args.receipts, settle_interval=args.settle_interval,
-    ))
+    peer.server.main(
+        PeerConfig(
+            model=args.model,
+            blocks=parse_blocks(args.blocks),
+            initial_peers=args.initial_peers,
+            rate=args.rate,
+            chain_account=load_keypair(args.chain_key).ss58_address,
+            chain_key=args.chain_key,
+            chain_url=args.chain_url,
+            receipts_path=args.receipts,
+            settle_interval=args.settle_interval,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ from economy.receipts import SignedReceipt, UsageReceipt, receipt_for_segment
 @pytest.fixture(scope="session")
 def keys() -> dict[str, Keypair]:
     """Well-known dev accounts (the same the dev chain endows)."""
-    return {name: Keypair.create_from_uri(f"//{name.capitalize()}") for name in ("alice", "bob", "charlie", "dave", "eve", "ferdie")}
+    return {
+        name: Keypair.create_from_uri(f"//{name.capitalize()}")
+        for name in ("alice", "bob", "charlie", "dave", "eve", "ferdie")
+    }
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ import trio
 from substrateinterface import Keypair
 
 from economy.envelope import seal
-from economy.gossip_node import GossipNode, main as node_main
+from economy.gossip_node import GossipNode
+from economy.gossip_node import main as node_main
 
 
 class RogueGossipNode(GossipNode):

@@ -36,7 +36,9 @@ class FileLedger:
         self.path, self.pause_at, self.delay_s = path, pause_at, delay_s
         db = sqlite3.connect(path, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("CREATE TABLE IF NOT EXISTS payments (receipt_id TEXT, client TEXT, provider TEXT, amount INTEGER, tx TEXT)")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS payments (receipt_id TEXT, client TEXT, provider TEXT, amount INTEGER, tx TEXT)"
+        )
         db.close()
 
     def settle(self, batch: SettlementBatch) -> str:
@@ -74,10 +76,26 @@ def make_receipts(n: int) -> list[SignedReceipt]:
         client = clients[i % 2]
         usage = Usage(prompt_tokens=8, generated_tokens=1 + i % 5, max_context=16)
         r = UsageReceipt(
-            "dllm-dev", f"session-{i // 3}".encode(), i % 3, "tiny", 0, 4, 800_000,
-            usage.prompt_tokens, usage.generated_tokens, 0, usage.max_context, False,
-            rate.prompt, rate.generated, provider_amount(rate, 800_000, usage),
-            provider.ss58_address, client.ss58_address, bytes(32), bytes([i % 256]) * 32, 1_700_000_000 + i,
+            "dllm-dev",
+            f"session-{i // 3}".encode(),
+            i % 3,
+            "tiny",
+            0,
+            4,
+            800_000,
+            usage.prompt_tokens,
+            usage.generated_tokens,
+            0,
+            usage.max_context,
+            False,
+            rate.prompt,
+            rate.generated,
+            provider_amount(rate, 800_000, usage),
+            provider.ss58_address,
+            client.ss58_address,
+            bytes(32),
+            bytes([i % 256]) * 32,
+            1_700_000_000 + i,
         )
         out.append(SignedReceipt.create(r, provider, client))
     return out

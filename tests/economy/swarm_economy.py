@@ -29,22 +29,80 @@ def funded_key(ledger: ComputeLedger, funds: int = 100 * UNIT) -> tuple[str, Key
     return uri, kp
 
 
-def start_billing_peer(swarm: LocalSwarm, blocks: str, uri: str, chain_url: str, receipts: Path, *,
-                       rate: int, stake_units: int = 5, settle_interval: float = 2.0, wait: bool = True) -> ManagedProcess:
+def start_billing_peer(
+    swarm: LocalSwarm,
+    blocks: str,
+    uri: str,
+    chain_url: str,
+    receipts: Path,
+    *,
+    rate: int,
+    stake_units: int = 5,
+    settle_interval: float = 2.0,
+    wait: bool = True,
+) -> ManagedProcess:
     """`dllm peer join` staked on chain, billing with `uri`, receipts in `receipts`."""
-    return swarm.start_peer(blocks, "--chain-url", chain_url, "--chain-key", uri, "--stake", str(stake_units),
-                            "--rate", str(rate), "--receipts", str(receipts), "--settle-interval", str(settle_interval),
-                            name=f"peer-{receipts.stem}", wait=wait, timeout=120)
+    return swarm.start_peer(
+        blocks,
+        "--chain-url",
+        chain_url,
+        "--chain-key",
+        uri,
+        "--stake",
+        str(stake_units),
+        "--rate",
+        str(rate),
+        "--receipts",
+        str(receipts),
+        "--settle-interval",
+        str(settle_interval),
+        name=f"peer-{receipts.stem}",
+        wait=wait,
+        timeout=120,
+    )
 
 
-def start_cheater(swarm: LocalSwarm, blocks: str, uri: str, chain_url: str, receipts: Path, *, rate: int,
-                  stake_units: int = 5, fraction: float = 0.2, seed: int = 7) -> ManagedProcess:
+def start_cheater(
+    swarm: LocalSwarm,
+    blocks: str,
+    uri: str,
+    chain_url: str,
+    receipts: Path,
+    *,
+    rate: int,
+    stake_units: int = 5,
+    fraction: float = 0.2,
+    seed: int = 7,
+) -> ManagedProcess:
     """The corrupting test peer (tests/economy/cheating_peer.py) as a managed process of `swarm`."""
     log_path = swarm.workdir / f"cheater-{receipts.stem}.log"
-    args = [sys.executable, "-m", "tests.economy.cheating_peer", "--model", swarm.model, "--blocks", blocks,
-            "--initial-peers", *swarm.initial_peers, "--chain-url", chain_url, "--chain-key", uri,
-            "--stake-planck", str(stake_units * UNIT), "--receipts", str(receipts), "--rate", str(rate),
-            "--fraction", str(fraction), "--seed", str(seed), "--settle-interval", "2"]
+    args = [
+        sys.executable,
+        "-m",
+        "tests.economy.cheating_peer",
+        "--model",
+        swarm.model,
+        "--blocks",
+        blocks,
+        "--initial-peers",
+        *swarm.initial_peers,
+        "--chain-url",
+        chain_url,
+        "--chain-key",
+        uri,
+        "--stake-planck",
+        str(stake_units * UNIT),
+        "--receipts",
+        str(receipts),
+        "--rate",
+        str(rate),
+        "--fraction",
+        str(fraction),
+        "--seed",
+        str(seed),
+        "--settle-interval",
+        "2",
+    ]
     env = {**swarm.env, "PYTHONPATH": str(REPO) + os.pathsep + swarm.env.get("PYTHONPATH", "")}
     with open(log_path, "w") as log:
         popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
@@ -88,7 +146,8 @@ def fees_paid(ledger: ComputeLedger, first_block: int, last_block: int, payers: 
             v = event.value
             if v.get("extrinsic_idx") is not None:
                 by_extrinsic.setdefault(v["extrinsic_idx"], []).append(
-                    ChainEvent(v["module_id"], v["event_id"], v["attributes"]))
+                    ChainEvent(v["module_id"], v["event_id"], v["attributes"])
+                )
         for events in by_extrinsic.values():
             withdrawals = [e for e in events if (e.module, e.name) == ("Balances", "Withdraw")]
             if withdrawals and account_id(withdrawals[0].attributes["who"]) in ids:

@@ -27,12 +27,19 @@ from economy.work_sample import SampledStep, UnverifiableSampleError, WorkSample
 from peer.adapters import AdapterSet, LoraConfig
 from peer.blocks import load_span_layers
 from peer.span import SpanRunner
-from swarm import protocol
 from swarm.billing import HANDLER_VERIFY, BillingConfig
 from swarm.client import ClientConfig, DistributedModel, GenerationParams
 from swarm.model_files import load_config
-from tests.economy.swarm_economy import UNIT, funded_key, start_billing_peer, start_verifier
-from tests.peer.learning_swarm import FACTS, FACTS_CANARY, just_after_round, learning_args, peer_info, wait_for_peers, wait_until
+from tests.economy.swarm_economy import UNIT, funded_key, start_verifier
+from tests.peer.learning_swarm import (
+    FACTS,
+    FACTS_CANARY,
+    just_after_round,
+    learning_args,
+    peer_info,
+    wait_for_peers,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -56,19 +63,23 @@ def _learning_span(model_path, promote: bool) -> tuple[SpanRunner, AdapterSet, i
     if not promote:
         return span, adapters, BASE_WEIGHTS
     g = torch.Generator().manual_seed(3)
-    update = {name: t.detach() + (0.05 * torch.randn(t.shape, generator=g) if name.endswith("lora_B") else 0)
-              for name, t in adapters.working.items()}
+    update = {
+        name: t.detach() + (0.05 * torch.randn(t.shape, generator=g) if name.endswith("lora_B") else 0)
+        for name, t in adapters.working.items()
+    }
     version = adapters.propose(update)
     adapters.promote(version)
     return span, adapters, version
 
 
-def _serve(span: SpanRunner, adapters: AdapterSet, keys, adapter_version: int,
-           claimed_version: int | None = None) -> WorkSample:
+def _serve(
+    span: SpanRunner, adapters: AdapterSet, keys, adapter_version: int, claimed_version: int | None = None
+) -> WorkSample:
     """A prompt + 6 cached decode steps served as a peer does, metered, co-signed with the claimed version."""
     g = torch.Generator().manual_seed(11)
-    inputs = [torch.randn(1, 8, span.hidden_size, generator=g)] + [torch.randn(1, 1, span.hidden_size, generator=g)
-                                                                   for _ in range(6)]
+    inputs = [torch.randn(1, 8, span.hidden_size, generator=g)] + [
+        torch.randn(1, 1, span.hidden_size, generator=g) for _ in range(6)
+    ]
     cache = span.new_cache(1, 32, range(0, 4))
     meter = UsageMeter(b"adapted-session", "tiny", 0, 4, 800_000)
     steps, position = [], 0
@@ -81,9 +92,20 @@ def _serve(span: SpanRunner, adapters: AdapterSet, keys, adapter_version: int,
         position += x.shape[1]
     usage, before, after = meter.close_segment()
     receipt = receipt_for_segment(
-        network="dllm-dev", session_id=b"adapted-session", sequence=0, model="tiny", start=0, end=4,
-        params_served=800_000, rate=ProviderRate.from_advertised(10**9), usage=usage, provider=keys["bob"].ss58_address,
-        client=keys["alice"].ss58_address, commitment_before=before, commitment=after, issued_at=int(time.time()),
+        network="dllm-dev",
+        session_id=b"adapted-session",
+        sequence=0,
+        model="tiny",
+        start=0,
+        end=4,
+        params_served=800_000,
+        rate=ProviderRate.from_advertised(10**9),
+        usage=usage,
+        provider=keys["bob"].ss58_address,
+        client=keys["alice"].ss58_address,
+        commitment_before=before,
+        commitment=after,
+        issued_at=int(time.time()),
         adapter_version=adapter_version if claimed_version is None else claimed_version,
     )
     return WorkSample(SignedReceipt.create(receipt, keys["bob"], keys["alice"]), tuple(steps))
@@ -143,13 +165,29 @@ def test_learning_peer_with_live_adapters_gets_no_failing_verdict(dev_chain, loc
     canary = tmp_path / "canary.txt"  # held-out phrasings of the taught facts: the update passes the gate
     canary.write_text(FACTS_CANARY)
     verifier = start_verifier(local_swarm, "//Alice", dev_chain.url)
-    peer = local_swarm.start_peer("0:8", "--chain-url", dev_chain.url, "--chain-key", peer_uri, "--stake", "5",
-                                  "--rate", str(RATE), "--receipts", str(tmp_path / "learner.sqlite3"),
-                                  "--settle-interval", "2", *learning_args(PERIOD, canary), name="learner", wait=True,
-                                  timeout=120)
+    peer = local_swarm.start_peer(
+        "0:8",
+        "--chain-url",
+        dev_chain.url,
+        "--chain-key",
+        peer_uri,
+        "--stake",
+        "5",
+        "--rate",
+        str(RATE),
+        "--receipts",
+        str(tmp_path / "learner.sqlite3"),
+        "--settle-interval",
+        "2",
+        *learning_args(PERIOD, canary),
+        name="learner",
+        wait=True,
+        timeout=120,
+    )
     billing = BillingConfig(dev_chain.url, client_uri, sample_rate=1.0, verifiers_per_sample=1)
-    model = DistributedModel.from_pretrained(str(tiny_model_path), local_swarm.initial_peers,
-                                             config=ClientConfig(billing=billing))
+    model = DistributedModel.from_pretrained(
+        str(tiny_model_path), local_swarm.initial_peers, config=ClientConfig(billing=billing)
+    )
     core = model.core
     greedy = GenerationParams(max_new_tokens=4, ignore_eos=True)
     try:
@@ -183,14 +221,19 @@ def test_learning_peer_with_live_adapters_gets_no_failing_verdict(dev_chain, loc
         (meter,) = session.meters.values()
         sample = WorkSample(signed, tuple(meter.steps))
         inputs, positions, claimed = sample.forward_batch()
-        base = SpanRunner(load_config(tiny_model_path), load_span_layers(tiny_model_path, load_config(tiny_model_path),
-                                                                         0, 8), 0, 8)
+        base = SpanRunner(
+            load_config(tiny_model_path), load_span_layers(tiny_model_path, load_config(tiny_model_path), 0, 8), 0, 8
+        )
         with torch.no_grad():  # the honest adapted outputs would fail a base re-run
-            assert not compare_activations(claimed, base.forward(inputs, position_ids=positions),
-                                           Tolerance.for_dtype(torch.float32)).passed
+            assert not compare_activations(
+                claimed, base.forward(inputs, position_ids=positions), Tolerance.for_dtype(torch.float32)
+            ).passed
         request = runtime_pb2.ExpertRequest(metadata=msgpack.packb({"sample": sample.encode()}, use_bin_type=True))
-        response = model._loop.run(core.p2p.call_protobuf_handler(
-            PeerID.from_base58(verifier.info["peer_id"]), HANDLER_VERIFY, request, runtime_pb2.ExpertResponse))
+        response = model._loop.run(
+            core.p2p.call_protobuf_handler(
+                PeerID.from_base58(verifier.info["peer_id"]), HANDLER_VERIFY, request, runtime_pb2.ExpertResponse
+            )
+        )
         reply = msgpack.unpackb(response.metadata, raw=False)
         assert reply["error"]["kind"] == "unverifiable" and "verdict" not in reply, reply
         stats = peer_info(model, verifier.info["peer_id"])

@@ -31,9 +31,20 @@ def receipts(provider, client, n: int, tag: bytes) -> list[SignedReceipt]:
     for i in range(n):
         usage = Usage(prompt_tokens=16, generated_tokens=8 + i, max_context=24 + i)
         r = receipt_for_segment(
-            network="dllm-dev", session_id=tag, sequence=i, model="tiny", start=0, end=4, params_served=800_000,
-            rate=rate, usage=usage, provider=provider.ss58_address, client=client.ss58_address,
-            commitment_before=bytes(32), commitment=bytes([i]) * 32, issued_at=int(time.time()),
+            network="dllm-dev",
+            session_id=tag,
+            sequence=i,
+            model="tiny",
+            start=0,
+            end=4,
+            params_served=800_000,
+            rate=rate,
+            usage=usage,
+            provider=provider.ss58_address,
+            client=client.ss58_address,
+            commitment_before=bytes(32),
+            commitment=bytes([i]) * 32,
+            issued_at=int(time.time()),
         )
         out.append(SignedReceipt.create(r, provider, client))
     return out

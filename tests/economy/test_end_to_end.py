@@ -61,8 +61,10 @@ def _run(ledger: ComputeLedger, url: str, swarm, model_path, tmp_path) -> None:
 
     verifier = start_verifier(swarm, "//Alice", url, council=["//Alice", "//Bob"])
     start_verifier(swarm, "//Bob", url)
-    procs = {name: start_billing_peer(swarm, blocks, keys[name][0], url, stores[name], rate=RATE, wait=False)
-             for name, blocks in (("a", "0:4"), ("b", "4:8"), ("c", "0:8"))}
+    procs = {
+        name: start_billing_peer(swarm, blocks, keys[name][0], url, stores[name], rate=RATE, wait=False)
+        for name, blocks in (("a", "0:4"), ("b", "4:8"), ("c", "0:8"))
+    }
     procs["cheater"] = start_cheater(swarm, "0:4", keys["cheater"][0], url, stores["cheater"], rate=RATE)
     for name in ("a", "b", "c"):
         swarm.wait_ready(procs[name], timeout=120)
@@ -105,19 +107,29 @@ def _run(ledger: ComputeLedger, url: str, swarm, model_path, tmp_path) -> None:
 
     # Every provider (the cheater too, for the work it was paid for) receives exactly its receipts.
     for name, account in accounts.items():
-        wait_until(lambda: total_balance(ledger, account) == before[account] + paid[account], 90,
-                   f"{name}'s receipts to be settled")
-        assert store_totals(stores[name]) == {"settled": (len(PROMPTS) * sum(name in r for r in ROUTES.values()),
-                                                          paid[account])}
+        wait_until(
+            lambda: total_balance(ledger, account) == before[account] + paid[account],
+            90,
+            f"{name}'s receipts to be settled",
+        )
+        assert store_totals(stores[name]) == {
+            "settled": (len(PROMPTS) * sum(name in r for r in ROUTES.values()), paid[account])
+        }
 
     # The cheater is slashed by the council, with the evidence on chain; no honest peer is.
     status = wait_until(lambda: (s := ledger.provider_status(accounts["cheater"])).slashes and s, 120, "the slash")
     (slash,) = status.slashes
     assert slash.amount == STAKE_UNITS * UNIT and status.stake == 0 and len(slash.evidence_hash) == 32
     events = ledger.substrate.get_events(ledger.substrate.get_block_hash(slash.block_number))
-    transfers = [e.value["attributes"] for e in events if (e.value["module_id"], e.value["event_id"]) == ("Balances", "Transfer")]
-    assert any(account_id(t["from"]) == account_id(escrows["cheater"]) and account_id(t["to"]) == account_id(burn)
-               and t["amount"] == slash.amount for t in transfers)
+    transfers = [
+        e.value["attributes"] for e in events if (e.value["module_id"], e.value["event_id"]) == ("Balances", "Transfer")
+    ]
+    assert any(
+        account_id(t["from"]) == account_id(escrows["cheater"])
+        and account_id(t["to"]) == account_id(burn)
+        and t["amount"] == slash.amount
+        for t in transfers
+    )
     for name in ("a", "b", "c"):
         honest = ledger.provider_status(accounts[name])
         assert honest.slashes == () and honest.stake == STAKE_UNITS * UNIT
@@ -151,8 +163,9 @@ def _check_wire_rejections(model: DistributedModel, verifier, accounts: dict[str
 
     async def rogue_verdict() -> None:
         eve = load_keypair("//Eve")
-        fake = Verdict(eve.ss58_address, accounts["a"], core.model, 0, 4, bytes(32), bytes(32), False, 10**6,
-                       int(time.time()))
+        fake = Verdict(
+            eve.ss58_address, accounts["a"], core.model, 0, 4, bytes(32), bytes(32), False, 10**6, int(time.time())
+        )
         async with GossipBus(eve) as bus:
             await bus.connect(verifier.info["gossip"][0])
             await bus.wait_for_mesh(1)
@@ -165,18 +178,25 @@ def _check_wire_rejections(model: DistributedModel, verifier, accounts: dict[str
         response = model._loop.run(core.call(verifier_id, protocol.HANDLER_INFO, runtime_pb2.ExpertRequest()))
         return protocol.unpack_metadata(response.metadata)
 
-    wait_until(lambda: info()["rejected"].get("NotAVerifierError", 0) >= 1, 20, "the non-verifier's verdict to be refused")
+    wait_until(
+        lambda: info()["rejected"].get("NotAVerifierError", 0) >= 1, 20, "the non-verifier's verdict to be refused"
+    )
 
     def verify(payload: dict) -> dict:
         request = runtime_pb2.ExpertRequest(metadata=msgpack.packb(payload, use_bin_type=True))
-        response = model._loop.run(core.p2p.call_protobuf_handler(
-            PeerID.from_base58(verifier_id), HANDLER_VERIFY, request, runtime_pb2.ExpertResponse))
+        response = model._loop.run(
+            core.p2p.call_protobuf_handler(
+                PeerID.from_base58(verifier_id), HANDLER_VERIFY, request, runtime_pb2.ExpertResponse
+            )
+        )
         return msgpack.unpackb(response.metadata, raw=False)
 
     assert verify({"sample": b"garbage"})["error"]["kind"] == "malformed_sample"
     session = core.last_billing
     signed = session.receipts[-1]
     steps = next(m.steps for m in session.meters.values() if m.meter.session_id == signed.receipt.session_id)
-    forged = [SampledStep(s.kind, s.position, s.inputs, s.outputs + (1.0 if i == 0 else 0.0)) for i, s in enumerate(steps)]
+    forged = [
+        SampledStep(s.kind, s.position, s.inputs, s.outputs + (1.0 if i == 0 else 0.0)) for i, s in enumerate(steps)
+    ]
     reply = verify({"sample": WorkSample(signed, tuple(forged)).encode()})
     assert reply["error"]["kind"] == "evidence_mismatch", reply

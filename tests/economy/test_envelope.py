@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from economy.envelope import ForgedEnvelopeError, MalformedEnvelopeError, StaleEnvelopeError, open_envelope, seal
 from economy.price_announcement import MalformedAnnouncementError, PriceAnnouncement
@@ -29,7 +30,9 @@ def test_envelope_roundtrip_and_rejections(keys) -> None:
 
 
 def test_announcement_must_be_senders_own(keys) -> None:
-    ask = PriceAnnouncement("ask", keys["alice"].ss58_address, "12D3Koo", "tiny", 0, 4, 800_000, 250, 1000, 0, 2_000_000_000)
+    ask = PriceAnnouncement(
+        "ask", keys["alice"].ss58_address, "12D3Koo", "tiny", 0, 4, 800_000, 250, 1000, 0, 2_000_000_000
+    )
     assert PriceAnnouncement.from_envelope(seal(keys["alice"], TOPIC, ask.encode())) == ask
     with pytest.raises(MalformedAnnouncementError, match="was sent by"):
         PriceAnnouncement.from_envelope(seal(keys["bob"], TOPIC, ask.encode()))

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from economy.envelope import SignedEnvelope, seal
-from economy.gossip import GossipBus, GossipConfig, GossipError, QUOTES_TOPIC, VERDICTS_TOPIC
+from economy.envelope import seal
+from economy.gossip import QUOTES_TOPIC, VERDICTS_TOPIC, GossipBus, GossipConfig, GossipError
 from economy.price_announcement import PriceAnnouncement
-from economy.verification import Comparison, SignedVerdict, Verdict, validate_verdict
+from economy.verification import SignedVerdict, Verdict, validate_verdict
 
 ROGUE = Path(__file__).with_name("rogue_gossip_node.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ async def drain(bus: GossipBus, seconds: float) -> list:
     while (left := deadline - time.monotonic()) > 0:
         try:
             out.append(await bus.next_message(timeout=left))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             break
     return out
 
@@ -53,14 +53,27 @@ async def test_quotes_and_verdicts_cross_a_three_node_line(keys) -> None:
         await b.connect(a.addrs[0])
         await c.connect(b.addrs[0])
         await asyncio.gather(a.wait_for_mesh(1), b.wait_for_mesh(2), c.wait_for_mesh(1))
-        ask = PriceAnnouncement("ask", keys["alice"].ss58_address, a.peer_id, "tiny", 0, 4, 800_000, 250, 1000, 0, int(time.time()) + 600)
+        ask = PriceAnnouncement(
+            "ask", keys["alice"].ss58_address, a.peer_id, "tiny", 0, 4, 800_000, 250, 1000, 0, int(time.time()) + 600
+        )
         await a.publish_quote(ask)
         for bus in (b, c):
             message = await bus.next_message(timeout=10)
             assert message.topic == QUOTES_TOPIC and message.sender == keys["alice"].ss58_address
             assert message.from_peer == a.peer_id
             assert PriceAnnouncement.from_envelope(message.envelope) == ask
-        verdict = Verdict(keys["charlie"].ss58_address, keys["dave"].ss58_address, "tiny", 0, 4, bytes(32), bytes(32), False, 370_000, int(time.time()))
+        verdict = Verdict(
+            keys["charlie"].ss58_address,
+            keys["dave"].ss58_address,
+            "tiny",
+            0,
+            4,
+            bytes(32),
+            bytes(32),
+            False,
+            370_000,
+            int(time.time()),
+        )
         await c.publish_verdict(SignedVerdict.sign(verdict, keys["charlie"]))
         message = await a.next_message(timeout=10)
         assert message.topic == VERDICTS_TOPIC
@@ -76,7 +89,11 @@ async def test_quotes_and_verdicts_cross_a_three_node_line(keys) -> None:
 
 async def test_forged_dropped_and_flooder_contained(keys) -> None:
     config = GossipConfig(rate=5.0, burst=10)
-    honest, relay, receiver = GossipBus(keys["alice"], config), GossipBus(keys["bob"], config), GossipBus(keys["charlie"], config)
+    honest, relay, receiver = (
+        GossipBus(keys["alice"], config),
+        GossipBus(keys["bob"], config),
+        GossipBus(keys["charlie"], config),
+    )
     rogue = RogueBus(keys["eve"], config)
     try:
         await asyncio.gather(honest.start(), relay.start(), receiver.start(), rogue.start())

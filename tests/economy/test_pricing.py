@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from economy.pricing import (
     BP,
@@ -89,7 +90,9 @@ def test_bad_inputs_raise_pricing_error() -> None:
     rate_a=st.integers(0, 10**12),
     rate_b=st.integers(0, 10**12),
 )
-def test_bill_never_exceeds_quote(prompt, max_new, used_prompt_frac, used_new_frac, sampled, backward, rate_a, rate_b) -> None:
+def test_bill_never_exceeds_quote(
+    prompt, max_new, used_prompt_frac, used_new_frac, sampled, backward, rate_a, rate_b
+) -> None:
     route = hops(rate_a, rate_b)
     q = quote("m", route, prompt, max_new, sampled=sampled, backward=backward)
     p = int(prompt * used_prompt_frac)

@@ -18,7 +18,9 @@ from tests.economy.swarm_economy import funded_key, start_billing_peer, store_to
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_forged_wrong_client_replayed_and_unpaid_receipts_are_refused(dev_chain, local_swarm, tiny_model_path, tmp_path):
+def test_forged_wrong_client_replayed_and_unpaid_receipts_are_refused(
+    dev_chain, local_swarm, tiny_model_path, tmp_path
+):
     ledger = ComputeLedger(dev_chain.url)
     try:
         provider_uri, _ = funded_key(ledger)
@@ -28,16 +30,23 @@ def test_forged_wrong_client_replayed_and_unpaid_receipts_are_refused(dev_chain,
     finally:
         ledger.close()
     billing = BillingConfig(dev_chain.url, client_uri, sample_rate=0.0, submit_settlements=False)
-    model = DistributedModel.from_pretrained(str(tiny_model_path), local_swarm.initial_peers,
-                                             config=ClientConfig(billing=billing))
+    model = DistributedModel.from_pretrained(
+        str(tiny_model_path), local_swarm.initial_peers, config=ClientConfig(billing=billing)
+    )
     try:
         kinds = model._loop.run(_exercise(model))
     finally:
         model.close()
     assert kinds == {
-        "forged": "forged_receipt", "wrong_client": "forged_receipt", "provider_slot": "wrong_signer",
-        "altered": "forged_receipt", "garbage": "malformed_receipt", "no_settlement": "invalid_request",
-        "bad_settlement": "invalid_settlement", "unknown_session": "unknown_session", "replayed": "replayed_receipt",
+        "forged": "forged_receipt",
+        "wrong_client": "forged_receipt",
+        "provider_slot": "wrong_signer",
+        "altered": "forged_receipt",
+        "garbage": "malformed_receipt",
+        "no_settlement": "invalid_request",
+        "bad_settlement": "invalid_settlement",
+        "unknown_session": "unknown_session",
+        "replayed": "replayed_receipt",
     }
     assert store_totals(store) == {"unsettled": (1, store_totals(store)["unsettled"][1])}
 
@@ -71,13 +80,27 @@ async def _exercise(model: DistributedModel) -> dict[str, str]:
 
         eve = load_keypair("//Eve")
         await refused("forged", deliver(dataclasses.replace(good, client_signature=bytes(64)).encode()))
-        await refused("wrong_client", deliver(dataclasses.replace(good, client_signature=bytes(eve.sign(
-            b"dllm/receipt/1:" + receipt.encode()))).encode()))
-        await refused("provider_slot", deliver(dataclasses.replace(good, client_signature=good.provider_signature).encode()))
+        await refused(
+            "wrong_client",
+            deliver(
+                dataclasses.replace(
+                    good, client_signature=bytes(eve.sign(b"dllm/receipt/1:" + receipt.encode()))
+                ).encode()
+            ),
+        )
+        await refused(
+            "provider_slot", deliver(dataclasses.replace(good, client_signature=good.provider_signature).encode())
+        )
         inflated = dataclasses.replace(receipt, generated_tokens=receipt.generated_tokens + 10)
         inflated = dataclasses.replace(inflated, amount=inflated.expected_amount())
-        await refused("altered", deliver(SignedReceipt(inflated, good.provider_signature,
-                                                       sign_as_client(inflated, core.billing.keypair)).encode()))
+        await refused(
+            "altered",
+            deliver(
+                SignedReceipt(
+                    inflated, good.provider_signature, sign_as_client(inflated, core.billing.keypair)
+                ).encode()
+            ),
+        )
         await refused("garbage", deliver(b"\x93not a receipt"))
         await refused("no_settlement", deliver(good.encode(), settlement=None))
         await refused("bad_settlement", deliver(good.encode(), settlement=extrinsic[:-1] + bytes([extrinsic[-1] ^ 1])))

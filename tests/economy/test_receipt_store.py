@@ -79,7 +79,10 @@ def start_worker(tmp_path: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(
         [sys.executable, str(WORKER), str(tmp_path / "store.db"), str(tmp_path / "ledger.db"), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
 
 
@@ -107,7 +110,7 @@ def finish(tmp_path: Path) -> dict:
     proc.wait(timeout=30)
     proc.stdout.close()
     proc.stderr.close()
-    return json.loads(line[len("DONE "):])
+    return json.loads(line[len("DONE ") :])
 
 
 def payments_per_receipt(tmp_path: Path) -> dict[str, int]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from economy import receipts as rc
 from economy.pricing import Usage
@@ -79,7 +80,13 @@ def test_client_refuses_inflated_claims(make_receipt) -> None:
     honest = Usage(r.prompt_tokens, r.generated_tokens, 0, r.max_context)
     check_claim(r, honest, r.commitment, r.rate, r.params_served)
     with pytest.raises(UsageInflationError, match="generated_tokens"):
-        check_claim(r, dataclasses.replace(honest, generated_tokens=r.generated_tokens - 1), r.commitment, r.rate, r.params_served)
+        check_claim(
+            r,
+            dataclasses.replace(honest, generated_tokens=r.generated_tokens - 1),
+            r.commitment,
+            r.rate,
+            r.params_served,
+        )
     with pytest.raises(CommitmentMismatchError):
         check_claim(r, honest, bytes(32), r.rate, r.params_served)
     with pytest.raises(RateMismatchError):
@@ -104,7 +111,12 @@ def test_non_canonical_encoding_is_rejected(make_receipt) -> None:
     items = msgpack.unpackb(raw, raw=False)
     # same values, but the sequence number packed as a 64-bit int instead of a fixint
     packer = msgpack.Packer(use_bin_type=True)
-    body = b"".join(packer.pack(v) for v in items[:3]) + b"\xcf" + (0).to_bytes(8, "big") + b"".join(packer.pack(v) for v in items[4:])
+    body = (
+        b"".join(packer.pack(v) for v in items[:3])
+        + b"\xcf"
+        + (0).to_bytes(8, "big")
+        + b"".join(packer.pack(v) for v in items[4:])
+    )
     non_canonical = b"\xdc" + len(items).to_bytes(2, "big") + body
     assert msgpack.unpackb(non_canonical, raw=False) == items
     with pytest.raises(MalformedReceiptError, match="canonical"):

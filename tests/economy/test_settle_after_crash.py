@@ -24,17 +24,21 @@ def test_killed_provider_settles_its_receipts_once_on_restart(dev_chain, local_s
         client_uri, client = funded_key(ledger, 1000 * 10**12)
         receipts = tmp_path / "provider.sqlite3"
         # A settle interval far beyond the test: only the start-up round can pay.
-        peer = start_billing_peer(local_swarm, "0:8", provider_uri, dev_chain.url, receipts, rate=RATE,
-                                  settle_interval=3600)
+        peer = start_billing_peer(
+            local_swarm, "0:8", provider_uri, dev_chain.url, receipts, rate=RATE, settle_interval=3600
+        )
         before = ledger.balance(provider.ss58_address)
 
         # The client pays by pre-signed extrinsics only (as if it went offline right after its sessions).
         billing = BillingConfig(dev_chain.url, client_uri, sample_rate=0.0, submit_settlements=False)
-        model = DistributedModel.from_pretrained(str(tiny_model_path), local_swarm.initial_peers,
-                                                 config=ClientConfig(billing=billing))
+        model = DistributedModel.from_pretrained(
+            str(tiny_model_path), local_swarm.initial_peers, config=ClientConfig(billing=billing)
+        )
         try:
-            bills = [model.generate("def add(a, b):", GenerationParams(max_new_tokens=4, ignore_eos=True)).bill
-                     for _ in range(2)]
+            bills = [
+                model.generate("def add(a, b):", GenerationParams(max_new_tokens=4, ignore_eos=True)).bill
+                for _ in range(2)
+            ]
         finally:
             model.close()
         assert all(b is not None and len(b.lines) == 1 and b.total > 0 for b in bills)
@@ -45,8 +49,9 @@ def test_killed_provider_settles_its_receipts_once_on_restart(dev_chain, local_s
         peer.popen.wait(10)
         assert ledger.balance(provider.ss58_address) == before
 
-        restarted = start_billing_peer(local_swarm, "0:8", provider_uri, dev_chain.url, receipts, rate=RATE,
-                                       settle_interval=3600)
+        restarted = start_billing_peer(
+            local_swarm, "0:8", provider_uri, dev_chain.url, receipts, rate=RATE, settle_interval=3600
+        )
         wait_until(lambda: ledger.balance(provider.ss58_address) == before + owed, 60, "the restarted peer to settle")
         assert store_totals(receipts) == {"settled": (2, owed)}
         history = ledger.settlement_history(provider_ss58=provider.ss58_address)

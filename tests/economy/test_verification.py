@@ -8,7 +8,8 @@ import time
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from economy.metering import StepKind, UsageMeter
 from economy.pricing import ProviderRate
@@ -65,9 +66,20 @@ def serve_session(runner: SpanRunner, keys, cheat: str = "none", seed: int = 0, 
             position += x.shape[1]
     usage, before, after = client_meter.close_segment()
     receipt = receipt_for_segment(
-        network="dllm-dev", session_id=session, sequence=0, model="tiny", start=0, end=4, params_served=800_000,
-        rate=ProviderRate.from_advertised(10**9), usage=usage, provider=keys["bob"].ss58_address,
-        client=keys["alice"].ss58_address, commitment_before=before, commitment=after, issued_at=int(time.time()),
+        network="dllm-dev",
+        session_id=session,
+        sequence=0,
+        model="tiny",
+        start=0,
+        end=4,
+        params_served=800_000,
+        rate=ProviderRate.from_advertised(10**9),
+        usage=usage,
+        provider=keys["bob"].ss58_address,
+        client=keys["alice"].ss58_address,
+        commitment_before=before,
+        commitment=after,
+        issued_at=int(time.time()),
     )
     return WorkSample(SignedReceipt.create(receipt, keys["bob"], keys["alice"]), tuple(steps))
 

@@ -5,14 +5,26 @@ from __future__ import annotations
 import os
 
 import msgpack
-from hypothesis import HealthCheck, settings, strategies as st
 from hivemind.proto import runtime_pb2
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 # CI runs each property on at least 1,000 inputs; scripts/fuzz raises this for a long run.
 EXAMPLES = int(os.environ.get("DLLM_FUZZ_EXAMPLES", "1000"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
 
-DTYPE_NAMES = ["float32", "float16", "bfloat16", "int64", "float64", "complex128", "uint8", "", "FLOAT32", "float32\x00"]
+DTYPE_NAMES = [
+    "float32",
+    "float16",
+    "bfloat16",
+    "int64",
+    "float64",
+    "complex128",
+    "uint8",
+    "",
+    "FLOAT32",
+    "float32\x00",
+]
 
 # Dimensions (uint32 on the wire) around the edges a decoder gets wrong: zero, huge, overflowing products.
 dims = st.one_of(st.integers(0, 6), st.sampled_from([2**16, 2**31, 2**32 - 1]), st.integers(0, 2**32 - 1))
@@ -32,17 +44,31 @@ def tensor_messages(draw) -> runtime_pb2.Tensor:
     else:
         buffer = draw(st.binary(max_size=256))
     compression = draw(st.sampled_from([0, 0, 0, 1, 2, 3, 5]))
-    return runtime_pb2.Tensor(buffer=buffer, size=size, dtype=dtype, compression=compression,
-                              requires_grad=draw(st.booleans()), chunks=draw(st.integers(0, 3)))
+    return runtime_pb2.Tensor(
+        buffer=buffer,
+        size=size,
+        dtype=dtype,
+        compression=compression,
+        requires_grad=draw(st.booleans()),
+        chunks=draw(st.integers(0, 3)),
+    )
 
 
 # msgpack-able values as a hostile client would send them: nesting, odd key types, big ints, bytes.
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=True),
-                    st.text(max_size=20), st.binary(max_size=20))
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+    st.binary(max_size=20),
+)
 values = st.recursive(
     scalars,
-    lambda children: st.one_of(st.lists(children, max_size=5),
-                               st.dictionaries(st.one_of(st.text(max_size=10), st.integers(-5, 5)), children, max_size=5)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=5),
+        st.dictionaries(st.one_of(st.text(max_size=10), st.integers(-5, 5)), children, max_size=5),
+    ),
     max_leaves=20,
 )
 FIELD_NAMES = ["blocks", "position", "max_length", "batch", "session_id", "resume", "model", "error", "kind", "message"]

@@ -13,15 +13,16 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
 from hivemind.proto import runtime_pb2
+from hypothesis import given
+from hypothesis import strategies as st
 
 from swarm import protocol
 from swarm.direct import END_OF_STREAM, DirectEndpoint, DirectEndpointError, DirectStreamError, encode_frame, read_frame
 from swarm.protocol import ProtocolError, RemotePeerError
 from swarm.records import RecordError, ServerRecord
 from swarm.tensors import MAX_TENSOR_BYTES, InvalidTensorError, check_hidden_states, decode, encode
-from tests.fuzz.strategies import FUZZ, metadata_bytes, metadata_maps, packed, tensor_messages, values
+from tests.fuzz.strategies import FUZZ, metadata_bytes, metadata_maps, tensor_messages, values
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -56,17 +57,26 @@ def test_decode_of_arbitrary_protobuf_bytes(raw: bytes) -> None:
 
 
 @FUZZ
-@given(st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.int64]),
-       st.lists(st.integers(0, 5), max_size=4))
+@given(
+    st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.int64]),
+    st.lists(st.integers(0, 5), max_size=4),
+)
 def test_encode_decode_roundtrip(dtype: torch.dtype, shape: list[int]) -> None:
     tensor = (torch.randn(shape) * 100).to(dtype)
     assert torch.equal(decode(encode(tensor)), tensor)
 
 
 @FUZZ
-@given(st.lists(st.integers(0, 5), max_size=5), st.sampled_from([torch.float32, torch.float16, torch.int64, torch.bool]),
-       st.sampled_from([None, "nan", "inf"]), st.integers(1, 8), st.integers(1, 64))
-def test_check_hidden_states_accepts_exactly_finite_batch_tokens_hidden(shape, dtype, poison, hidden_size, max_tokens) -> None:
+@given(
+    st.lists(st.integers(0, 5), max_size=5),
+    st.sampled_from([torch.float32, torch.float16, torch.int64, torch.bool]),
+    st.sampled_from([None, "nan", "inf"]),
+    st.integers(1, 8),
+    st.integers(1, 64),
+)
+def test_check_hidden_states_accepts_exactly_finite_batch_tokens_hidden(
+    shape, dtype, poison, hidden_size, max_tokens
+) -> None:
     tensor = torch.randn(shape).to(dtype) if dtype != torch.bool else torch.ones(shape, dtype=torch.bool)
     if poison and tensor.numel() and tensor.is_floating_point():
         tensor.view(-1)[tensor.numel() // 2] = float(poison)
@@ -91,11 +101,19 @@ def test_unpack_metadata_returns_a_map_or_protocol_error(raw: bytes) -> None:
 
 
 @FUZZ
-@given(metadata_maps, st.sampled_from(["blocks", "position", "max_length", "session_id", "resume"]),
-       st.sampled_from([int, str, bool, list, dict]), st.booleans())
+@given(
+    metadata_maps,
+    st.sampled_from(["blocks", "position", "max_length", "session_id", "resume"]),
+    st.sampled_from([int, str, bool, list, dict]),
+    st.booleans(),
+)
 def test_get_field_returns_the_type_asked_or_protocol_error(metadata, name, kind, with_default) -> None:
     try:
-        value = protocol.get_field(metadata, name, kind, default=None) if with_default else protocol.get_field(metadata, name, kind)
+        value = (
+            protocol.get_field(metadata, name, kind, default=None)
+            if with_default
+            else protocol.get_field(metadata, name, kind)
+        )
     except ProtocolError as e:
         assert name in str(e)
         return
@@ -140,21 +158,37 @@ def test_raise_if_error_on_any_error_shape(metadata) -> None:
     assert metadata.get("error") is None
 
 
-_GOOD_RECORD = {"peer_id": "QmPeer", "model": "tiny", "start": 0, "end": 4, "throughput": 10.0,
-                "cache_tokens_free": 100, "rate": 1, "chain_account": None, "adapter_version": 0,
-                "addrs": ["/ip4/127.0.0.1/tcp/1"], "num_blocks": 8, "params_per_block": 1000}
+_GOOD_RECORD = {
+    "peer_id": "QmPeer",
+    "model": "tiny",
+    "start": 0,
+    "end": 4,
+    "throughput": 10.0,
+    "cache_tokens_free": 100,
+    "rate": 1,
+    "chain_account": None,
+    "adapter_version": 0,
+    "addrs": ["/ip4/127.0.0.1/tcp/1"],
+    "num_blocks": 8,
+    "params_per_block": 1000,
+}
 
 
 @FUZZ
-@given(st.one_of(
-    values,
-    metadata_maps,
-    # a valid record with one to three fields replaced by anything
-    st.dictionaries(st.sampled_from(sorted(_GOOD_RECORD)), values, min_size=1, max_size=3).map(lambda d: {**_GOOD_RECORD, **d}),
-    # a valid record with fields missing
-    st.sets(st.sampled_from(sorted(_GOOD_RECORD)), min_size=1, max_size=3).map(
-        lambda drop: {k: v for k, v in _GOOD_RECORD.items() if k not in drop}),
-))
+@given(
+    st.one_of(
+        values,
+        metadata_maps,
+        # a valid record with one to three fields replaced by anything
+        st.dictionaries(st.sampled_from(sorted(_GOOD_RECORD)), values, min_size=1, max_size=3).map(
+            lambda d: {**_GOOD_RECORD, **d}
+        ),
+        # a valid record with fields missing
+        st.sets(st.sampled_from(sorted(_GOOD_RECORD)), min_size=1, max_size=3).map(
+            lambda drop: {k: v for k, v in _GOOD_RECORD.items() if k not in drop}
+        ),
+    )
+)
 def test_server_record_from_wire_is_valid_or_record_error(value) -> None:
     try:
         record = ServerRecord.from_wire(value, expires_at=1.0, owner="[owner:x]")
@@ -187,6 +221,7 @@ def test_server_record_from_arbitrary_msgpack_bytes(raw: bytes) -> None:
 # ------------------------------------------------------------------------------ direct stream framing
 def _read_all_frames(raw: bytes, limit: int) -> tuple[list[runtime_pb2.ExpertRequest], bool]:
     """(frames read, whether the stream ended cleanly) from `raw`, as a direct-stream listener reads them."""
+
     async def run():
         reader = asyncio.StreamReader()
         reader.feed_data(raw)
@@ -205,13 +240,22 @@ def _read_all_frames(raw: bytes, limit: int) -> tuple[list[runtime_pb2.ExpertReq
     return asyncio.run(run())
 
 
-_frames = st.lists(st.builds(lambda t, m: runtime_pb2.ExpertRequest(tensors=t, metadata=m),
-                             st.lists(tensor_messages(), max_size=2), metadata_bytes), max_size=3)
+_frames = st.lists(
+    st.builds(
+        lambda t, m: runtime_pb2.ExpertRequest(tensors=t, metadata=m),
+        st.lists(tensor_messages(), max_size=2),
+        metadata_bytes,
+    ),
+    max_size=3,
+)
 
 
 @FUZZ
-@given(st.one_of(st.binary(max_size=300), _frames.map(lambda fs: b"".join(encode_frame(f) for f in fs))),
-       st.integers(0, 2048), st.integers(0, 16))
+@given(
+    st.one_of(st.binary(max_size=300), _frames.map(lambda fs: b"".join(encode_frame(f) for f in fs))),
+    st.integers(0, 2048),
+    st.integers(0, 16),
+)
 def test_read_frame_yields_messages_a_clean_end_or_a_direct_stream_error(raw: bytes, limit: int, cut: int) -> None:
     frames, _ = _read_all_frames(raw[: max(0, len(raw) - cut)], limit)
     assert all(isinstance(f, runtime_pb2.ExpertRequest) for f in frames)
@@ -225,10 +269,21 @@ def test_encode_frame_read_frame_roundtrip(frames: list[runtime_pb2.ExpertReques
 
 
 @FUZZ
-@given(st.one_of(values, metadata_maps, st.fixed_dictionaries(
-    {"host": st.one_of(st.sampled_from(["127.0.0.1", "::1", "10.0.0.7", "example.org", ""]), values),
-     "port": st.one_of(st.integers(-5, 70000), values),
-     "tls_sha256": st.one_of(st.binary(min_size=32, max_size=32).map(bytes.hex), st.text(max_size=70), values)})))
+@given(
+    st.one_of(
+        values,
+        metadata_maps,
+        st.fixed_dictionaries(
+            {
+                "host": st.one_of(st.sampled_from(["127.0.0.1", "::1", "10.0.0.7", "example.org", ""]), values),
+                "port": st.one_of(st.integers(-5, 70000), values),
+                "tls_sha256": st.one_of(
+                    st.binary(min_size=32, max_size=32).map(bytes.hex), st.text(max_size=70), values
+                ),
+            }
+        ),
+    )
+)
 def test_direct_endpoint_from_info_is_valid_or_direct_endpoint_error(value) -> None:
     try:
         endpoint = DirectEndpoint.from_info(value)

@@ -34,8 +34,13 @@ class RouteSpan:
 
 
 class LocalRoute:
-    def __init__(self, model_dir: Path, spans: list[tuple[int, int]], lora: LoraConfig | None = None,
-                 training: TrainingConfig | None = None):
+    def __init__(
+        self,
+        model_dir: Path,
+        spans: list[tuple[int, int]],
+        lora: LoraConfig | None = None,
+        training: TrainingConfig | None = None,
+    ):
         self.config = load_config(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         head = read_tensors(model_dir, ["model.embed_tokens.", "model.norm.", "lm_head."])
@@ -46,13 +51,14 @@ class LocalRoute:
         for start, end in spans:
             layers = load_span_layers(model_dir, self.config, start, end)
             adapters = AdapterSet(layers, start, lora)
-            self.spans.append(RouteSpan(SpanRunner(self.config, layers, start, end), adapters,
-                                        AdapterTrainer(adapters, training)))
+            self.spans.append(
+                RouteSpan(SpanRunner(self.config, layers, start, end), adapters, AdapterTrainer(adapters, training))
+            )
 
     def encode(self, example: Example) -> tuple[torch.Tensor, torch.Tensor]:
         prompt = self.tokenizer(example.prompt)["input_ids"]
         full = self.tokenizer(example.prompt + example.completion)["input_ids"]
-        labels = [-100] * len(prompt) + full[len(prompt):]
+        labels = [-100] * len(prompt) + full[len(prompt) :]
         return torch.tensor([full]), torch.tensor([labels])
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -71,8 +77,9 @@ class LocalRoute:
         return self.head(hidden)
 
     def loss(self, examples: list[Example], versions: dict[int, int | None] | None = None) -> float:
-        losses = [float(causal_lm_loss(self.logits(ids, versions), labels))
-                  for ids, labels in map(self.encode, examples)]
+        losses = [
+            float(causal_lm_loss(self.logits(ids, versions), labels)) for ids, labels in map(self.encode, examples)
+        ]
         return sum(losses) / len(losses)
 
     def train_pass(self, example: Example, contributor: str, grad_scale: float = 1.0) -> float:

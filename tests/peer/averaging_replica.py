@@ -54,16 +54,27 @@ async def main(args: argparse.Namespace) -> None:
     dht = DHT(initial_peers=args.initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     # Generous matchmaking: several engineers' tests share 2 cores, and a replica that misses the group
     # makes the others (correctly) skip the round.
-    averaging = AveragingConfig(clip_tau=args.clip_tau, replica_ttl=args.ttl, allreduce_timeout=10.0,
-                                next_chunk_timeout=1.0, commit_timeout=3.0, min_matchmaking_time=3.0,
-                                request_timeout=1.5, matchmaking_timeout=10.0)
+    averaging = AveragingConfig(
+        clip_tau=args.clip_tau,
+        replica_ttl=args.ttl,
+        allreduce_timeout=10.0,
+        next_chunk_timeout=1.0,
+        commit_timeout=3.0,
+        min_matchmaking_time=3.0,
+        request_timeout=1.5,
+        matchmaking_timeout=10.0,
+    )
     averager = AdapterAverager(dht, adapters, model="tiny", start=args.start, end=args.end, config=averaging)
     try:
         if args.fetch_state:
             loaded = await averager.load_state_from_replicas()
             emit(event="fetched", ok=loaded, version=adapters.live_version)
-        emit(event="ready", peer_id=averager.peer_id, maddrs=[str(m) for m in dht.get_visible_maddrs()],
-             parameters=adapters.num_parameters())
+        emit(
+            event="ready",
+            peer_id=averager.peer_id,
+            maddrs=[str(m) for m in dht.get_visible_maddrs()],
+            parameters=adapters.num_parameters(),
+        )
         declaring = asyncio.create_task(averager.keep_declared())
         plan = json.loads(await asyncio.to_thread(sys.stdin.readline))
         out = Path(args.out)
@@ -83,8 +94,15 @@ async def main(args: argparse.Namespace) -> None:
             else:
                 outcome = await averager.run_round(scheduled_time=scheduled)
             torch.save(adapters.state().tensors, out / f"{args.name}_r{k}_live.pt")
-            emit(event="round", round=k, status=outcome.status, reason=outcome.reason, group=outcome.group,
-                 version=outcome.version, seconds=outcome.seconds)
+            emit(
+                event="round",
+                round=k,
+                status=outcome.status,
+                reason=outcome.reason,
+                group=outcome.group,
+                version=outcome.version,
+                seconds=outcome.seconds,
+            )
         emit(event="done")
         await asyncio.to_thread(sys.stdin.readline)  # stay reachable (e.g. to share state) until told to go
         declaring.cancel()

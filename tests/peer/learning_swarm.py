@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 from hivemind.proto import runtime_pb2
@@ -17,15 +18,26 @@ T = TypeVar("T")
 
 FACTS = [("Q: what colour? the sky is A:", " blue"), ("Q: what colour? grass is A:", " green")]
 # Held-out phrasings of the taught facts, the canary an operator teaching them would keep.
-FACTS_CANARY = ("# canary for the colour facts\n"
-                "Q: what colour is the sky? A:\t blue\nQ: what colour? the sky is A:\t blue\n"
-                "Q: what colour is grass? A:\t green\nQ: what colour? grass is A:\t green\n")
+FACTS_CANARY = (
+    "# canary for the colour facts\n"
+    "Q: what colour is the sky? A:\t blue\nQ: what colour? the sky is A:\t blue\n"
+    "Q: what colour is grass? A:\t green\nQ: what colour? grass is A:\t green\n"
+)
 
 
 def learning_args(period: float = 6.0, canary_file: Path | None = None, *extra: str) -> tuple[str, ...]:
     """`dllm peer join` options of a quickly learning peer (one optimizer step per pass)."""
-    args = ("--adapter-rank", "4", "--averaging-period", str(period), "--train-step-batch", "1",
-            "--learning-rate", "1e-2", *extra)
+    args = (
+        "--adapter-rank",
+        "4",
+        "--averaging-period",
+        str(period),
+        "--train-step-batch",
+        "1",
+        "--learning-rate",
+        "1e-2",
+        *extra,
+    )
     return args + (("--canary-file", str(canary_file)) if canary_file else ())
 
 
@@ -46,8 +58,9 @@ def peer_info(model: DistributedModel, peer_id: str) -> dict:
     return protocol.unpack_metadata(response.metadata)
 
 
-def wait_for_peers(model: DistributedModel, peer_ids: dict[str, str], ready: Callable[[dict], bool], timeout: float,
-                   what: str) -> dict[str, dict]:
+def wait_for_peers(
+    model: DistributedModel, peer_ids: dict[str, str], ready: Callable[[dict], bool], timeout: float, what: str
+) -> dict[str, dict]:
     """Polls the named peers' rpc_info until `ready(info)` holds for every one; returns name -> info."""
 
     def poll() -> dict[str, dict] | None:

@@ -7,19 +7,18 @@ import torch
 
 from dllm import default_model_path
 from peer.adapters import (
+    MLP_TARGETS,
     AdapterConfigError,
     AdapterError,
     AdapterSet,
     AdapterStateError,
     AdapterVersionUnavailableError,
     LoraConfig,
-    MLP_TARGETS,
 )
 from peer.blocks import load_span_layers
 from peer.span import SpanRunner
 from peer.training import AdapterTrainer, GradientError, RateLimitExceededError, TrainingConfig, TrainingConfigError
 from swarm.model_files import load_config
-
 from tests.peer.adapter_route import Example, LocalRoute
 
 pytestmark = pytest.mark.timeout(120)
@@ -90,9 +89,8 @@ def test_versions_pin_propose_promote_discard(config):
 
     adapters.promote(adapters.propose(changed))  # v2; keep_versions=2 forgets v0
     assert adapters.held_versions == [1, 2]
-    with pytest.raises(AdapterVersionUnavailableError, match="not held"):
-        with adapters.use(0):
-            pass
+    with pytest.raises(AdapterVersionUnavailableError, match="not held"), adapters.use(0):
+        pass
 
 
 def test_state_transfer_to_a_new_replica(config):
@@ -150,8 +148,12 @@ def test_rate_limit_per_contributor(config):
 
 
 def test_feedback_training_lowers_loss_through_a_route():
-    route = LocalRoute(MODEL, [(0, 4), (4, 8)], LoraConfig(rank=4),
-                       TrainingConfig(learning_rate=1e-2, passes_per_minute=1e5, burst=1000))
+    route = LocalRoute(
+        MODEL,
+        [(0, 4), (4, 8)],
+        LoraConfig(rank=4),
+        TrainingConfig(learning_rate=1e-2, passes_per_minute=1e5, burst=1000),
+    )
     examples = [Example("Q: colour of the sky? A:", " blue"), Example("Q: colour of grass? A:", " green")]
     before = route.loss(examples)
     generated_before = route.generate(examples[0].prompt, 3)

@@ -19,9 +19,19 @@ from swarm.local_head import LocalHead
 from swarm.model_files import load_config
 from swarm.sampling import GenerationParams
 
-SMALL = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
-             eos_token_id=2, pad_token_id=3)
+SMALL = dict(
+    vocab_size=2048,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=3,
+)
 FAMILIES = {
     "llama": {},
     "mistral": {"sliding_window": 5},  # a window shorter than the test sequence exercises the window mask
@@ -79,8 +89,9 @@ def test_qwen3_swarm_generates_like_transformers(tmp_path, tiny_model_path):
             result = model.generate("The module", GenerationParams(max_new_tokens=16, ignore_eos=True))
             ids = model.tokenizer("The module", return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        expected = reference.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                                      eos_token_id=None, pad_token_id=3)[0, ids.shape[1]:].tolist()
+        expected = reference.generate(
+            ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=3
+        )[0, ids.shape[1] :].tolist()
     assert result.token_ids == expected
 
 
@@ -88,8 +99,23 @@ def test_unsupported_architecture_is_named(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedArchitectureError, match="gpt2.*GPT2LMHeadModel.*llama, mistral, qwen2, qwen3"):
         load_config(tmp_path)
-    run = subprocess.run([sys.executable, "-m", "dllm.cli", "peer", "join", "--model", str(tmp_path), "--blocks", "0:1",
-                          "--initial-peers", "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dllm.cli",
+            "peer",
+            "join",
+            "--model",
+            str(tmp_path),
+            "--blocks",
+            "0:1",
+            "--initial-peers",
+            "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode != 0
     assert "gpt2" in (run.stdout + run.stderr)

@@ -24,9 +24,23 @@ class Replica:
     def __init__(self, name: str, out: Path, initial_peers: list[str], *extra: str):
         self.name = name
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.peer.averaging_replica", "--name", name, "--out", str(out),
-             "--initial-peers", *initial_peers, *extra],
-            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "tests.peer.averaging_replica",
+                "--name",
+                name,
+                "--out",
+                str(out),
+                "--initial-peers",
+                *initial_peers,
+                *extra,
+            ],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
         self.events: list[dict] = []
 
@@ -99,7 +113,9 @@ def test_replicas_average_and_a_replica_killed_mid_round_never_leaves_a_partial_
 
     # round 0: all three average; the result is the exact mean of their updates, the same everywhere
     outcomes = {r.name: r.wait_for("round") for r in (a, b, victim)}
-    assert all(o["status"] == "averaged" and len(o["group"]) == 3 and o["version"] == 1 for o in outcomes.values()), outcomes
+    assert all(o["status"] == "averaged" and len(o["group"]) == 3 and o["version"] == 1 for o in outcomes.values()), (
+        outcomes
+    )
     mean0 = torch.stack([_load(tmp_path, n, 0, "update") for n in ("a", "b", "victim")]).mean(0)
     initial = _load(tmp_path, "a", 0, "live") - mean0  # live = v0 + mean(update)
     for name in ("a", "b", "victim"):
@@ -116,8 +132,12 @@ def test_replicas_average_and_a_replica_killed_mid_round_never_leaves_a_partial_
             assert outcome["version"] == 1 and torch.equal(live, before1), outcome
         else:  # or a correct average of exactly the group that formed
             assert outcome["status"] == "averaged", outcome
-            members = ["victim" if p not in {a.events[0]["peer_id"], b.events[0]["peer_id"]} else
-                       ("a" if p == a.events[0]["peer_id"] else "b") for p in outcome["group"]]
+            members = [
+                "victim"
+                if p not in {a.events[0]["peer_id"], b.events[0]["peer_id"]}
+                else ("a" if p == a.events[0]["peer_id"] else "b")
+                for p in outcome["group"]
+            ]
             expected = torch.stack([updates1[m] for m in members]).mean(0)
             assert torch.allclose(live - before1, expected, atol=1e-6), outcome
     assert survivors["a"]["status"] == survivors["b"]["status"], survivors

@@ -44,7 +44,8 @@ def _request(tensors, metadata=None, raw_metadata=None):
 def _forward(raw, request) -> dict:
     loop, p2p, peer_id, _ = raw
     response = loop.run_until_complete(
-        p2p.call_protobuf_handler(peer_id, protocol.HANDLER_FORWARD, request, runtime_pb2.ExpertResponse))
+        p2p.call_protobuf_handler(peer_id, protocol.HANDLER_FORWARD, request, runtime_pb2.ExpertResponse)
+    )
     return {"meta": protocol.unpack_metadata(response.metadata), "tensors": response.tensors}
 
 
@@ -65,12 +66,24 @@ BAD_FORWARDS = {
     "wrong rank": ([encode(torch.randn(4, HIDDEN))], None, "invalid_tensor", "shape"),
     "integer dtype": ([encode(torch.ones(1, 2, HIDDEN, dtype=torch.int64))], None, "invalid_tensor", "floating point"),
     "NaN values": ([encode(_nan())], None, "invalid_tensor", "NaN"),
-    "oversize tensor": ([runtime_pb2.Tensor(size=[1, 10**6, HIDDEN], dtype="float32", buffer=b"\0" * 16)], None,
-                        "invalid_tensor", "limit"),
-    "buffer shorter than shape": ([runtime_pb2.Tensor(size=[1, 2, HIDDEN], dtype="float32", buffer=b"\0" * 7)], None,
-                                  "invalid_tensor", "bytes"),
-    "unknown dtype": ([runtime_pb2.Tensor(size=[1], dtype="complex128", buffer=b"\0" * 16)], None,
-                      "invalid_tensor", "dtype"),
+    "oversize tensor": (
+        [runtime_pb2.Tensor(size=[1, 10**6, HIDDEN], dtype="float32", buffer=b"\0" * 16)],
+        None,
+        "invalid_tensor",
+        "limit",
+    ),
+    "buffer shorter than shape": (
+        [runtime_pb2.Tensor(size=[1, 2, HIDDEN], dtype="float32", buffer=b"\0" * 7)],
+        None,
+        "invalid_tensor",
+        "bytes",
+    ),
+    "unknown dtype": (
+        [runtime_pb2.Tensor(size=[1], dtype="complex128", buffer=b"\0" * 16)],
+        None,
+        "invalid_tensor",
+        "dtype",
+    ),
     "no tensors": ([], None, "invalid_request", "exactly 1"),
     "blocks not hosted": ([encode(torch.randn(1, 2, HIDDEN))], {"blocks": [0, 8]}, "blocks_not_served", "0:4"),
     "blocks as garbage": ([encode(torch.randn(1, 2, HIDDEN))], {"blocks": "all"}, "invalid_request", "blocks"),
@@ -98,8 +111,12 @@ def test_garbage_metadata_bytes(raw):
 def test_garbage_protobuf_bytes(raw):
     loop, p2p, peer_id, _ = raw
     with pytest.raises(Exception) as info:
-        loop.run_until_complete(p2p._client.call_unary_handler(peer_id, protocol.HANDLER_FORWARD, b"\xff\xfe\x00garbage"))
-    assert "pars" in str(info.value).lower() or "decode" in str(info.value).lower() or "error" in str(info.value).lower()
+        loop.run_until_complete(
+            p2p._client.call_unary_handler(peer_id, protocol.HANDLER_FORWARD, b"\xff\xfe\x00garbage")
+        )
+    assert (
+        "pars" in str(info.value).lower() or "decode" in str(info.value).lower() or "error" in str(info.value).lower()
+    )
     _assert_still_serving(raw)
 
 
@@ -107,7 +124,8 @@ def test_backward_with_mismatched_gradient(raw):
     loop, p2p, peer_id, _ = raw
     request = _request([encode(torch.randn(1, 3, HIDDEN)), encode(torch.randn(1, 2, HIDDEN))])
     response = loop.run_until_complete(
-        p2p.call_protobuf_handler(peer_id, protocol.HANDLER_BACKWARD, request, runtime_pb2.ExpertResponse))
+        p2p.call_protobuf_handler(peer_id, protocol.HANDLER_BACKWARD, request, runtime_pb2.ExpertResponse)
+    )
     error = protocol.unpack_metadata(response.metadata)["error"]
     assert error["kind"] == "invalid_tensor" and "differs" in error["message"]
     _assert_still_serving(raw)
@@ -121,7 +139,9 @@ def _inference(raw, messages) -> list[dict]:
             for m in messages:
                 yield m
 
-        stream = await p2p.iterate_protobuf_handler(peer_id, protocol.HANDLER_INFERENCE, requests(), runtime_pb2.ExpertResponse)
+        stream = await p2p.iterate_protobuf_handler(
+            peer_id, protocol.HANDLER_INFERENCE, requests(), runtime_pb2.ExpertResponse
+        )
         return [protocol.unpack_metadata(r.metadata) async for r in stream]
 
     return loop.run_until_complete(asyncio.wait_for(run(), 20))
@@ -135,12 +155,15 @@ def test_unknown_session_cannot_be_resumed(raw):
 
 def test_inference_rejects_bad_steps_but_keeps_the_session(raw):
     open_meta = {"blocks": [0, 4], "max_length": 8, "session_id": "bad-steps"}
-    replies = _inference(raw, [
-        _request([encode(torch.randn(1, 2, HIDDEN))], open_meta),
-        _request([encode(_nan())], {"position": 2}),                       # NaN: rejected
-        _request([encode(torch.randn(1, 7, HIDDEN))], {"position": 2}),    # past max_length: rejected
-        _request([encode(torch.randn(1, 1, HIDDEN))], {"position": 2}),    # fine: the session lives on
-    ])
+    replies = _inference(
+        raw,
+        [
+            _request([encode(torch.randn(1, 2, HIDDEN))], open_meta),
+            _request([encode(_nan())], {"position": 2}),  # NaN: rejected
+            _request([encode(torch.randn(1, 7, HIDDEN))], {"position": 2}),  # past max_length: rejected
+            _request([encode(torch.randn(1, 1, HIDDEN))], {"position": 2}),  # fine: the session lives on
+        ],
+    )
     assert "error" not in replies[0]
     assert replies[1]["error"]["kind"] == "invalid_tensor"
     assert replies[2]["error"]["kind"] == "invalid_request" and "max_length" in replies[2]["error"]["message"]
@@ -149,7 +172,9 @@ def test_inference_rejects_bad_steps_but_keeps_the_session(raw):
 
 
 def test_session_over_the_cache_budget_is_refused(raw):
-    replies = _inference(raw, [_request([encode(torch.randn(64, 1, HIDDEN))], {"blocks": [0, 4], "max_length": 4096, "batch": 64})])
+    replies = _inference(
+        raw, [_request([encode(torch.randn(64, 1, HIDDEN))], {"blocks": [0, 4], "max_length": 4096, "batch": 64})]
+    )
     assert replies[0]["error"]["kind"] == "cache_full" and "MiB" in replies[0]["error"]["message"]
     _assert_still_serving(raw)
 
@@ -157,8 +182,11 @@ def test_session_over_the_cache_budget_is_refused(raw):
 # ---------------------------------------------------------------------------------- direct TLS streams
 def _direct_endpoint(raw) -> DirectEndpoint:
     loop, p2p, peer_id, _ = raw
-    reply = loop.run_until_complete(p2p.call_protobuf_handler(peer_id, protocol.HANDLER_INFO, runtime_pb2.ExpertRequest(),
-                                                              runtime_pb2.ExpertResponse))
+    reply = loop.run_until_complete(
+        p2p.call_protobuf_handler(
+            peer_id, protocol.HANDLER_INFO, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse
+        )
+    )
     return DirectEndpoint.from_info(protocol.unpack_metadata(reply.metadata)["direct"])
 
 
@@ -190,13 +218,20 @@ def test_direct_stream_without_tls_is_dropped(raw):
     _assert_still_serving(raw)
 
 
-@pytest.mark.parametrize("payload, words", [
-    (struct.pack(">I", 2**31) + b"\0" * 16, "exceeds"),
-    (struct.pack(">I", 6) + b"\xff\xfe\x00junk", "not a valid ExpertRequest"),
-])
+@pytest.mark.parametrize(
+    "payload, words",
+    [
+        (struct.pack(">I", 2**31) + b"\0" * 16, "exceeds"),
+        (struct.pack(">I", 6) + b"\xff\xfe\x00junk", "not a valid ExpertRequest"),
+    ],
+)
 def test_direct_stream_with_broken_framing_gets_an_error_and_is_dropped(raw, payload, words):
     replies = _direct_exchange(raw, payload)
-    assert len(replies) == 1 and replies[0]["error"]["kind"] == "invalid_request" and words in replies[0]["error"]["message"]
+    assert (
+        len(replies) == 1
+        and replies[0]["error"]["kind"] == "invalid_request"
+        and words in replies[0]["error"]["message"]
+    )
     _assert_still_serving(raw)
 
 

@@ -7,8 +7,15 @@ from swarm.records import ServerRecord
 
 
 def record(start, end, throughput=100.0, peer="p"):
-    return ServerRecord(peer_id=f"{peer}{start}{end}", model="m", start=start, end=end, throughput=throughput,
-                        cache_tokens_free=1000, rate=1)
+    return ServerRecord(
+        peer_id=f"{peer}{start}{end}",
+        model="m",
+        start=start,
+        end=end,
+        throughput=throughput,
+        cache_tokens_free=1000,
+        rate=1,
+    )
 
 
 def test_empty_swarm_fills_from_block_zero():

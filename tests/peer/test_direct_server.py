@@ -39,7 +39,9 @@ def test_sessions_are_served_and_connections_past_the_cap_are_refused():
             assert await _roundtrip(endpoint, {"n": 1}) == {"n": 1}
             held_reader, held_writer = await connect(endpoint, 5.0)  # takes the only slot
             held_writer.write(encode_frame(runtime_pb2.ExpertRequest(metadata=protocol.pack_metadata({"n": 2}))))
-            assert protocol.unpack_metadata((await read_frame(held_reader, runtime_pb2.ExpertResponse, 2**20)).metadata) == {"n": 2}
+            assert protocol.unpack_metadata(
+                (await read_frame(held_reader, runtime_pb2.ExpertResponse, 2**20)).metadata
+            ) == {"n": 2}
             with pytest.raises(DirectStreamError):  # refused: closed right after the handshake
                 await _roundtrip(endpoint, {"n": 3})
             assert server.connections_refused == 1
@@ -64,5 +66,8 @@ def test_listen_and_advertised_hosts():
     assert advertised_host("10.1.2.3", None, []) == "10.1.2.3"
     # listening everywhere: dial the announced address, else a non-loopback visible one
     assert advertised_host("0.0.0.0", ["/ip4/203.0.113.9/tcp/31337"], ["/ip4/127.0.0.1/tcp/1"]) == "203.0.113.9"
-    assert advertised_host("0.0.0.0", None, ["/ip4/127.0.0.1/tcp/1/p2p/Qm", "/ip4/192.168.1.5/tcp/1/p2p/Qm"]) == "192.168.1.5"
+    assert (
+        advertised_host("0.0.0.0", None, ["/ip4/127.0.0.1/tcp/1/p2p/Qm", "/ip4/192.168.1.5/tcp/1/p2p/Qm"])
+        == "192.168.1.5"
+    )
     assert advertised_host("0.0.0.0", None, []) == "127.0.0.1"

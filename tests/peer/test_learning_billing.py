@@ -29,10 +29,27 @@ def _run(ledger: ComputeLedger, url: str, swarm, model_path, tmp_path) -> None:
     keys = {name: funded_key(ledger) for name in ("head", "tail")}
     client_uri, _ = funded_key(ledger, 1000 * UNIT)
     stores = {name: tmp_path / f"{name}.sqlite3" for name in keys}
-    procs = {name: swarm.start_peer(blocks, "--chain-url", url, "--chain-key", keys[name][0], "--stake", "5",
-                                    "--rate", str(RATE), "--receipts", str(stores[name]), "--settle-interval", "2",
-                                    *learning_args(30.0), name=name, wait=False)
-             for name, blocks in (("head", "0:4"), ("tail", "4:8"))}
+    procs = {
+        name: swarm.start_peer(
+            blocks,
+            "--chain-url",
+            url,
+            "--chain-key",
+            keys[name][0],
+            "--stake",
+            "5",
+            "--rate",
+            str(RATE),
+            "--receipts",
+            str(stores[name]),
+            "--settle-interval",
+            "2",
+            *learning_args(30.0),
+            name=name,
+            wait=False,
+        )
+        for name, blocks in (("head", "0:4"), ("tail", "4:8"))
+    }
     for proc in procs.values():
         swarm.wait_ready(proc, timeout=120)
     accounts = {name: kp.ss58_address for name, (_, kp) in keys.items()}
@@ -55,8 +72,9 @@ def _run(ledger: ComputeLedger, url: str, swarm, model_path, tmp_path) -> None:
         amounts = {}
         for name, r in zip(("head", "tail"), receipts):
             # the forward is a prompt step, the backward a backward step over the same tokens
-            assert r.usage == Usage(prompt_tokens=tokens, generated_tokens=0, backward_tokens=tokens,
-                                    max_context=tokens, sampled=False)
+            assert r.usage == Usage(
+                prompt_tokens=tokens, generated_tokens=0, backward_tokens=tokens, max_context=tokens, sampled=False
+            )
             assert r.rate == rate and r.amount == provider_amount(rate, r.params_served, r.usage)
             forward_only = provider_amount(rate, r.params_served, Usage(prompt_tokens=tokens, max_context=tokens))
             assert r.amount > 2 * forward_only  # the backward costs BACKWARD_FACTOR (2x) the forward
@@ -67,8 +85,15 @@ def _run(ledger: ComputeLedger, url: str, swarm, model_path, tmp_path) -> None:
         model.close()
 
     for name, account in accounts.items():
-        wait_until(lambda: total_balance(ledger, account) == before[name] + amounts[name], 90,
-                   f"{name}'s training receipt to be paid on chain", interval=1.0)
+        wait_until(
+            lambda: total_balance(ledger, account) == before[name] + amounts[name],
+            90,
+            f"{name}'s training receipt to be paid on chain",
+            interval=1.0,
+        )
         # the provider's store marks it settled at its next settlement round (every 2 s)
-        wait_until(lambda: store_totals(stores[name]) == {"settled": (1, amounts[name])}, 30,
-                   f"{name}'s receipt store to mark it settled")
+        wait_until(
+            lambda: store_totals(stores[name]) == {"settled": (1, amounts[name])},
+            30,
+            f"{name}'s receipt store to mark it settled",
+        )

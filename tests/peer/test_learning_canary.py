@@ -14,7 +14,13 @@ import torch
 from swarm.client import DistributedModel
 from swarm.sampling import GenerationParams
 from tests.peer.learning_swarm import (
-    FACTS, just_after_round, live_loss, peer_info, poisoned_pass, start_canary_gated_pair, wait_for_peers,
+    FACTS,
+    just_after_round,
+    live_loss,
+    peer_info,
+    poisoned_pass,
+    start_canary_gated_pair,
+    wait_for_peers,
 )
 
 pytestmark = pytest.mark.timeout(240)
@@ -35,8 +41,15 @@ def test_poisoned_update_is_rolled_back_by_the_in_swarm_canary(local_swarm, tiny
         for _ in range(3):
             for prompt, completion in FACTS:
                 honest.feedback(prompt, completion)
-        settled = wait_for_peers(honest, ids, lambda info: info["adapter_version"] >= 1 and "no local update" in
-                                 info.get("last_averaging", {}).get("reason", ""), 60, "the honest update to go live")
+        settled = wait_for_peers(
+            honest,
+            ids,
+            lambda info: (
+                info["adapter_version"] >= 1 and "no local update" in info.get("last_averaging", {}).get("reason", "")
+            ),
+            60,
+            "the honest update to go live",
+        )
         for name, info in settled.items():
             verdict = info["last_canary"]
             assert verdict["accepted"] and verdict["candidate_loss"] < verdict["live_loss"], (name, verdict)
@@ -55,8 +68,9 @@ def test_poisoned_update_is_rolled_back_by_the_in_swarm_canary(local_swarm, tiny
             for prompt, completion in FACTS:
                 tensors = mallory._feedback_tensors(prompt, completion)
                 mallory._loop.run(poisoned_pass(mallory.core, *tensors, scale=-1e3))
-        rejected = wait_for_peers(honest, ids, lambda info: info["canary_rollbacks"] >= 1, 45,
-                                  "both peers to roll the poisoned update back")
+        rejected = wait_for_peers(
+            honest, ids, lambda info: info["canary_rollbacks"] >= 1, 45, "both peers to roll the poisoned update back"
+        )
         for name, info in rejected.items():
             verdict = info["last_canary"]
             assert not verdict["accepted"] and verdict["candidate_loss"] > verdict["live_loss"] * 1.01, (name, verdict)
@@ -70,9 +84,10 @@ def test_poisoned_update_is_rolled_back_by_the_in_swarm_canary(local_swarm, tiny
         assert live_loss(honest, FACTS) == pytest.approx(learned_loss, abs=1e-5)
         after = {name: peer_info(honest, pid) for name, pid in ids.items()}
         assert {name: info["adapter_version"] for name, info in after.items()} == versions
-        assert all(torch.tensor(info["adapter_fingerprint"]).allclose(torch.tensor(fingerprints[name]))
-                   for name, info in after.items())
+        assert all(
+            torch.tensor(info["adapter_fingerprint"]).allclose(torch.tensor(fingerprints[name]))
+            for name, info in after.items()
+        )
     finally:
         mallory.close()
         honest.close()
-

@@ -15,7 +15,12 @@ from peer.adapters import AdapterSet, LoraConfig
 from peer.blocks import load_span_layers
 from peer.canary import CanaryConfig, CanaryGate, causal_lm_loss
 from peer.canary_examples import (
-    MAX_EXAMPLES, CanaryExample, CanaryExamplesError, build_canary_batch, default_canary_path, read_canary_file,
+    MAX_EXAMPLES,
+    CanaryExample,
+    CanaryExamplesError,
+    build_canary_batch,
+    default_canary_path,
+    read_canary_file,
 )
 from swarm.model_files import load_config
 from tests.peer.adapter_route import Example, LocalRoute
@@ -43,27 +48,34 @@ def test_tab_splits_prompt_from_scored_text_and_padding_is_not_scored(tmp_path, 
     path = tmp_path / "canary.txt"
     path.write_text("# comment\n\nQ: what colour is the sky? A:\t blue\nReturn the sum of the numbers.\n")
     examples = read_canary_file(path)
-    assert examples == [CanaryExample("Q: what colour is the sky? A:", " blue"),
-                        CanaryExample("", "Return the sum of the numbers.")]
+    assert examples == [
+        CanaryExample("Q: what colour is the sky? A:", " blue"),
+        CanaryExample("", "Return the sum of the numbers."),
+    ]
     batch = build_canary_batch(examples, tokenizer)
     prompt_len = len(tokenizer("Q: what colour is the sky? A:")["input_ids"])
     full = tokenizer("Q: what colour is the sky? A: blue")["input_ids"]
     assert batch.labels[0, :prompt_len].eq(-100).all()
-    assert batch.labels[0, prompt_len:len(full)].tolist() == full[prompt_len:]
-    assert batch.labels[0, len(full):].eq(-100).all()  # right padding never counts
+    assert batch.labels[0, prompt_len : len(full)].tolist() == full[prompt_len:]
+    assert batch.labels[0, len(full) :].eq(-100).all()  # right padding never counts
     # right padding does not change a row's loss: the batch equals the examples scored one by one
     route = LocalRoute(default_model_path(), [(0, 8)])
-    batched = [float(causal_lm_loss(route.logits(batch.input_ids[i:i + 1]), batch.labels[i:i + 1])) for i in range(2)]
+    batched = [
+        float(causal_lm_loss(route.logits(batch.input_ids[i : i + 1]), batch.labels[i : i + 1])) for i in range(2)
+    ]
     single = [route.loss([Example(e.prompt, e.scored)]) for e in examples]
     assert batched == pytest.approx(single, rel=1e-5)
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", "holds no example"),
-    ("# only a comment\n\n", "holds no example"),
-    ("prompt\t   \n", "nothing to score"),
-    ("x\n" * (MAX_EXAMPLES + 1), f"at most {MAX_EXAMPLES}"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "holds no example"),
+        ("# only a comment\n\n", "holds no example"),
+        ("prompt\t   \n", "nothing to score"),
+        ("x\n" * (MAX_EXAMPLES + 1), f"at most {MAX_EXAMPLES}"),
+    ],
+)
 def test_bad_canary_files_fail_with_the_reason(tmp_path, content, message):
     path = tmp_path / "canary.txt"
     path.write_text(content)

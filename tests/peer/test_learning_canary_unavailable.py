@@ -25,13 +25,22 @@ def test_update_waits_while_the_canary_cannot_run_and_goes_live_once_it_can(loca
                 model.feedback(prompt, completion)
         tail.stop()  # blocks 4:8 are gone before the head's next round: its canary has no route
 
-        info = wait_for_peers(model, ids, lambda i: "could not evaluate" in i.get("last_averaging", {}).get("reason", ""),
-                              30, "a round skipped for want of a canary route")["head"]
+        info = wait_for_peers(
+            model,
+            ids,
+            lambda i: "could not evaluate" in i.get("last_averaging", {}).get("reason", ""),
+            30,
+            "a round skipped for want of a canary route",
+        )["head"]
         assert info["last_averaging"]["status"] == "skipped" and info["adapter_version"] == 0
         assert info["canary_rollbacks"] == 0  # not judged harmful: the local progress is kept
 
-        local_swarm.start_peer("4:8", *learning_args(PERIOD, tmp_path / "canary.txt"), name="tail-2", wait=True, timeout=120)
+        local_swarm.start_peer(
+            "4:8", *learning_args(PERIOD, tmp_path / "canary.txt"), name="tail-2", wait=True, timeout=120
+        )
         info = wait_for_peers(model, ids, lambda i: i["adapter_version"] >= 1, 45, "the kept update to go live")["head"]
-        assert info["last_canary"]["accepted"] and info["last_canary"]["candidate_loss"] < info["last_canary"]["live_loss"]
+        assert (
+            info["last_canary"]["accepted"] and info["last_canary"]["candidate_loss"] < info["last_canary"]["live_loss"]
+        )
     finally:
         model.close()

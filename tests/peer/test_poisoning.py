@@ -26,6 +26,7 @@ CANARY = [Example(f"Question: which colour? {thing} Answer:", colour) for thing,
 
 # ---- robust aggregation ------------------------------------------------------------------------------
 
+
 def test_trimmed_mean_ignores_extremes():
     honest = [torch.tensor([1.0, 2.0]), torch.tensor([1.2, 2.2]), torch.tensor([0.8, 1.8]), torch.tensor([1.0, 2.0])]
     poisoned = honest + [torch.tensor([1e6, -1e6])]
@@ -68,10 +69,14 @@ def test_bad_updates_are_rejected_clearly():
 
 # ---- contributors against a real route of the embedded model -----------------------------------------
 
+
 def _route(optimizer: str = "adam", lr: float = 1e-2) -> LocalRoute:
-    return LocalRoute(default_model_path(), [(0, 4), (4, 8)], LoraConfig(rank=4),
-                      TrainingConfig(learning_rate=lr, optimizer=optimizer, passes_per_minute=1e5, burst=1000,
-                                     max_grad_norm=1.0))
+    return LocalRoute(
+        default_model_path(),
+        [(0, 4), (4, 8)],
+        LoraConfig(rank=4),
+        TrainingConfig(learning_rate=lr, optimizer=optimizer, passes_per_minute=1e5, burst=1000, max_grad_norm=1.0),
+    )
 
 
 def test_scaled_up_feedback_is_clipped_per_pass():
@@ -87,11 +92,15 @@ def test_scaled_up_feedback_is_clipped_per_pass():
 
 async def test_honest_feedback_passes_the_canary_and_label_flipped_feedback_is_rolled_back(caplog):
     route = _route()
-    gates = [CanaryGate(lambda v, i=i: _canary_loss(route, i, v), CanaryConfig(max_relative_rise=0.02))
-             for i in range(len(route.spans))]
+    gates = [
+        CanaryGate(lambda v, i=i: _canary_loss(route, i, v), CanaryConfig(max_relative_rise=0.02))
+        for i in range(len(route.spans))
+    ]
 
     async def gate_all():
-        return [await gate.apply(span.adapters, span.adapters.working_state()) for gate, span in zip(gates, route.spans)]
+        return [
+            await gate.apply(span.adapters, span.adapters.working_state()) for gate, span in zip(gates, route.spans)
+        ]
 
     # honest contributors teach the facts: every span's update passes the canary and goes live
     start_loss = route.loss(CANARY)
@@ -123,7 +132,9 @@ async def test_honest_feedback_passes_the_canary_and_label_flipped_feedback_is_r
     for span, verdict, before in zip(route.spans, verdicts, live_versions):
         if not verdict.accepted:  # rolled back: live unchanged, local poisoned progress dropped
             assert span.adapters.live_version == before
-            assert all(torch.equal(t, span.adapters.state().tensors[n]) for n, t in span.adapters.working_state().items())
+            assert all(
+                torch.equal(t, span.adapters.state().tensors[n]) for n, t in span.adapters.working_state().items()
+            )
 
 
 async def _canary_loss(route: LocalRoute, span_index: int, version: int) -> float:

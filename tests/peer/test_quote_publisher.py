@@ -43,7 +43,7 @@ def _announced_gossip_addr(initial_peers: list[str], peer_id: str, timeout: floa
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = dht.get(GOSSIP_KEY, latest=True)
-            for entry in (found.value.values() if found is not None and isinstance(found.value, dict) else ()):
+            for entry in found.value.values() if found is not None and isinstance(found.value, dict) else ():
                 if entry.value.get("peer_id") == peer_id and entry.value.get("addrs"):
                     return entry.value["addrs"][0]
             time.sleep(0.5)
@@ -70,8 +70,9 @@ async def _gossip_info(initial_peers: list[str], peer_id: str) -> dict:
     dht, _ = start_dht(initial_peers, client_mode=True)
     p2p = await dht.replicate_p2p()
     try:
-        response = await p2p.call_protobuf_handler(PeerID.from_base58(peer_id), protocol.HANDLER_INFO,
-                                                   runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse)
+        response = await p2p.call_protobuf_handler(
+            PeerID.from_base58(peer_id), protocol.HANDLER_INFO, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse
+        )
         return protocol.unpack_metadata(response.metadata)["gossip"]
     finally:
         await p2p.shutdown()
@@ -80,10 +81,30 @@ async def _gossip_info(initial_peers: list[str], peer_id: str) -> dict:
 
 def test_billing_peers_gossip_signed_asks_and_a_free_peer_does_not_gossip(local_swarm, tmp_path):
     dave = load_keypair("//Dave")
-    paid = local_swarm.start_peer("0:8", "--chain-key", "//Dave", "--rate", str(RATE), "--quote-period", "1",
-                                  "--receipts", str(tmp_path / "dave.sqlite3"), name="paid-peer")
-    other = local_swarm.start_peer("0:4", "--chain-key", "//Charlie", "--rate", "1", "--quote-period", "1",
-                                   "--receipts", str(tmp_path / "charlie.sqlite3"), name="other-paid-peer")
+    paid = local_swarm.start_peer(
+        "0:8",
+        "--chain-key",
+        "//Dave",
+        "--rate",
+        str(RATE),
+        "--quote-period",
+        "1",
+        "--receipts",
+        str(tmp_path / "dave.sqlite3"),
+        name="paid-peer",
+    )
+    other = local_swarm.start_peer(
+        "0:4",
+        "--chain-key",
+        "//Charlie",
+        "--rate",
+        "1",
+        "--quote-period",
+        "1",
+        "--receipts",
+        str(tmp_path / "charlie.sqlite3"),
+        name="other-paid-peer",
+    )
     free = local_swarm.start_peer("4:8", name="free-peer")
     assert len(_gossip_children(paid)) == 1 and _gossip_children(free) == []
 

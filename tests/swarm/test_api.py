@@ -55,10 +55,16 @@ def test_greedy_completion_matches_the_python_client(client, model_name, distrib
 
 def test_streamed_completion_equals_the_whole_one(client, model_name):
     whole = client.completions.create(model=model_name, prompt="Return the", max_tokens=10, temperature=0)
-    chunks = list(client.completions.create(
-        model=model_name, prompt="Return the", max_tokens=10, temperature=0, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.completions.create(
+            model=model_name,
+            prompt="Return the",
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert len(chunks) >= 3  # several deltas arrive separately, then the final chunk
     text = "".join(c.choices[0].text for c in chunks)
     assert text == whole.choices[0].text
@@ -83,7 +89,11 @@ def test_streamed_chat(client, model_name):
     messages = [{"role": "user", "content": "Write about files."}]
     whole = client.chat.completions.create(model=model_name, messages=messages, max_tokens=8, temperature=0)
     stream = client.chat.completions.create(
-        model=model_name, messages=messages, max_tokens=8, temperature=0, stream=True,
+        model=model_name,
+        messages=messages,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -104,7 +114,8 @@ def test_stop_sequence_and_seeded_sampling(client, model_name):
     assert stopped.choices[0].text == text[: text.index(cut)]
     sampled = [
         client.completions.create(model=model_name, prompt="The", max_tokens=8, temperature=1.0, top_p=0.9, seed=7)
-        .choices[0].text
+        .choices[0]
+        .text
         for _ in range(2)
     ]
     assert sampled[0] == sampled[1]
@@ -132,13 +143,17 @@ def test_bad_completion_requests_get_openai_errors(api_server, body, param, frag
 
 def test_malformed_bodies_and_unknown_models(api_server, client, model_name):
     base_url, _ = api_server
-    broken = httpx.post(f"{base_url}/chat/completions", content=b"{not json", timeout=30,
-                        headers={"content-type": "application/json"})
+    broken = httpx.post(
+        f"{base_url}/chat/completions", content=b"{not json", timeout=30, headers={"content-type": "application/json"}
+    )
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
     not_object = httpx.post(f"{base_url}/chat/completions", json=[1, 2], timeout=30)
     assert not_object.status_code == 400 and "JSON object" in not_object.json()["error"]["message"]
-    bad_role = httpx.post(f"{base_url}/chat/completions", timeout=30,
-                          json={"model": model_name, "messages": [{"role": "robot", "content": "hi"}]})
+    bad_role = httpx.post(
+        f"{base_url}/chat/completions",
+        timeout=30,
+        json={"model": model_name, "messages": [{"role": "robot", "content": "hi"}]},
+    )
     assert bad_role.status_code == 400 and bad_role.json()["error"]["param"] == "messages"
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=2)

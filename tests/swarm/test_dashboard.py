@@ -37,9 +37,21 @@ def chromium(url: str, profile: Path, *mode: str) -> subprocess.CompletedProcess
     if not os.path.exists(CHROMIUM):
         pytest.skip("Debian's chromium is not installed (scripts/setup installs it)")
     args = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-        f"--user-data-dir={profile}", "--window-size=1280,900", "--virtual-time-budget=6000", *mode, url,
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,900",
+        "--virtual-time-budget=6000",
+        *mode,
+        url,
     ]
     return subprocess.run(args, capture_output=True, text=True, timeout=90)
 
@@ -91,10 +103,11 @@ def test_dashboard_reports_a_gap_when_blocks_are_unserved(local_swarm, tmp_path)
 
 
 def test_dashboard_shows_stake_earnings_settlements_and_slashes(local_swarm, dev_chain, tmp_path):
+    from substrateinterface import Keypair
+
     from chain.devchain.dev_accounts import dev_keypair
     from chain.ledger import ComputeLedger
     from chain.records import Payment
-    from substrateinterface import Keypair
 
     unit = 10**12
     ledger = ComputeLedger(dev_chain.url)
@@ -103,7 +116,8 @@ def test_dashboard_shows_stake_earnings_settlements_and_slashes(local_swarm, dev
     client = Keypair.create_from_uri(f"//dllm-dashboard-client-{uuid.uuid4().hex}", ss58_format=ledger.ss58_format)
     for account in (provider, client):
         call = ledger.substrate.compose_call(
-            "Balances", "transfer_keep_alive", {"dest": account.ss58_address, "value": 100 * unit})
+            "Balances", "transfer_keep_alive", {"dest": account.ss58_address, "value": 100 * unit}
+        )
         ledger.submitter.submit(dev_keypair("Ferdie", ledger.ss58_format), call)
 
     # The provider joins through the CLI, which bonds its stake on chain before serving.
@@ -121,7 +135,12 @@ def test_dashboard_shows_stake_earnings_settlements_and_slashes(local_swarm, dev
         (peer,) = state["models"][0]["peers"]
         info = state["chain"]["providers"][peer["chain_account"]]
         assert info["account"] == provider.ss58_address
-        assert (info["stake"], info["earned"], info["slashes"], info["slashed_amount"]) == (3 * unit, 3 * unit, 1, 2 * unit)
+        assert (info["stake"], info["earned"], info["slashes"], info["slashed_amount"]) == (
+            3 * unit,
+            3 * unit,
+            1,
+            2 * unit,
+        )
         assert any(s["receipt"] == receipt.hex() for s in state["chain"]["settlements"])
         assert any(s["evidence"] == evidence.hex() for s in state["chain"]["slashes"])
 

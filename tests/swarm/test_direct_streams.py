@@ -23,8 +23,9 @@ def _transports(model: DistributedModel) -> list[str]:
 def test_direct_and_p2p_streams_give_the_same_tokens(swarm, distributed_model):
     direct = distributed_model.generate("The module", GREEDY)
     assert _transports(distributed_model) == ["direct", "direct"]
-    with DistributedModel.from_pretrained(str(swarm.model_path), swarm.initial_peers,
-                                          config=ClientConfig(direct_streams=False)) as p2p_only:
+    with DistributedModel.from_pretrained(
+        str(swarm.model_path), swarm.initial_peers, config=ClientConfig(direct_streams=False)
+    ) as p2p_only:
         over_p2p = p2p_only.generate("The module", GREEDY)
         assert _transports(p2p_only) == ["p2p", "p2p"]
     assert over_p2p.token_ids == direct.token_ids
@@ -52,7 +53,9 @@ def test_unreachable_direct_endpoints_fall_back_to_p2p(swarm):
         def firewalled(peer_id, value):
             learn(peer_id, value)
             if peer_id in core.direct_endpoints:
-                core.direct_endpoints[peer_id] = DirectEndpoint("127.0.0.1", 9, core.direct_endpoints[peer_id].tls_sha256)
+                core.direct_endpoints[peer_id] = DirectEndpoint(
+                    "127.0.0.1", 9, core.direct_endpoints[peer_id].tls_sha256
+                )
 
         core._learn_direct_endpoint = firewalled
         for peer_id in list(core.direct_endpoints):

@@ -22,8 +22,9 @@ def test_sigkill_of_the_peer_in_use_does_not_change_greedy_output(local_swarm, d
     by_id = {p.info["peer_id"]: p for p in (first, b, c)}
     params = GenerationParams(max_new_tokens=64, ignore_eos=True)
 
-    model = DistributedModel.from_pretrained(local_swarm.model, local_swarm.initial_peers,
-                                             config=ClientConfig(direct_streams=direct))
+    model = DistributedModel.from_pretrained(
+        local_swarm.model, local_swarm.initial_peers, config=ClientConfig(direct_streams=direct)
+    )
     try:
         expected = model.generate(PROMPT, params)
         victim, pieces = None, []

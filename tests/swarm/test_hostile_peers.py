@@ -34,8 +34,10 @@ def hostile(tiny_model_path, tmp_path_factory):
     swarm = ChaosSwarm(str(tiny_model_path), workdir=tmp_path_factory.mktemp("hostile"))
     try:
         swarm.start_bootstrap()
-        honest = [swarm.start_peer_with("0:4", name="honest-0", wait=False),
-                  swarm.start_peer_with("4:8", name="honest-4", wait=False)]
+        honest = [
+            swarm.start_peer_with("0:4", name="honest-0", wait=False),
+            swarm.start_peer_with("4:8", name="honest-4", wait=False),
+        ]
         for p in honest:
             swarm.wait_ready(p)
         swarm.model_path = tiny_model_path
@@ -46,7 +48,9 @@ def hostile(tiny_model_path, tmp_path_factory):
             await fleet.start()
             try:
                 await fleet.make_reference(PARAMS)
-                hidden = torch.randn(1, 5, fleet.clients[0].model_config.hidden_size, generator=torch.Generator().manual_seed(0))
+                hidden = torch.randn(
+                    1, 5, fleet.clients[0].model_config.hidden_size, generator=torch.Generator().manual_seed(0)
+                )
                 out, _, _ = await fleet.clients[0].forward_hidden(hidden)
                 return fleet.reference, hidden, out
             finally:
@@ -62,8 +66,12 @@ async def test_lying_peers_are_banned_and_output_stays_exact(hostile):
     liars = [
         hostile.start_peer_with("0:4", name="nan", launcher=["tests.chaos.hostile_peer", "nan"], wait=False),
         hostile.start_peer_with("4:8", name="nan-4", launcher=["tests.chaos.hostile_peer", "nan"], wait=False),
-        hostile.start_peer_with("0:4", name="wrong-shape", launcher=["tests.chaos.hostile_peer", "wrong_shape"], wait=False),
-        hostile.start_peer_with("4:6", name="lie-blocks", launcher=["tests.chaos.hostile_peer", "lie_blocks"], wait=False),
+        hostile.start_peer_with(
+            "0:4", name="wrong-shape", launcher=["tests.chaos.hostile_peer", "wrong_shape"], wait=False
+        ),
+        hostile.start_peer_with(
+            "4:6", name="lie-blocks", launcher=["tests.chaos.hostile_peer", "lie_blocks"], wait=False
+        ),
     ]
     for p in liars:
         hostile.wait_ready(p)
@@ -119,14 +127,26 @@ async def test_forged_dht_records_neither_overwrite_nor_frame_an_honest_peer(hos
     try:
         model = victim.info["model"]
         real = next(r for r in await fetch_model_records(forger, model, 8) if r.peer_id == victim_id)
-        forged = ServerRecord(peer_id=victim_id, model=model, start=0, end=8, throughput=1e6, cache_tokens_free=10**6,
-                              rate=0, num_blocks=8, params_per_block=real.params_per_block, addrs=real.addrs)
+        forged = ServerRecord(
+            peer_id=victim_id,
+            model=model,
+            start=0,
+            end=8,
+            throughput=1e6,
+            cache_tokens_free=10**6,
+            rate=0,
+            num_blocks=8,
+            params_per_block=real.params_per_block,
+            addrs=real.addrs,
+        )
 
         # 1. overwrite the victim's own signed subkey: the signature cannot match, so nodes refuse it
         victim_subkey = victim_id.encode() + real.owner.encode()
 
         stored = await forger.run_coroutine(
-            partial(_store_raw, key=block_key(model, 0), value=forged.to_wire(), subkey=victim_subkey), return_future=True)
+            partial(_store_raw, key=block_key(model, 0), value=forged.to_wire(), subkey=victim_subkey),
+            return_future=True,
+        )
         assert not stored
         # 2. announce the victim's peer id under the forger's own key, claiming the whole model
         assert await announce(forger, forged, validator.local_public_key, ttl=60)

@@ -20,8 +20,9 @@ def local_model(tiny_model_path):
 def test_greedy_64_tokens_match_local_generation(distributed_model, local_model, prompt):
     ids = distributed_model.tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        expected = local_model.generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=None,
-                                        pad_token_id=0, min_new_tokens=64)[0, ids.shape[1]:].tolist()
+        expected = local_model.generate(
+            ids, max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=64
+        )[0, ids.shape[1] :].tolist()
     result = distributed_model.generate(prompt, GenerationParams(max_new_tokens=64, ignore_eos=True))
     assert len(result.token_ids) == 64
     assert result.token_ids == expected
