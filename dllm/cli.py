@@ -51,9 +51,7 @@ ModelOption = Annotated[
     str | None,
     typer.Option("--model", "-m", help="Model folder (or cached hub id). Default: the embedded dllm-tiny-llama."),
 ]
-ChainUrl = Annotated[
-    str | None, typer.Option("--chain-url", help="Substrate node endpoint, e.g. ws://127.0.0.1:9944.")
-]
+ChainUrl = Annotated[str | None, typer.Option("--chain-url", help="Substrate node endpoint, e.g. ws://127.0.0.1:9944.")]
 ChainKey = Annotated[
     str | None,
     typer.Option(
@@ -554,8 +552,8 @@ def verify(
         )
     if council_key and not url:
         raise typer.BadParameter("slashing as council needs --chain-url", param_hint="'--council-key'")
-    from economy.verifier import VerifierConfig
-    from economy.verifier import main as run_verifier_blocking
+    from dllm.verifier import VerifierConfig
+    from dllm.verifier import main as run_verifier_blocking
 
     for value in [key, *(council_key or [])]:
         _keypair(value)  # a bad key is a usage error now, not a crash later

@@ -7,7 +7,7 @@ provider cannot inflate usage (the client would not sign) and a client cannot de
 signature is on it). Settlement pays each receipt id at most once (`ReplayedReceiptError`).
 
 A receipt also states which weights served the segment (`adapter_version`): 0 is the base model,
-the only weights a spot check can recompute; anything else is never judged (see economy/verifier.py).
+the only weights a spot check can recompute; anything else is never judged (see dllm/verifier.py).
 """
 
 from __future__ import annotations

@@ -138,10 +138,3 @@ class CanaryGate:
                 adapters.reset_working()
                 self.record_rollback(verdict)
         return verdict
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; label -100 marks positions that do not count (the prompt)."""
-    shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shifted_labels = labels[:, 1:].reshape(-1)
-    return torch.nn.functional.cross_entropy(shifted_logits, shifted_labels, ignore_index=-100)

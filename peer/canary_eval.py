@@ -24,10 +24,11 @@ from hivemind import DHT
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
-from peer.canary import CanaryConfig, CanaryGate, causal_lm_loss
+from peer.canary import CanaryConfig, CanaryGate
 from peer.canary_examples import CanaryBatch, build_canary_batch, read_canary_file
 from swarm import protocol
 from swarm.client import ClientConfig, SwarmClient
+from swarm.local_head import causal_lm_loss
 from swarm.routing import Hop
 
 logger = logging.getLogger(__name__)

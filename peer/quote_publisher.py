@@ -26,13 +26,9 @@ from economy.gossip import GossipBus, GossipConfig, GossipError
 from economy.gossip_topics import QUOTES_TOPIC
 from economy.price_announcement import MalformedAnnouncementError, PriceAnnouncement
 from economy.pricing import ProviderRate
+from swarm import protocol
 
 logger = logging.getLogger(__name__)
-
-GOSSIP_KEY = "dllm/gossip"
-"""DHT key under which providers announce their gossip node (subkey: peer id + record owner)."""
-VERIFIERS_KEY = "dllm/verifiers"
-"""Verifiers announce their gossip node here (economy/verifier.py); providers dial them too."""
 
 
 @dataclass(frozen=True)
@@ -166,7 +162,7 @@ class QuotePublisher:
         value = {"peer_id": self.peer_id, "account": self.keypair.ss58_address, "addrs": self.addrs}
         subkey = self.peer_id.encode() + self.owner_marker  # signed: nobody else can replace this entry
         await self.dht.store(
-            GOSSIP_KEY, value, get_dht_time() + 3 * self.config.period, subkey=subkey, return_future=True
+            protocol.GOSSIP_KEY, value, get_dht_time() + 3 * self.config.period, subkey=subkey, return_future=True
         )
 
     async def _discover(self) -> None:
@@ -184,7 +180,7 @@ class QuotePublisher:
 
     async def _known_addrs(self) -> list[str]:
         addrs = []
-        for key, field_name in ((GOSSIP_KEY, "addrs"), (VERIFIERS_KEY, "gossip")):
+        for key, field_name in ((protocol.GOSSIP_KEY, "addrs"), (protocol.VERIFIERS_KEY, "gossip")):
             found = await self.dht.get(key, latest=True, return_future=True)
             if found is None or not isinstance(found.value, dict):
                 continue

@@ -49,8 +49,6 @@ from swarm.protocol import ProtocolError
 
 logger = logging.getLogger(__name__)
 
-HANDLER_RECEIPT = "dllm.v1.receipt"
-
 
 class NothingToBillError(ValueError):
     """The session has no metered work since its last receipt."""
@@ -124,7 +122,7 @@ class ReceiptService:
         return service
 
     async def add_handlers(self, p2p: P2P) -> None:
-        await p2p.add_protobuf_handler(HANDLER_RECEIPT, self.rpc_receipt, runtime_pb2.ExpertRequest)
+        await p2p.add_protobuf_handler(protocol.HANDLER_RECEIPT, self.rpc_receipt, runtime_pb2.ExpertRequest)
 
     async def close(self) -> None:
         self._stop.set()

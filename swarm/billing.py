@@ -49,11 +49,8 @@ from swarm.routing import Hop
 
 logger = logging.getLogger(__name__)
 
-HANDLER_RECEIPT = "dllm.v1.receipt"
-HANDLER_VERIFY = "dllm.v1.verify"
-VERIFIERS_KEY = "dllm/verifiers"
-MAX_SAMPLE_MESSAGE_BYTES = 4 * 2**20 - 64 * 2**10
-"""hivemind's unary limit (4 MiB) less room for the envelope: larger samples are not sent."""
+MAX_SAMPLE_MESSAGE_BYTES = protocol.MAX_UNARY_MESSAGE_BYTES - protocol.ENVELOPE_ROOM_BYTES
+"""Larger samples are not sent: they would not fit one unary message."""
 CHAIN_RETRY_INTERVAL_S = 1.0
 
 
@@ -237,7 +234,7 @@ class ClientBilling:
 
     async def verifier_peers(self) -> list[tuple[str, str]]:
         """(peer_id, account) of verifiers announced in the DHT for this model."""
-        found = await self.dht.get(VERIFIERS_KEY, latest=True, return_future=True)
+        found = await self.dht.get(protocol.VERIFIERS_KEY, latest=True, return_future=True)
         if found is None or not isinstance(found.value, dict):
             return []
         peers = []
@@ -272,7 +269,7 @@ class ClientBilling:
             try:
                 response = await asyncio.wait_for(
                     self.p2p.call_protobuf_handler(
-                        PeerID.from_base58(peer_id), HANDLER_VERIFY, request, runtime_pb2.ExpertResponse
+                        PeerID.from_base58(peer_id), protocol.HANDLER_VERIFY, request, runtime_pb2.ExpertResponse
                     ),
                     self.config.request_timeout,
                 )
@@ -441,7 +438,7 @@ class SessionBilling:
         request = runtime_pb2.ExpertRequest(metadata=protocol.pack_metadata(metadata))
         response = await asyncio.wait_for(
             self.billing.p2p.call_protobuf_handler(
-                PeerID.from_base58(peer_id), HANDLER_RECEIPT, request, runtime_pb2.ExpertResponse
+                PeerID.from_base58(peer_id), protocol.HANDLER_RECEIPT, request, runtime_pb2.ExpertResponse
             ),
             self.billing.config.request_timeout,
         )

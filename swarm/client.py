@@ -24,13 +24,12 @@ from transformers import AutoTokenizer
 
 from economy.pricing import Bill, Quote
 from economy.pricing import quote as price_quote
-from peer.canary import causal_lm_loss
 from swarm import chunks, protocol
 from swarm.billing import BillingConfig, ClientBilling, SessionBilling, route_hops, route_price
 from swarm.dht import start_dht
 from swarm.direct import DirectEndpoint, DirectEndpointError, DirectStreamError
 from swarm.inference_streams import DirectInferenceStream, InferenceStream, P2PInferenceStream
-from swarm.local_head import LocalHead
+from swarm.local_head import LocalHead, causal_lm_loss
 from swarm.model_files import load_config, model_name, resolve_model
 from swarm.records import ServerRecord, fetch_model_records
 from swarm.routing import BanList, Hop, NoRouteError, plan_route

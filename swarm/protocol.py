@@ -20,6 +20,18 @@ HANDLER_BACKWARD = "dllm.v1.backward"
 HANDLER_INFERENCE = "dllm.v1.inference"
 HANDLER_FORWARD_STREAM = "dllm.v1.forward_stream"
 HANDLER_BACKWARD_STREAM = "dllm.v1.backward_stream"
+HANDLER_RECEIPT = "dllm.v1.receipt"
+HANDLER_VERIFY = "dllm.v1.verify"
+
+VERIFIERS_KEY = "dllm/verifiers"
+"""DHT key under which verifiers announce themselves and their gossip node (subkey: peer id + record owner)."""
+GOSSIP_KEY = "dllm/gossip"
+"""DHT key under which providers announce their gossip node (subkey: peer id + record owner)."""
+
+MAX_UNARY_MESSAGE_BYTES = 4 * 2**20
+"""hivemind's limit on one unary P2P message: anything larger must be streamed."""
+ENVELOPE_ROOM_BYTES = 64 * 2**10
+"""Room left in a unary message for metadata and protobuf framing around its payload."""
 
 MAX_METADATA_BYTES = 64 * 2**10
 

@@ -13,11 +13,13 @@ import numpy as np
 import torch
 from hivemind.proto import runtime_pb2
 
+from swarm.protocol import ENVELOPE_ROOM_BYTES, MAX_UNARY_MESSAGE_BYTES
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 # 4 MiB is hivemind's unary message limit; one tensor must leave room for its message envelope.
-MAX_TENSOR_BYTES = 4 * 2**20 - 64 * 2**10
+MAX_TENSOR_BYTES = MAX_UNARY_MESSAGE_BYTES - ENVELOPE_ROOM_BYTES
 
 
 class InvalidTensorError(ValueError):

@@ -18,11 +18,11 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from chain.ledger import ComputeLedger
+from dllm.verifier import Verifier, VerifierConfig
 from economy.metering import StepKind, UsageMeter
 from economy.pricing import ProviderRate
 from economy.receipts import BASE_WEIGHTS, TRAINING_ADAPTERS, SignedReceipt, UsageReceipt, receipt_for_segment
 from economy.verification import Tolerance, compare_activations, recheck
-from economy.verifier import Verifier, VerifierConfig
 from economy.work_sample import SampledStep, UnverifiableSampleError, WorkSample
 from peer.adapters import AdapterSet, LoraConfig
 from peer.blocks import load_span_layers

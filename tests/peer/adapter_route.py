@@ -14,9 +14,9 @@ from transformers import AutoTokenizer
 
 from peer.adapters import AdapterSet, LoraConfig
 from peer.blocks import load_span_layers
-from peer.canary import causal_lm_loss
 from peer.span import SpanRunner
 from peer.training import AdapterTrainer, TrainingConfig, span_backward
+from swarm.local_head import causal_lm_loss
 from swarm.model_files import load_config, read_tensors
 
 

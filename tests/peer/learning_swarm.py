@@ -10,9 +10,9 @@ from typing import TypeVar
 import torch
 from hivemind.proto import runtime_pb2
 
-from peer.canary import causal_lm_loss
 from swarm import protocol
 from swarm.client import DistributedModel, SwarmClient
+from swarm.local_head import causal_lm_loss
 
 T = TypeVar("T")
 

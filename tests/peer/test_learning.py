@@ -8,9 +8,9 @@ import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
-from peer.canary import causal_lm_loss
 from swarm import protocol
 from swarm.client import DistributedModel
+from swarm.local_head import causal_lm_loss
 from swarm.sampling import GenerationParams
 from tests.peer.learning_swarm import FACTS_CANARY
 

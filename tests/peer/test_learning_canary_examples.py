@@ -13,7 +13,7 @@ from dllm import default_model_path
 from dllm.cli import main
 from peer.adapters import AdapterSet, LoraConfig
 from peer.blocks import load_span_layers
-from peer.canary import CanaryConfig, CanaryGate, causal_lm_loss
+from peer.canary import CanaryConfig, CanaryGate
 from peer.canary_examples import (
     MAX_EXAMPLES,
     CanaryExample,
@@ -22,6 +22,7 @@ from peer.canary_examples import (
     default_canary_path,
     read_canary_file,
 )
+from swarm.local_head import causal_lm_loss
 from swarm.model_files import load_config
 from tests.peer.adapter_route import Example, LocalRoute
 

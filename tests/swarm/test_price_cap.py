@@ -27,7 +27,10 @@ def test_route_within_the_cap_is_used_and_one_above_it_is_refused(swarm):
         str(swarm.model_path), swarm.initial_peers, config=ClientConfig(max_price_per_token=price)
     ) as model:
         assert model.generate("def add(a, b):", params).completion_tokens == 3
-    with DistributedModel.from_pretrained(
-        str(swarm.model_path), swarm.initial_peers, config=ClientConfig(max_price_per_token=price - 1)
-    ) as model, pytest.raises(NoRouteError, match="cap"):
+    with (
+        DistributedModel.from_pretrained(
+            str(swarm.model_path), swarm.initial_peers, config=ClientConfig(max_price_per_token=price - 1)
+        ) as model,
+        pytest.raises(NoRouteError, match="cap"),
+    ):
         model.generate("def add(a, b):", params)

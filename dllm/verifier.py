@@ -49,8 +49,6 @@ from swarm import protocol
 
 logger = logging.getLogger(__name__)
 
-HANDLER_VERIFY = "dllm.v1.verify"
-VERIFIERS_KEY = "dllm/verifiers"
 GENERIC_SS58 = 42
 """Verdicts name verifiers in the generic Substrate format so every process compares the same strings."""
 
@@ -279,13 +277,13 @@ class Verifier:
 
 async def _announce(dht, validator, value: dict, ttl: float) -> None:
     subkey = value["peer_id"].encode() + validator.local_public_key
-    await dht.store(VERIFIERS_KEY, value, get_dht_time() + ttl, subkey=subkey, return_future=True)
+    await dht.store(protocol.VERIFIERS_KEY, value, get_dht_time() + ttl, subkey=subkey, return_future=True)
 
 
 async def _connect_gossip(bus: GossipBus, dht, own_peer_id: str, extra: list[str]) -> None:
     """Dials the given gossip addresses and those of verifiers already announced."""
     addrs = list(extra)
-    found = await dht.get(VERIFIERS_KEY, latest=True, return_future=True)
+    found = await dht.get(protocol.VERIFIERS_KEY, latest=True, return_future=True)
     if found is not None and isinstance(found.value, dict):
         for entry in found.value.values():
             value = getattr(entry, "value", None)
@@ -319,7 +317,7 @@ async def run_verifier(config: VerifierConfig, on_ready=None, stop: asyncio.Even
         verifier = Verifier(config, span, name, bus)
         await verifier.start_council()
         p2p = await dht.replicate_p2p()
-        await p2p.add_protobuf_handler(HANDLER_VERIFY, verifier.rpc_verify, runtime_pb2.ExpertRequest)
+        await p2p.add_protobuf_handler(protocol.HANDLER_VERIFY, verifier.rpc_verify, runtime_pb2.ExpertRequest)
         await p2p.add_protobuf_handler(protocol.HANDLER_INFO, verifier.rpc_info, runtime_pb2.ExpertRequest)
         peer_id = dht.peer_id.to_base58()
         await _connect_gossip(bus, dht, peer_id, config.gossip_peers)
