@@ -50,7 +50,8 @@ def account_id(address: str, ss58_format: int | None = None) -> bytes:
 
 def address(account: bytes, ss58_format: int) -> str:
     """The SS58 address of a 32-byte account id."""
-    return ss58_encode(account, ss58_format=ss58_format)
+    encoded: str = ss58_encode(account, ss58_format=ss58_format)
+    return encoded
 
 
 def multisig_account(signatories: list[bytes], threshold: int) -> bytes:

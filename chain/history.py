@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 from substrateinterface import SubstrateInterface
 
@@ -59,7 +60,7 @@ class LedgerIndex:
     def sync(self) -> int:
         """Index every finalized block not seen yet; returns the last indexed block number."""
         head_hash = self.substrate.rpc_request("chain_getFinalizedHead", [])["result"]
-        head = self.substrate.get_block_number(head_hash)
+        head: int = self.substrate.get_block_number(head_hash)
         while self.next_block <= head:
             self._index_block(self.next_block)
             self.next_block += 1
@@ -141,7 +142,9 @@ class LedgerIndex:
                 )
             )
 
-    def _apply_settlement(self, body: dict, client: bytes, ext: _Extrinsic, block: int, ext_hash: str) -> None:
+    def _apply_settlement(
+        self, body: dict[str, Any], client: bytes, ext: _Extrinsic, block: int, ext_hash: str
+    ) -> None:
         claimed: dict[bytes, int] = defaultdict(int)
         receipts = []
         for receipt_hex, payouts in body["receipts"]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
+from scalecodec.types import GenericCall
 from substrateinterface import Keypair
 
 from chain.account_derivation import (
@@ -50,12 +52,12 @@ from chain.remarks import encode_remark
 from chain.storage_keys import blake2_128_concat, storage_prefix, twox64_concat
 from chain.submission import ExtrinsicSubmitter
 from chain.substrate_connection import ResilientSubstrate
+from chain.units import PLANCK_PER_TOKEN
 
 log = logging.getLogger(__name__)
 
-PLANCK_PER_UNIT = 10**12
 # Far above any fee this client's extrinsics pay on Asset Hub (a 100-receipt settlement: ~1e9).
-_FEE_CEILING = PLANCK_PER_UNIT
+_FEE_CEILING = PLANCK_PER_TOKEN
 
 
 @dataclass
@@ -64,7 +66,7 @@ class LedgerConfig:
 
     url: str
     council: Council = field(default_factory=Council.dev)
-    min_stake: int = 1 * PLANCK_PER_UNIT
+    min_stake: int = 1 * PLANCK_PER_TOKEN
     unbond_delay_blocks: int = 10
     # First block that can hold protocol records (the deployment block on a real chain).
     start_block: int = 0
@@ -108,7 +110,7 @@ class ComputeLedger:
         """The SS58 address of a provider's stake escrow."""
         return self.address(escrow_account(self.council_account, account_id(provider_ss58)))
 
-    def _call(self, module: str, function: str, params: dict):
+    def _call(self, module: str, function: str, params: dict[str, Any]) -> GenericCall:
         # Encoded against the runtime metadata loaded by the last query or signature (every operation
         # queries the chain before composing): substrate-interface's compose_call re-checks the runtime
         # with 3 RPCs per call, which made a 500-receipt settlement spend most of a second composing.
@@ -118,27 +120,29 @@ class ComputeLedger:
         call.encode({"call_module": module, "call_function": function, "call_args": params})
         return call
 
-    def _remark(self, kind: str, body: dict):
+    def _remark(self, kind: str, body: dict[str, Any]) -> GenericCall:
         return self._call("System", "remark_with_event", {"remark": "0x" + encode_remark(kind, body).hex()})
 
-    def _batch(self, calls: list):
+    def _batch(self, calls: list[GenericCall]) -> GenericCall:
         return self._call("Utility", "batch_all", {"calls": calls})
 
-    def _from_escrow(self, provider: bytes, call):
+    def _from_escrow(self, provider: bytes, call: GenericCall) -> GenericCall:
         """Wrap `call` so it dispatches from the provider's escrow (when sent by the council)."""
         for index in reversed(escrow_indices(provider)):
             call = self._call("Utility", "as_derivative", {"index": index, "call": call})
         return call
 
-    def _account_info(self, account: bytes) -> dict:
-        return self.substrate.query("System", "Account", ["0x" + account.hex()]).value
+    def _account_info(self, account: bytes) -> dict[str, Any]:
+        info: dict[str, Any] = self.substrate.query("System", "Account", ["0x" + account.hex()]).value
+        return info
 
     def _spendable(self, account: bytes) -> int:
         data = self._account_info(account)["data"]
         frozen = max(data.get("misc_frozen", 0), data.get("fee_frozen", 0), data.get("frozen", 0))
-        return data["free"] - frozen
+        spendable: int = data["free"] - frozen
+        return spendable
 
-    def _require_funds(self, signer: Keypair, call, outflow: int) -> None:
+    def _require_funds(self, signer: Keypair, call: GenericCall, outflow: int) -> None:
         """Refuse before submitting when the signer cannot cover `outflow` plus the fee:
         the chain state stays untouched (a dispatch failure would still charge the fee)."""
         info = self._account_info(signer.public_key)
@@ -251,7 +255,7 @@ class ComputeLedger:
                         settled.append(keys[key])
         return settled
 
-    def build_settlement(self, client: Keypair, payments: list[Payment]):
+    def build_settlement(self, client: Keypair, payments: list[Payment]) -> tuple[GenericCall, int]:
         """Validate and compose the settlement call (markers + transfers + record in one batch_all)."""
         if not payments:
             raise InvalidPaymentError("a settlement needs at least one payment")
@@ -372,7 +376,7 @@ class ComputeLedger:
             )
         return list(seen.values())[: members.threshold]
 
-    def _council_execute(self, council: list[Keypair], call) -> ChainResult:
+    def _council_execute(self, council: list[Keypair], call: GenericCall) -> ChainResult:
         """Dispatch `call` from the council account via Multisig: approvals, then execution."""
         signers = self._check_quorum(council)
         ids = self.config.council.member_ids()
@@ -431,7 +435,7 @@ class ComputeLedger:
             raise self._inner_failure(outcome["Err"], result)
         return result
 
-    def _cancel_pending(self, kp: Keypair, others: list[str], timepoint: dict, call_hash: str) -> None:
+    def _cancel_pending(self, kp: Keypair, others: list[str], timepoint: dict[str, Any], call_hash: str) -> None:
         try:
             self.submitter.submit(
                 kp,

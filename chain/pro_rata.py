@@ -13,14 +13,16 @@ def split_pro_rata(payment: Payment) -> list[tuple[str, int]]:
     """
     validate_payment(payment)
     total_params = sum(s.params_served for s in payment.shares)
-    parts = []
-    for order, share in enumerate(payment.shares):
+    wholes: list[int] = []
+    remainders: list[int] = []
+    for share in payment.shares:
         whole, rest = divmod(payment.amount * share.params_served, total_params)
-        parts.append([share.provider, whole, rest, order])
-    leftover = payment.amount - sum(p[1] for p in parts)
-    for part in sorted(parts, key=lambda p: (-p[2], p[3]))[:leftover]:
-        part[1] += 1
-    return [(p[0], p[1]) for p in parts if p[1] > 0]
+        wholes.append(whole)
+        remainders.append(rest)
+    leftover = payment.amount - sum(wholes)
+    for order in sorted(range(len(wholes)), key=lambda i: (-remainders[i], i))[:leftover]:
+        wholes[order] += 1
+    return [(share.provider, whole) for share, whole in zip(payment.shares, wholes, strict=True) if whole > 0]
 
 
 def validate_payment(payment: Payment) -> None:

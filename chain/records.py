@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -12,7 +13,9 @@ class ChainEvent:
 
     module: str
     name: str
-    attributes: object
+    # The event's SCALE value as substrate-interface decodes it: a dict of named fields for every
+    # event the ledger reads (Balances, System, Multisig).
+    attributes: Any
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class Payment:
         return cls(receipt_id, amount, (ProviderShare(provider, 1),))
 
 
-class ProviderState(str, enum.Enum):
+class ProviderState(enum.StrEnum):
     NOT_REGISTERED = "not_registered"
     REGISTERED = "registered"
     UNBONDING = "unbonding"  # unbond requested, waiting for the delay and the council

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 PREFIX = b"dllm:v1:"
 KINDS = ("register", "compute", "settle", "unbond-request", "unbond", "slash")
@@ -22,10 +23,10 @@ class MalformedRemarkError(ValueError):
 @dataclass(frozen=True)
 class Remark:
     kind: str
-    body: dict
+    body: dict[str, Any]
 
 
-def encode_remark(kind: str, body: dict) -> bytes:
+def encode_remark(kind: str, body: dict[str, Any]) -> bytes:
     if kind not in KINDS:
         raise ValueError(f"unknown remark kind {kind!r}")
     return PREFIX + kind.encode() + b":" + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()

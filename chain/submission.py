@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from scalecodec.base import ScaleBytes
+from scalecodec.types import GenericCall, GenericExtrinsic
 from substrateinterface import Keypair, SubstrateInterface
 from substrateinterface.exceptions import SubstrateRequestException
 
@@ -28,10 +30,10 @@ class ExtrinsicSubmitter:
     def __init__(self, substrate: SubstrateInterface) -> None:
         self.substrate = substrate
 
-    def sign(self, signer: Keypair, call) -> object:
+    def sign(self, signer: Keypair, call: GenericCall) -> GenericExtrinsic:
         return self.substrate.create_signed_extrinsic(call=call, keypair=signer)
 
-    def submit(self, signer: Keypair, call) -> ChainResult:
+    def submit(self, signer: Keypair, call: GenericCall) -> ChainResult:
         """Sign `call` with `signer`, submit it, wait for its block; raise on any failure."""
         return self.submit_extrinsic(self.sign(signer, call))
 
@@ -41,7 +43,7 @@ class ExtrinsicSubmitter:
         extrinsic.decode()
         return self.submit_extrinsic(extrinsic)
 
-    def submit_extrinsic(self, extrinsic) -> ChainResult:
+    def submit_extrinsic(self, extrinsic: GenericExtrinsic) -> ChainResult:
         try:
             receipt = self.substrate.submit_extrinsic(extrinsic, wait_for_inclusion=True)
         except SubstrateRequestException as exc:
@@ -62,7 +64,9 @@ class ExtrinsicSubmitter:
             events=events,
         )
 
-    def dispatch_failure(self, error: dict | None, events: tuple[ChainEvent, ...], block_hash: str) -> Exception:
+    def dispatch_failure(
+        self, error: dict[str, Any] | None, events: tuple[ChainEvent, ...], block_hash: str
+    ) -> Exception:
         error = error or {}
         module = self.module_of_failure(events) or error.get("type", "Runtime")
         name = error.get("name", "Unknown")
@@ -87,7 +91,8 @@ class ExtrinsicSubmitter:
     def pallet_name(self, index: int) -> str | None:
         for pallet in self.substrate.metadata.pallets:
             if pallet.value.get("index") == index:
-                return pallet.name
+                name: str = pallet.name
+                return name
         return None
 
 

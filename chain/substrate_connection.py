@@ -18,7 +18,10 @@ hash, and every extrinsic signed over it was refused as `badProof` after a dev c
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from substrateinterface import SubstrateInterface
 from websocket import WebSocketException
@@ -31,21 +34,24 @@ log = logging.getLogger(__name__)
 _TRANSPORT_ERRORS = (WebSocketException, ConnectionError)
 
 
-class ResilientSubstrate(SubstrateInterface):
+class ResilientSubstrate(SubstrateInterface):  # type: ignore[misc]  # substrate-interface is untyped
     """SubstrateInterface that reconnects after the endpoint went away and signs for the runtime's genesis."""
 
     _runtime_genesis: str | None = None
 
-    def get_block_hash(self, block_id: int = None) -> str:
+    def get_block_hash(self, block_id: int | None = None) -> str:
         if block_id != 0:
-            return super().get_block_hash(block_id)
+            block_hash: str = super().get_block_hash(block_id)
+            return block_hash
         if self._runtime_genesis is None:
             stored = self.query("System", "BlockHash", [0]).value
             # An empty entry (all zeros) would mean a runtime that does not keep it: use the node's answer.
             self._runtime_genesis = stored if stored and int(stored, 16) else super().get_block_hash(0)
         return self._runtime_genesis
 
-    def rpc_request(self, method, params, result_handler=None):
+    def rpc_request(
+        self, method: str, params: list[Any], result_handler: Callable[..., Any] | None = None
+    ) -> Any:  # the JSON-RPC reply, or what result_handler returned for a subscription
         try:
             return super().rpc_request(method, params, result_handler=result_handler)
         except _TRANSPORT_ERRORS as first:
@@ -67,10 +73,9 @@ class ResilientSubstrate(SubstrateInterface):
     def _reconnect(self) -> None:
         old = getattr(self.transport, "websocket", None)
         if old is not None:
-            try:
-                old.close(timeout=0)  # free the dead socket's descriptor
-            except Exception:  # noqa: BLE001 - it is dead already
-                pass
+            # Free the dead socket's descriptor; any error closing it is moot, it is dead already.
+            with contextlib.suppress(Exception):
+                old.close(timeout=0)
         self.connect_websocket()
 
     def _reconnect_quietly(self) -> None:

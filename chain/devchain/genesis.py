@@ -14,12 +14,14 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from chain.account_derivation import BURN_ACCOUNT
 from chain.council import Council
 from chain.devchain.dev_accounts import DEV_ACCOUNT_NAMES, dev_keypair
 from chain.errors import DevChainUnavailableError
 from chain.storage_keys import blake2_128_concat, storage_prefix
+from chain.units import PLANCK_PER_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +33,7 @@ UPSTREAM_SPEC_MODULE = "@substrate/connect-known-chains/rococo_v2_2_asset_hub"
 # Bump when the derivation below changes, so existing builds are regenerated.
 GENESIS_BUILDER_VERSION = 1
 
-PLANCK_PER_ROC = 10**12
-DEV_ENDOWMENT = 1_000_000 * PLANCK_PER_ROC
+DEV_ENDOWMENT = 1_000_000 * PLANCK_PER_TOKEN
 # The runtime's existential deposit (Balances.ExistentialDeposit of spec 900).
 EXISTENTIAL_DEPOSIT = 3_333_333
 
@@ -65,7 +66,7 @@ def genesis_accounts(council: Council) -> list[GenesisAccount]:
     return accounts
 
 
-def extract_upstream_spec(node: str = "node") -> dict:
+def extract_upstream_spec(node: str = "node") -> dict[str, Any]:
     """Read the Rococo Asset Hub raw spec out of the installed npm package."""
     if shutil.which(node) is None:
         raise DevChainUnavailableError("Node.js is not installed; install Node 20 and run scripts/setup")
@@ -77,10 +78,11 @@ def extract_upstream_spec(node: str = "node") -> dict:
     proc = subprocess.run([node, "-e", script], cwd=DEVCHAIN_DIR, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise DevChainUnavailableError(f"could not read the Rococo Asset Hub spec: {proc.stderr.strip()[-500:]}")
-    return json.loads(proc.stdout)
+    spec: dict[str, Any] = json.loads(proc.stdout)
+    return spec
 
 
-def derive_dev_spec(upstream: dict, council: Council) -> dict:
+def derive_dev_spec(upstream: dict[str, Any], council: Council) -> dict[str, Any]:
     """The dev spec: upstream genesis plus funded dev and protocol accounts."""
     spec = dict(upstream)
     top = dict(spec["genesis"]["raw"]["top"])
