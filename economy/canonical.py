@@ -84,8 +84,9 @@ def encode(tag: str, schema: tuple[FieldSpec, ...], values: tuple[Any, ...]) -> 
     """Canonical bytes of a record (values in schema order). Raises CanonicalFormatError."""
     if len(values) != len(schema):
         raise CanonicalFormatError(f"{tag}: expected {len(schema)} fields, got {len(values)}")
-    checked = [spec.check(v) for spec, v in zip(schema, values)]
-    return msgpack.packb([tag, *checked], use_bin_type=True)
+    checked = [spec.check(v) for spec, v in zip(schema, values, strict=True)]
+    packed: bytes = msgpack.packb([tag, *checked], use_bin_type=True)
+    return packed
 
 
 def decode(tag: str, schema: tuple[FieldSpec, ...], data: Any) -> tuple[Any, ...]:
@@ -112,7 +113,7 @@ def decode(tag: str, schema: tuple[FieldSpec, ...], data: Any) -> tuple[Any, ...
         raise CanonicalFormatError(f"{tag}: expected an array of {len(schema) + 1} items")
     if items[0] != tag:
         raise CanonicalFormatError(f"expected a {tag!r} record, got tag {items[0]!r:.40}")
-    values = tuple(spec.check(v) for spec, v in zip(schema, items[1:]))
+    values = tuple(spec.check(v) for spec, v in zip(schema, items[1:], strict=True))
     if msgpack.packb(items, use_bin_type=True) != data:
         raise CanonicalFormatError(f"{tag}: not the canonical encoding of its fields")
     return values

@@ -135,7 +135,8 @@ class GossipBus:
         if kind == "ready" and self._ready is not None and not self._ready.done():
             self._ready.set_result(event)
         elif kind == "reply":
-            fut = self._pending.pop(event.get("id"), None)
+            request_id = event.get("id")
+            fut = self._pending.pop(request_id, None) if isinstance(request_id, int) else None
             if fut is not None and not fut.done():
                 fut.set_result(event)
         elif kind == "message":
@@ -187,9 +188,6 @@ class GossipBus:
     async def next_message(self, timeout: float | None = None) -> GossipMessage:
         """The next received message (raises asyncio.TimeoutError after `timeout` seconds)."""
         return await asyncio.wait_for(self._messages.get(), timeout)
-
-    def pending_messages(self) -> int:
-        return self._messages.qsize()
 
     async def stats(self) -> dict[str, Any]:
         """Node counters (delivered, published, dropped_forged, dropped_rate_limited, ...), peers, mesh."""

@@ -24,6 +24,7 @@ import logging
 import sys
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import multiaddr
 import trio
@@ -123,7 +124,7 @@ class GossipNode:
 
     # ------------------------------------------------------------------ channel to the parent
 
-    async def emit(self, event: dict) -> None:
+    async def emit(self, event: dict[str, Any]) -> None:
         line = json.dumps(event, separators=(",", ":")) + "\n"
         async with self._write_lock:
             await trio.to_thread.run_sync(_write_stdout, line)
@@ -153,7 +154,7 @@ class GossipNode:
             except Exception:
                 log.exception("failed to deliver a message to the parent")
 
-    async def handle(self, command: dict) -> dict | None:
+    async def handle(self, command: dict[str, Any]) -> dict[str, Any] | None:
         """Runs one command; returns the reply (None for stop)."""
         op = command.get("op")
         if op == "connect":
@@ -210,19 +211,23 @@ class GossipNode:
 
     async def run(self) -> None:
         listen = multiaddr.Multiaddr(f"/ip4/{self.config.host}/tcp/{self.config.port}")
-        async with self.host.run(listen_addrs=[listen]), trio.open_nursery() as nursery:
-            async with background_trio_service(self.pubsub), background_trio_service(self.router):
-                await self.pubsub.wait_until_ready()
-                for topic in TOPICS:
-                    self.pubsub.set_topic_validator(topic, self.validate, False)
-                    subscription = await self.pubsub.subscribe(topic)
-                    nursery.start_soon(self.deliver, topic, subscription)
-                peer_id = self.host.get_id().to_base58()
-                addrs = [f"{a}" if "/p2p/" in str(a) else f"{a}/p2p/{peer_id}" for a in self.host.get_addrs()]
-                await self.emit({"event": "ready", "peer_id": peer_id, "addrs": addrs})
-                nursery.start_soon(self.read_commands)
-                await self._stop.wait()
-                nursery.cancel_scope.cancel()
+        async with (
+            self.host.run(listen_addrs=[listen]),
+            trio.open_nursery() as nursery,
+            background_trio_service(self.pubsub),
+            background_trio_service(self.router),
+        ):
+            await self.pubsub.wait_until_ready()
+            for topic in TOPICS:
+                self.pubsub.set_topic_validator(topic, self.validate, False)
+                subscription = await self.pubsub.subscribe(topic)
+                nursery.start_soon(self.deliver, topic, subscription)
+            peer_id = self.host.get_id().to_base58()
+            addrs = [f"{a}" if "/p2p/" in str(a) else f"{a}/p2p/{peer_id}" for a in self.host.get_addrs()]
+            await self.emit({"event": "ready", "peer_id": peer_id, "addrs": addrs})
+            nursery.start_soon(self.read_commands)
+            await self._stop.wait()
+            nursery.cancel_scope.cancel()
 
 
 def _write_stdout(line: str) -> None:

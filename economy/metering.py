@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
@@ -25,7 +25,7 @@ from economy.pricing import Usage
 COMMIT_DOMAIN = b"dllm/commit/1"
 
 
-class StepKind(str, Enum):
+class StepKind(StrEnum):
     """What one metered step was: prompt prefill, one generated token, or a backward pass."""
 
     PROMPT = "prompt"
@@ -183,11 +183,6 @@ class UsageMeter:
     def step_digests(self) -> list[bytes]:
         """Digests of all steps so far, the evidence a verifier needs to recompute the chain."""
         return [s.digest() for s in self.steps]
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    """Parameters a span serves (what its share of a bill is proportional to)."""
-    return sum(p.numel() for p in module.parameters())
 
 
 def step_kind_at(position: int) -> StepKind:

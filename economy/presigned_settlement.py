@@ -80,7 +80,8 @@ class PresignedSettlement:
         paid = self.transfers.get(account_id(receipt.provider), 0)
         if paid < receipt.amount:
             raise SettlementOfferError(
-                f"the settlement transfers {paid} planck to {receipt.provider}, less than the receipt's {receipt.amount}"
+                f"the settlement transfers {paid} planck to {receipt.provider}, "
+                f"less than the receipt's {receipt.amount}"
             )
 
 

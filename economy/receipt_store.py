@@ -15,7 +15,7 @@ import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from economy.receipts import ReplayedReceiptError, SignedReceipt, verify_receipt
@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS batches (
 """
 
 
-class ReceiptState(str, Enum):
+class ReceiptState(StrEnum):
     """Where a stored receipt is on its way to payment."""
 
     UNSETTLED = "unsettled"
@@ -198,11 +198,6 @@ class ReceiptStore:
         if row is None:
             raise ReceiptStoreError(f"no receipt {receipt_id} in {self.path}")
         return str(row[0])
-
-    def amounts(self, state: ReceiptState) -> dict[str, int]:
-        """receipt id -> amount of every receipt in `state`."""
-        rows = self._db.execute("SELECT receipt_id, amount FROM receipts WHERE state = ?", (state.value,))
-        return {rid: int(amount) for rid, amount in rows}
 
     def counts(self) -> dict[ReceiptState, int]:
         """Number of receipts in each state."""

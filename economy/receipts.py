@@ -301,7 +301,8 @@ def check_claim(
         raise UsageInflationError("provider claims sampling surcharge on a greedy session")
     if claimed.commitment != observed_commitment:
         raise CommitmentMismatchError(
-            f"provider commits to {claimed.commitment.hex()[:16]}..., client computed {observed_commitment.hex()[:16]}..."
+            f"provider commits to {claimed.commitment.hex()[:16]}..., "
+            f"client computed {observed_commitment.hex()[:16]}..."
         )
 
 

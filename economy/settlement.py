@@ -11,6 +11,7 @@ receipt id it has already paid (defence in depth; the chain side does this).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -127,7 +128,5 @@ class Settler:
                 await self.settle_pending()
             except Exception:
                 log.exception("settlement round failed; retrying in %.0f s", interval_s)
-            try:
+            with contextlib.suppress(TimeoutError):  # the interval passed: next round
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
-            except TimeoutError:
-                pass

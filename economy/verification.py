@@ -81,7 +81,7 @@ def required_sample_rate(cheat_fraction: float, requests: int, confidence: float
     _check_probability("confidence", confidence)
     if cheat_fraction == 0 or requests <= 0:
         return math.inf
-    return (1.0 - (1.0 - confidence) ** (1.0 / requests)) / cheat_fraction
+    return (1.0 - math.pow(1.0 - confidence, 1.0 / requests)) / cheat_fraction
 
 
 def _check_probability(name: str, value: float) -> None:

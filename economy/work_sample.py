@@ -109,7 +109,8 @@ class WorkSample:
             [s.kind.value, s.position, list(s.inputs.shape), _tensor_bytes(s.inputs), _tensor_bytes(s.outputs)]
             for s in self.steps
         ]
-        return msgpack.packb([WORK_SAMPLE_TAG, self.receipt.encode(), steps], use_bin_type=True)
+        packed: bytes = msgpack.packb([WORK_SAMPLE_TAG, self.receipt.encode(), steps], use_bin_type=True)
+        return packed
 
     @property
     def evidence_hash(self) -> bytes:
