@@ -6,51 +6,21 @@ They import nothing heavy so `dllm --help` stays fast.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import typer
 
-AUTO = "auto"
 PEERS_HINT = "'--initial-peers'"
 BLOCKS_HINT = "'--blocks'"
 
 
-@dataclass(frozen=True)
-class BlockSpan:
-    """A half-open range [start, end) of transformer blocks, as given by `--blocks START:END`."""
-
-    start: int
-    end: int
-
-    def __str__(self) -> str:
-        return f"{self.start}:{self.end}"
-
-
-def parse_blocks(value: str) -> BlockSpan | None:
-    """Parse `--blocks`: "START:END" (half-open) or "auto" (None: the peer picks the weakest span)."""
-    text = value.strip()
-    if text.lower() == AUTO:
-        return None
-    parts = text.split(":")
-    if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
-        raise typer.BadParameter(f"{value!r} is not START:END (e.g. 0:4) or 'auto'", param_hint=BLOCKS_HINT)
-    start, end = (int(p) for p in parts)
-    if start < 0:
-        raise typer.BadParameter(f"{value!r}: START must be >= 0", param_hint=BLOCKS_HINT)
-    if end <= start:
-        raise typer.BadParameter(
-            f"{value!r} is empty: END must be greater than START (half-open range)", param_hint=BLOCKS_HINT
-        )
-    return BlockSpan(start, end)
-
-
-def check_blocks_fit(span: BlockSpan, num_layers: int) -> None:
+def check_blocks_fit(span: tuple[int, int], num_layers: int) -> None:
     """Reject a span that reaches past the model's last block."""
-    if span.end > num_layers:
+    start, end = span
+    if end > num_layers:
         raise typer.BadParameter(
-            f"{span} reaches past the model's {num_layers} blocks (valid: 0..{num_layers}, END exclusive)",
+            f"{start}:{end} reaches past the model's {num_layers} blocks (valid: 0..{num_layers}, END exclusive)",
             param_hint=BLOCKS_HINT,
         )
 

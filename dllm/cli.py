@@ -35,7 +35,6 @@ app.add_typer(peer_app, name="peer")
 app.add_typer(swarm_app, name="swarm")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-TOKEN_DECIMALS = 12  # the dev chain's ROC: 1 token = 10**12 planck
 
 # Reusable option declarations: the same name means the same thing in every command.
 InitialPeers = Annotated[
@@ -331,9 +330,16 @@ def peer_join(
 ) -> None:
     """Join the swarm as a compute provider serving a span of the model's blocks (runs until Ctrl-C)."""
     peers = _require_peers(initial_peers)
-    span = arguments.parse_blocks(blocks)
+    from peer.config import parse_blocks  # a light module: dataclasses only
+
+    try:
+        span = parse_blocks(blocks)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint=arguments.BLOCKS_HINT) from None
     url = arguments.parse_chain_url(chain_url)
     key = arguments.parse_chain_key(chain_key)
+    from chain.units import TOKEN_DECIMALS
+
     stake_planck = arguments.parse_amount(stake, TOKEN_DECIMALS, "'--stake'")
     if stake_planck and not (url and key):
         raise typer.BadParameter("bonding a stake needs --chain-url and --chain-key", param_hint="'--stake'")
@@ -360,7 +366,7 @@ def peer_join(
     try:
         config = PeerConfig(
             model=str(folder),
-            blocks=(span.start, span.end) if span else None,
+            blocks=span,
             num_blocks=num_blocks,
             initial_peers=peers,
             host_maddrs=[f"/ip4/{host}/tcp/{port}"],

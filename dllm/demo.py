@@ -29,9 +29,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from chain.units import PLANCK_PER_TOKEN
+
 log = logging.getLogger(__name__)
 
-PLANCK_PER_ROC = 10**12
 DEMO_PROMPTS = (
     "The module",
     "Return the",
@@ -40,12 +41,12 @@ DEMO_PROMPTS = (
     "The default value",
     "A list of",
 )
-PROVIDER_FUNDS = 50 * PLANCK_PER_ROC
+PROVIDER_FUNDS = 50 * PLANCK_PER_TOKEN
 PROVIDER_STAKE_ROC = 10
 CLIENT_URI = "//Eve"
 VERIFIER_URI = "//Alice"  # a dev council member: its verdicts count for a council tally
 # Advertised rates (planck per generated token per billion parameters): different, to show pro-rata pay.
-RATES = (1_000_000_000_000, 1_500_000_000_000, 2_000_000_000_000, 2_500_000_000_000)
+RATES = (PLANCK_PER_TOKEN, 3 * PLANCK_PER_TOKEN // 2, 2 * PLANCK_PER_TOKEN, 5 * PLANCK_PER_TOKEN // 2)
 SETTLE_INTERVAL_S = 5.0
 QUOTE_PERIOD_S = 10.0
 
@@ -106,7 +107,7 @@ def block_spans(num_blocks: int, peers: int) -> list[tuple[int, int]]:
 
 
 def roc(planck: int) -> str:
-    return f"{planck / PLANCK_PER_ROC:,.6f}"
+    return f"{planck / PLANCK_PER_TOKEN:,.6f}"
 
 
 def _short_id(peer_id: str) -> str:

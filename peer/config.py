@@ -68,13 +68,20 @@ class PeerConfig:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
 
 
-def parse_blocks(text: str) -> tuple[int, int]:
-    """Parses `START:END` as given on the command line."""
-    try:
-        start_s, end_s = text.split(":")
-        start, end = int(start_s), int(end_s)
-    except ValueError:
-        raise ValueError(f"blocks must look like START:END (e.g. 0:4), got {text!r}") from None
-    if not (0 <= start < end):
-        raise ValueError(f"blocks must satisfy 0 <= START < END, got {text!r}")
+def parse_blocks(text: str) -> tuple[int, int] | None:
+    """`--blocks` as given on the command line: "START:END" (half-open) or "auto" (None: the peer picks a span).
+
+    Raises ValueError saying what is wrong with `text`.
+    """
+    value = text.strip()
+    if value.lower() == "auto":
+        return None
+    parts = value.split(":")
+    if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+        raise ValueError(f"{text!r} is not START:END (e.g. 0:4) or 'auto'")
+    start, end = (int(p) for p in parts)
+    if start < 0:
+        raise ValueError(f"{text!r}: START must be >= 0")
+    if end <= start:
+        raise ValueError(f"{text!r} is empty: END must be greater than START (half-open range)")
     return start, end

@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from chain.units import PLANCK_PER_TOKEN
 from swarm.chain_view import ChainView
 from swarm.swarm_view import read_swarm
 
@@ -66,6 +67,7 @@ class SwarmMonitor:
             "sequence": self._sequence,
             "generated_at": time.time(),
             "refresh_s": self.refresh_s,
+            "planck_per_token": PLANCK_PER_TOKEN,
             "swarm_error": None,
             "models": [],
             "chain": None,

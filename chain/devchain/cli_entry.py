@@ -13,8 +13,9 @@ from rich.table import Table
 from chain.account_derivation import BURN_ACCOUNT, address
 from chain.council import Council
 from chain.devchain.dev_accounts import DEV_ACCOUNT_NAMES, DEV_SS58_FORMAT, dev_keypair
-from chain.devchain.genesis import DEV_ENDOWMENT, PLANCK_PER_ROC
+from chain.devchain.genesis import DEV_ENDOWMENT
 from chain.devchain.launcher import DEFAULT_STATE_DIR, DevChain, DevChainConfig
+from chain.units import PLANCK_PER_TOKEN, TOKEN_SYMBOL
 
 
 def _describe(chain: DevChain, console: Console) -> None:
@@ -27,7 +28,9 @@ def _describe(chain: DevChain, console: Console) -> None:
     table.add_column("address", overflow="fold")
     table.add_column("genesis balance", justify="right")
     for name in DEV_ACCOUNT_NAMES:
-        table.add_row(f"//{name}", dev_keypair(name).ss58_address, f"{DEV_ENDOWMENT // PLANCK_PER_ROC:,} ROC")
+        table.add_row(
+            f"//{name}", dev_keypair(name).ss58_address, f"{DEV_ENDOWMENT // PLANCK_PER_TOKEN:,} {TOKEN_SYMBOL}"
+        )
     console.print(table)
     console.print(
         f"verifier council: //Alice, //Bob, //Charlie, {council.threshold}-of-{len(council.members)}; "

@@ -29,8 +29,7 @@ from chain.devchain.dev_accounts import dev_keypair  # noqa: E402
 from chain.devchain.launcher import DevChain, DevChainConfig  # noqa: E402
 from chain.ledger import ComputeLedger  # noqa: E402
 from chain.records import Payment, ProviderShare  # noqa: E402
-
-UNIT = 10**12
+from chain.units import PLANCK_PER_TOKEN as UNIT  # noqa: E402
 
 
 def free_port() -> int:

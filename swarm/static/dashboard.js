@@ -3,7 +3,7 @@
 "use strict";
 
 const SVG_NS = "http://www.w3.org/2000/svg";
-const UNIT = 1e12; // planck per ROC on the dev chain
+let planckPerToken = 1; // set from each snapshot (chain/units.py is the one definition)
 let timer = null;
 
 function el(tag, attrs = {}, ...children) {
@@ -21,7 +21,7 @@ function svg(tag, attrs = {}, text = null) {
 }
 
 const short = (id) => (id && id.length > 14 ? id.slice(0, 6) + "…" + id.slice(-6) : id || "");
-const tokens = (amount) => (amount / UNIT).toLocaleString(undefined, { maximumFractionDigits: 6 });
+const tokens = (amount) => (amount / planckPerToken).toLocaleString(undefined, { maximumFractionDigits: 6 });
 
 function coverageColor(count) {
   if (count === 0) return "#e05050";
@@ -135,6 +135,7 @@ async function refresh() {
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const data = await response.json();
     delay = Math.max(500, data.refresh_s * 1000);
+    planckPerToken = data.planck_per_token;
     renderModels(data);
     renderChain(data.chain);
     const error = document.getElementById("error");

@@ -10,8 +10,9 @@ from substrateinterface import Keypair
 
 from chain.devchain.dev_accounts import dev_keypair
 from chain.ledger import ComputeLedger
+from chain.units import PLANCK_PER_TOKEN
 
-UNIT = 10**12
+UNIT = PLANCK_PER_TOKEN
 _counter = itertools.count()
 
 

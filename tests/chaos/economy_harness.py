@@ -26,9 +26,10 @@ from chain.account_derivation import account_id
 from chain.devchain.dev_accounts import dev_keypair
 from chain.devchain.launcher import DevChain, DevChainConfig
 from chain.ledger import ComputeLedger
+from chain.units import PLANCK_PER_TOKEN
 from swarm.billing import SessionBilling
 
-UNIT = 10**12
+UNIT = PLANCK_PER_TOKEN
 
 
 class RestartableChain:

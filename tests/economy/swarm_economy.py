@@ -14,9 +14,10 @@ from substrateinterface import Keypair
 
 from chain.devchain.dev_accounts import dev_keypair
 from chain.ledger import ComputeLedger
+from chain.units import PLANCK_PER_TOKEN
 from dllm.processes import LocalSwarm, ManagedProcess
 
-UNIT = 10**12
+UNIT = PLANCK_PER_TOKEN
 REPO = Path(__file__).resolve().parents[2]
 
 

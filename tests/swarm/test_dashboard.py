@@ -108,8 +108,9 @@ def test_dashboard_shows_stake_earnings_settlements_and_slashes(local_swarm, dev
     from chain.devchain.dev_accounts import dev_keypair
     from chain.ledger import ComputeLedger
     from chain.records import Payment
+    from chain.units import PLANCK_PER_TOKEN
 
-    unit = 10**12
+    unit = PLANCK_PER_TOKEN
     ledger = ComputeLedger(dev_chain.url)
     provider_uri = f"//dllm-dashboard-{uuid.uuid4().hex}"
     provider = Keypair.create_from_uri(provider_uri, ss58_format=ledger.ss58_format)
