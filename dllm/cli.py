@@ -160,13 +160,24 @@ def chain_dev(
     missing = dev_chain_available()
     if missing:
         _fail(f"the dev chain cannot run here: {missing}")
-    from chain.devchain.cli_entry import run_dev_chain
-    from chain.errors import ChainError
+    from rich.console import Console
 
+    from chain.devchain.cli_entry import describe
+    from chain.devchain.launcher import DevChain, DevChainConfig
+    from chain.errors import ChainError
+    from dllm.service import ServiceEndedError, serve_until_signal
+
+    state = None if no_persist else state_dir
+    chain = DevChain(DevChainConfig(port=port, state_dir=state))
+    console = Console()
+    console.print("starting the dev chain (the first run derives the genesis, ~5 s)...")
     try:
-        run_dev_chain(port=port, state_dir=None if no_persist else state_dir)
+        serve_until_signal(chain, on_ready=lambda: describe(chain, console))
+    except ServiceEndedError:
+        _fail(f"the dev chain exited unexpectedly; see {chain.log_path}")
     except ChainError as error:
         _fail(f"the dev chain failed: {error}")
+    console.print("stopped" + (f"; state kept in {state}" if state else ""))
 
 
 # ------------------------------------------------------------------------------------------------ swarm
@@ -184,9 +195,11 @@ def swarm_bootstrap(
 ) -> None:
     """Run a bootstrap DHT node that peers and clients join; prints its multiaddrs, runs until Ctrl-C."""
     peers = arguments.parse_initial_peers(initial_peers)
-    from dllm.bootstrap import BootstrapConfig, run_bootstrap
+    from dllm.bootstrap import BootstrapConfig, BootstrapService
+    from dllm.service import serve_until_signal
 
-    run_bootstrap(BootstrapConfig(host=host, port=port, initial_peers=peers, identity_path=identity))
+    node = BootstrapService(BootstrapConfig(host=host, port=port, initial_peers=peers, identity_path=identity))
+    serve_until_signal(node, on_ready=lambda: print(node.ready_line, flush=True))
 
 
 # ------------------------------------------------------------------------------------------------- peer
@@ -361,7 +374,6 @@ def peer_join(
         assert url is not None and key is not None
         account = _register_provider(url, key, stake_planck)
     from peer.config import PeerConfig
-    from peer.server import main as run_peer_blocking
 
     try:
         config = PeerConfig(
@@ -377,14 +389,14 @@ def peer_join(
             chain_key=key,
             chain_url=url,
             receipts_path=receipts,
-            settle_interval=settle_interval,
-            quote_period=quote_period,
+            settle_interval_s=settle_interval,
+            quote_period_s=quote_period,
             dtype=dtype,
             device=device,
             cache_bytes=cache_mb * 2**20,
-            session_timeout=session_timeout,
+            session_timeout_s=session_timeout,
             adapter_rank=adapter_rank,
-            averaging_period=averaging_period,
+            averaging_period_s=averaging_period,
             train_step_batch=train_step_batch,
             learning_rate=learning_rate,
             canary_file=canary_file,
@@ -399,7 +411,11 @@ def peer_join(
             read_canary_file(canary_file)
         except CanaryExamplesError as error:
             raise typer.BadParameter(str(error), param_hint="'--canary-file'") from None
-    run_peer_blocking(config)
+    from dllm.service import serve_until_signal
+    from peer.server import PeerService
+
+    peer = PeerService(config)
+    serve_until_signal(peer, on_ready=lambda: print(peer.ready_line, flush=True))
 
 
 # ------------------------------------------------------------------------------------------------ query
@@ -544,7 +560,10 @@ def verify(
         for hint, value in serving_only.items():
             if value:
                 raise typer.BadParameter("only a serving verifier uses this; drop it or drop --probe", param_hint=hint)
-        _probe_providers(peers, folder, rounds or 1, tokens or 8, seed)
+        from dllm.probe_check import ProbeConfig
+
+        given = {"rounds": rounds, "tokens": tokens, "seed": seed}  # None: ProbeConfig's default
+        _probe_providers(peers, folder, ProbeConfig(**{k: v for k, v in given.items() if v is not None}))
         return
     for hint, value in (("'--rounds'", rounds), ("'--tokens'", tokens), ("'--seed'", seed)):
         if value is not None:
@@ -558,12 +577,12 @@ def verify(
         )
     if council_key and not url:
         raise typer.BadParameter("slashing as council needs --chain-url", param_hint="'--council-key'")
-    from dllm.verifier import VerifierConfig
-    from dllm.verifier import main as run_verifier_blocking
+    from dllm.service import serve_until_signal
+    from dllm.verifier import VerifierConfig, VerifierService
 
     for value in [key, *(council_key or [])]:
         _keypair(value)  # a bad key is a usage error now, not a crash later
-    run_verifier_blocking(
+    service = VerifierService(
         VerifierConfig(
             model=str(folder),
             key=key,
@@ -576,9 +595,10 @@ def verify(
             gossip_peers=list(gossip_peer or []),
         )
     )
+    serve_until_signal(service, on_ready=lambda: print(service.ready_line, flush=True))
 
 
-def _probe_providers(peers: list[str], folder: Path, rounds: int, tokens: int, seed: int | None) -> None:
+def _probe_providers(peers: list[str], folder: Path, config: Any) -> None:
     """`dllm verify --probe`: probe inputs through every provider's span, compared with a local recomputation."""
     import asyncio
 
@@ -592,7 +612,7 @@ def _probe_providers(peers: list[str], folder: Path, rounds: int, tokens: int, s
         core = SwarmClient(folder, peers, ClientConfig())
         await core.start()
         try:
-            return await probe_swarm(core, folder, rounds=rounds, tokens=tokens, seed=seed)
+            return await probe_swarm(core, folder, config)
         finally:
             await core.shutdown()
 
@@ -628,9 +648,11 @@ def api(
     """Serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models) over the swarm."""
     peers = _require_peers(initial_peers)
     folder = _model_folder(model)
-    from swarm.api import serve_api
+    from dllm.service import serve_until_signal
+    from swarm.api import ApiService
 
-    serve_api(model_path=folder, initial_peers=peers, host=host, port=port)
+    service = ApiService(model_path=folder, initial_peers=peers, host=host, port=port)
+    serve_until_signal(service, on_ready=lambda: print(service.ready_line, flush=True))
 
 
 # -------------------------------------------------------------------------------------------- dashboard
@@ -649,9 +671,13 @@ def dashboard(
     """Serve a live web page of the swarm: block coverage, throughput, stake, earnings, slashes."""
     peers = _require_peers(initial_peers)
     url = arguments.parse_chain_url(chain_url)
-    from swarm.dashboard import DashboardConfig, serve_dashboard
+    from dllm.service import serve_until_signal
+    from swarm.dashboard import DashboardConfig, DashboardService
 
-    serve_dashboard(DashboardConfig(initial_peers=peers, chain_url=url, host=host, port=port, refresh_s=refresh))
+    service = DashboardService(
+        DashboardConfig(initial_peers=peers, chain_url=url, host=host, port=port, refresh_s=refresh)
+    )
+    serve_until_signal(service, on_ready=lambda: print(service.ready_line, flush=True))
 
 
 # ------------------------------------------------------------------------------------------------- demo

@@ -67,6 +67,9 @@ class DemoConfig:
     settle_timeout: float = 60.0  # seconds to wait for every receipt to be paid on chain
     workdir: Path | None = None  # logs and receipt stores; a temporary folder (removed) by default
 
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
 
 @dataclass
 class ProviderRow:

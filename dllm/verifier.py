@@ -17,13 +17,14 @@ peer's live version, or a training pass) is never judged: the verifier abstains,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import signal
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import torch
@@ -32,8 +33,9 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 from scalecodec.utils.ss58 import ss58_decode, ss58_encode
 
+from chain.config_bounds import bounded, check_bounds
 from economy.gossip import VERDICTS_TOPIC, GossipBus, GossipConfig
-from economy.receipts import ReceiptError, verify_receipt
+from economy.receipts import verify_receipt
 from economy.signing import load_keypair
 from economy.verification import (
     SignedVerdict,
@@ -44,25 +46,13 @@ from economy.verification import (
     make_verdict,
     recheck,
 )
-from economy.work_sample import EvidenceMismatchError, MalformedWorkSampleError, UnverifiableSampleError, WorkSample
-from swarm import protocol
+from economy.work_sample import MalformedWorkSampleError, SampleRejectedError, UnverifiableSampleError, WorkSample
+from swarm import protocol, wire_errors
 
 logger = logging.getLogger(__name__)
 
 GENERIC_SS58 = 42
 """Verdicts name verifiers in the generic Substrate format so every process compares the same strings."""
-
-
-class SampleRejectedError(ValueError):
-    """A work sample is not for this model, or its blocks are outside it."""
-
-
-_SAMPLE_ERRORS: dict[type[Exception], str] = {
-    MalformedWorkSampleError: "malformed_sample",
-    EvidenceMismatchError: "evidence_mismatch",
-    ReceiptError: "invalid_receipt",
-    SampleRejectedError: "invalid_sample",
-}
 
 
 def generic_address(address: str) -> str:
@@ -79,13 +69,16 @@ class VerifierConfig:
     initial_peers: list[str]
     verifiers: list[str] = field(default_factory=list)
     """Authorized verifier accounts whose verdicts count (default: the dev council's members)."""
-    threshold: int = 2
+    threshold: int = bounded(2, ge=1)
     council_keys: list[str] = field(default_factory=list)
     chain_url: str | None = None
-    gossip_port: int = 0
+    gossip_port: int = bounded(0, ge=0, le=65535)  # 0: pick a free one
     gossip_peers: list[str] = field(default_factory=list)
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
-    announce_period: float = 10.0
+    announce_period_s: float = bounded(10.0, gt=0.0)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 @dataclass
@@ -183,15 +176,10 @@ class Verifier:
             await self.publish(verdict)
             return runtime_pb2.ExpertResponse(metadata=msgpack.packb({"verdict": verdict.encode()}, use_bin_type=True))
         except UnverifiableSampleError as e:  # an abstention, not a bad request: counted in stats.unverifiable
-            return protocol.error_response("unverifiable", str(e))
-        except Exception as e:
-            kind = next((k for cls, k in _SAMPLE_ERRORS.items() if isinstance(e, cls)), None)
+            return protocol.error_response(wire_errors.kind_of(e) or wire_errors.INTERNAL, str(e))
+        except Exception as e:  # an RPC boundary: any failure becomes an error reply (wire_errors picks its kind)
             self.stats.rejected[type(e).__name__] += 1
-            if kind is None:
-                logger.exception("verify failed")
-                return protocol.error_response("internal", f"{type(e).__name__}: {e}")
-            logger.info("rejected a work sample: %s", e)
-            return protocol.error_response(kind, str(e))
+            return wire_errors.reply_for(e, "work sample", logger)
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         s = self.stats
@@ -296,68 +284,117 @@ async def _connect_gossip(bus: GossipBus, dht, own_peer_id: str, extra: list[str
             logger.warning("could not reach gossip peer %s: %s", addr, e)
 
 
-async def run_verifier(config: VerifierConfig, on_ready=None, stop: asyncio.Event | None = None) -> None:
-    """Runs a verifier until `stop` is set; `on_ready(verifier, peer_id)` once it serves."""
-    from peer.blocks import load_span_layers
-    from peer.span import SpanRunner
-    from swarm.dht import start_dht
-    from swarm.model_files import load_config, model_name, resolve_model
+class VerifierService:
+    """One serving verifier (`dllm verify`), with the lifecycle of dllm/service.py.
 
-    stop = stop or asyncio.Event()
-    model_dir = resolve_model(config.model)
-    model_config = load_config(model_dir)
-    name = model_name(model_dir, model_config)
-    layers = await asyncio.to_thread(load_span_layers, Path(model_dir), model_config, 0, model_config.num_hidden_layers)
-    span = SpanRunner(model_config, layers, 0, model_config.num_hidden_layers)
-    dht, validator = await asyncio.to_thread(start_dht, config.initial_peers, host_maddrs=config.host_maddrs)
-    verifier = None
-    bus = GossipBus(load_keypair(config.key, GENERIC_SS58), GossipConfig(port=config.gossip_port))
-    try:
+    start() forks the DHT process, then loads the model and begins serving in a background task. Every
+    resource (DHT process, this process's P2P replica and its /tmp socket, the gossip node process, the
+    verifier's thread pools and ledger, the gossip listener) is registered on one exit stack right
+    after it is created, so stop() (at any point, idempotent) is one `aclose()`.
+    """
+
+    def __init__(self, config: VerifierConfig) -> None:
+        self.config = config
+        self.verifier: Verifier | None = None
+        self.peer_id = ""
+        self._resources = contextlib.AsyncExitStack()
+        self._serving: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    @property
+    def ready_line(self) -> str:
+        """What `dllm verify` prints once serving (dllm/processes.py parses it)."""
+        verifier = self.verifier
+        assert verifier is not None, "not serving yet"
+        role = "verifier+council" if verifier.tally is not None else "verifier"
+        return (
+            f"DLLM verifier ready: account={verifier.keypair.ss58_address} peer_id={self.peer_id} role={role} "
+            f"gossip={' '.join(verifier.bus.addrs)}"
+        )
+
+    async def start(self) -> None:
+        """Forks the DHT process; the model loads and serving begins in the background."""
+        from swarm.dht import start_dht
+        from swarm.model_files import resolve_model
+
+        if self._serving is not None:
+            raise RuntimeError("this verifier was started already")
+        model_dir = resolve_model(self.config.model)
+        dht, validator = start_dht(self.config.initial_peers, host_maddrs=self.config.host_maddrs, await_ready=False)
+        self._resources.push_async_callback(asyncio.to_thread, dht.shutdown)
+        self._serving = asyncio.create_task(self._serve(Path(model_dir), dht, validator))
+
+    async def wait_ready(self) -> Verifier:
+        """The serving verifier; raises what made start-up fail."""
+        assert self._serving is not None, "start() first"
+        ready = asyncio.ensure_future(self._ready.wait())
+        try:
+            await asyncio.wait({ready, self._serving}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if self.verifier is None:
+            self._serving.result()
+            raise RuntimeError("the verifier stopped before it served")
+        return self.verifier
+
+    async def wait_stopped(self) -> None:
+        assert self._serving is not None, "start() first"
+        await asyncio.wait({self._serving})
+        error = None if self._serving.cancelled() else self._serving.exception()
+        if error is not None:
+            raise error
+
+    async def stop(self) -> None:
+        """Stops serving (cancels start-up if still loading) and frees every resource; idempotent."""
+        self._stop.set()
+        serving = self._serving
+        if serving is not None and not serving.done():
+            if self.verifier is None:  # still starting: nothing to finish gracefully
+                serving.cancel()
+            await asyncio.wait({serving})
+        await self._resources.aclose()
+
+    async def _serve(self, model_dir: Path, dht: Any, validator: Any) -> None:
+        from peer.blocks import load_span_layers
+        from peer.span import SpanRunner
+        from swarm.dht import wait_dht_ready
+        from swarm.model_files import load_config, model_name
+
+        config = self.config
+        resources = self._resources
+        model_config = load_config(model_dir)
+        name = model_name(model_dir, model_config)
+        layers = await asyncio.to_thread(load_span_layers, model_dir, model_config, 0, model_config.num_hidden_layers)
+        span = SpanRunner(model_config, layers, 0, model_config.num_hidden_layers)
+        await wait_dht_ready(dht)
+        bus = GossipBus(load_keypair(config.key, GENERIC_SS58), GossipConfig(port=config.gossip_port))
+        resources.push_async_callback(bus.close)
         await bus.start()
         verifier = Verifier(config, span, name, bus)
+        resources.callback(verifier.close)
         await verifier.start_council()
         p2p = await dht.replicate_p2p()
+        # This process's replica of the DHT's P2P: its unix socket file stays in /tmp unless it is shut down.
+        resources.push_async_callback(p2p.shutdown)
         await p2p.add_protobuf_handler(protocol.HANDLER_VERIFY, verifier.rpc_verify, runtime_pb2.ExpertRequest)
         await p2p.add_protobuf_handler(protocol.HANDLER_INFO, verifier.rpc_info, runtime_pb2.ExpertRequest)
         peer_id = dht.peer_id.to_base58()
         await _connect_gossip(bus, dht, peer_id, config.gossip_peers)
         record = {"peer_id": peer_id, "account": verifier.keypair.ss58_address, "model": name, "gossip": bus.addrs}
-        await _announce(dht, validator, record, 3 * config.announce_period)
+        await _announce(dht, validator, record, 3 * config.announce_period_s)
         listener = asyncio.create_task(verifier.listen())
-        if on_ready is not None:
-            on_ready(verifier, peer_id)
-        try:
-            while not stop.is_set():
-                try:
-                    await asyncio.wait_for(stop.wait(), config.announce_period)
-                except TimeoutError:
-                    await _announce(dht, validator, record, 3 * config.announce_period)
-        finally:
-            listener.cancel()
-    finally:
-        await bus.close()
-        if verifier is not None:
-            verifier.close()
-        await asyncio.to_thread(dht.shutdown)
+        resources.push_async_callback(_cancel, listener)
+        self.verifier, self.peer_id = verifier, peer_id
+        self._ready.set()
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), config.announce_period_s)
+            except TimeoutError:
+                await _announce(dht, validator, record, 3 * config.announce_period_s)
 
 
-def main(config: VerifierConfig) -> None:
-    """Blocking entry point of `dllm verify`: serves until SIGINT/SIGTERM."""
-
-    async def _main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-
-        def on_ready(verifier: Verifier, peer_id: str) -> None:
-            role = "verifier+council" if verifier.tally is not None else "verifier"
-            print(
-                f"DLLM verifier ready: account={verifier.keypair.ss58_address} peer_id={peer_id} role={role} "
-                f"gossip={' '.join(verifier.bus.addrs)}",
-                flush=True,
-            )
-
-        await run_verifier(config, on_ready, stop)
-
-    asyncio.run(_main())
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task

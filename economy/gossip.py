@@ -1,7 +1,9 @@
 """The economy gossip bus for asyncio code: signed price quotes and verdicts over GossipSub.
 
 py-libp2p runs in a child process (economy/gossip_node.py) because it cannot share a process with
-hivemind; this class owns that process and talks to it in JSON lines over its stdin/stdout.
+hivemind; this class owns that process and talks to it in JSON lines over its stdin/stdout. It is a
+service in the sense of dllm/service.py (start, wait_ready, wait_stopped, stop): close() always ends
+the node process, politely first, killed after 5 s.
 Outgoing payloads are sealed here with the caller's chain key; incoming ones were authenticated
 and rate-limited by the node and are re-authenticated here before being handed out.
 """
@@ -20,6 +22,7 @@ from typing import Any
 
 from substrateinterface import Keypair
 
+from chain.errors import UnavailableError
 from economy.envelope import EnvelopeError, SignedEnvelope, open_envelope, seal
 from economy.gossip_topics import QUOTES_TOPIC, TOPICS, VERDICTS_TOPIC
 from economy.price_announcement import PriceAnnouncement
@@ -30,7 +33,7 @@ log = logging.getLogger(__name__)
 __all__ = ["GossipBus", "GossipConfig", "GossipError", "GossipMessage", "QUOTES_TOPIC", "VERDICTS_TOPIC"]
 
 
-class GossipError(RuntimeError):
+class GossipError(UnavailableError, RuntimeError):
     """The gossip process failed to start, refused a command, or died."""
 
 
@@ -205,8 +208,23 @@ class GossipBus:
                 raise GossipError(f"mesh did not reach {peers} peers in {timeout} s: {mesh}")
             await asyncio.sleep(0.2)
 
+    async def wait_ready(self) -> None:
+        """start() returns once the node listens: this only checks that it still runs."""
+        if self._proc is None or self._proc.returncode is not None:
+            raise GossipError("gossip node is not running")
+
+    async def wait_stopped(self) -> None:
+        """Returns once the node process has exited (after close(), or if it died)."""
+        proc = self._proc
+        if proc is not None:
+            await proc.wait()
+
+    async def stop(self) -> None:
+        """close() under the service name of dllm/service.py (a bus is a service: it owns a process)."""
+        await self.close()
+
     async def close(self) -> None:
-        """Stops the node process (asks first, kills if it lingers)."""
+        """Stops the node process (asks first, kills if it lingers); idempotent, bounded by 5 s then a kill."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(Exception):

@@ -1,16 +1,20 @@
-"""The compute provider process: load a span, serve it over P2P, announce it in the DHT."""
+"""The compute provider: load a span, serve it over P2P, announce it in the DHT (`PeerService`).
+
+`PeerService` follows the lifecycle of dllm/service.py (`dllm peer join` runs it through
+`serve_until_signal`): the DHT process is forked before anything else, and every resource is owned
+by one exit stack, so stopping at any point leaves no process, daemon or /tmp socket behind.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import psutil
 import torch
 
 from economy.gossip import GossipError
@@ -27,12 +31,14 @@ from peer.receipt_service import ReceiptService, billing_setup
 from peer.span import SpanRunner
 from peer.training import TrainingConfig
 from swarm.architectures import architecture_for
-from swarm.dht import start_dht, visible_maddrs
+from swarm.dht import start_dht, visible_maddrs, wait_dht_ready
 from swarm.direct import TlsIdentity
 from swarm.model_files import load_config, model_name, resolve_model
 from swarm.records import ServerRecord, announce, fetch_model_records
 
 if TYPE_CHECKING:
+    from hivemind import DHT
+    from hivemind.dht.crypto import RSASignatureValidator
     from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
@@ -54,12 +60,6 @@ def measure_throughput(span: SpanRunner, steps: int = 8) -> float:
     return steps / max(time.perf_counter() - started, 1e-6)
 
 
-def _span_length_that_fits(config, dtype: torch.dtype, params_per_block: int) -> int:
-    """As many blocks as fit in half of the available memory (a real provider picks --num-blocks)."""
-    budget = psutil.virtual_memory().available // 2
-    return max(1, min(config.num_hidden_layers, budget // max(1, params_per_block * dtype.itemsize)))
-
-
 def _load_model_code(model_dir: Path) -> PretrainedConfig:
     """The model's config, with its architecture's modeling code imported."""
     config = load_config(model_dir)
@@ -77,45 +77,107 @@ class RunningPeer:
     start: int
     end: int
     handler: BlockHandler
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def ready_line(self) -> str:
+        """What `dllm peer join` prints once serving (dllm/processes.py and the tests parse it)."""
+        return (
+            f"DLLM peer ready: peer_id={self.peer_id} model={self.model} "
+            f"blocks={self.start}:{self.end} maddrs={' '.join(self.maddrs)}"
+        )
 
 
-async def run_peer(config: PeerConfig, on_ready=None) -> None:
-    """Runs a peer until `stop` is set (SIGINT/SIGTERM in `main`). `on_ready(RunningPeer)` is called once serving."""
-    started = time.perf_counter()
-    torch.set_num_threads(config.compute_threads)
-    model_dir = resolve_model(config.model)
-    dtype = _DTYPES[config.dtype]
-    device = torch.device(
-        "cuda"
-        if config.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if config.device == "auto"
-        else config.device
-    )
+class PeerService:
+    """One compute provider, with the lifecycle of dllm/service.py.
 
-    record_key = load_or_create_record_key(config.identity_path.with_suffix(".rsa")) if config.identity_path else None
-    # Fork the DHT process first (before any helper thread exists), then import the model code
-    # (transformers: over a second; nothing imported so far needs it) and make the TLS certificate while
-    # it connects: a peer should serve within a few seconds of starting.
-    dht, validator = start_dht(
-        config.initial_peers,
-        host_maddrs=config.host_maddrs,
-        announce_maddrs=config.announce_maddrs,
-        identity_path=config.identity_path,
-        private_key=record_key,
-        await_ready=False,
-    )
-    handler = None
-    p2p = None
-    receipts: ReceiptService | None = None
-    quotes: QuotePublisher | None = None
-    learner: SpanLearner | None = None
-    learning_task: asyncio.Task | None = None
-    direct: DirectServer | None = None
-    try:
+    start() forks the DHT process, then loads the span and begins serving in a background task;
+    wait_ready() returns the RunningPeer once it serves. Every resource the peer owns (DHT process,
+    P2P replica, learner, handler, direct TLS server, receipt service, quote gossip) is registered on
+    one AsyncExitStack right after it is created, so stop() (at any point of start-up, idempotent) is
+    one `aclose()`, in reverse order of creation.
+    """
+
+    def __init__(self, config: PeerConfig) -> None:
+        self.config = config
+        self.running: RunningPeer | None = None
+        self._resources = contextlib.AsyncExitStack()
+        self._serving: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    @property
+    def ready_line(self) -> str:
+        assert self.running is not None, "not serving yet"
+        return self.running.ready_line
+
+    async def start(self) -> None:
+        """Forks the DHT process and starts loading; returns at once (the rest runs in the background)."""
+        if self._serving is not None:
+            raise RuntimeError("this peer was started already")
+        config = self.config
+        started = time.perf_counter()
+        torch.set_num_threads(config.compute_threads)
+        model_dir = resolve_model(config.model)
+        record_key = (
+            load_or_create_record_key(config.identity_path.with_suffix(".rsa")) if config.identity_path else None
+        )
+        # Fork the DHT process first (before any helper thread exists), then import the model code
+        # (transformers: over a second; nothing imported so far needs it) and make the TLS certificate while
+        # it connects: a peer should serve within a few seconds of starting.
+        dht, validator = start_dht(
+            config.initial_peers,
+            host_maddrs=config.host_maddrs,
+            announce_maddrs=config.announce_maddrs,
+            identity_path=config.identity_path,
+            private_key=record_key,
+            await_ready=False,
+        )
+        self._resources.push_async_callback(asyncio.to_thread, dht.shutdown)
+        self._serving = asyncio.create_task(self._serve(model_dir, dht, validator, started))
+
+    async def wait_ready(self) -> RunningPeer:
+        """The serving peer; raises what made start-up fail."""
+        assert self._serving is not None, "start() first"
+        ready = asyncio.ensure_future(self._ready.wait())
+        try:
+            await asyncio.wait({ready, self._serving}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if self.running is None:
+            self._serving.result()
+            raise RuntimeError("the peer stopped before it served")
+        return self.running
+
+    async def wait_stopped(self) -> None:
+        assert self._serving is not None, "start() first"
+        await asyncio.wait({self._serving})
+        error = None if self._serving.cancelled() else self._serving.exception()
+        if error is not None:
+            raise error
+
+    async def stop(self) -> None:
+        """Stops serving (cancels start-up if still loading) and frees every resource; idempotent."""
+        self._stop.set()
+        serving = self._serving
+        if serving is not None and not serving.done():
+            if self.running is None:  # still starting: nothing to finish gracefully
+                serving.cancel()
+            await asyncio.wait({serving})
+        await self._resources.aclose()
+
+    async def _serve(self, model_dir: Path, dht: DHT, validator: RSASignatureValidator, started: float) -> None:
+        config = self.config
+        resources = self._resources
+        dtype = _DTYPES[config.dtype]
+        device = torch.device(
+            "cuda"
+            if config.device == "auto" and torch.cuda.is_available()
+            else "cpu"
+            if config.device == "auto"
+            else config.device
+        )
         _, model_config, tls = await asyncio.gather(
-            asyncio.to_thread(dht.wait_until_ready, 60),
+            wait_dht_ready(dht),
             asyncio.to_thread(_load_model_code, model_dir),
             asyncio.to_thread(TlsIdentity.generate) if config.direct_port is not None else asyncio.sleep(0),
         )
@@ -132,10 +194,15 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
         layers = await asyncio.to_thread(load_span_layers, model_dir, model_config, start, end, dtype, device)
         span = SpanRunner(model_config, layers, start, end)
         params_per_block = sum(p.numel() for p in layers[0].parameters())
-        throughput = config.throughput or await asyncio.to_thread(measure_throughput, span)
+        throughput = config.throughput if config.throughput else await asyncio.to_thread(measure_throughput, span)
         peer_id = dht.peer_id.to_base58()
+        handler: BlockHandler | None = None
+        learner: SpanLearner | None = None
+        direct: DirectServer | None = None
+        quotes: QuotePublisher | None = None
 
         def record() -> ServerRecord:
+            assert handler is not None
             per_token = span.cache_bytes(1, 1)
             return ServerRecord(
                 peer_id=peer_id,
@@ -152,6 +219,8 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
             )
 
         p2p = await dht.replicate_p2p()
+        # This process's replica of the DHT's P2P: its unix socket file stays in /tmp unless it is shut down.
+        resources.push_async_callback(p2p.shutdown)
         if config.adapter_rank > 0:  # learning: adapters, then the replicas' current state before serving
             from peer.canary_eval import swarm_canary_gate  # the client side of the swarm: only learners need it
 
@@ -159,11 +228,12 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
                 span,
                 LearningConfig(
                     rank=config.adapter_rank,
-                    averaging_period=config.averaging_period,
+                    averaging_period_s=config.averaging_period_s,
                     step_batch=config.train_step_batch,
                     training=TrainingConfig(learning_rate=config.learning_rate),
                 ),
             )
+            resources.push_async_callback(asyncio.to_thread, learner.shutdown)
             learner.canary = swarm_canary_gate(  # updates go live only if the canary loss does not rise
                 model_dir=model_dir,
                 model_name=name,
@@ -174,14 +244,19 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
                 local_forward=lambda hidden, version: asyncio.to_thread(learner.pinned_forward, hidden, version),
                 canary_file=config.canary_file,
                 max_relative_rise=config.canary_max_rise,
-                request_timeout=config.request_timeout,
+                request_timeout=config.request_timeout_s,
             )
             await learner.start(dht, name)
-            learning_task = asyncio.create_task(learner.run())
-        if config.direct_port is not None:  # listening starts once the handler exists
-            direct = DirectServer(
-                lambda requests: handler.rpc_inference(requests), config.max_stream_bytes + 2**20, tls
-            )
+            learning = asyncio.create_task(learner.run())
+            resources.push_async_callback(_cancel, learning)
+        direct_port = config.direct_port
+        if direct_port is not None:  # listening starts once the handler exists
+
+            def serve_direct(requests: Any) -> Any:
+                assert handler is not None
+                return handler.rpc_inference(requests)
+
+            direct = DirectServer(serve_direct, config.max_stream_bytes + 2**20, tls)
         handler = BlockHandler(
             config,
             span,
@@ -200,21 +275,22 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
             },
             learner=learner,
         )
-        if direct is not None:
+        resources.callback(handler.shutdown)
+        if direct is not None and direct_port is not None:
             host = listen_host(config.host_maddrs)
-            await direct.start(
-                host, config.direct_port, advertised_host(host, config.announce_maddrs, visible_maddrs(dht))
-            )
+            resources.push_async_callback(direct.close)  # closed before the handler it forwards to
+            await direct.start(host, direct_port, advertised_host(host, config.announce_maddrs, visible_maddrs(dht)))
         await handler.add_handlers(p2p)
         billing = billing_setup(
-            config.chain_key, config.chain_url, config.receipts_path, config.rate, config.settle_interval
+            config.chain_key, config.chain_url, config.receipts_path, config.rate, config.settle_interval_s
         )
         if billing is not None:  # meter sessions, co-sign receipts, settle them on chain
-            handler.metering = SessionMeters(name, params_per_block, idle_s=2 * config.session_timeout)
+            handler.metering = SessionMeters(name, params_per_block, idle_s=2 * config.session_timeout_s)
             receipts = await ReceiptService.start(billing, handler.metering)
+            resources.push_async_callback(receipts.close)
             await receipts.add_handlers(p2p)
-            if config.quote_period > 0:  # signed price asks on dllm/quotes/1 (an extra: serving goes on without)
-                quotes = QuotePublisher(
+            if config.quote_period_s > 0:  # signed price asks on dllm/quotes/1 (an extra: serving goes on without)
+                publisher = QuotePublisher(
                     billing.keypair,
                     peer_id,
                     lambda: provider_ask(
@@ -225,21 +301,21 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
                         end,
                         params_per_block,
                         billing.rate,
-                        2 * config.quote_period,
+                        2 * config.quote_period_s,
                     ),
                     dht,
                     validator.local_public_key,
-                    QuotePublisherConfig(period=config.quote_period),
+                    QuotePublisherConfig(period=config.quote_period_s),
                 )
+                resources.push_async_callback(publisher.close)
                 try:
-                    await quotes.start()
+                    await publisher.start()
+                    quotes = publisher
                 except GossipError as e:
                     logger.warning("price gossip is off: %s", e)
-                    await quotes.close()
-                    quotes = None
-        await announce(dht, record(), validator.local_public_key, config.record_ttl)
+        await announce(dht, record(), validator.local_public_key, config.record_ttl_s)
 
-        running = RunningPeer(peer_id, visible_maddrs(dht), name, start, end, handler)
+        self.running = RunningPeer(peer_id, visible_maddrs(dht), name, start, end, handler)
         logger.info(
             "serving %s blocks %d:%d as %s (%.1f tokens/s, ready in %.2f s)",
             name,
@@ -249,73 +325,20 @@ async def run_peer(config: PeerConfig, on_ready=None) -> None:
             throughput,
             time.perf_counter() - started,
         )
-        if on_ready is not None:
-            on_ready(running)
+        self._ready.set()
 
-        while not running.stop.is_set():
+        while not self._stop.is_set():
             try:
-                await asyncio.wait_for(running.stop.wait(), config.announce_period)
+                await asyncio.wait_for(self._stop.wait(), config.announce_period_s)
             except TimeoutError:
                 handler.caches.expire_idle()
                 try:
-                    await announce(dht, record(), validator.local_public_key, config.record_ttl)
+                    await announce(dht, record(), validator.local_public_key, config.record_ttl_s)
                 except Exception as e:  # a DHT hiccup must not stop serving; the next period retries
                     logger.warning("announce failed: %s", e)
-    finally:
-        if direct is not None:
-            await direct.close()
-        if handler is not None:
-            handler.shutdown()
-        if quotes is not None:
-            await quotes.close()
-        if receipts is not None:
-            await receipts.close()
-        if learning_task is not None:
-            learning_task.cancel()
-        if learner is not None:
-            await asyncio.to_thread(learner.shutdown)
-        if p2p is not None:  # this process's replica of the DHT's P2P: its unix socket file stays in /tmp otherwise
-            await p2p.shutdown()
-        await asyncio.to_thread(dht.shutdown)
 
 
-def main(config: PeerConfig) -> None:
-    """Blocking entry point for `dllm peer join`: serves until SIGINT/SIGTERM, then shuts down cleanly."""
-
-    async def _main() -> None:
-        loop = asyncio.get_running_loop()
-        holder: dict[str, RunningPeer] = {}
-        pending_stop = asyncio.Event()
-
-        def on_ready(running: RunningPeer) -> None:
-            holder["peer"] = running
-            print(
-                f"DLLM peer ready: peer_id={running.peer_id} model={running.model} "
-                f"blocks={running.start}:{running.end} maddrs={' '.join(running.maddrs)}",
-                flush=True,
-            )
-            if pending_stop.is_set():
-                running.stop.set()
-
-        def request_stop() -> None:
-            pending_stop.set()
-            if "peer" in holder:
-                holder["peer"].stop.set()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, request_stop)
-        task = asyncio.create_task(run_peer(config, on_ready))
-        stop_wait = asyncio.create_task(pending_stop.wait())
-        done, _ = await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-        if task not in done:  # stopped before ready: cancel start-up, still shut the DHT down
-            if "peer" not in holder:
-                task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-        else:
-            stop_wait.cancel()
-            task.result()
-
-    asyncio.run(_main())
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task

@@ -9,9 +9,9 @@ while serving gets 503; no single request can take the server down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,32 +21,42 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
+from chain.errors import UnavailableError
 from swarm import openai_schema as schema
+from swarm.http_server import HttpServer, bind_socket
 from swarm.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
     FeedbackRequest,
     UnsupportedParameterError,
 )
+from swarm.protocol import ProtocolError
 from swarm.sampling import GenerationParams
 
 log = logging.getLogger(__name__)
 
 
+class ResultStream(Protocol):
+    """Text pieces of one generation (`async for`); then `result`, that request's own GenerationResult."""
+
+    result: Any
+
+    def __aiter__(self) -> AsyncIterator[str]: ...
+
+
 class TextGenerator(Protocol):
-    """What the API needs from a model; `swarm.client.DistributedModel` satisfies it."""
+    """What the API needs from a model; `swarm.client.DistributedModel` satisfies it. One model serves
+    concurrent requests: each request's result comes back with that request, never as state on the model."""
 
     model_name: str
     tokenizer: Any
 
     async def agenerate(self, prompt: str, params: GenerationParams) -> Any: ...
 
-    def astream(
-        self, prompt: str, params: GenerationParams, on_result: Callable[[Any], None] | None = None
-    ) -> AsyncIterator[str]: ...
+    def astream(self, prompt: str, params: GenerationParams) -> ResultStream: ...
 
 
-class BadRequestError(ValueError):
+class BadRequestError(ProtocolError):
     """A request that is well-formed JSON but cannot be served as asked (answered with 400)."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None) -> None:
@@ -249,7 +259,7 @@ def create_app(model: TextGenerator) -> FastAPI:
     return app
 
 
-class SwarmUnavailableError(RuntimeError):
+class SwarmUnavailableError(UnavailableError, RuntimeError):
     """The swarm failed while serving a request (no route, peers gone, timeouts): answered with 503."""
 
 
@@ -277,9 +287,9 @@ async def _stream_events(
     """SSE events of one streamed generation: deltas, a final chunk with finish_reason, usage, [DONE]."""
     if first is not None:
         yield {"data": json.dumps(first)}
-    results: list[Any] = []
+    stream = model.astream(prompt, params)
     try:
-        async for delta in model.astream(prompt, params, on_result=results.append):
+        async for delta in stream:
             yield {"data": json.dumps(chunk(delta, None))}
     except asyncio.CancelledError:
         raise
@@ -289,7 +299,7 @@ async def _stream_events(
         yield {"data": json.dumps(schema.error_body(message, "server_error", code="swarm_unavailable"))}
         yield {"data": "[DONE]"}
         return
-    result = results[0]
+    result = stream.result
     usage = schema.usage(result.prompt_tokens, result.completion_tokens)
     final = chunk("", result.finish_reason, usage if include_usage and usage_chunk is None else None)
     yield {"data": json.dumps(final)}
@@ -298,18 +308,54 @@ async def _stream_events(
     yield {"data": "[DONE]"}
 
 
-def serve_api(model_path: Path, initial_peers: Sequence[str], host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Join the swarm as a client and serve the API until Ctrl-C (blocking; used by `dllm api`)."""
-    from swarm.client import DistributedModel
-    from swarm.http_server import bind_socket, serve_until_signal
+class ApiService:
+    """`dllm api` as a service (dllm/service.py): a swarm client (its DHT process) and the HTTP server.
 
-    sock = bind_socket(host, port)
-    model = DistributedModel.from_pretrained(str(model_path), initial_peers)
-    try:
-        bound_host, bound_port = sock.getsockname()[:2]
-        sys.stdout.write(f"DLLM API serving {model.model_name} at http://{bound_host}:{bound_port}/v1\n")
-        sys.stdout.flush()
-        serve_until_signal(create_app(model), sock)
-    finally:
-        model.close()
-        sock.close()
+    Binding the port comes first, so a busy port fails before joining the swarm; every resource is
+    registered on one exit stack as soon as it exists, so stop() is one `aclose()`.
+    """
+
+    def __init__(
+        self, model_path: Path, initial_peers: Sequence[str], host: str = "127.0.0.1", port: int = 8000
+    ) -> None:
+        self.model_path = model_path
+        self.initial_peers = list(initial_peers)
+        self.host = host
+        self.port = port
+        self.model: Any = None
+        self.http: HttpServer | None = None
+        self._resources = contextlib.AsyncExitStack()
+
+    @property
+    def ready_line(self) -> str:
+        """What `dllm api` prints once serving (tests parse it)."""
+        assert self.http is not None and self.model is not None
+        return f"DLLM API serving {self.model.model_name} at {self.http.url}/v1"
+
+    async def start(self) -> None:
+        from swarm.client import DistributedModel
+
+        try:
+            sock = bind_socket(self.host, self.port)
+            self._resources.callback(sock.close)
+            self.model = await asyncio.to_thread(
+                DistributedModel.from_pretrained, str(self.model_path), self.initial_peers
+            )
+            self._resources.push_async_callback(asyncio.to_thread, self.model.close)
+            self.http = HttpServer(create_app(self.model), sock)
+            await self.http.start()
+            self._resources.push_async_callback(self.http.stop)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def wait_ready(self) -> None:
+        assert self.http is not None, "start() first"
+        await self.http.wait_ready()
+
+    async def wait_stopped(self) -> None:
+        assert self.http is not None, "start() first"
+        await self.http.wait_stopped()
+
+    async def stop(self) -> None:
+        await self._resources.aclose()

@@ -11,8 +11,8 @@ The snapshot is cached for half the refresh period so many open pages cost one D
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +22,10 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from chain.config_bounds import bounded, check_bounds
 from chain.units import PLANCK_PER_TOKEN
 from swarm.chain_view import ChainView
+from swarm.http_server import HttpServer, bind_socket
 from swarm.swarm_view import read_swarm
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,11 @@ class DashboardConfig:
     initial_peers: list[str]
     chain_url: str | None = None
     host: str = "127.0.0.1"
-    port: int = 8080
-    refresh_s: float = 2.0
+    port: int = bounded(8080, ge=0, le=65535)  # 0: pick a free one
+    refresh_s: float = bounded(2.0, ge=0.5)  # between page refreshes and swarm scans
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 @dataclass
@@ -101,22 +106,49 @@ def create_dashboard_app(monitor: SwarmMonitor) -> FastAPI:
     return app
 
 
-def serve_dashboard(config: DashboardConfig) -> None:
-    """Join the swarm's DHT as a client and serve the dashboard until Ctrl-C (blocking)."""
-    from swarm.dht import start_dht
-    from swarm.http_server import bind_socket, serve_until_signal
+class DashboardService:
+    """`dllm dashboard` as a service (dllm/service.py): a client DHT node, an optional chain view, the HTTP server.
 
-    sock = bind_socket(config.host, config.port)
-    dht, _ = start_dht(config.initial_peers, client_mode=True)
-    chain = ChainView(config.chain_url) if config.chain_url else None
-    try:
-        host, port = sock.getsockname()[:2]
-        sys.stdout.write(f"DLLM dashboard at http://{host}:{port}/\n")
-        sys.stdout.flush()
-        monitor = SwarmMonitor(dht, chain, config.refresh_s)
-        serve_until_signal(create_dashboard_app(monitor), sock)
-    finally:
-        if chain is not None:
-            chain.close()
-        dht.shutdown()
-        sock.close()
+    Every resource is registered on one exit stack as soon as it exists, so stop() is one `aclose()`.
+    """
+
+    def __init__(self, config: DashboardConfig) -> None:
+        self.config = config
+        self.http: HttpServer | None = None
+        self._resources = contextlib.AsyncExitStack()
+
+    @property
+    def ready_line(self) -> str:
+        """What `dllm dashboard` prints once serving (tests parse it)."""
+        assert self.http is not None
+        return f"DLLM dashboard at {self.http.url}/"
+
+    async def start(self) -> None:
+        from swarm.dht import start_dht
+
+        try:
+            sock = bind_socket(self.config.host, self.config.port)
+            self._resources.callback(sock.close)
+            dht, _ = await asyncio.to_thread(start_dht, self.config.initial_peers, client_mode=True)
+            self._resources.push_async_callback(asyncio.to_thread, dht.shutdown)
+            chain = ChainView(self.config.chain_url) if self.config.chain_url else None
+            if chain is not None:
+                self._resources.callback(chain.close)
+            monitor = SwarmMonitor(dht, chain, self.config.refresh_s)
+            self.http = HttpServer(create_dashboard_app(monitor), sock)
+            await self.http.start()
+            self._resources.push_async_callback(self.http.stop)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def wait_ready(self) -> None:
+        assert self.http is not None, "start() first"
+        await self.http.wait_ready()
+
+    async def wait_stopped(self) -> None:
+        assert self.http is not None, "start() first"
+        await self.http.wait_stopped()
+
+    async def stop(self) -> None:
+        await self._resources.aclose()

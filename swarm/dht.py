@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,12 +12,14 @@ from hivemind import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils.crypto import RSAPrivateKey
 
+from chain.errors import UnavailableError
+
 logger = logging.getLogger(__name__)
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
 
-class BootstrapError(ConnectionError):
+class BootstrapError(UnavailableError, ConnectionError):
     """None of the initial peers could be reached."""
 
 
@@ -58,6 +62,22 @@ def start_dht(
             raise BootstrapError(f"could not join the swarm through {list(initial_peers)}: {e}") from e
         raise
     return dht, validator
+
+
+async def wait_dht_ready(dht: DHT, timeout_s: float = 60.0) -> None:
+    """Waits until a DHT started with `await_ready=False` serves (raises its start-up error, or TimeoutError).
+
+    It waits in short slices: a cancelled wait (a stop during start-up) leaves no worker thread blocked
+    for long, and the event loop's executor, which the process waits for on exit, drains at once.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await asyncio.to_thread(dht.wait_until_ready, 0.25)
+            return
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the DHT node did not start within {timeout_s:.0f} s") from None
 
 
 def visible_maddrs(dht: DHT) -> list[str]:

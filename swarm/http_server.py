@@ -1,14 +1,18 @@
-"""Running an ASGI app on 127.0.0.1 with uvicorn so that SIGINT/SIGTERM end it *gracefully*.
+"""Serving an ASGI app with uvicorn inside the caller's event loop, as a service (dllm/service.py).
 
-uvicorn re-raises the signal it caught once it has stopped; with the default SIGTERM action that kills
-the process before its `finally` blocks run, leaving hivemind's DHT process and p2pd orphaned. Serving
-through `serve_until_signal` swaps in a handler that lets the caller's clean-up run.
+`HttpServer` never installs signal handlers: uvicorn's own would catch SIGINT/SIGTERM and re-raise
+them once it stopped, which (with the default SIGTERM action) kills the process before its clean-up
+runs and leaves hivemind's DHT process and p2pd orphaned. The process's one signal mechanism is
+`dllm.service.serve_until_signal`, which calls `stop()`. Invariants: stop() is idempotent and
+bounded: in-flight requests get `grace_s`, then their tasks are cancelled; the socket is closed.
 """
 
 from __future__ import annotations
 
-import signal
+import asyncio
+import contextlib
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -25,18 +29,55 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_until_signal(app: Any, sock: socket.socket) -> None:
-    """Serve `app` on `sock` until SIGINT or SIGTERM, then return normally (blocking).
+class HttpServer:
+    """`app` served on the listening socket `sock` (taken over: stop() closes it)."""
 
-    Call it after any hivemind DHT has been started: handlers installed here must not be inherited
-    by the DHT's forked process (it would then ignore hivemind's own terminate()).
-    """
-    import uvicorn
+    def __init__(self, app: Any, sock: socket.socket, grace_s: int = 5) -> None:
+        self.app = app
+        self.sock = sock
+        self.grace_s = grace_s
+        self._server: Any = None
+        self._task: asyncio.Task[None] | None = None
 
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        config = uvicorn.Config(app, log_level="warning", lifespan="off")
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    @property
+    def url(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    async def start(self) -> None:
+        import uvicorn
+
+        class _Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield  # signals are serve_until_signal's (module docstring)
+
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=self.grace_s)
+        self._server = _Server(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[self.sock]))
+
+    async def wait_ready(self) -> None:
+        """Returns once uvicorn accepts connections; raises if it stopped first."""
+        assert self._task is not None, "start() first"
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+                raise RuntimeError(f"the HTTP server on {self.url} stopped before serving")
+            await asyncio.sleep(0.02)
+
+    async def wait_stopped(self) -> None:
+        assert self._task is not None, "start() first"
+        await asyncio.wait({self._task})
+        if not self._task.cancelled() and self._task.exception() is not None:
+            raise self._task.exception()  # type: ignore[misc]
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            self._server.should_exit = True
+            done, _ = await asyncio.wait({task}, timeout=self.grace_s + 2.0)
+            if not done:  # uvicorn bounds its own shutdown; this only guards against a hang in it
+                self._server.force_exit = True
+                task.cancel()
+                await asyncio.wait({task})
+        self.sock.close()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from chain.config_bounds import bounded, check_bounds
 from chain.devchain.genesis import BUILD_DIR, NODE_MODULES, ensure_dev_spec
 from chain.errors import DevChainStartError, DevChainUnavailableError
 
@@ -57,7 +58,7 @@ def dev_chain_available() -> str | None:
 class DevChainConfig:
     """Everything one dev chain process needs."""
 
-    port: int = 9944
+    port: int = bounded(9944, ge=1, le=65535)
     host: str = "127.0.0.1"
     # Where chopsticks keeps its SQLite database; None keeps state in memory only.
     state_dir: Path | None = DEFAULT_STATE_DIR
@@ -66,12 +67,16 @@ class DevChainConfig:
     build_block_mode: str = "Instant"
     extra_args: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
 
 class DevChain:
-    """One chopsticks process serving the dev chain on 127.0.0.1.
+    """One chopsticks process serving the dev chain on 127.0.0.1; a service in the sense of dllm/service.py.
 
     Usage: `chain = DevChain(DevChainConfig(port=9944)); await chain.start(); ...; await chain.stop()`
-    or `async with DevChain(...) as chain:`.
+    or `async with DevChain(...) as chain:`. stop() is idempotent and bounded: it saves the head
+    (at most 15 s), asks chopsticks to exit (SIGINT to its process group), kills it after 15 s more.
     """
 
     def __init__(self, config: DevChainConfig | None = None) -> None:
@@ -189,6 +194,17 @@ class DevChain:
     async def new_blocks(self, count: int = 1) -> None:
         """Build `count` empty blocks (advances time-based delays such as the unbond delay)."""
         await self.rpc("dev_newBlock", [{"count": count}])
+
+    async def wait_ready(self) -> None:
+        """start() returns once the RPC answers: this only checks that chopsticks still runs."""
+        if self._process is None or self._process.returncode is not None:
+            raise DevChainStartError("the dev chain is not running")
+
+    async def wait_stopped(self) -> None:
+        """Returns once chopsticks has exited (after stop(), or on its own)."""
+        process = self._process
+        if process is not None:
+            await process.wait()
 
     async def wait_exit(self) -> int:
         """Wait until the chopsticks process exits on its own; returns its exit code."""

@@ -2,7 +2,7 @@
 
 Product code has no cheat switch. This launcher swaps the peer's SpanRunner for a subclass whose
 cached (inference) forward adds noise to `--fraction` of its outputs, chosen by a seeded RNG, and
-otherwise runs `peer.server.main` exactly as `dllm peer join` does: registered and staked on chain,
+otherwise runs `peer.server.PeerService` exactly as `dllm peer join` does: registered and staked on chain,
 metering, co-signing receipts and settling them like an honest peer.
 
     python -m tests.economy.cheating_peer --model DIR --blocks 0:4 --initial-peers MADDR \\
@@ -12,12 +12,14 @@ metering, co-signing receipts and settling them like an honest peer.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 from pathlib import Path
 
 import torch
 
 import peer.server
+from dllm.service import serve_until_signal
 from peer.config import PeerConfig, parse_blocks
 from peer.span import SpanRunner
 
@@ -62,12 +64,10 @@ def main() -> None:
 
     with ComputeLedger(args.chain_url) as ledger:
         key = load_keypair(args.chain_key, ledger.ss58_format)
-        try:
+        with contextlib.suppress(AlreadyRegisteredError):  # a rerun keeps its registration
             ledger.register_provider(key, args.stake_planck)
-        except AlreadyRegisteredError:
-            pass
     peer.server.SpanRunner = corrupting_runner(args.fraction, args.seed)
-    peer.server.main(
+    service = peer.server.PeerService(
         PeerConfig(
             model=args.model,
             blocks=parse_blocks(args.blocks),
@@ -77,9 +77,10 @@ def main() -> None:
             chain_key=args.chain_key,
             chain_url=args.chain_url,
             receipts_path=args.receipts,
-            settle_interval=args.settle_interval,
+            settle_interval_s=args.settle_interval,
         )
     )
+    serve_until_signal(service, on_ready=lambda: print(service.ready_line, flush=True))
 
 
 if __name__ == "__main__":
