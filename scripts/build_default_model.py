@@ -150,7 +150,7 @@ def train_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
             processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]),
         ]
     )
-    for token, expected in zip(SPECIAL_TOKENS, range(4)):
+    for expected, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.token_to_id(token) != expected:
             raise RuntimeError(f"special token {token} got id {tokenizer.token_to_id(token)}, want {expected}")
     wrapped = PreTrainedTokenizerFast(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -140,10 +141,8 @@ def measure(n_peers: int, sizes: list[int], rounds: int, progress: tqdm) -> dict
     finally:
         for p in procs:
             p.join(timeout=30)
-            try:
+            with contextlib.suppress(ProcessLookupError):  # the group is gone already
                 os.killpg(p.pid, signal.SIGKILL)  # whatever of the worker's process group is left
-            except ProcessLookupError:
-                pass
     return results
 
 

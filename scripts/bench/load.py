@@ -18,24 +18,25 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
-
-# Run as a script, this folder comes first on sys.path and its chain.py would shadow the `chain` package.
-sys.path[0] = str(Path(__file__).resolve().parents[2])
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
+
+# Run as a script, this folder comes first on sys.path and its chain.py would shadow the `chain` package:
+# every import below must come after this line.
+sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 import psutil  # noqa: E402
-from rich.console import Console
-from rich.table import Table
-from tqdm import tqdm
-from transformers import AutoTokenizer
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
-from dllm import default_model_path
-from dllm.processes import LocalSwarm, ManagedProcess
-from swarm.client import ClientConfig, SwarmClient
-from swarm.sampling import GenerationParams
-from swarm.session import SessionFailedError
+from dllm import default_model_path  # noqa: E402
+from dllm.processes import LocalSwarm, ManagedProcess  # noqa: E402
+from swarm.client import ClientConfig, SwarmClient  # noqa: E402
+from swarm.sampling import GenerationParams  # noqa: E402
+from swarm.session import SessionFailedError  # noqa: E402
 
 PROMPT = "The module"
 STREAMS_PER_CLIENT = 4  # concurrent request streams share one client process's DHT node

@@ -69,7 +69,7 @@ def econ(tiny_model_path, tmp_path_factory):
         chain.start()
         ledger = ComputeLedger(chain.url)
         keys = fund_fresh_keys(ledger, len(PEERS) + 3, 100 * UNIT)
-        provider_keys, client_keys = dict(zip(PEERS, keys)), keys[len(PEERS) :]
+        provider_keys, client_keys = dict(zip(PEERS, keys[: len(PEERS)], strict=True)), keys[len(PEERS) :]
         stores = {name: workdir / f"receipts-{name}.sqlite3" for name in PEERS}
         swarm.start_bootstrap()
         procs = [

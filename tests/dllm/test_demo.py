@@ -98,7 +98,7 @@ def test_demo_pays_real_receipts_prints_the_chain_table_and_leaves_nothing(tmp_p
     cell = r"\s*([^│]*?)\s*│"
     rows = re.findall(r"│\s*(\S+)\s*│\s*(\d+:\d+)\s*│" + cell * 7, out)
     assert [r[1] for r in rows] == ["0:3", "3:5", "5:8"], out
-    for peer, blocks, account, receipts, tokens, checks, stake, billed, paid in rows:
+    for _peer, _blocks, _account, receipts, tokens, checks, stake, billed, paid in rows:
         assert int(receipts) == 2 and int(tokens) > 0 and checks == "2/2", out  # two queries, one receipt per hop
         assert Decimal(stake) == Decimal("10"), out  # bonded through `dllm peer join --stake`
         assert Decimal(paid) == Decimal(billed) > 0, out

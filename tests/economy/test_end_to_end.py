@@ -86,7 +86,7 @@ def _run(ledger: ComputeLedger, url: str, swarm, model_path, tmp_path) -> None:
         paid: dict[str, int] = {a: 0 for a in accounts.values()}
         chain_address = {account_id(a): a for a in accounts.values()}  # receipts may use another ss58 prefix
         by_peer = {procs[name].info["peer_id"]: name for name in procs}
-        for round_, prompt in enumerate(PROMPTS):
+        for prompt in PROMPTS:
             for route, allowed in ROUTES.items():
                 core.bans = BanList(3600)  # steer the route: every other peer counts as failed
                 for peer_id, name in by_peer.items():
@@ -108,7 +108,7 @@ def _run(ledger: ComputeLedger, url: str, swarm, model_path, tmp_path) -> None:
     # Every provider (the cheater too, for the work it was paid for) receives exactly its receipts.
     for name, account in accounts.items():
         wait_until(
-            lambda: total_balance(ledger, account) == before[account] + paid[account],
+            lambda account=account: total_balance(ledger, account) == before[account] + paid[account],
             90,
             f"{name}'s receipts to be settled",
         )

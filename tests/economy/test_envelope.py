@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -56,11 +57,7 @@ def test_rate_limiter_isolates_senders() -> None:
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=400))
 def test_fuzz_envelope_and_announcement_decoding(data: bytes) -> None:
-    try:
+    with contextlib.suppress(MalformedEnvelopeError, ForgedEnvelopeError, StaleEnvelopeError):
         open_envelope(data, TOPIC)
-    except (MalformedEnvelopeError, ForgedEnvelopeError, StaleEnvelopeError):
-        pass
-    try:
+    with contextlib.suppress(MalformedAnnouncementError):
         PriceAnnouncement.decode(data)
-    except MalformedAnnouncementError:
-        pass

@@ -3,6 +3,7 @@ verdicts are signed, validated and tallied into m-of-n slash proposals."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -182,14 +183,10 @@ def test_tally_needs_m_independent_failing_verifiers(keys, failing_sample) -> No
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=400))
 def test_fuzz_verdict_and_sample_decoding_never_crashes(data: bytes) -> None:
-    try:
+    with contextlib.suppress(MalformedVerdictError):
         SignedVerdict.decode(data)
-    except MalformedVerdictError:
-        pass
-    try:
+    with contextlib.suppress(MalformedWorkSampleError):
         WorkSample.decode(data)
-    except MalformedWorkSampleError:
-        pass
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -100,7 +100,7 @@ class LocalRoute:
             loss = causal_lm_loss(self.head(hidden), labels)
             (grad,) = torch.autograd.grad(loss, [hidden])
         grad = grad * grad_scale
-        for span, span_input in zip(reversed(self.spans), reversed(inputs)):
+        for span, span_input in zip(reversed(self.spans), reversed(inputs), strict=True):
             span.trainer.admit(contributor)
             grad, adapter_grads = span_backward(span.runner.forward, span.adapters, span_input, grad)
             span.trainer.accumulate(contributor, adapter_grads)

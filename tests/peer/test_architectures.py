@@ -71,7 +71,7 @@ def test_spans_reproduce_the_full_model(model_type, tmp_path):
         outputs = []
         for chunk in (ids[:, :7], ids[:, 7:8], ids[:, 8:10], ids[:, 10:11], ids[:, 11:12]):
             h = head.embed_tokens(chunk)
-            for span, cache in zip(spans, caches):
+            for span, cache in zip(spans, caches, strict=True):
                 h = span.forward(h, cache=cache)
             outputs.append(head.logits(h))
         assert torch.allclose(torch.cat(outputs, dim=1), expected, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -68,10 +69,8 @@ class Replica:
         self.proc.stdin.flush()
 
     def stop(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # the group is gone already
             os.killpg(self.proc.pid, signal.SIGKILL)  # DHT, averager and p2pd children included
-        except ProcessLookupError:
-            pass
         self.proc.wait(timeout=10)
 
 

@@ -70,7 +70,7 @@ def _run(ledger: ComputeLedger, url: str, swarm, model_path, tmp_path) -> None:
         assert [(r.start, r.end) for r in receipts] == [(0, 4), (4, 8)]
         rate = ProviderRate.from_advertised(RATE)
         amounts = {}
-        for name, r in zip(("head", "tail"), receipts):
+        for name, r in zip(("head", "tail"), receipts, strict=True):
             # the forward is a prompt step, the backward a backward step over the same tokens
             assert r.usage == Usage(
                 prompt_tokens=tokens, generated_tokens=0, backward_tokens=tokens, max_context=tokens, sampled=False
@@ -86,14 +86,14 @@ def _run(ledger: ComputeLedger, url: str, swarm, model_path, tmp_path) -> None:
 
     for name, account in accounts.items():
         wait_until(
-            lambda: total_balance(ledger, account) == before[name] + amounts[name],
+            lambda account=account, name=name: total_balance(ledger, account) == before[name] + amounts[name],
             90,
             f"{name}'s training receipt to be paid on chain",
             interval=1.0,
         )
         # the provider's store marks it settled at its next settlement round (every 2 s)
         wait_until(
-            lambda: store_totals(stores[name]) == {"settled": (1, amounts[name])},
+            lambda name=name: store_totals(stores[name]) == {"settled": (1, amounts[name])},
             30,
             f"{name}'s receipt store to mark it settled",
         )

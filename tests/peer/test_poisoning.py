@@ -99,7 +99,8 @@ async def test_honest_feedback_passes_the_canary_and_label_flipped_feedback_is_r
 
     async def gate_all():
         return [
-            await gate.apply(span.adapters, span.adapters.working_state()) for gate, span in zip(gates, route.spans)
+            await gate.apply(span.adapters, span.adapters.working_state())
+            for gate, span in zip(gates, route.spans, strict=True)
         ]
 
     # honest contributors teach the facts: every span's update passes the canary and goes live
@@ -125,11 +126,11 @@ async def test_honest_feedback_passes_the_canary_and_label_flipped_feedback_is_r
     rejected = [v for v in verdicts if not v.accepted]
     assert rejected, [v.reason for v in verdicts]
     assert "adapter update rolled back" in caplog.text
-    for gate, verdict in zip(gates, verdicts):
+    for gate, verdict in zip(gates, verdicts, strict=True):
         assert gate.rollbacks == ([] if verdict.accepted else [verdict])
     # whatever went live, the model's canary loss stays within the threshold of the honest live model
     assert route.loss(CANARY) <= CanaryConfig(max_relative_rise=0.02).limit(honest_loss)
-    for span, verdict, before in zip(route.spans, verdicts, live_versions):
+    for span, verdict, before in zip(route.spans, verdicts, live_versions, strict=True):
         if not verdict.accepted:  # rolled back: live unchanged, local poisoned progress dropped
             assert span.adapters.live_version == before
             assert all(
