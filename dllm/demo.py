@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from chain.config_bounds import bounded, check_bounds
 from chain.units import PLANCK_PER_TOKEN
 
 log = logging.getLogger(__name__)
@@ -59,13 +60,16 @@ class DemoError(RuntimeError):
 class DemoConfig:
     """The one configuration object of `dllm demo`."""
 
-    peers: int = 3
-    queries: int = 3
-    max_tokens: int = 24
-    chain_port: int = 0
+    peers: int = bounded(3, ge=1, le=8)
+    queries: int = bounded(3, ge=1, le=20)
+    max_tokens: int = bounded(24, ge=1, le=256)
+    chain_port: int = bounded(0, ge=0, le=65535)  # 0: pick a free one
     verifier: bool = True  # start one `dllm verify` process: every receipt is spot-checked
     settle_timeout: float = 60.0  # seconds to wait for every receipt to be paid on chain
     workdir: Path | None = None  # logs and receipt stores; a temporary folder (removed) by default
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
     def __post_init__(self) -> None:
         check_bounds(self)

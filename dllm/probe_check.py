@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from chain.config_bounds import bounded, check_bounds
+
 log = logging.getLogger(__name__)
 
 
@@ -79,23 +81,33 @@ async def probe_span(core: Any, record: Any, local: Any, tokens: int, generator:
     )
 
 
-async def probe_swarm(
-    core: Any, model_dir: Path, rounds: int = 1, tokens: int = 8, seed: int | None = None
-) -> list[ProbeResult]:
-    """Probe every provider of `core`'s model `rounds` times; spans are loaded once each."""
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How hard `dllm verify --probe` probes each provider."""
+
+    rounds: int = bounded(1, ge=1, le=100)  # probes per provider
+    tokens: int = bounded(8, ge=1, le=512)  # positions per probe
+    seed: int | None = None  # seed of the probe inputs (None: random)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
+async def probe_swarm(core: Any, model_dir: Path, config: ProbeConfig) -> list[ProbeResult]:
+    """Probe every provider of `core`'s model `config.rounds` times; spans are loaded once each."""
     from peer.blocks import load_span_layers
     from peer.span import SpanRunner
 
     generator = torch.Generator()
-    generator.manual_seed(seed if seed is not None else torch.seed())
+    generator.manual_seed(config.seed if config.seed is not None else torch.seed())
     records = await core.records(refresh=True)
     spans: dict[tuple[int, int], Any] = {}
     results = []
-    for _ in range(rounds):
+    for _ in range(config.rounds):
         for record in sorted(records, key=lambda r: (r.start, r.end, r.peer_id)):
             key = (record.start, record.end)
             if key not in spans:
                 layers = await asyncio.to_thread(load_span_layers, model_dir, core.model_config, *key)
                 spans[key] = SpanRunner(core.model_config, layers, *key)
-            results.append(await probe_span(core, record, spans[key], tokens, generator))
+            results.append(await probe_span(core, record, spans[key], config.tokens, generator))
     return results

@@ -232,7 +232,7 @@ class BlockHandler:
             output = await run(metadata, tensors)
         except Exception as e:
             yield self._reject(e, f"{what} (streamed)")
-            await _await_end(requests, self.config.request_timeout)  # the rest of a refused upload is ignored
+            await _await_end(requests, self.config.request_timeout_s)  # the rest of a refused upload is ignored
             return
         for part in chunks.split(encode(output)):
             yield runtime_pb2.ExpertResponse(tensors=[part])
@@ -338,14 +338,14 @@ class BlockHandler:
         The cache lives as long as the stream, and is dropped when it closes or idles out.
         """
         try:
-            first = await asyncio.wait_for(anext(requests), self.config.session_timeout)
+            first = await asyncio.wait_for(anext(requests), self.config.session_timeout_s)
         except (TimeoutError, StopAsyncIteration):
             return
         try:
             session_id, blocks, batch = self._open_session(protocol.unpack_metadata(first.metadata))
         except Exception as e:
             yield self._reject(e, "inference open")
-            await _await_end(requests, self.config.request_timeout)
+            await _await_end(requests, self.config.request_timeout_s)
             return
 
         logger.debug("session %s opened on blocks %d:%d", session_id, blocks.start, blocks.stop)
@@ -356,14 +356,14 @@ class BlockHandler:
                 if message.tensors:
                     yield await self._inference_step(session_id, blocks, batch, message)
                 try:
-                    async with asyncio.timeout(self.config.session_timeout):  # unlike wait_for, no task per message
+                    async with asyncio.timeout(self.config.session_timeout_s):  # unlike wait_for, no task per message
                         message = await anext(requests)
                 except StopAsyncIteration:
                     finished = True
                     break
         except TimeoutError:
             finished = True
-            logger.info("session %s idle for %.0f s: closed", session_id, self.config.session_timeout)
+            logger.info("session %s idle for %.0f s: closed", session_id, self.config.session_timeout_s)
         finally:
             # A stream the client ended (or that idled out) frees its cache now. A broken connection
             # keeps it until the idle timeout so the client can reconnect with `resume`.
@@ -398,7 +398,7 @@ class BlockHandler:
         nbytes = self.span.cache_bytes(batch, max_length, blocks)
         self.caches.reserve(nbytes)  # raises CacheFullError before any buffer is allocated
         self.caches.open(
-            session_id, self.span.new_cache(batch, max_length, blocks), nbytes, self.config.session_timeout
+            session_id, self.span.new_cache(batch, max_length, blocks), nbytes, self.config.session_timeout_s
         )
         if version is not None:
             self._session_versions[session_id] = version

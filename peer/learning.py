@@ -38,16 +38,16 @@ class LearningConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
     step_batch: int = 4  # optimizer step once this many training passes are pending
-    averaging_period: float = 30.0  # seconds between averaging rounds (aligned to DHT time)
+    averaging_period_s: float = 30.0  # seconds between averaging rounds (aligned to DHT time)
     fetch_state_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if self.step_batch < 1:
             raise ValueError(f"step_batch must be >= 1, got {self.step_batch}")
         if not (
-            math.isfinite(self.averaging_period) and self.averaging_period > self.averaging.min_matchmaking_time + 1
+            math.isfinite(self.averaging_period_s) and self.averaging_period_s > self.averaging.min_matchmaking_time + 1
         ):
-            raise ValueError("averaging_period must exceed the averaging's min_matchmaking_time by over a second")
+            raise ValueError("averaging_period_s must exceed the averaging's min_matchmaking_time by over a second")
 
 
 class SpanLearner:
@@ -160,7 +160,7 @@ class SpanLearner:
         def remember(outcome: RoundOutcome) -> None:
             self.last_round = outcome
 
-        await self.averager.run_periodically(self.config.averaging_period, remember)
+        await self.averager.run_periodically(self.config.averaging_period_s, remember)
 
     def shutdown(self) -> None:
         if self.averager is not None:

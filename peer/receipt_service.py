@@ -9,7 +9,7 @@ Protocol (one unary RPC, `op` in the metadata):
    checks both signatures against the session's client, that it is the receipt it proposed and not
    one already stored, and that the extrinsic is valid on chain and pays the receipt in full; then it
    stores both in one SQLite transaction and answers `{"receipt_id"}`.
-A settlement task submits stored extrinsics every `settle_interval` seconds (and once on start,
+A settlement task submits stored extrinsics every `settle_interval_s` seconds (and once on start,
 which settles whatever a crashed run left); see economy/presigned_ledger.py.
 """
 
@@ -81,7 +81,7 @@ class BillingSetup:
     receipts_path: Path
     chain_url: str | None
     rate: ProviderRate
-    settle_interval: float
+    settle_interval_s: float
 
 
 class ReceiptService:
@@ -139,7 +139,7 @@ class ReceiptService:
     async def _settle_periodically(self) -> None:
         while not self._stop.is_set():
             try:
-                await asyncio.wait_for(self._stop.wait(), self.setup.settle_interval)
+                await asyncio.wait_for(self._stop.wait(), self.setup.settle_interval_s)
             except TimeoutError:
                 pass
             try:
@@ -250,7 +250,7 @@ def billing_setup(
     chain_url: str | None,
     receipts_path: Path | None,
     rate: int,
-    settle_interval: float,
+    settle_interval_s: float,
     ss58_format: int = 42,
 ) -> BillingSetup | None:
     """The peer's billing setup from its config, or None when it has no chain key (serves for free)."""
@@ -258,4 +258,4 @@ def billing_setup(
         return None
     keypair = load_keypair(chain_key, ss58_format)
     path = receipts_path or Path.home() / ".dllm" / f"receipts-{keypair.ss58_address}.sqlite3"
-    return BillingSetup(keypair, path, chain_url, ProviderRate.from_advertised(rate), settle_interval)
+    return BillingSetup(keypair, path, chain_url, ProviderRate.from_advertised(rate), settle_interval_s)

@@ -6,28 +6,23 @@ from dataclasses import dataclass, field
 
 import torch
 
+from chain.config_bounds import bounded, check_bounds
+
 
 @dataclass
 class GenerationParams:
     """How to generate. temperature 0 means greedy decoding."""
 
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    max_new_tokens: int = bounded(64, ge=1)
+    temperature: float = bounded(0.0, ge=0.0)
+    top_k: int = bounded(0, ge=0)  # 0: all tokens
+    top_p: float = bounded(1.0, gt=0.0, le=1.0)
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False  # keep generating past the end-of-sequence token (benchmarks, tests)
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_bounds(self)
 
     @property
     def greedy(self) -> bool:
