@@ -275,11 +275,9 @@ class Demo:
         for i in range(self.config.queries):
             prompt = DEMO_PROMPTS[i % len(DEMO_PROMPTS)]
             self.console.print(f"\n[bold cyan]Query {i + 1}[/] [bold]{prompt}[/]", end="")
-            results: list[Any] = []
-            self.loop.run_until_complete(self._stream(prompt, params, results))
-            result = results[0]
+            result = self.loop.run_until_complete(self._stream(prompt, params))
             self.results.append(result)
-            session = self.model.core.last_billing
+            session = result.billing
             self.receipts.extend(session.receipts)
             self.report.billing_errors += [f"{type(e).__name__}: {e}" for e in session.errors]
             hops = " → ".join(
@@ -301,10 +299,12 @@ class Demo:
                 raise DemoError(f"the verifier was not found in the DHT after {timeout:.0f} s")
             time.sleep(0.5)
 
-    async def _stream(self, prompt: str, params: Any, results: list[Any]) -> None:
-        async for delta in self.model.astream(prompt, params, on_result=results.append):
+    async def _stream(self, prompt: str, params: Any) -> Any:
+        stream = self.model.astream(prompt, params)
+        async for delta in stream:
             sys.stdout.write(delta)
             sys.stdout.flush()
+        return stream.result
 
     def _on_client(self, coro: Any) -> Any:
         # The client's DHT, P2P and billing belong to its private event loop: run there.

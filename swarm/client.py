@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -47,7 +49,17 @@ _STREAMED = {
     protocol.HANDLER_BACKWARD: protocol.HANDLER_BACKWARD_STREAM,
 }
 
-__all__ = ["ClientConfig", "DistributedModel", "GenerationParams", "GenerationResult", "SwarmClient"]
+__all__ = [
+    "AsyncTextStream",
+    "ClientConfig",
+    "DistributedModel",
+    "FeedbackResult",
+    "GenerationParams",
+    "GenerationResult",
+    "SwarmClient",
+    "TextStream",
+    "TokenStream",
+]
 
 
 @dataclass
@@ -78,6 +90,43 @@ class GenerationResult:
     failovers: int = 0
     quote: Quote | None = None  # the price bound shown before generating (billing or a price cap set)
     bill: Bill | None = None  # what the countersigned receipts charge (billing set)
+    # This request's own inference session (hops with their transports, failover stalls) and billing session
+    # (countersigned receipts, meters, errors): one model serves concurrent requests, so they live here.
+    session: InferenceSession | None = field(default=None, repr=False, compare=False)
+    billing: SessionBilling | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass
+class FeedbackResult:
+    """One training pass: the loss of the preferred completion before the pass, and (billing set) that pass's
+    own metering and receipts."""
+
+    loss: float
+    billing: TrainingPassBilling | None = field(default=None, repr=False, compare=False)
+
+
+class TokenStream:
+    """One generation's new token ids (`async for`), with that request's own state, set as it starts:
+    `quote` (the price bound, when billing or a price cap is set), `billing` (its billing session) and
+    `session` (its inference session: route, transports, failovers)."""
+
+    def __init__(self) -> None:
+        self.quote: Quote | None = None
+        self.billing: SessionBilling | None = None
+        self.session: InferenceSession | None = None
+        self._tokens: AsyncGenerator[int, None] | None = None
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> int:
+        assert self._tokens is not None, "made by SwarmClient.generate_tokens"
+        return await self._tokens.__anext__()
+
+    async def aclose(self) -> None:
+        """Ends the generation early: bills what was served and closes the hops."""
+        if self._tokens is not None:
+            await self._tokens.aclose()
 
 
 class SwarmClient:
@@ -366,17 +415,16 @@ class SwarmClient:
             grad = await self._hop_call(hop, protocol.HANDLER_BACKWARD, [inp, grad], extra, metered)
         return grad
 
-    async def feedback_pass(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float:
+    async def feedback_pass(self, input_ids: torch.Tensor, labels: torch.Tensor) -> FeedbackResult:
         """One training pass through the route: forward, loss on `labels` (-100: ignored), backward.
 
         Each peer on the route files its adapter gradients under this client's peer id and steps its
-        adapters; the update goes live after the span's replicas average and check it. Returns the loss.
-        With billing configured, each hop's forward and backward are metered and paid like a session
-        (`last_training_billing` holds the pass's receipts).
+        adapters; the update goes live after the span's replicas average and check it. Returns the loss and,
+        with billing configured, the pass's billing: each hop's forward and backward are metered and paid like
+        a session.
         """
         train = {"train": True}
         metered = TrainingPassBilling(self.billing.session(sampled=False, spot_checks=False)) if self.billing else None
-        self.last_training_billing = metered
         try:
             out, hops, inputs = await self.forward_hidden(self.head.embed_tokens(input_ids), train, metered)
             with torch.enable_grad():
@@ -391,7 +439,7 @@ class SwarmClient:
                 except Exception as e:
                     logger.warning("billing the training pass failed: %s", e)
                     metered.session.errors.append(e)
-        return float(loss.detach())
+        return FeedbackResult(float(loss.detach()), metered)
 
     # --- generation ----------------------------------------------------------------------------
 
@@ -425,10 +473,17 @@ class SwarmClient:
             max_price_per_token=self.config.max_price_per_token,
         )
 
-    async def generate_tokens(
-        self, prompt_ids: list[int], params: GenerationParams, eos_ids: set[int]
-    ) -> AsyncIterator[int]:
-        """Yields new token ids one by one (stop strings are the caller's business)."""
+    def generate_tokens(self, prompt_ids: list[int], params: GenerationParams, eos_ids: set[int]) -> TokenStream:
+        """New token ids one by one, as an async iterator that also holds this request's quote, billing session
+        and inference session (stop strings are the caller's business). Nothing runs before the first token is
+        awaited."""
+        stream = TokenStream()
+        stream._tokens = self._generate(stream, prompt_ids, params, eos_ids)
+        return stream
+
+    async def _generate(
+        self, into: TokenStream, prompt_ids: list[int], params: GenerationParams, eos_ids: set[int]
+    ) -> AsyncGenerator[int, None]:
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         total = len(prompt_ids) + params.max_new_tokens
@@ -440,11 +495,9 @@ class SwarmClient:
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         sampled = params.temperature > 0
         priced = self.billing is not None or self.config.max_price_per_token is not None
-        self.last_quote = await self.quote(len(prompt_ids), params.max_new_tokens, sampled) if priced else None
-        billing = self.billing.session(sampled) if self.billing is not None else None
-        self.last_billing = billing
-        session = self.inference_session(max_length=total, billing=billing)
-        self.last_session = session
+        into.quote = await self.quote(len(prompt_ids), params.max_new_tokens, sampled) if priced else None
+        billing = into.billing = self.billing.session(sampled) if self.billing is not None else None
+        session = into.session = self.inference_session(max_length=total, billing=billing)
 
         # Grad modes are thread-local: a `with torch.inference_mode()` held across an await or a yield would
         # leak into every other coroutine on this loop (and into tensors they return), so only the local,
@@ -475,6 +528,84 @@ class SwarmClient:
                     logger.warning("billing the session failed: %s", e)
                     billing.errors.append(e)
             await session.close()
+
+
+class _TextStreamBase:
+    """What both text streams hold: this request's token stream and, once iteration ended, its result."""
+
+    def __init__(self, tokens: TokenStream) -> None:
+        self._tokens = tokens
+        self.result: GenerationResult | None = None  # set once the last piece has been read
+
+    @property
+    def session(self) -> InferenceSession | None:
+        """This request's inference session (route, transports, failovers), once the generation has started."""
+        return self._tokens.session
+
+
+class TextStream(_TextStreamBase):
+    """Pieces of text of one generation as they arrive (iterate it once); `close()` stops the generation."""
+
+    def __init__(self, tokens: TokenStream, run: Callable[[Callable[[str], None]], Future[GenerationResult]]) -> None:
+        super().__init__(tokens)
+        self._pieces = self._iterate(run)
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+
+    def _iterate(self, run: Callable[[Callable[[str], None]], Future[GenerationResult]]) -> Generator[str, None, None]:
+        pieces: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # None: the generation ended
+        future = run(pieces.put)
+        future.add_done_callback(lambda _: pieces.put(None))
+        try:
+            while (piece := pieces.get()) is not None:
+                yield piece
+        finally:
+            if not future.done():  # abandoned: stop paying for tokens nobody reads
+                future.cancel()
+        self.result = future.result()  # re-raises a failure
+
+
+class AsyncTextStream(_TextStreamBase):
+    """Pieces of text of one generation as they arrive (`async for`, once); `aclose()` cancels the generation."""
+
+    def __init__(self, tokens: TokenStream, run: Callable[[Callable[[str], None]], Future[GenerationResult]]) -> None:
+        super().__init__(tokens)
+        self._pieces = self._iterate(run)
+
+    def __aiter__(self) -> AsyncTextStream:
+        return self
+
+    async def __anext__(self) -> str:
+        return await self._pieces.__anext__()
+
+    async def aclose(self) -> None:
+        await self._pieces.aclose()
+
+    async def _iterate(
+        self, run: Callable[[Callable[[str], None]], Future[GenerationResult]]
+    ) -> AsyncGenerator[str, None]:
+        caller = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()  # None: the generation ended
+
+        def emit(piece: str) -> None:  # called on the client's loop thread
+            caller.call_soon_threadsafe(pieces.put_nowait, piece)
+
+        future = run(emit)
+        future.add_done_callback(lambda _: caller.call_soon_threadsafe(pieces.put_nowait, None))
+        try:
+            while (piece := await pieces.get()) is not None:
+                yield piece
+        finally:
+            if not future.done():
+                future.cancel()
+        self.result = future.result()
 
 
 class _LoopThread:
@@ -560,13 +691,16 @@ class DistributedModel:
         eos = self.tokenizer.eos_token_id
         return {eos} if eos is not None else set()
 
-    async def _stream_on_loop(self, prompt_ids: list[int], params: GenerationParams, emit) -> GenerationResult:
+    async def _stream_on_loop(
+        self, tokens: TokenStream, prompt_tokens: int, params: GenerationParams, emit: Callable[[str], None]
+    ) -> GenerationResult:
         """Runs on the private loop; `emit(delta)` is called for each piece of new text."""
         ids: list[int] = []
-        text, finish = "", "length"
+        text = ""
+        finish: Literal["stop", "length"] = "length"
         # aclosing: stopping early (EOS, stop string) must finish the session (bill, close hops) before the
         # result is built, not whenever the abandoned generator is garbage-collected.
-        async with contextlib.aclosing(self._core.generate_tokens(prompt_ids, params, self._eos_ids)) as tokens:
+        async with contextlib.aclosing(tokens):
             async for token in tokens:
                 ids.append(token)
                 if token in self._eos_ids and not params.ignore_eos:
@@ -583,74 +717,51 @@ class DistributedModel:
                 text = full if len(full) >= len(text) else text
                 if finish == "stop":
                     break
-        session = getattr(self._core, "last_session", None)
+        session, billing = tokens.session, tokens.billing
         return GenerationResult(
             text=text,
             token_ids=ids,
             finish_reason=finish,
-            prompt_tokens=len(prompt_ids),
+            prompt_tokens=prompt_tokens,
             completion_tokens=len(ids),
             route=[f"{h.hop.peer_id}:{h.hop.start}:{h.hop.end}" for h in (session.hops if session else [])],
             failovers=session.failovers if session else 0,
-            quote=getattr(self._core, "last_quote", None),
-            bill=billing.bill(self.model_name) if (billing := getattr(self._core, "last_billing", None)) else None,
+            quote=tokens.quote,
+            bill=billing.bill(self.model_name) if billing is not None else None,
+            session=session,
+            billing=billing,
         )
+
+    def _start(
+        self, prompt: str | list[int], params: GenerationParams
+    ) -> tuple[TokenStream, Callable[[Callable[[str], None]], Future[GenerationResult]]]:
+        """This request's token stream, and a function that runs it on the private loop emitting text pieces."""
+        prompt_ids = self._prompt_ids(prompt)
+        tokens = self._core.generate_tokens(prompt_ids, params, self._eos_ids)
+
+        def run(emit: Callable[[str], None]) -> Future[GenerationResult]:
+            coro = self._stream_on_loop(tokens, len(prompt_ids), params, emit)
+            return asyncio.run_coroutine_threadsafe(coro, self._loop.loop)
+
+        return tokens, run
 
     def generate(self, prompt: str | list[int], params: GenerationParams | None = None) -> GenerationResult:
         """Generates a completion of `prompt` (text or token ids)."""
-        params = params or GenerationParams()
-        return self._loop.run(self._stream_on_loop(self._prompt_ids(prompt), params, lambda _: None))
+        _, run = self._start(prompt, params or GenerationParams())
+        return run(lambda _: None).result()
 
-    def stream(self, prompt: str | list[int], params: GenerationParams | None = None) -> Iterator[str]:
-        """Yields pieces of text as tokens arrive."""
-        import queue
-
-        params = params or GenerationParams()
-        pieces: queue.Queue = queue.Queue()
-        done = object()
-        future = asyncio.run_coroutine_threadsafe(
-            self._stream_on_loop(self._prompt_ids(prompt), params, pieces.put), self._loop.loop
-        )
-        future.add_done_callback(lambda _: pieces.put(done))
-        while (item := pieces.get()) is not done:
-            yield item
-        future.result()  # re-raises a failure
+    def stream(self, prompt: str | list[int], params: GenerationParams | None = None) -> TextStream:
+        """Pieces of text as tokens arrive; the stream's `result` holds the GenerationResult once it ends."""
+        return TextStream(*self._start(prompt, params or GenerationParams()))
 
     async def agenerate(self, prompt: str | list[int], params: GenerationParams | None = None) -> GenerationResult:
-        params = params or GenerationParams()
-        future = asyncio.run_coroutine_threadsafe(
-            self._stream_on_loop(self._prompt_ids(prompt), params, lambda _: None), self._loop.loop
-        )
-        return await asyncio.wrap_future(future)
+        _, run = self._start(prompt, params or GenerationParams())
+        return await asyncio.wrap_future(run(lambda _: None))
 
-    async def astream(
-        self,
-        prompt: str | list[int],
-        params: GenerationParams | None = None,
-        on_result: Callable[[GenerationResult], None] | None = None,
-    ) -> AsyncIterator[str]:
-        """Yields pieces of text as tokens arrive; `on_result` then gets the GenerationResult (token counts,
-        finish reason). Closing the iterator early (e.g. an HTTP client went away) cancels the generation."""
-        params = params or GenerationParams()
-        caller = asyncio.get_running_loop()
-        pieces: asyncio.Queue = asyncio.Queue()
-        done = object()
-        future = asyncio.run_coroutine_threadsafe(
-            self._stream_on_loop(
-                self._prompt_ids(prompt), params, lambda piece: caller.call_soon_threadsafe(pieces.put_nowait, piece)
-            ),
-            self._loop.loop,
-        )
-        future.add_done_callback(lambda _: caller.call_soon_threadsafe(pieces.put_nowait, done))
-        try:
-            while (item := await pieces.get()) is not done:
-                yield item
-        finally:
-            if not future.done():
-                future.cancel()
-        result = future.result()
-        if on_result is not None:
-            on_result(result)
+    def astream(self, prompt: str | list[int], params: GenerationParams | None = None) -> AsyncTextStream:
+        """Pieces of text as tokens arrive (`async for`); the stream's `result` holds the GenerationResult once it
+        ends. Closing the stream early (e.g. an HTTP client went away) cancels the generation."""
+        return AsyncTextStream(*self._start(prompt, params or GenerationParams()))
 
     # --- learning from feedback ------------------------------------------------------------------
 
@@ -671,14 +782,14 @@ class DistributedModel:
         averaging round accepts them (peers must run with --adapter-rank > 0).
         """
         ids, labels = self._feedback_tensors(prompt, completion)
-        return self._loop.run(self._core.feedback_pass(ids, labels))
+        return self._loop.run(self._core.feedback_pass(ids, labels)).loss
 
     train_step = feedback
 
     async def afeedback(self, prompt: str, completion: str) -> float:
         ids, labels = self._feedback_tensors(prompt, completion)
         future = asyncio.run_coroutine_threadsafe(self._core.feedback_pass(ids, labels), self._loop.loop)
-        return await asyncio.wrap_future(future)
+        return (await asyncio.wrap_future(future)).loss
 
     # --- full-sequence forward / backward --------------------------------------------------------
 

@@ -87,12 +87,15 @@ def failover_stall(swarm: LocalSwarm, model: DistributedModel, tokens: int) -> t
     clean = time.perf_counter() - started
     by_id = {p.info["peer_id"]: p for p in swarm.peers()}
     started = time.perf_counter()
-    for i, _ in enumerate(model.stream(PROMPT, params)):
+    stream = model.stream(PROMPT, params)
+    for i, _ in enumerate(stream):
         if i == tokens // 4:
-            hop = next(h for h in model.core.last_session.hops if h.hop.start > 0)
+            assert stream.session is not None  # started: a token came back
+            hop = next(h for h in stream.session.hops if h.hop.start > 0)
             by_id[hop.hop.peer_id].signal(signal.SIGKILL)
     interrupted = time.perf_counter() - started
-    stalls = model.core.last_session.stall_seconds
+    assert stream.result is not None and stream.result.session is not None
+    stalls = stream.result.session.stall_seconds
     return (max(stalls) if stalls else float("nan")), interrupted - clean
 
 

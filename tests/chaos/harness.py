@@ -26,7 +26,7 @@ from typing import Literal
 import psutil
 
 from dllm.processes import LocalSwarm, ManagedProcess
-from swarm.client import ClientConfig, SwarmClient
+from swarm.client import ClientConfig, SwarmClient, TokenStream
 from swarm.dht import BootstrapError
 from swarm.protocol import ProtocolError, RemotePeerError
 from swarm.routing import NoRouteError
@@ -175,6 +175,8 @@ class ClientFleet:
             raise ValueError(f"{len(self.configs)} client configs for a fleet of {size}")
         self.clients: list[SwarmClient] = []
         self.billings: list = []  # every billed session's SessionBilling (its co-signed receipts), in order
+        # Each client's current (or last) request: one client issues its requests one after another.
+        self.requests: dict[SwarmClient, TokenStream] = {}
         self.reference: dict[str, list[int]] = {}
         self.tokens_done = 0  # across all clients, for timing fault injection mid-session
 
@@ -192,18 +194,18 @@ class ClientFleet:
     async def close(self) -> None:
         await asyncio.gather(*(c.shutdown() for c in self.clients), return_exceptions=True)
         self.clients = []
+        self.requests = {}
 
     async def _generate(self, client: SwarmClient, prompt: str, params: GenerationParams) -> list[int]:
         ids = []
-        tokens = client.generate_tokens(_tokenize(self.model_dir, prompt), params, set())
+        tokens = self.requests[client] = client.generate_tokens(_tokenize(self.model_dir, prompt), params, set())
         try:
             async for token in tokens:
                 ids.append(token)
                 self.tokens_done += 1
         finally:
-            billing = getattr(client, "last_billing", None)  # set when the session began
-            if billing is not None and all(billing is not b for b in self.billings):
-                self.billings.append(billing)
+            if tokens.billing is not None:  # set when the session began
+                self.billings.append(tokens.billing)
         return ids
 
     async def make_reference(self, params: GenerationParams) -> None:
@@ -224,7 +226,7 @@ class ClientFleet:
             status, detail = ("clear_error", f"{type(e).__name__}: {e}") if str(e) else ("unclear_error", repr(e))
         except Exception as e:  # anything else is a bug the scenario reports
             status, detail = "unclear_error", f"{type(e).__name__}: {e}"
-        session = getattr(client, "last_session", None)
+        session = self.requests[client].session if client in self.requests else None
         outcome = RequestOutcome(
             index, prompt, status, time.perf_counter() - started, session.failovers if session else 0, detail
         )
@@ -248,7 +250,8 @@ class ClientFleet:
 
     def peers_in_use(self) -> set[str]:
         """Peer ids on the routes of the clients' current (or last) sessions."""
-        return {h.hop.peer_id for c in self.clients for h in getattr(getattr(c, "last_session", None), "hops", [])}
+        sessions = [r.session for r in self.requests.values() if r.session is not None]
+        return {h.hop.peer_id for session in sessions for h in session.hops}
 
     async def wait_tokens(self, count: int, timeout: float = 60.0) -> None:
         """Waits until the fleet has produced `count` more tokens (to inject a fault mid-session)."""

@@ -194,9 +194,10 @@ def test_learning_peer_with_live_adapters_gets_no_failing_verdict(dev_chain, loc
         wait_until(lambda: model._loop.run(core.billing.verifier_peers()), 30, "the verifier in the DHT")
 
         # Adapters at version 0 are the base weights: the session is spot-checked and passes.
-        model.generate(FACTS[0][0], greedy)
+        on_base = model.generate(FACTS[0][0], greedy)
         model._loop.run(core.billing.flush())
-        (base_receipt,) = [s.receipt for s in core.last_billing.receipts]
+        assert on_base.billing is not None
+        (base_receipt,) = [s.receipt for s in on_base.billing.receipts]
         assert base_receipt.adapter_version == BASE_WEIGHTS
         assert [v.verdict.passed for v in core.billing.verdicts] == [True], core.billing.sample_failures
 
@@ -209,9 +210,10 @@ def test_learning_peer_with_live_adapters_gets_no_failing_verdict(dev_chain, loc
         live = wait_for_peers(model, ids, lambda i: i["adapter_version"] >= 1, 60, "a live adapter version")["learner"]
 
         # A session on the live adapters: its receipt states the version, it is paid, and it is not sent.
-        model.generate(FACTS[0][0], greedy)
+        adapted = model.generate(FACTS[0][0], greedy)
         model._loop.run(core.billing.flush())
-        session = core.last_billing
+        session = adapted.billing
+        assert session is not None
         (signed,) = session.receipts
         assert signed.receipt.adapter_version >= live["adapter_version"] >= 1
         assert core.billing.unverifiable_samples == [signed.receipt_id]

@@ -23,7 +23,7 @@ from economy.signing import load_keypair
 from economy.verification import SignedVerdict, Verdict
 from economy.work_sample import SampledStep, WorkSample
 from swarm import protocol
-from swarm.billing import HANDLER_VERIFY, BillingConfig
+from swarm.billing import HANDLER_VERIFY, BillingConfig, SessionBilling
 from swarm.client import ClientConfig, DistributedModel, GenerationParams
 from swarm.routing import BanList
 from tests.economy.swarm_economy import (
@@ -101,7 +101,8 @@ def _run(ledger: ComputeLedger, url: str, swarm, model_path, tmp_path) -> None:
         model._loop.run(core.billing.flush())
         assert core.billing.sample_failures == []
         _check_verdicts(core.billing.verdicts, accounts)
-        _check_wire_rejections(model, verifier, accounts, swarm)
+        assert result.billing is not None  # the last request's own billing session
+        _check_wire_rejections(model, result.billing, verifier, accounts, swarm)
     finally:
         model.close()
 
@@ -156,7 +157,9 @@ def _check_verdicts(verdicts: list[SignedVerdict], accounts: dict[str, str]) -> 
     assert len({v.verifier for v in failing}) == 2  # both verifiers caught it independently
 
 
-def _check_wire_rejections(model: DistributedModel, verifier, accounts: dict[str, str], swarm) -> None:
+def _check_wire_rejections(
+    model: DistributedModel, session: SessionBilling, verifier, accounts: dict[str, str], swarm
+) -> None:
     """A verdict gossiped by a non-verifier is ignored; bogus work samples get typed errors."""
     core = model.core
     verifier_id = verifier.info["peer_id"]
@@ -192,7 +195,6 @@ def _check_wire_rejections(model: DistributedModel, verifier, accounts: dict[str
         return msgpack.unpackb(response.metadata, raw=False)
 
     assert verify({"sample": b"garbage"})["error"]["kind"] == "malformed_sample"
-    session = core.last_billing
     signed = session.receipts[-1]
     steps = next(m.steps for m in session.meters.values() if m.meter.session_id == signed.receipt.session_id)
     forged = [

@@ -60,11 +60,13 @@ def _run(ledger: ComputeLedger, url: str, swarm, model_path, tmp_path) -> None:
     model = DistributedModel.from_pretrained(str(model_path), swarm.initial_peers, config=ClientConfig(billing=billing))
     try:
         prompt, completion = FACTS[0]
-        ids, _ = model._feedback_tensors(prompt, completion)
+        ids, labels = model._feedback_tensors(prompt, completion)
         tokens = int(ids.shape[1])
-        loss = model.feedback(prompt, completion)
-        assert 0 < loss < 20
-        metered = model.core.last_training_billing
+        # The pass model.feedback makes, through the core, whose result also holds the pass's own billing.
+        paid = model._loop.run(model.core.feedback_pass(ids, labels))
+        assert 0 < paid.loss < 20
+        metered = paid.billing
+        assert metered is not None
         assert metered.session.errors == []
         receipts = sorted((s.receipt for s in metered.session.receipts), key=lambda r: r.start)
         assert [(r.start, r.end) for r in receipts] == [(0, 4), (4, 8)]

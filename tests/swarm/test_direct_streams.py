@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from peer.direct_server import DirectServer
-from swarm.client import ClientConfig, DistributedModel
+from swarm.client import ClientConfig, DistributedModel, GenerationResult
 from swarm.direct import DirectEndpoint, DirectStreamError, TlsIdentity, connect
 from swarm.sampling import GenerationParams
 
@@ -16,18 +16,19 @@ pytestmark = pytest.mark.timeout(240)
 GREEDY = GenerationParams(max_new_tokens=32, ignore_eos=True)
 
 
-def _transports(model: DistributedModel) -> list[str]:
-    return [h.transport for h in model.core.last_session.hops]
+def _transports(result: GenerationResult) -> list[str]:
+    assert result.session is not None
+    return [h.transport for h in result.session.hops]
 
 
 def test_direct_and_p2p_streams_give_the_same_tokens(swarm, distributed_model):
     direct = distributed_model.generate("The module", GREEDY)
-    assert _transports(distributed_model) == ["direct", "direct"]
+    assert _transports(direct) == ["direct", "direct"]
     with DistributedModel.from_pretrained(
         str(swarm.model_path), swarm.initial_peers, config=ClientConfig(direct_streams=False)
     ) as p2p_only:
         over_p2p = p2p_only.generate("The module", GREEDY)
-        assert _transports(p2p_only) == ["p2p", "p2p"]
+        assert _transports(over_p2p) == ["p2p", "p2p"]
     assert over_p2p.token_ids == direct.token_ids
 
 
@@ -38,8 +39,9 @@ def test_a_stale_or_forged_endpoint_is_re_read_from_the_peer(swarm, distributed_
     core = distributed_model.core
     for peer_id, endpoint in list(core.direct_endpoints.items()):
         core.direct_endpoints[peer_id] = DirectEndpoint(endpoint.host, endpoint.port, bytes(32))
-    assert distributed_model.generate("Return the", GREEDY).token_ids == expected
-    assert _transports(distributed_model) == ["direct", "direct"]
+    again = distributed_model.generate("Return the", GREEDY)
+    assert again.token_ids == expected
+    assert _transports(again) == ["direct", "direct"]
     assert all(e.tls_sha256 != bytes(32) for e in core.direct_endpoints.values())
 
 
@@ -60,8 +62,9 @@ def test_unreachable_direct_endpoints_fall_back_to_p2p(swarm):
         core._learn_direct_endpoint = firewalled
         for peer_id in list(core.direct_endpoints):
             firewalled(peer_id, core.direct_endpoints[peer_id].to_info())
-        assert model.generate("The file", GREEDY).token_ids == expected
-        assert _transports(model) == ["p2p", "p2p"]
+        fallback = model.generate("The file", GREEDY)
+        assert fallback.token_ids == expected
+        assert _transports(fallback) == ["p2p", "p2p"]
 
 
 def test_a_peer_started_without_direct_streams_is_served_over_p2p(local_swarm):
@@ -70,8 +73,7 @@ def test_a_peer_started_without_direct_streams_is_served_over_p2p(local_swarm):
     for peer in (head, tail):
         local_swarm.wait_ready(peer)
     with DistributedModel.from_pretrained(local_swarm.model, local_swarm.initial_peers) as model:
-        model.generate("The module", GREEDY)
-        assert _transports(model) == ["p2p", "direct"]
+        assert _transports(model.generate("The module", GREEDY)) == ["p2p", "direct"]
         assert head.info["peer_id"] not in model.core.direct_endpoints
 
 

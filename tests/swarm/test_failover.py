@@ -28,13 +28,16 @@ def test_sigkill_of_the_peer_in_use_does_not_change_greedy_output(local_swarm, d
     try:
         expected = model.generate(PROMPT, params)
         victim, pieces = None, []
-        for piece in model.stream(PROMPT, params):
+        stream = model.stream(PROMPT, params)
+        for piece in stream:
             pieces.append(piece)
             if len(pieces) == 10:  # mid-generation: kill whichever 4:8 peer this session uses
-                in_use = next(h.hop.peer_id for h in model.core.last_session.hops if h.hop.start == 4)
+                assert stream.session is not None
+                in_use = next(h.hop.peer_id for h in stream.session.hops if h.hop.start == 4)
                 victim = by_id[in_use]
                 victim.signal(signal.SIGKILL)
-        session = model.core.last_session
+        assert stream.result is not None and stream.result.session is stream.session
+        session = stream.session
 
         assert {h.transport for h in session.hops} == {"direct" if direct else "p2p"}
         assert victim is not None and victim.popen.wait(5) == -signal.SIGKILL

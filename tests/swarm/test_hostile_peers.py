@@ -163,7 +163,8 @@ async def test_forged_dht_records_neither_overwrite_nor_frame_an_honest_peer(hos
         outcomes = await fleet.run(2, PARAMS)
         assert [o.status for o in outcomes] == ["correct"] * 2
         assert not client.bans.is_banned(victim_id)
-        assert any(h.hop.peer_id == victim_id for h in client.last_session.hops)
+        last = fleet.requests[client].session
+        assert last is not None and any(h.hop.peer_id == victim_id for h in last.hops)
     finally:
         await fleet.close()
         await asyncio.to_thread(forger.shutdown)
