@@ -1,27 +1,46 @@
-"""DLLM's chain package: the local dev chain and the ComputeLedger client (see docs/chain.md)."""
+"""DLLM's chain package: the local dev chain and the ComputeLedger client (see docs/chain.md).
 
-from chain.council import Council
-from chain.ledger import ComputeLedger, LedgerConfig
-from chain.records import (
-    ChainEvent,
-    ChainResult,
-    ComputeRecord,
-    ComputeTotals,
-    Payment,
-    ProviderShare,
-    ProviderState,
-    ProviderStatus,
-    SettledReceipt,
-    SlashRecord,
-)
+The names in `__all__` are the package's public API. They load lazily (PEP 562): `import chain` imports none
+of the submodules, so a process that needs only `chain.errors` or `chain.units` never loads substrate-interface.
+tests/test_public_api.py holds `__all__`, `_EXPORTS` and the type-checking imports to the same names.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from chain.council import Council
+    from chain.errors import ChainError, ConfigError, DLLMError, EconomyError, UnavailableError
+    from chain.ledger import ComputeLedger, LedgerConfig
+    from chain.records import (
+        ChainEvent,
+        ChainResult,
+        ComputeRecord,
+        ComputeTotals,
+        Payment,
+        ProviderShare,
+        ProviderState,
+        ProviderStatus,
+        SettledReceipt,
+        SlashRecord,
+    )
+    from chain.units import PLANCK_PER_TOKEN, TOKEN_SYMBOL
 
 __all__ = [
+    "PLANCK_PER_TOKEN",
+    "TOKEN_SYMBOL",
+    "ChainError",
     "ChainEvent",
     "ChainResult",
     "ComputeLedger",
     "ComputeRecord",
     "ComputeTotals",
+    "ConfigError",
     "Council",
+    "DLLMError",
+    "EconomyError",
     "LedgerConfig",
     "Payment",
     "ProviderShare",
@@ -29,4 +48,42 @@ __all__ = [
     "ProviderStatus",
     "SettledReceipt",
     "SlashRecord",
+    "UnavailableError",
 ]
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "ChainError": "chain.errors",
+    "ChainEvent": "chain.records",
+    "ChainResult": "chain.records",
+    "ComputeLedger": "chain.ledger",
+    "ComputeRecord": "chain.records",
+    "ComputeTotals": "chain.records",
+    "ConfigError": "chain.errors",
+    "Council": "chain.council",
+    "DLLMError": "chain.errors",
+    "EconomyError": "chain.errors",
+    "LedgerConfig": "chain.ledger",
+    "PLANCK_PER_TOKEN": "chain.units",
+    "Payment": "chain.records",
+    "ProviderShare": "chain.records",
+    "ProviderState": "chain.records",
+    "ProviderStatus": "chain.records",
+    "SettledReceipt": "chain.records",
+    "SlashRecord": "chain.records",
+    "TOKEN_SYMBOL": "chain.units",
+    "UnavailableError": "chain.errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
