@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from chain.account_derivation import BURN_ACCOUNT
@@ -95,10 +96,14 @@ def test_cli_starts_prints_endpoint_and_accounts_and_stops_on_ctrl_c(tmp_path):
         assert f"ws://127.0.0.1:{port}" in text, text
         for name in DEV_ACCOUNT_NAMES:
             assert dev_keypair(name).ss58_address in text
+        chopsticks = psutil.Process(proc.pid).children(recursive=True)
+        assert chopsticks, "no chopsticks process under `dllm chain dev`"
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, text + rest
         assert "stopped" in rest
+        _, leftovers = psutil.wait_procs(chopsticks, timeout=10)
+        assert not leftovers, f"`dllm chain dev` left processes behind: {leftovers}"
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -132,3 +132,19 @@ async def test_forged_dropped_and_flooder_contained(keys) -> None:
         assert relay_counters.get("dropped_rate_limited", 0) >= 150 - len(from_eve) - 40
     finally:
         await asyncio.gather(honest.close(), relay.close(), receiver.close(), rogue.close())
+
+
+async def test_stopping_a_bus_ends_its_node_process_and_is_idempotent(keys) -> None:
+    import psutil
+
+    bus = GossipBus(keys["alice"])
+    await bus.start()
+    await bus.wait_ready()
+    assert bus._proc is not None
+    node = psutil.Process(bus._proc.pid)
+    await bus.stop()
+    await bus.stop()
+    await asyncio.wait_for(bus.wait_stopped(), 5)
+    assert not node.is_running() or node.status() == psutil.STATUS_ZOMBIE
+    with pytest.raises(GossipError):
+        await bus.wait_ready()
