@@ -1,12 +1,147 @@
-"""Exception types raised by the chain package.
+"""Every exception DLLM raises on purpose, as one tree rooted at DLLMError.
 
+The root and its branch bases live here, in the lowest package, because a module may only import its own
+package and those below it (chain < economy < swarm < peer < dllm): this is the one module every package
+can subclass from. The leaves live beside the code that raises them; this drawing is the map, and
+tests/test_errors.py fails when a project exception is missing from it or does not derive from DLLMError.
+A builtin in parentheses is an extra base kept because callers catch that builtin.
+
+    DLLMError
+    ├── ChainError                        the chain refused a call or cannot be reached    chain/errors.py
+    │   ├── DevChainUnavailableError
+    │   ├── DevChainStartError
+    │   ├── ChainConnectionError
+    │   ├── InvalidAddressError (ValueError)
+    │   ├── UnknownAccountError
+    │   ├── InsufficientBalanceError
+    │   ├── InsufficientStakeError
+    │   ├── InvalidPaymentError (ValueError)
+    │   ├── DoubleSettlementError
+    │   ├── QuorumError
+    │   ├── NotRegisteredError
+    │   ├── AlreadyRegisteredError
+    │   ├── UnbondNotReadyError
+    │   ├── InvalidSignatureError
+    │   ├── ExtrinsicRejectedError
+    │   ├── DispatchError
+    │   └── MalformedRemarkError (ValueError)                                           chain/remarks.py
+    ├── EconomyError                      a receipt, verdict, sample, price or settlement fails its checks
+    │   ├── CanonicalFormatError (ValueError)                                           economy/canonical.py
+    │   ├── EnvelopeError (ValueError)                                                  economy/envelope.py
+    │   │   ├── MalformedEnvelopeError
+    │   │   ├── ForgedEnvelopeError
+    │   │   └── StaleEnvelopeError
+    │   ├── MalformedAnnouncementError (ValueError)                                     economy/price_announcement.py
+    │   ├── MeteringError (ValueError)                                                  economy/metering.py
+    │   ├── PricingError (ValueError)                                                   economy/pricing.py
+    │   │   └── PriceCapExceededError
+    │   ├── ReceiptError (ValueError)                                                   economy/receipts.py
+    │   │   ├── MalformedReceiptError
+    │   │   ├── ForgedReceiptError
+    │   │   ├── WrongSignerError
+    │   │   ├── ReplayedReceiptError
+    │   │   ├── UnexpectedReceiptError
+    │   │   ├── NothingToBillError
+    │   │   ├── UsageInflationError
+    │   │   ├── CommitmentMismatchError
+    │   │   └── RateMismatchError
+    │   ├── ReceiptStoreError (RuntimeError)                                            economy/receipt_store.py
+    │   ├── SettlementOfferError (ValueError)                                           economy/presigned_settlement.py
+    │   ├── SettlementNotReadyError (RuntimeError)                                      economy/presigned_settlement.py
+    │   ├── StaleSettlementError (RuntimeError)                                         economy/presigned_settlement.py
+    │   ├── MissingSettlementError (LookupError)                                        economy/presigned_ledger.py
+    │   ├── VerificationError (ValueError)                                              economy/verification.py
+    │   │   ├── MalformedVerdictError
+    │   │   ├── ForgedVerdictError
+    │   │   ├── NotAVerifierError
+    │   │   └── StaleVerdictError
+    │   ├── MalformedWorkSampleError (ValueError)                                       economy/work_sample.py
+    │   ├── EvidenceMismatchError (ValueError)                                          economy/work_sample.py
+    │   ├── UnverifiableSampleError (ValueError)                                        economy/work_sample.py
+    │   └── SampleRejectedError (ValueError)                                            economy/work_sample.py
+    ├── ProtocolError (ValueError)        a request or reply breaks the rules: its sender is at fault
+    │   │                                                                               swarm/protocol.py
+    │   ├── BlocksNotServed                                                             swarm/protocol.py
+    │   ├── SessionNotFoundError (KeyError)                                             swarm/protocol.py
+    │   │   └── UnknownMeteredSessionError                                              peer/metering_hook.py
+    │   ├── InvalidTensorError                                                          swarm/tensors.py
+    │   ├── RecordError                                                                 swarm/records.py
+    │   ├── DirectEndpointError                                                         swarm/direct.py
+    │   ├── BadRequestError                                                             swarm/api.py
+    │   ├── UnsupportedParameterError                                                   swarm/openai_schema.py
+    │   ├── SessionExistsError                                                          peer/kv_cache.py
+    │   ├── CacheOverflowError                                                          peer/kv_cache.py
+    │   ├── MeteringRequestError                                                        peer/metering_hook.py
+    │   ├── AdapterError                                                                peer/adapters.py
+    │   │   ├── AdapterStateError
+    │   │   └── AdapterVersionUnavailableError
+    │   ├── GradientError                                                               peer/training.py
+    │   ├── RateLimitExceededError (RuntimeError)                                       peer/training.py
+    │   ├── AggregationError                                                            peer/aggregation.py
+    │   └── SketchError                                                                 peer/average_check.py
+    ├── RemotePeerError (RuntimeError)    a peer failed, or answered with an error kind; carries peer_id
+    │   │                                                                               swarm/protocol.py
+    │   ├── InvalidRequestError
+    │   ├── InvalidTensorRemoteError
+    │   ├── UnknownSessionError
+    │   ├── BlocksNotServedError
+    │   ├── PeerBusyError
+    │   ├── ReceiptRefusedError
+    │   ├── SampleRefusedError
+    │   └── HopFailedError                the call itself failed: transport, timeout or a malformed reply
+    ├── ConfigError                       a setting, key, model folder or file cannot be used    chain/errors.py
+    │   ├── KeyFormatError (ValueError)                                                 economy/signing.py
+    │   ├── MissingClientKeyError (KeyError)                                            economy/chain_settlement.py
+    │   ├── ModelFilesError (FileNotFoundError)                                         swarm/model_files.py
+    │   ├── UnsupportedArchitectureError (ValueError)                                   swarm/architectures.py
+    │   ├── InvalidSpanError (ValueError)                                               peer/blocks.py
+    │   ├── AdapterConfigError (ValueError)                                             peer/adapters.py
+    │   ├── TrainingConfigError (ValueError)                                            peer/training.py
+    │   ├── AveragingConfigError (ValueError)                                           peer/averaging.py
+    │   ├── CanaryConfigError (ValueError)                                              peer/canary.py
+    │   └── CanaryExamplesError (ValueError)                                            peer/canary_examples.py
+    └── UnavailableError                  something needed cannot be had now; a later try may work    chain/errors.py
+        ├── CacheFullError (RuntimeError)                                               swarm/protocol.py
+        ├── NoRouteError (RuntimeError)                                                 swarm/routing.py
+        ├── SessionFailedError (RuntimeError)                                           swarm/session.py
+        ├── SwarmUnavailableError (RuntimeError)                                        swarm/api.py
+        ├── BootstrapError (ConnectionError)                                            swarm/dht.py
+        ├── DirectStreamError (ConnectionError)                                         swarm/direct.py
+        │   ├── FrameTooLargeError
+        │   └── MalformedFrameError
+        ├── SettlementSubmitError                                                       swarm/billing.py
+        ├── GossipError (RuntimeError)                                                  economy/gossip.py
+        ├── CanaryEvaluationError (RuntimeError)                                        peer/canary_eval.py
+        ├── ProcessStartError (RuntimeError)                                            dllm/processes.py
+        ├── ServiceEndedError (RuntimeError)                                            dllm/service.py
+        └── DemoError (RuntimeError)                                                    dllm/demo.py
+
+Errors a peer answers with travel as `{"error": {"kind", "message"}}`; swarm/wire_errors.py is the one table
+from these classes to wire kinds and back. The CLI's own errors (dllm/cli.py CommandError, dllm/config.py
+ConfigFileError) are typer exceptions, outside this tree: typer prints them and sets the exit code.
 Every failure a caller can act on has its own type, so callers never parse messages.
 """
 
 from __future__ import annotations
 
 
-class ChainError(Exception):
+class DLLMError(Exception):
+    """Root of every exception DLLM raises on purpose: `except DLLMError` catches them all and no bug."""
+
+
+class EconomyError(DLLMError):
+    """A receipt, verdict, work sample, price or settlement fails its checks (raised by economy/)."""
+
+
+class ConfigError(DLLMError):
+    """A setting, key, model folder or file given to DLLM cannot be used."""
+
+
+class UnavailableError(DLLMError):
+    """Something needed cannot be had now (no route, a full cache, a process that did not start)."""
+
+
+class ChainError(DLLMError):
     """Base class of every error raised by the chain package."""
 
 

@@ -12,11 +12,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from chain.errors import ChainError
+
 PREFIX = b"dllm:v1:"
 KINDS = ("register", "compute", "settle", "unbond-request", "unbond", "slash")
 
 
-class MalformedRemarkError(ValueError):
+class MalformedRemarkError(ChainError, ValueError):
     """Bytes that start with the protocol prefix but are not a valid record."""
 
 

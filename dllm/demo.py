@@ -30,6 +30,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from chain.config_bounds import bounded, check_bounds
+from chain.errors import UnavailableError
 from chain.units import PLANCK_PER_TOKEN
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ SETTLE_INTERVAL_S = 5.0
 QUOTE_PERIOD_S = 10.0
 
 
-class DemoError(RuntimeError):
+class DemoError(UnavailableError, RuntimeError):
     """The demo could not complete a step; the message names the step and the log to read."""
 
 
@@ -67,9 +68,6 @@ class DemoConfig:
     verifier: bool = True  # start one `dllm verify` process: every receipt is spot-checked
     settle_timeout: float = 60.0  # seconds to wait for every receipt to be paid on chain
     workdir: Path | None = None  # logs and receipt stores; a temporary folder (removed) by default
-
-    def __post_init__(self) -> None:
-        check_bounds(self)
 
     def __post_init__(self) -> None:
         check_bounds(self)

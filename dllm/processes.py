@@ -19,13 +19,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chain.errors import UnavailableError
+
 logger = logging.getLogger(__name__)
 
 _READY = re.compile(r"DLLM peer ready: peer_id=(\S+) model=(\S+) blocks=(\d+):(\d+) maddrs=(.*)")
 _VERIFIER_READY = re.compile(r"DLLM verifier ready: account=(\S+) peer_id=(\S+) role=(\S+) gossip=(.*)")
 
 
-class ProcessStartError(RuntimeError):
+class ProcessStartError(UnavailableError, RuntimeError):
     """A swarm process exited or did not become ready in time; carries its log tail."""
 
 

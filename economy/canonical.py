@@ -15,11 +15,13 @@ from typing import Any
 import msgpack
 from scalecodec.utils.ss58 import ss58_decode
 
+from chain.errors import EconomyError
+
 MAX_U64 = 2**64 - 1
 MAX_RECORD_BYTES = 64 * 1024
 
 
-class CanonicalFormatError(ValueError):
+class CanonicalFormatError(EconomyError, ValueError):
     """Bytes are not the canonical encoding of the expected record."""
 
 

@@ -11,12 +11,13 @@ from collections.abc import Mapping
 
 from substrateinterface import Keypair
 
+from chain.errors import ConfigError
 from chain.ledger import ComputeLedger
 from chain.records import Payment
 from economy.receipt_store import SettlementBatch
 
 
-class MissingClientKeyError(KeyError):
+class MissingClientKeyError(ConfigError, KeyError):
     """The adapter holds no key for the client whose batch it was asked to settle."""
 
 

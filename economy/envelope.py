@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from substrateinterface import Keypair
 
+from chain.errors import EconomyError
 from economy import canonical, signing
 from economy.canonical import CanonicalFormatError, FieldSpec
 
@@ -22,7 +23,7 @@ MAX_PAYLOAD_BYTES = 16 * 1024
 MAX_CLOCK_SKEW_S = 300
 
 
-class EnvelopeError(ValueError):
+class EnvelopeError(EconomyError, ValueError):
     """Base of every reason a gossip message is dropped."""
 
 

@@ -20,6 +20,7 @@ from enum import StrEnum
 
 import torch
 
+from chain.errors import EconomyError
 from economy.pricing import Usage
 
 COMMIT_DOMAIN = b"dllm/commit/1"
@@ -33,7 +34,7 @@ class StepKind(StrEnum):
     BACKWARD = "backward"
 
 
-class MeteringError(ValueError):
+class MeteringError(EconomyError, ValueError):
     """A step reported to the meter is inconsistent (bad token count, shape, ...)."""
 
 

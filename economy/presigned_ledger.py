@@ -14,6 +14,7 @@ import asyncio
 import logging
 import threading
 
+from chain.errors import EconomyError
 from chain.ledger import ComputeLedger
 from economy.presigned_settlement import (
     SettlementNotReadyError,
@@ -29,7 +30,7 @@ ALREADY_SETTLED = "already-settled"
 """Returned instead of a transaction hash when someone else's submission already paid the batch."""
 
 
-class MissingSettlementError(LookupError):
+class MissingSettlementError(EconomyError, LookupError):
     """A stored receipt came without a pre-signed settlement: the provider cannot get it paid alone."""
 
 

@@ -19,14 +19,19 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from scalecodec.base import ScaleBytes
-from substrateinterface import Keypair
 
 from chain.account_derivation import account_id
-from chain.ledger import ComputeLedger
+from chain.errors import EconomyError
 from chain.records import Payment
 from economy.receipts import UsageReceipt
+
+if TYPE_CHECKING:  # callers hand in the ledger and keys: the error types here load without substrate-interface
+    from substrateinterface import Keypair
+
+    from chain.ledger import ComputeLedger
 
 # TransactionValidityError::Invalid variants (sp_runtime), as the runtime encodes them.
 _INVALID_REASONS = {
@@ -45,15 +50,15 @@ _INVALID_REASONS = {
 _EXTERNAL_SOURCE = "02"
 
 
-class SettlementOfferError(ValueError):
+class SettlementOfferError(EconomyError, ValueError):
     """A pre-signed settlement is malformed, invalid on chain, or does not pay the receipt it came with."""
 
 
-class SettlementNotReadyError(RuntimeError):
+class SettlementNotReadyError(EconomyError, RuntimeError):
     """An earlier nonce of the same client is not on chain yet: this extrinsic cannot be included now."""
 
 
-class StaleSettlementError(RuntimeError):
+class StaleSettlementError(EconomyError, RuntimeError):
     """The extrinsic's nonce was consumed by another transaction without paying these receipts."""
 
 

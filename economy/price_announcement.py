@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from chain.errors import EconomyError
 from economy import canonical
 from economy.canonical import CanonicalFormatError, FieldSpec
 from economy.envelope import SignedEnvelope
@@ -17,7 +18,7 @@ ANNOUNCEMENT_TAG = "dllm.price.1"
 ROLES = ("ask", "bid")
 
 
-class MalformedAnnouncementError(ValueError):
+class MalformedAnnouncementError(EconomyError, ValueError):
     """The payload is not a well-formed price announcement, or not its sender's own."""
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from chain.errors import EconomyError
+
 BP = 10_000
 """Basis points: multipliers are integers where BP means 1.0."""
 
@@ -45,7 +47,7 @@ PROMPT_SHARE_BP = 2_500
 prefill runs all prompt tokens in one parallel pass, far cheaper per token than decode steps."""
 
 
-class PricingError(ValueError):
+class PricingError(EconomyError, ValueError):
     """A price input is out of range (negative counts or rates, empty route, ...)."""
 
 

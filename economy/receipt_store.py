@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from chain.errors import EconomyError
 from economy.receipts import ReplayedReceiptError, SignedReceipt, verify_receipt
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class ReceiptState(StrEnum):
     SETTLED = "settled"
 
 
-class ReceiptStoreError(RuntimeError):
+class ReceiptStoreError(EconomyError, RuntimeError):
     """A store operation names an unknown batch or receipt."""
 
 

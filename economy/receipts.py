@@ -14,12 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Container
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
-from substrateinterface import Keypair
-
+from chain.errors import EconomyError
 from economy import canonical, signing
 from economy.canonical import CanonicalFormatError, FieldSpec
 from economy.pricing import ProviderRate, Usage, provider_amount
+
+if TYPE_CHECKING:  # keys come from callers; a peer that serves for free never loads substrate-interface
+    from substrateinterface import Keypair
 
 RECEIPT_TAG = "dllm.receipt.2"  # .2 added adapter_version: older verifiers reject, never misjudge
 SIGNED_RECEIPT_TAG = "dllm.signed_receipt.1"
@@ -30,7 +33,7 @@ TRAINING_ADAPTERS = canonical.MAX_U64
 """adapter_version of a training pass: the peer's working adapters, which are no published version."""
 
 
-class ReceiptError(ValueError):
+class ReceiptError(EconomyError, ValueError):
     """Base of every reason a receipt is refused."""
 
 
@@ -60,6 +63,14 @@ class CommitmentMismatchError(ReceiptError):
 
 class RateMismatchError(ReceiptError):
     """A provider's claimed rate or parameter count differs from what the client agreed to."""
+
+
+class UnexpectedReceiptError(ReceiptError):
+    """A delivered receipt is validly signed but is not the one the provider proposed for the session."""
+
+
+class NothingToBillError(ReceiptError):
+    """The session has no metered work since its last receipt."""
 
 
 _RECEIPT_SCHEMA = (

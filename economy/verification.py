@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from substrateinterface import Keypair
 
+from chain.errors import EconomyError
 from economy import canonical, signing
 from economy.canonical import CanonicalFormatError, FieldSpec
 from economy.work_sample import WorkSample
@@ -43,7 +44,7 @@ ERROR_SCALE = 1_000_000
 """Verdicts carry errors as integer parts-per-million (canonical bytes hold no floats)."""
 
 
-class VerificationError(ValueError):
+class VerificationError(EconomyError, ValueError):
     """Base of every reason a verdict is refused."""
 
 

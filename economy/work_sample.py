@@ -18,6 +18,7 @@ import msgpack
 import numpy as np
 import torch
 
+from chain.errors import EconomyError
 from economy import canonical
 from economy.metering import StepKind, StepRecord, activation_digest, chain_commitment, commitment_start
 from economy.receipts import TRAINING_ADAPTERS, MalformedReceiptError, SignedReceipt
@@ -27,16 +28,20 @@ MAX_SAMPLE_BYTES = 64 * 1024 * 1024
 MAX_STEPS = 100_000
 
 
-class MalformedWorkSampleError(ValueError):
+class MalformedWorkSampleError(EconomyError, ValueError):
     """The bytes are not a well-formed work sample."""
 
 
-class EvidenceMismatchError(ValueError):
+class EvidenceMismatchError(EconomyError, ValueError):
     """The sample's tensors do not match the provider's signed commitment: it is not evidence."""
 
 
-class UnverifiableSampleError(ValueError):
+class UnverifiableSampleError(EconomyError, ValueError):
     """The work ran with weights a verifier does not hold (adapters): no verdict either way."""
+
+
+class SampleRejectedError(EconomyError, ValueError):
+    """A work sample is not for the verifier's model, or its blocks are outside it."""
 
 
 @dataclass(frozen=True)

@@ -22,16 +22,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from chain.errors import ConfigError
+from swarm.protocol import ProtocolError
+
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 _WORKING = "working"
 
 
-class AdapterError(ValueError):
+class AdapterError(ProtocolError):
     """Base class of the adapter errors below."""
 
 
-class AdapterConfigError(AdapterError):
+class AdapterConfigError(ConfigError, ValueError):
     """A LoRA configuration value is out of range or names no projection of the layers."""
 
 

@@ -11,8 +11,10 @@ from collections.abc import Sequence
 
 import torch
 
+from swarm.protocol import ProtocolError
 
-class AggregationError(ValueError):
+
+class AggregationError(ProtocolError):
     """Updates that cannot be aggregated: none given, mismatched shapes, non-finite values, bad bounds."""
 
 

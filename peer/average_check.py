@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from swarm.protocol import ProtocolError
 
-class SketchError(ValueError):
+
+class SketchError(ProtocolError):
     """A sketch from a groupmate has the wrong size or non-finite values."""
 
 

@@ -43,6 +43,7 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.control import AveragingStage
 from hivemind.utils import get_dht_time
 
+from chain.errors import ConfigError
 from peer.adapters import AdapterSet, AdapterState, flatten, unflatten
 from peer.aggregation import clip_by_norm
 from peer.average_check import AverageSketcher, Sketch, SketchError
@@ -55,7 +56,7 @@ _LIVE_SKETCH_BLOCKS = 32
 ExpectedReplicas = Callable[[], Awaitable[set[str]]]
 
 
-class AveragingConfigError(ValueError):
+class AveragingConfigError(ConfigError, ValueError):
     """An averaging setting is out of range."""
 
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from chain.errors import ConfigError
 from swarm.architectures import architecture_for
 from swarm.model_files import ModelFilesError, read_tensors
 
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 
-class InvalidSpanError(ValueError):
+class InvalidSpanError(ConfigError, ValueError):
     """The requested block range does not fit the model."""
 
 

@@ -23,6 +23,7 @@ from typing import Protocol
 
 import torch
 
+from chain.errors import ConfigError
 from peer.adapters import AdapterSet
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class VersionsEvaluator(Protocol):
     async def losses(self, versions: Sequence[int]) -> list[float]: ...
 
 
-class CanaryConfigError(ValueError):
+class CanaryConfigError(ConfigError, ValueError):
     """A canary threshold is out of range."""
 
 

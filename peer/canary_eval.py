@@ -24,12 +24,13 @@ from hivemind import DHT
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
+from chain.errors import UnavailableError
 from peer.canary import CanaryConfig, CanaryGate
 from peer.canary_examples import CanaryBatch, build_canary_batch, read_canary_file
 from swarm import protocol
 from swarm.client import ClientConfig, SwarmClient
 from swarm.local_head import causal_lm_loss
-from swarm.routing import Hop
+from swarm.routing import Hop, NoRouteError
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ LocalForward = Callable[[torch.Tensor, int], Awaitable[torch.Tensor]]
 """(hidden states, adapter version of this span) -> this span's output, computed in this process."""
 
 
-class CanaryEvaluationError(RuntimeError):
+class CanaryEvaluationError(UnavailableError, RuntimeError):
     """The canary examples could not be run through the swarm (no route, peers failing, timeout)."""
 
 
@@ -84,11 +85,14 @@ class SwarmCanaryEvaluator:
                 result = await self._evaluate_once(versions)
                 self.evaluations += 1
                 return result
-            except Exception as e:  # a peer left or failed: ban it and re-plan once
+            except (protocol.RemotePeerError, NoRouteError, *protocol.CALL_FAILURES) as e:  # ban a failed peer, re-plan
                 last = e
-                failed = getattr(e, "peer_id", None)
-                if failed and not isinstance(e, protocol.InvalidRequestError):
-                    self.client.report_failure(failed, e)
+                if (
+                    isinstance(e, protocol.RemotePeerError)
+                    and e.peer_id
+                    and not isinstance(e, protocol.InvalidRequestError)
+                ):
+                    self.client.report_failure(e.peer_id, e)
                 logger.info("canary evaluation attempt %d failed: %s: %s", attempt + 1, type(e).__name__, e)
         raise CanaryEvaluationError(
             f"canary examples could not run through the swarm: {type(last).__name__}: {last}"
@@ -116,12 +120,7 @@ class SwarmCanaryEvaluator:
     async def _through(self, hops: list[Hop], hidden: torch.Tensor, pins: dict[str, int]) -> torch.Tensor:
         for hop in hops:
             extra = {"adapter_version": pins[hop.peer_id]} if hop.peer_id in pins else None
-            try:
-                hidden = await self.client._hop_call(hop, protocol.HANDLER_FORWARD, [hidden], extra)
-            except Exception as e:
-                if getattr(e, "peer_id", None) is None:
-                    e.peer_id = hop.peer_id  # so the retry bans the hop that failed
-                raise
+            hidden = await self.client._hop_call(hop, protocol.HANDLER_FORWARD, [hidden], extra)  # names a failed hop
         return hidden
 
     async def _evaluate_once(self, versions: list[int]) -> list[float]:

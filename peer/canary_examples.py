@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 
+from chain.errors import ConfigError
+
 MAX_EXAMPLES = 64
 MAX_TOKENS_PER_EXAMPLE = 256
 
 
-class CanaryExamplesError(ValueError):
+class CanaryExamplesError(ConfigError, ValueError):
     """The canary file is missing, unreadable, empty or holds an example that cannot be scored."""
 
 

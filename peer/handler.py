@@ -21,41 +21,19 @@ from hivemind.proto import runtime_pb2
 
 from economy.metering import StepKind
 from economy.receipts import BASE_WEIGHTS, TRAINING_ADAPTERS
-from peer.adapters import AdapterError
 from peer.config import PeerConfig
-from peer.kv_cache import CacheFullError, CacheManager, CacheOverflowError, SessionExistsError, SessionNotFoundError
+from peer.kv_cache import CacheManager, CacheOverflowError
 from peer.learning import SpanLearner
 from peer.metering_hook import MeteringRequestError, SessionMeters
 from peer.span import SpanRunner
-from peer.training import GradientError, RateLimitExceededError
-from swarm import chunks, protocol
-from swarm.protocol import ProtocolError
+from swarm import chunks, protocol, wire_errors
+from swarm.protocol import BlocksNotServed, ProtocolError
 from swarm.tensors import InvalidTensorError, check_hidden_states, decode, encode
 
 logger = logging.getLogger(__name__)
 
 
 _INLINE_COMPUTE_S = 0.004
-
-
-class BlocksNotServed(ValueError):
-    """A request names blocks outside this peer's span."""
-
-
-# Exceptions a caller can cause, mapped to the error kind it gets back.
-_CALLER_ERRORS: dict[type[Exception], str] = {
-    ProtocolError: "invalid_request",
-    InvalidTensorError: "invalid_tensor",
-    SessionNotFoundError: "unknown_session",
-    BlocksNotServed: "blocks_not_served",
-    CacheFullError: "cache_full",
-    CacheOverflowError: "invalid_request",
-    SessionExistsError: "invalid_request",
-    MeteringRequestError: "invalid_request",
-    AdapterError: "invalid_request",
-    GradientError: "invalid_request",
-    RateLimitExceededError: "invalid_request",
-}
 
 
 async def _await_end(requests: AsyncIterator[runtime_pb2.ExpertRequest], timeout: float) -> None:
@@ -73,13 +51,6 @@ async def _await_end(requests: AsyncIterator[runtime_pb2.ExpertRequest], timeout
         await asyncio.wait_for(drain(), timeout)
     except Exception:  # a broken or slow caller: nothing more to tell it
         pass
-
-
-def _error_kind(e: Exception) -> str | None:
-    for cls, kind in _CALLER_ERRORS.items():
-        if isinstance(e, cls):
-            return kind
-    return None
 
 
 class BlockHandler:
@@ -162,15 +133,8 @@ class BlockHandler:
         return check_hidden_states(tensor, self.span.hidden_size, self.config.max_tokens_per_request, name)
 
     def _reject(self, e: Exception, what: str) -> runtime_pb2.ExpertResponse:
-        kind = _error_kind(e)
-        if kind is None:
-            logger.exception("%s failed", what)
-            kind, message = "internal", f"{type(e).__name__}: {e}"
-        else:
-            message = str(e)
-            logger.info("rejected %s: %s", what, message)
         self.requests_rejected += 1
-        return protocol.error_response(kind, message)
+        return wire_errors.reply_for(e, what, logger)
 
     def _check_model(self, metadata: dict) -> None:
         model = metadata.get("model")

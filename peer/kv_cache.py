@@ -12,20 +12,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-
-class CacheFullError(RuntimeError):
-    """The peer's attention-cache budget cannot hold another session of this size."""
+from swarm.protocol import CacheFullError, ProtocolError, SessionNotFoundError
 
 
-class SessionNotFoundError(KeyError):
-    """The session is unknown to this peer (never opened, closed, or expired)."""
-
-
-class SessionExistsError(ValueError):
+class SessionExistsError(ProtocolError):
     """A client tried to open a session id that is already open."""
 
 
-class CacheOverflowError(ValueError):
+class CacheOverflowError(ProtocolError):
     """A session tried to store more tokens than it reserved when it opened."""
 
 

@@ -18,17 +18,18 @@ import torch
 from economy.canonical import CanonicalFormatError, check_ss58
 from economy.metering import StepKind, UsageMeter, step_kind_at
 from economy.receipts import BASE_WEIGHTS, UsageReceipt
+from swarm.protocol import ProtocolError, SessionNotFoundError
 
 logger = logging.getLogger(__name__)
 
 MAX_METERED_SESSIONS = 10_000
 
 
-class MeteringRequestError(ValueError):
+class MeteringRequestError(ProtocolError):
     """A session's billing fields (client account, sampling flag) are malformed."""
 
 
-class UnknownMeteredSessionError(LookupError):
+class UnknownMeteredSessionError(SessionNotFoundError):
     """No metered session has this id (never opened with a client account, or expired)."""
 
 

@@ -26,51 +26,27 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 from substrateinterface import Keypair
 
-from chain.errors import ChainConnectionError
 from economy.presigned_ledger import PresignedSettlementLedger, settle_round
-from economy.presigned_settlement import SettlementOfferError, decode_settlement, validate_on_chain
+from economy.presigned_settlement import decode_settlement, validate_on_chain
 from economy.pricing import ProviderRate
 from economy.receipt_store import ReceiptStore
 from economy.receipts import (
-    ForgedReceiptError,
     MalformedReceiptError,
+    NothingToBillError,
     ReplayedReceiptError,
     SignedReceipt,
-    WrongSignerError,
+    UnexpectedReceiptError,
     receipt_for_segment,
     sign_as_provider,
     verify_receipt,
 )
 from economy.settlement import Settler
 from economy.signing import load_keypair
-from peer.metering_hook import SessionMeters, UnknownMeteredSessionError
-from swarm import protocol
+from peer.metering_hook import SessionMeters
+from swarm import protocol, wire_errors
 from swarm.protocol import ProtocolError
 
 logger = logging.getLogger(__name__)
-
-
-class NothingToBillError(ValueError):
-    """The session has no metered work since its last receipt."""
-
-
-class UnexpectedReceiptError(ValueError):
-    """A delivered receipt is validly signed but is not the one this peer proposed for the session."""
-
-
-# Reasons a receipt RPC is refused, as error kinds the client maps back to exception types.
-RECEIPT_ERROR_KINDS: dict[type[Exception], str] = {
-    MalformedReceiptError: "malformed_receipt",
-    ForgedReceiptError: "forged_receipt",
-    WrongSignerError: "wrong_signer",
-    ReplayedReceiptError: "replayed_receipt",
-    UnexpectedReceiptError: "unexpected_receipt",
-    SettlementOfferError: "invalid_settlement",
-    UnknownMeteredSessionError: "unknown_session",
-    NothingToBillError: "nothing_to_bill",
-    ProtocolError: "invalid_request",
-    ChainConnectionError: "chain_unavailable",  # the settlement cannot be checked now; the client retries
-}
 
 
 @dataclass(frozen=True)
@@ -173,14 +149,9 @@ class ReceiptService:
             else:
                 raise ProtocolError(f"unknown receipt op {op!r:.40}; expected 'propose' or 'deliver'")
             return runtime_pb2.ExpertResponse(metadata=protocol.pack_metadata(reply))
-        except Exception as e:
+        except Exception as e:  # an RPC boundary: any failure becomes an error reply (wire_errors picks its kind)
             self.receipts_rejected += 1
-            kind = next((k for cls, k in RECEIPT_ERROR_KINDS.items() if isinstance(e, cls)), None)
-            if kind is None:
-                logger.exception("receipt RPC failed")
-                return protocol.error_response("internal", f"{type(e).__name__}: {e}")
-            logger.info("rejected receipt RPC: %s", e)
-            return protocol.error_response(kind, str(e))
+            return wire_errors.reply_for(e, "receipt RPC", logger)
 
     def _propose(self, metadata: dict) -> dict:
         session = self.meters.get(protocol.get_field(metadata, "session_id", str))

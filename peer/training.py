@@ -18,19 +18,21 @@ from dataclasses import dataclass, field
 
 import torch
 
+from chain.errors import ConfigError
 from peer.adapters import AdapterSet, flatten, unflatten
 from peer.aggregation import centered_clip, clip_by_norm, trimmed_mean, weighted_mean
+from swarm.protocol import ProtocolError
 
 logger = logging.getLogger(__name__)
 
 AGGREGATIONS = ("mean", "trimmed_mean", "centered_clip")
 
 
-class TrainingConfigError(ValueError):
+class TrainingConfigError(ConfigError, ValueError):
     """A training setting is out of range."""
 
 
-class RateLimitExceededError(RuntimeError):
+class RateLimitExceededError(ProtocolError, RuntimeError):
     """A contributor sent training passes faster than its allowance; retry after `retry_after` seconds."""
 
     def __init__(self, contributor: str, retry_after: float):
@@ -39,7 +41,7 @@ class RateLimitExceededError(RuntimeError):
         self.retry_after = retry_after
 
 
-class GradientError(ValueError):
+class GradientError(ProtocolError):
     """A training pass produced gradients that cannot be used (wrong names or shapes, NaN/inf)."""
 
 

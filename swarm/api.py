@@ -94,7 +94,8 @@ def _context_limit(model: TextGenerator) -> int | None:
 def _chat_prompt(model: TextGenerator, request: ChatCompletionRequest) -> str:
     messages = [{"role": m.role, "content": m.text()} for m in request.messages]
     if getattr(model.tokenizer, "chat_template", None):
-        return model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt: str = model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return prompt
     # A model shipped without a chat template: a plain transcript the model can continue.
     lines = [f"{m['role']}: {m['content']}" for m in messages]
     return "\n".join(lines) + "\nassistant:"
@@ -166,7 +167,9 @@ def create_app(model: TextGenerator) -> FastAPI:
             raise
         except Exception as error:  # any swarm failure: the request fails, the server lives
             log.warning("generation failed: %s: %s", type(error).__name__, error)
-            raise SwarmUnavailableError(f"the swarm could not serve this request: {type(error).__name__}: {error}")
+            raise SwarmUnavailableError(
+                f"the swarm could not serve this request: {type(error).__name__}: {error}"
+            ) from error
 
     @app.exception_handler(Exception)
     async def on_failure(_: Request, error: Exception) -> JSONResponse:
@@ -182,7 +185,8 @@ def create_app(model: TextGenerator) -> FastAPI:
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str) -> dict[str, Any]:
         check_model(name)
-        return schema.model_list(model.model_name, schema.now())["data"][0]
+        entry: dict[str, Any] = schema.model_list(model.model_name, schema.now())["data"][0]
+        return entry
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: CompletionRequest) -> Any:
@@ -251,6 +255,7 @@ def create_app(model: TextGenerator) -> FastAPI:
         async def send() -> Any:
             if submit is not None:
                 return await submit(request.prompt, request.completion)
+            assert blocking is not None  # one of the two exists: checked above
             return await asyncio.to_thread(blocking, request.prompt, request.completion)
 
         outcome = await run_generation(send)

@@ -12,11 +12,15 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from chain.errors import ConfigError
+
 if TYPE_CHECKING:  # transformers is imported only with a model's modeling code (architecture_for)
+    from types import SimpleNamespace
+
     from transformers import PretrainedConfig
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(ConfigError, ValueError):
     """The model's architecture is not one a DLLM peer can serve."""
 
 
@@ -36,7 +40,7 @@ class Architecture:
             return False
         layer_types = getattr(config, "layer_types", None)
         if layer_types is not None:
-            return layer_types[layer_index] == "sliding_attention"
+            return bool(layer_types[layer_index] == "sliding_attention")
         return self.model_type == "mistral"
 
 
@@ -50,8 +54,10 @@ _FAMILIES = {
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 
 
-def check_supported(config: PretrainedConfig) -> None:
-    """Raises UnsupportedArchitectureError naming the architecture unless DLLM can serve it (cheap: no imports)."""
+def check_supported(config: PretrainedConfig | SimpleNamespace) -> None:
+    """Raises UnsupportedArchitectureError naming the architecture unless DLLM can serve it (cheap: no imports).
+
+    `config` is a transformers config or config.json's fields as read by `read_config_fields`."""
     model_type = getattr(config, "model_type", None)
     if model_type not in _FAMILIES:
         arch = ", ".join(getattr(config, "architectures", None) or []) or "unknown"

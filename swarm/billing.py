@@ -16,17 +16,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgpack
 import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-from chain.errors import ChainConnectionError
+from chain.errors import ChainConnectionError, ChainError, UnavailableError
 from economy import signing
 from economy.canonical import CanonicalFormatError
 from economy.metering import StepKind, UsageMeter, step_kind_at
@@ -44,14 +45,24 @@ from economy.receipts import (
 )
 from economy.verification import SignedVerdict, SpotCheckPolicy
 from economy.work_sample import SampledStep, WorkSample
-from swarm import protocol
+from swarm import protocol, wire_errors
+from swarm.protocol import ReceiptRefusedError
 from swarm.routing import Hop
+
+if TYPE_CHECKING:  # substrate-interface loads with the first chain connection (start()), not with this module
+    from substrateinterface import Keypair
+
+    from chain.ledger import ComputeLedger
+
+_T = TypeVar("_T")
 
 logger = logging.getLogger(__name__)
 
 MAX_SAMPLE_MESSAGE_BYTES = protocol.MAX_UNARY_MESSAGE_BYTES - protocol.ENVELOPE_ROOM_BYTES
 """Larger samples are not sent: they would not fit one unary message."""
 CHAIN_RETRY_INTERVAL_S = 1.0
+CHAIN_RETRY_MAX_INTERVAL_S = 8.0
+"""Retries of a settlement the chain could not take start CHAIN_RETRY_INTERVAL_S apart and double up to this."""
 
 
 @dataclass
@@ -76,12 +87,12 @@ class BillingConfig:
             raise ValueError("receipt_every_tokens must be >= 1, verifiers_per_sample and settlement_retry_s >= 0")
 
 
-class ReceiptRefusedError(RuntimeError):
-    """A provider refused a receipt RPC; `kind` names why (forged_receipt, replayed_receipt, ...)."""
+class SettlementSubmitError(UnavailableError):
+    """The chain refused this client's submission of a settlement, and the receipts it pays are still unpaid."""
 
-    def __init__(self, kind: str, message: str, peer_id: str):
-        super().__init__(f"peer {peer_id} refused the receipt ({kind}): {message}")
-        self.kind, self.peer_id = kind, peer_id
+    def __init__(self, nonce: int, cause: ChainError):
+        super().__init__(f"the chain refused the settlement at nonce {nonce}: {type(cause).__name__}: {cause}")
+        self.nonce = nonce
 
 
 def route_hops(hops: list[Hop]) -> list[RouteHop]:
@@ -129,29 +140,37 @@ class ClientBilling:
         self.p2p, self.dht, self.model = p2p, dht, model
         self.policy = SpotCheckPolicy(config.sample_rate, config.sample_secret)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-billing-chain")
-        self.ledger = None
-        self.keypair = None
+        self.ledger: ComputeLedger | None = None  # both set by start()
+        self.keypair: Keypair | None = None
         self.network = ""
         self._next_nonce = 0
-        self._background: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task[object]] = set()
         self.verdicts: list[SignedVerdict] = []
         self.sample_failures: list[str] = []
         self.unverifiable_samples: list[str] = []  # receipt ids drawn for a check but served with adapters
         self.settlement_failures: list[str] = []  # co-signed receipts this client could not get paid in time
 
-    async def _chain(self, fn, *args):
+    async def _chain(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
 
     async def start(self) -> None:
         from chain.ledger import ComputeLedger
 
-        self.ledger = await self._chain(ComputeLedger, self.config.chain_url)
-        self.keypair = signing.load_keypair(self.config.client_key, self.ledger.ss58_format)
-        self.network = await self._chain(self.ledger.substrate.get_block_hash, 0)
+        ledger = await self._chain(ComputeLedger, self.config.chain_url)
+        self.ledger = ledger
+        self.keypair = signing.load_keypair(self.config.client_key, ledger.ss58_format)
+        self.network = await self._chain(ledger.substrate.get_block_hash, 0)
+
+    def _connected(self) -> tuple[ComputeLedger, Keypair]:
+        """The chain connection and key that start() set."""
+        if self.ledger is None or self.keypair is None:
+            raise RuntimeError("ClientBilling.start() has not run")
+        return self.ledger, self.keypair
 
     @property
     def account(self) -> str:
-        return self.keypair.ss58_address
+        address: str = self._connected()[1].ss58_address
+        return address
 
     async def close(self) -> None:
         await self.flush()
@@ -164,7 +183,7 @@ class ClientBilling:
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -178,8 +197,9 @@ class ClientBilling:
         """Signs one settlement paying `receipts` at this client's next unused nonce."""
 
         def sign() -> tuple[int, bytes]:
-            nonce = max(self._next_nonce, account_nonce(self.ledger, self.account))
-            extrinsic = sign_at_nonce(self.ledger, self.keypair, payments_for(receipts), nonce)
+            ledger, keypair = self._connected()
+            nonce = max(self._next_nonce, account_nonce(ledger, self.account))
+            extrinsic = sign_at_nonce(ledger, keypair, payments_for(receipts), nonce)
             self._next_nonce = nonce + 1
             return nonce, extrinsic
 
@@ -190,14 +210,17 @@ class ClientBilling:
     ) -> None:
         """Submits a signed settlement in the background (chain calls stay in nonce order).
 
-        While the chain is unreachable it retries for `settlement_retry_s`; so it does while an earlier
-        nonce is missing if no provider holds this extrinsic (a failed delivery), else it leaves it to them."""
+        While the chain is unreachable or refuses the submission, it retries with backoff for
+        `settlement_retry_s`; so it does while an earlier nonce is missing if no provider holds this
+        extrinsic (a failed delivery), else it leaves it to them. A settlement still unpaid then is
+        counted in `settlement_failures` and logged as an error: a payment is never dropped silently."""
 
         def submit() -> bool:
             """True when done: paid, submitted, refused, or left to the providers."""
-            if len(self.ledger.settled_on_chain(self.account, receipt_ids)) == len(receipt_ids):
+            ledger = self._connected()[0]
+            if len(ledger.settled_on_chain(self.account, receipt_ids)) == len(receipt_ids):
                 return True  # a provider was faster
-            next_nonce = account_nonce(self.ledger, self.account)
+            next_nonce = account_nonce(ledger, self.account)
             if next_nonce != nonce:
                 if next_nonce < nonce and not providers_hold_it:
                     return False  # only this client holds it: wait for the earlier nonce
@@ -206,27 +229,37 @@ class ClientBilling:
                 )
                 return True
             try:
-                self.ledger.submit_signed(extrinsic)
+                ledger.submit_signed(extrinsic)
             except ChainConnectionError:
                 raise
-            except Exception as e:  # a provider may have submitted the same bytes a moment earlier
-                logger.info("settlement at nonce %d not submitted by the client: %s", nonce, e)
+            except ChainError as e:
+                if len(ledger.settled_on_chain(self.account, receipt_ids)) == len(receipt_ids):
+                    return True  # a provider submitted the same bytes a moment earlier
+                raise SettlementSubmitError(nonce, e) from e
             return True
 
         async def until_done() -> None:
             deadline = asyncio.get_running_loop().time() + self.config.settlement_retry_s
+            delay, failure = CHAIN_RETRY_INTERVAL_S, "the chain did not confirm it"
             while True:
                 try:
                     if await self._chain(submit):
                         return
-                except ChainConnectionError as e:  # the outcome of a cut-off submission is read back next try
-                    logger.info("settlement at nonce %d: %s", nonce, e)
-                if asyncio.get_running_loop().time() > deadline:
-                    self.settlement_failures.append(
-                        f"settlement at nonce {nonce} not confirmed in {self.config.settlement_retry_s:.0f} s"
-                    )
+                except (ChainConnectionError, SettlementSubmitError) as e:  # each try re-reads what the chain holds
+                    failure = str(e)
+                    logger.warning("settlement at nonce %d: %s; retrying in %.0f s", nonce, e, delay)
+                except Exception as e:  # a background task: an unforeseen failure is counted, never dropped
+                    logger.exception("settlement at nonce %d failed", nonce)
+                    self.settlement_failures.append(f"settlement at nonce {nonce} failed: {type(e).__name__}: {e}")
                     return
-                await asyncio.sleep(CHAIN_RETRY_INTERVAL_S)
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    self.settlement_failures.append(
+                        f"settlement at nonce {nonce} not paid in {self.config.settlement_retry_s:.0f} s: {failure}"
+                    )
+                    logger.error("settlement at nonce %d given up: %s", nonce, failure)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, CHAIN_RETRY_MAX_INTERVAL_S)
 
         self._spawn(until_done())
 
@@ -274,7 +307,7 @@ class ClientBilling:
                     self.config.request_timeout,
                 )
                 meta = msgpack.unpackb(response.metadata, raw=False) if response.metadata else {}
-                protocol.raise_if_error(meta, peer_id)
+                wire_errors.raise_if_error(meta, peer_id)
                 verdicts.append(SignedVerdict.decode(meta["verdict"]))
             except Exception as e:  # one verifier failing must not stop the others
                 self.sample_failures.append(f"verifier {peer_id}: {type(e).__name__}: {e}")
@@ -296,7 +329,7 @@ class SessionBilling:
         self.errors: list[Exception] = []
 
     @property
-    def open_extra(self) -> dict:
+    def open_extra(self) -> dict[str, Any]:
         """Opening metadata every hop gets: who pays, and whether the session samples."""
         return {"client": self.billing.account, "sampled": self.sampled}
 
@@ -408,11 +441,15 @@ class SessionBilling:
     async def _countersign(self, stream: Any) -> SignedReceipt:
         hm = self.meters[stream.session_id]
         reply = await self._call(stream.hop.peer_id, {"op": "propose", "session_id": stream.session_id})
+        raw_receipt, provider_signature = reply.get("receipt"), reply.get("provider_signature")
         try:
-            receipt = UsageReceipt.decode(reply.get("receipt"))
+            if not isinstance(raw_receipt, bytes):
+                raise MalformedReceiptError("the proposal holds no receipt bytes")
+            receipt = UsageReceipt.decode(raw_receipt)
         except (MalformedReceiptError, CanonicalFormatError) as e:
             raise MalformedReceiptError(f"peer {stream.hop.peer_id} proposed a malformed receipt: {e}") from None
-        provider_signature = reply.get("provider_signature")
+        if not isinstance(provider_signature, bytes):
+            raise ForgedReceiptError(f"{stream.hop.peer_id}'s receipt proposal carries no provider signature")
         record = hm.hop.record
         if not _same_account(record.chain_account, receipt.provider):
             raise WrongSignerError(
@@ -432,9 +469,10 @@ class SessionBilling:
             (hm.hop.end - hm.hop.start) * record.params_per_block,
         )
         hm.meter.close_segment()
-        return SignedReceipt(receipt, provider_signature, sign_as_client(receipt, self.billing.keypair))
+        keypair = self.billing._connected()[1]
+        return SignedReceipt(receipt, provider_signature, sign_as_client(receipt, keypair))
 
-    async def _call(self, peer_id: str, metadata: dict) -> dict:
+    async def _call(self, peer_id: str, metadata: dict[str, Any]) -> dict[str, Any]:
         request = runtime_pb2.ExpertRequest(metadata=protocol.pack_metadata(metadata))
         response = await asyncio.wait_for(
             self.billing.p2p.call_protobuf_handler(
@@ -443,9 +481,7 @@ class SessionBilling:
             self.billing.config.request_timeout,
         )
         meta = protocol.unpack_metadata(response.metadata)
-        error = meta.get("error")
-        if isinstance(error, dict):
-            raise ReceiptRefusedError(str(error.get("kind")), str(error.get("message")), peer_id)
+        wire_errors.raise_if_error(meta, peer_id)  # ReceiptRefusedError for the receipt kinds
         return meta
 
     def bill(self, model: str) -> Bill:

@@ -13,20 +13,21 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Generator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import torch
+from hivemind import DHT
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from economy.pricing import Bill, Quote
 from economy.pricing import quote as price_quote
-from swarm import chunks, protocol
+from swarm import chunks, protocol, wire_errors
 from swarm.billing import BillingConfig, ClientBilling, SessionBilling, route_hops, route_price
 from swarm.dht import start_dht
 from swarm.direct import DirectEndpoint, DirectEndpointError, DirectStreamError
@@ -41,6 +42,8 @@ from swarm.tensors import InvalidTensorError, check_hidden_states, decode, encod
 from swarm.training_billing import TrainingPassBilling
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 # Above this, forward/backward go through the streamed RPCs (hivemind refuses unary messages over 4 MiB).
 _UNARY_PAYLOAD_BYTES = 3 * 2**20
@@ -146,13 +149,14 @@ class SwarmClient:
         self.direct_endpoints: dict[str, DirectEndpoint] = {}  # peer id -> its direct stream endpoint (from rpc_info)
         self._records: list[ServerRecord] = []
         self._records_at = 0.0
-        self.dht = None
+        self.dht: DHT | None = None
         self.p2p: P2P | None = None
         self.billing: ClientBilling | None = None
 
     async def start(self) -> None:
-        self.dht, _ = await asyncio.to_thread(start_dht, self.initial_peers, client_mode=True)
-        self.p2p = await self.dht.replicate_p2p()
+        dht, _ = await asyncio.to_thread(start_dht, self.initial_peers, client_mode=True)
+        self.dht = dht
+        self.p2p = await dht.replicate_p2p()
         if self.config.billing is not None:
             self.billing = ClientBilling(self.config.billing, self.p2p, self.dht, self.model)
             await self.billing.start()
@@ -212,7 +216,13 @@ class SwarmClient:
         self.latency[peer_id] = rtt
         return rtt
 
-    def _learn_direct_endpoint(self, peer_id: str, value) -> None:
+    def _started_p2p(self) -> P2P:
+        """The P2P replica start() made."""
+        if self.p2p is None:
+            raise RuntimeError("SwarmClient.start() has not run (or shutdown() has)")
+        return self.p2p
+
+    def _learn_direct_endpoint(self, peer_id: str, value: Any) -> None:
         # rpc_info came over the P2P connection authenticated by `peer_id`: the certificate it names is the peer's.
         self.direct_endpoints.pop(peer_id, None)
         if value is None:
@@ -237,7 +247,7 @@ class SwarmClient:
                 self.direct_endpoints.pop(peer_id, None)
                 if attempt == 0:
                     await self.ping(peer_id, samples=1)  # connected already: one call re-reads the info
-        return await P2PInferenceStream.open(self.p2p, peer_id)
+        return await P2PInferenceStream.open(self._started_p2p(), peer_id)
 
     async def is_alive(self, peer_id: str) -> bool:
         """Whether `peer_id` answers rpc_info within a second."""
@@ -288,10 +298,12 @@ class SwarmClient:
         self, peer_id: str, handler: str, request: runtime_pb2.ExpertRequest, timeout: float | None = None
     ) -> runtime_pb2.ExpertResponse:
         response = await asyncio.wait_for(
-            self.p2p.call_protobuf_handler(PeerID.from_base58(peer_id), handler, request, runtime_pb2.ExpertResponse),
+            self._started_p2p().call_protobuf_handler(
+                PeerID.from_base58(peer_id), handler, request, runtime_pb2.ExpertResponse
+            ),
             timeout or self.config.request_timeout,
         )
-        protocol.raise_if_error(protocol.unpack_metadata(response.metadata), peer_id)
+        wire_errors.raise_if_error(protocol.unpack_metadata(response.metadata), peer_id)
         return response
 
     async def _hop_call(
@@ -299,12 +311,28 @@ class SwarmClient:
         hop: Hop,
         handler: str,
         tensors: list[torch.Tensor],
-        extra: dict | None = None,
+        extra: dict[str, Any] | None = None,
         metered: TrainingPassBilling | None = None,
     ) -> torch.Tensor:
         """forward/backward on one hop; payloads too big for one message go through the streamed variant.
 
-        `extra` adds request metadata (e.g. {"train": True} for a feedback pass); `metered` bills the call."""
+        `extra` adds request metadata (e.g. {"train": True} for a feedback pass); `metered` bills the call.
+        Every failure of the hop is a RemotePeerError naming it: an error reply, or HopFailedError."""
+        try:
+            return await self._hop_call_once(hop, handler, tensors, extra, metered)
+        except protocol.RemotePeerError:
+            raise
+        except protocol.CALL_FAILURES as e:
+            raise protocol.HopFailedError(f"{type(e).__name__}: {e}", hop.peer_id) from e
+
+    async def _hop_call_once(
+        self,
+        hop: Hop,
+        handler: str,
+        tensors: list[torch.Tensor],
+        extra: dict[str, Any] | None,
+        metered: TrainingPassBilling | None,
+    ) -> torch.Tensor:
         metadata = {"model": self.model, "blocks": [hop.start, hop.end], **(extra or {})}
         if metered is not None:
             metadata.update(metered.request_metadata(hop))
@@ -327,22 +355,26 @@ class SwarmClient:
             metered.observe(hop, handler, tensors, out)
         return out
 
-    async def _streamed_call(self, peer_id: str, handler: str, requests) -> list[runtime_pb2.Tensor]:
-        async def produce():
+    async def _streamed_call(
+        self, peer_id: str, handler: str, requests: Iterable[runtime_pb2.ExpertRequest]
+    ) -> list[runtime_pb2.Tensor]:
+        async def produce() -> AsyncIterator[runtime_pb2.ExpertRequest]:
             for request in requests:
                 yield request
 
         async def run() -> list[runtime_pb2.Tensor]:
-            stream = await self.p2p.iterate_protobuf_handler(
+            stream = await self._started_p2p().iterate_protobuf_handler(
                 PeerID.from_base58(peer_id), handler, produce(), runtime_pb2.ExpertResponse
             )
             metadata, tensors = await chunks.receive(stream, max_bytes=2**40)
-            protocol.raise_if_error(metadata, peer_id)
+            wire_errors.raise_if_error(metadata, peer_id)
             return tensors
 
         return await asyncio.wait_for(run(), self.config.request_timeout * 4)
 
-    async def _with_failover(self, start: int, end: int, run) -> tuple[list[Hop], object]:
+    async def _with_failover(
+        self, start: int, end: int, run: Callable[[list[Hop]], Awaitable[_T]]
+    ) -> tuple[list[Hop], _T]:
         last: Exception | None = None
         for _ in range(self.config.max_retries + 1):
             hops = await self.plan(start, end)
@@ -350,28 +382,24 @@ class SwarmClient:
                 return hops, await run(hops)
             except (protocol.InvalidRequestError, protocol.InvalidTensorRemoteError):
                 raise
-            except Exception as e:
+            except protocol.RemotePeerError as e:
                 last = e
-                failed = getattr(e, "peer_id", None) or getattr(e, "_hop_peer", None)
-                if failed:
-                    self.report_failure(failed, e)
+                if e.peer_id:
+                    self.report_failure(e.peer_id, e)
                 logger.warning("request failed (%s); retrying on another route", e)
         raise RuntimeError(f"request failed after {self.config.max_retries + 1} attempts: {last}") from last
 
     async def forward_hidden(
-        self, hidden: torch.Tensor, extra: dict | None = None, metered: TrainingPassBilling | None = None
+        self, hidden: torch.Tensor, extra: dict[str, Any] | None = None, metered: TrainingPassBilling | None = None
     ) -> tuple[torch.Tensor, list[Hop], list[torch.Tensor]]:
         """Runs a full sequence through all blocks (no cache); returns output, route, per-hop inputs."""
 
-        async def run(hops: list[Hop]):
-            inputs, x = [], hidden
+        async def run(hops: list[Hop]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            inputs: list[torch.Tensor] = []
+            x = hidden
             for hop in hops:
                 inputs.append(x)
-                try:
-                    x = await self._hop_call(hop, protocol.HANDLER_FORWARD, [x], extra, metered)
-                except Exception as e:
-                    e._hop_peer = hop.peer_id
-                    raise
+                x = await self._hop_call(hop, protocol.HANDLER_FORWARD, [x], extra, metered)
             return x, inputs
 
         hops, (out, inputs) = await self._with_failover(0, self.num_blocks, run)
@@ -382,17 +410,17 @@ class SwarmClient:
         hops: list[Hop],
         inputs: list[torch.Tensor],
         grad_out: torch.Tensor,
-        extra: dict | None = None,
+        extra: dict[str, Any] | None = None,
         metered: TrainingPassBilling | None = None,
     ) -> torch.Tensor:
         """Gradient w.r.t. the first hop's inputs, walking the route backwards."""
         grad = grad_out
-        for hop, x in zip(reversed(hops), reversed(inputs)):
+        for hop, x in zip(reversed(hops), reversed(inputs), strict=True):
             try:
                 grad = await self._hop_call(hop, protocol.HANDLER_BACKWARD, [x, grad], extra, metered)
             except (protocol.InvalidRequestError, protocol.InvalidTensorRemoteError):
                 raise
-            except Exception as e:
+            except protocol.RemotePeerError as e:
                 # The peer that holds those blocks is gone: recompute through another route for them.
                 self.report_failure(hop.peer_id, e)
                 alt = await self.plan(hop.start, hop.end)
@@ -404,14 +432,14 @@ class SwarmClient:
         hops: list[Hop],
         x: torch.Tensor,
         grad: torch.Tensor,
-        extra: dict | None = None,
+        extra: dict[str, Any] | None = None,
         metered: TrainingPassBilling | None = None,
     ) -> torch.Tensor:
         inputs = []
         for hop in hops:
             inputs.append(x)
             x = await self._hop_call(hop, protocol.HANDLER_FORWARD, [x], extra, metered)
-        for hop, inp in zip(reversed(hops), reversed(inputs)):
+        for hop, inp in zip(reversed(hops), reversed(inputs), strict=True):
             grad = await self._hop_call(hop, protocol.HANDLER_BACKWARD, [inp, grad], extra, metered)
         return grad
 
@@ -611,12 +639,12 @@ class AsyncTextStream(_TextStreamBase):
 class _LoopThread:
     """A private asyncio loop on a daemon thread; sync code submits coroutines to it."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="dllm-client-loop", daemon=True)
         self.thread.start()
 
-    def run(self, coro, timeout: float | None = None):
+    def run(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
@@ -636,7 +664,7 @@ class _LoopThread:
 class DistributedModel:
     """A language model served by the swarm. Create with `DistributedModel.from_pretrained(...)`."""
 
-    def __init__(self, core: SwarmClient, tokenizer, loop: _LoopThread):
+    def __init__(self, core: SwarmClient, tokenizer: PreTrainedTokenizerBase, loop: _LoopThread):
         self._core = core
         self._loop = loop
         self.tokenizer = tokenizer
@@ -672,14 +700,14 @@ class DistributedModel:
     def __enter__(self) -> DistributedModel:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # --- generation ----------------------------------------------------------------------------
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            ids = self.tokenizer(prompt)["input_ids"]
+            ids: list[int] = self.tokenizer(prompt)["input_ids"]
         else:
             ids = list(prompt)
         if not ids:
@@ -690,6 +718,12 @@ class DistributedModel:
     def _eos_ids(self) -> set[int]:
         eos = self.tokenizer.eos_token_id
         return {eos} if eos is not None else set()
+
+    def _decode(self, ids: list[int]) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if not isinstance(text, str):  # transformers types decode() for batches too; one list of ids is one text
+            raise TypeError(f"the tokenizer decoded one sequence to {type(text).__name__}")
+        return text
 
     async def _stream_on_loop(
         self, tokens: TokenStream, prompt_tokens: int, params: GenerationParams, emit: Callable[[str], None]
@@ -706,7 +740,7 @@ class DistributedModel:
                 if token in self._eos_ids and not params.ignore_eos:
                     finish = "stop"
                     break
-                full = self.tokenizer.decode(ids, skip_special_tokens=True)
+                full = self._decode(ids)
                 if full.endswith("\ufffd"):
                     continue  # an incomplete multi-byte character: wait for the rest
                 hit = min((full.find(s) for s in params.stop if s and full.find(s) >= 0), default=-1)
@@ -799,7 +833,7 @@ class DistributedModel:
         return self.forward_embeddings(hidden)
 
     def forward_embeddings(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = _RemoteBlocks.apply(hidden, self)
+        out = _RemoteBlocks.apply(hidden, self)  # type: ignore[no-untyped-call]
         return self._core.head.logits(out)
 
 
@@ -807,12 +841,12 @@ class _RemoteBlocks(torch.autograd.Function):
     """All remote blocks as one autograd op: forward RPCs going out, backward RPCs coming back."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, model: DistributedModel) -> torch.Tensor:
+    def forward(ctx: Any, hidden: torch.Tensor, model: DistributedModel) -> torch.Tensor:  # ctx: as torch types it
         out, hops, inputs = model._loop.run(model._core.forward_hidden(hidden.detach()))
         ctx.model, ctx.hops, ctx.inputs = model, hops, inputs
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
         grad_in = ctx.model._loop.run(ctx.model._core.backward_hidden(ctx.hops, ctx.inputs, grad_out.contiguous()))
         return grad_in, None

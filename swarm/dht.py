@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hivemind import DHT
 from hivemind.dht.crypto import RSASignatureValidator
@@ -40,7 +41,7 @@ def start_dht(
     With `await_ready=False` it returns right after forking; call `dht.wait_until_ready()` later.
     """
     validator = RSASignatureValidator(private_key or RSAPrivateKey())
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if identity_path is not None:
         identity_path.parent.mkdir(parents=True, exist_ok=True)
         kwargs["identity_path"] = str(identity_path)

@@ -30,6 +30,9 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
+from chain.errors import UnavailableError
+from swarm.protocol import ProtocolError
+
 _HEADER = struct.Struct(">I")
 END_OF_STREAM = _HEADER.pack(0)
 
@@ -39,7 +42,7 @@ MAX_RESPONSE_BYTES = 2**30
 M = TypeVar("M", bound=Message)
 
 
-class DirectStreamError(ConnectionError):
+class DirectStreamError(UnavailableError, ConnectionError):
     """A direct stream could not be opened, broke, or violated the framing."""
 
 
@@ -51,7 +54,7 @@ class MalformedFrameError(DirectStreamError):
     """A frame's bytes are not the protobuf message expected."""
 
 
-class DirectEndpointError(ValueError):
+class DirectEndpointError(ProtocolError):
     """A peer advertised a direct endpoint that does not follow the schema."""
 
 
@@ -73,6 +76,8 @@ class DirectEndpoint:
             raise DirectEndpointError(f"direct endpoint must be a map, got {type(value).__name__}")
         host, port, digest = value.get("host"), value.get("port"), value.get("tls_sha256")
         try:
+            if not isinstance(host, str):  # ip_address would take an int as an address
+                raise ValueError(host)
             ipaddress.ip_address(host)
         except ValueError:
             raise DirectEndpointError(f"direct endpoint host must be an IP address, got {host!r}") from None

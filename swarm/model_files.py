@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import safe_open
 
+from chain.errors import ConfigError
 from swarm.architectures import check_supported
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 
-class ModelFilesError(FileNotFoundError):
+class ModelFilesError(ConfigError, FileNotFoundError):
     """The model folder is missing, incomplete or not in safetensors format."""
 
 
@@ -79,7 +80,7 @@ def load_config(model_dir: Path) -> PretrainedConfig:
     """Loads the model's config and checks that DLLM can serve its architecture."""
     from transformers import AutoConfig  # imported with the first model, not with this module
 
-    config = AutoConfig.from_pretrained(model_dir)
+    config: PretrainedConfig = AutoConfig.from_pretrained(model_dir)
     check_supported(config)  # raises UnsupportedArchitectureError naming the architecture
     # SDPA is the fast path on CPU and GPU; the explicit masks we pass keep it exact.
     config._attn_implementation = "sdpa"
@@ -96,7 +97,7 @@ def _tensor_files(model_dir: Path) -> dict[str, Path]:
     if not single.is_file():
         raise ModelFilesError(f"{model_dir} has no model.safetensors(.index.json); convert the weights to safetensors")
     with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}
+        return {name: single for name in f.keys()}  # noqa: SIM118 - a safe_open handle is not iterable
 
 
 def read_tensors(model_dir: Path, prefixes: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -12,11 +12,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from swarm.protocol import ProtocolError
+
 # Above this the tiny default model is useless and a big one would hold a route for minutes.
 MAX_TOKENS_LIMIT = 4096
 
 
-class UnsupportedParameterError(ValueError):
+class UnsupportedParameterError(ProtocolError):
     """A request asks for an OpenAI feature this server does not implement (answered with 400)."""
 
     def __init__(self, param: str, message: str) -> None:

@@ -2,7 +2,8 @@
 
 Requests and responses are hivemind `ExpertRequest`/`ExpertResponse` protobufs: tensors in `tensors`,
 everything else as a msgpack dict in `metadata`. A peer that rejects a request answers with
-`{"error": {"kind": ..., "message": ...}}`; the client raises the matching RemotePeerError subclass.
+`{"error": {"kind": ..., "message": ...}}`; the client raises the matching RemotePeerError subclass
+(swarm/wire_errors.py holds the table between exceptions and kinds).
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
 from hivemind.proto import runtime_pb2
+
+from chain.errors import DLLMError, UnavailableError
 
 PROTOCOL_VERSION = 1
 
@@ -36,19 +40,35 @@ ENVELOPE_ROOM_BYTES = 64 * 2**10
 MAX_METADATA_BYTES = 64 * 2**10
 
 
-class ProtocolError(ValueError):
-    """A request or response violates the protocol (malformed metadata, missing fields)."""
+class ProtocolError(DLLMError, ValueError):
+    """A request or reply breaks the protocol (malformed metadata, missing fields): its sender is at fault."""
 
 
-class RemotePeerError(RuntimeError):
-    """A peer answered a request with an error. `kind` says which; subclasses exist per kind."""
+class BlocksNotServed(ProtocolError):
+    """A request names blocks (or a model) this peer does not serve."""
+
+
+class SessionNotFoundError(ProtocolError, KeyError):
+    """A request names a session this peer does not hold (never opened, closed or expired)."""
+
+
+class CacheFullError(UnavailableError, RuntimeError):
+    """The peer's attention-cache budget cannot take this session now."""
+
+
+class RemotePeerError(DLLMError, RuntimeError):
+    """A peer answered a request with an error, or the call to it failed; `peer_id` says which peer.
+
+    `kind` is the wire error kind (swarm/wire_errors.py maps each to its subclass)."""
 
     kind = "internal"
 
-    def __init__(self, message: str, peer_id: str | None = None):
+    def __init__(self, message: str, peer_id: str | None = None, kind: str | None = None):
         super().__init__(f"peer {peer_id}: {message}" if peer_id else message)
         self.remote_message = message
         self.peer_id = peer_id
+        if kind is not None:
+            self.kind = kind
 
 
 class InvalidRequestError(RemotePeerError):
@@ -73,21 +93,35 @@ class PeerBusyError(RemotePeerError):
     kind = "cache_full"
 
 
-_ERRORS = {
-    cls.kind: cls
-    for cls in (
-        RemotePeerError,
-        InvalidRequestError,
-        InvalidTensorRemoteError,
-        UnknownSessionError,
-        BlocksNotServedError,
-        PeerBusyError,
-    )
-}
+class ReceiptRefusedError(RemotePeerError):
+    """A provider refused a receipt RPC; `kind` names why (forged_receipt, replayed_receipt, ...)."""
+
+
+class SampleRefusedError(RemotePeerError):
+    """A verifier refused a work sample or abstained; `kind` names why (malformed_sample, unverifiable, ...)."""
+
+
+class HopFailedError(RemotePeerError):
+    """A call to this peer failed without an error reply: transport, timeout, or a reply that breaks the protocol."""
+
+    kind = "hop_failed"
+
+
+CALL_FAILURES: tuple[type[Exception], ...] = (
+    TimeoutError,
+    OSError,
+    EOFError,
+    P2PDaemonError,
+    P2PHandlerError,
+    ProtocolError,
+)
+"""How a call to a peer fails without an error reply: the stream breaks or times out, or the reply breaks the
+protocol (InvalidTensorError is a ProtocolError). The client raises each as a HopFailedError naming the peer."""
 
 
 def pack_metadata(metadata: dict[str, Any]) -> bytes:
-    return msgpack.packb(metadata, use_bin_type=True)
+    packed: bytes = msgpack.packb(metadata, use_bin_type=True)
+    return packed
 
 
 def unpack_metadata(raw: bytes) -> dict[str, Any]:
@@ -107,18 +141,6 @@ def unpack_metadata(raw: bytes) -> dict[str, Any]:
 
 def error_response(kind: str, message: str) -> runtime_pb2.ExpertResponse:
     return runtime_pb2.ExpertResponse(metadata=pack_metadata({"error": {"kind": kind, "message": message}}))
-
-
-def raise_if_error(metadata: dict[str, Any], peer_id: str | None = None) -> None:
-    """Raises the RemotePeerError subclass named by an error response."""
-    error = metadata.get("error")
-    if error is None:
-        return
-    if not isinstance(error, dict):
-        raise RemotePeerError(f"malformed error reply: {error!r}", peer_id)
-    kind = error.get("kind")
-    cls = _ERRORS.get(kind, RemotePeerError) if isinstance(kind, str) else RemotePeerError
-    raise cls(str(error.get("message", "no message")), peer_id)
 
 
 def get_field(metadata: dict[str, Any], name: str, kind: type, *, default: Any = ...) -> Any:

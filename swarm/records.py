@@ -18,12 +18,14 @@ from hivemind import DHT
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
+from swarm.protocol import ProtocolError
+
 logger = logging.getLogger(__name__)
 
 MODELS_KEY = "dllm/models"
 
 
-class RecordError(ValueError):
+class RecordError(ProtocolError):
     """A DHT record does not follow the schema."""
 
 
@@ -96,7 +98,9 @@ def _subkey(peer_id: str, owner_marker: bytes) -> bytes:
     return peer_id.encode() + owner_marker
 
 
-async def _store_records(dht: DHT, node: DHTNode, record: dict, model_entry: dict, subkey: bytes, ttl: float) -> bool:
+async def _store_records(
+    dht: DHT, node: DHTNode, record: dict[str, Any], model_entry: dict[str, Any], subkey: bytes, ttl: float
+) -> bool:
     expiration = get_dht_time() + ttl
     keys = [block_key(record["model"], i) for i in range(record["start"], record["end"])] + [MODELS_KEY]
     values = [record] * (len(keys) - 1) + [model_entry]
@@ -116,7 +120,8 @@ async def announce(dht: DHT, record: ServerRecord, owner_marker: bytes, ttl: flo
         subkey=_subkey(record.peer_id, owner_marker),
         ttl=ttl,
     )
-    return await dht.run_coroutine(fn, return_future=True)
+    stored: bool = await dht.run_coroutine(fn, return_future=True)
+    return stored
 
 
 async def _get_keys(dht: DHT, node: DHTNode, keys: list[str]) -> dict[str, Any]:

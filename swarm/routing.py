@@ -10,12 +10,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from chain.errors import UnavailableError
 from swarm.records import ServerRecord
 
 DEFAULT_LATENCY_S = 0.005  # until a peer has been pinged
 
 
-class NoRouteError(RuntimeError):
+class NoRouteError(UnavailableError, RuntimeError):
     """No combination of reachable, affordable peers covers the requested blocks."""
 
 
@@ -93,7 +94,7 @@ def plan_route(
     INF = (float("inf"), 0)
     best: dict[int, tuple[tuple[float, int], list[Hop]]] = {end: ((0.0, 0), [])}
     for b in range(end - 1, start - 1, -1):
-        candidate = (INF, [])
+        candidate: tuple[tuple[float, int], list[Hop]] = (INF, [])
         for r in usable:
             if not (r.start <= b < r.end):
                 continue

@@ -14,11 +14,13 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import torch
 from hivemind.proto import runtime_pb2
 
-from swarm import protocol
+from chain.errors import UnavailableError
+from swarm import protocol, wire_errors
 from swarm.direct import MAX_RESPONSE_BYTES
 from swarm.inference_streams import InferenceStream
 from swarm.routing import Hop, NoRouteError
@@ -42,7 +44,7 @@ _SUSPICION_FACTOR = 8.0
 _MIN_SUSPICION_S = 0.25
 
 
-class SessionFailedError(RuntimeError):
+class SessionFailedError(UnavailableError, RuntimeError):
     """The session could not continue: every failover attempt failed."""
 
 
@@ -59,7 +61,7 @@ class _HopStream:
         timeout: float,
         probe: LivenessProbe,
         observer: StepObserver | None = None,
-        open_extra: dict | None = None,
+        open_extra: dict[str, Any] | None = None,
     ):
         self.session_id = uuid.uuid4().hex
         self.observer, self.open_extra = observer, open_extra or {}
@@ -76,7 +78,7 @@ class _HopStream:
         return self._stream.transport if self._stream is not None else None
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        metadata = {"position": self.position}
+        metadata: dict[str, Any] = {"position": self.position}
         if self._stream is None:
             metadata.update(
                 model=self.model,
@@ -91,12 +93,12 @@ class _HopStream:
             self._stream = await asyncio.wait_for(self.open_stream(self.hop.peer_id), self.timeout)
         await self._stream.send(request)
         started = time.perf_counter()
-        response = await self._await_response()
+        response = await self._await_response(self._stream)
         elapsed = time.perf_counter() - started
         if hidden.shape[1] == 1:
             self._step_time = elapsed if self._step_time is None else 0.8 * self._step_time + 0.2 * elapsed
         meta = protocol.unpack_metadata(response.metadata)
-        protocol.raise_if_error(meta, self.hop.peer_id)
+        wire_errors.raise_if_error(meta, self.hop.peer_id)
         if len(response.tensors) != 1:
             raise InvalidTensorError(f"peer {self.hop.peer_id} returned {len(response.tensors)} tensors, expected 1")
         output = decode(response.tensors[0], max_bytes=MAX_RESPONSE_BYTES)  # a failover replay can be large
@@ -111,14 +113,14 @@ class _HopStream:
         self.position += hidden.shape[1]
         return output.to(hidden.dtype)
 
-    async def _await_response(self) -> runtime_pb2.ExpertResponse:
+    async def _await_response(self, stream: InferenceStream) -> runtime_pb2.ExpertResponse:
         """The next reply, failing fast if the peer died.
 
         hivemind's stream does not always end when the remote process dies, so a step that takes
         much longer than usual triggers a cheap liveness probe; a dead or frozen peer fails the probe
         within about a second, while a merely slow peer gets the full timeout.
         """
-        pending = asyncio.ensure_future(self._stream.receive())
+        pending = asyncio.ensure_future(stream.receive())
         deadline = time.perf_counter() + self.timeout
         suspicion = max(_MIN_SUSPICION_S, _SUSPICION_FACTOR * (self._step_time or _MIN_SUSPICION_S))
         try:
@@ -158,7 +160,7 @@ class InferenceSession:
         timeout: float = 10.0,
         max_failovers: int = 8,
         observer: StepObserver | None = None,
-        open_extra: dict | None = None,
+        open_extra: dict[str, Any] | None = None,
     ):
         self.observer, self.open_extra = observer, open_extra
         self.open_stream, self.model, self.num_blocks = open_stream, model, num_blocks

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from hivemind.proto import runtime_pb2
 
-from swarm.protocol import ENVELOPE_ROOM_BYTES, MAX_UNARY_MESSAGE_BYTES
+from swarm.protocol import ENVELOPE_ROOM_BYTES, MAX_UNARY_MESSAGE_BYTES, ProtocolError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 _NAMES = {v: k for k, v in _DTYPES.items()}
@@ -22,7 +22,7 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 MAX_TENSOR_BYTES = MAX_UNARY_MESSAGE_BYTES - ENVELOPE_ROOM_BYTES
 
 
-class InvalidTensorError(ValueError):
+class InvalidTensorError(ProtocolError):
     """A tensor in a request is malformed, of the wrong shape or dtype, too large, or not finite."""
 
 
@@ -73,7 +73,8 @@ def check_hidden_states(
         raise InvalidTensorError(f"{name} is empty: shape {list(tensor.shape)}")
     if tensor.shape[0] * tensor.shape[1] > max_tokens:
         raise InvalidTensorError(
-            f"{name} hold {tensor.shape[0] * tensor.shape[1]} tokens, over this peer's limit of {max_tokens} per request"
+            f"{name} hold {tensor.shape[0] * tensor.shape[1]} tokens, "
+            f"over this peer's limit of {max_tokens} per request"
         )
     if not _all_finite(tensor):
         raise InvalidTensorError(f"{name} contain NaN or infinite values")

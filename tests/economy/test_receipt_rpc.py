@@ -11,8 +11,10 @@ import torch
 from chain.ledger import ComputeLedger
 from economy.receipts import SignedReceipt, UsageReceipt, sign_as_client
 from economy.signing import load_keypair
-from swarm.billing import BillingConfig, ReceiptRefusedError
+from swarm import wire_errors
+from swarm.billing import BillingConfig
 from swarm.client import ClientConfig, DistributedModel
+from swarm.protocol import ReceiptRefusedError, RemotePeerError
 from tests.economy.swarm_economy import funded_key, start_billing_peer, store_totals
 
 pytestmark = pytest.mark.timeout(300)
@@ -63,8 +65,13 @@ async def _exercise(model: DistributedModel) -> dict[str, str]:
         peer = stream.hop.peer_id
 
         async def refused(name: str, metadata: dict) -> None:
-            with pytest.raises(ReceiptRefusedError) as info:
+            with pytest.raises(RemotePeerError) as info:
                 await sb._call(peer, metadata)
+            # the class the wire table names for the kind: ReceiptRefusedError for every receipt-specific kind
+            assert type(info.value) is wire_errors.remote_class(info.value.kind), info.value
+            assert info.value.peer_id == peer
+            if info.value.kind not in ("invalid_request", "unknown_session"):
+                assert isinstance(info.value, ReceiptRefusedError)
             kinds[name] = info.value.kind
 
         proposal = await sb._call(peer, {"op": "propose", "session_id": stream.session_id})

@@ -18,7 +18,7 @@ from hivemind.proto import runtime_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from swarm import protocol
+from swarm import protocol, wire_errors
 from swarm.direct import END_OF_STREAM, DirectEndpoint, DirectEndpointError, DirectStreamError, encode_frame, read_frame
 from swarm.protocol import ProtocolError, RemotePeerError
 from swarm.records import RecordError, ServerRecord
@@ -139,7 +139,7 @@ def test_client_error_parsing_raises_only_remote_peer_errors(raw: bytes) -> None
     """What a client does with any reply's metadata: a map, then maybe a typed RemotePeerError."""
     try:
         metadata = protocol.unpack_metadata(raw)
-        protocol.raise_if_error(metadata, "peer-x")
+        wire_errors.raise_if_error(metadata, "peer-x")
     except (ProtocolError, RemotePeerError) as e:
         assert str(e)
 
@@ -150,7 +150,7 @@ def test_raise_if_error_on_any_error_shape(metadata) -> None:
     if not isinstance(metadata, dict):
         return
     try:
-        protocol.raise_if_error(metadata)
+        wire_errors.raise_if_error(metadata)
     except RemotePeerError as e:
         assert isinstance(e.remote_message, str)
         return
