@@ -8,6 +8,7 @@ of failing the dashboard.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -71,10 +72,8 @@ class ChainView:
 
     def _drop_ledger(self) -> None:
         if self._ledger is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing a broken websocket may fail too; it is discarded either way
                 self._ledger.close()
-            except Exception:  # closing a broken websocket may fail too; it is discarded either way
-                pass
             self._ledger = None
 
     def _read_sync(self, accounts: list[str]) -> ChainSnapshot:

@@ -7,6 +7,7 @@ checks the running total against a cap before buffering more, so a sender cannot
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 from hivemind.proto import runtime_pb2
 
@@ -29,7 +30,7 @@ def split(tensor: runtime_pb2.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Iterato
         yield runtime_pb2.Tensor(buffer=buffer[start : start + chunk_bytes].tobytes())
 
 
-def requests(metadata: dict, tensors: list[runtime_pb2.Tensor]) -> Iterator[runtime_pb2.ExpertRequest]:
+def requests(metadata: dict[str, Any], tensors: list[runtime_pb2.Tensor]) -> Iterator[runtime_pb2.ExpertRequest]:
     """The messages of a streamed request: metadata rides on the first."""
     first = True
     for tensor in tensors:
@@ -49,12 +50,16 @@ def _join(parts: list[runtime_pb2.Tensor]) -> list[runtime_pb2.Tensor]:
             raise ProtocolError("a streamed tensor must start with a chunk that names its dtype and shape")
         else:
             buffers[-1].append(part.buffer)
-    return [runtime_pb2.Tensor(size=h.size, dtype=h.dtype, buffer=b"".join(b)) for h, b in zip(heads, buffers)]
+    return [
+        runtime_pb2.Tensor(size=h.size, dtype=h.dtype, buffer=b"".join(b)) for h, b in zip(heads, buffers, strict=True)
+    ]
 
 
-async def receive(messages: AsyncIterator, max_bytes: int) -> tuple[dict, list[runtime_pb2.Tensor]]:
+async def receive(
+    messages: AsyncIterator[runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse], max_bytes: int
+) -> tuple[dict[str, Any], list[runtime_pb2.Tensor]]:
     """Collects a streamed request or response: (metadata of the first message, joined tensors)."""
-    metadata: dict | None = None
+    metadata: dict[str, Any] | None = None
     parts: list[runtime_pb2.Tensor] = []
     total = 0
     async for message in messages:

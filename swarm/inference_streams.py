@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
 
 from hivemind.p2p import P2P, PeerID
@@ -38,14 +38,18 @@ class P2PInferenceStream:
 
     transport = "p2p"
 
-    def __init__(self, responses: AsyncIterator[runtime_pb2.ExpertResponse], requests: asyncio.Queue):
+    def __init__(
+        self,
+        responses: AsyncGenerator[runtime_pb2.ExpertResponse, None],
+        requests: asyncio.Queue[runtime_pb2.ExpertRequest | None],
+    ):
         self._responses, self._requests = responses, requests
 
     @classmethod
     async def open(cls, p2p: P2P, peer_id: str) -> P2PInferenceStream:
-        requests: asyncio.Queue = asyncio.Queue()
+        requests: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
 
-        async def outgoing():
+        async def outgoing() -> AsyncIterator[runtime_pb2.ExpertRequest]:
             while (item := await requests.get()) is not None:
                 yield item
 

@@ -26,7 +26,7 @@ class LocalHead(torch.nn.Module):
         head = tensors.get("lm_head.weight", embed if getattr(config, "tie_word_embeddings", False) else None)
         if head is None:
             raise ModelFilesError(f"{model_dir} lacks lm_head.weight and the config does not tie it to the embeddings")
-        self.embed = torch.nn.Embedding.from_pretrained(embed, freeze=True)
+        self.embed = torch.nn.Embedding.from_pretrained(embed, freeze=True)  # type: ignore[no-untyped-call]
         self.norm = arch.rms_norm(config.hidden_size, eps=config.rms_norm_eps)
         self.norm.weight.data.copy_(norm)
         self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
@@ -35,10 +35,12 @@ class LocalHead(torch.nn.Module):
         self.eval()
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed(input_ids)
+        hidden: torch.Tensor = self.embed(input_ids)
+        return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden))
+        logits: torch.Tensor = self.lm_head(self.norm(hidden))
+        return logits
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

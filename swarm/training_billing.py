@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -42,7 +43,7 @@ class TrainingPassBilling:
             self._hops[key] = PassHop(f"train-{uuid.uuid4().hex}", hop)
         return self._hops[key]
 
-    def request_metadata(self, hop: Hop) -> dict:
+    def request_metadata(self, hop: Hop) -> dict[str, Any]:
         """Fields that make the peer meter this request under the hop's session for this client."""
         return {"session_id": self._pass_hop(hop).session_id, **self.session.open_extra}
 
