@@ -47,10 +47,8 @@ async def _await_end(requests: AsyncIterator[runtime_pb2.ExpertRequest], timeout
         async for _ in requests:
             pass
 
-    try:
+    with contextlib.suppress(Exception):  # a broken or slow caller: nothing more to tell it
         await asyncio.wait_for(drain(), timeout)
-    except Exception:  # a broken or slow caller: nothing more to tell it
-        pass
 
 
 class BlockHandler:
@@ -162,7 +160,7 @@ class BlockHandler:
         try:
             output = await self._forward(protocol.unpack_metadata(request.metadata), list(request.tensors))
             return runtime_pb2.ExpertResponse(tensors=[encode(output)])
-        except Exception as e:
+        except Exception as e:  # an RPC boundary: any failure becomes an error reply, the peer serves on
             return self._reject(e, "forward")
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -172,7 +170,7 @@ class BlockHandler:
                 protocol.unpack_metadata(request.metadata), list(request.tensors), str(context.remote_id)
             )
             return runtime_pb2.ExpertResponse(tensors=[encode(grad_in)])
-        except Exception as e:
+        except Exception as e:  # an RPC boundary: any failure becomes an error reply, the peer serves on
             return self._reject(e, "backward")
 
     async def rpc_forward_stream(
@@ -194,7 +192,7 @@ class BlockHandler:
         try:
             metadata, tensors = await chunks.receive(requests, self.config.max_stream_bytes)
             output = await run(metadata, tensors)
-        except Exception as e:
+        except Exception as e:  # an RPC boundary: any failure becomes an error reply, the peer serves on
             yield self._reject(e, f"{what} (streamed)")
             await _await_end(requests, self.config.request_timeout_s)  # the rest of a refused upload is ignored
             return
@@ -241,6 +239,7 @@ class BlockHandler:
 
         def run() -> torch.Tensor:
             if train:  # a feedback pass: adapter gradients are filed under the authenticated caller
+                assert learner is not None  # a training request to a peer without a learner was refused above
                 return learner.train_backward(hidden, grad_out, blocks, remote or "anonymous")
             with torch.enable_grad(), learner.version_scope(version) if learner else contextlib.nullcontext():
                 inputs = hidden.to(self.span.device, self.span.dtype).requires_grad_(True)
@@ -307,7 +306,7 @@ class BlockHandler:
             return
         try:
             session_id, blocks, batch = self._open_session(protocol.unpack_metadata(first.metadata))
-        except Exception as e:
+        except Exception as e:  # an RPC boundary: any failure becomes an error reply, the peer serves on
             yield self._reject(e, "inference open")
             await _await_end(requests, self.config.request_timeout_s)
             return
@@ -385,7 +384,8 @@ class BlockHandler:
                 cache.rollback_to(position)
             if position + hidden.shape[1] > cache.max_length:
                 raise CacheOverflowError(
-                    f"step would grow the session to {position + hidden.shape[1]} tokens, over its max_length {cache.max_length}"
+                    f"step would grow the session to {position + hidden.shape[1]} tokens, "
+                    f"over its max_length {cache.max_length}"
                 )
 
             learner, version = self.learner, self._session_versions.get(session_id)
@@ -402,5 +402,5 @@ class BlockHandler:
             return runtime_pb2.ExpertResponse(
                 tensors=[encode(output.to("cpu", hidden.dtype))], metadata=protocol.pack_metadata(meta)
             )
-        except Exception as e:
+        except Exception as e:  # an RPC boundary: any failure becomes an error reply, the peer serves on
             return self._reject(e, "inference step")

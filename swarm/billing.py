@@ -421,7 +421,7 @@ class SessionBilling:
             try:
                 await self._call(stream.hop.peer_id, {"op": "deliver", "signed": s.encode(), "settlement": extrinsic})
                 delivered.append(s)
-            except Exception as e:
+            except (protocol.RemotePeerError, *protocol.CALL_FAILURES) as e:  # this client submits undelivered ones
                 logger.warning("receipt delivery to %s failed: %s", stream.hop.peer_id, e)
                 self.errors.append(e)
                 undelivered.append(s)

@@ -132,7 +132,7 @@ def unpack_metadata(raw: bytes) -> dict[str, Any]:
         raise ProtocolError(f"metadata of {len(raw)} bytes exceeds the {MAX_METADATA_BYTES}-byte limit")
     try:
         value = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-    except Exception as e:
+    except (ValueError, TypeError, msgpack.UnpackException) as e:  # msgpack's errors, and unhashable keys
         raise ProtocolError(f"metadata is not valid msgpack: {e}") from e
     if not isinstance(value, dict):
         raise ProtocolError(f"metadata must be a map, got {type(value).__name__}")
