@@ -224,20 +224,21 @@ def _register_provider(url: str, key: str, stake: int) -> str:
 
     console = Console(stderr=True)
     try:
-        with console.status(f"Registering as a provider on {url} (bonding the stake)…"):
-            with ComputeLedger(url) as ledger:
-                provider = _keypair(key, ledger.ss58_format)
-                try:
-                    result = ledger.register_provider(provider, stake)
-                    console.print(
-                        f"registered {provider.ss58_address} with a stake of {stake} planck "
-                        f"(block {result.block_number})"
-                    )
-                except AlreadyRegisteredError as error:
-                    console.print(f"already registered: {error}")
-                status = ledger.provider_status(provider.ss58_address)
-                console.print(f"provider {status.provider}: {status.state.value}, stake {status.stake} planck")
-                return provider.ss58_address
+        with (
+            console.status(f"Registering as a provider on {url} (bonding the stake)…"),
+            ComputeLedger(url) as ledger,
+        ):
+            provider = _keypair(key, ledger.ss58_format)
+            try:
+                result = ledger.register_provider(provider, stake)
+                console.print(
+                    f"registered {provider.ss58_address} with a stake of {stake} planck (block {result.block_number})"
+                )
+            except AlreadyRegisteredError as error:
+                console.print(f"already registered: {error}")
+            status = ledger.provider_status(provider.ss58_address)
+            console.print(f"provider {status.provider}: {status.state.value}, stake {status.stake} planck")
+            return provider.ss58_address
     except ChainError as error:
         _fail(f"could not register on chain: {error}")
 
@@ -565,8 +566,8 @@ def verify(
         given = {"rounds": rounds, "tokens": tokens, "seed": seed}  # None: ProbeConfig's default
         _probe_providers(peers, folder, ProbeConfig(**{k: v for k, v in given.items() if v is not None}))
         return
-    for hint, value in (("'--rounds'", rounds), ("'--tokens'", tokens), ("'--seed'", seed)):
-        if value is not None:
+    for hint, probe_option in (("'--rounds'", rounds), ("'--tokens'", tokens), ("'--seed'", seed)):
+        if probe_option is not None:
             raise typer.BadParameter("only a one-shot probe uses this: add --probe", param_hint=hint)
     url = arguments.parse_chain_url(chain_url)
     key = arguments.parse_chain_key(chain_key)
@@ -580,8 +581,8 @@ def verify(
     from dllm.service import serve_until_signal
     from dllm.verifier import VerifierConfig, VerifierService
 
-    for value in [key, *(council_key or [])]:
-        _keypair(value)  # a bad key is a usage error now, not a crash later
+    for signing_key in [key, *(council_key or [])]:
+        _keypair(signing_key)  # a bad key is a usage error now, not a crash later
     service = VerifierService(
         VerifierConfig(
             model=str(folder),
@@ -693,7 +694,8 @@ def demo(
         bool, typer.Option("--verifier/--no-verifier", help="Start a verifier that spot-checks every receipt's work.")
     ] = True,
 ) -> None:
-    """Run everything locally: dev chain, bootstrap node, paid peers, a verifier, queries, settlement; then shut it all down."""
+    """Run everything locally: dev chain, bootstrap node, paid peers, a verifier, queries, settlement;
+    then shut it all down."""
     from dllm.demo import DemoConfig, DemoError, run_demo
 
     try:

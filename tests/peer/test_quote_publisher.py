@@ -13,9 +13,10 @@ from hivemind.proto import runtime_pb2
 from economy.gossip import QUOTES_TOPIC, GossipBus
 from economy.price_announcement import PriceAnnouncement
 from economy.signing import load_keypair
-from peer.quote_publisher import GOSSIP_KEY, QuotePublisherConfig
+from peer.quote_publisher import QuotePublisherConfig
 from swarm import protocol
 from swarm.dht import start_dht
+from swarm.protocol import GOSSIP_KEY
 
 pytestmark = pytest.mark.timeout(180)
 
