@@ -425,7 +425,7 @@ class ComputeLedger:
                         },
                     ),
                 )
-        except Exception:
+        except Exception:  # whatever failed, withdraw the approval first so it cannot linger; then re-raise
             if first is not None and timepoint is not None:
                 self._cancel_pending(first, others(first), timepoint, call_hash)
             raise

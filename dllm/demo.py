@@ -187,7 +187,7 @@ class Demo:
 
         with self.console.status("Funding the provider accounts…"):
             self.ledger.submitter.submit(dev_keypair("Ferdie", fmt), batch)
-        self.provider_uris = {k.ss58_address: uri for k, uri in zip(keys, uris)}
+        self.provider_uris = {k.ss58_address: uri for k, uri in zip(keys, uris, strict=True)}
         self.report.client = Keypair.create_from_uri(CLIENT_URI, ss58_format=fmt).ss58_address
 
     def start_swarm(self) -> None:
@@ -203,7 +203,7 @@ class Demo:
             self.swarm.start_bootstrap()
         self.console.print(f"[green]✓[/] bootstrap node {self.swarm.initial_peers[0]}", soft_wrap=True)
         procs = []
-        for i, ((start, end), (account, uri)) in enumerate(zip(spans, self.provider_uris.items())):
+        for i, ((start, end), uri) in enumerate(zip(spans, self.provider_uris.values(), strict=True)):
             # Each provider signs with its own key in its own process: it bonds its stake, meters sessions,
             # proposes receipts, stores the client's pre-signed settlement, settles, and gossips its ask.
             procs.append(
@@ -243,7 +243,7 @@ class Demo:
                     progress.advance(task)
         except ProcessStartError as error:
             raise DemoError(f"a swarm process did not start: {error}") from None
-        for proc, account in zip(procs, self.provider_uris):
+        for proc, account in zip(procs, self.provider_uris, strict=True):
             info = proc.info
             self.report.providers.append(ProviderRow(info["peer_id"], f"{info['start']}:{info['end']}", account))
             self.console.print(

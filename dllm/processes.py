@@ -6,6 +6,7 @@ stopping it also stops the hivemind DHT daemon process and p2pd it forked; nothi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -57,10 +58,8 @@ class ManagedProcess:
     def signal(self, sig: int) -> None:
         """Sends `sig` to the whole process group (the peer and its DHT daemon and p2pd), as a machine crash would."""
         if self.alive:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
                 os.killpg(os.getpgid(self.popen.pid), sig)
-            except ProcessLookupError:
-                pass
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (SIGCONT first if stopped), then SIGKILL of the whole process group."""
@@ -69,18 +68,12 @@ class ManagedProcess:
         except ProcessLookupError:
             pgid = self.popen.pid
         for sig in (signal.SIGCONT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ProcessLookupError):  # the group is gone already
                 os.killpg(pgid, sig)
-            except ProcessLookupError:
-                pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):  # killed below
             self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)  # whatever the main process left: DHT children, p2pd
-        except ProcessLookupError:
-            pass
         try:
             self.popen.wait(5)
         except subprocess.TimeoutExpired:
@@ -103,16 +96,15 @@ class LocalSwarm:
         self._counter += 1
         self.workdir.mkdir(parents=True, exist_ok=True)  # stop() removes a folder it made
         log_path = self.workdir / f"{self._counter:02d}-{name}.log"
-        log = open(log_path, "w")
-        popen = subprocess.Popen(
-            _dllm_command() + args,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            start_new_session=True,
-            cwd=self.workdir,
-        )
-        log.close()
+        with open(log_path, "w") as log:  # the child holds its own descriptor
+            popen = subprocess.Popen(
+                _dllm_command() + args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+                cwd=self.workdir,
+            )
         proc = ManagedProcess(name, popen, log_path)
         self.processes.append(proc)
         return proc

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import torch
@@ -34,7 +34,7 @@ from hivemind.utils import get_dht_time
 from scalecodec.utils.ss58 import ss58_decode, ss58_encode
 
 from chain.config_bounds import bounded, check_bounds
-from economy.gossip import VERDICTS_TOPIC, GossipBus, GossipConfig
+from economy.gossip import VERDICTS_TOPIC, GossipBus, GossipConfig, GossipError
 from economy.receipts import verify_receipt
 from economy.signing import load_keypair
 from economy.verification import (
@@ -48,6 +48,11 @@ from economy.verification import (
 )
 from economy.work_sample import MalformedWorkSampleError, SampleRejectedError, UnverifiableSampleError, WorkSample
 from swarm import protocol, wire_errors
+
+if TYPE_CHECKING:  # substrate-interface loads with the council's chain connection, not with this module
+    from substrateinterface import Keypair
+
+    from chain.ledger import ComputeLedger
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +94,8 @@ class VerifierStats:
     unverifiable: int = 0
     """Samples served with adapters: abstained, no verdict."""
     slashed: list[str] = field(default_factory=list)
+    slash_failures: int = 0
+    """Slashes the council agreed on but the chain did not take (each logged at ERROR)."""
     rejected: Counter = field(default_factory=Counter)
 
 
@@ -104,8 +111,8 @@ class Verifier:
         self.tolerance = Tolerance.for_dtype(span.dtype)
         self.stats = VerifierStats()
         self.tally: SlashingTally | None = None
-        self.council = []
-        self.ledger = None
+        self.council: list[Keypair] = []
+        self.ledger: ComputeLedger | None = None  # set with the council keys by start_council()
         self._chain = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-council-chain")
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-verify")
 
@@ -121,8 +128,9 @@ class Verifier:
             raise ValueError("council keys need --chain-url to slash on chain")
         from chain.ledger import ComputeLedger
 
-        self.ledger = await self._on_chain(ComputeLedger, self.config.chain_url)
-        self.council = [load_keypair(k, self.ledger.ss58_format) for k in self.config.council_keys]
+        ledger = await self._on_chain(ComputeLedger, self.config.chain_url)
+        self.ledger = ledger
+        self.council = [load_keypair(k, ledger.ss58_format) for k in self.config.council_keys]
         self.tally = SlashingTally(verifiers, self.config.threshold)
 
     async def _on_chain(self, fn, *args):
@@ -168,7 +176,7 @@ class Verifier:
         try:
             try:
                 meta = msgpack.unpackb(request.metadata, raw=False, max_map_len=4)
-            except Exception:
+            except (ValueError, TypeError, msgpack.UnpackException):  # msgpack's errors, and unhashable keys
                 raise MalformedWorkSampleError("request metadata is not a msgpack map") from None
             if not isinstance(meta, dict) or not isinstance(meta.get("sample"), bytes):
                 raise MalformedWorkSampleError("request metadata must be {'sample': bytes}")
@@ -191,6 +199,7 @@ class Verifier:
             "failed": s.failed,
             "published": s.published,
             "slashed": s.slashed,
+            "slash_failures": s.slash_failures,
             "unverifiable": s.unverifiable,
             "rejected": dict(s.rejected),
             "council": self.tally is not None,
@@ -222,13 +231,17 @@ class Verifier:
         provider = proposal.provider
         if provider in self.stats.slashed:
             return
+        ledger = self.ledger
+        if ledger is None:  # proposals come from the tally, which start_council() makes with the ledger
+            raise RuntimeError("slashing needs the council's chain connection (start_council)")
         try:
-            status = await self._on_chain(self.ledger.provider_status, provider)
+            status = await self._on_chain(ledger.provider_status, provider)
             if status.stake <= 0:
                 logger.info("provider %s has no stake left to slash", provider)
                 return
-            result = await self._on_chain(self.ledger.slash, self.council, provider, None, proposal.evidence_hash)
-        except Exception:
+            result = await self._on_chain(ledger.slash, self.council, provider, None, proposal.evidence_hash)
+        except Exception:  # runs on the gossip listener, which must live on: logged and counted, not raised
+            self.stats.slash_failures += 1
             logger.exception("slashing %s failed", provider)
             return
         self.stats.slashed.append(provider)
@@ -280,7 +293,7 @@ async def _connect_gossip(bus: GossipBus, dht, own_peer_id: str, extra: list[str
     for addr in addrs:
         try:
             await bus.connect(addr)
-        except Exception as e:
+        except (GossipError, OSError) as e:  # refused or unanswered by the node, or the node's pipe broke
             logger.warning("could not reach gossip peer %s: %s", addr, e)
 
 

@@ -122,7 +122,7 @@ class GossipBus:
                 try:
                     event = json.loads(line)
                     self._dispatch(event)
-                except Exception:
+                except Exception:  # the reader loop: one bad event or failing handler must not deafen the bus
                     log.exception("bad event from the gossip node: %.200r", line)
         finally:
             error = GossipError("gossip node exited")

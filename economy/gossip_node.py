@@ -151,7 +151,7 @@ class GossipNode:
             except EnvelopeError:
                 # validated on arrival, so only a clock edge case gets here
                 self.counters["dropped_stale"] += 1
-            except Exception:
+            except Exception:  # a per-topic delivery loop: one failed message must not end the subscription
                 log.exception("failed to deliver a message to the parent")
 
     async def handle(self, command: dict[str, Any]) -> dict[str, Any] | None:

@@ -80,6 +80,8 @@ class Settler:
         self.store = store
         self.ledger = ledger
         self.batch_size = batch_size
+        self.failed_rounds = 0
+        """Rounds of run() that failed (each logged at ERROR); the receipts they held stay unpaid until a later one."""
 
     async def reconcile(self) -> ReconcileReport:
         """Resolves receipts a crashed run left `settling` by asking the chain; call on startup."""
@@ -97,8 +99,7 @@ class Settler:
         """Submits one settling batch; on failure returns its unpaid receipts to `unsettled`."""
         try:
             tx_hash = await _call(self.ledger.settle, batch)
-        except Exception:
-            # The transaction may or may not have landed: ask the chain instead of guessing.
+        except Exception:  # whatever failed, the transaction may have landed: ask the chain, then re-raise
             await self.reconcile()
             raise
         self.store.record_submission(batch.batch_id, tx_hash)
@@ -126,7 +127,8 @@ class Settler:
         while not stop.is_set():
             try:
                 await self.settle_pending()
-            except Exception:
+            except Exception:  # a background loop: a failed round is logged, counted and retried, never ends it
+                self.failed_rounds += 1
                 log.exception("settlement round failed; retrying in %.0f s", interval_s)
             with contextlib.suppress(TimeoutError):  # the interval passed: next round
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)

@@ -91,6 +91,8 @@ class AdapterState:
 class LoraLinear(nn.Module):
     """`base(x) + scaling * (x @ A.T) @ B.T`, with A and B looked up in the owning AdapterSet."""
 
+    _adapters: AdapterSet
+
     def __init__(self, base: nn.Linear, key: str, adapters: AdapterSet):
         super().__init__()
         self.base = base
@@ -166,7 +168,7 @@ class AdapterSet:
 
     def weights_for(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         selected = self._selected.get()
-        if selected == _WORKING:
+        if isinstance(selected, str):  # _WORKING, the one string it holds
             source: Mapping[str, torch.Tensor] = self.working
         else:
             version = self.live_version if selected is None else selected

@@ -75,9 +75,9 @@ class AverageSketcher:
         w = np.asarray(weights, dtype=np.float64)
         w = w / w.sum()
         return Sketch(
-            sum(wi * s.sums for wi, s in zip(w, sketches)),
-            sum(wi * s.signed_sums for wi, s in zip(w, sketches)),
-            sum(wi * s.abs_sums for wi, s in zip(w, sketches)),
+            sum(wi * s.sums for wi, s in zip(w, sketches, strict=True)),
+            sum(wi * s.signed_sums for wi, s in zip(w, sketches, strict=True)),
+            sum(wi * s.abs_sums for wi, s in zip(w, sketches, strict=True)),
         )
 
     def mismatch(self, result: Sketch, inputs: list[Sketch], weights: list[float], rtol: float = 1e-4) -> float:

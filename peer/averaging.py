@@ -27,6 +27,7 @@ The outcome of every round is explicit: `averaged` with N peers, or `skipped` wi
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import logging
 import math
@@ -40,7 +41,10 @@ from dataclasses import dataclass, field
 import torch
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.control import AveragingStage
+from hivemind.averaging.control import AveragingStage, StepControl
+from hivemind.averaging.matchmaking import MatchmakingException
+from hivemind.averaging.partition import AllreduceException
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
 from hivemind.utils import get_dht_time
 
 from chain.errors import ConfigError
@@ -52,6 +56,20 @@ from peer.canary import CanaryGate, CanaryVerdict
 logger = logging.getLogger(__name__)
 
 _LIVE_SKETCH_BLOCKS = 32
+
+_ALLREDUCE_FAILURES: tuple[type[Exception], ...] = (
+    AllreduceException,  # BannedException too
+    MatchmakingException,
+    AssertionError,  # hivemind asserts on what groupmates send
+    StopAsyncIteration,  # a groupmate's stream ended early
+    asyncio.InvalidStateError,
+    P2PHandlerError,
+    P2PDaemonError,
+    TimeoutError,
+    concurrent.futures.CancelledError,  # the round was cancelled (the peer stops)
+)
+"""How hivemind's averaging step fails (what its own retry loop catches, plus timeouts and cancellation). Anything
+else is a bug: run_round logs it with its traceback."""
 
 ExpectedReplicas = Callable[[], Awaitable[set[str]]]
 
@@ -202,7 +220,7 @@ class AdapterAverager:
             declare_state_period=c.replica_ttl,
         )
         signal.signal(signal.SIGINT, sigint)
-        self._control = None
+        self._control: StepControl | None = None  # the running round's all-reduce
         self.history: list[RoundOutcome] = []
         self._live_changed()
 
@@ -302,7 +320,7 @@ class AdapterAverager:
         update = clip_by_norm(flatten(self.adapters.delta(), names), c.clip_tau)
         my_sketch = self.sketcher.sketch(update)
         with self.averager.get_tensors() as buffers:
-            for buffer, tensor in zip(buffers, unflatten(update, self.adapters.working, names).values()):
+            for buffer, tensor in zip(buffers, unflatten(update, self.adapters.working, names).values(), strict=True):
                 buffer.copy_(tensor)
         gather = {
             "version": base_version,
@@ -316,7 +334,7 @@ class AdapterAverager:
             scheduled_time = get_dht_time() + c.min_matchmaking_time
         timeout = max(c.matchmaking_timeout, scheduled_time - get_dht_time() + c.min_matchmaking_time)
         try:
-            self._control = self.averager.step(
+            self._control = control = self.averager.step(
                 gather=gather,
                 weight=1.0,
                 scheduled_time=scheduled_time,
@@ -324,8 +342,8 @@ class AdapterAverager:
                 allow_retries=False,
                 wait=False,
             )
-            gathered = await asyncio.to_thread(self._control.result, timeout + c.allreduce_timeout + 5)
-        except Exception as e:
+            gathered = await asyncio.to_thread(control.result, timeout + c.allreduce_timeout + 5)
+        except _ALLREDUCE_FAILURES as e:
             return self._skip(f"no complete all-reduce: {type(e).__name__}: {e}")
         finally:
             self._control = None
@@ -347,7 +365,7 @@ class AdapterAverager:
             sketches = [Sketch.from_bytes(info["sketch"], self.sketcher.blocks) for info in infos]
             weights = [float(info["weight"]) for info in infos]
             round_key = hashlib.sha256(
-                "|".join(f"{p}:{i['nonce']}" for p, i in zip(group, infos)).encode()
+                "|".join(f"{p}:{i['nonce']}" for p, i in zip(group, infos, strict=True)).encode()
             ).hexdigest()[:16]
         except (KeyError, TypeError, ValueError, SketchError) as e:
             return self._skip(f"malformed gather data from a groupmate: {e}", group)
@@ -378,7 +396,7 @@ class AdapterAverager:
                 )
 
         agreed = await self._commit(round_key, group, verdict)
-        if verdict and agreed:
+        if verdict and agreed and candidate is not None:  # a verdict always comes with a candidate
             self.adapters.promote(candidate)
             self._live_changed()
             return RoundOutcome("averaged", reason, self.adapters.live_version, group)
@@ -467,7 +485,9 @@ class AdapterAverager:
         ):
             logger.warning("%s: a replica sent adapter state that does not match this span; ignored", self.prefix)
             return False
-        self.adapters.import_state(AdapterState(int(metadata["version"]), dict(zip(self.adapters.names, tensors))))
+        self.adapters.import_state(
+            AdapterState(int(metadata["version"]), dict(zip(self.adapters.names, tensors, strict=True)))
+        )
         self._live_changed()
         logger.info("%s: loaded adapter v%d from a replica", self.prefix, self.adapters.live_version)
         return True

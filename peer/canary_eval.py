@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 LocalForward = Callable[[torch.Tensor, int], Awaitable[torch.Tensor]]
 """(hidden states, adapter version of this span) -> this span's output, computed in this process."""
 
+_RETRIED: tuple[type[Exception], ...] = (protocol.RemotePeerError, NoRouteError, *protocol.CALL_FAILURES)
+"""Failures of one evaluation that another route may avoid: the failed peer is banned and the route re-planned."""
+
 
 class CanaryEvaluationError(UnavailableError, RuntimeError):
     """The canary examples could not be run through the swarm (no route, peers failing, timeout)."""
@@ -85,7 +88,7 @@ class SwarmCanaryEvaluator:
                 result = await self._evaluate_once(versions)
                 self.evaluations += 1
                 return result
-            except (protocol.RemotePeerError, NoRouteError, *protocol.CALL_FAILURES) as e:  # ban a failed peer, re-plan
+            except _RETRIED as e:
                 last = e
                 if (
                     isinstance(e, protocol.RemotePeerError)

@@ -49,7 +49,7 @@ class DirectServer:
         self.handshake_timeout = handshake_timeout
         self.identity = identity or TlsIdentity.generate()
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task] = set()
+        self._connections: set[asyncio.Task[None]] = set()
         self.endpoint: DirectEndpoint | None = None  # set once listening
         self.connections_refused = 0
 
@@ -81,6 +81,7 @@ class DirectServer:
             writer.close()
             return
         task = asyncio.current_task()
+        assert task is not None  # asyncio.start_server runs each connection in its own task
         self._connections.add(task)
         try:
             await self._serve_connection(reader, writer)

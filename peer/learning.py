@@ -59,7 +59,7 @@ class SpanLearner:
         self.adapters = AdapterSet(
             span.layers, span.start, LoraConfig(rank=config.rank, alpha=config.alpha, targets=config.targets)
         )
-        for name, tensor in self.adapters.working.items():  # adapters live where the span runs
+        for tensor in self.adapters.working.values():  # adapters live where the span runs
             tensor.data = tensor.data.to(span.device)
         self.trainer = AdapterTrainer(self.adapters, config.training)
         self.canary = canary

@@ -16,6 +16,7 @@ which settles whatever a crashed run left); see economy/presigned_ledger.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -94,7 +95,7 @@ class ReceiptService:
             results = await settle_round(service.settler)
             if results:
                 logger.info("settled %d receipts left by an earlier run", len(results))
-            service._task = asyncio.create_task(service._settle_periodically())
+            service._task = asyncio.create_task(service._settle_periodically(service.settler))
         return service
 
     async def add_handlers(self, p2p: P2P) -> None:
@@ -104,22 +105,18 @@ class ReceiptService:
         self._stop.set()
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # it is stopping: its end is moot
                 await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
         self.store.close()
         if self.ledger is not None:
             await asyncio.to_thread(self.ledger.close)
 
-    async def _settle_periodically(self) -> None:
+    async def _settle_periodically(self, settler: Settler) -> None:
         while not self._stop.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):  # the interval passed: settle
                 await asyncio.wait_for(self._stop.wait(), self.setup.settle_interval_s)
-            except TimeoutError:
-                pass
             try:
-                await settle_round(self.settler)
+                await settle_round(settler)
             except Exception:  # noqa: BLE001 - the chain may be briefly unreachable; retry next round
                 logger.exception("settlement round failed")
 

@@ -124,7 +124,7 @@ def span_backward(
     with adapters.lock, torch.enable_grad(), adapters.training():
         out = run_span(hidden)
         grads = torch.autograd.grad(out, [hidden, *params], grad_outputs=grad_output.to(out.dtype))
-    return grads[0], dict(zip(adapters.names, grads[1:]))
+    return grads[0], dict(zip(adapters.names, grads[1:], strict=True))
 
 
 class AdapterTrainer:

@@ -56,6 +56,9 @@ if TYPE_CHECKING:  # substrate-interface loads with the first chain connection (
 
 _T = TypeVar("_T")
 
+_DELIVERY_FAILURES: tuple[type[Exception], ...] = (protocol.RemotePeerError, *protocol.CALL_FAILURES)
+"""How delivering a receipt to a hop fails: an error reply, or the call itself."""
+
 logger = logging.getLogger(__name__)
 
 MAX_SAMPLE_MESSAGE_BYTES = protocol.MAX_UNARY_MESSAGE_BYTES - protocol.ENVELOPE_ROOM_BYTES
@@ -421,7 +424,7 @@ class SessionBilling:
             try:
                 await self._call(stream.hop.peer_id, {"op": "deliver", "signed": s.encode(), "settlement": extrinsic})
                 delivered.append(s)
-            except (protocol.RemotePeerError, *protocol.CALL_FAILURES) as e:  # this client submits undelivered ones
+            except _DELIVERY_FAILURES as e:  # this client submits undelivered ones
                 logger.warning("receipt delivery to %s failed: %s", stream.hop.peer_id, e)
                 self.errors.append(e)
                 undelivered.append(s)

@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
+_PING_FAILURES: tuple[type[Exception], ...] = (ValueError, protocol.RemotePeerError, *protocol.CALL_FAILURES)
+"""How a ping fails: an error reply, the call itself, or a peer id that is not base58 (ValueError)."""
+
 # Above this, forward/backward go through the streamed RPCs (hivemind refuses unary messages over 4 MiB).
 _UNARY_PAYLOAD_BYTES = 3 * 2**20
 _STREAMED = {
@@ -203,14 +206,14 @@ class SwarmClient:
             if isinstance(owner, str):
                 self.record_owners[peer_id] = owner
             self._learn_direct_endpoint(peer_id, info.get("direct"))
-        except Exception:
+        except _PING_FAILURES:
             rtt = float("inf")
         else:
             for _ in range(samples - 1):  # over the connection the first call opened: the link alone
                 started = time.perf_counter()
                 try:
                     await self.call(peer_id, protocol.HANDLER_INFO, runtime_pb2.ExpertRequest(), timeout=timeout)
-                except Exception:
+                except _PING_FAILURES:
                     break
                 rtt = min(rtt, time.perf_counter() - started)
         self.latency[peer_id] = rtt
@@ -464,7 +467,7 @@ class SwarmClient:
             if metered is not None:  # pay for the work served, even if the pass failed half-way
                 try:
                     await metered.finish()
-                except Exception as e:
+                except Exception as e:  # in a finally: any billing failure goes in the result, not over the outcome
                     logger.warning("billing the training pass failed: %s", e)
                     metered.session.errors.append(e)
         return FeedbackResult(float(loss.detach()), metered)
@@ -552,7 +555,7 @@ class SwarmClient:
             if billing is not None:  # bill what was served, even if generation stopped early
                 try:
                     await billing.finish(session.hops)
-                except Exception as e:
+                except Exception as e:  # in a finally: any billing failure goes in the result, not over the outcome
                     logger.warning("billing the session failed: %s", e)
                     billing.errors.append(e)
             await session.close()

@@ -58,7 +58,7 @@ def start_dht(
             await_ready=await_ready,
             **kwargs,
         )
-    except Exception as e:
+    except Exception as e:  # the DHT process re-raises whatever its start-up raised; only joining is translated
         if initial_peers:
             raise BootstrapError(f"could not join the swarm through {list(initial_peers)}: {e}") from e
         raise

@@ -11,13 +11,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
 
 from chain.errors import ConfigError
 from swarm.architectures import check_supported
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch loads with the first tensor read: checking a model folder needs neither
+    import torch
     from transformers import PretrainedConfig
 
 
@@ -34,13 +34,15 @@ def resolve_model(path_or_id: str) -> Path:
         return path.resolve()
     if path.exists():
         raise ModelFilesError(f"{path} is a file; --model expects a model folder or a hub id")
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, HTTPError
 
+    try:
         folder = snapshot_download(
             path_or_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
         )
-    except Exception as e:
+    # not cached (LocalEntryNotFoundError), not a repo id (HFValidationError, a ValueError), or the hub failed
+    except (OSError, ValueError, EntryNotFoundError, HTTPError) as e:
         raise ModelFilesError(
             f"model {path_or_id!r} is neither a local folder nor a hub id that could be fetched: {e}"
         ) from e

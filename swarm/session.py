@@ -234,7 +234,7 @@ class InferenceSession:
             try:
                 for hop in hops:
                     x = await hop.step(x)
-            except Exception as e:
+            except Exception as e:  # as in step(): a dead, stalled, busy or lying peer, so try another route
                 last_error = e
                 self.on_failure(hop.hop.peer_id, e)
                 for h in hops:

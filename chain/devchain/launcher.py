@@ -14,6 +14,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -82,7 +83,6 @@ class DevChain:
     def __init__(self, config: DevChainConfig | None = None) -> None:
         self.config = config or DevChainConfig()
         self._process: asyncio.subprocess.Process | None = None
-        self._log_file = None
 
     @property
     def url(self) -> str:
@@ -138,17 +138,17 @@ class DevChain:
         if self.config.state_dir is not None:
             self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_file = open(self.log_path, "ab")
         cmd = self._command(spec)
         log.info("starting dev chain: %s", " ".join(cmd))
-        self._process = await asyncio.create_subprocess_exec(
-            *cmd,
-            stdout=self._log_file,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-            env={**os.environ, "LOG_LEVEL": os.environ.get("CHOPSTICKS_LOG_LEVEL", "info")},
-        )
+        with open(self.log_path, "ab") as log_file:  # the node writes through its own descriptor
+            self._process = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+                env={**os.environ, "LOG_LEVEL": os.environ.get("CHOPSTICKS_LOG_LEVEL", "info")},
+            )
         try:
             await self._wait_ready()
         except BaseException:
@@ -182,7 +182,7 @@ class DevChain:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return ""
 
-    async def rpc(self, method: str, params: list | None = None) -> object:
+    async def rpc(self, method: str, params: list[Any] | None = None) -> object:
         """One JSON-RPC call over HTTP (e.g. `dev_newBlock`)."""
         payload = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params or []}
         async with httpx.AsyncClient(timeout=60.0) as http:
@@ -266,9 +266,6 @@ class DevChain:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
 
     async def __aenter__(self) -> DevChain:
         await self.start()
