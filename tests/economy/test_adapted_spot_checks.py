@@ -27,9 +27,10 @@ from economy.work_sample import SampledStep, UnverifiableSampleError, WorkSample
 from peer.adapters import AdapterSet, LoraConfig
 from peer.blocks import load_span_layers
 from peer.span import SpanRunner
-from swarm.billing import HANDLER_VERIFY, BillingConfig
+from swarm.billing import BillingConfig
 from swarm.client import ClientConfig, DistributedModel, GenerationParams
 from swarm.model_files import load_config
+from swarm.protocol import HANDLER_VERIFY
 from tests.economy.swarm_economy import UNIT, funded_key, start_verifier
 from tests.peer.learning_swarm import (
     FACTS,

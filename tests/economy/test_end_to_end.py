@@ -23,8 +23,9 @@ from economy.signing import load_keypair
 from economy.verification import SignedVerdict, Verdict
 from economy.work_sample import SampledStep, WorkSample
 from swarm import protocol
-from swarm.billing import HANDLER_VERIFY, BillingConfig, SessionBilling
+from swarm.billing import BillingConfig, SessionBilling
 from swarm.client import ClientConfig, DistributedModel, GenerationParams
+from swarm.protocol import HANDLER_VERIFY
 from swarm.routing import BanList
 from tests.economy.swarm_economy import (
     UNIT,
