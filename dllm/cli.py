@@ -413,10 +413,18 @@ def peer_join(
         except CanaryExamplesError as error:
             raise typer.BadParameter(str(error), param_hint="'--canary-file'") from None
     from dllm.service import serve_until_signal
-    from peer.server import PeerService
+    from dllm.startup_gc import CollectionPause
 
-    peer = PeerService(config)
-    serve_until_signal(peer, on_ready=lambda: print(peer.ready_line, flush=True))
+    with CollectionPause() as pause:  # the imports from here on (torch, hivemind, transformers): dllm/startup_gc.py
+        from peer.server import PeerService
+
+        peer = PeerService(config)
+
+        def ready() -> None:
+            pause.resume()
+            print(peer.ready_line, flush=True)
+
+        serve_until_signal(peer, on_ready=ready)
 
 
 # ------------------------------------------------------------------------------------------------ query
