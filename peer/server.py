@@ -11,13 +11,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from economy.gossip import GossipError
 from peer.block_selection import choose_blocks
 from peer.blocks import check_span, load_span_layers
 from peer.config import PeerConfig
@@ -26,8 +26,6 @@ from peer.handler import BlockHandler
 from peer.identity import load_or_create_record_key
 from peer.learning import LearningConfig, SpanLearner
 from peer.metering_hook import SessionMeters
-from peer.quote_publisher import QuotePublisher, QuotePublisherConfig, provider_ask
-from peer.receipt_service import ReceiptService, billing_setup
 from peer.span import SpanRunner
 from peer.training import TrainingConfig
 from swarm.architectures import architecture_for
@@ -39,7 +37,12 @@ from swarm.records import ServerRecord, announce, fetch_model_records
 if TYPE_CHECKING:
     from hivemind import DHT
     from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.p2p import P2P
     from transformers import PretrainedConfig
+
+    # at run time only a peer that bills imports these (and substrate-interface with them): _start_receipts
+    from peer.quote_publisher import QuotePublisher
+    from peer.receipt_service import BillingSetup
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,64 @@ def _load_model_code(model_dir: Path) -> PretrainedConfig:
     config = load_config(model_dir)
     architecture_for(config)
     return config
+
+
+def _billing_setup(config: PeerConfig) -> BillingSetup | None:
+    """The billing setup of a peer with a chain key, else None: only a peer that bills imports the receipt
+    machinery and substrate-interface (half a second of a start that is mostly imports)."""
+    if not config.chain_key:
+        return None
+    from peer.receipt_service import billing_setup
+
+    return billing_setup(
+        config.chain_key, config.chain_url, config.receipts_path, config.rate, config.settle_interval_s
+    )
+
+
+def _device(name: str) -> torch.device:
+    """The configured device; "auto" is the GPU if there is one."""
+    if name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+async def _dht_ready_with_model_code(
+    dht: DHT, model_dir: Path, make_tls: bool
+) -> tuple[PretrainedConfig, TlsIdentity | None]:
+    """Waits for the forked DHT while importing the model code (transformers: over a second) and making the
+    TLS certificate of direct streams (if served): a peer should serve within a few seconds of starting."""
+    tls: Awaitable[TlsIdentity | None] = asyncio.to_thread(TlsIdentity.generate) if make_tls else asyncio.sleep(0)
+    _, model_config, identity = await asyncio.gather(
+        wait_dht_ready(dht), asyncio.to_thread(_load_model_code, model_dir), tls
+    )
+    return model_config, identity
+
+
+async def _choose_span(config: PeerConfig, dht: DHT, model_config: PretrainedConfig, name: str) -> tuple[int, int]:
+    """The configured blocks (checked against the model), else the least served span of the configured length."""
+    if config.blocks is not None:
+        start, end = config.blocks
+        check_span(model_config, start, end)
+        return start, end
+    num_blocks = model_config.num_hidden_layers
+    records = await fetch_model_records(dht, name, num_blocks)
+    start, end = choose_blocks(records, num_blocks, config.num_blocks or num_blocks)
+    logger.info("chose blocks %d:%d (least served among %d announced peers)", start, end, len(records))
+    return start, end
+
+
+@dataclass(frozen=True)
+class _ServedSpan:
+    """The blocks this peer serves: which model and range, the loaded layers, and their measured speed."""
+
+    model_dir: Path
+    model_config: PretrainedConfig
+    name: str
+    start: int
+    end: int
+    runner: SpanRunner
+    params_per_block: int
+    throughput: float
 
 
 @dataclass
@@ -104,6 +165,10 @@ class PeerService:
         self._serving: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._stop = asyncio.Event()
+        # set during start-up; the handler's rpc_info fields read them at each request
+        self._learner: SpanLearner | None = None
+        self._direct: DirectServer | None = None
+        self._quotes: QuotePublisher | None = None
 
     @property
     def ready_line(self) -> str:
@@ -166,174 +231,212 @@ class PeerService:
         await self._resources.aclose()
 
     async def _serve(self, model_dir: Path, dht: DHT, validator: RSASignatureValidator, started: float) -> None:
+        """Start-up after the DHT fork, in order; each step registers what it creates on the exit stack."""
         config = self.config
-        resources = self._resources
-        dtype = _DTYPES[config.dtype]
-        device = torch.device(
-            "cuda"
-            if config.device == "auto" and torch.cuda.is_available()
-            else "cpu"
-            if config.device == "auto"
-            else config.device
-        )
-        _, model_config, tls = await asyncio.gather(
-            wait_dht_ready(dht),
-            asyncio.to_thread(_load_model_code, model_dir),
-            asyncio.to_thread(TlsIdentity.generate) if config.direct_port is not None else asyncio.sleep(0),
-        )
+        model_config, tls = await _dht_ready_with_model_code(dht, model_dir, config.direct_port is not None)
+        served = await self._load_span(model_dir, model_config, dht)
+        p2p = await self._replicate_p2p(dht)
+        if config.adapter_rank > 0:  # learning: adapters, then the replicas' current state before serving
+            self._learner = await self._start_learning(served, dht, p2p)
+        handler = self._start_handler(served, validator)
+        if config.direct_port is not None:
+            await self._start_direct(handler, tls, config.direct_port, dht)
+        await handler.add_handlers(p2p)
+        billing = _billing_setup(config)
+        if billing is not None:  # meter sessions, co-sign receipts, settle them on chain
+            await self._start_receipts(billing, handler, served, p2p)
+            if config.quote_period_s > 0:  # signed price asks on dllm/quotes/1 (an extra: serving goes on without)
+                self._quotes = await self._start_quote_gossip(billing, served, dht, validator)
+        await announce(dht, self._record(served, handler, dht), validator.local_public_key, config.record_ttl_s)
+        self._serving_now(served, handler, dht, started)
+        await self._announce_until_stopped(served, handler, dht, validator)
+
+    async def _load_span(self, model_dir: Path, model_config: PretrainedConfig, dht: DHT) -> _ServedSpan:
+        """The configured blocks (or the least served ones), loaded, with their measured throughput."""
+        config = self.config
         name = config.model_name or model_name(model_dir, model_config)
-        if config.blocks is not None:
-            start, end = config.blocks
-            check_span(model_config, start, end)
-        else:
-            records = await fetch_model_records(dht, name, model_config.num_hidden_layers)
-            span_length = config.num_blocks or model_config.num_hidden_layers
-            start, end = choose_blocks(records, model_config.num_hidden_layers, span_length)
-            logger.info("chose blocks %d:%d (least served among %d announced peers)", start, end, len(records))
+        start, end = await _choose_span(config, dht, model_config, name)
+        layers = await asyncio.to_thread(
+            load_span_layers, model_dir, model_config, start, end, _DTYPES[config.dtype], _device(config.device)
+        )
+        runner = SpanRunner(model_config, layers, start, end)
+        throughput = config.throughput if config.throughput else await asyncio.to_thread(measure_throughput, runner)
+        return _ServedSpan(
+            model_dir=model_dir,
+            model_config=model_config,
+            name=name,
+            start=start,
+            end=end,
+            runner=runner,
+            params_per_block=sum(p.numel() for p in layers[0].parameters()),
+            throughput=throughput,
+        )
 
-        layers = await asyncio.to_thread(load_span_layers, model_dir, model_config, start, end, dtype, device)
-        span = SpanRunner(model_config, layers, start, end)
-        params_per_block = sum(p.numel() for p in layers[0].parameters())
-        throughput = config.throughput if config.throughput else await asyncio.to_thread(measure_throughput, span)
-        peer_id = dht.peer_id.to_base58()
-        handler: BlockHandler | None = None
-        learner: SpanLearner | None = None
-        direct: DirectServer | None = None
-        quotes: QuotePublisher | None = None
-
-        def record() -> ServerRecord:
-            assert handler is not None
-            per_token = span.cache_bytes(1, 1)
-            return ServerRecord(
-                peer_id=peer_id,
-                model=name,
-                start=start,
-                end=end,
-                throughput=round(throughput, 2),
-                cache_tokens_free=handler.caches.free_bytes() // per_token if per_token else 0,
-                rate=config.rate,
-                chain_account=config.chain_account,
-                num_blocks=model_config.num_hidden_layers,
-                params_per_block=params_per_block,
-                addrs=visible_maddrs(dht),
-            )
-
+    async def _replicate_p2p(self, dht: DHT) -> P2P:
         p2p = await dht.replicate_p2p()
         # This process's replica of the DHT's P2P: its unix socket file stays in /tmp unless it is shut down.
-        resources.push_async_callback(p2p.shutdown)
-        if config.adapter_rank > 0:  # learning: adapters, then the replicas' current state before serving
-            from peer.canary_eval import swarm_canary_gate  # the client side of the swarm: only learners need it
+        self._resources.push_async_callback(p2p.shutdown)
+        return p2p
 
-            learner = SpanLearner(
-                span,
-                LearningConfig(
-                    rank=config.adapter_rank,
-                    averaging_period_s=config.averaging_period_s,
-                    step_batch=config.train_step_batch,
-                    training=TrainingConfig(learning_rate=config.learning_rate),
-                ),
-            )
-            resources.push_async_callback(asyncio.to_thread, learner.shutdown)
-            learner.canary = swarm_canary_gate(  # updates go live only if the canary loss does not rise
-                model_dir=model_dir,
-                model_name=name,
-                dht=dht,
-                p2p=p2p,
-                start=start,
-                end=end,
-                local_forward=lambda hidden, version: asyncio.to_thread(learner.pinned_forward, hidden, version),
-                canary_file=config.canary_file,
-                max_relative_rise=config.canary_max_rise,
-                request_timeout=config.request_timeout_s,
-            )
-            await learner.start(dht, name)
-            learning = asyncio.create_task(learner.run())
-            resources.push_async_callback(_cancel, learning)
-        direct_port = config.direct_port
-        if direct_port is not None:  # listening starts once the handler exists
+    async def _start_learning(self, served: _ServedSpan, dht: DHT, p2p: P2P) -> SpanLearner:
+        """Adapters on the span, gated by the swarm canary, synced to the replicas' state and training."""
+        from peer.canary_eval import swarm_canary_gate  # the client side of the swarm: only learners need it
 
-            def serve_direct(requests: Any) -> Any:
-                assert handler is not None
-                return handler.rpc_inference(requests)
+        config = self.config
+        learner = SpanLearner(
+            served.runner,
+            LearningConfig(
+                rank=config.adapter_rank,
+                averaging_period_s=config.averaging_period_s,
+                step_batch=config.train_step_batch,
+                training=TrainingConfig(learning_rate=config.learning_rate),
+            ),
+        )
+        self._resources.push_async_callback(asyncio.to_thread, learner.shutdown)
+        learner.canary = swarm_canary_gate(  # updates go live only if the canary loss does not rise
+            model_dir=served.model_dir,
+            model_name=served.name,
+            dht=dht,
+            p2p=p2p,
+            start=served.start,
+            end=served.end,
+            local_forward=lambda hidden, version: asyncio.to_thread(learner.pinned_forward, hidden, version),
+            canary_file=config.canary_file,
+            max_relative_rise=config.canary_max_rise,
+            request_timeout=config.request_timeout_s,
+        )
+        await learner.start(dht, served.name)
+        learning = asyncio.create_task(learner.run())
+        self._resources.push_async_callback(_cancel, learning)
+        return learner
 
-            direct = DirectServer(serve_direct, config.max_stream_bytes + 2**20, tls)
+    def _start_handler(self, served: _ServedSpan, validator: RSASignatureValidator) -> BlockHandler:
         handler = BlockHandler(
-            config,
-            span,
-            name,
-            info_extra=lambda: {
-                "throughput": throughput,
-                "rate": config.rate,
-                "chain_account": config.chain_account,
-                "params_per_block": params_per_block,
-                **(learner.info() if learner else {}),
-                **(quotes.info() if quotes else {}),
-                # Binds this peer id to the key that signs its DHT records (clients drop records signed by others).
-                "record_owner": validator.local_public_key.decode(),
-                # Where clients may open direct TLS inference streams, and the certificate to pin (swarm/direct.py).
-                **(direct.info() if direct is not None else {}),
-            },
-            learner=learner,
+            self.config,
+            served.runner,
+            served.name,
+            info_extra=lambda: self._info_fields(served, validator),
+            learner=self._learner,
         )
-        resources.callback(handler.shutdown)
-        if direct is not None and direct_port is not None:
-            host = listen_host(config.host_maddrs)
-            resources.push_async_callback(direct.close)  # closed before the handler it forwards to
-            await direct.start(host, direct_port, advertised_host(host, config.announce_maddrs, visible_maddrs(dht)))
-        await handler.add_handlers(p2p)
-        billing = billing_setup(
-            config.chain_key, config.chain_url, config.receipts_path, config.rate, config.settle_interval_s
-        )
-        if billing is not None:  # meter sessions, co-sign receipts, settle them on chain
-            handler.metering = SessionMeters(name, params_per_block, idle_s=2 * config.session_timeout_s)
-            receipts = await ReceiptService.start(billing, handler.metering)
-            resources.push_async_callback(receipts.close)
-            await receipts.add_handlers(p2p)
-            if config.quote_period_s > 0:  # signed price asks on dllm/quotes/1 (an extra: serving goes on without)
-                publisher = QuotePublisher(
-                    billing.keypair,
-                    peer_id,
-                    lambda: provider_ask(
-                        billing.keypair,
-                        peer_id,
-                        name,
-                        start,
-                        end,
-                        params_per_block,
-                        billing.rate,
-                        2 * config.quote_period_s,
-                    ),
-                    dht,
-                    validator.local_public_key,
-                    QuotePublisherConfig(period=config.quote_period_s),
-                )
-                resources.push_async_callback(publisher.close)
-                try:
-                    await publisher.start()
-                    quotes = publisher
-                except GossipError as e:
-                    logger.warning("price gossip is off: %s", e)
-        await announce(dht, record(), validator.local_public_key, config.record_ttl_s)
+        self._resources.callback(handler.shutdown)
+        return handler
 
-        self.running = RunningPeer(peer_id, visible_maddrs(dht), name, start, end, handler)
+    def _info_fields(self, served: _ServedSpan, validator: RSASignatureValidator) -> dict[str, Any]:
+        """What this peer adds to rpc_info's reply (read at each request: learning and gossip state change)."""
+        config = self.config
+        return {
+            "throughput": served.throughput,
+            "rate": config.rate,
+            "chain_account": config.chain_account,
+            "params_per_block": served.params_per_block,
+            **(self._learner.info() if self._learner else {}),
+            **(self._quotes.info() if self._quotes else {}),
+            # Binds this peer id to the key that signs its DHT records (clients drop records signed by others).
+            "record_owner": validator.local_public_key.decode(),
+            # Where clients may open direct TLS inference streams, and the certificate to pin (swarm/direct.py).
+            **(self._direct.info() if self._direct is not None else {}),
+        }
+
+    async def _start_direct(self, handler: BlockHandler, tls: TlsIdentity | None, port: int, dht: DHT) -> None:
+        """Direct TLS inference streams into the handler, listening before the P2P handlers are added."""
+        config = self.config
+        direct = DirectServer(handler.rpc_inference, config.max_stream_bytes + 2**20, tls)
+        self._direct = direct
+        host = listen_host(config.host_maddrs)
+        self._resources.push_async_callback(direct.close)  # closed before the handler it forwards to
+        await direct.start(host, port, advertised_host(host, config.announce_maddrs, visible_maddrs(dht)))
+
+    async def _start_receipts(
+        self, billing: BillingSetup, handler: BlockHandler, served: _ServedSpan, p2p: P2P
+    ) -> None:
+        """Session metering on the handler and the receipt RPCs that co-sign and settle what it meters."""
+        from peer.receipt_service import ReceiptService
+
+        handler.metering = SessionMeters(served.name, served.params_per_block, idle_s=2 * self.config.session_timeout_s)
+        receipts = await ReceiptService.start(billing, handler.metering)
+        self._resources.push_async_callback(receipts.close)
+        await receipts.add_handlers(p2p)
+
+    async def _start_quote_gossip(
+        self, billing: BillingSetup, served: _ServedSpan, dht: DHT, validator: RSASignatureValidator
+    ) -> QuotePublisher | None:
+        """This peer's signed price asks, published periodically; None if the gossip cannot start."""
+        from economy.gossip import GossipError
+        from peer.quote_publisher import QuotePublisher, QuotePublisherConfig, provider_ask
+
+        period_s = self.config.quote_period_s
+        peer_id = dht.peer_id.to_base58()
+        publisher = QuotePublisher(
+            billing.keypair,
+            peer_id,
+            lambda: provider_ask(
+                billing.keypair,
+                peer_id,
+                served.name,
+                served.start,
+                served.end,
+                served.params_per_block,
+                billing.rate,
+                2 * period_s,
+            ),
+            dht,
+            validator.local_public_key,
+            QuotePublisherConfig(period=period_s),
+        )
+        self._resources.push_async_callback(publisher.close)
+        try:
+            await publisher.start()
+        except GossipError as e:
+            logger.warning("price gossip is off: %s", e)
+            return None
+        return publisher
+
+    def _record(self, served: _ServedSpan, handler: BlockHandler, dht: DHT) -> ServerRecord:
+        """This peer's DHT record as of now (free cache and addresses change while serving)."""
+        per_token = served.runner.cache_bytes(1, 1)
+        return ServerRecord(
+            peer_id=dht.peer_id.to_base58(),
+            model=served.name,
+            start=served.start,
+            end=served.end,
+            throughput=round(served.throughput, 2),
+            cache_tokens_free=handler.caches.free_bytes() // per_token if per_token else 0,
+            rate=self.config.rate,
+            chain_account=self.config.chain_account,
+            num_blocks=served.model_config.num_hidden_layers,
+            params_per_block=served.params_per_block,
+            addrs=visible_maddrs(dht),
+        )
+
+    def _serving_now(self, served: _ServedSpan, handler: BlockHandler, dht: DHT, started: float) -> None:
+        """Publishes the RunningPeer and wakes wait_ready()."""
+        peer_id = dht.peer_id.to_base58()
+        self.running = RunningPeer(peer_id, visible_maddrs(dht), served.name, served.start, served.end, handler)
         logger.info(
             "serving %s blocks %d:%d as %s (%.1f tokens/s, ready in %.2f s)",
-            name,
-            start,
-            end,
+            served.name,
+            served.start,
+            served.end,
             peer_id,
-            throughput,
+            served.throughput,
             time.perf_counter() - started,
         )
         self._ready.set()
 
+    async def _announce_until_stopped(
+        self, served: _ServedSpan, handler: BlockHandler, dht: DHT, validator: RSASignatureValidator
+    ) -> None:
+        """Every announce period: expire idle caches and re-announce, until stop()."""
+        config = self.config
         while not self._stop.is_set():
             try:
                 await asyncio.wait_for(self._stop.wait(), config.announce_period_s)
             except TimeoutError:
                 handler.caches.expire_idle()
                 try:
-                    await announce(dht, record(), validator.local_public_key, config.record_ttl_s)
+                    await announce(
+                        dht, self._record(served, handler, dht), validator.local_public_key, config.record_ttl_s
+                    )
                 except Exception as e:  # a DHT hiccup must not stop serving; the next period retries
                     logger.warning("announce failed: %s", e)
 
