@@ -9,13 +9,21 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
 from dllm import arguments
 from dllm.config import build_default_map, read_config_file
+
+if TYPE_CHECKING:
+    from dllm.probe_check import ProbeConfig
+    from dllm.verifier import VerifierConfig
+    from peer.config import PeerConfig
+
+_ConfigT = TypeVar("_ConfigT")
 
 log = logging.getLogger("dllm.cli")
 
@@ -344,40 +352,17 @@ def peer_join(
 ) -> None:
     """Join the swarm as a compute provider serving a span of the model's blocks (runs until Ctrl-C)."""
     peers = _require_peers(initial_peers)
-    from peer.config import parse_blocks  # a light module: dataclasses only
-
-    try:
-        span = parse_blocks(blocks)
-    except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint=arguments.BLOCKS_HINT) from None
+    span = _parse_blocks_option(blocks)
     url = arguments.parse_chain_url(chain_url)
     key = arguments.parse_chain_key(chain_key)
-    from chain.units import TOKEN_DECIMALS
-
-    stake_planck = arguments.parse_amount(stake, TOKEN_DECIMALS, "'--stake'")
-    if stake_planck and not (url and key):
-        raise typer.BadParameter("bonding a stake needs --chain-url and --chain-key", param_hint="'--stake'")
+    stake_planck = _parse_stake_option(stake, url, key)
     folder = _model_folder(model)
-    from swarm.architectures import UnsupportedArchitectureError
-    from swarm.model_files import ModelFilesError, read_config_fields
-
-    try:  # without transformers: the peer imports it once its DHT process is forked (peer/server.py)
-        num_layers = read_config_fields(folder).num_hidden_layers
-    except (ModelFilesError, UnsupportedArchitectureError) as error:
-        raise typer.BadParameter(str(error), param_hint="'--model'") from None
-    if span is not None:
-        arguments.check_blocks_fit(span, num_layers)
-    elif num_blocks is not None and num_blocks > num_layers:
-        raise typer.BadParameter(f"the model has only {num_layers} blocks", param_hint="'--num-blocks'")
-    # Register before loading anything: a provider that cannot bond its stake should not start serving.
-    account = _keypair(key).ss58_address if key else None
-    if stake_planck:
-        assert url is not None and key is not None
-        account = _register_provider(url, key, stake_planck)
+    _check_span_fits_model(folder, span, num_blocks)
+    account = _provider_account(url, key, stake_planck)
     from peer.config import PeerConfig
 
-    try:
-        config = PeerConfig(
+    config = _valid_config(
+        lambda: PeerConfig(
             model=str(folder),
             blocks=span,
             num_blocks=num_blocks,
@@ -403,15 +388,78 @@ def peer_join(
             canary_file=canary_file,
             canary_max_rise=canary_max_rise,
         )
+    )
+    if adapter_rank > 0:  # a bad canary file fails here, in one line, not in the peer's start-up
+        _check_canary_file(canary_file)
+    _serve_peer(config)
+
+
+def _parse_blocks_option(blocks: str) -> tuple[int, int] | None:
+    """--blocks as a half-open span, or None for 'auto'."""
+    from peer.config import parse_blocks  # a light module: dataclasses only
+
+    try:
+        return parse_blocks(blocks)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint=arguments.BLOCKS_HINT) from None
+
+
+def _parse_stake_option(stake: str, url: str | None, key: str | None) -> int:
+    """--stake in planck; a stake needs the chain to bond it on."""
+    from chain.units import TOKEN_DECIMALS
+
+    stake_planck = arguments.parse_amount(stake, TOKEN_DECIMALS, "'--stake'")
+    if stake_planck and not (url and key):
+        raise typer.BadParameter("bonding a stake needs --chain-url and --chain-key", param_hint="'--stake'")
+    return stake_planck
+
+
+def _check_span_fits_model(folder: Path, span: tuple[int, int] | None, num_blocks: int | None) -> None:
+    """--blocks or --num-blocks within the model's blocks (read from config.json, without transformers: the peer
+    imports it once its DHT process is forked, peer/server.py)."""
+    from swarm.architectures import UnsupportedArchitectureError
+    from swarm.model_files import ModelFilesError, read_config_fields
+
+    try:
+        num_layers = read_config_fields(folder).num_hidden_layers
+    except (ModelFilesError, UnsupportedArchitectureError) as error:
+        raise typer.BadParameter(str(error), param_hint="'--model'") from None
+    if span is not None:
+        arguments.check_blocks_fit(span, num_layers)
+    elif num_blocks is not None and num_blocks > num_layers:
+        raise typer.BadParameter(f"the model has only {num_layers} blocks", param_hint="'--num-blocks'")
+
+
+def _provider_account(url: str | None, key: str | None, stake_planck: int) -> str | None:
+    """The provider's chain account, registered with its stake bonded if one is given.
+
+    Runs before anything is loaded: a provider that cannot bond its stake should not start serving."""
+    account = _keypair(key).ss58_address if key else None  # a bad key is a usage error before any chain call
+    if stake_planck:
+        assert url is not None and key is not None
+        account = _register_provider(url, key, stake_planck)
+    return account
+
+
+def _valid_config(build: Callable[[], _ConfigT]) -> _ConfigT:
+    """A *Config built from options; a value out of its field's range is a usage error naming it."""
+    try:
+        return build()
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
-    if adapter_rank > 0:  # a bad canary file fails here, in one line, not in the peer's start-up
-        from peer.canary_examples import CanaryExamplesError, read_canary_file
 
-        try:
-            read_canary_file(canary_file)
-        except CanaryExamplesError as error:
-            raise typer.BadParameter(str(error), param_hint="'--canary-file'") from None
+
+def _check_canary_file(canary_file: Path | None) -> None:
+    from peer.canary_examples import CanaryExamplesError, read_canary_file
+
+    try:
+        read_canary_file(canary_file)
+    except CanaryExamplesError as error:
+        raise typer.BadParameter(str(error), param_hint="'--canary-file'") from None
+
+
+def _serve_peer(config: PeerConfig) -> None:
+    """Runs the peer until SIGINT/SIGTERM, printing its ready line once it serves."""
     from dllm.service import serve_until_signal
     from dllm.startup_gc import CollectionPause
 
@@ -564,34 +612,15 @@ def verify(
     peers = _require_peers(initial_peers)
     folder = _model_folder(model)
     if probe:
-        # (--chain-key may come from DLLM_CHAIN_KEY: a probe just does not use it)
-        serving_only = {"'--council-key'": council_key, "'--verifier'": authorized, "'--gossip-peer'": gossip_peer}
-        for hint, value in serving_only.items():
-            if value:
-                raise typer.BadParameter("only a serving verifier uses this; drop it or drop --probe", param_hint=hint)
-        from dllm.probe_check import ProbeConfig
-
-        given = {"rounds": rounds, "tokens": tokens, "seed": seed}  # None: ProbeConfig's default
-        _probe_providers(peers, folder, ProbeConfig(**{k: v for k, v in given.items() if v is not None}))
+        _reject_serving_options(council_key=council_key, authorized=authorized, gossip_peer=gossip_peer)
+        _probe_providers(peers, folder, _probe_config(rounds, tokens, seed))
         return
-    for hint, probe_option in (("'--rounds'", rounds), ("'--tokens'", tokens), ("'--seed'", seed)):
-        if probe_option is not None:
-            raise typer.BadParameter("only a one-shot probe uses this: add --probe", param_hint=hint)
+    _reject_probe_options(rounds=rounds, tokens=tokens, seed=seed)
     url = arguments.parse_chain_url(chain_url)
-    key = arguments.parse_chain_key(chain_key)
-    if not key:
-        raise typer.BadParameter(
-            "a verifier signs its verdicts: give --chain-key (or --probe for a one-shot check)",
-            param_hint="'--chain-key'",
-        )
-    if council_key and not url:
-        raise typer.BadParameter("slashing as council needs --chain-url", param_hint="'--council-key'")
-    from dllm.service import serve_until_signal
-    from dllm.verifier import VerifierConfig, VerifierService
+    key = _verifier_key(arguments.parse_chain_key(chain_key), url, council_key)
+    from dllm.verifier import VerifierConfig
 
-    for signing_key in [key, *(council_key or [])]:
-        _keypair(signing_key)  # a bad key is a usage error now, not a crash later
-    service = VerifierService(
+    _serve_verifier(
         VerifierConfig(
             model=str(folder),
             key=key,
@@ -604,6 +633,53 @@ def verify(
             gossip_peers=list(gossip_peer or []),
         )
     )
+
+
+def _reject_serving_options(
+    *, council_key: list[str] | None, authorized: list[str] | None, gossip_peer: list[str] | None
+) -> None:
+    """A one-shot probe takes no serving verifier's options (--chain-key may come from DLLM_CHAIN_KEY: a probe
+    just does not use it)."""
+    serving_only = {"'--council-key'": council_key, "'--verifier'": authorized, "'--gossip-peer'": gossip_peer}
+    for hint, value in serving_only.items():
+        if value:
+            raise typer.BadParameter("only a serving verifier uses this; drop it or drop --probe", param_hint=hint)
+
+
+def _reject_probe_options(*, rounds: int | None, tokens: int | None, seed: int | None) -> None:
+    for hint, probe_option in (("'--rounds'", rounds), ("'--tokens'", tokens), ("'--seed'", seed)):
+        if probe_option is not None:
+            raise typer.BadParameter("only a one-shot probe uses this: add --probe", param_hint=hint)
+
+
+def _probe_config(rounds: int | None, tokens: int | None, seed: int | None) -> ProbeConfig:
+    """The ProbeConfig of --rounds, --tokens and --seed; an option not given keeps ProbeConfig's default."""
+    from dllm.probe_check import ProbeConfig
+
+    given = {"rounds": rounds, "tokens": tokens, "seed": seed}
+    return ProbeConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def _verifier_key(key: str | None, url: str | None, council_key: list[str] | None) -> str:
+    """The verifier's signing key, checked with the council keys now: a bad key is a usage error, not a crash later."""
+    if not key:
+        raise typer.BadParameter(
+            "a verifier signs its verdicts: give --chain-key (or --probe for a one-shot check)",
+            param_hint="'--chain-key'",
+        )
+    if council_key and not url:
+        raise typer.BadParameter("slashing as council needs --chain-url", param_hint="'--council-key'")
+    for signing_key in [key, *(council_key or [])]:
+        _keypair(signing_key)
+    return key
+
+
+def _serve_verifier(config: VerifierConfig) -> None:
+    """Runs the verifier until SIGINT/SIGTERM, printing its ready line once it serves."""
+    from dllm.service import serve_until_signal
+    from dllm.verifier import VerifierService
+
+    service = VerifierService(config)
     serve_until_signal(service, on_ready=lambda: print(service.ready_line, flush=True))
 
 
