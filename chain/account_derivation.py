@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 
-from scalecodec.utils.ss58 import ss58_decode, ss58_encode
-
 from chain.errors import InvalidAddressError
 
 # Both pallets hash this 16-byte prefix (SCALE-encoded as a fixed array, without a length).
@@ -39,6 +37,8 @@ def account_id(address: str, ss58_format: int | None = None) -> bytes:
     """The 32-byte public key behind an SS58 address (any prefix unless `ss58_format` is given)."""
     if not isinstance(address, str) or not address:
         raise InvalidAddressError(f"expected an SS58 address string, got {address!r}")
+    from scalecodec.utils.ss58 import ss58_decode  # loaded by the first address, not with this module
+
     try:
         raw = ss58_decode(address, valid_ss58_format=ss58_format)
     except Exception as exc:  # scalecodec raises ValueError or IndexError on garbage
@@ -50,6 +50,8 @@ def account_id(address: str, ss58_format: int | None = None) -> bytes:
 
 def address(account: bytes, ss58_format: int) -> str:
     """The SS58 address of a 32-byte account id."""
+    from scalecodec.utils.ss58 import ss58_encode
+
     encoded: str = ss58_encode(account, ss58_format=ss58_format)
     return encoded
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-from scalecodec.utils.ss58 import ss58_decode
 
 from chain.errors import EconomyError
 
@@ -73,6 +72,8 @@ def check_ss58(value: Any, name: str = "address") -> str:
     """Returns `value` if it is a valid ss58 address of a 32-byte public key, else raises."""
     if type(value) is not str or not 40 <= len(value) <= 60:
         raise CanonicalFormatError(f"{name} must be an ss58 address string")
+    from scalecodec.utils.ss58 import ss58_decode  # loaded by the first address: a free peer checks none
+
     try:
         public = ss58_decode(value)
     except Exception as e:  # scalecodec raises ValueError or lower-level errors on bad checksums

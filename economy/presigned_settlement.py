@@ -21,8 +21,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from scalecodec.base import ScaleBytes
-
 from chain.account_derivation import account_id
 from chain.errors import EconomyError
 from chain.records import Payment
@@ -105,6 +103,8 @@ def decode_settlement(ledger: ComputeLedger, extrinsic: bytes) -> PresignedSettl
     """Parses a settlement extrinsic (no chain access). Raises SettlementOfferError on anything else."""
     if type(extrinsic) is not bytes or not 0 < len(extrinsic) <= 1 << 20:
         raise SettlementOfferError("a settlement must be 1 byte .. 1 MiB of SCALE-encoded extrinsic")
+    from scalecodec.base import ScaleBytes  # with the ledger: a peer that does not bill never decodes one
+
     try:
         obj = ledger.substrate.create_scale_object("Extrinsic", data=ScaleBytes(extrinsic))
         obj.decode(check_remaining=True)
@@ -148,3 +148,8 @@ def validate_on_chain(ledger: ComputeLedger, extrinsic: bytes) -> None:
 def account_nonce(ledger: ComputeLedger, ss58: str) -> int:
     """The next nonce of an account, counting transactions already in the pool."""
     return int(ledger.substrate.get_account_nonce(ss58))
+
+
+def included_nonce(ledger: ComputeLedger, ss58: str) -> int:
+    """The next nonce of an account after its transactions included in blocks (the pool not counted)."""
+    return int(ledger.substrate.query("System", "Account", ["0x" + account_id(ss58).hex()]).value["nonce"])
