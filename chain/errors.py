@@ -50,6 +50,7 @@ A builtin in parentheses is an extra base kept because callers catch that builti
     │   ├── SettlementNotReadyError (RuntimeError)                                      economy/presigned_settlement.py
     │   ├── StaleSettlementError (RuntimeError)                                         economy/presigned_settlement.py
     │   ├── MissingSettlementError (LookupError)                                        economy/presigned_ledger.py
+    │   ├── SettlementFailedError                                                       swarm/billing.py
     │   ├── VerificationError (ValueError)                                              economy/verification.py
     │   │   ├── MalformedVerdictError
     │   │   ├── ForgedVerdictError

@@ -27,11 +27,11 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-from chain.errors import ChainConnectionError, ChainError, UnavailableError
+from chain.errors import ChainConnectionError, ChainError, EconomyError, UnavailableError
 from economy import signing
 from economy.canonical import CanonicalFormatError
 from economy.metering import StepKind, UsageMeter, step_kind_at
-from economy.presigned_settlement import account_nonce, payments_for, sign_at_nonce
+from economy.presigned_settlement import account_nonce, included_nonce, payments_for, sign_at_nonce
 from economy.pricing import Bill, Line, ProviderRate, RouteHop, route_price_per_token
 from economy.receipts import (
     RECEIPT_DOMAIN,
@@ -95,6 +95,17 @@ class SettlementSubmitError(UnavailableError):
 
     def __init__(self, nonce: int, cause: ChainError):
         super().__init__(f"the chain refused the settlement at nonce {nonce}: {type(cause).__name__}: {cause}")
+        self.nonce = nonce
+
+
+class SettlementFailedError(EconomyError):
+    """A block included a transaction at the settlement's nonce, and the receipts it pays are still unpaid.
+
+    The settlement failed in the runtime (or another transaction took its nonce): the nonce is spent, so no
+    retry of these bytes can pay them."""
+
+    def __init__(self, nonce: int, reason: str):
+        super().__init__(f"settlement at nonce {nonce} failed: {reason}; its receipts stay unpaid")
         self.nonce = nonce
 
 
@@ -214,18 +225,31 @@ class ClientBilling:
         """Submits a signed settlement in the background (chain calls stay in nonce order).
 
         While the chain is unreachable or refuses the submission, it retries with backoff for
-        `settlement_retry_s`; so it does while an earlier nonce is missing if no provider holds this
-        extrinsic (a failed delivery), else it leaves it to them. A settlement still unpaid then is
-        counted in `settlement_failures` and logged as an error: a payment is never dropped silently."""
+        `settlement_retry_s`; so it does while a submission at its nonce waits in the pool, and while an
+        earlier nonce is missing if no provider holds this extrinsic (a failed delivery), else it leaves it
+        to them. Once a block has used its nonce without paying the receipts (the settlement failed in the
+        runtime), no retry can pay them. A settlement unpaid either way is counted in `settlement_failures`
+        and logged as an error: a payment is never dropped silently, nor taken as done because its nonce moved."""
+
+        def paid_or_spent(ledger: ComputeLedger, cause: str) -> bool:
+            """True if the chain paid the receipts; raises SettlementFailedError if a block spent the nonce unpaid."""
+            spent = included_nonce(ledger, self.account) > nonce  # read first: a block after it can only pay more
+            if len(ledger.settled_on_chain(self.account, receipt_ids)) == len(receipt_ids):
+                return True
+            if spent:
+                raise SettlementFailedError(nonce, cause)
+            return False
 
         def submit() -> bool:
-            """True when done: paid, submitted, refused, or left to the providers."""
+            """True when done: paid, submitted, or left to the providers; False to look again after a pause."""
             ledger = self._connected()[0]
-            if len(ledger.settled_on_chain(self.account, receipt_ids)) == len(receipt_ids):
+            if paid_or_spent(ledger, "a block used its nonce (a submission failed in the runtime)"):
                 return True  # a provider was faster
             next_nonce = account_nonce(ledger, self.account)
-            if next_nonce != nonce:
-                if next_nonce < nonce and not providers_hold_it:
+            if next_nonce > nonce:
+                return False  # a submission at its nonce waits in the pool: see whether its block pays
+            if next_nonce < nonce:
+                if not providers_hold_it:
                     return False  # only this client holds it: wait for the earlier nonce
                 logger.info(
                     "settlement at nonce %d left to the providers (the account is at nonce %d)", nonce, next_nonce
@@ -235,8 +259,8 @@ class ClientBilling:
                 ledger.submit_signed(extrinsic)
             except ChainConnectionError:
                 raise
-            except ChainError as e:
-                if len(ledger.settled_on_chain(self.account, receipt_ids)) == len(receipt_ids):
+            except ChainError as e:  # a refusal, or a failure in the runtime (DispatchError, InsufficientBalance...)
+                if paid_or_spent(ledger, f"{type(e).__name__}: {e}"):
                     return True  # a provider submitted the same bytes a moment earlier
                 raise SettlementSubmitError(nonce, e) from e
             return True
@@ -251,6 +275,10 @@ class ClientBilling:
                 except (ChainConnectionError, SettlementSubmitError) as e:  # each try re-reads what the chain holds
                     failure = str(e)
                     logger.warning("settlement at nonce %d: %s; retrying in %.0f s", nonce, e, delay)
+                except SettlementFailedError as e:  # the nonce is spent: retrying these bytes cannot pay
+                    self.settlement_failures.append(str(e))
+                    logger.error("%s", e)
+                    return
                 except Exception as e:  # a background task: an unforeseen failure is counted, never dropped
                     logger.exception("settlement at nonce %d failed", nonce)
                     self.settlement_failures.append(f"settlement at nonce {nonce} failed: {type(e).__name__}: {e}")
