@@ -23,7 +23,7 @@ from chain.account_derivation import account_id, address, blake2_256, escrow_acc
 from chain.records import ComputeRecord, SettledReceipt, SlashRecord
 from chain.remarks import MalformedRemarkError, Remark, decode_remark, find_candidate_payloads
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -95,7 +95,7 @@ class LedgerIndex:
                 try:
                     self._apply(decode_remark(payload), sender, ext, number, ext_hash)
                 except (MalformedRemarkError, KeyError, TypeError, ValueError) as exc:
-                    log.warning("ignoring malformed dllm record in block %d: %s", number, exc)
+                    logger.warning("ignoring malformed dllm record in block %d: %s", number, exc)
 
     # ---- applying records --------------------------------------------------------------------
     def _apply(self, remark: Remark, sender: bytes, ext: _Extrinsic, block: int, ext_hash: str) -> None:
@@ -104,7 +104,7 @@ class LedgerIndex:
             escrow = escrow_account(self.council_account, sender)
             stake = int(body["stake"])
             if bytes.fromhex(body["escrow"]) != escrow or (sender, escrow, stake) not in ext.transfers:
-                log.warning("ignoring a registration whose stake did not reach its escrow (block %d)", block)
+                logger.warning("ignoring a registration whose stake did not reach its escrow (block %d)", block)
                 return
             current = self.providers.get(sender)
             if current is None or current.unbonded_at is not None:
@@ -124,7 +124,7 @@ class LedgerIndex:
                 entry.unbond_requested_at = block
         elif remark.kind in ("slash", "unbond"):
             if sender != self.council_account:
-                log.warning("ignoring a %s record not sent by the council (block %d)", remark.kind, block)
+                logger.warning("ignoring a %s record not sent by the council (block %d)", remark.kind, block)
                 return
             provider = bytes.fromhex(body["provider"])
             entry = self.providers.get(provider)
@@ -157,7 +157,7 @@ class LedgerIndex:
             if sender == client:
                 paid[to] += amount
         if any(paid[p] < amount for p, amount in claimed.items()):
-            log.warning("ignoring a settlement whose transfers do not cover its receipts (block %d)", block)
+            logger.warning("ignoring a settlement whose transfers do not cover its receipts (block %d)", block)
             return
         for receipt_id, payouts in receipts:
             if receipt_id in self.settled:

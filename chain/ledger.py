@@ -54,7 +54,7 @@ from chain.submission import ExtrinsicSubmitter
 from chain.substrate_connection import ResilientSubstrate
 from chain.units import PLANCK_PER_TOKEN
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # Far above any fee this client's extrinsics pay on Asset Hub (a 100-receipt settlement: ~1e9).
 _FEE_CEILING = PLANCK_PER_TOKEN
@@ -451,7 +451,7 @@ class ComputeLedger:
                 ),
             )
         except Exception as exc:  # best effort; the original error matters more
-            log.warning("could not cancel the pending council approval %s: %s", call_hash, exc)
+            logger.warning("could not cancel the pending council approval %s: %s", call_hash, exc)
 
     def _inner_failure(self, err: object, result: ChainResult) -> Exception:
         """Decode the module error of a council call that ran but failed (its effects rolled back)."""

@@ -19,7 +19,7 @@ from chain.errors import (
 )
 from chain.records import ChainEvent, ChainResult
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 _BALANCE_ERRORS = {"InsufficientBalance", "KeepAlive", "ExistentialDeposit", "LiquidityRestrictions"}
 

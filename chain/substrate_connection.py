@@ -28,7 +28,7 @@ from websocket import WebSocketException
 
 from chain.errors import ChainConnectionError
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # What a dropped or refused websocket raises (ConnectionError covers refused, reset and broken pipe).
 _TRANSPORT_ERRORS = (WebSocketException, ConnectionError)
@@ -63,7 +63,7 @@ class ResilientSubstrate(SubstrateInterface):  # type: ignore[misc]  # substrate
                 ) from first
             try:
                 self._reconnect()
-                log.info("reconnected to %s; retrying %s", self.url, method)
+                logger.info("reconnected to %s; retrying %s", self.url, method)
                 return super().rpc_request(method, params, result_handler=result_handler)
             except _TRANSPORT_ERRORS as e:
                 raise ChainConnectionError(
@@ -82,4 +82,4 @@ class ResilientSubstrate(SubstrateInterface):  # type: ignore[misc]  # substrate
         try:
             self._reconnect()
         except _TRANSPORT_ERRORS as e:  # still down: the next request tries again
-            log.debug("reconnect to %s failed: %s", self.url, e)
+            logger.debug("reconnect to %s failed: %s", self.url, e)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 _ConfigT = TypeVar("_ConfigT")
 
-log = logging.getLogger("dllm.cli")
+logger = logging.getLogger("dllm.cli")
 
 app = typer.Typer(
     name="dllm",

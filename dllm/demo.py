@@ -33,7 +33,7 @@ from chain.config_bounds import bounded, check_bounds
 from chain.errors import UnavailableError
 from chain.units import PLANCK_PER_TOKEN
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 DEMO_PROMPTS = (
     "The module",

@@ -23,7 +23,7 @@ import torch
 
 from chain.config_bounds import bounded, check_bounds
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

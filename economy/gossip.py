@@ -28,7 +28,7 @@ from economy.gossip_topics import QUOTES_TOPIC, TOPICS, VERDICTS_TOPIC
 from economy.price_announcement import PriceAnnouncement
 from economy.verification import SignedVerdict
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 __all__ = ["GossipBus", "GossipConfig", "GossipError", "GossipMessage", "QUOTES_TOPIC", "VERDICTS_TOPIC"]
 
@@ -123,7 +123,7 @@ class GossipBus:
                     event = json.loads(line)
                     self._dispatch(event)
                 except Exception:  # the reader loop: one bad event or failing handler must not deafen the bus
-                    log.exception("bad event from the gossip node: %.200r", line)
+                    logger.exception("bad event from the gossip node: %.200r", line)
         finally:
             error = GossipError("gossip node exited")
             if self._ready is not None and not self._ready.done():
@@ -146,13 +146,13 @@ class GossipBus:
             try:
                 envelope = open_envelope(base64.b64decode(event["data"]), event["topic"])
             except (EnvelopeError, KeyError, ValueError) as e:
-                log.warning("dropping a message the node passed but that fails here: %s", e)
+                logger.warning("dropping a message the node passed but that fails here: %s", e)
                 return
             message = GossipMessage(event["topic"], envelope.sender, str(event.get("from_peer", "")), envelope)
             try:
                 self._messages.put_nowait(message)
             except asyncio.QueueFull:
-                log.warning("gossip inbox full; dropping a message from %s", envelope.sender)
+                logger.warning("gossip inbox full; dropping a message from %s", envelope.sender)
 
     async def _command(self, op: str, **fields: Any) -> dict[str, Any]:
         if self._proc is None or self._proc.stdin is None or self._proc.returncode is not None:

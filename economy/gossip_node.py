@@ -50,7 +50,7 @@ from economy.envelope import (
 from economy.gossip_topics import TOPICS
 from economy.rate_limit import SenderRateLimiter
 
-log = logging.getLogger("dllm.gossip")
+logger = logging.getLogger("dllm.gossip")
 
 GOSSIPSUB_PROTOCOL = TProtocol("/meshsub/1.0.0")
 MAX_COMMAND_BYTES = 1024 * 1024
@@ -118,7 +118,7 @@ class GossipNode:
         except (MalformedEnvelopeError, EnvelopeError):
             self.counters["dropped_malformed"] += 1
         except Exception:  # an exception must never escape into the pubsub machinery
-            log.exception("validator failed; dropping message")
+            logger.exception("validator failed; dropping message")
             self.counters["dropped_malformed"] += 1
         return False
 
@@ -152,7 +152,7 @@ class GossipNode:
                 # validated on arrival, so only a clock edge case gets here
                 self.counters["dropped_stale"] += 1
             except Exception:  # a per-topic delivery loop: one failed message must not end the subscription
-                log.exception("failed to deliver a message to the parent")
+                logger.exception("failed to deliver a message to the parent")
 
     async def handle(self, command: dict[str, Any]) -> dict[str, Any] | None:
         """Runs one command; returns the reply (None for stop)."""
@@ -188,7 +188,7 @@ class GossipNode:
                 return
             buffer += chunk
             if len(buffer) > MAX_COMMAND_BYTES and b"\n" not in buffer:
-                log.error("dropping an oversized command")
+                logger.error("dropping an oversized command")
                 buffer = b""
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)

@@ -24,7 +24,7 @@ from economy.presigned_settlement import (
 from economy.receipt_store import ReceiptStore, SettlementBatch
 from economy.settlement import BatchResult, Settler
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 ALREADY_SETTLED = "already-settled"
 """Returned instead of a transaction hash when someone else's submission already paid the batch."""
@@ -102,9 +102,9 @@ async def settle_round(settler: Settler) -> list[BatchResult]:
             try:
                 results.append(await settler.settle_batch(batch))
             except SettlementNotReadyError as e:
-                log.info("not yet: %s", e)
+                logger.info("not yet: %s", e)
                 break
             except Exception as e:  # noqa: BLE001 - logged; the next round retries
-                log.warning("settling receipts of %s failed: %s: %s", client, type(e).__name__, e)
+                logger.warning("settling receipts of %s failed: %s: %s", client, type(e).__name__, e)
                 break
     return results

@@ -21,7 +21,7 @@ from pathlib import Path
 from chain.errors import EconomyError
 from economy.receipts import ReplayedReceiptError, SignedReceipt, verify_receipt
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS receipts (

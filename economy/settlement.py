@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 from economy.receipt_store import ReceiptStore, SettlementBatch
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -92,7 +92,7 @@ class Settler:
         self.store.mark_settled(confirmed)
         self.store.release(released)
         if confirmed or released:
-            log.info("reconciled %d receipts paid before a crash, %d to pay again", len(confirmed), len(released))
+            logger.info("reconciled %d receipts paid before a crash, %d to pay again", len(confirmed), len(released))
         return ReconcileReport(len(confirmed), len(released))
 
     async def settle_batch(self, batch: SettlementBatch) -> BatchResult:
@@ -104,7 +104,7 @@ class Settler:
             raise
         self.store.record_submission(batch.batch_id, tx_hash)
         self.store.mark_settled(batch.receipt_ids, tx_hash)
-        log.info(
+        logger.info(
             "settled %d receipts of %s for %d planck in %s", len(batch.receipts), batch.client, batch.total, tx_hash
         )
         return BatchResult(batch.batch_id, batch.client, tx_hash, len(batch.receipts), batch.total)
@@ -129,6 +129,6 @@ class Settler:
                 await self.settle_pending()
             except Exception:  # a background loop: a failed round is logged, counted and retried, never ends it
                 self.failed_rounds += 1
-                log.exception("settlement round failed; retrying in %.0f s", interval_s)
+                logger.exception("settlement round failed; retrying in %.0f s", interval_s)
             with contextlib.suppress(TimeoutError):  # the interval passed: next round
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)

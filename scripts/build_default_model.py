@@ -33,7 +33,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-log = logging.getLogger("build_default_model")
+logger = logging.getLogger("build_default_model")
 
 MODEL_NAME = "dllm-tiny-llama"
 VOCAB_SIZE = 2048
@@ -252,14 +252,14 @@ def build(cfg: BuildConfig) -> None:
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     corpus = build_corpus()
-    log.info("corpus: %d paragraphs, %d characters", len(corpus), sum(map(len, corpus)))
+    logger.info("corpus: %d paragraphs, %d characters", len(corpus), sum(map(len, corpus)))
     tokenizer = train_tokenizer(corpus)
     model = LlamaForCausalLM(model_config())
     params = sum(p.numel() for p in model.parameters())
     final_loss = float("nan")
     if cfg.steps > 0:
         stream = token_stream(corpus, tokenizer, cfg.seed)
-        log.info("training on a stream of %d tokens", len(stream))
+        logger.info("training on a stream of %d tokens", len(stream))
         final_loss = train(model, stream, cfg)
     model.generation_config = GenerationConfig(
         bos_token_id=BOS_ID,
@@ -272,7 +272,7 @@ def build(cfg: BuildConfig) -> None:
     model.save_pretrained(cfg.out, safe_serialization=True)
     tokenizer.save_pretrained(cfg.out)
     write_model_card(cfg.out, cfg, params, final_loss)
-    log.info("saved %s (%d parameters) to %s in %.1f s", MODEL_NAME, params, cfg.out, time.perf_counter() - started)
+    logger.info("saved %s (%d parameters) to %s in %.1f s", MODEL_NAME, params, cfg.out, time.perf_counter() - started)
 
 
 def parse_args(argv: list[str] | None = None) -> BuildConfig:

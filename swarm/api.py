@@ -33,7 +33,7 @@ from swarm.openai_schema import (
 from swarm.protocol import ProtocolError
 from swarm.sampling import GenerationParams
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 class ResultStream(Protocol):
@@ -166,7 +166,7 @@ def create_app(model: TextGenerator) -> FastAPI:
         except (BadRequestError, UnsupportedParameterError):
             raise
         except Exception as error:  # any swarm failure: the request fails, the server lives
-            log.warning("generation failed: %s: %s", type(error).__name__, error)
+            logger.warning("generation failed: %s: %s", type(error).__name__, error)
             raise SwarmUnavailableError(
                 f"the swarm could not serve this request: {type(error).__name__}: {error}"
             ) from error
@@ -175,7 +175,7 @@ def create_app(model: TextGenerator) -> FastAPI:
     async def on_failure(_: Request, error: Exception) -> JSONResponse:
         if isinstance(error, SwarmUnavailableError):
             return _error(503, str(error), "server_error", code="swarm_unavailable")
-        log.exception("unexpected error")
+        logger.exception("unexpected error")
         return _error(500, f"internal error: {type(error).__name__}: {error}", "server_error")
 
     @app.get("/v1/models")
@@ -299,7 +299,7 @@ async def _stream_events(
     except asyncio.CancelledError:
         raise
     except Exception as error:  # report in-band: the HTTP status is already sent
-        log.warning("streamed generation failed: %s: %s", type(error).__name__, error)
+        logger.warning("streamed generation failed: %s: %s", type(error).__name__, error)
         message = f"the swarm could not serve this request: {type(error).__name__}: {error}"
         yield {"data": json.dumps(schema.error_body(message, "server_error", code="swarm_unavailable"))}
         yield {"data": "[DONE]"}

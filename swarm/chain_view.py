@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 RECENT_SETTLEMENTS = 12
 
@@ -62,7 +62,7 @@ class ChainView:
         try:
             return await loop.run_in_executor(self._executor, self._read_sync, wanted)
         except Exception as error:  # a chain hiccup shows on the page; the next refresh retries
-            log.warning("reading the chain at %s failed: %s", self.url, error)
+            logger.warning("reading the chain at %s failed: %s", self.url, error)
             self._executor.submit(self._drop_ledger)
             return ChainSnapshot(self.url, connected=False, error=f"{type(error).__name__}: {error}")
 

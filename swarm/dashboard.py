@@ -28,7 +28,7 @@ from swarm.chain_view import ChainView
 from swarm.http_server import HttpServer, bind_socket
 from swarm.swarm_view import read_swarm
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -81,7 +81,7 @@ class SwarmMonitor:
             models = await read_swarm(self.dht)
             body["models"] = [m.to_json() for m in models]
         except Exception as error:  # the DHT may be briefly unreachable; show it and retry next time
-            log.warning("reading the swarm failed: %s", error)
+            logger.warning("reading the swarm failed: %s", error)
             body["swarm_error"] = f"{type(error).__name__}: {error}"
             models = []
         if self.chain is not None:

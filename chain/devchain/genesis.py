@@ -23,7 +23,7 @@ from chain.errors import DevChainUnavailableError
 from chain.storage_keys import blake2_128_concat, storage_prefix
 from chain.units import PLANCK_PER_TOKEN
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 DEVCHAIN_DIR = Path(__file__).resolve().parent
 BUILD_DIR = DEVCHAIN_DIR / "build"
@@ -114,7 +114,7 @@ def ensure_dev_spec(build_dir: Path = BUILD_DIR, council: Council | None = None)
     path = dev_spec_path(build_dir)
     if path.exists():
         return path
-    log.info("deriving the dev chain spec from the Rococo Asset Hub genesis into %s", path)
+    logger.info("deriving the dev chain spec from the Rococo Asset Hub genesis into %s", path)
     spec = derive_dev_spec(extract_upstream_spec(), council)
     build_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -22,7 +22,7 @@ from chain.config_bounds import bounded, check_bounds
 from chain.devchain.genesis import BUILD_DIR, NODE_MODULES, ensure_dev_spec
 from chain.errors import DevChainStartError, DevChainUnavailableError
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 CHOPSTICKS_BIN = NODE_MODULES / "@acala-network" / "chopsticks" / "chopsticks.cjs"
 DEFAULT_STATE_DIR = Path(".dllm") / "devchain"
@@ -139,7 +139,7 @@ class DevChain:
             self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = self._command(spec)
-        log.info("starting dev chain: %s", " ".join(cmd))
+        logger.info("starting dev chain: %s", " ".join(cmd))
         with open(self.log_path, "ab") as log_file:  # the node writes through its own descriptor
             self._process = await asyncio.create_subprocess_exec(
                 *cmd,
@@ -154,7 +154,7 @@ class DevChain:
         except BaseException:
             await self.stop()
             raise
-        log.info("dev chain ready at %s", self.url)
+        logger.info("dev chain ready at %s", self.url)
 
     async def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.start_timeout_s
@@ -221,7 +221,7 @@ class DevChain:
         try:
             head = await self.rpc("chain_getBlockHash")
         except (httpx.HTTPError, DevChainStartError) as exc:
-            log.warning("could not read the head before stopping: %s", exc)
+            logger.warning("could not read the head before stopping: %s", exc)
             return
 
         def stored() -> bool:
@@ -236,7 +236,7 @@ class DevChain:
             if await asyncio.to_thread(stored):
                 return
             await asyncio.sleep(0.2)
-        log.warning("head block %s not in %s after %.0f s; the newest state may be lost", head, db, timeout_s)
+        logger.warning("head block %s not in %s after %.0f s; the newest state may be lost", head, db, timeout_s)
 
     async def _stop_building(self) -> None:
         """Stops block production, so no block is built between saving the head and exiting.
@@ -248,7 +248,7 @@ class DevChain:
         try:
             await self.rpc("dev_setBlockBuildMode", ["Manual"])
         except (httpx.HTTPError, DevChainStartError) as exc:
-            log.warning("could not stop block production before stopping: %s", exc)
+            logger.warning("could not stop block production before stopping: %s", exc)
 
     async def stop(self) -> None:
         """Stop chopsticks after its database holds the head (SIGINT, then SIGKILL if it hangs)."""
@@ -262,7 +262,7 @@ class DevChain:
             try:
                 await asyncio.wait_for(proc.wait(), timeout=15)
             except TimeoutError:
-                log.warning("dev chain did not stop on SIGINT; killing it")
+                logger.warning("dev chain did not stop on SIGINT; killing it")
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
