@@ -699,7 +699,7 @@ def _probe_providers(peers: list[str], folder: Path, config: Any) -> None:
         try:
             return await probe_swarm(core, folder, config)
         finally:
-            await core.shutdown()
+            await core.close()
 
     console = Console()
     with console.status("Probing every provider's blocks…"):

@@ -399,7 +399,7 @@ class Demo:
         self.console.print(table)
 
     # -------------------------------------------------------------------------------- shutdown
-    def shutdown(self) -> None:
+    def close(self) -> None:
         """Stop everything (client, peers, bootstrap, chain) and check that nothing survived."""
         import psutil
 
@@ -482,6 +482,6 @@ def run_demo(config: DemoConfig) -> DemoReport:
         demo.read_back()
         demo.print_table()
     finally:
-        demo.shutdown()
+        demo.close()
     console.print(f"demo finished in {time.monotonic() - started:.0f} s")
     return demo.report

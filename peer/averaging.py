@@ -509,7 +509,7 @@ class AdapterAverager:
             if on_round is not None:
                 on_round(outcome)
 
-    def shutdown(self) -> None:
+    def close(self) -> None:
         """Stops the averager's background process (the DHT belongs to the caller)."""
         if self.averager.is_alive():
             self.averager.shutdown()

@@ -94,7 +94,7 @@ class BlockHandler:
             stream_output=True,
         )
 
-    def shutdown(self) -> None:
+    def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     # --- helpers -------------------------------------------------------------------------------

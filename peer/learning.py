@@ -162,6 +162,6 @@ class SpanLearner:
 
         await self.averager.run_periodically(self.config.averaging_period_s, remember)
 
-    def shutdown(self) -> None:
+    def close(self) -> None:
         if self.averager is not None:
-            self.averager.shutdown()
+            self.averager.close()

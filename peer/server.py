@@ -292,7 +292,7 @@ class PeerService:
                 training=TrainingConfig(learning_rate=config.learning_rate),
             ),
         )
-        self._resources.push_async_callback(asyncio.to_thread, learner.shutdown)
+        self._resources.push_async_callback(asyncio.to_thread, learner.close)
         learner.canary = swarm_canary_gate(  # updates go live only if the canary loss does not rise
             model_dir=served.model_dir,
             model_name=served.name,
@@ -318,7 +318,7 @@ class PeerService:
             info_extra=lambda: self._info_fields(served, validator),
             learner=self._learner,
         )
-        self._resources.callback(handler.shutdown)
+        self._resources.callback(handler.close)
         return handler
 
     def _info_fields(self, served: _ServedSpan, validator: RSASignatureValidator) -> dict[str, Any]:

@@ -164,7 +164,7 @@ class SwarmClient:
             self.billing = ClientBilling(self.config.billing, self.p2p, self.dht, self.model)
             await self.billing.start()
 
-    async def shutdown(self) -> None:
+    async def close(self) -> None:
         if self.billing is not None:
             billing, self.billing = self.billing, None
             await billing.close()
@@ -222,7 +222,7 @@ class SwarmClient:
     def _started_p2p(self) -> P2P:
         """The P2P replica start() made."""
         if self.p2p is None:
-            raise RuntimeError("SwarmClient.start() has not run (or shutdown() has)")
+            raise RuntimeError("SwarmClient.start() has not run (or close() has)")
         return self.p2p
 
     def _learn_direct_endpoint(self, peer_id: str, value: Any) -> None:
@@ -696,7 +696,7 @@ class DistributedModel:
 
     def close(self) -> None:
         try:
-            self._loop.run(self._core.shutdown(), timeout=15)
+            self._loop.run(self._core.close(), timeout=15)
         finally:
             self._loop.stop()
 

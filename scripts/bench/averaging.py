@@ -97,7 +97,7 @@ def _worker(index: int, sizes: list[int], inbox: mp.Queue, outbox: mp.Queue) -> 
                 else:
                     ok = asyncio.run(ours.run_round(scheduled_time=scheduled)).averaged
                 outbox.put(("round", index, kind, get_dht_time() - scheduled, ok))
-            ours.shutdown()
+            ours.close()
             raw.shutdown()
     finally:
         dht.shutdown()

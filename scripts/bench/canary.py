@@ -79,7 +79,7 @@ async def measure(swarm: LocalSwarm, examples: list[int], repeats: int) -> list[
                 anchor_s.append(time.perf_counter() - started)
             rows.append((count, int(batch.input_ids.numel()), statistics.median(anchor_s), statistics.median(canary_s)))
     finally:
-        await client.shutdown()
+        await client.close()
     return rows
 
 

@@ -130,7 +130,7 @@ async def main_async(args) -> list[LevelResult]:
                     if not p.alive:
                         raise SystemExit(f"peer {p.name} died under load:\n{p.log_tail()}")
         finally:
-            await asyncio.gather(*(c.shutdown() for c in clients))
+            await asyncio.gather(*(c.close() for c in clients))
     return results
 
 

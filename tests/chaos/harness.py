@@ -192,7 +192,7 @@ class ClientFleet:
         self.socket_files = own_hivemind_sockets()  # must all be gone once the fleet is closed
 
     async def close(self) -> None:
-        await asyncio.gather(*(c.shutdown() for c in self.clients), return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
         self.clients = []
         self.requests = {}
 

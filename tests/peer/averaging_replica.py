@@ -107,7 +107,7 @@ async def main(args: argparse.Namespace) -> None:
         await asyncio.to_thread(sys.stdin.readline)  # stay reachable (e.g. to share state) until told to go
         declaring.cancel()
     finally:
-        averager.shutdown()
+        averager.close()
         dht.shutdown()
 
 
