@@ -66,7 +66,7 @@ class DemoConfig:
     max_tokens: int = bounded(24, ge=1, le=256)
     chain_port: int = bounded(0, ge=0, le=65535)  # 0: pick a free one
     verifier: bool = True  # start one `dllm verify` process: every receipt is spot-checked
-    settle_timeout: float = 60.0  # seconds to wait for every receipt to be paid on chain
+    settle_timeout_s: float = 60.0  # seconds to wait for every receipt to be paid on chain
     workdir: Path | None = None  # logs and receipt stores; a temporary folder (removed) by default
 
     def __post_init__(self) -> None:
@@ -315,11 +315,11 @@ class Demo:
         with self.console.status("Spot checks and settlement (client and providers submit the same extrinsics)…"):
             self._on_client(billing.flush())
             ids = [s.receipt.receipt_id_bytes for s in self.receipts]
-            deadline = time.monotonic() + self.config.settle_timeout
+            deadline = time.monotonic() + self.config.settle_timeout_s
             while len(self.ledger.settled_on_chain(self.report.client, ids)) < len(ids):
                 if time.monotonic() > deadline:
                     raise DemoError(
-                        f"receipts were not all paid on chain within {self.config.settle_timeout:.0f} s; "
+                        f"receipts were not all paid on chain within {self.config.settle_timeout_s:.0f} s; "
                         f"see the peers' logs in {self.workdir}"
                     )
                 time.sleep(1.0)

@@ -6,7 +6,7 @@ One round, run by every replica of (model, start, end) at the same scheduled tim
    to norm `clip_tau` (one centered-clipping step around the agreed state, so one replica's update,
    however poisoned, moves the average by at most clip_tau / group size).
 2. hivemind matchmaking forms a group under the prefix of (model, start, end); all-reduce averages the
-   updates, with `allreduce_timeout` and `next_chunk_timeout` set so a dead member cannot hang it.
+   updates, with `allreduce_timeout_s` and `next_chunk_timeout_s` set so a dead member cannot hang it.
 3. Checks, any failure of which skips the round: the group is exactly the set of replicas declared in
    the DHT; every member started from the same live adapters (same version, and contents equal up to
    float noise by a small linear sketch: all-reduce leaves replicas ~1e-7 apart, not bit-equal); the result
@@ -17,7 +17,7 @@ One round, run by every replica of (model, start, end) at the same scheduled tim
    dropped; without this, replicas that diverged once would skip every round after.
 4. The candidate `live + average` is evaluated by the canary gate, if one is configured.
 5. Commit: each member publishes its verdict in the DHT and applies the candidate only when every
-   member of the group said yes within `commit_timeout`. A member that died mid-round never says yes,
+   member of the group said yes within `commit_timeout_s`. A member that died mid-round never says yes,
    so the survivors skip the round together; the next round (after its declaration expires) averages
    among the survivors.
 
@@ -82,13 +82,13 @@ class AveragingConfigError(ConfigError, ValueError):
 class AveragingConfig:
     """Timeouts and bounds of one averaging group. All times in seconds."""
 
-    min_matchmaking_time: float = 1.5
-    request_timeout: float = 1.0
-    matchmaking_timeout: float = 8.0  # give up forming a group after this long
-    allreduce_timeout: float = 20.0
-    next_chunk_timeout: float = 2.0
-    commit_timeout: float = 5.0
-    replica_ttl: float = 6.0  # a replica's declaration expires this long after its last refresh
+    min_matchmaking_time_s: float = 1.5
+    request_timeout_s: float = 1.0
+    matchmaking_timeout_s: float = 8.0  # give up forming a group after this long
+    allreduce_timeout_s: float = 20.0
+    next_chunk_timeout_s: float = 2.0
+    commit_timeout_s: float = 5.0
+    replica_ttl_s: float = 6.0  # a replica's declaration expires this long after its last refresh
     clip_tau: float = 1.0
     # The gather data crosses hivemind's control pipe in one message; above ~16 KB the pipe can be read
     # half-written (EAGAIN) and the averager's thread dies. 256 blocks = 6 KB of sketch.
@@ -98,25 +98,25 @@ class AveragingConfig:
 
     def __post_init__(self) -> None:
         for name in (
-            "min_matchmaking_time",
-            "request_timeout",
-            "matchmaking_timeout",
-            "allreduce_timeout",
-            "next_chunk_timeout",
-            "commit_timeout",
-            "replica_ttl",
+            "min_matchmaking_time_s",
+            "request_timeout_s",
+            "matchmaking_timeout_s",
+            "allreduce_timeout_s",
+            "next_chunk_timeout_s",
+            "commit_timeout_s",
+            "replica_ttl_s",
             "clip_tau",
             "sketch_rtol",
         ):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise AveragingConfigError(f"{name} must be a positive finite number, got {value!r}")
-        if self.request_timeout >= self.min_matchmaking_time:
+        if self.request_timeout_s >= self.min_matchmaking_time_s:
             raise AveragingConfigError(
-                "request_timeout must be shorter than min_matchmaking_time (hivemind deadlocks otherwise)"
+                "request_timeout_s must be shorter than min_matchmaking_time_s (hivemind deadlocks otherwise)"
             )
-        if self.matchmaking_timeout <= self.min_matchmaking_time:
-            raise AveragingConfigError("matchmaking_timeout must exceed min_matchmaking_time")
+        if self.matchmaking_timeout_s <= self.min_matchmaking_time_s:
+            raise AveragingConfigError("matchmaking_timeout_s must exceed min_matchmaking_time_s")
         if not 1 <= self.sketch_blocks <= 512:
             raise AveragingConfigError("sketch_blocks must be in 1..512 (the gather message must stay small)")
         if self.target_group_size < 2:
@@ -212,12 +212,12 @@ class AdapterAverager:
             prefix=self.prefix,
             target_group_size=c.target_group_size,
             min_group_size=2,
-            min_matchmaking_time=c.min_matchmaking_time,
-            request_timeout=c.request_timeout,
-            allreduce_timeout=c.allreduce_timeout,
-            next_chunk_timeout=c.next_chunk_timeout,
+            min_matchmaking_time=c.min_matchmaking_time_s,
+            request_timeout=c.request_timeout_s,
+            allreduce_timeout=c.allreduce_timeout_s,
+            next_chunk_timeout=c.next_chunk_timeout_s,
             allow_state_sharing=True,
-            declare_state_period=c.replica_ttl,
+            declare_state_period=c.replica_ttl_s,
         )
         signal.signal(signal.SIGINT, sigint)
         self._control: StepControl | None = None  # the running round's all-reduce
@@ -248,17 +248,17 @@ class AdapterAverager:
     # ---- who should be in the group ----------------------------------------------------------------
 
     async def declare_replica(self) -> None:
-        """Announces this peer as a replica of the span until now + replica_ttl."""
+        """Announces this peer as a replica of the span until now + replica_ttl_s."""
         await asyncio.to_thread(
             self.dht.store,
             f"{self.prefix}.replicas",
             self.adapters.live_version,
-            get_dht_time() + self.config.replica_ttl,
+            get_dht_time() + self.config.replica_ttl_s,
             subkey=self.peer_id,
         )
 
     async def keep_declared(self) -> None:
-        """Refreshes the declaration every replica_ttl / 3 until cancelled.
+        """Refreshes the declaration every replica_ttl_s / 3 until cancelled.
 
         Declaring only at round start would race: a replica checking for others at that moment may
         miss one that declares a few milliseconds later and wrongly run its round alone.
@@ -268,7 +268,7 @@ class AdapterAverager:
                 await self.declare_replica()
             except Exception as e:  # a DHT hiccup: the next refresh retries well before expiry
                 logger.warning("%s: replica declaration failed: %s", self.prefix, e)
-            await asyncio.sleep(self.config.replica_ttl / 3)
+            await asyncio.sleep(self.config.replica_ttl_s / 3)
 
     async def declared_replicas(self) -> set[str]:
         """Peer ids whose replica declaration has not expired (self included once declared)."""
@@ -331,8 +331,8 @@ class AdapterAverager:
             "weight": 1.0,
         }
         if scheduled_time is None:
-            scheduled_time = get_dht_time() + c.min_matchmaking_time
-        timeout = max(c.matchmaking_timeout, scheduled_time - get_dht_time() + c.min_matchmaking_time)
+            scheduled_time = get_dht_time() + c.min_matchmaking_time_s
+        timeout = max(c.matchmaking_timeout_s, scheduled_time - get_dht_time() + c.min_matchmaking_time_s)
         try:
             self._control = control = self.averager.step(
                 gather=gather,
@@ -342,7 +342,7 @@ class AdapterAverager:
                 allow_retries=False,
                 wait=False,
             )
-            gathered = await asyncio.to_thread(control.result, timeout + c.allreduce_timeout + 5)
+            gathered = await asyncio.to_thread(control.result, timeout + c.allreduce_timeout_s + 5)
         except _ALLREDUCE_FAILURES as e:
             return self._skip(f"no complete all-reduce: {type(e).__name__}: {e}")
         finally:
@@ -443,9 +443,9 @@ class AdapterAverager:
     async def _commit(self, round_key: str, group: list[str], verdict: bool) -> bool:
         """Publishes this member's verdict; True once every member said yes, False on any no or timeout."""
         key = f"{self.prefix}.commit.{round_key}"
-        deadline = get_dht_time() + self.config.commit_timeout
+        deadline = get_dht_time() + self.config.commit_timeout_s
         await asyncio.to_thread(
-            self.dht.store, key, bool(verdict), deadline + self.config.commit_timeout, subkey=self.peer_id
+            self.dht.store, key, bool(verdict), deadline + self.config.commit_timeout_s, subkey=self.peer_id
         )
         if not verdict:
             return False
@@ -504,7 +504,7 @@ class AdapterAverager:
         while True:
             now = get_dht_time()
             scheduled = (math.floor(now / period) + 1) * period
-            await asyncio.sleep(max(0.0, scheduled - now - self.config.min_matchmaking_time))
+            await asyncio.sleep(max(0.0, scheduled - now - self.config.min_matchmaking_time_s))
             outcome = await self.run_round(scheduled_time=scheduled)
             if on_round is not None:
                 on_round(outcome)

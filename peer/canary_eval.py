@@ -154,14 +154,14 @@ def swarm_canary_gate(
     local_forward: LocalForward,
     canary_file: Path | None = None,
     max_relative_rise: float = 0.01,
-    request_timeout: float = 10.0,
+    request_timeout_s: float = 10.0,
 ) -> CanaryGate:
     """The canary gate of a learning peer: its canary examples evaluated through the swarm it serves."""
     from transformers import AutoTokenizer
 
     examples = read_canary_file(canary_file)
     batch = build_canary_batch(examples, AutoTokenizer.from_pretrained(model_dir))
-    client = SwarmClient(model_dir, [], ClientConfig(request_timeout=request_timeout))
+    client = SwarmClient(model_dir, [], ClientConfig(request_timeout_s=request_timeout_s))
     # The peer's own DHT and P2P replica: the evaluator is a client of the swarm it is part of.
     client.dht, client.p2p, client.model = dht, p2p, model_name
     evaluator = SwarmCanaryEvaluator(
@@ -171,7 +171,7 @@ def swarm_canary_gate(
         end=end,
         batch=batch,
         local_forward=local_forward,
-        timeout=2 * request_timeout,
+        timeout=2 * request_timeout_s,
     )
     logger.info(
         "canary gate: %d examples (%d scored tokens) from %s, max rise %.1f%%",

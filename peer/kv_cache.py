@@ -75,7 +75,7 @@ class SpanKVCache:
 class _Entry:
     cache: SpanKVCache
     nbytes: int
-    timeout: float
+    timeout_s: float
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -126,7 +126,7 @@ class CacheManager:
     def expire_idle(self) -> list[str]:
         """Drops sessions idle longer than their timeout; returns their ids."""
         now = time.monotonic()
-        expired = [sid for sid, e in self._sessions.items() if now - e.last_used > e.timeout]
+        expired = [sid for sid, e in self._sessions.items() if now - e.last_used > e.timeout_s]
         for sid in expired:
             del self._sessions[sid]
         return expired

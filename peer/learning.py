@@ -39,15 +39,16 @@ class LearningConfig:
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
     step_batch: int = 4  # optimizer step once this many training passes are pending
     averaging_period_s: float = 30.0  # seconds between averaging rounds (aligned to DHT time)
-    fetch_state_timeout: float = 10.0
+    fetch_state_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.step_batch < 1:
             raise ValueError(f"step_batch must be >= 1, got {self.step_batch}")
         if not (
-            math.isfinite(self.averaging_period_s) and self.averaging_period_s > self.averaging.min_matchmaking_time + 1
+            math.isfinite(self.averaging_period_s)
+            and self.averaging_period_s > self.averaging.min_matchmaking_time_s + 1
         ):
-            raise ValueError("averaging_period_s must exceed the averaging's min_matchmaking_time by over a second")
+            raise ValueError("averaging_period_s must exceed the averaging's min_matchmaking_time_s by over a second")
 
 
 class SpanLearner:
@@ -150,7 +151,7 @@ class SpanLearner:
         )
         others = await self.averager.declared_replicas() - {self.averager.peer_id}
         if others:
-            await self.averager.load_state_from_replicas(self.config.fetch_state_timeout)
+            await self.averager.load_state_from_replicas(self.config.fetch_state_timeout_s)
         await self.averager.declare_replica()
 
     async def run(self) -> None:

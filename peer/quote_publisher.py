@@ -2,7 +2,7 @@
 
 A peer with a chain key starts a `GossipBus` (py-libp2p in its own child process), finds other
 gossip nodes in the DHT (other providers under `dllm/gossip`, verifiers under `dllm/verifiers`),
-dials them, announces its own gossip addresses there, and every `period` seconds publishes a
+dials them, announces its own gossip addresses there, and every `period_s` seconds publishes a
 `PriceAnnouncement` ask: its account, span, parameters served and rate, valid for two periods.
 Asks heard from others are kept (latest per account and span) as the peer's view of the market.
 
@@ -35,14 +35,14 @@ logger = logging.getLogger(__name__)
 class QuotePublisherConfig:
     """How often a provider publishes its ask, and its gossip node's settings."""
 
-    period: float = 30.0
+    period_s: float = 30.0
     gossip: GossipConfig = GossipConfig()
     max_dials: int = 8
     """Gossip nodes dialled at most (GossipSub relays the rest of the way)."""
 
     def __post_init__(self) -> None:
-        if self.period <= 0 or self.max_dials < 0:
-            raise ValueError(f"period must be > 0 and max_dials >= 0, got {self.period}, {self.max_dials}")
+        if self.period_s <= 0 or self.max_dials < 0:
+            raise ValueError(f"period_s must be > 0 and max_dials >= 0, got {self.period_s}, {self.max_dials}")
 
 
 def provider_ask(
@@ -123,7 +123,7 @@ class QuotePublisher:
     async def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                await asyncio.wait_for(self._stop.wait(), self.config.period)
+                await asyncio.wait_for(self._stop.wait(), self.config.period_s)
                 return
             except TimeoutError:
                 pass
@@ -162,7 +162,7 @@ class QuotePublisher:
         value = {"peer_id": self.peer_id, "account": self.keypair.ss58_address, "addrs": self.addrs}
         subkey = self.peer_id.encode() + self.owner_marker  # signed: nobody else can replace this entry
         await self.dht.store(
-            protocol.GOSSIP_KEY, value, get_dht_time() + 3 * self.config.period, subkey=subkey, return_future=True
+            protocol.GOSSIP_KEY, value, get_dht_time() + 3 * self.config.period_s, subkey=subkey, return_future=True
         )
 
     async def _discover(self) -> None:

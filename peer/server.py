@@ -303,7 +303,7 @@ class PeerService:
             local_forward=lambda hidden, version: asyncio.to_thread(learner.pinned_forward, hidden, version),
             canary_file=config.canary_file,
             max_relative_rise=config.canary_max_rise,
-            request_timeout=config.request_timeout_s,
+            request_timeout_s=config.request_timeout_s,
         )
         await learner.start(dht, served.name)
         learning = asyncio.create_task(learner.run())
@@ -381,7 +381,7 @@ class PeerService:
             ),
             dht,
             validator.local_public_key,
-            QuotePublisherConfig(period=period_s),
+            QuotePublisherConfig(period_s=period_s),
         )
         self._resources.push_async_callback(publisher.close)
         try:

@@ -81,7 +81,7 @@ class BillingConfig:
     verifiers_per_sample: int = 2
     submit_settlements: bool = True
     """False leaves submission to the providers (each holds the signed extrinsic)."""
-    request_timeout: float = 30.0
+    request_timeout_s: float = 30.0
     settlement_retry_s: float = 120.0
     """How long paying co-signed receipts is retried while the chain is unreachable (close() waits for it)."""
 
@@ -335,7 +335,7 @@ class ClientBilling:
                     self.p2p.call_protobuf_handler(
                         PeerID.from_base58(peer_id), protocol.HANDLER_VERIFY, request, runtime_pb2.ExpertResponse
                     ),
-                    self.config.request_timeout,
+                    self.config.request_timeout_s,
                 )
                 meta = msgpack.unpackb(response.metadata, raw=False) if response.metadata else {}
                 wire_errors.raise_if_error(meta, peer_id)
@@ -509,7 +509,7 @@ class SessionBilling:
             self.billing.p2p.call_protobuf_handler(
                 PeerID.from_base58(peer_id), protocol.HANDLER_RECEIPT, request, runtime_pb2.ExpertResponse
             ),
-            self.billing.config.request_timeout,
+            self.billing.config.request_timeout_s,
         )
         meta = protocol.unpack_metadata(response.metadata)
         wire_errors.raise_if_error(meta, peer_id)  # ReceiptRefusedError for the receipt kinds

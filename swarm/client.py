@@ -72,17 +72,17 @@ __all__ = [
 class ClientConfig:
     """How a client talks to the swarm."""
 
-    request_timeout: float = 10.0  # a step slower than this counts as a failed peer
+    request_timeout_s: float = 10.0  # a step slower than this counts as a failed peer
     max_failovers: int = 8
-    ban_duration: float = 60.0
-    busy_backoff: float = 1.0  # how long a peer that refused for lack of cache is skipped
+    ban_duration_s: float = 60.0
+    busy_backoff_s: float = 1.0  # how long a peer that refused for lack of cache is skipped
     max_rate: int | None = None  # skip peers whose advertised rate is above this
-    refresh_interval: float = 5.0  # re-read DHT records at most this often
+    refresh_interval_s: float = 5.0  # re-read DHT records at most this often
     max_retries: int = 3  # for forward/backward RPCs
     max_price_per_token: int | None = None  # planck per generated token for the whole route (economy.pricing)
     billing: BillingConfig | None = None  # pay providers: receipts, settlement, spot checks (swarm/billing.py)
     direct_streams: bool = True  # inference over direct TLS streams where peers offer them (else hivemind P2P)
-    direct_connect_timeout: float = 2.0  # past this, fall back to P2P for that peer
+    direct_connect_timeout_s: float = 2.0  # past this, fall back to P2P for that peer
 
 
 @dataclass
@@ -146,7 +146,7 @@ class SwarmClient:
         self.num_blocks = self.model_config.num_hidden_layers
         self.head = LocalHead(model_dir, self.model_config)
         self.initial_peers = list(initial_peers)
-        self.bans = BanList(config.ban_duration)
+        self.bans = BanList(config.ban_duration_s)
         self.latency: dict[str, float] = {}
         self.record_owners: dict[str, str] = {}  # peer id -> the DHT signing key the peer itself reports
         self.direct_endpoints: dict[str, DirectEndpoint] = {}  # peer id -> its direct stream endpoint (from rpc_info)
@@ -178,7 +178,7 @@ class SwarmClient:
     # --- routing -------------------------------------------------------------------------------
 
     async def records(self, refresh: bool = False) -> list[ServerRecord]:
-        if refresh or time.monotonic() - self._records_at > self.config.refresh_interval:
+        if refresh or time.monotonic() - self._records_at > self.config.refresh_interval_s:
             records = await fetch_model_records(self.dht, self.model, self.num_blocks)
             self._records_at = time.monotonic()
             await self._ping_new(records)
@@ -244,7 +244,7 @@ class SwarmClient:
             if endpoint is None:
                 break
             try:
-                return await DirectInferenceStream.open(endpoint, self.config.direct_connect_timeout)
+                return await DirectInferenceStream.open(endpoint, self.config.direct_connect_timeout_s)
             except DirectStreamError as e:
                 logger.info("no direct stream to %s (%s)%s", peer_id, e, "" if attempt else "; re-reading its info")
                 self.direct_endpoints.pop(peer_id, None)
@@ -257,8 +257,8 @@ class SwarmClient:
         return await self.ping(peer_id, timeout=1.0, samples=1) != float("inf")
 
     async def plan(self, start: int, end: int) -> list[Hop]:
-        """A route for blocks start..end-1, waiting (up to request_timeout) for short bans of busy peers to end."""
-        deadline = time.monotonic() + self.config.request_timeout
+        """A route for blocks start..end-1, waiting (up to request_timeout_s) for short bans of busy peers to end."""
+        deadline = time.monotonic() + self.config.request_timeout_s
         while True:
             try:
                 return await self._plan_once(start, end)
@@ -292,7 +292,7 @@ class SwarmClient:
     def report_failure(self, peer_id: str, error: Exception) -> None:
         # A busy peer (cache budget full) is healthy: skip it only briefly. Anything else is banned.
         busy = isinstance(error, protocol.PeerBusyError)
-        self.bans.ban(peer_id, self.config.busy_backoff if busy else None)
+        self.bans.ban(peer_id, self.config.busy_backoff_s if busy else None)
         self._records_at = 0.0  # re-read the DHT on the next plan
 
     # --- RPCs ----------------------------------------------------------------------------------
@@ -304,7 +304,7 @@ class SwarmClient:
             self._started_p2p().call_protobuf_handler(
                 PeerID.from_base58(peer_id), handler, request, runtime_pb2.ExpertResponse
             ),
-            timeout or self.config.request_timeout,
+            timeout or self.config.request_timeout_s,
         )
         wire_errors.raise_if_error(protocol.unpack_metadata(response.metadata), peer_id)
         return response
@@ -373,7 +373,7 @@ class SwarmClient:
             wire_errors.raise_if_error(metadata, peer_id)
             return tensors
 
-        return await asyncio.wait_for(run(), self.config.request_timeout * 4)
+        return await asyncio.wait_for(run(), self.config.request_timeout_s * 4)
 
     async def _with_failover(
         self, start: int, end: int, run: Callable[[list[Hop]], Awaitable[_T]]
@@ -486,7 +486,7 @@ class SwarmClient:
             self.is_alive,
             max_length=max_length,
             batch=batch,
-            timeout=self.config.request_timeout,
+            timeout=self.config.request_timeout_s,
             max_failovers=self.config.max_failovers,
             observer=billing.observe if billing else None,
             open_extra=billing.open_extra if billing else None,

@@ -57,12 +57,12 @@ def _worker(index: int, sizes: list[int], inbox: mp.Queue, outbox: mp.Queue) -> 
     dht = DHT(initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     outbox.put(("ready", index, [str(m) for m in dht.get_visible_maddrs()]))
     config = AveragingConfig(
-        min_matchmaking_time=1.5,
-        request_timeout=1.0,
-        allreduce_timeout=60.0,
-        next_chunk_timeout=5.0,
-        commit_timeout=10.0,
-        replica_ttl=120.0,
+        min_matchmaking_time_s=1.5,
+        request_timeout_s=1.0,
+        allreduce_timeout_s=60.0,
+        next_chunk_timeout_s=5.0,
+        commit_timeout_s=10.0,
+        replica_ttl_s=120.0,
         clip_tau=1e9,
     )
     try:

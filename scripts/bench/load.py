@@ -118,7 +118,7 @@ async def main_async(args) -> list[LevelResult]:
         peers = [swarm.start_peer(b, "--cache-mb", str(args.cache_mb), wait=False) for b in ("0:4", "4:8")]
         for p in peers:
             swarm.wait_ready(p)
-        config = ClientConfig(request_timeout=30.0, ban_duration=1.0)
+        config = ClientConfig(request_timeout_s=30.0, ban_duration_s=1.0)
         clients = [
             SwarmClient(path, swarm.initial_peers, config) for _ in range(-(-max(args.levels) // STREAMS_PER_CLIENT))
         ]

@@ -169,7 +169,7 @@ class ClientFleet:
     ):
         """`configs` gives each client its own config (e.g. its own paying key); else all share `config`."""
         self.model_dir, self.initial_peers, self.size = model_dir, list(initial_peers), size
-        self.config = config or ClientConfig(request_timeout=5.0, ban_duration=3.0, refresh_interval=1.0)
+        self.config = config or ClientConfig(request_timeout_s=5.0, ban_duration_s=3.0, refresh_interval_s=1.0)
         self.configs = list(configs) if configs is not None else [self.config] * size
         if len(self.configs) != size:
             raise ValueError(f"{len(self.configs)} client configs for a fleet of {size}")

@@ -117,9 +117,9 @@ def _peer(econ: ChaosSwarm, name: str):
 async def _fleet(econ: ChaosSwarm) -> ClientFleet:
     configs = [
         ClientConfig(
-            request_timeout=5.0,
-            ban_duration=3.0,
-            refresh_interval=1.0,
+            request_timeout_s=5.0,
+            ban_duration_s=3.0,
+            refresh_interval_s=1.0,
             billing=BillingConfig(econ.chain.url, uri, sample_rate=0.0),
         )
         for uri in econ.client_uris

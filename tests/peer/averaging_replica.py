@@ -56,13 +56,13 @@ async def main(args: argparse.Namespace) -> None:
     # makes the others (correctly) skip the round.
     averaging = AveragingConfig(
         clip_tau=args.clip_tau,
-        replica_ttl=args.ttl,
-        allreduce_timeout=10.0,
-        next_chunk_timeout=1.0,
-        commit_timeout=3.0,
-        min_matchmaking_time=3.0,
-        request_timeout=1.5,
-        matchmaking_timeout=10.0,
+        replica_ttl_s=args.ttl,
+        allreduce_timeout_s=10.0,
+        next_chunk_timeout_s=1.0,
+        commit_timeout_s=3.0,
+        min_matchmaking_time_s=3.0,
+        request_timeout_s=1.5,
+        matchmaking_timeout_s=10.0,
     )
     averager = AdapterAverager(dht, adapters, model="tiny", start=args.start, end=args.end, config=averaging)
     try:
@@ -80,7 +80,7 @@ async def main(args: argparse.Namespace) -> None:
         out = Path(args.out)
         for k in plan["rounds"]:
             scheduled = plan["t0"] + k * plan["period"]
-            await asyncio.sleep(max(0.0, scheduled - get_dht_time() - averaging.min_matchmaking_time))
+            await asyncio.sleep(max(0.0, scheduled - get_dht_time() - averaging.min_matchmaking_time_s))
             generator = torch.Generator().manual_seed(sum(map(ord, args.name)) * 1000 + k)
             with torch.no_grad():
                 for p in adapters.parameters():

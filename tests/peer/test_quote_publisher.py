@@ -129,5 +129,5 @@ def test_billing_peers_gossip_signed_asks_and_a_free_peer_does_not_gossip(local_
 
 
 def test_quote_publisher_config_refuses_nonsense():
-    with pytest.raises(ValueError, match="period must be > 0"):
-        QuotePublisherConfig(period=0)
+    with pytest.raises(ValueError, match="period_s must be > 0"):
+        QuotePublisherConfig(period_s=0)

@@ -25,7 +25,7 @@ from tests.chaos.harness import ChaosSwarm, ClientFleet
 pytestmark = pytest.mark.timeout(240)
 
 PARAMS = GenerationParams(max_new_tokens=24, ignore_eos=True)
-CONFIG = ClientConfig(request_timeout=5.0, ban_duration=120.0, refresh_interval=0.5, max_retries=5)
+CONFIG = ClientConfig(request_timeout_s=5.0, ban_duration_s=120.0, refresh_interval_s=0.5, max_retries=5)
 
 
 @pytest.fixture(scope="module")
