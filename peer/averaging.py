@@ -37,6 +37,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from hivemind import DHT
@@ -168,6 +169,17 @@ class _SpanAverager(DecentralizedAverager):
             [state.tensors[n] for n in self._adapters.names],
             None,
         )
+
+
+@dataclass(frozen=True)
+class _GroupInputs:
+    """What the members of a formed group sent in the gather, in group order."""
+
+    lives: set[tuple[int, str]]  # (live version, content digest) of each member
+    live_sketches: list[Sketch]
+    sketches: list[Sketch]  # of each member's update
+    weights: list[float]
+    round_key: str  # the same at every member: names this round's commit votes
 
 
 class AdapterAverager:
@@ -311,25 +323,57 @@ class AdapterAverager:
         return RoundOutcome("skipped", reason, self.adapters.live_version, group or [])
 
     async def _round(self, base_version: int, scheduled_time: float | None) -> RoundOutcome:
-        c = self.config
         await self.declare_replica()
         if not await self.declared_replicas() - {self.peer_id}:
             return await self._solo_round(base_version)
+        gather = self._gather_data(base_version, self._stage_update())
+        try:
+            gathered = await self._all_reduce(gather, scheduled_time)
+        except _ALLREDUCE_FAILURES as e:
+            return self._skip(f"no complete all-reduce: {type(e).__name__}: {e}")
+        if not gathered:
+            return self._skip("matchmaking formed no group")
+        group = sorted(str(peer) for peer in gathered)
+        not_declared = await self._membership_mismatch(group)
+        if not_declared is not None:
+            return self._skip(not_declared, group)
+        try:
+            inputs = self._group_inputs(group, gathered)
+        except (KeyError, TypeError, ValueError, SketchError) as e:
+            return self._skip(f"malformed gather data from a groupmate: {e}", group)
+        if {v for v, _ in inputs.lives} != {base_version} or not self._same_live(inputs.live_sketches):
+            return self._skip(await self._catch_up_to_group(inputs.lives, base_version), group)
+        average = self._average()
+        verdict, reason = self._check_average(average, inputs)
+        if verdict and not average.any():  # every member computes the same zeros: all skip alike
+            return self._skip("no member had an update", group)
+        return await self._apply_if_agreed(base_version, average, verdict, reason, inputs.round_key, group)
 
+    def _stage_update(self) -> Sketch:
+        """Puts this replica's clipped local update in the all-reduce buffers; returns the update's sketch."""
         names = self.adapters.names
-        update = clip_by_norm(flatten(self.adapters.delta(), names), c.clip_tau)
-        my_sketch = self.sketcher.sketch(update)
+        update = clip_by_norm(flatten(self.adapters.delta(), names), self.config.clip_tau)
+        sketch = self.sketcher.sketch(update)
         with self.averager.get_tensors() as buffers:
             for buffer, tensor in zip(buffers, unflatten(update, self.adapters.working, names).values(), strict=True):
                 buffer.copy_(tensor)
-        gather = {
+        return sketch
+
+    def _gather_data(self, base_version: int, update_sketch: Sketch) -> dict[str, Any]:
+        """What this member tells its groupmates: its live adapters, its update's sketch, a nonce for the round key."""
+        return {
             "version": base_version,
             "live": self.adapters.digest(base_version),
             "live_sketch": self._live_sketch(base_version).to_bytes(),
             "nonce": secrets.token_hex(8),
-            "sketch": my_sketch.to_bytes(),
+            "sketch": update_sketch.to_bytes(),
             "weight": 1.0,
         }
+
+    async def _all_reduce(self, gather: dict[str, Any], scheduled_time: float | None) -> dict[Any, Any]:
+        """Matchmaking and all-reduce of the staged buffers; the groupmates' gather data by peer id (empty: no
+        group). Raises one of _ALLREDUCE_FAILURES when the all-reduce does not complete."""
+        c = self.config
         if scheduled_time is None:
             scheduled_time = get_dht_time() + c.min_matchmaking_time_s
         timeout = max(c.matchmaking_timeout_s, scheduled_time - get_dht_time() + c.min_matchmaking_time_s)
@@ -342,59 +386,68 @@ class AdapterAverager:
                 allow_retries=False,
                 wait=False,
             )
-            gathered = await asyncio.to_thread(control.result, timeout + c.allreduce_timeout_s + 5)
-        except _ALLREDUCE_FAILURES as e:
-            return self._skip(f"no complete all-reduce: {type(e).__name__}: {e}")
+            return await asyncio.to_thread(control.result, timeout + c.allreduce_timeout_s + 5)
         finally:
             self._control = None
-        if not gathered:
-            return self._skip("matchmaking formed no group")
 
-        group = sorted(str(peer) for peer in gathered)
+    async def _membership_mismatch(self, group: list[str]) -> str | None:
+        """Why the group is not exactly the declared replicas, or None if it is."""
         # Read after the group formed: every live member declared itself before matchmaking began.
         expected = await self._expected_replicas() | {self.peer_id}
-        if set(group) != expected:
-            missing, extra = sorted(expected - set(group)), sorted(set(group) - expected)
-            return self._skip(
-                f"group of {len(group)} != declared replicas (missing {missing}, undeclared {extra})", group
-            )
-        try:
-            infos = [gathered[peer] for peer in sorted(gathered, key=str)]
-            lives = {(int(info["version"]), str(info["live"])) for info in infos}
-            live_sketches = [Sketch.from_bytes(info["live_sketch"], self._live_sketcher.blocks) for info in infos]
-            sketches = [Sketch.from_bytes(info["sketch"], self.sketcher.blocks) for info in infos]
-            weights = [float(info["weight"]) for info in infos]
-            round_key = hashlib.sha256(
+        if set(group) == expected:
+            return None
+        missing, extra = sorted(expected - set(group)), sorted(set(group) - expected)
+        return f"group of {len(group)} != declared replicas (missing {missing}, undeclared {extra})"
+
+    def _group_inputs(self, group: list[str], gathered: dict[Any, Any]) -> _GroupInputs:
+        """The members' gather data, decoded in group order; raises KeyError, TypeError, ValueError or
+        SketchError on malformed data."""
+        infos = [gathered[peer] for peer in sorted(gathered, key=str)]
+        return _GroupInputs(
+            lives={(int(info["version"]), str(info["live"])) for info in infos},
+            live_sketches=[Sketch.from_bytes(info["live_sketch"], self._live_sketcher.blocks) for info in infos],
+            sketches=[Sketch.from_bytes(info["sketch"], self.sketcher.blocks) for info in infos],
+            weights=[float(info["weight"]) for info in infos],
+            round_key=hashlib.sha256(
                 "|".join(f"{p}:{i['nonce']}" for p, i in zip(group, infos, strict=True)).encode()
-            ).hexdigest()[:16]
-        except (KeyError, TypeError, ValueError, SketchError) as e:
-            return self._skip(f"malformed gather data from a groupmate: {e}", group)
-        if {v for v, _ in lives} != {base_version} or not self._same_live(live_sketches):
-            leader = max(lives, key=lambda vd: self.averager.state_priority(*vd))
-            reason = f"members hold different live adapters (versions {sorted({v for v, _ in lives})})"
-            if leader != (base_version, self.adapters.digest(base_version)):
-                reason += "; " + await self._catch_up(leader)
-            return self._skip(reason, group)
+            ).hexdigest()[:16],
+        )
 
+    async def _catch_up_to_group(self, lives: set[tuple[int, str]], base_version: int) -> str:
+        """Why a round whose members hold different live adapters is skipped; a member behind the group's
+        leading state adopts it first."""
+        leader = max(lives, key=lambda vd: self.averager.state_priority(*vd))
+        reason = f"members hold different live adapters (versions {sorted({v for v, _ in lives})})"
+        if leader != (base_version, self.adapters.digest(base_version)):
+            reason += "; " + await self._catch_up(leader)
+        return reason
+
+    def _average(self) -> torch.Tensor:
+        """The all-reduced update, flattened (a copy: the buffers are the averager's)."""
         with self.averager.get_tensors() as buffers:
-            average = torch.cat([b.reshape(-1) for b in buffers]).clone()
-        mismatch = self.sketcher.mismatch(self.sketcher.sketch(average), sketches, weights, c.sketch_rtol)
-        verdict, reason = mismatch <= 1.0, f"verified average of {len(group)} peers"
-        if not verdict:
-            reason = f"result is not the mean of all {len(group)} inputs (partial average, mismatch x{mismatch:.3g})"
+            return torch.cat([b.reshape(-1) for b in buffers]).clone()
 
-        if verdict and not average.any():  # every member computes the same zeros: all skip alike
-            return self._skip("no member had an update", group)
+    def _check_average(self, average: torch.Tensor, inputs: _GroupInputs) -> tuple[bool, str]:
+        """(verified, reason): whether `average` is the weighted mean of every member's input, by their sketches."""
+        mismatch = self.sketcher.mismatch(
+            self.sketcher.sketch(average), inputs.sketches, inputs.weights, self.config.sketch_rtol
+        )
+        size = len(inputs.sketches)
+        if mismatch <= 1.0:
+            return True, f"verified average of {size} peers"
+        return False, f"result is not the mean of all {size} inputs (partial average, mismatch x{mismatch:.3g})"
+
+    async def _apply_if_agreed(
+        self, base_version: int, average: torch.Tensor, verdict: bool, reason: str, round_key: str, group: list[str]
+    ) -> RoundOutcome:
+        """The candidate `live + average`, canary-gated, goes live only if every member of the group agrees."""
         candidate, harmful = None, False
         if verdict:
-            live = self.adapters.state(base_version).tensors
-            delta = unflatten(average, live, names)
-            candidate = self.adapters.propose({n: live[n] + delta[n] for n in names})
+            candidate = self._propose(base_version, average)
             if self.canary is not None:
                 verdict, reason, harmful = self._canary_outcome(
                     await self.canary.check(base_version, candidate), reason
                 )
-
         agreed = await self._commit(round_key, group, verdict)
         if verdict and agreed and candidate is not None:  # a verdict always comes with a candidate
             self.adapters.promote(candidate)
@@ -408,15 +461,19 @@ class AdapterAverager:
             self.adapters.reset_working()  # drop the local update that produced a rejected average
         return self._skip(reason, group)
 
-    async def _solo_round(self, base_version: int) -> RoundOutcome:
-        """The only replica of its span: its own clipped update is the average, still canary-gated."""
+    def _propose(self, base_version: int, update: torch.Tensor) -> int:
+        """The candidate version `live + update` (`update` flattened in adapter order)."""
         names = self.adapters.names
         live = self.adapters.state(base_version).tensors
-        flat = flatten(self.adapters.delta(), names)
+        delta = unflatten(update, live, names)
+        return self.adapters.propose({n: live[n] + delta[n] for n in names})
+
+    async def _solo_round(self, base_version: int) -> RoundOutcome:
+        """The only replica of its span: its own clipped update is the average, still canary-gated."""
+        flat = flatten(self.adapters.delta(), self.adapters.names)
         if not flat.any():
             return self._skip("no local update since the live version", [self.peer_id])
-        update = unflatten(clip_by_norm(flat, self.config.clip_tau), live, names)
-        candidate = self.adapters.propose({n: live[n] + update[n] for n in names})
+        candidate = self._propose(base_version, clip_by_norm(flat, self.config.clip_tau))
         reason = "sole replica of this span"
         if self.canary is not None:
             accepted, reason, harmful = self._canary_outcome(await self.canary.check(base_version, candidate), reason)
