@@ -378,62 +378,70 @@ class ComputeLedger:
 
     def _council_execute(self, council: list[Keypair], call: GenericCall) -> ChainResult:
         """Dispatch `call` from the council account via Multisig: approvals, then execution."""
-        signers = self._check_quorum(council)
-        ids = self.config.council.member_ids()
+        signers = self._check_quorum(council)  # exactly the threshold
+        approvers, executor = signers[:-1], signers[-1]
         call_hash = "0x" + blake2_256(call.data.data).hex()
         weight = int(self.substrate.get_payment_info(call, signers[0])["weight"])
-
-        def others(kp: Keypair) -> list[str]:
-            return ["0x" + m.hex() for m in sorted(ids) if m != kp.public_key]
-
-        threshold = self.config.council.threshold
-        timepoint = None
-        first = None
+        timepoint: dict[str, Any] | None = None  # of the first approval, which every later signature names
         try:
-            for n, kp in enumerate(signers):
-                if n < threshold - 1:
-                    result = self.submitter.submit(
-                        kp,
-                        self._call(
-                            "Multisig",
-                            "approve_as_multi",
-                            {
-                                "threshold": threshold,
-                                "other_signatories": others(kp),
-                                "maybe_timepoint": timepoint,
-                                "call_hash": call_hash,
-                                "max_weight": 0,
-                            },
-                        ),
-                    )
-                    if timepoint is None:
-                        timepoint = {"height": result.block_number, "index": result.extrinsic_index}
-                        first = kp
-                    continue
-                result = self.submitter.submit(
-                    kp,
-                    self._call(
-                        "Multisig",
-                        "as_multi",
-                        {
-                            "threshold": threshold,
-                            "other_signatories": others(kp),
-                            "maybe_timepoint": timepoint,
-                            "call": call,
-                            "store_call": False,
-                            "max_weight": weight,
-                        },
-                    ),
-                )
+            for kp in approvers:
+                approval = self._multisig_approve(kp, call_hash, timepoint)
+                if timepoint is None:
+                    timepoint = {"height": approval.block_number, "index": approval.extrinsic_index}
+            result = self._multisig_execute(executor, call, weight, timepoint)
         except Exception:  # whatever failed, withdraw the approval first so it cannot linger; then re-raise
-            if first is not None and timepoint is not None:
-                self._cancel_pending(first, others(first), timepoint, call_hash)
+            if timepoint is not None:
+                self._cancel_pending(approvers[0], self._other_signatories(approvers[0]), timepoint, call_hash)
             raise
+        self._raise_if_dispatch_failed(result)
+        return result
+
+    def _other_signatories(self, kp: Keypair) -> list[str]:
+        """The council members other than `kp`, sorted, as Multisig wants them."""
+        return ["0x" + m.hex() for m in sorted(self.config.council.member_ids()) if m != kp.public_key]
+
+    def _multisig_approve(self, kp: Keypair, call_hash: str, timepoint: dict[str, Any] | None) -> ChainResult:
+        return self.submitter.submit(
+            kp,
+            self._call(
+                "Multisig",
+                "approve_as_multi",
+                {
+                    "threshold": self.config.council.threshold,
+                    "other_signatories": self._other_signatories(kp),
+                    "maybe_timepoint": timepoint,
+                    "call_hash": call_hash,
+                    "max_weight": 0,
+                },
+            ),
+        )
+
+    def _multisig_execute(
+        self, kp: Keypair, call: GenericCall, weight: int, timepoint: dict[str, Any] | None
+    ) -> ChainResult:
+        """The last signature: the call itself, dispatched once it reaches the threshold."""
+        return self.submitter.submit(
+            kp,
+            self._call(
+                "Multisig",
+                "as_multi",
+                {
+                    "threshold": self.config.council.threshold,
+                    "other_signatories": self._other_signatories(kp),
+                    "maybe_timepoint": timepoint,
+                    "call": call,
+                    "store_call": False,
+                    "max_weight": weight,
+                },
+            ),
+        )
+
+    def _raise_if_dispatch_failed(self, result: ChainResult) -> None:
+        """The executed call's own error (the Multisig extrinsic succeeds even when the call it dispatches fails)."""
         executed = result.find("Multisig", "MultisigExecuted")
         outcome = executed[0].attributes.get("result") if executed else None
         if isinstance(outcome, dict) and "Err" in outcome:
             raise self._inner_failure(outcome["Err"], result)
-        return result
 
     def _cancel_pending(self, kp: Keypair, others: list[str], timepoint: dict[str, Any], call_hash: str) -> None:
         try:
