@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -32,6 +32,9 @@ from rich.table import Table
 from chain.config_bounds import bounded, check_bounds
 from chain.errors import UnavailableError
 from chain.units import PLANCK_PER_TOKEN
+
+if TYPE_CHECKING:
+    from dllm.processes import ManagedProcess
 
 logger = logging.getLogger(__name__)
 
@@ -191,22 +194,35 @@ class Demo:
         self.report.client = Keypair.create_from_uri(CLIENT_URI, ss58_format=fmt).ss58_address
 
     def start_swarm(self) -> None:
+        """Bootstrap node, one staked and billing peer per provider account, the verifier; all ready."""
         from dllm import default_model_path
-        from dllm.processes import LocalSwarm, ProcessStartError
+        from dllm.processes import LocalSwarm
         from swarm.model_files import load_config
 
         model_path = default_model_path()
         num_blocks = int(load_config(model_path).num_hidden_layers)
-        spans = block_spans(num_blocks, self.config.peers)
         self.swarm = LocalSwarm(str(model_path), workdir=self.workdir)
         with self.console.status("Starting the bootstrap node…"):
             self.swarm.start_bootstrap()
         self.console.print(f"[green]✓[/] bootstrap node {self.swarm.initial_peers[0]}", soft_wrap=True)
-        procs = []
+        peers = self._start_providers(block_spans(num_blocks, self.config.peers))
+        verifier = None
+        if self.config.verifier:
+            verifier = self.swarm.start_verifier(
+                VERIFIER_URI, "--chain-url", self.chain.url, name="verifier", wait=False
+            )
+        self._wait_swarm_ready(peers, verifier)
+        self._report_providers(peers)
+        if verifier is not None:
+            self.console.print(f"[green]✓[/] verifier signing as {VERIFIER_URI} re-runs sampled work")
+
+    def _start_providers(self, spans: list[tuple[int, int]]) -> list[ManagedProcess]:
+        """One peer process per span and provider account, not waited for."""
+        peers = []
         for i, ((start, end), uri) in enumerate(zip(spans, self.provider_uris.values(), strict=True)):
             # Each provider signs with its own key in its own process: it bonds its stake, meters sessions,
             # proposes receipts, stores the client's pre-signed settlement, settles, and gossips its ask.
-            procs.append(
+            peers.append(
                 self.swarm.start_peer(
                     f"{start}:{end}",
                     "--chain-url",
@@ -227,15 +243,16 @@ class Demo:
                     wait=False,
                 )
             )
-        verifier = None
-        if self.config.verifier:
-            verifier = self.swarm.start_verifier(
-                VERIFIER_URI, "--chain-url", self.chain.url, name="verifier", wait=False
-            )
+        return peers
+
+    def _wait_swarm_ready(self, peers: list[ManagedProcess], verifier: ManagedProcess | None) -> None:
+        """Waits for every peer (then the verifier) with a progress bar; a process that fails is a DemoError."""
+        from dllm.processes import ProcessStartError
+
         try:
             with self._progress() as progress:
-                task = progress.add_task("Peers: bond stake, load blocks, announce", total=len(procs) + bool(verifier))
-                for proc in procs:
+                task = progress.add_task("Peers: bond stake, load blocks, announce", total=len(peers) + bool(verifier))
+                for proc in peers:
                     self.swarm.wait_ready(proc, timeout=180)
                     progress.advance(task)
                 if verifier is not None:
@@ -243,15 +260,15 @@ class Demo:
                     progress.advance(task)
         except ProcessStartError as error:
             raise DemoError(f"a swarm process did not start: {error}") from None
-        for proc, account in zip(procs, self.provider_uris, strict=True):
+
+    def _report_providers(self, peers: list[ManagedProcess]) -> None:
+        for proc, account in zip(peers, self.provider_uris, strict=True):
             info = proc.info
             self.report.providers.append(ProviderRow(info["peer_id"], f"{info['start']}:{info['end']}", account))
             self.console.print(
                 f"[green]✓[/] peer {_short_id(info['peer_id'])} serves blocks {info['start']}:{info['end']} "
                 f"(staked {PROVIDER_STAKE_ROC} ROC as {account[:8]}…)"
             )
-        if verifier is not None:
-            self.console.print(f"[green]✓[/] verifier signing as {VERIFIER_URI} re-runs sampled work")
 
     # -------------------------------------------------------------------------------- queries
     def run_queries(self) -> None:
