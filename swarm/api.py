@@ -129,6 +129,15 @@ def _check_prompt(model: TextGenerator, prompt: str, max_tokens: int) -> None:
 def create_app(model: TextGenerator) -> FastAPI:
     """The FastAPI application serving `model` under OpenAI's routes."""
     app = FastAPI(title="DLLM OpenAI-compatible API", docs_url=None, redoc_url=None)
+    _add_error_handlers(app)
+    _add_model_routes(app, model)
+    _add_completion_routes(app, model)
+    _add_feedback_route(app, model)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every failure is answered in OpenAI's error shape; a swarm failure is a 503, never a crash."""
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -151,26 +160,6 @@ def create_app(model: TextGenerator) -> FastAPI:
     async def on_bad_method(request: Request, _: Exception) -> JSONResponse:
         return _error(405, f"{request.method} is not allowed on {request.url.path}", "invalid_request_error")
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != model.model_name:
-            raise BadRequestError(
-                f"the model {name!r} does not exist here; this swarm serves {model.model_name!r}",
-                param="model",
-                status=404,
-                code="model_not_found",
-            )
-
-    async def run_generation(call: Callable[[], Awaitable[Any]]) -> Any:
-        try:
-            return await call()
-        except (BadRequestError, UnsupportedParameterError):
-            raise
-        except Exception as error:  # any swarm failure: the request fails, the server lives
-            logger.warning("generation failed: %s: %s", type(error).__name__, error)
-            raise SwarmUnavailableError(
-                f"the swarm could not serve this request: {type(error).__name__}: {error}"
-            ) from error
-
     @app.exception_handler(Exception)
     async def on_failure(_: Request, error: Exception) -> JSONResponse:
         if isinstance(error, SwarmUnavailableError):
@@ -178,19 +167,45 @@ def create_app(model: TextGenerator) -> FastAPI:
         logger.exception("unexpected error")
         return _error(500, f"internal error: {type(error).__name__}: {error}", "server_error")
 
+
+def _check_model(model: TextGenerator, name: str | None) -> None:
+    if name is not None and name != model.model_name:
+        raise BadRequestError(
+            f"the model {name!r} does not exist here; this swarm serves {model.model_name!r}",
+            param="model",
+            status=404,
+            code="model_not_found",
+        )
+
+
+async def _run_generation(call: Callable[[], Awaitable[Any]]) -> Any:
+    try:
+        return await call()
+    except (BadRequestError, UnsupportedParameterError):
+        raise
+    except Exception as error:  # any swarm failure: the request fails, the server lives
+        logger.warning("generation failed: %s: %s", type(error).__name__, error)
+        raise SwarmUnavailableError(
+            f"the swarm could not serve this request: {type(error).__name__}: {error}"
+        ) from error
+
+
+def _add_model_routes(app: FastAPI, model: TextGenerator) -> None:
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         return schema.model_list(model.model_name, schema.now())
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str) -> dict[str, Any]:
-        check_model(name)
+        _check_model(model, name)
         entry: dict[str, Any] = schema.model_list(model.model_name, schema.now())["data"][0]
         return entry
 
+
+def _add_completion_routes(app: FastAPI, model: TextGenerator) -> None:
     @app.post("/v1/completions", response_model=None)
     async def completions(request: CompletionRequest) -> Any:
-        check_model(request.model)
+        _check_model(model, request.model)
         prompt = request.single_prompt()
         params = _generation_params(request, request.max_tokens)
         _check_prompt(model, prompt, request.max_tokens)
@@ -203,7 +218,7 @@ def create_app(model: TextGenerator) -> FastAPI:
 
             events = _stream_events(model, prompt, params, chunk, include_usage, usage_chunk=None)
             return EventSourceResponse(events, ping=15)
-        result = await run_generation(lambda: model.agenerate(prompt, params))
+        result = await _run_generation(lambda: model.agenerate(prompt, params))
         return schema.completion_body(
             request_id,
             model.model_name,
@@ -215,7 +230,7 @@ def create_app(model: TextGenerator) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: ChatCompletionRequest) -> Any:
-        check_model(request.model)
+        _check_model(model, request.model)
         prompt = _chat_prompt(model, request)
         max_tokens = request.token_budget()
         params = _generation_params(request, max_tokens)
@@ -234,7 +249,7 @@ def create_app(model: TextGenerator) -> FastAPI:
             first = schema.chat_chunk(request_id, model.model_name, created, {"role": "assistant", "content": ""}, None)
             events = _stream_events(model, prompt, params, chunk, include_usage, usage_chunk, first)
             return EventSourceResponse(events, ping=15)
-        result = await run_generation(lambda: model.agenerate(prompt, params))
+        result = await _run_generation(lambda: model.agenerate(prompt, params))
         return schema.chat_body(
             request_id,
             model.model_name,
@@ -244,9 +259,11 @@ def create_app(model: TextGenerator) -> FastAPI:
             created,
         )
 
+
+def _add_feedback_route(app: FastAPI, model: TextGenerator) -> None:
     @app.post("/v1/feedback")
     async def feedback(request: FeedbackRequest) -> dict[str, Any]:
-        check_model(request.model)
+        _check_model(model, request.model)
         submit = getattr(model, "afeedback", None)
         blocking = getattr(model, "feedback", None)
         if submit is None and blocking is None:
@@ -258,10 +275,8 @@ def create_app(model: TextGenerator) -> FastAPI:
             assert blocking is not None  # one of the two exists: checked above
             return await asyncio.to_thread(blocking, request.prompt, request.completion)
 
-        outcome = await run_generation(send)
+        outcome = await _run_generation(send)
         return {"object": "feedback", "accepted": True, "result": _jsonable(outcome)}
-
-    return app
 
 
 class SwarmUnavailableError(UnavailableError, RuntimeError):
