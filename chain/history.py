@@ -1,4 +1,4 @@
-"""An index of the protocol's records, built by scanning blocks for dllm:v1 remarks.
+"""An index of the protocol's records, built by scanning blocks for dllm remarks (chain/remarks.py).
 
 The chain is the source of truth; this index is a cache the ledger client rebuilds from any start
 block (the block the protocol was deployed at). Only finalized blocks are scanned, so a re-org on
@@ -6,14 +6,20 @@ a real chain never rewrites what was indexed. Each record is trusted only if:
 - its blake2_256 hash appears in a `System.Remarked` event of the same extrinsic (so the call
   really executed: events of a failed batch are rolled back with it), and
 - the event's sender is the account the record kind requires (the provider itself, the paying
-  client, or the council's multisig account), and
+  client, the council's multisig account, or one council member for a slash proposal), and
 - the funds it claims moved did move in that extrinsic (matching `Balances.Transfer` events).
+
+Compute is credited from settlement records only (v2 `settle`: the paying client signed the tokens
+and parameters of each receipt it paid, and the record counts only when its transfers happened,
+once per receipt). A provider's own `compute` records are kept apart in `claimed_compute`: no
+client signed them, so they are never part of a provider's compute totals.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +38,8 @@ class ProviderEntry:
     unbond_requested_at: int | None = None
     unbonded_at: int | None = None
     slashes: list[SlashRecord] = field(default_factory=list)
+    # Slashes a council member opened (call hash -> block): pending while the council's Multisig operation exists.
+    slash_proposals: dict[bytes, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -46,13 +54,21 @@ class _Extrinsic:
 class LedgerIndex:
     """Protocol state rebuilt from chain history (see the module docstring for the trust rules)."""
 
-    def __init__(self, substrate: SubstrateInterface, council_account: bytes, start_block: int = 0) -> None:
+    def __init__(
+        self,
+        substrate: SubstrateInterface,
+        council_account: bytes,
+        start_block: int = 0,
+        council_members: Iterable[bytes] = (),
+    ) -> None:
         self.substrate = substrate
         self.council_account = council_account
+        self.council_members = frozenset(council_members)
         self.next_block = start_block
         self.providers: dict[bytes, ProviderEntry] = {}
         self.escrow_owner: dict[bytes, bytes] = {}
-        self.compute: dict[bytes, list[ComputeRecord]] = defaultdict(list)
+        self.compute: dict[bytes, list[ComputeRecord]] = defaultdict(list)  # from clients' settlements
+        self.claimed_compute: dict[bytes, list[ComputeRecord]] = defaultdict(list)  # self-reported
         self.settled: dict[bytes, SettledReceipt] = {}
         self.settlement_log: list[SettledReceipt] = []
 
@@ -115,13 +131,15 @@ class LedgerIndex:
             tokens, requests = int(body["tokens_x_params"]), int(body["requests"])
             if len(receipts) != 32 or tokens < 0 or requests < 0:
                 raise ValueError("bad compute record")
-            self.compute[sender].append(ComputeRecord(self._ss58(sender), receipts, tokens, requests, block))
+            self.claimed_compute[sender].append(ComputeRecord(self._ss58(sender), receipts, tokens, requests, block))
         elif remark.kind == "settle":
-            self._apply_settlement(body, sender, ext, block, ext_hash)
+            self._apply_settlement(remark, sender, ext, block, ext_hash)
         elif remark.kind == "unbond-request":
             entry = self.providers.get(sender)
             if entry is not None and entry.unbonded_at is None and entry.unbond_requested_at is None:
                 entry.unbond_requested_at = block
+        elif remark.kind == "slash-open":
+            self._apply_slash_proposal(body, sender, block)
         elif remark.kind in ("slash", "unbond"):
             if sender != self.council_account:
                 logger.warning("ignoring a %s record not sent by the council (block %d)", remark.kind, block)
@@ -142,16 +160,22 @@ class LedgerIndex:
                 )
             )
 
-    def _apply_settlement(
-        self, body: dict[str, Any], client: bytes, ext: _Extrinsic, block: int, ext_hash: str
-    ) -> None:
+    def _apply_slash_proposal(self, body: dict[str, Any], sender: bytes, block: int) -> None:
+        """A member's first approval of a slash, announced so that an unbond can see it is pending."""
+        if sender not in self.council_members:
+            logger.warning("ignoring a slash proposal not sent by a council member (block %d)", block)
+            return
+        entry = self.providers.get(bytes.fromhex(body["provider"]))
+        call_hash = bytes.fromhex(body["call"])
+        if entry is not None and len(call_hash) == 32:
+            entry.slash_proposals.setdefault(call_hash, block)
+
+    def _apply_settlement(self, remark: Remark, client: bytes, ext: _Extrinsic, block: int, ext_hash: str) -> None:
         claimed: dict[bytes, int] = defaultdict(int)
-        receipts = []
-        for receipt_hex, payouts in body["receipts"]:
-            decoded = [(bytes.fromhex(p), int(a)) for p, a in payouts]
-            for provider, amount in decoded:
+        receipts = [_settled_receipt(entry, remark.version) for entry in remark.body["receipts"]]
+        for receipt in receipts:
+            for provider, amount in receipt.payouts:
                 claimed[provider] += amount
-            receipts.append((bytes.fromhex(receipt_hex), decoded))
         paid: dict[bytes, int] = defaultdict(int)
         for sender, to, amount in ext.transfers:
             if sender == client:
@@ -159,14 +183,58 @@ class LedgerIndex:
         if any(paid[p] < amount for p, amount in claimed.items()):
             logger.warning("ignoring a settlement whose transfers do not cover its receipts (block %d)", block)
             return
-        for receipt_id, payouts in receipts:
-            if receipt_id in self.settled:
+        for receipt in receipts:
+            if receipt.receipt_id in self.settled:
                 continue  # a replay has no effect on the ledger (and the runtime refuses it anyway)
             record = SettledReceipt(
-                receipt_id, self._ss58(client), tuple((self._ss58(p), a) for p, a in payouts), block, ext_hash
+                receipt.receipt_id,
+                self._ss58(client),
+                tuple((self._ss58(p), a) for p, a in receipt.payouts),
+                block,
+                ext_hash,
             )
-            self.settled[receipt_id] = record
+            self.settled[receipt.receipt_id] = record
             self.settlement_log.append(record)
+            for provider, params in receipt.params:
+                self.compute[provider].append(
+                    ComputeRecord(
+                        self._ss58(provider), receipt.receipt_id, receipt.tokens * params, receipt.requests, block
+                    )
+                )
 
     def _ss58(self, account: bytes) -> str:
         return address(account, self.substrate.ss58_format)
+
+
+@dataclass(frozen=True)
+class _ReceiptEntry:
+    """One receipt of a settlement record, decoded."""
+
+    receipt_id: bytes
+    payouts: list[tuple[bytes, int]]  # planck > 0 only, as SettledReceipt lists them
+    params: list[tuple[bytes, int]]  # (provider, parameters served); empty in v1 records
+    tokens: int
+    requests: int
+
+
+def _settled_receipt(entry: list[Any], version: int) -> _ReceiptEntry:
+    """v1: [receipt, [[provider, planck], ...]] (no compute); v2: [receipt, [[provider, planck, params], ...],
+    tokens, requests]. Raises KeyError/TypeError/ValueError on a malformed entry (the record is ignored)."""
+    if version == 1:
+        receipt_hex, payouts = entry
+        shares = [(bytes.fromhex(p), int(a), 0) for p, a in payouts]
+        tokens = requests = 0
+    else:
+        receipt_hex, raw_shares, tokens, requests = entry
+        shares = [(bytes.fromhex(p), int(a), int(params)) for p, a, params in raw_shares]
+        tokens, requests = int(tokens), int(requests)
+    receipt_id = bytes.fromhex(receipt_hex)
+    if len(receipt_id) != 32 or tokens < 0 or requests < 0 or any(a < 0 or n < 0 for _, a, n in shares):
+        raise ValueError("bad settlement record entry")
+    return _ReceiptEntry(
+        receipt_id,
+        [(p, a) for p, a, _ in shares if a > 0],
+        [(p, n) for p, _, n in shares if n > 0] if version > 1 else [],
+        tokens,
+        requests,
+    )

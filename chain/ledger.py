@@ -7,7 +7,8 @@ one ledger per thread. See docs/chain.md for the design and who can move which f
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,14 +36,16 @@ from chain.errors import (
     InvalidPaymentError,
     NotRegisteredError,
     QuorumError,
+    SlashPendingError,
     UnbondNotReadyError,
     UnknownAccountError,
 )
 from chain.history import LedgerIndex
-from chain.pro_rata import split_pro_rata
+from chain.pro_rata import split_pro_rata, split_shares
 from chain.records import (
     ChainResult,
     ComputeTotals,
+    ExtrinsicEffects,
     Payment,
     ProviderState,
     ProviderStatus,
@@ -58,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 # Far above any fee this client's extrinsics pay on Asset Hub (a 100-receipt settlement: ~1e9).
 _FEE_CEILING = PLANCK_PER_TOKEN
+# Extrinsics whose effects paid_on_chain keeps (a settlement is read once, then its receipts in any order).
+_EFFECTS_CACHE_SIZE = 4096
 
 
 @dataclass
@@ -91,7 +96,8 @@ class ComputeLedger:
         self.ss58_format: int = self.substrate.ss58_format
         self.council_account = config.council.account()
         self.submitter = ExtrinsicSubmitter(self.substrate)
-        self.index = LedgerIndex(self.substrate, self.council_account, config.start_block)
+        self.index = LedgerIndex(self.substrate, self.council_account, config.start_block, config.council.member_ids())
+        self._effects: OrderedDict[tuple[int, int], ExtrinsicEffects] = OrderedDict()
 
     def close(self) -> None:
         self.substrate.close()
@@ -196,7 +202,8 @@ class ComputeLedger:
         return self.submitter.submit(provider, call)
 
     def unbond(self, council: list[Keypair], provider_ss58: str) -> ChainResult:
-        """Council returns the whole remaining stake to the provider once the delay has passed."""
+        """Council returns the whole remaining stake to the provider once the delay has passed and no slash
+        of it is pending (a member's open slash proposal: `propose_slash`)."""
         provider = account_id(provider_ss58)
         status = self.provider_status(provider_ss58)
         if status.state is not ProviderState.UNBONDING:
@@ -205,6 +212,11 @@ class ComputeLedger:
         if status.unbond_ready_at is not None and head < status.unbond_ready_at:
             raise UnbondNotReadyError(
                 f"unbond of {provider_ss58} is possible from block {status.unbond_ready_at} (now {head})"
+            )
+        if status.open_slashes:
+            raise SlashPendingError(
+                f"{provider_ss58} has {len(status.open_slashes)} slash(es) pending in the council "
+                f"({', '.join('0x' + h.hex()[:16] for h in status.open_slashes)}): execute or cancel them first"
             )
         calls = [self._remark("unbond", {"provider": provider.hex()})]
         if status.stake > 0:
@@ -219,7 +231,10 @@ class ComputeLedger:
     def record_compute(
         self, provider: Keypair, receipts_hash: bytes, tokens_x_params: int, requests: int
     ) -> ChainResult:
-        """Record compute served by `provider`, tied to the hash of the signed receipts it covers."""
+        """Record compute `provider` claims to have served, tied to the hash of the signed receipts it covers.
+
+        Self-reported: `compute_ledger` lists it under `claimed`, never in the totals, which come only
+        from the compute the paying clients' settlements record."""
         if not isinstance(receipts_hash, (bytes, bytearray)) or len(receipts_hash) != 32:
             raise InvalidPaymentError("receipts_hash must be 32 bytes (the hash of the signed receipts)")
         if not isinstance(tokens_x_params, int) or not isinstance(requests, int) or tokens_x_params < 0 or requests < 0:
@@ -241,7 +256,10 @@ class ComputeLedger:
         return multisig_account([account_id(client_ss58), RECEIPT_REGISTRY_ACCOUNT], 2)
 
     def settled_on_chain(self, client_ss58: str, receipt_ids: list[bytes]) -> list[bytes]:
-        """The receipts among `receipt_ids` whose settlement marker exists on chain (O(1) each)."""
+        """The receipts among `receipt_ids` whose settlement marker exists on chain (O(1) each).
+
+        A marker blocks any further settlement of its receipt, but anyone holding the client's key can
+        make one without paying (a bare `approve_as_multi`): a provider asks `paid_on_chain` instead."""
         marker = self.marker_account(client_ss58)
         prefix = storage_prefix("Multisig", "Multisigs") + twox64_concat(marker)
         keys = {"0x" + (prefix + blake2_128_concat(r)).hex(): r for r in receipt_ids}
@@ -254,6 +272,83 @@ class ComputeLedger:
                     if value is not None:
                         settled.append(keys[key])
         return settled
+
+    def marker_timepoints(self, client_ss58: str, receipt_ids: list[bytes]) -> dict[bytes, tuple[int, int]]:
+        """For each marked receipt among `receipt_ids`: (block height, extrinsic index) of the approval that
+        created its marker (the `when` of its `Multisig.Multisigs` entry; a marker only says that, not paid)."""
+        marker = self.marker_account(client_ss58)
+        prefix = storage_prefix("Multisig", "Multisigs") + twox64_concat(marker)
+        keys = {"0x" + (prefix + blake2_128_concat(r)).hex(): r for r in receipt_ids}
+        found: dict[bytes, tuple[int, int]] = {}
+        key_list = list(keys)
+        for start in range(0, len(key_list), 500):  # keep each RPC request small
+            reply = self.substrate.rpc_request("state_queryStorageAt", [key_list[start : start + 500]])
+            for change_set in reply["result"]:
+                for key, value in change_set["changes"]:
+                    if value is not None:
+                        raw = bytes.fromhex(value.removeprefix("0x"))  # Multisig { when: Timepoint {u32, u32}, ..}
+                        found[keys[key]] = (int.from_bytes(raw[0:4], "little"), int.from_bytes(raw[4:8], "little"))
+        return found
+
+    def extrinsic_effects(self, height: int, index: int) -> ExtrinsicEffects:
+        """What extrinsic `index` of block `height` did (its events); cached, one block read per extrinsic."""
+        cached = self._effects.get((height, index))
+        if cached is not None:
+            self._effects.move_to_end((height, index))
+            return cached
+        block_hash = self.substrate.get_block_hash(height)
+        success, multisigs, transfers = False, [], []
+        for record in self.substrate.get_events(block_hash):
+            if record.value.get("extrinsic_idx") != index:
+                continue
+            module, name, attrs = record.value["module_id"], record.value["event_id"], record.value["attributes"]
+            if (module, name) == ("System", "ExtrinsicSuccess"):
+                success = True
+            elif (module, name) == ("Multisig", "NewMultisig"):
+                call_hash = bytes.fromhex(str(attrs["call_hash"]).removeprefix("0x"))
+                multisigs.append((account_id(attrs["approving"]), account_id(attrs["multisig"]), call_hash))
+            elif (module, name) == ("Balances", "Transfer"):
+                transfers.append((account_id(attrs["from"]), account_id(attrs["to"]), int(attrs["amount"])))
+        effects = ExtrinsicEffects(success, tuple(multisigs), tuple(transfers))
+        self._effects[(height, index)] = effects
+        if len(self._effects) > _EFFECTS_CACHE_SIZE:
+            self._effects.popitem(last=False)
+        return effects
+
+    def paid_on_chain(
+        self,
+        client_ss58: str,
+        provider_ss58: str,
+        receipt_ids: list[bytes],
+        amounts: Callable[[set[bytes]], Mapping[bytes, int]],
+    ) -> set[bytes]:
+        """The receipts among `receipt_ids` that the chain shows PAID to the provider, not merely marked.
+
+        A receipt is paid when the extrinsic that created its marker succeeded, was the client's, and
+        transferred from the client to the provider at least the sum of ALL of that provider's receipts
+        it marked. `amounts(ids)` answers, for the ids an extrinsic marked, the amount of each one the
+        provider knows as its own (ids it does not know belong to other providers and are not counted).
+        A marker made without its transfer (a bare `approve_as_multi`), or with too small a transfer,
+        leaves the receipts unpaid, and forever so: the marker blocks any later settlement of them.
+        One block read per extrinsic (cached), so a 500-receipt settlement costs one read.
+        """
+        client = account_id(client_ss58)
+        provider = account_id(provider_ss58)
+        marker = self.marker_account(client_ss58)
+        by_extrinsic: dict[tuple[int, int], set[bytes]] = defaultdict(set)
+        for rid, when in self.marker_timepoints(client_ss58, receipt_ids).items():
+            by_extrinsic[when].add(rid)
+        paid: set[bytes] = set()
+        for (height, index), ids in by_extrinsic.items():
+            effects = self.extrinsic_effects(height, index)
+            if not effects.success:
+                continue
+            marked = effects.marked_by(client, marker)
+            owed = dict(amounts(marked))
+            if not owed or effects.transferred(client, provider) < sum(owed.values()):
+                continue
+            paid |= ids & marked & owed.keys()
+        return paid
 
     def build_settlement(self, client: Keypair, payments: list[Payment]) -> tuple[GenericCall, int]:
         """Validate and compose the settlement call (markers + transfers + record in one batch_all)."""
@@ -270,10 +365,22 @@ class ComputeLedger:
         per_provider: dict[bytes, int] = defaultdict(int)
         records = []
         for payment in payments:
-            payouts = [(account_id(p), a) for p, a in split_pro_rata(payment)]
-            for provider, amount in payouts:
-                per_provider[provider] += amount
-            records.append([payment.receipt_id.hex(), [[p.hex(), a] for p, a in payouts]])
+            # v2 record: [receipt, [[provider, planck, params served], ...], tokens, requests] (docs/chain.md)
+            shares = [
+                (account_id(s.provider), a, s.params_served)
+                for s, a in zip(payment.shares, split_shares(payment), strict=True)
+            ]
+            for provider, amount, _ in shares:
+                if amount > 0:
+                    per_provider[provider] += amount
+            records.append(
+                [
+                    payment.receipt_id.hex(),
+                    [[p.hex(), a, params] for p, a, params in shares],
+                    payment.tokens,
+                    payment.requests,
+                ]
+            )
         registry = "0x" + RECEIPT_REGISTRY_ACCOUNT.hex()
         calls = [
             self._call(
@@ -325,20 +432,14 @@ class ComputeLedger:
         return receipt_id in self.index.settled
 
     # ---- slashing ----------------------------------------------------------------------------------
-    def slash(
-        self,
-        council: list[Keypair],
-        provider_ss58: str,
-        amount: int | None,
-        evidence_hash: bytes,
-        beneficiary_ss58: str | None = None,
-    ) -> ChainResult:
-        """Move `amount` (None: all) of the provider's stake to the burn sink (or a beneficiary),
-        approved by a threshold of council members; the evidence hash is recorded on chain."""
+    def _slash_call(
+        self, provider_ss58: str, amount: int | None, evidence_hash: bytes, beneficiary_ss58: str | None
+    ) -> GenericCall:
+        """The council call that moves `amount` (None: all) of the stake out of the provider's escrow,
+        checked against the provider's status now."""
         provider = account_id(provider_ss58)
         if not isinstance(evidence_hash, (bytes, bytearray)) or len(evidence_hash) != 32:
             raise InvalidPaymentError("evidence_hash must be 32 bytes")
-        self._check_quorum(council)
         status = self.provider_status(provider_ss58)
         if status.state is ProviderState.NOT_REGISTERED or status.state is ProviderState.UNBONDED:
             raise NotRegisteredError(f"{provider_ss58} is not a registered provider")
@@ -358,43 +459,109 @@ class ComputeLedger:
             "evidence": bytes(evidence_hash).hex(),
             "beneficiary": beneficiary.hex(),
         }
-        return self._council_execute(
-            council, self._batch([self._remark("slash", body), self._from_escrow(provider, move)])
+        return self._batch([self._remark("slash", body), self._from_escrow(provider, move)])
+
+    def propose_slash(
+        self,
+        member: Keypair,
+        provider_ss58: str,
+        amount: int | None,
+        evidence_hash: bytes,
+        beneficiary_ss58: str | None = None,
+    ) -> bytes:
+        """One council member opens a slash: its approval of the slash call plus a `slash-open` record naming
+        the provider and the call hash (one batch_all). Nothing moves; until the slash executes (`slash` with
+        the same arguments and the remaining approvals) or is cancelled, the provider's unbond is refused.
+        Returns the call hash."""
+        if not self.config.council.is_member(member.public_key):
+            raise QuorumError(f"{member.ss58_address} is not a council member")
+        call = self._slash_call(provider_ss58, amount, evidence_hash, beneficiary_ss58)
+        call_hash = blake2_256(call.data.data)
+        if self._pending_council_operation(call_hash) is not None:
+            return call_hash  # already open: a second proposal would only fail in the runtime
+        approve = self._call(
+            "Multisig",
+            "approve_as_multi",
+            {
+                "threshold": self.config.council.threshold,
+                "other_signatories": self._other_signatories(member),
+                "maybe_timepoint": None,
+                "call_hash": "0x" + call_hash.hex(),
+                "max_weight": 0,
+            },
         )
+        record = self._remark("slash-open", {"provider": account_id(provider_ss58).hex(), "call": call_hash.hex()})
+        batch = self._batch([approve, record])
+        self._require_funds(member, batch, 0)
+        self.submitter.submit(member, batch)
+        return call_hash
+
+    def slash(
+        self,
+        council: list[Keypair],
+        provider_ss58: str,
+        amount: int | None,
+        evidence_hash: bytes,
+        beneficiary_ss58: str | None = None,
+    ) -> ChainResult:
+        """Move `amount` (None: all) of the provider's stake to the burn sink (or a beneficiary),
+        approved by a threshold of council members; the evidence hash is recorded on chain. Possible while the
+        provider is unbonding. A slash a member already opened (`propose_slash`) is continued from its approval."""
+        self._check_members(council)
+        call = self._slash_call(provider_ss58, amount, evidence_hash, beneficiary_ss58)
+        return self._council_execute(council, call)
 
     # ---- council multisig ----------------------------------------------------------------------------
-    def _check_quorum(self, council: list[Keypair]) -> list[Keypair]:
-        members = self.config.council
+    def _check_members(self, council: list[Keypair]) -> dict[bytes, Keypair]:
+        """The distinct signers, each a council member (else QuorumError)."""
         seen: dict[bytes, Keypair] = {}
         for kp in council:
-            if not members.is_member(kp.public_key):
+            if not self.config.council.is_member(kp.public_key):
                 raise QuorumError(f"{kp.ss58_address} is not a council member")
             seen[kp.public_key] = kp
-        if len(seen) < members.threshold:
-            raise QuorumError(
-                f"{len(seen)} distinct council member(s) signed; {members.threshold} of {len(members.members)} needed"
-            )
-        return list(seen.values())[: members.threshold]
+        return seen
 
     def _council_execute(self, council: list[Keypair], call: GenericCall) -> ChainResult:
-        """Dispatch `call` from the council account via Multisig: approvals, then execution."""
-        signers = self._check_quorum(council)  # exactly the threshold
-        approvers, executor = signers[:-1], signers[-1]
-        call_hash = "0x" + blake2_256(call.data.data).hex()
-        weight = int(self.substrate.get_payment_info(call, signers[0])["weight"])
-        timepoint: dict[str, Any] | None = None  # of the first approval, which every later signature names
+        """Dispatch `call` from the council account via Multisig: approvals, then execution. An operation
+        already open on chain for the same call (a member's proposal) is continued: its approvers do not sign again."""
+        signers = self._check_members(council)
+        raw_hash = blake2_256(call.data.data)
+        call_hash = "0x" + raw_hash.hex()
+        pending = self._pending_council_operation(raw_hash)
+        approved = {account_id(a) for a in pending["approvals"]} if pending else set()
+        threshold = self.config.council.threshold
+        fresh = [kp for key, kp in signers.items() if key not in approved][: threshold - len(approved)]
+        if len(approved) + len(fresh) < threshold:
+            raise QuorumError(
+                f"{len(approved)} approval(s) on chain and {len(fresh)} other distinct council member(s) signing; "
+                f"{threshold} of {len(self.config.council.members)} needed"
+            )
+        approvers, executor = fresh[:-1], fresh[-1]
+        weight = int(self.substrate.get_payment_info(call, executor)["weight"])
+        # The first approval's timepoint, which every later signature names.
+        timepoint: dict[str, Any] | None = dict(pending["when"]) if pending else None
+        opened_here: Keypair | None = None
         try:
             for kp in approvers:
                 approval = self._multisig_approve(kp, call_hash, timepoint)
                 if timepoint is None:
                     timepoint = {"height": approval.block_number, "index": approval.extrinsic_index}
+                    opened_here = kp
             result = self._multisig_execute(executor, call, weight, timepoint)
-        except Exception:  # whatever failed, withdraw the approval first so it cannot linger; then re-raise
-            if timepoint is not None:
-                self._cancel_pending(approvers[0], self._other_signatories(approvers[0]), timepoint, call_hash)
+        except Exception:  # whatever failed, withdraw an approval opened here so it cannot linger; then re-raise
+            if timepoint is not None and opened_here is not None:
+                self._cancel_pending(opened_here, self._other_signatories(opened_here), timepoint, call_hash)
             raise
         self._raise_if_dispatch_failed(result)
         return result
+
+    def _pending_council_operation(self, call_hash: bytes) -> dict[str, Any] | None:
+        """The council's open Multisig operation for `call_hash` ({when, deposit, depositor, approvals}), if any."""
+        entry = self.substrate.query(
+            "Multisig", "Multisigs", ["0x" + self.council_account.hex(), "0x" + call_hash.hex()]
+        )
+        value: dict[str, Any] | None = entry.value if entry is not None else None
+        return value or None
 
     def _other_signatories(self, kp: Keypair) -> list[str]:
         """The council members other than `kp`, sorted, as Multisig wants them."""
@@ -504,6 +671,9 @@ class ComputeLedger:
             if entry.unbond_requested_at is not None
             else None
         )
+        # A proposal stays pending while its Multisig operation exists: executed or cancelled, it is gone.
+        open_slashes = tuple(h for h in entry.slash_proposals if self._pending_council_operation(h) is not None)
+        entry.slash_proposals = {h: b for h, b in entry.slash_proposals.items() if h in open_slashes}
         return ProviderStatus(
             provider_ss58,
             state,
@@ -513,15 +683,21 @@ class ComputeLedger:
             entry.unbond_requested_at,
             ready,
             tuple(entry.slashes),
+            open_slashes,
         )
 
     def compute_ledger(self, provider_ss58: str) -> ComputeTotals:
-        """Totals and individual compute records of a provider."""
+        """A provider's compute: totals of what its clients' settlements recorded (one record per paid
+        receipt), plus its own `record_compute` claims, apart and not totalled."""
         provider = account_id(provider_ss58)
         self.index.sync()
         records = tuple(self.index.compute.get(provider, ()))
         return ComputeTotals(
-            provider_ss58, sum(r.tokens_x_params for r in records), sum(r.requests for r in records), records
+            provider_ss58,
+            sum(r.tokens_x_params for r in records),
+            sum(r.requests for r in records),
+            records,
+            tuple(self.index.claimed_compute.get(provider, ())),
         )
 
     def settlement_history(

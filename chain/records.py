@@ -44,16 +44,32 @@ class ProviderShare:
 
 @dataclass(frozen=True)
 class Payment:
-    """The payment for one signed receipt: `amount` split pro rata over `shares`."""
+    """The payment for one signed receipt: `amount` split pro rata over `shares`.
+
+    `tokens` and `requests` are the compute the receipt covers (from the receipt the client co-signed):
+    the settlement record puts them on chain, so each share's provider is credited
+    tokens x its `params_served`.
+    """
 
     receipt_id: bytes  # 32-byte hash of the signed receipt
     amount: int
     shares: tuple[ProviderShare, ...]
+    tokens: int = 0  # prompt + generated + backward tokens the receipt's segment processed
+    requests: int = 0  # sessions the receipt opens: 1 for a session's first segment, else 0
 
     @classmethod
-    def single(cls, receipt_id: bytes, provider: str, amount: int) -> Payment:
+    def single(
+        cls,
+        receipt_id: bytes,
+        provider: str,
+        amount: int,
+        *,
+        params_served: int = 1,
+        tokens: int = 0,
+        requests: int = 0,
+    ) -> Payment:
         """A receipt served entirely by one provider."""
-        return cls(receipt_id, amount, (ProviderShare(provider, 1),))
+        return cls(receipt_id, amount, (ProviderShare(provider, params_served),), tokens, requests)
 
 
 class ProviderState(enum.StrEnum):
@@ -84,11 +100,33 @@ class ProviderStatus:
     unbond_requested_at: int | None = None
     unbond_ready_at: int | None = None
     slashes: tuple[SlashRecord, ...] = ()
+    # Call hashes of slashes a council member opened on chain that are neither executed nor cancelled yet.
+    open_slashes: tuple[bytes, ...] = ()
+
+    def routing_refusal(self, min_stake: int) -> str | None:
+        """Why a client asking for `min_stake` must not route to (nor pay) this provider; None: it may.
+
+        Only a registered provider with no slash, none pending and at least `min_stake` bonded qualifies: an
+        unbonding one is leaving (its stake goes back once the delay passes), a slashed one was caught cheating
+        (re-registering after an unbond starts a clean record), and a pending slash means a verdict is out."""
+        if self.state is ProviderState.UNBONDING:
+            return f"unbonding since block {self.unbond_requested_at}"
+        if self.state is not ProviderState.REGISTERED:
+            return self.state.value
+        if self.slashes:
+            last = self.slashes[-1]
+            return f"slashed {len(self.slashes)}x (last at block {last.block_number}, {last.amount} planck)"
+        if self.open_slashes:
+            return f"{len(self.open_slashes)} slash(es) pending in the council"
+        if self.stake < min_stake:
+            return f"stake {self.stake} planck below the minimum {min_stake}"
+        return None
 
 
 @dataclass(frozen=True)
 class ComputeRecord:
-    """Compute a provider recorded, tied to the hash of the signed receipts it covers."""
+    """Compute credited to a provider, tied to the receipt (settlement records) or the hash of the
+    receipts (a provider's own `compute` record) it covers."""
 
     provider: str
     receipts_hash: bytes
@@ -99,10 +137,18 @@ class ComputeRecord:
 
 @dataclass(frozen=True)
 class ComputeTotals:
+    """A provider's compute on chain.
+
+    The totals count only `records`: compute carried by the paying clients' settlements (signed by
+    the client, counted only when the settlement's transfers happened). `claimed` holds the
+    provider's self-reported `compute` records, which no client signed: kept apart, never totalled.
+    """
+
     provider: str
     tokens_x_params: int
     requests: int
     records: tuple[ComputeRecord, ...] = field(default=())
+    claimed: tuple[ComputeRecord, ...] = field(default=())
 
 
 @dataclass(frozen=True)
@@ -118,3 +164,24 @@ class SettledReceipt:
     @property
     def amount(self) -> int:
         return sum(a for _, a in self.payouts)
+
+
+@dataclass(frozen=True)
+class ExtrinsicEffects:
+    """What one included extrinsic did, read from its events: whether it succeeded, the Multisig
+    operations it opened (receipt markers) and the transfers it made. Events are the effects that
+    stand: an inner call that failed, or a batch that was rolled back, left none."""
+
+    success: bool
+    new_multisigs: tuple[tuple[bytes, bytes, bytes], ...]
+    """(approving account, multisig account, call hash) of each `Multisig.NewMultisig` event."""
+    transfers: tuple[tuple[bytes, bytes, int], ...]
+    """(from, to, planck) of each `Balances.Transfer` event."""
+
+    def marked_by(self, approving: bytes, multisig: bytes) -> set[bytes]:
+        """The call hashes (receipt ids) `approving` opened on `multisig` in this extrinsic."""
+        return {h for a, m, h in self.new_multisigs if a == approving and m == multisig}
+
+    def transferred(self, source: bytes, dest: bytes) -> int:
+        """Planck moved from `source` to `dest` in this extrinsic."""
+        return sum(amount for f, t, amount in self.transfers if f == source and t == dest)

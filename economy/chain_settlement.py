@@ -13,7 +13,7 @@ from substrateinterface import Keypair
 
 from chain.errors import ConfigError
 from chain.ledger import ComputeLedger
-from chain.records import Payment
+from economy.presigned_settlement import payments_for
 from economy.receipt_store import SettlementBatch
 
 
@@ -35,9 +35,7 @@ class ComputeLedgerSettlement:
             raise MissingClientKeyError(
                 f"no key for client {batch.client}: only the paying client can sign its settlement"
             )
-        payments = [
-            Payment.single(s.receipt.receipt_id_bytes, s.receipt.provider, s.receipt.amount) for s in batch.receipts
-        ]
+        payments = payments_for([s.receipt for s in batch.receipts])
         return self.ledger.settle(key, payments).extrinsic_hash
 
     def is_settled(self, receipt_id: str) -> bool:

@@ -7,23 +7,40 @@ explicit nonce and an immortal era, and gives the same bytes to every provider i
 (or the client) may submit it; the runtime includes it at most once (its nonce is consumed, and the
 receipt markers make a second settlement of the same receipt fail), so nobody is paid twice.
 
-A provider accepts a pre-signed settlement only after checking, here, that it is signed by the
-receipt's client, is valid for the runtime now (the runtime's own `validate_transaction`: signature,
-nonce not yet used, fee payable), marks the receipt, and transfers at least the receipt's amount
-to the provider. Nonces: the client allocates them in sequence from its account nonce; an
-extrinsic can be included only when its nonce is the account's next one, so settlement waits for
-earlier ones (`SettlementNotReadyError`) instead of sitting in the pool.
+A provider accepts a pre-signed settlement only after `check_offer`: it is signed by the receipt's
+client; its batch_all holds exactly the calls `ComputeLedger.build_settlement` composes (markers,
+one transfer per provider, one `settle` record naming the marked receipts and paying what is
+transferred; any other call could sink the batch at dispatch or move funds); it marks the receipt
+and transfers the provider at least the sum of ALL of that provider's receipts it marks (the new
+one and those the provider already holds from this client); the runtime would take it now
+(`validate_transaction`: signature, fee); and its nonce is the client's next usable one.
+
+Next usable nonce: the account's next nonce N (`system_accountNextIndex`, the pool counted), or
+N + k when the provider itself holds unpaid settlements of this client at every nonce N .. N + k - 1.
+A client legitimately hands several segments' settlements over before the first is on chain (e.g.
+with `submit_settlements` off); a provider can then submit the whole run itself, in order, so no
+settlement waits on a nonce only the client could fill. Any other future nonce is refused: it could
+wait forever. At nonce N the settlement is also dry-run against the head's state (runtime API
+`BlockBuilder_apply_extrinsic` via `state_call`) and refused unless it would succeed; a later one
+cannot be dry-run before its predecessors apply, so it is dry-run when its turn comes, before it is
+submitted (economy/presigned_ledger.py), and kept, not spent, while it would fail.
+
+None of this makes a settlement certain (the client can still spend its nonce or its funds first);
+what it guarantees is that a provider never counts a receipt paid unless the chain shows the transfer
+(`ComputeLedger.paid_on_chain`), and what stays unpaid is bounded by the client's credit limit.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from chain.account_derivation import account_id
+from chain.account_derivation import RECEIPT_REGISTRY_ACCOUNT, account_id
 from chain.errors import EconomyError
 from chain.records import Payment
+from chain.remarks import MalformedRemarkError, decode_remark
 from economy.receipts import UsageReceipt
 
 if TYPE_CHECKING:  # callers hand in the ledger and keys: the error types here load without substrate-interface
@@ -72,25 +89,45 @@ class PresignedSettlement:
     transfers: dict[bytes, int]
     """Account id -> planck transferred to it."""
 
-    def check_pays(self, receipt: UsageReceipt) -> None:
-        """Raises SettlementOfferError unless this extrinsic settles `receipt` in full."""
+    def check_pays(self, receipt: UsageReceipt, held: Mapping[bytes, int] | None = None) -> None:
+        """Raises SettlementOfferError unless this extrinsic settles `receipt` in full.
+
+        `held`: receipt id -> planck of the provider's other receipts from this client. The transfer to
+        the provider must cover `receipt` AND every held receipt the extrinsic also marks: a marker
+        blocks any later payment of its receipt, so each one marked here must be paid here.
+        """
         if self.signer != account_id(receipt.client):
             raise SettlementOfferError(
                 f"the settlement is signed by another account than the receipt's client {receipt.client}"
             )
         if receipt.receipt_id_bytes not in self.receipt_ids:
             raise SettlementOfferError(f"the settlement does not mark receipt {receipt.receipt_id}")
+        others = {rid: amount for rid, amount in (held or {}).items() if rid in self.receipt_ids}
+        others.pop(receipt.receipt_id_bytes, None)
+        owed = receipt.amount + sum(others.values())
         paid = self.transfers.get(account_id(receipt.provider), 0)
-        if paid < receipt.amount:
+        if paid < owed:
             raise SettlementOfferError(
-                f"the settlement transfers {paid} planck to {receipt.provider}, "
-                f"less than the receipt's {receipt.amount}"
+                f"the settlement transfers {paid} planck to {receipt.provider}, less than the {owed} planck "
+                f"of the {1 + len(others)} receipts of that provider it marks"
             )
 
 
 def payments_for(receipts: list[UsageReceipt]) -> list[Payment]:
-    """One chain Payment per receipt (each receipt is served by exactly one provider)."""
-    return [Payment.single(r.receipt_id_bytes, r.provider, r.amount) for r in receipts]
+    """One chain Payment per receipt (each receipt is served by exactly one provider), with the compute
+    the client co-signed: the settlement records its tokens x parameters and requests on chain (a
+    session's first segment opens one request)."""
+    return [
+        Payment.single(
+            r.receipt_id_bytes,
+            r.provider,
+            r.amount,
+            params_served=r.params_served,
+            tokens=r.usage.total_tokens,
+            requests=1 if r.sequence == 0 else 0,
+        )
+        for r in receipts
+    ]
 
 
 def sign_at_nonce(ledger: ComputeLedger, client: Keypair, payments: list[Payment], nonce: int) -> bytes:
@@ -116,16 +153,71 @@ def decode_settlement(ledger: ComputeLedger, extrinsic: bytes) -> PresignedSettl
         raise SettlementOfferError(f"not a signed extrinsic of this chain: {type(e).__name__}: {e}") from None
     if (call.get("call_module"), call.get("call_function")) != ("Utility", "batch_all"):
         raise SettlementOfferError("a settlement must be a Utility.batch_all")
-    receipt_ids: set[bytes] = set()
-    transfers: dict[bytes, int] = defaultdict(int)
-    for inner in call["call_args"][0]["value"]:
+    try:
+        receipt_ids, transfers = _expected_calls(call["call_args"][0]["value"])
+    except SettlementOfferError:
+        raise
+    except Exception as e:  # a decoded value of an unexpected shape
+        raise SettlementOfferError(f"the settlement's calls are not the protocol's: {type(e).__name__}: {e}") from None
+    return PresignedSettlement(extrinsic, signer, nonce, frozenset(receipt_ids), transfers)
+
+
+def _expected_calls(calls: list[dict[str, Any]]) -> tuple[set[bytes], dict[bytes, int]]:
+    """(marked receipt ids, transfers) of a batch_all that holds exactly what `ComputeLedger.build_settlement`
+    composes, in its order: receipt markers, one transfer per provider, one `settle` record naming exactly the
+    marked receipts and paying each provider what it is transferred. Anything else (another call, a second
+    record, a marker with other arguments) could make the batch fail or move funds: SettlementOfferError."""
+    receipt_ids: list[bytes] = []
+    transfers: dict[bytes, int] = {}
+    records: list[Any] | None = None
+    for position, inner in enumerate(calls):
         name = (inner.get("call_module"), inner.get("call_function"))
         args = {a["name"]: a["value"] for a in inner.get("call_args", [])}
-        if name == ("Multisig", "approve_as_multi"):
-            receipt_ids.add(bytes.fromhex(str(args["call_hash"]).removeprefix("0x")))
-        elif name == ("Balances", "transfer_keep_alive"):
-            transfers[account_id(args["dest"])] += int(args["value"])
-    return PresignedSettlement(extrinsic, signer, nonce, frozenset(receipt_ids), dict(transfers))
+        if name == ("Multisig", "approve_as_multi") and not transfers and records is None:
+            if (
+                args.get("threshold") != 2
+                or [account_id(a) for a in args.get("other_signatories", [])] != [RECEIPT_REGISTRY_ACCOUNT]
+                or args.get("maybe_timepoint") is not None
+                or not _zero_weight(args.get("max_weight"))
+            ):
+                raise SettlementOfferError(f"inner call {position}: a receipt marker with other arguments")
+            receipt_ids.append(bytes.fromhex(str(args["call_hash"]).removeprefix("0x")))
+        elif name == ("Balances", "transfer_keep_alive") and receipt_ids and records is None:
+            dest, value = account_id(args["dest"]), int(args["value"])
+            if dest in transfers or value <= 0:
+                raise SettlementOfferError(f"inner call {position}: a second or empty transfer to one provider")
+            transfers[dest] = value
+        elif name == ("System", "remark_with_event") and receipt_ids and records is None:
+            try:
+                remark = decode_remark(_bytes_arg(args["remark"]))
+            except MalformedRemarkError as e:
+                raise SettlementOfferError(f"inner call {position}: not a settle record: {e}") from None
+            if remark.kind != "settle":
+                raise SettlementOfferError(f"inner call {position}: a {remark.kind} record in a settlement")
+            records = list(remark.body["receipts"])
+        else:
+            raise SettlementOfferError(f"inner call {position} ({name[0]}.{name[1]}) is not one a settlement holds")
+    if records is None:
+        raise SettlementOfferError("the settlement holds no settle record")
+    if len(set(receipt_ids)) != len(receipt_ids) or {bytes.fromhex(r[0]) for r in records} != set(receipt_ids):
+        raise SettlementOfferError("the settle record does not name exactly the receipts the settlement marks")
+    payouts: dict[bytes, int] = defaultdict(int)
+    for record in records:
+        for share in record[1]:
+            payouts[bytes.fromhex(share[0])] += int(share[1])
+    if transfers != {p: a for p, a in payouts.items() if a > 0}:
+        raise SettlementOfferError("the settlement's transfers are not what its settle record pays each provider")
+    return set(receipt_ids), transfers
+
+
+def _bytes_arg(value: object) -> bytes:
+    """A decoded `Bytes` argument: scalecodec gives text when the bytes are UTF-8, else 0x-hex."""
+    text = str(value)
+    return bytes.fromhex(text[2:]) if text.startswith("0x") else text.encode()
+
+
+def _zero_weight(weight: object) -> bool:
+    return weight == 0 or (isinstance(weight, dict) and all(v == 0 for v in weight.values()))
 
 
 def validate_on_chain(ledger: ComputeLedger, extrinsic: bytes) -> None:
@@ -143,6 +235,54 @@ def validate_on_chain(ledger: ComputeLedger, extrinsic: bytes) -> None:
         return
     reason = _INVALID_REASONS.get(result[2], f"code {result[2]}") if len(result) > 2 and result[1] == 0 else "unknown"
     raise SettlementOfferError(f"the runtime refuses the settlement extrinsic: {reason}")
+
+
+def dry_run(ledger: ComputeLedger, extrinsic: bytes) -> None:
+    """Applies the extrinsic to a copy of the current head's state (runtime API `BlockBuilder_apply_extrinsic`
+    through `state_call`, what `system_dryRun` does, without needing an unsafe RPC) and raises
+    SettlementOfferError unless it would be included AND succeed. Only for an extrinsic at the account's
+    next nonce: a later one is invalid (future) against the current state."""
+    head = ledger.substrate.get_chain_head()
+    reply = ledger.substrate.rpc_request("state_call", ["BlockBuilder_apply_extrinsic", "0x" + extrinsic.hex(), head])
+    result = bytes.fromhex(str(reply["result"]).removeprefix("0x"))
+    if result[:2] == b"\x00\x00":  # Ok(Ok(())): included and dispatched successfully
+        return
+    if result[:2] == b"\x00\x01":
+        raise SettlementOfferError(f"the settlement would fail at dispatch (DispatchError 0x{result[2:].hex()})")
+    reason = _INVALID_REASONS.get(result[2], f"code {result[2]}") if len(result) > 2 and result[1] == 0 else "unknown"
+    raise SettlementOfferError(f"the runtime would not include the settlement: {reason}")
+
+
+def check_offer(
+    ledger: ComputeLedger,
+    extrinsic: bytes,
+    receipt: UsageReceipt,
+    held_nonces: Collection[int],
+    held_amounts: Mapping[bytes, int],
+) -> PresignedSettlement:
+    """Everything a provider checks before it accepts `extrinsic` as payment of `receipt`.
+
+    The protocol's calls only, signed by the receipt's client, paying this provider for all of its receipts
+    it marks (`held_amounts`: the provider's receipts from this client); a nonce no earlier than the account's
+    next one and with no gap the provider cannot fill itself (`held_nonces`: nonces of this client's settlements
+    it holds unpaid); valid for the runtime (signature, fee); and, at the next nonce, a dry run that succeeds.
+    Raises SettlementOfferError (SettlementNotReadyError never: a gap is refused, not waited on).
+    """
+    settlement = decode_settlement(ledger, extrinsic)
+    settlement.check_pays(receipt, held_amounts)
+    next_nonce = account_nonce(ledger, receipt.client)
+    if settlement.nonce < next_nonce:
+        raise SettlementOfferError(f"nonce {settlement.nonce} of {receipt.client} is already used (next: {next_nonce})")
+    missing = sorted(set(range(next_nonce, settlement.nonce)) - set(held_nonces))
+    if missing:
+        raise SettlementOfferError(
+            f"nonce {settlement.nonce} of {receipt.client} leaves a gap this provider cannot fill: "
+            f"the account is at {next_nonce} and no settlement is held for nonces {missing[:5]}"
+        )
+    validate_on_chain(ledger, extrinsic)
+    if settlement.nonce == next_nonce:
+        dry_run(ledger, extrinsic)
+    return settlement
 
 
 def account_nonce(ledger: ComputeLedger, ss58: str) -> int:

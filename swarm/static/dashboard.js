@@ -62,16 +62,28 @@ function coverageSvg(model) {
   return root;
 }
 
+function compact(count) {
+  // Settled compute (tokens × parameters served) grows to 10^12 and beyond: 3 significant digits.
+  return Number(count).toLocaleString("en", { notation: "compact", maximumSignificantDigits: 3 });
+}
+
 function stateBadge(info) {
+  // The title says why a client with a minimum stake routes around this provider (chain.records routing_refusal).
   if (!info) return el("span", { class: "muted" }, "—");
-  if (info.slashes > 0) return el("span", { class: "badge bad" }, `slashed ×${info.slashes}`);
-  if (info.state === "registered") return el("span", { class: "badge ok" }, "registered, clean");
-  return el("span", { class: "badge warn" }, info.state.replace("_", " "));
+  const why = { title: info.refusal ? `no new routes: ${info.refusal}` : "clients route to it" };
+  if (info.slashes > 0) return el("span", { class: "badge bad", ...why }, `slashed ×${info.slashes}`);
+  if (info.open_slashes > 0) return el("span", { class: "badge bad", ...why }, "slash pending");
+  if (info.state === "unbonding") {
+    return el("span", { class: "badge warn", ...why }, `unbonding (stake back from block ${info.unbond_ready_at})`);
+  }
+  if (info.state === "registered") return el("span", { class: "badge ok", ...why }, "registered, clean");
+  return el("span", { class: "badge warn", ...why }, info.state.replace("_", " "));
 }
 
 function peerTable(model, chain) {
   const head = el("tr", {}, ...["peer", "blocks", "tokens/s", "cache free (tokens)", "rate", "chain account",
-    "stake (ROC)", "earned (ROC)", "requests on chain", "verification"].map((h) => el("th", {}, h)));
+    "stake (ROC)", "earned (ROC)", "requests on chain", "tokens × params on chain", "verification"]
+    .map((h) => el("th", {}, h)));
   const body = el("tbody");
   for (const peer of model.peers) {
     const info = chain && peer.chain_account ? chain.providers[peer.chain_account] : null;
@@ -85,6 +97,7 @@ function peerTable(model, chain) {
       el("td", { class: "num" }, info ? tokens(info.stake) : "—"),
       el("td", { class: "num" }, info ? tokens(info.earned) : "—"),
       el("td", { class: "num" }, info ? info.requests : "—"),
+      el("td", { class: "num", title: info ? String(info.tokens_x_params) : "" }, info ? compact(info.tokens_x_params) : "—"),
       el("td", {}, stateBadge(info))));
   }
   return el("table", { class: "peers" }, el("thead", {}, head), body);

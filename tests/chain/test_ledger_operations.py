@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from chain.account_derivation import BURN_ACCOUNT
+from chain.ledger import ComputeLedger
 from chain.records import Payment, ProviderShare, ProviderState
 from tests.chain.ledger_helpers import UNIT, council_keys, fresh_account, h
 
@@ -25,15 +26,39 @@ def test_register_bonds_stake_into_an_escrow_only_the_council_controls(ledger):
     assert status.registered_at == result.block_number and status.escrow == escrow
 
 
-def test_record_compute_is_queryable_and_tied_to_the_receipts_hash(ledger):
+def test_self_reported_compute_is_kept_apart_and_never_totalled(ledger):
     provider = fresh_account(ledger)
     ledger.register_provider(provider, 10 * UNIT)
     ledger.record_compute(provider, h("receipts-a"), tokens_x_params=1_000_000, requests=4)
     result = ledger.record_compute(provider, h("receipts-b"), tokens_x_params=500, requests=1)
     totals = ledger.compute_ledger(provider.ss58_address)
-    assert (totals.tokens_x_params, totals.requests) == (1_000_500, 5)
-    assert [r.receipts_hash for r in totals.records] == [h("receipts-a"), h("receipts-b")]
-    assert totals.records[-1].block_number == result.block_number
+    assert (totals.tokens_x_params, totals.requests, totals.records) == (0, 0, ())
+    assert [r.receipts_hash for r in totals.claimed] == [h("receipts-a"), h("receipts-b")]
+    assert [r.tokens_x_params for r in totals.claimed] == [1_000_000, 500]
+    assert totals.claimed[-1].block_number == result.block_number
+
+
+def test_settlement_records_the_compute_of_each_paid_receipt(ledger):
+    client, p1, p2 = fresh_account(ledger), fresh_account(ledger), fresh_account(ledger)
+    tag = client.ss58_address
+    split = Payment(
+        h(f"{tag}-split"),
+        4 * UNIT,
+        (ProviderShare(p1.ss58_address, 3_000), ProviderShare(p2.ss58_address, 1_000)),
+        tokens=12,
+        requests=1,
+    )
+    second_segment = Payment.single(h(f"{tag}-seg"), p2.ss58_address, 7, params_served=5_000, tokens=30, requests=0)
+    result = ledger.settle(client, [split, second_segment])
+    one = ledger.compute_ledger(p1.ss58_address)
+    two = ledger.compute_ledger(p2.ss58_address)
+    assert (one.tokens_x_params, one.requests) == (12 * 3_000, 1)
+    assert (two.tokens_x_params, two.requests) == (12 * 1_000 + 30 * 5_000, 1)
+    assert [r.receipts_hash for r in two.records] == [split.receipt_id, second_segment.receipt_id]
+    assert {r.block_number for r in two.records} == {result.block_number} and two.claimed == ()
+    # A fresh index (any client) reads the same totals back from the chain.
+    with ComputeLedger(ledger.config.url) as other:
+        assert other.compute_ledger(p2.ss58_address).tokens_x_params == two.tokens_x_params
 
 
 def test_settle_pays_pro_rata_in_one_batch_and_each_receipt_once(ledger):

@@ -22,7 +22,8 @@ def test_polkadot_js_reads_balances_and_protocol_records(ledger, dev_chain):
     ledger.register_provider(provider, 7 * UNIT)
     ledger.record_compute(provider, h("js-receipts" + provider.ss58_address), 4242, 2)
     receipt = h("js-settle" + client.ss58_address)
-    ledger.settle(client, [Payment.single(receipt, provider.ss58_address, 3 * UNIT)])
+    payment = Payment.single(receipt, provider.ss58_address, 3 * UNIT, params_served=800_000, tokens=17, requests=1)
+    ledger.settle(client, [payment])
     escrow = ledger.escrow_of(provider.ss58_address)
     proc = subprocess.run(
         [
@@ -53,6 +54,14 @@ def test_polkadot_js_reads_balances_and_protocol_records(ledger, dev_chain):
     } <= mine
     settle = next(r for r in seen["remarks"] if r["sender"] == client.ss58_address)
     assert receipt.hex() in settle["remark"]
-    # Python's index and @polkadot/api agree on which records exist.
+    # Python's index and @polkadot/api agree on which records exist, and on the settled compute
+    # (the provider's self-reported record counts in neither).
     ours = [s for s in ledger.settlement_history(client_ss58=client.ss58_address)]
     assert [s.block_number for s in ours] == [settle["block"]]
+    totals = ledger.compute_ledger(provider.ss58_address)
+    assert (totals.tokens_x_params, totals.requests) == (17 * 800_000, 1)
+    assert seen["compute"][provider.ss58_address] == {
+        "tokens_x_params": str(totals.tokens_x_params),
+        "requests": totals.requests,
+        "receipts": 1,
+    }

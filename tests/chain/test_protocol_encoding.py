@@ -52,7 +52,29 @@ def test_remark_round_trip_and_recovery_from_raw_bytes():
         assert body in find_candidate_payloads(raw)
 
 
-@pytest.mark.parametrize("payload", [b"dllm:v1:nope:{}", b"dllm:v1:compute:[1]", b"dllm:v1:compute:{bad", b"other"])
+def test_settle_records_are_written_at_v2_and_v1_records_still_read():
+    payload = encode_remark("settle", {"receipts": [["00" * 32, [["11" * 32, 5, 800]], 12, 1]]})
+    assert payload.startswith(b"dllm:v2:settle:")
+    remark = decode_remark(payload)
+    assert (remark.kind, remark.version, remark.body["receipts"][0][2:]) == ("settle", 2, [12, 1])
+    assert encode_remark("register", {}).startswith(b"dllm:v1:register:")
+    old = decode_remark(b'dllm:v1:settle:{"receipts":[["' + b"00" * 32 + b'",[["' + b"11" * 32 + b'",5]]]]}')
+    assert (old.kind, old.version) == ("settle", 1)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"dllm:v1:nope:{}",
+        b"dllm:v1:compute:[1]",
+        b"dllm:v1:compute:{bad",
+        b"other",
+        b"dllm:v2:register:{}",  # a version newer than the kind has
+        b"dllm:v3:settle:{}",
+        b"dllm:v02:settle:{}",
+        b"dllm:vx:settle:{}",
+    ],
+)
 def test_malformed_remarks_are_rejected(payload):
     with pytest.raises(MalformedRemarkError):
         decode_remark(payload)

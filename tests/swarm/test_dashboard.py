@@ -142,6 +142,7 @@ def test_dashboard_shows_stake_earnings_settlements_and_slashes(local_swarm, dev
             1,
             2 * unit,
         )
+        assert info["refusal"].startswith("slashed 1x")  # why clients with a --min-stake route around it
         assert any(s["receipt"] == receipt.hex() for s in state["chain"]["settlements"])
         assert any(s["evidence"] == evidence.hex() for s in state["chain"]["slashes"])
 
@@ -150,3 +151,84 @@ def test_dashboard_shows_stake_earnings_settlements_and_slashes(local_swarm, dev
         assert ">0:8<" in row and ">3<" in row and "slashed ×1" in row  # stake 3 and earned 3 ROC
         assert receipt.hex()[:6] in dom and evidence.hex()[:6] in dom
         screenshot(url, tmp_path / "chromium-shot", "dashboard-chain.png")
+
+
+def test_settled_compute_reads_the_same_in_python_node_and_the_dashboard(
+    local_swarm, dev_chain, tiny_model_path, tmp_path
+):
+    """Billed queries through two paid peers put tokens x parameters and request counts on chain with
+    their settlement; the Python ledger, @polkadot/api and the dashboard's snapshot show the same totals."""
+    import json
+
+    from chain.account_derivation import account_id
+    from chain.devchain.genesis import DEVCHAIN_DIR
+    from chain.ledger import ComputeLedger
+    from swarm.billing import BillingConfig
+    from swarm.client import ClientConfig, DistributedModel, GenerationParams
+    from tests.economy.swarm_economy import UNIT, funded_key, start_billing_peer, wait_until
+
+    if shutil.which("node") is None or not (DEVCHAIN_DIR / "node_modules" / "@polkadot" / "api").is_dir():
+        pytest.skip("node or @polkadot/api missing (run scripts/setup)")
+    queries = 3
+    ledger = ComputeLedger(dev_chain.url)
+    try:
+        keys = {blocks: funded_key(ledger) for blocks in ("0:4", "4:8")}
+        client_uri, _ = funded_key(ledger, 1000 * UNIT)
+        procs = [
+            start_billing_peer(
+                local_swarm, b, uri, dev_chain.url, tmp_path / f"p{b[0]}.sqlite3", rate=10**10, wait=False
+            )
+            for b, (uri, _) in keys.items()
+        ]
+        for proc in procs:
+            local_swarm.wait_ready(proc, timeout=120)
+        providers = {account_id(kp.ss58_address): kp.ss58_address for _, kp in keys.values()}
+
+        billing = BillingConfig(dev_chain.url, client_uri, sample_rate=0.0)
+        model = DistributedModel.from_pretrained(
+            str(tiny_model_path), local_swarm.initial_peers, config=ClientConfig(billing=billing)
+        )
+        expected = {a: [0, 0] for a in providers.values()}  # tokens x params, requests, from the co-signed receipts
+        try:
+            for prompt in ("def add(a, b):", "import os", "class Stack:")[:queries]:
+                result = model.generate(prompt, GenerationParams(max_new_tokens=6, ignore_eos=True))
+                assert result.billing is not None and result.bill is not None
+                for signed in result.billing.receipts:
+                    r = signed.receipt
+                    totals = expected[providers[account_id(r.provider)]]
+                    totals[0] += r.usage.total_tokens * r.params_served
+                    totals[1] += 1 if r.sequence == 0 else 0
+            model._loop.run(model.core.billing.flush())
+        finally:
+            model.close()
+        assert all(requests == queries and tokens > 0 for tokens, requests in expected.values()), expected
+
+        def on_chain() -> dict[str, list[int]]:
+            got = {a: ledger.compute_ledger(a) for a in providers.values()}
+            return {a: [t.tokens_x_params, t.requests] for a, t in got.items()}
+
+        wait_until(lambda: on_chain() == expected, 90, "the settled compute on chain")
+    finally:
+        ledger.close()
+
+    reader = subprocess.run(
+        ["node", str(DEVCHAIN_DIR / "read_ledger.mjs"), dev_chain.url],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert reader.returncode == 0, reader.stderr[-2000:]
+    seen = json.loads(reader.stdout.strip().splitlines()[-1])["compute"]
+    assert {a: [int(seen[a]["tokens_x_params"]), seen[a]["requests"]] for a in providers.values()} == expected
+
+    with running_dashboard(local_swarm.initial_peers[0], tmp_path, "--chain-url", dev_chain.url) as url:
+        state = httpx.get(f"{url}api/swarm", timeout=60).json()
+        shown = {}
+        for peer in state["models"][0]["peers"]:
+            info = state["chain"]["providers"][peer["chain_account"]]
+            shown[info["account"]] = [info["tokens_x_params"], info["requests"]]
+        assert shown == expected
+        dom = load_dom(url, tmp_path / "chromium")
+        for tokens, _ in expected.values():
+            assert f'title="{tokens}"' in dom  # the tokens x params cell of each provider's row
