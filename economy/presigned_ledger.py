@@ -5,7 +5,14 @@ it submits the pre-signed extrinsic stored with each receipt (skipping one alrea
 submitted by the client or another provider of the same session). `settle_round` settles receipt
 by receipt, so one receipt whose extrinsic cannot be included yet never holds up the others.
 Crash safety is the Settler's: receipts are marked `settling` before submission and reconciled
-against the chain's receipt markers after a crash or a failed submission.
+against the chain after a crash or a failed submission.
+
+Paid means paid on chain: a receipt counts as settled only when the successful extrinsic that created
+its marker also transferred the provider at least the sum of all of its receipts marked there
+(`ComputeLedger.paid_on_chain`). A marker alone proves nothing: the client can make one with a bare
+`Multisig.approve_as_multi` at the nonce of the settlement it handed over; its receipts then stay
+unsettled (and owed) for good. A stored settlement is dry-run before it is sent, so one that would
+fail now (the client's funds are short) is not spent on a failure; it waits for a later round.
 """
 
 from __future__ import annotations
@@ -13,13 +20,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from dataclasses import dataclass
 
 from chain.errors import EconomyError
 from chain.ledger import ComputeLedger
 from economy.presigned_settlement import (
     SettlementNotReadyError,
+    SettlementOfferError,
     StaleSettlementError,
     account_nonce,
+    dry_run,
 )
 from economy.receipt_store import ReceiptStore, SettlementBatch
 from economy.settlement import BatchResult, Settler
@@ -57,13 +67,15 @@ class PresignedSettlementLedger:
                 )
             offers[offer[1]] = offer[0]
         ids = [bytes.fromhex(r.removeprefix("0x")) for r in batch.receipt_ids]
-        return await asyncio.to_thread(self._submit, batch.client, ids, sorted(offers.items(), key=lambda kv: kv[1]))
+        payee = _Payee(batch.client, batch.receipts[0].receipt.provider, self.store.amounts_from(batch.client))
+        return await asyncio.to_thread(self._submit, payee, ids, sorted(offers.items(), key=lambda kv: kv[1]))
 
-    def _submit(self, client: str, receipt_ids: list[bytes], offers: list[tuple[bytes, int]]) -> str:
+    def _submit(self, payee: _Payee, receipt_ids: list[bytes], offers: list[tuple[bytes, int]]) -> str:
+        client = payee.client
         with self.lock:
             tx_hash = ALREADY_SETTLED
             for extrinsic, nonce in offers:
-                if len(self.ledger.settled_on_chain(client, receipt_ids)) == len(receipt_ids):
+                if self._paid(payee, receipt_ids) == set(receipt_ids):
                     break
                 next_nonce = account_nonce(self.ledger, client)
                 if nonce > next_nonce:
@@ -74,19 +86,43 @@ class PresignedSettlementLedger:
                     raise StaleSettlementError(
                         f"nonce {nonce} of {client} was used by another transaction; these receipts stay unpaid"
                     )
+                try:  # a settlement that would fail is not sent: it would spend the nonce and pay nothing
+                    dry_run(self.ledger, extrinsic)
+                except SettlementOfferError as e:
+                    raise SettlementNotReadyError(f"settlement at nonce {nonce} of {client} would fail now: {e}") from e
                 tx_hash = self.ledger.submit_signed(extrinsic).extrinsic_hash
-            if len(self.ledger.settled_on_chain(client, receipt_ids)) != len(receipt_ids):
-                raise StaleSettlementError(f"the settlements of {client} were included but do not mark every receipt")
+            if self._paid(payee, receipt_ids) != set(receipt_ids):
+                raise StaleSettlementError(f"the settlements of {client} were included but do not pay every receipt")
             return tx_hash
 
-    async def is_settled(self, receipt_id: str) -> bool:
-        client = self.store.client_of(receipt_id)
-        rid = bytes.fromhex(receipt_id.removeprefix("0x"))
-        return await asyncio.to_thread(self._is_settled, client, rid)
+    def _paid(self, payee: _Payee, receipt_ids: list[bytes]) -> set[bytes]:
+        """Receipts the chain shows paid to the provider: marked by a successful extrinsic of the client that
+        transferred the provider at least all of its receipts marked there (a marker alone is not payment)."""
+        known = payee.amounts
+        return self.ledger.paid_on_chain(
+            payee.client, payee.provider, receipt_ids, lambda ids: {r: known[r] for r in ids if r in known}
+        )
 
-    def _is_settled(self, client: str, rid: bytes) -> bool:
+    async def is_settled(self, receipt_id: str) -> bool:
+        """Whether the chain shows the receipt paid (not merely marked): see `_paid`."""
+        receipt = self.store.get(receipt_id).signed.receipt
+        payee = _Payee(receipt.client, receipt.provider, self.store.amounts_from(receipt.client))
+        rid = bytes.fromhex(receipt_id.removeprefix("0x"))
+        return await asyncio.to_thread(self._is_settled, payee, rid)
+
+    def _is_settled(self, payee: _Payee, rid: bytes) -> bool:
         with self.lock:
-            return bool(self.ledger.settled_on_chain(client, [rid]))
+            return bool(self._paid(payee, [rid]))
+
+
+@dataclass(frozen=True)
+class _Payee:
+    """Whose payment a check looks for: the paying client, the provider, and the amount of each receipt
+    of that client the provider holds (read from the store on its thread, before the chain calls)."""
+
+    client: str
+    provider: str
+    amounts: dict[bytes, int]
 
 
 async def settle_round(settler: Settler) -> list[BatchResult]:

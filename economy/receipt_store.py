@@ -200,6 +200,28 @@ class ReceiptStore:
             raise ReceiptStoreError(f"no receipt {receipt_id} in {self.path}")
         return str(row[0])
 
+    def amounts_from(self, client: str) -> dict[bytes, int]:
+        """Receipt id (32 bytes) -> planck of every receipt of `client` held here, whatever its state:
+        what a settlement marking any of them must transfer to this provider in the same extrinsic."""
+        rows = self._db.execute("SELECT receipt_id, amount FROM receipts WHERE client = ?", (client,))
+        return {bytes.fromhex(rid.removeprefix("0x")): int(amount) for rid, amount in rows}
+
+    def held_nonces(self, client: str) -> set[int]:
+        """Nonces of `client`'s pre-signed settlements held for receipts not settled yet."""
+        rows = self._db.execute(
+            "SELECT DISTINCT s.nonce FROM settlements s JOIN receipts r ON r.receipt_id = s.receipt_id"
+            " WHERE r.client = ? AND r.state != 'settled'",
+            (client,),
+        )
+        return {int(row[0]) for row in rows}
+
+    def unpaid_amount(self, client: str) -> int:
+        """Planck of `client`'s receipts held here and not settled on chain (what it still owes)."""
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(amount), 0) FROM receipts WHERE client = ? AND state != 'settled'", (client,)
+        ).fetchone()
+        return int(row[0])
+
     def counts(self) -> dict[ReceiptState, int]:
         """Number of receipts in each state."""
         result = {s: 0 for s in ReceiptState}

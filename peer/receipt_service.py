@@ -10,7 +10,9 @@ Protocol (one unary RPC, `op` in the metadata):
    one already stored, and that the extrinsic is valid on chain and pays the receipt in full; then it
    stores both in one SQLite transaction and answers `{"receipt_id"}`.
 A settlement task submits stored extrinsics every `settle_interval_s` seconds (and once on start,
-which settles whatever a crashed run left); see economy/presigned_ledger.py.
+which settles whatever a crashed run left); see economy/presigned_ledger.py. Rounds run one at a time
+(`settle_now`): the credit guard of a charging peer (peer/credit_guard.py) also runs one when a client
+over its credit limit may have paid.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from hivemind.proto import runtime_pb2
 from substrateinterface import Keypair
 
 from economy.presigned_ledger import PresignedSettlementLedger, settle_round
-from economy.presigned_settlement import decode_settlement, validate_on_chain
+from economy.presigned_settlement import PresignedSettlement, check_offer
 from economy.pricing import ProviderRate
 from economy.receipt_store import ReceiptStore
 from economy.receipts import (
@@ -37,12 +39,14 @@ from economy.receipts import (
     ReplayedReceiptError,
     SignedReceipt,
     UnexpectedReceiptError,
+    UsageReceipt,
     receipt_for_segment,
     sign_as_provider,
     verify_receipt,
 )
 from economy.settlement import Settler
 from economy.signing import load_keypair
+from peer.credit_guard import CreditGuard
 from peer.metering_hook import SessionMeters
 from swarm import protocol, wire_errors
 from swarm.protocol import ProtocolError
@@ -76,12 +80,20 @@ class ReceiptService:
         self.settler = Settler(store, self.presigned) if self.presigned is not None else None
         self.receipts_accepted = 0
         self.receipts_rejected = 0
+        # This provider's own standing on chain (chain.records.ProviderStatus as JSON), re-read every settlement
+        # round: what clients with a min_stake see (rpc_info "standing"); None until first read or without a chain.
+        self.standing: dict | None = None
         self._task: asyncio.Task | None = None
         self._stop = asyncio.Event()
+        self._round_lock = asyncio.Lock()
+        self.credit: CreditGuard | None = None  # set by start() on a peer that charges (rate > 0)
 
     @classmethod
-    async def start(cls, setup: BillingSetup, meters: SessionMeters) -> ReceiptService:
-        """Connects to the chain (if any), opens the store, settles what an earlier run left."""
+    async def start(cls, setup: BillingSetup, meters: SessionMeters, credit_limit: int | None = None) -> ReceiptService:
+        """Connects to the chain (if any), opens the store, settles what an earlier run left.
+
+        With a rate > 0 the peer charges: every session must name its client, and each client may owe at most
+        `credit_limit` planck (required then)."""
         ledger, network = None, "dllm-offline"
         if setup.chain_url:
             from chain.ledger import ComputeLedger
@@ -91,6 +103,12 @@ class ReceiptService:
         setup.receipts_path.parent.mkdir(parents=True, exist_ok=True)
         store = ReceiptStore(setup.receipts_path, network=network, provider=setup.keypair.ss58_address)
         service = cls(setup, meters, store, network, ledger)
+        if setup.rate.generated > 0:
+            if credit_limit is None:
+                raise ValueError("a peer that charges needs a credit limit")
+            meters.require_client = True
+            confirm = service.settle_now if service.settler is not None else None
+            service.credit = CreditGuard(meters, store, setup.rate, credit_limit, confirm)
         if service.settler is not None:
             results = await settle_round(service.settler)
             if results:
@@ -101,8 +119,19 @@ class ReceiptService:
     async def add_handlers(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(protocol.HANDLER_RECEIPT, self.rpc_receipt, runtime_pb2.ExpertRequest)
 
+    async def settle_now(self) -> None:
+        """One settlement round (never two at once: a round's reconcile would release the other's batch)."""
+        if self.settler is None:
+            return
+        async with self._round_lock:
+            await settle_round(self.settler)
+        if self.credit is not None:
+            self.credit.receipts_changed()
+
     async def close(self) -> None:
         self._stop.set()
+        if self.credit is not None:
+            await self.credit.close()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):  # it is stopping: its end is moot
@@ -113,12 +142,29 @@ class ReceiptService:
 
     async def _settle_periodically(self, settler: Settler) -> None:
         while not self._stop.is_set():
+            try:
+                self.standing = await asyncio.to_thread(self._read_standing)
+            except Exception as error:  # noqa: BLE001 - a chain hiccup: keep the last standing, retry next round
+                logger.warning("reading this provider's standing on chain failed: %s", error)
             with contextlib.suppress(TimeoutError):  # the interval passed: settle
                 await asyncio.wait_for(self._stop.wait(), self.setup.settle_interval_s)
             try:
-                await settle_round(settler)
+                await self.settle_now()
             except Exception:  # noqa: BLE001 - the chain may be briefly unreachable; retry next round
                 logger.exception("settlement round failed")
+
+    def _read_standing(self) -> dict:
+        with self.chain_lock:
+            status = self.ledger.provider_status(self.keypair.ss58_address)
+        return {
+            "state": status.state.value,
+            "stake": status.stake,
+            "slashes": len(status.slashes),
+            "open_slashes": len(status.open_slashes),
+            "unbond_ready_at": status.unbond_ready_at,
+            "routable": status.routing_refusal(0) is None,
+            "refusal": status.routing_refusal(0),
+        }
 
     def info(self) -> dict:
         """Fields for rpc_info: who gets paid and the receipt counters."""
@@ -130,6 +176,7 @@ class ReceiptService:
                 "receipts": {state.value: n for state, n in counts.items()},
                 "accepted": self.receipts_accepted,
                 "rejected": self.receipts_rejected,
+                **({"credit": self.credit.info()} if self.credit is not None else {}),
             }
         }
 
@@ -173,6 +220,7 @@ class ReceiptService:
                 commitment=after,
                 issued_at=int(time.time()),
                 adapter_version=session.adapter_version,
+                dtype=self.meters.dtype,
             )
         receipt = session.pending
         return {"receipt": receipt.encode(), "provider_signature": sign_as_provider(receipt, self.keypair)}
@@ -196,21 +244,26 @@ class ReceiptService:
         offer = None
         if self.ledger is not None:
             extrinsic = protocol.get_field(metadata, "settlement", bytes)
-            settlement = await asyncio.to_thread(self._check_settlement, extrinsic)
-            settlement.check_pays(r)
+            held = (self.store.held_nonces(r.client), self.store.amounts_from(r.client))  # on the store's thread
+            settlement = await asyncio.to_thread(self._check_settlement, extrinsic, r, *held)
             offer = (settlement.nonce, extrinsic)
         self.store.add(signed, expected_client=session.client, settlement=offer)
         session.pending = None
         session.sequence += 1
+        if self.credit is not None:
+            self.credit.receipts_changed(r.client)
         self.receipts_accepted += 1
         logger.info("receipt %s: %d planck from %s", receipt_id, r.amount, r.client)
         return {"receipt_id": receipt_id}
 
-    def _check_settlement(self, extrinsic: bytes):
+    def _check_settlement(
+        self, extrinsic: bytes, receipt: UsageReceipt, held_nonces: set[int], held_amounts: dict[bytes, int]
+    ) -> PresignedSettlement:
+        """The checks of economy.presigned_settlement.check_offer: the protocol's calls only, paying all of
+        this provider's receipts it marks, at a nonce with no gap this provider cannot fill, succeeding in a
+        dry run."""
         with self.chain_lock:
-            settlement = decode_settlement(self.ledger, extrinsic)
-            validate_on_chain(self.ledger, extrinsic)
-        return settlement
+            return check_offer(self.ledger, extrinsic, receipt, held_nonces, held_amounts)
 
 
 def billing_setup(
