@@ -20,11 +20,21 @@ if TYPE_CHECKING:
     from economy.receipts import ReceiptError, SignedReceipt, UsageReceipt
     from economy.settlement import Settler
     from economy.signing import load_keypair
-    from economy.verification import SignedVerdict, SpotCheckPolicy, Tolerance, Verdict, VerificationError
+    from economy.verification import (
+        AdaptiveSpotCheck,
+        CheckHistory,
+        SignedVerdict,
+        SpotCheckPolicy,
+        Tolerance,
+        Verdict,
+        VerificationError,
+    )
     from economy.work_sample import SampledStep, WorkSample
 
 __all__ = [
+    "AdaptiveSpotCheck",
     "Bill",
+    "CheckHistory",
     "GossipBus",
     "GossipConfig",
     "Line",
@@ -54,7 +64,9 @@ __all__ = [
 
 # public name -> the module that defines it
 _EXPORTS = {
+    "AdaptiveSpotCheck": "economy.verification",
     "Bill": "economy.pricing",
+    "CheckHistory": "economy.verification",
     "GossipBus": "economy.gossip",
     "GossipConfig": "economy.gossip",
     "Line": "economy.pricing",

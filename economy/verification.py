@@ -7,10 +7,18 @@ probability p*f (a corrupted request fails any re-run of it: see `Tolerance`), s
 
     P(detect) = 1 - (1 - p*f)^n.
 
-With the default p = 0.5: f = 5% -> 1 - 0.975^200 = 99.4% within 200 requests; f = 1% -> 63%;
-f = 20% -> ~100%. The compute cost stays small because a check re-runs a whole session in ONE
+The client's rate is adaptive (`AdaptiveSpotCheck`): per provider, r = max(p_min, p_max * decay^k)
+with k = passed checks / (1 + failed checks), and k restarts at 0 after a failed check; an unknown
+provider (a fresh identity) starts at p_max. Bound, for ANY provider strategy (cheating only once its
+rate has decayed included): each request is checked with probability >= p_min whatever the provider
+knows (the lottery key is the client's), so a provider that corrupts c requests escapes with
+probability <= (1 - p_min)^c. With p_min = 0.38: c = 10 (5 % of 200 requests) -> caught >= 99.16 %;
+c = 2 (1 %) -> 61.6 %; c = 40 (20 %) -> ~100 %. A provider corrupting each request independently
+with probability f is caught with >= 1 - (1 - p_min*f)^n: 97.8 % for f = 5 %, n = 200 (99 % of those
+needs p_min >= 0.455). Honest providers cost about p_min checks per request once their rate has
+decayed (5 passes). The compute cost stays small because a check re-runs a whole session in ONE
 parallel causal forward (all inputs are known), while serving ran one sequential step per token:
-scripts/bench/verification.py measures the overhead (p x check cost / serving cost).
+scripts/bench/verification.py measures the overhead (rate x check cost / serving cost).
 
 Comparison. Float results differ across machines, thread counts, batch shapes and kernels. The
 check compares, per token position, the relative L2 error ||claimed - recomputed|| / ||recomputed||
@@ -107,7 +115,110 @@ class SpotCheckPolicy:
         return int.from_bytes(mac[:8], "big") < self.sample_rate * 2**64
 
 
+DEFAULT_MAX_SAMPLE_RATE = 1.0
+DEFAULT_MIN_SAMPLE_RATE = 0.38
+"""Floor of the adaptive rate: `corrupted_detection(0.38, 10)` = 99.16 % >= 99 % for a provider that corrupts
+10 of 200 requests (5 %) whenever it likes (`floor_rate(10, 0.99)` = 0.369 is the bare minimum; the rest is a
+margin a seeded simulation can show)."""
+DEFAULT_SAMPLE_DECAY = 0.8
+"""Five passed checks take an honest provider from 1.0 to the floor: a short, cheap warm-up."""
+
+
+def corrupted_detection(min_rate: float, corrupted: int) -> float:
+    """Lower bound on P(caught) for a provider that corrupts `corrupted` requests, each checked with >= min_rate."""
+    _check_probability("min_rate", min_rate)
+    if corrupted < 0:
+        raise ValueError("corrupted must be >= 0")
+    return 1.0 - (1.0 - min_rate) ** corrupted
+
+
+def floor_rate(corrupted: int, confidence: float) -> float:
+    """Smallest per-request check rate with corrupted_detection(rate, corrupted) >= confidence."""
+    _check_probability("confidence", confidence)
+    if corrupted < 1:
+        raise ValueError("corrupted must be >= 1")
+    return 1.0 - math.pow(1.0 - confidence, 1.0 / corrupted)
+
+
+@dataclass(frozen=True)
+class CheckHistory:
+    """What one client knows of one provider's spot checks: the input of `AdaptiveSpotCheck.rate`."""
+
+    passed: int = 0
+    """Checks passed since the last failed one (or since the client first met the provider)."""
+    failed: int = 0
+    """Checks failed, ever."""
+
+
+@dataclass(frozen=True)
+class AdaptiveSpotCheck:
+    """Keyed-hash lottery whose rate falls with a provider's honest history and jumps after a failure.
+
+    rate = max(min_rate, max_rate * decay^(passed / (1 + failed))). Invariants: never below min_rate (the
+    detection bound rests on it alone, see the module docstring); an unknown provider starts at max_rate,
+    so a fresh identity buys nothing; a failed check restarts the decay, and each failure doubles, triples...
+    the passes needed to decay again. Pure: the caller keeps one `CheckHistory` per provider.
+    """
+
+    secret: bytes = field(default=b"", repr=False)
+    """The client's lottery key: without it a provider cannot predict which of its requests are checked."""
+    max_rate: float = DEFAULT_MAX_SAMPLE_RATE
+    min_rate: float = DEFAULT_MIN_SAMPLE_RATE
+    decay: float = DEFAULT_SAMPLE_DECAY
+
+    def __post_init__(self) -> None:
+        _check_probability("max_rate", self.max_rate)
+        _check_probability("min_rate", self.min_rate)
+        if self.min_rate > self.max_rate:
+            raise ValueError(f"min_rate {self.min_rate} is above max_rate {self.max_rate}")
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {self.decay}")
+
+    @classmethod
+    def fixed(cls, rate: float, secret: bytes) -> AdaptiveSpotCheck:
+        """The same rate for every provider whatever its history (0 disables checks, 1 checks everything)."""
+        return cls(secret, max_rate=rate, min_rate=rate, decay=1.0)
+
+    def rate(self, history: CheckHistory) -> float:
+        """The probability that the provider's next request is checked."""
+        decayed: float = self.max_rate * self.decay ** (history.passed / (1 + history.failed))
+        return max(self.min_rate, decayed)
+
+    def selects(self, history: CheckHistory, work_id: bytes) -> bool:
+        """True if the work named `work_id`, by a provider with `history`, is to be checked."""
+        return SpotCheckPolicy(self.rate(history), self.secret).selects(work_id)
+
+    @staticmethod
+    def after(history: CheckHistory, passed: bool) -> CheckHistory:
+        """The history once one more check of the provider has passed or failed."""
+        return CheckHistory(history.passed + 1, history.failed) if passed else CheckHistory(0, history.failed + 1)
+
+    def detection_bound(self, corrupted: int) -> float:
+        """P(caught) >= this for ANY provider that corrupts `corrupted` requests, whenever it chooses to."""
+        return corrupted_detection(self.min_rate, corrupted)
+
+    def fresh_detection_bound(self, cheat_fraction: float, requests: int) -> float:
+        """P(caught within `requests`) >= this for a fresh identity that corrupts each request with probability f.
+
+        Before its i-th request (from 0) a provider has passed at most i checks and, still uncaught, failed none,
+        so it is checked with probability >= max(min_rate, max_rate * decay^i)."""
+        _check_probability("cheat_fraction", cheat_fraction)
+        escape = 1.0
+        for i in range(requests):
+            escape *= 1.0 - cheat_fraction * max(self.min_rate, self.max_rate * self.decay**i)
+        return 1.0 - escape
+
+
 # ---------------------------------------------------------------------------------------- comparison
+
+
+DTYPE_NOISE: dict[str, float] = {"float32": 1e-3, "bfloat16": 0.008, "float16": 0.002}
+"""Tolerance per dtype for ONE block, by the provider's compute dtype (receipts.COMPUTE_DTYPES), for a
+float32 re-run; a span of n blocks is allowed sqrt(n) times as much (honest noise measured to grow more
+slowly than that). Each is a margin over the largest honest per-position error measured by
+scripts/bench/dtype_noise.py (figures and margins in docs/economy.md): the tightest an honest provider
+of that dtype needs, so a provider claiming a lower precision than it computes in gains only this
+much room to deviate."""
 
 
 @dataclass(frozen=True)
@@ -115,14 +226,23 @@ class Tolerance:
     """Largest per-position relative L2 error an honest provider can show."""
 
     rel_l2: float = 0.05
-    """Default fits providers serving in float16/bfloat16 checked in float32 (measured ~1e-2)."""
+    """Default for callers that know neither dtype nor depth; the verifier uses `for_dtype`."""
     floor: float = 1e-6
     """Norm below which a position is compared in absolute terms (avoids dividing by ~0)."""
 
     @classmethod
-    def for_dtype(cls, dtype: torch.dtype) -> Tolerance:
-        """Tolerance for a provider that declares it computes in `dtype`."""
-        return cls(rel_l2=1e-3) if dtype in (torch.float32, torch.float64) else cls(rel_l2=0.05)
+    def for_dtype(cls, dtype: torch.dtype | str, blocks: int = 1) -> Tolerance:
+        """Tolerance for a provider that states (in its receipt) it computes `blocks` blocks in `dtype`.
+
+        Raises ValueError for a dtype with no measured noise (such work cannot be judged) or blocks < 1."""
+        name = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
+        if name == "float64":
+            name = "float32"
+        if name not in DTYPE_NOISE:
+            raise ValueError(f"no measured tolerance for dtype {name!r}; known: {', '.join(DTYPE_NOISE)}")
+        if blocks < 1:
+            raise ValueError(f"blocks must be >= 1, got {blocks}")
+        return cls(rel_l2=DTYPE_NOISE[name] * math.sqrt(blocks))
 
 
 @dataclass(frozen=True)
@@ -319,8 +439,8 @@ class SlashingTally:
     """Collects failing verdicts per provider until `threshold` distinct verifiers agree.
 
     Independence: one verifier counts once per provider however many verdicts it sends; a verifier
-    never counts against itself. After a proposal the provider's tally restarts, so one body of
-    evidence is proposed once.
+    never counts against itself. A provider's tally is kept until `clear(provider)`, which its holder
+    calls once the slash is on chain: a slash that fails is proposed again, never lost.
     """
 
     verifiers: frozenset[str]
@@ -342,9 +462,12 @@ class SlashingTally:
         if len(by_verifier) < self.threshold:
             return None
         chosen = tuple(sorted(by_verifier.values(), key=lambda s: s.verdict.verdict_id))
-        del self._failing[v.provider]
         evidence = canonical.digest(b"".join(bytes.fromhex(s.verdict.verdict_id[2:]) for s in chosen))
         return SlashProposal(v.provider, chosen, evidence)
+
+    def clear(self, provider: str) -> None:
+        """Drops the provider's tally: its slash is on chain."""
+        self._failing.pop(provider, None)
 
     def failing_verifiers(self, provider: str) -> int:
         """Distinct verifiers with a pending failing verdict against `provider`."""

@@ -2,13 +2,20 @@
 
 For each hop of an inference session the client runs its own `UsageMeter` over exactly the tensors
 it sent and received (the session's `StepObserver` hook), and keeps those tensors for spot checks.
-At the end of a session (and whenever a hop has `receipt_every_tokens` unbilled tokens) it asks
+At the end of a session (and whenever a hop has `receipt_every_tokens` unbilled tokens, or unbilled
+work worth half the credit limit the hop announces) it asks
 each hop for its signed receipt (`dllm.v1.receipt` op propose), refuses any claim above its own
 meter (`check_claim`), countersigns, signs ONE settlement extrinsic paying the segment's receipts
 (explicit nonce, see economy/presigned_settlement.py), and delivers receipt + extrinsic to every
 hop. It then submits the extrinsic itself (providers hold the same bytes, so payment happens even
 if this process dies), and sends each receipt selected by the keyed spot-check lottery, as a
 `WorkSample`, to verifiers found in the DHT (`dllm.v1.verify`).
+
+The lottery's rate is per provider (`AdaptiveSpotCheck`): it falls with the provider's passed checks and
+jumps back to the maximum after a failed one. The history lives here, in `ClientBilling.check_history`,
+fed only by verdicts that verify against the verifier's announced account and name the sampled receipt
+and its provider: a provider cannot lower its own rate with made-up passes, and one failing verdict
+outweighs any number of passing ones. A provider this client has no history of starts at the maximum.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from economy import signing
 from economy.canonical import CanonicalFormatError
 from economy.metering import StepKind, UsageMeter, step_kind_at
 from economy.presigned_settlement import account_nonce, included_nonce, payments_for, sign_at_nonce
-from economy.pricing import Bill, Line, ProviderRate, RouteHop, route_price_per_token
+from economy.pricing import Bill, Line, ProviderRate, RouteHop, provider_amount, route_price_per_token
 from economy.receipts import (
     RECEIPT_DOMAIN,
     ForgedReceiptError,
@@ -43,7 +50,16 @@ from economy.receipts import (
     check_claim,
     sign_as_client,
 )
-from economy.verification import SignedVerdict, SpotCheckPolicy
+from economy.verification import (
+    DEFAULT_MAX_SAMPLE_RATE,
+    DEFAULT_MIN_SAMPLE_RATE,
+    DEFAULT_SAMPLE_DECAY,
+    AdaptiveSpotCheck,
+    CheckHistory,
+    SignedVerdict,
+    VerificationError,
+    validate_verdict,
+)
 from economy.work_sample import SampledStep, WorkSample
 from swarm import protocol, wire_errors
 from swarm.protocol import ReceiptRefusedError
@@ -76,7 +92,15 @@ class BillingConfig:
     client_key: str
     """sr25519 key of the paying account: //Name, mnemonic or 0x seed."""
     receipt_every_tokens: int = 512
-    sample_rate: float = 0.5
+    sample_rate: float | None = None
+    """A fixed spot-check rate for every provider (0 disables checks, 1 checks every receipt); None: the
+    adaptive per-provider rate of the three fields below (economy.verification.AdaptiveSpotCheck)."""
+    sample_rate_max: float = DEFAULT_MAX_SAMPLE_RATE
+    """Rate for a provider with no passed check since its last failure (a new identity starts here)."""
+    sample_rate_min: float = DEFAULT_MIN_SAMPLE_RATE
+    """Floor the rate never goes below: the detection bound rests on it alone (docs/economy.md)."""
+    sample_decay: float = DEFAULT_SAMPLE_DECAY
+    """Factor the rate falls by with each passed check."""
     sample_secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
     verifiers_per_sample: int = 2
     submit_settlements: bool = True
@@ -88,6 +112,13 @@ class BillingConfig:
     def __post_init__(self) -> None:
         if self.receipt_every_tokens < 1 or self.verifiers_per_sample < 0 or self.settlement_retry_s < 0:
             raise ValueError("receipt_every_tokens must be >= 1, verifiers_per_sample and settlement_retry_s >= 0")
+        self.spot_check_rule()  # raises ValueError on rates outside [0, 1] or a floor above the maximum
+
+    def spot_check_rule(self) -> AdaptiveSpotCheck:
+        """The lottery these settings describe, keyed with `sample_secret`."""
+        if self.sample_rate is not None:
+            return AdaptiveSpotCheck.fixed(self.sample_rate, self.sample_secret)
+        return AdaptiveSpotCheck(self.sample_secret, self.sample_rate_max, self.sample_rate_min, self.sample_decay)
 
 
 class SettlementSubmitError(UnavailableError):
@@ -152,13 +183,15 @@ class ClientBilling:
     def __init__(self, config: BillingConfig, p2p: P2P, dht: Any, model: str):
         self.config = config
         self.p2p, self.dht, self.model = p2p, dht, model
-        self.policy = SpotCheckPolicy(config.sample_rate, config.sample_secret)
+        self.spot_check = config.spot_check_rule()
+        self.check_history: dict[str, CheckHistory] = {}  # provider account -> its spot checks seen by this client
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-billing-chain")
         self.ledger: ComputeLedger | None = None  # both set by start()
         self.keypair: Keypair | None = None
         self.network = ""
         self._next_nonce = 0
         self._background: set[asyncio.Task[object]] = set()
+        self._submissions: set[asyncio.Task[object]] = set()  # of them, settlements being submitted
         self.verdicts: list[SignedVerdict] = []
         self.sample_failures: list[str] = []
         self.unverifiable_samples: list[str] = []  # receipt ids drawn for a check but served with adapters
@@ -197,10 +230,16 @@ class ClientBilling:
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
-    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> asyncio.Task[object]:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
+
+    async def settled(self) -> None:
+        """Waits for this client's settlement submissions in flight (paid, left to providers, or given up)."""
+        while self._submissions:
+            await asyncio.gather(*list(self._submissions), return_exceptions=True)
 
     def session(self, sampled: bool, spot_checks: bool = True) -> SessionBilling:
         return SessionBilling(self, sampled, spot_checks)
@@ -292,7 +331,9 @@ class ClientBilling:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, CHAIN_RETRY_MAX_INTERVAL_S)
 
-        self._spawn(until_done())
+        task = self._spawn(until_done())
+        self._submissions.add(task)
+        task.add_done_callback(self._submissions.discard)
 
     # --- verifiers -----------------------------------------------------------------------------
 
@@ -328,8 +369,9 @@ class ClientBilling:
         if not peers:
             self.sample_failures.append("no verifier is announced in the DHT")
         request = runtime_pb2.ExpertRequest(metadata=msgpack.packb({"sample": data}, use_bin_type=True))
-        verdicts = []
-        for peer_id, _ in peers:
+        verdicts: list[SignedVerdict] = []
+        answers: list[tuple[str, SignedVerdict]] = []  # (the verifier's announced account, its verdict)
+        for peer_id, account in peers:
             try:
                 response = await asyncio.wait_for(
                     self.p2p.call_protobuf_handler(
@@ -340,10 +382,47 @@ class ClientBilling:
                 meta = msgpack.unpackb(response.metadata, raw=False) if response.metadata else {}
                 wire_errors.raise_if_error(meta, peer_id)
                 verdicts.append(SignedVerdict.decode(meta["verdict"]))
+                answers.append((account, verdicts[-1]))
             except Exception as e:  # one verifier failing must not stop the others
                 self.sample_failures.append(f"verifier {peer_id}: {type(e).__name__}: {e}")
         self.verdicts.extend(verdicts)
+        self._record_check(sample, answers)
         return verdicts
+
+    def selects_for_check(self, signed: SignedReceipt) -> bool:
+        """The lottery for one co-signed receipt, at the rate its provider's history with this client gives."""
+        history = self.check_history.get(signed.receipt.provider, CheckHistory())
+        return self.spot_check.selects(history, signed.receipt.receipt_id_bytes)
+
+    def _record_check(self, sample: WorkSample, answers: list[tuple[str, SignedVerdict]]) -> None:
+        """Updates the provider's history from the verdicts on `sample` that verify; a failing one wins.
+
+        A verdict counts only if it is signed by the account its verifier announced and names this receipt
+        and provider; no countable verdict (no verifier, abstention, garbage) leaves the history unchanged."""
+        receipt = sample.receipt
+        outcomes = []
+        for account, signed in answers:
+            try:
+                verdict = validate_verdict(signed, [account])
+            except VerificationError as e:
+                self.sample_failures.append(f"verdict on {receipt.receipt_id} not counted: {e}")
+                continue
+            if verdict.receipt_id != receipt.receipt.receipt_id_bytes or verdict.provider != receipt.receipt.provider:
+                self.sample_failures.append(f"verdict from {account} is not about receipt {receipt.receipt_id}")
+                continue
+            outcomes.append(verdict.passed)
+        if not outcomes:
+            return
+        provider = receipt.receipt.provider
+        passed = all(outcomes)
+        self.check_history[provider] = self.spot_check.after(self.check_history.get(provider, CheckHistory()), passed)
+        if not passed:
+            logger.warning(
+                "provider %s failed a spot check of receipt %s: its check rate is back to %.2f",
+                provider,
+                receipt.receipt_id,
+                self.spot_check.rate(self.check_history[provider]),
+            )
 
 
 class SessionBilling:
@@ -391,15 +470,34 @@ class SessionBilling:
         hm.steps.append(SampledStep(kind, position, inputs.detach().clone(), outputs.detach().clone()))
 
     async def after_step(self, streams: list[Any]) -> None:
-        """Settles the hops that have accumulated `receipt_every_tokens` unbilled tokens."""
-        due = [
-            s
-            for s in streams
-            if s.session_id in self.meters
-            and self.meters[s.session_id].meter.segment_tokens() >= self.billing.config.receipt_every_tokens
-        ]
+        """Settles the hops that have accumulated `receipt_every_tokens` unbilled tokens, or half the hop's
+        credit limit in planck (so the hop never has to refuse this client: economy/credit.py)."""
+        due = [s for s in streams if s.session_id in self.meters and self._due(self.meters[s.session_id])]
         if due:
             await self.settle(due)
+
+    def _due(self, hm: HopMeter) -> bool:
+        if hm.meter.segment_tokens() >= self.billing.config.receipt_every_tokens:
+            return True
+        record = hm.hop.record
+        if record.credit_limit <= 0:
+            return False
+        unbilled = provider_amount(
+            ProviderRate.from_advertised(record.rate), hm.meter.params_served, hm.meter.segment_usage()
+        )
+        return 2 * unbilled >= record.credit_limit
+
+    async def on_payment_required(self, stream: Any, error: protocol.PaymentRequiredError) -> bool:
+        """A hop refused a step until paid: settle its unbilled work, wait until this client's settlements
+        are submitted, and retry the step once (True). A missing identity cannot be fixed here (False)."""
+        if error.missing is not None:
+            return False
+        logger.info("%s asks for payment: owed %d of a %d planck limit", stream.hop.peer_id, error.owed, error.limit)
+        hm = self.meters.get(stream.session_id)
+        if hm is not None and hm.meter.segment_tokens() > 0:
+            await self.settle([stream])
+        await self.billing.settled()
+        return True
 
     async def finish(self, streams: list[Any]) -> None:
         """Settles every hop's unbilled work at the end of the session."""
@@ -464,7 +562,7 @@ class SessionBilling:
                 nonce, extrinsic, [s.receipt.receipt_id_bytes for _, s in signed], providers_hold_it=not undelivered
             )
         for stream, s in signed:
-            if self.spot_checks and self.billing.policy.selects(s.receipt.receipt_id_bytes):
+            if self.spot_checks and self.billing.selects_for_check(s):
                 sample = WorkSample(s, tuple(self.meters[stream.session_id].steps))
                 self.billing._spawn(self.billing.send_sample(sample))
         return delivered
@@ -498,6 +596,7 @@ class SessionBilling:
             hm.meter.commitment,
             ProviderRate.from_advertised(record.rate),
             (hm.hop.end - hm.hop.start) * record.params_per_block,
+            announced_dtype=record.dtype,
         )
         hm.meter.close_segment()
         keypair = self.billing._connected()[1]

@@ -8,9 +8,14 @@
    sample_rate x check time / serving time (the anchor: serving, measured in the same run).
 2. Per-check outcome on real tensors: the fraction of honest sessions that pass and of corrupted
    sessions (one generated step with wrong activations, or a skipped block) that fail.
-3. Detection rate: many simulated providers that corrupt a fraction f of 200 requests, each request
-   selected for a check by the keyed-hash lottery and the check failing at the rate measured in 2.
-   Compared with the formula 1 - (1 - p f)^n.
+3. Detection rate at the fixed rate p (the anchor): many simulated providers that corrupt a fraction f
+   of 200 requests, each request selected for a check by the keyed-hash lottery and the check failing
+   at the rate measured in 2. Compared with the formula 1 - (1 - p f)^n.
+4. The adaptive rule (economy.verification.AdaptiveSpotCheck, the client's default), same lottery and
+   catch rate: detection for a fresh identity cheating from its first request, for one that waits until
+   its rate is at the floor and then corrupts each of 200 requests with probability f, and for one that
+   waits and then corrupts exactly f x 200 of them; checks per request of honest providers over their
+   first 200 requests. Verifier compute / serving compute = checks per request x the ratio measured in 1.
 
 Usage: .venv/bin/python scripts/bench/verification.py [--sample-rate 0.5] [--runs 2000] [--quick]
 """
@@ -35,6 +40,8 @@ from economy.metering import StepKind, UsageMeter  # noqa: E402
 from economy.pricing import ProviderRate  # noqa: E402
 from economy.receipts import SignedReceipt, receipt_for_segment  # noqa: E402
 from economy.verification import (  # noqa: E402
+    AdaptiveSpotCheck,
+    CheckHistory,
     SpotCheckPolicy,
     Tolerance,
     detection_probability,
@@ -124,7 +131,7 @@ def main() -> None:
     from substrateinterface import Keypair
 
     keys = (Keypair.create_from_uri("//Bob"), Keypair.create_from_uri("//Alice"))
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 150)  # a file gets whole rows
     served = build_span(args.hidden, args.layers, seed=0)
     verifier = build_span(args.hidden, args.layers, seed=0)  # same weights, separate instance
     tolerance = Tolerance.for_dtype(torch.float32)
@@ -191,6 +198,108 @@ def main() -> None:
             f"{flagged_honest}/{args.runs}",
         )
     console.print(d)
+    adaptive_table(console, AdaptiveSpotCheck(), args, cost_ratio, catch_rate, false_fail)
+
+
+def run_provider(
+    rule: AdaptiveSpotCheck, rng: random.Random, requests: int, strategy: str, f: float, catch_rate: float
+) -> tuple[bool, int, int]:
+    """One provider's requests to one client under the adaptive lottery: (caught, checks, requests served).
+
+    strategy: "fresh" corrupts each request with probability f from its first one; "waits" serves honestly
+    until its rate is at the floor, then does the same over the next `requests`; "exact" waits, then
+    corrupts exactly round(f x requests) of the next `requests`, at random positions."""
+    keyed = AdaptiveSpotCheck(rng.randbytes(16), rule.max_rate, rule.min_rate, rule.decay)
+    history, checks, i, window = CheckHistory(), 0, 0, 0
+    bad_positions = set(rng.sample(range(requests), round(f * requests))) if strategy == "exact" else set()
+    while window < requests:
+        cheating = strategy == "fresh" or keyed.rate(history) == keyed.min_rate
+        drawn = window in bad_positions if strategy == "exact" else rng.random() < f
+        bad = cheating and drawn
+        window += cheating
+        selected = keyed.selects(history, i.to_bytes(4, "big"))
+        i += 1
+        if not selected:
+            continue
+        checks += 1
+        if bad and rng.random() < catch_rate:
+            return True, checks, i
+        history = keyed.after(history, passed=True)
+    return False, checks, i
+
+
+def adaptive_table(
+    console: Console,
+    rule: AdaptiveSpotCheck,
+    args: argparse.Namespace,
+    cost_ratio: float,
+    catch_rate: float,
+    false_fail: float,
+) -> None:
+    """Detection and verifier compute under the adaptive rule, next to the fixed rate of the same run."""
+    rng = random.Random(8)
+    n = args.requests
+    honest_checks = honest_served = 0
+    for _ in tqdm(range(args.runs), desc="simulate honest", leave=False):
+        _, checks, served = run_provider(rule, rng, n, "fresh", 0.0, catch_rate)
+        honest_checks += checks
+        honest_served += served
+    honest_rate = honest_checks / honest_served
+    t = Table(
+        title=f"Adaptive spot checks: rate max({rule.min_rate}, {rule.max_rate} x {rule.decay}^passed), "
+        f"back to {rule.max_rate} after a failure; {args.runs} runs each, {n} requests"
+    )
+    for col in ("provider", "detected", "bound", "checks / request", "verifier / serving compute"):
+        t.add_column(col)
+    t.add_row(
+        f"fixed p={args.sample_rate} (anchor), any provider",
+        "see above",
+        "",
+        f"{args.sample_rate:.3f}",
+        f"{100 * args.sample_rate * cost_ratio:.2f} %",
+    )
+    t.add_row(
+        f"honest, first {n} requests",
+        f"flagged {false_fail * 100:.1f} % of checks",
+        "",
+        f"{honest_rate:.3f}",
+        f"{100 * honest_rate * cost_ratio:.2f} %",
+    )
+    t.add_row(
+        "honest, once decayed (steady state)",
+        "",
+        "",
+        f"{rule.min_rate:.3f}",
+        f"{100 * rule.min_rate * cost_ratio:.2f} %  (target <= 5 %)",
+    )
+    bounds = {
+        "fresh": lambda f: rule.fresh_detection_bound(f, n),
+        "waits": lambda f: detection_probability(rule.min_rate, f, n),
+        "exact": lambda f: rule.detection_bound(round(f * n)),
+    }
+    names = {
+        "fresh": "fresh identity, each request w.p. {f}",
+        "waits": "waits for the floor, then w.p. {f}",
+        "exact": "waits for the floor, then exactly {f} of requests",
+    }
+    for strategy in ("fresh", "waits", "exact"):
+        for f in (0.01, 0.05, 0.20):
+            caught = checks = served = 0
+            for _ in tqdm(range(args.runs), desc=f"simulate {strategy} f={f}", leave=False):
+                c, k, s = run_provider(rule, rng, n, strategy, f, catch_rate)
+                caught, checks, served = caught + c, checks + k, served + s
+            t.add_row(
+                names[strategy].format(f=f"{100 * f:.0f} %"),
+                f"{100 * caught / args.runs:.2f} %",
+                f">= {100 * bounds[strategy](f) * catch_rate:.2f} %",
+                f"({checks / served:.3f}: a caught run stops)",
+                "",
+            )
+    console.print(t)
+    console.print(
+        f"check / serving ratio {cost_ratio:.3f}; each sample goes to up to verifiers_per_sample verifiers "
+        "(BillingConfig default 2), which multiplies the verifiers' total compute by that number."
+    )
 
 
 if __name__ == "__main__":
