@@ -21,6 +21,7 @@ A builtin in parentheses is an extra base kept because callers catch that builti
     │   ├── NotRegisteredError
     │   ├── AlreadyRegisteredError
     │   ├── UnbondNotReadyError
+    │   │   └── SlashPendingError
     │   ├── InvalidSignatureError
     │   ├── ExtrinsicRejectedError
     │   ├── DispatchError
@@ -40,17 +41,20 @@ A builtin in parentheses is an extra base kept because callers catch that builti
     │   │   ├── ForgedReceiptError
     │   │   ├── WrongSignerError
     │   │   ├── ReplayedReceiptError
+    │   │   ├── ExpiredReceiptError
     │   │   ├── UnexpectedReceiptError
     │   │   ├── NothingToBillError
     │   │   ├── UsageInflationError
     │   │   ├── CommitmentMismatchError
-    │   │   └── RateMismatchError
+    │   │   ├── RateMismatchError
+    │   │   └── DtypeMismatchError
     │   ├── ReceiptStoreError (RuntimeError)                                            economy/receipt_store.py
     │   ├── SettlementOfferError (ValueError)                                           economy/presigned_settlement.py
     │   ├── SettlementNotReadyError (RuntimeError)                                      economy/presigned_settlement.py
     │   ├── StaleSettlementError (RuntimeError)                                         economy/presigned_settlement.py
     │   ├── MissingSettlementError (LookupError)                                        economy/presigned_ledger.py
     │   ├── SettlementFailedError                                                       swarm/billing.py
+    │   ├── PaymentDueError                                                             economy/credit.py
     │   ├── VerificationError (ValueError)                                              economy/verification.py
     │   │   ├── MalformedVerdictError
     │   │   ├── ForgedVerdictError
@@ -59,7 +63,9 @@ A builtin in parentheses is an extra base kept because callers catch that builti
     │   ├── MalformedWorkSampleError (ValueError)                                       economy/work_sample.py
     │   ├── EvidenceMismatchError (ValueError)                                          economy/work_sample.py
     │   ├── UnverifiableSampleError (ValueError)                                        economy/work_sample.py
-    │   └── SampleRejectedError (ValueError)                                            economy/work_sample.py
+    │   ├── SampleRejectedError (ValueError)                                            economy/work_sample.py
+    │   ├── MalformedEvidenceError (ValueError)                                         economy/evidence_store.py
+    │   └── EvidenceNotFoundError (LookupError)                                         economy/evidence_store.py
     ├── ProtocolError (ValueError)        a request or reply breaks the rules: its sender is at fault
     │   │                                                                               swarm/protocol.py
     │   ├── BlocksNotServed                                                             swarm/protocol.py
@@ -87,6 +93,7 @@ A builtin in parentheses is an extra base kept because callers catch that builti
     │   ├── UnknownSessionError
     │   ├── BlocksNotServedError
     │   ├── PeerBusyError
+    │   ├── PaymentRequiredError          a billing peer wants payment first (owed, limit, missing)
     │   ├── ReceiptRefusedError
     │   ├── SampleRefusedError
     │   └── HopFailedError                the call itself failed: transport, timeout or a malformed reply
@@ -111,6 +118,7 @@ A builtin in parentheses is an extra base kept because callers catch that builti
         │   ├── FrameTooLargeError
         │   └── MalformedFrameError
         ├── SettlementSubmitError                                                       swarm/billing.py
+        ├── StandingUnavailableError                                                    swarm/provider_standing.py
         ├── GossipError (RuntimeError)                                                  economy/gossip.py
         ├── CanaryEvaluationError (RuntimeError)                                        peer/canary_eval.py
         ├── ProcessStartError (RuntimeError)                                            dllm/processes.py
@@ -202,6 +210,10 @@ class AlreadyRegisteredError(ChainError):
 
 class UnbondNotReadyError(ChainError):
     """No unbond request exists, or its delay has not elapsed yet."""
+
+
+class SlashPendingError(UnbondNotReadyError):
+    """A council member opened a slash of the provider that is neither executed nor cancelled: no unbond yet."""
 
 
 class InvalidSignatureError(ChainError):

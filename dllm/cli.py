@@ -69,6 +69,15 @@ ChainKey = Annotated[
     ),
 ]
 Host = Annotated[str, typer.Option("--host", help="Address to listen on (keep 127.0.0.1 unless you mean it).")]
+MinStake = Annotated[
+    int,
+    typer.Option(
+        "--min-stake",
+        min=0,
+        help="Route only to providers registered on chain with at least this stake, in planck (10^12 = 1 ROC), "
+        "neither unbonding nor slashed; needs --chain-url. 0: no stake check.",
+    ),
+]
 
 
 def _port_option(default: int, what: str) -> Any:
@@ -294,6 +303,15 @@ def peer_join(
     settle_interval: Annotated[
         float, typer.Option("--settle-interval", min=1.0, help="Seconds between settlement rounds of stored receipts.")
     ] = 30.0,
+    credit_limit: Annotated[
+        int | None,
+        typer.Option(
+            "--credit-limit",
+            min=1,
+            help="Planck one client may owe this peer (receipts not yet paid on chain, and unbilled work) before "
+            "it is refused with payment_required. Default: one settlement segment's worth at --rate.",
+        ),
+    ] = None,
     quote_period: Annotated[
         float,
         typer.Option(
@@ -376,6 +394,7 @@ def peer_join(
             chain_url=url,
             receipts_path=receipts,
             settle_interval_s=settle_interval,
+            credit_limit=credit_limit,
             quote_period_s=quote_period,
             dtype=dtype,
             device=device,
@@ -392,6 +411,31 @@ def peer_join(
     if adapter_rank > 0:  # a bad canary file fails here, in one line, not in the peer's start-up
         _check_canary_file(canary_file)
     _serve_peer(config)
+
+
+@peer_app.command("unbond")
+def peer_unbond(chain_url: ChainUrl = None, chain_key: ChainKey = None) -> None:
+    """Start unbonding this provider's stake: from now on clients with a --min-stake route around it; the council
+    returns the stake once the unbond delay has passed and no slash of it is pending (it can still be slashed
+    during the delay)."""
+    url = arguments.parse_chain_url(chain_url)
+    key = arguments.parse_chain_key(chain_key)
+    if url is None or key is None:
+        raise typer.BadParameter("unbonding needs --chain-url and --chain-key (the provider's key)")
+    from chain.errors import ChainError
+    from chain.ledger import ComputeLedger
+
+    try:
+        with ComputeLedger(url) as ledger:
+            provider = _keypair(key, ledger.ss58_format)
+            result = ledger.request_unbond(provider)
+            status = ledger.provider_status(provider.ss58_address)
+    except ChainError as error:
+        _fail(f"could not start the unbond: {error}")
+    typer.echo(
+        f"unbond of {status.provider} requested in block {result.block_number}: {status.stake} planck stay bonded "
+        f"(and slashable) until the council returns them, from block {status.unbond_ready_at}"
+    )
 
 
 def _parse_blocks_option(blocks: str) -> tuple[int, int] | None:
@@ -498,11 +542,15 @@ def query(
     seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed, for reproducible output.")] = None,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop at this text (repeatable).")] = None,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they arrive.")] = True,
+    chain_url: ChainUrl = None,
+    min_stake: MinStake = 0,
 ) -> None:
-    """Query the distributed model: the prompt's completion streams to the terminal."""
+    """Query the distributed model: the prompt's completion streams to the terminal, its route to stderr."""
     peers = _require_peers(initial_peers)
     folder = _model_folder(model)
+    client_config = _client_config(chain_url, min_stake)
     from rich.console import Console
+    from rich.markup import escape
 
     from swarm.client import DistributedModel, GenerationParams
 
@@ -511,13 +559,15 @@ def query(
     )
     status = Console(stderr=True)
     with status.status("Joining the swarm…"):
-        distributed = DistributedModel.from_pretrained(str(folder), peers)
+        distributed = DistributedModel.from_pretrained(str(folder), peers, config=client_config)
     try:
         if stream:
-            for delta in distributed.stream(prompt, params):
+            text = distributed.stream(prompt, params)
+            for delta in text:
                 sys.stdout.write(delta)
                 sys.stdout.flush()
             sys.stdout.write("\n")
+            result = text.result
         else:
             result = distributed.generate(prompt, params)
             sys.stdout.write(result.text + "\n")
@@ -525,8 +575,27 @@ def query(
                 f"[dim]{result.prompt_tokens} prompt + {result.completion_tokens} generated tokens, "
                 f"finish: {result.finish_reason}[/dim]"
             )
+        if result is not None:
+            hops = (
+                f"{hop.rsplit(':', 2)[0][-8:]}[{hop.split(':', 1)[1]}] ({standing})"
+                for hop, standing in zip(result.route, result.route_standing, strict=True)
+            )
+            status.print(f"[dim]route: {escape(' → '.join(hops))}[/dim]")
     finally:
         distributed.close()
+
+
+def _client_config(chain_url: str | None, min_stake: int) -> Any:
+    """The swarm.client.ClientConfig of the client commands' --chain-url and --min-stake."""
+    url = arguments.parse_chain_url(chain_url)
+    if min_stake > 0 and url is None:
+        raise typer.BadParameter(
+            "checking providers' stake needs --chain-url (or --min-stake 0 for a free swarm)",
+            param_hint="'--min-stake'",
+        )
+    from swarm.client import ClientConfig
+
+    return _valid_config(lambda: ClientConfig(min_stake=min_stake, chain_url=url))
 
 
 # --------------------------------------------------------------------------------------------- feedback
@@ -538,15 +607,18 @@ def feedback(
     completion: Annotated[str, typer.Argument(help="The completion it should have given (the correction).")],
     initial_peers: InitialPeers = None,
     model: ModelOption = None,
+    chain_url: ChainUrl = None,
+    min_stake: MinStake = 0,
 ) -> None:
     """Send a training example (prompt + preferred completion): the swarm's adapters learn from it."""
     peers = _require_peers(initial_peers)
     if not completion.strip():
         raise typer.BadParameter("the preferred completion is empty", param_hint="COMPLETION")
     folder = _model_folder(model)
+    client_config = _client_config(chain_url, min_stake)
     from swarm.client import DistributedModel
 
-    distributed = DistributedModel.from_pretrained(str(folder), peers)
+    distributed = DistributedModel.from_pretrained(str(folder), peers, config=client_config)
     try:
         if not hasattr(distributed, "feedback"):
             _fail("this swarm client cannot send feedback yet (DistributedModel.feedback is missing)")
@@ -729,14 +801,17 @@ def api(
     model: ModelOption = None,
     host: Host = "127.0.0.1",
     port: Annotated[int, _port_option(8000, "the HTTP API")] = 8000,
+    chain_url: ChainUrl = None,
+    min_stake: MinStake = 0,
 ) -> None:
     """Serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models) over the swarm."""
     peers = _require_peers(initial_peers)
     folder = _model_folder(model)
+    client_config = _client_config(chain_url, min_stake)
     from dllm.service import serve_until_signal
     from swarm.api import ApiService
 
-    service = ApiService(model_path=folder, initial_peers=peers, host=host, port=port)
+    service = ApiService(model_path=folder, initial_peers=peers, host=host, port=port, client_config=client_config)
     serve_until_signal(service, on_ready=lambda: print(service.ready_line, flush=True))
 
 

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     # at run time only a peer that bills imports these (and substrate-interface with them): _start_receipts
     from peer.quote_publisher import QuotePublisher
-    from peer.receipt_service import BillingSetup
+    from peer.receipt_service import BillingSetup, ReceiptService
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +169,7 @@ class PeerService:
         self._learner: SpanLearner | None = None
         self._direct: DirectServer | None = None
         self._quotes: QuotePublisher | None = None
+        self._receipts: ReceiptService | None = None
 
     @property
     def ready_line(self) -> str:
@@ -331,6 +332,8 @@ class PeerService:
             "params_per_block": served.params_per_block,
             **(self._learner.info() if self._learner else {}),
             **(self._quotes.info() if self._quotes else {}),
+            # This provider's standing on chain, as it read it when it last settled (peer/receipt_service.py).
+            **({"standing": self._receipts.standing} if self._receipts is not None else {}),
             # Binds this peer id to the key that signs its DHT records (clients drop records signed by others).
             "record_owner": validator.local_public_key.decode(),
             # Where clients may open direct TLS inference streams, and the certificate to pin (swarm/direct.py).
@@ -352,8 +355,17 @@ class PeerService:
         """Session metering on the handler and the receipt RPCs that co-sign and settle what it meters."""
         from peer.receipt_service import ReceiptService
 
-        handler.metering = SessionMeters(served.name, served.params_per_block, idle_s=2 * self.config.session_timeout_s)
-        receipts = await ReceiptService.start(billing, handler.metering)
+        handler.metering = SessionMeters(
+            served.name, served.params_per_block, idle_s=2 * self.config.session_timeout_s, dtype=self.config.dtype
+        )
+        if self._learner is not None:  # adapted work: receipts name the adapters, verifiers fetch them by digest
+            from peer.adapter_exchange import AdapterServer
+
+            handler.metering.retain_adapters = self._learner.retain_version
+            await AdapterServer(self._learner.archive).add_handlers(p2p)
+        receipts = await ReceiptService.start(billing, handler.metering, self._credit_limit(billing, served))
+        handler.credit = receipts.credit
+        self._receipts = receipts
         self._resources.push_async_callback(receipts.close)
         await receipts.add_handlers(p2p)
 
@@ -391,6 +403,15 @@ class PeerService:
             return None
         return publisher
 
+    def _credit_limit(self, billing: BillingSetup, served: _ServedSpan) -> int:
+        """--credit-limit, or one settlement segment's worth on the whole span (economy/credit.py)."""
+        if self.config.credit_limit is not None:
+            return self.config.credit_limit
+        from economy.credit import segment_worth
+
+        params = (served.end - served.start) * served.params_per_block
+        return segment_worth(billing.rate, params, self.config.max_session_length)
+
     def _record(self, served: _ServedSpan, handler: BlockHandler, dht: DHT) -> ServerRecord:
         """This peer's DHT record as of now (free cache and addresses change while serving)."""
         per_token = served.runner.cache_bytes(1, 1)
@@ -403,6 +424,8 @@ class PeerService:
             cache_tokens_free=handler.caches.free_bytes() // per_token if per_token else 0,
             rate=self.config.rate,
             chain_account=self.config.chain_account,
+            dtype=self.config.dtype,
+            credit_limit=handler.credit.limit if handler.credit is not None else 0,
             num_blocks=served.model_config.num_hidden_layers,
             params_per_block=served.params_per_block,
             addrs=visible_maddrs(dht),

@@ -14,7 +14,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,6 +32,9 @@ from swarm.openai_schema import (
 )
 from swarm.protocol import ProtocolError
 from swarm.sampling import GenerationParams
+
+if TYPE_CHECKING:
+    from swarm.client import ClientConfig
 
 logger = logging.getLogger(__name__)
 
@@ -336,9 +339,15 @@ class ApiService:
     """
 
     def __init__(
-        self, model_path: Path, initial_peers: Sequence[str], host: str = "127.0.0.1", port: int = 8000
+        self,
+        model_path: Path,
+        initial_peers: Sequence[str],
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        client_config: ClientConfig | None = None,
     ) -> None:
         self.model_path = model_path
+        self.client_config = client_config  # None: ClientConfig's defaults (no stake check)
         self.initial_peers = list(initial_peers)
         self.host = host
         self.port = port
@@ -359,7 +368,7 @@ class ApiService:
             sock = bind_socket(self.host, self.port)
             self._resources.callback(sock.close)
             self.model = await asyncio.to_thread(
-                DistributedModel.from_pretrained, str(self.model_path), self.initial_peers
+                DistributedModel.from_pretrained, str(self.model_path), self.initial_peers, config=self.client_config
             )
             self._resources.push_async_callback(asyncio.to_thread, self.model.close)
             self.http = HttpServer(create_app(self.model), sock)

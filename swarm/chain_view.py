@@ -32,6 +32,10 @@ class ProviderChainView:
     requests: int
     slashes: int
     slashed_amount: int
+    open_slashes: int = 0  # slashes a council member opened, not executed or cancelled yet
+    unbond_ready_at: int | None = None  # block from which the council may return an unbonding stake
+    # Why a client (min_stake > 0) would not route to it (chain.records.ProviderStatus.routing_refusal); None: it may.
+    refusal: str | None = None
 
 
 @dataclass
@@ -107,6 +111,9 @@ class ChainView:
                 requests=totals.requests,
                 slashes=len(status.slashes),
                 slashed_amount=sum(s.amount for s in status.slashes),
+                open_slashes=len(status.open_slashes),
+                unbond_ready_at=status.unbond_ready_at,
+                refusal=status.routing_refusal(1),
             )
             slashes += [
                 {"provider": own, "amount": s.amount, "evidence": s.evidence_hash.hex(), "block": s.block_number}

@@ -25,6 +25,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from chain.config_bounds import bounded, check_bounds
 from economy.pricing import Bill, Quote
 from economy.pricing import quote as price_quote
 from swarm import chunks, protocol, wire_errors
@@ -34,6 +35,7 @@ from swarm.direct import DirectEndpoint, DirectEndpointError, DirectStreamError
 from swarm.inference_streams import DirectInferenceStream, InferenceStream, P2PInferenceStream
 from swarm.local_head import LocalHead, causal_lm_loss
 from swarm.model_files import load_config, model_name, resolve_model
+from swarm.provider_standing import ProviderStanding, StandingUnavailableError, describe_standing
 from swarm.records import ServerRecord, fetch_model_records
 from swarm.routing import BanList, Hop, NoRouteError, plan_route
 from swarm.sampling import GenerationParams, next_token
@@ -83,6 +85,21 @@ class ClientConfig:
     billing: BillingConfig | None = None  # pay providers: receipts, settlement, spot checks (swarm/billing.py)
     direct_streams: bool = True  # inference over direct TLS streams where peers offer them (else hivemind P2P)
     direct_connect_timeout_s: float = 2.0  # past this, fall back to P2P for that peer
+    # Route only to providers registered on chain with at least this stake (planck), neither unbonding nor
+    # slashed (swarm/provider_standing.py). 0: no stake check (a free swarm; no chain needed).
+    min_stake: int = bounded(0, ge=0)
+    chain_url: str | None = None  # where standing is read (default: billing.chain_url); needed if min_stake > 0
+    standing_ttl_s: float = bounded(10.0, gt=0.0)  # how long a provider's status read from chain is reused
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+        if self.min_stake > 0 and self.standing_chain_url is None:
+            raise ValueError("min_stake > 0 needs a chain to read providers' stake from: set chain_url (or billing)")
+
+    @property
+    def standing_chain_url(self) -> str | None:
+        """The chain providers' standing is read from: chain_url, else billing's."""
+        return self.chain_url or (self.billing.chain_url if self.billing is not None else None)
 
 
 @dataclass
@@ -93,6 +110,7 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     route: list[str] = field(default_factory=list)
+    route_standing: list[str] = field(default_factory=list)  # each hop's provider standing on chain, as routed by
     failovers: int = 0
     quote: Quote | None = None  # the price bound shown before generating (billing or a price cap set)
     bill: Bill | None = None  # what the countersigned receipts charge (billing set)
@@ -155,6 +173,9 @@ class SwarmClient:
         self.dht: DHT | None = None
         self.p2p: P2P | None = None
         self.billing: ClientBilling | None = None
+        url = config.standing_chain_url
+        # Read only when routing depends on it: min_stake 0 keeps a free swarm's client off the chain.
+        self.standing = ProviderStanding(url, config.standing_ttl_s) if url and config.min_stake > 0 else None
 
     async def start(self) -> None:
         dht, _ = await asyncio.to_thread(start_dht, self.initial_peers, client_mode=True)
@@ -168,6 +189,9 @@ class SwarmClient:
         if self.billing is not None:
             billing, self.billing = self.billing, None
             await billing.close()
+        if self.standing is not None:
+            standing, self.standing = self.standing, None
+            await standing.close()
         if self.p2p is not None:  # the replica's unix socket file stays in /tmp otherwise
             p2p, self.p2p = self.p2p, None
             await p2p.shutdown()
@@ -272,6 +296,9 @@ class SwarmClient:
         """A route for blocks start..end-1; re-reads the DHT once if the cached records fall short."""
         for refresh in (False, True):
             records = [r for r in await self.records(refresh) if self.latency.get(r.peer_id) != float("inf")]
+            if self.config.billing is None:  # a peer that charges refuses a client that does not pay
+                records = [r for r in records if not r.charges]
+            records, left_out = await self._with_standing(records)
             try:
                 cap = self.config.max_price_per_token
                 if cap is not None:  # a peer dearer than the cap for a single block can be on no affordable route
@@ -284,10 +311,46 @@ class SwarmClient:
                         f"the best route costs {route_price(hops)} planck per token, above the cap of {cap}"
                     )
                 return hops
-            except NoRouteError:
+            except NoRouteError as error:
                 if refresh:
+                    if left_out:
+                        why = "; ".join(f"{peer[-8:]}: {reason}" for peer, reason in sorted(left_out.items()))
+                        raise NoRouteError(f"{error}; left out for their standing on chain: {why}") from None
                     raise
         raise AssertionError("unreachable")
+
+    async def _with_standing(self, records: list[ServerRecord]) -> tuple[list[ServerRecord], dict[str, str]]:
+        """The records whose provider may be routed to under min_stake, and why each other peer was left out.
+
+        Routing stays a pure function of the records it is given (swarm/routing.py): this is where the client
+        drops providers that are unregistered, under-staked, unbonding, slashed or with a slash pending."""
+        min_stake = self.config.min_stake
+        if self.standing is None or min_stake == 0:
+            return records, {}
+        accounts = {r.chain_account for r in records if r.chain_account}
+        try:
+            statuses = await self.standing.statuses(accounts)
+        except StandingUnavailableError as error:  # fail closed: never route to providers that could not be checked
+            raise NoRouteError(f"min_stake is {min_stake} planck but {error}") from error
+        kept, left_out = [], {}
+        for record in records:
+            if not record.chain_account:
+                left_out[record.peer_id] = "announces no chain account"
+                continue
+            refusal = statuses[record.chain_account].routing_refusal(min_stake)
+            if refusal is None:
+                kept.append(record)
+            else:
+                left_out[record.peer_id] = f"{record.chain_account} {refusal}"
+        return kept, left_out
+
+    def standing_of(self, record: ServerRecord) -> str:
+        """The provider's standing as last read from chain, for route printouts (no chain read)."""
+        if self.standing is None:
+            return "stake not checked"
+        if not record.chain_account:
+            return "announces no chain account"
+        return describe_standing(self.standing.cached(record.chain_account), self.config.min_stake)
 
     def report_failure(self, peer_id: str, error: Exception) -> None:
         # A busy peer (cache budget full) is healthy: skip it only briefly. Anything else is banned.
@@ -490,6 +553,7 @@ class SwarmClient:
             max_failovers=self.config.max_failovers,
             observer=billing.observe if billing else None,
             open_extra=billing.open_extra if billing else None,
+            on_payment_required=billing.on_payment_required if billing else None,
         )
 
     async def quote(self, prompt_tokens: int, max_new_tokens: int, sampled: bool = False) -> Quote:
@@ -762,6 +826,7 @@ class DistributedModel:
             prompt_tokens=prompt_tokens,
             completion_tokens=len(ids),
             route=[f"{h.hop.peer_id}:{h.hop.start}:{h.hop.end}" for h in (session.hops if session else [])],
+            route_standing=[self._core.standing_of(h.hop.record) for h in (session.hops if session else [])],
             failovers=session.failovers if session else 0,
             quote=tokens.quote,
             bill=billing.bill(self.model_name) if billing is not None else None,

@@ -26,6 +26,7 @@ from dllm.demo import DemoConfig
 from dllm.probe_check import ProbeConfig
 from dllm.verifier import VerifierConfig
 from peer.config import PeerConfig, parse_blocks
+from swarm.client import ClientConfig
 from swarm.dashboard import DashboardConfig
 from swarm.sampling import GenerationParams
 
@@ -65,6 +66,7 @@ FIELDS: dict[tuple[str, str], Field] = {
     ("peer join", "chain_key"): Field(PeerConfig, "chain_key"),
     ("peer join", "receipts"): Field(PeerConfig, "receipts_path"),
     ("peer join", "settle_interval"): Field(PeerConfig, "settle_interval_s"),
+    ("peer join", "credit_limit"): Field(PeerConfig, "credit_limit"),
     ("peer join", "quote_period"): Field(PeerConfig, "quote_period_s"),
     ("peer join", "identity"): Field(PeerConfig, "identity_path"),
     ("peer join", "dtype"): Field(PeerConfig, "dtype"),
@@ -83,6 +85,12 @@ FIELDS: dict[tuple[str, str], Field] = {
     ("query", "top_p"): Field(GenerationParams, "top_p"),
     ("query", "seed"): Field(GenerationParams, "seed"),
     ("query", "stop"): Field(GenerationParams, "stop", _list),
+    ("query", "chain_url"): Field(ClientConfig, "chain_url"),
+    ("query", "min_stake"): Field(ClientConfig, "min_stake"),
+    ("feedback", "chain_url"): Field(ClientConfig, "chain_url"),
+    ("feedback", "min_stake"): Field(ClientConfig, "min_stake"),
+    ("api", "chain_url"): Field(ClientConfig, "chain_url"),
+    ("api", "min_stake"): Field(ClientConfig, "min_stake"),
     ("verify", "initial_peers"): Field(VerifierConfig, "initial_peers", arguments.parse_initial_peers),
     ("verify", "chain_url"): Field(VerifierConfig, "chain_url"),
     ("verify", "chain_key"): Field(VerifierConfig, "key"),
@@ -119,6 +127,8 @@ CLI_ONLY: dict[tuple[str, str], str] = {
     ("peer join", "port"): "with --host, becomes PeerConfig.host_maddrs (checked in test_peer_listen_address)",
     ("peer join", "direct"): "--no-direct sets PeerConfig.direct_port to None",
     ("peer join", "stake"): "bonded on chain by the CLI before the peer starts; not part of the peer",
+    ("peer unbond", "chain_url"): "the chain the one unbond request is sent to (no long-lived configuration)",
+    ("peer unbond", "chain_key"): "the provider's key that signs the one unbond request",
     ("query", "prompt"): "the argument of the one request",
     ("query", "initial_peers"): "passed to DistributedModel.from_pretrained (required, no default)",
     ("query", "model"): "a model folder or hub id resolved by the CLI (None: the embedded model)",
@@ -241,4 +251,8 @@ def test_config_checks_its_declared_ranges():
         DashboardConfig(initial_peers=[], refresh_s=0.1)
     with pytest.raises(ValueError, match="peers"):
         DemoConfig(peers=9)
+    with pytest.raises(ValueError, match="min_stake"):
+        ClientConfig(min_stake=-1)
+    with pytest.raises(ValueError, match="chain"):  # a stake can only be checked on a chain
+        ClientConfig(min_stake=1)
     PeerConfig(model=str(Path("m")), canary_max_rise=1.0, session_timeout_s=1.0)
