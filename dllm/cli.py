@@ -438,6 +438,28 @@ def peer_unbond(chain_url: ChainUrl = None, chain_key: ChainKey = None) -> None:
     )
 
 
+@chain_app.command("release-markers")
+def chain_release_markers(chain_url: ChainUrl = None, chain_key: ChainKey = None) -> None:
+    """Release this client's receipt markers whose receipts have expired: their Multisig deposits return to it.
+    A paying client does this itself every few minutes; this is for an account that stopped paying."""
+    url = arguments.parse_chain_url(chain_url)
+    key = arguments.parse_chain_key(chain_key)
+    if url is None or key is None:
+        raise typer.BadParameter("releasing markers needs --chain-url and --chain-key (the paying client's key)")
+    from chain.errors import ChainError
+    from chain.ledger import ComputeLedger
+    from economy.presigned_settlement import release_expired_markers
+
+    try:
+        with ComputeLedger(url) as ledger:
+            client = _keypair(key, ledger.ss58_format)
+            released = release_expired_markers(ledger, client)
+            still_open = len(ledger.open_markers(client.ss58_address))
+    except ChainError as error:
+        _fail(f"could not release the markers: {error}")
+    typer.echo(f"released {len(released)} markers of expired receipts; {still_open} stay open until theirs expire")
+
+
 def _parse_blocks_option(blocks: str) -> tuple[int, int] | None:
     """--blocks as a half-open span, or None for 'auto'."""
     from peer.config import parse_blocks  # a light module: dataclasses only
@@ -676,13 +698,33 @@ def verify(
     seed: Annotated[
         int | None, typer.Option("--seed", help="With --probe: seed of the probe inputs (default: random).")
     ] = None,
+    evidence_db: Annotated[
+        Path | None,
+        typer.Option(
+            "--evidence-db",
+            help="SQLite file of the samples, verdicts and slashes this verifier keeps and serves "
+            "(default ~/.dllm/evidence-<account>.sqlite3).",
+        ),
+    ] = None,
+    recheck: Annotated[
+        str | None,
+        typer.Option(
+            "--recheck",
+            help="Do not serve: fetch the published evidence with this SHA-256 (hex) from the swarm's verifiers, "
+            "re-run its checks here, print the verdicts and exit (1 if the re-run fails the provider).",
+        ),
+    ] = None,
 ) -> None:
     """Run a verifier: re-run clients' sampled work, publish signed verdicts, slash as council (until Ctrl-C).
 
-    With --probe, check every provider once with probe inputs instead, and exit.
+    With --probe, check every provider once with probe inputs instead, and exit. With --recheck HASH,
+    re-run the checks of published evidence on this machine, and exit.
     """
     peers = _require_peers(initial_peers)
     folder = _model_folder(model)
+    if recheck is not None:
+        _recheck_evidence(peers, folder, recheck)
+        return
     if probe:
         _reject_serving_options(council_key=council_key, authorized=authorized, gossip_peer=gossip_peer)
         _probe_providers(peers, folder, _probe_config(rounds, tokens, seed))
@@ -703,8 +745,45 @@ def verify(
             chain_url=url,
             gossip_port=gossip_port,
             gossip_peers=list(gossip_peer or []),
+            evidence_path=str(evidence_db) if evidence_db else None,
         )
     )
+
+
+def _recheck_evidence(peers: list[str], folder: Path, digest_hex: str) -> None:
+    """`dllm verify --recheck HASH`: this machine's verdict on published evidence."""
+    import asyncio
+
+    from dllm.recheck import fetch_and_recheck
+
+    try:
+        digest = bytes.fromhex(digest_hex.removeprefix("0x"))
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise typer.BadParameter("the evidence hash is 32 bytes of hex (64 digits)", param_hint="'--recheck'")
+    from chain.errors import DLLMError
+
+    try:
+        result = asyncio.run(fetch_and_recheck(peers, digest, folder))
+    except DLLMError as error:
+        _fail(f"could not re-check evidence {digest.hex()}: {error}")
+    for verdict in result.evidence.verdicts:
+        v = verdict.verdict
+        typer.echo(
+            f"evidence verdict: verifier={v.verifier} provider={v.provider} blocks={v.start}:{v.end} "
+            f"{'passed' if v.passed else 'FAILED'} error_ppm={v.worst_error_ppm}"
+        )
+    for s in result.samples:
+        c = s.comparison
+        typer.echo(
+            f"recheck: receipt={s.receipt_id} provider={s.provider} blocks={s.blocks.start}:{s.blocks.stop} "
+            f"dtype={s.dtype} {'passed' if c.passed else 'FAILED'} error={c.worst_rel_error:.3g} "
+            f"tolerance={s.tolerance:.3g}"
+        )
+    if result.provider_failed:
+        _fail(f"the re-run of evidence {digest.hex()} FAILS provider {result.evidence.provider}")
+    typer.echo(f"the re-run of evidence {digest.hex()} passes provider {result.evidence.provider}")
 
 
 def _reject_serving_options(

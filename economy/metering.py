@@ -108,6 +108,8 @@ class UsageMeter:
     _segment_from: int = 0
     _segment_commitment_start: bytes = b""
     _position: int = 0
+    _segment_counts: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    """prompt, generated, backward tokens and max context of the open segment: segment_usage() in O(1)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.session_id, bytes) or not 1 <= len(self.session_id) <= 64:
@@ -149,6 +151,9 @@ class UsageMeter:
         self._commitment = chain_commitment(self._commitment, [record.digest()])
         if kind is not StepKind.BACKWARD:
             self._position = max(self._position, pos + seq)
+        counts = self._segment_counts
+        counts[(StepKind.PROMPT, StepKind.GENERATED, StepKind.BACKWARD).index(kind)] += tokens
+        counts[3] = max(counts[3], pos + seq)
         return record
 
     def usage(self, from_step: int = 0) -> Usage:
@@ -166,12 +171,14 @@ class UsageMeter:
         return Usage(prompt, generated, backward, context, self.sampled)
 
     def segment_usage(self) -> Usage:
-        """Usage since the last closed segment."""
-        return self.usage(self._segment_from)
+        """Usage since the last closed segment (equal to usage(start of the segment), kept as running counts)."""
+        prompt, generated, backward, context = self._segment_counts
+        return Usage(prompt, generated, backward, context, self.sampled)
 
     def segment_tokens(self) -> int:
         """Tokens metered since the last closed segment (receipts are due every N of them)."""
-        return self.segment_usage().total_tokens
+        prompt, generated, backward, _ = self._segment_counts
+        return prompt + generated + backward
 
     def close_segment(self) -> tuple[Usage, bytes, bytes]:
         """Ends the current receipt segment: (usage, commitment before it, commitment after it)."""
@@ -179,6 +186,7 @@ class UsageMeter:
         before = self._segment_commitment_start
         self._segment_from = len(self.steps)
         self._segment_commitment_start = self._commitment
+        self._segment_counts = [0, 0, 0, 0]
         return usage, before, self._commitment
 
     def step_digests(self) -> list[bytes]:

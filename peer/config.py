@@ -41,6 +41,8 @@ class PeerConfig:
     chain_url: str | None = None  # chain that settles receipts (None: receipts are kept, not settled)
     receipts_path: Path | None = None  # SQLite receipt store (default ~/.dllm/receipts-<account>.sqlite3)
     settle_interval_s: float = bounded(30.0, ge=1.0)  # between settlement rounds
+    # planck one client may owe before paying on chain (None: one settlement segment's worth, economy/credit.py)
+    credit_limit: int | None = bounded(None, ge=1)
     # between signed price asks on dllm/quotes/1 (needs chain_key; 0: no gossip)
     quote_period_s: float = bounded(30.0, ge=0.0)
     compute_threads: int = bounded(1, ge=1)

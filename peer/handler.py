@@ -14,12 +14,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
-from economy.metering import StepKind
+from economy.metering import StepKind, step_kind_at
 from economy.receipts import BASE_WEIGHTS, TRAINING_ADAPTERS
 from peer.config import PeerConfig
 from peer.kv_cache import CacheManager, CacheOverflowError
@@ -29,6 +30,9 @@ from peer.span import SpanRunner
 from swarm import chunks, protocol, wire_errors
 from swarm.protocol import BlocksNotServed, ProtocolError
 from swarm.tensors import InvalidTensorError, check_hidden_states, decode, encode
+
+if TYPE_CHECKING:  # only a peer that charges loads it (peer/receipt_service.py)
+    from peer.credit_guard import CreditGuard
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +78,7 @@ class BlockHandler:
         self.requests_rejected = 0
         self._compute_time: dict[int, float] = {}
         self.metering: SessionMeters | None = None  # set by the server when this peer bills (peer/receipt_service.py)
+        self.credit: CreditGuard | None = None  # set by the server when this peer charges: each step within credit
 
     async def add_handlers(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(protocol.HANDLER_INFO, self.rpc_info, runtime_pb2.ExpertRequest)
@@ -215,6 +220,7 @@ class BlockHandler:
                 return self.span.forward(hidden, blocks=blocks)
 
         self._open_metered_pass(metadata, blocks, version)
+        await self._admit_pass(metadata, StepKind.PROMPT, hidden)
         output = (await self._compute(run, hidden.shape[0] * hidden.shape[1])).to("cpu", hidden.dtype)
         self._meter_pass(metadata, StepKind.PROMPT, hidden, output)
         self.requests_served += 1
@@ -248,6 +254,7 @@ class BlockHandler:
             return grad_in
 
         self._open_metered_pass(metadata, blocks, version)
+        await self._admit_pass(metadata, StepKind.BACKWARD, grad_out)
         grad_in = (await self._compute(run, 2)).to("cpu", hidden.dtype)
         self._meter_pass(metadata, StepKind.BACKWARD, grad_out, grad_in)
         self.requests_served += 1
@@ -267,7 +274,7 @@ class BlockHandler:
     # like an inference session: the forward as a prompt step at position 0, the backward as a backward
     # step (grad_out in, grad_in out), so receipts price it with economy.pricing's backward rate.
     def _open_metered_pass(self, metadata: dict, blocks: range, version: int | None) -> None:
-        if self.metering is None or metadata.get("client") is None:
+        if self.metering is None or self.metering.client_of(metadata) is None:  # a charging peer wants a client
             return
         session_id = protocol.get_field(metadata, "session_id", str)
         session = self.metering.open(
@@ -280,6 +287,13 @@ class BlockHandler:
             raise MeteringRequestError(
                 f"metered session {session_id!r} covers blocks "
                 f"{session.meter.start}:{session.meter.end}, not {blocks.start}:{blocks.stop}"
+            )
+
+    async def _admit_pass(self, metadata: dict, kind: StepKind, inputs: torch.Tensor) -> None:
+        """A metered pass runs only within its client's credit (PaymentDueError before any compute)."""
+        if self.credit is not None and metadata.get("client") is not None:
+            await self.credit.admit(
+                metadata["session_id"], kind, int(inputs.shape[0] * inputs.shape[1]), inputs.shape[1]
             )
 
     def _meter_pass(self, metadata: dict, kind: StepKind, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
@@ -387,6 +401,10 @@ class BlockHandler:
                     f"step would grow the session to {position + hidden.shape[1]} tokens, "
                     f"over its max_length {cache.max_length}"
                 )
+
+            if self.credit is not None:  # within the client's credit, or refused before any compute
+                tokens = int(hidden.shape[0] * hidden.shape[1])
+                await self.credit.admit(session_id, step_kind_at(position), tokens, position + hidden.shape[1])
 
             learner, version = self.learner, self._session_versions.get(session_id)
 

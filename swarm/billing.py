@@ -38,16 +38,24 @@ from chain.errors import ChainConnectionError, ChainError, EconomyError, Unavail
 from economy import signing
 from economy.canonical import CanonicalFormatError
 from economy.metering import StepKind, UsageMeter, step_kind_at
-from economy.presigned_settlement import account_nonce, included_nonce, payments_for, sign_at_nonce
+from economy.presigned_settlement import (
+    account_nonce,
+    included_nonce,
+    payments_for,
+    release_expired_markers,
+    sign_at_nonce,
+)
 from economy.pricing import Bill, Line, ProviderRate, RouteHop, provider_amount, route_price_per_token
 from economy.receipts import (
     RECEIPT_DOMAIN,
+    TRAINING_ADAPTERS,
     ForgedReceiptError,
     MalformedReceiptError,
     SignedReceipt,
     UsageReceipt,
     WrongSignerError,
     check_claim,
+    check_expiry,
     sign_as_client,
 )
 from economy.verification import (
@@ -71,6 +79,10 @@ if TYPE_CHECKING:  # substrate-interface loads with the first chain connection (
     from chain.ledger import ComputeLedger
 
 _T = TypeVar("_T")
+
+MARKER_RELEASE_INTERVAL_S = 600.0
+"""How often a paying client releases the markers of its expired receipts (economy.presigned_settlement
+.release_expired_markers): its locked deposits cover its last RECEIPT_LIFETIME_BLOCKS of receipts plus this."""
 
 _DELIVERY_FAILURES: tuple[type[Exception], ...] = (protocol.RemotePeerError, *protocol.CALL_FAILURES)
 """How delivering a receipt to a hop fails: an error reply, or the call itself."""
@@ -194,8 +206,10 @@ class ClientBilling:
         self._submissions: set[asyncio.Task[object]] = set()  # of them, settlements being submitted
         self.verdicts: list[SignedVerdict] = []
         self.sample_failures: list[str] = []
-        self.unverifiable_samples: list[str] = []  # receipt ids drawn for a check but served with adapters
+        self.unverifiable_samples: list[str] = []  # receipt ids drawn for a check but training passes
         self.settlement_failures: list[str] = []  # co-signed receipts this client could not get paid in time
+        self.markers_released = 0  # receipt markers of expired receipts released (their deposits returned)
+        self._last_release = float("-inf")  # loop time of the last release_markers round
 
     async def _chain(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
@@ -252,11 +266,41 @@ class ClientBilling:
         def sign() -> tuple[int, bytes]:
             ledger, keypair = self._connected()
             nonce = max(self._next_nonce, account_nonce(ledger, self.account))
-            extrinsic = sign_at_nonce(ledger, keypair, payments_for(receipts), nonce)
+            expires_at = min(r.expires_at for r in receipts)  # the era ends by then: the runtime refuses it after
+            extrinsic = sign_at_nonce(ledger, keypair, payments_for(receipts), nonce, expires_at)
             self._next_nonce = nonce + 1
             return nonce, extrinsic
 
         return await self._chain(sign)
+
+    async def chain_head(self) -> int:
+        """The chain's best block number."""
+        ledger = self._connected()[0]
+        return int(await self._chain(ledger.substrate.get_block_number, None))
+
+    async def release_markers(self) -> list[bytes]:
+        """Releases the markers of this client's expired receipts (their deposits return); the receipt ids."""
+        ledger, keypair = self._connected()
+        released = await self._chain(release_expired_markers, ledger, keypair)
+        self.markers_released += len(released)
+        if released:
+            logger.info("released the markers of %d expired receipts", len(released))
+        return released
+
+    def release_markers_when_due(self) -> None:
+        """Starts a background release_markers() at most every MARKER_RELEASE_INTERVAL_S."""
+        now = asyncio.get_running_loop().time()
+        if now - self._last_release < MARKER_RELEASE_INTERVAL_S:
+            return
+        self._last_release = now
+
+        async def release() -> None:
+            try:
+                await self.release_markers()
+            except Exception as e:  # a background task: logged, retried at the next interval
+                logger.warning("releasing expired receipt markers failed: %s: %s", type(e).__name__, e)
+
+        self._spawn(release())
 
     def submit_later(
         self, nonce: int, extrinsic: bytes, receipt_ids: list[bytes], providers_hold_it: bool = True
@@ -352,14 +396,11 @@ class ClientBilling:
     async def send_sample(self, sample: WorkSample) -> list[SignedVerdict]:
         """Hands a work sample to up to `verifiers_per_sample` verifiers; returns their verdicts.
 
-        Work the receipt says ran with adapters is not sent: no verifier can re-run it (they would abstain)."""
-        if not sample.receipt.receipt.base_weights:
+        Adapted work is sent too: verifiers fetch the adapters the receipt names by digest and re-run it.
+        Only a training pass (unpublished working adapters, priced as unverifiable: docs/economy.md) is not."""
+        if sample.receipt.receipt.adapter_version == TRAINING_ADAPTERS:
             self.unverifiable_samples.append(sample.receipt.receipt_id)
-            logger.info(
-                "receipt %s is not spot-checked: served with adapter version %d",
-                sample.receipt.receipt_id,
-                sample.receipt.receipt.adapter_version,
-            )
+            logger.info("receipt %s is not spot-checked: a training pass", sample.receipt.receipt_id)
             return []
         data = sample.encode()
         if len(data) > MAX_SAMPLE_MESSAGE_BYTES:
@@ -561,6 +602,7 @@ class SessionBilling:
             self.billing.submit_later(
                 nonce, extrinsic, [s.receipt.receipt_id_bytes for _, s in signed], providers_hold_it=not undelivered
             )
+        self.billing.release_markers_when_due()
         for stream, s in signed:
             if self.spot_checks and self.billing.selects_for_check(s):
                 sample = WorkSample(s, tuple(self.meters[stream.session_id].steps))
@@ -598,6 +640,7 @@ class SessionBilling:
             (hm.hop.end - hm.hop.start) * record.params_per_block,
             announced_dtype=record.dtype,
         )
+        check_expiry(receipt, await self.billing.chain_head(), proposed=True)  # bounds how long its marker stays
         hm.meter.close_segment()
         keypair = self.billing._connected()[1]
         return SignedReceipt(receipt, provider_signature, sign_as_client(receipt, keypair))

@@ -26,6 +26,10 @@ HANDLER_FORWARD_STREAM = "dllm.v1.forward_stream"
 HANDLER_BACKWARD_STREAM = "dllm.v1.backward_stream"
 HANDLER_RECEIPT = "dllm.v1.receipt"
 HANDLER_VERIFY = "dllm.v1.verify"
+HANDLER_ADAPTERS = "dllm.v1.adapters"
+"""A learning peer's adapters of one version, by digest (request {"digest": 32 bytes}; streamed reply)."""
+HANDLER_EVIDENCE = "dllm.v1.evidence"
+"""Served by verifiers: {"evidence": sha256} or {"sample": hash} -> the stored bytes (the fetcher re-hashes them)."""
 
 VERIFIERS_KEY = "dllm/verifiers"
 """DHT key under which verifiers announce themselves and their gossip node (subkey: peer id + record owner)."""
@@ -63,10 +67,13 @@ class RemotePeerError(DLLMError, RuntimeError):
 
     kind = "internal"
 
-    def __init__(self, message: str, peer_id: str | None = None, kind: str | None = None):
+    def __init__(
+        self, message: str, peer_id: str | None = None, kind: str | None = None, details: dict[str, Any] | None = None
+    ):
         super().__init__(f"peer {peer_id}: {message}" if peer_id else message)
         self.remote_message = message
         self.peer_id = peer_id
+        self.details = details or {}  # extra fields of the error reply, as the remote peer sent them
         if kind is not None:
             self.kind = kind
 
@@ -99,6 +106,30 @@ class ReceiptRefusedError(RemotePeerError):
 
 class SampleRefusedError(RemotePeerError):
     """A verifier refused a work sample or abstained; `kind` names why (malformed_sample, unverifiable, ...)."""
+
+
+class PaymentRequiredError(RemotePeerError):
+    """A billing peer refused work until it is paid: no billing identity (`missing`), or the client owes it
+    its credit limit (`owed`, `limit` in planck). Paying on chain and retrying is the way on."""
+
+    kind = "payment_required"
+
+    def _number(self, name: str) -> int:
+        value = self.details.get(name)
+        return value if type(value) is int and value >= 0 else 0
+
+    @property
+    def owed(self) -> int:
+        return self._number("owed")
+
+    @property
+    def limit(self) -> int:
+        return self._number("limit")
+
+    @property
+    def missing(self) -> str | None:
+        value = self.details.get("missing")
+        return value[:64] if isinstance(value, str) else None
 
 
 class HopFailedError(RemotePeerError):
@@ -139,8 +170,12 @@ def unpack_metadata(raw: bytes) -> dict[str, Any]:
     return value
 
 
-def error_response(kind: str, message: str) -> runtime_pb2.ExpertResponse:
-    return runtime_pb2.ExpertResponse(metadata=pack_metadata({"error": {"kind": kind, "message": message}}))
+def error_response(kind: str, message: str, details: dict[str, Any] | None = None) -> runtime_pb2.ExpertResponse:
+    """An error reply; `details` (small fields the kind defines, e.g. owed/limit of payment_required) go beside."""
+    error: dict[str, Any] = {"kind": kind, "message": message}
+    if details:
+        error["details"] = details
+    return runtime_pb2.ExpertResponse(metadata=pack_metadata({"error": error}))
 
 
 def get_field(metadata: dict[str, Any], name: str, kind: type, *, default: Any = ...) -> Any:

@@ -5,6 +5,9 @@ its peer id and its RSA public key (hivemind's `[owner:...]` marker). hivemind's
 then accepts a change to that subkey only if it is signed by the same key, so no peer can overwrite
 or delete another's record. Records carry a TTL and are refreshed by the peer while it serves.
 Anything malformed read back from the DHT is skipped, never trusted.
+
+A record states the peer's compute dtype; a billing client countersigns only receipts stating that same
+dtype (swarm/billing.py), and spot checks judge the work at that dtype's measured tolerance.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from hivemind import DHT
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
+from economy.receipts import COMPUTE_DTYPES
 from swarm.protocol import ProtocolError
 
 logger = logging.getLogger(__name__)
@@ -46,6 +50,8 @@ class ServerRecord:
     rate: int  # price per token per billion parameters, in the chain's smallest unit
     chain_account: str | None = None
     adapter_version: int = 0
+    dtype: str = "float32"  # the span's compute dtype (economy.receipts.COMPUTE_DTYPES): sets the spot-check tolerance
+    credit_limit: int = 0  # planck a client may owe this peer before paying on chain (0: it does not charge)
     addrs: list[str] = field(default_factory=list)
     num_blocks: int = 0  # layers in the whole model
     params_per_block: int = 0
@@ -82,6 +88,8 @@ class ServerRecord:
             (type(self.rate) is int and self.rate >= 0, "rate"),
             (self.chain_account is None or isinstance(self.chain_account, str), "chain_account"),
             (type(self.adapter_version) is int and self.adapter_version >= 0, "adapter_version"),
+            (self.dtype in COMPUTE_DTYPES, "dtype"),
+            (type(self.credit_limit) is int and self.credit_limit >= 0, "credit_limit"),
             (isinstance(self.addrs, list) and all(isinstance(a, str) for a in self.addrs), "addrs"),
             (type(self.num_blocks) is int and type(self.params_per_block) is int, "num_blocks/params_per_block"),
         ]
@@ -92,6 +100,11 @@ class ServerRecord:
     @property
     def span_params(self) -> int:
         return (self.end - self.start) * self.params_per_block
+
+    @property
+    def charges(self) -> bool:
+        """True if the peer bills its work (a chain account and a rate > 0): it serves paying clients only."""
+        return self.chain_account is not None and self.rate > 0
 
 
 def _subkey(peer_id: str, owner_marker: bytes) -> bytes:

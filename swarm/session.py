@@ -4,7 +4,9 @@ Each hop holds an inference stream to one peer (direct TLS or hivemind P2P: swar
 the peer keeps the attention cache for its blocks. The client
 keeps every hidden state it sent to each hop, so when a peer dies, stalls or answers garbage, the
 session bans it, routes those blocks through other peers, replays the history there to rebuild their
-caches, and carries on: greedy output is the same as without the failure.
+caches, and carries on: greedy output is the same as without the failure. A peer that refuses a step
+with `payment_required` is first handed to `on_payment_required` (billing pays what it owes and says
+whether to retry): the step is retried once on the same stream, then the peer is routed around.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ StreamOpener = Callable[[str], Awaitable[InferenceStream]]
 # Told of every completed step of a hop: (hop stream, inputs sent, outputs received, position).
 # Billing meters steps through it (swarm/billing.py).
 StepObserver = Callable[["_HopStream", torch.Tensor, torch.Tensor, int], None]
+
+# Told when a hop refuses a step until it is paid; returns True once paid, to retry the step there once.
+PaymentHandler = Callable[["_HopStream", protocol.PaymentRequiredError], Awaitable[bool]]
 
 # A step slower than this many times the usual step time makes us check that the peer is alive.
 _SUSPICION_FACTOR = 8.0
@@ -161,8 +166,10 @@ class InferenceSession:
         max_failovers: int = 8,
         observer: StepObserver | None = None,
         open_extra: dict[str, Any] | None = None,
+        on_payment_required: PaymentHandler | None = None,
     ):
         self.observer, self.open_extra = observer, open_extra
+        self.on_payment_required = on_payment_required
         self.open_stream, self.model, self.num_blocks = open_stream, model, num_blocks
         self.plan, self.on_failure, self.probe = plan, on_failure, probe
         self.max_length, self.batch, self.timeout = max_length, batch, timeout
@@ -195,16 +202,26 @@ class InferenceSession:
             hop = self.hops[i]
             step_started = time.perf_counter()
             try:
-                hidden = await hop.step(hidden)
+                hidden = await self._step_or_pay(hop, hidden)
                 i += 1
             except (protocol.InvalidRequestError, protocol.InvalidTensorRemoteError):
                 raise  # our own request is bad: another peer would reject it too
-            except Exception as e:  # dead, stalled, busy or lying peer: route around it
+            except Exception as e:  # dead, stalled, busy, unpaid or lying peer: route around it
                 replacement, output = await self._fail_over(hop, hidden, e, step_started)
                 self.hops[i : i + 1] = replacement
                 hidden = output
                 i += len(replacement)
         return hidden
+
+    async def _step_or_pay(self, hop: _HopStream, hidden: torch.Tensor) -> torch.Tensor:
+        """One step on `hop`; refused for payment, it is retried once after billing paid (if it did)."""
+        try:
+            return await hop.step(hidden)
+        except protocol.PaymentRequiredError as e:
+            if self.on_payment_required is None or not await self.on_payment_required(hop, e):
+                raise
+            logger.info("peer %s wanted payment (%s); paid, retrying the step", hop.hop.peer_id, e.remote_message)
+            return await hop.step(hidden)
 
     async def _fail_over(
         self, failed: _HopStream, current: torch.Tensor, error: Exception, started: float

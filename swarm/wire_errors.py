@@ -1,9 +1,10 @@
 """The one table between exceptions and the error kinds peers answer with, both ways.
 
 A serving process (the peer's block and receipt RPCs, the verifier's `dllm.v1.verify`) that refuses a
-request answers `{"error": {"kind", "message"}}` (swarm/protocol.py `error_response`); `reply_for`
-picks the kind from the exception's class with this table. A caller reading such a reply raises the
-table's RemotePeerError subclass for the kind (`raise_if_error`), with the peer id and the kind on it.
+request answers `{"error": {"kind", "message", "details"?}}` (swarm/protocol.py `error_response`; details: the
+local exception's `wire_details`, e.g. what a client owes); `reply_for` picks the kind from the exception's
+class with this table. A caller reading such a reply raises the table's RemotePeerError subclass for the kind
+(`raise_if_error`), with the peer id and the kind on it.
 
 Invariants: the first row whose local classes match an exception wins, so specific rows come before
 their bases (ProtocolError, the catch-all for "the request is bad", is last); an exception matching
@@ -21,6 +22,8 @@ from typing import Any
 from hivemind.proto import runtime_pb2
 
 from chain.errors import ChainConnectionError
+from economy.credit import PaymentDueError
+from economy.evidence_store import EvidenceNotFoundError, MalformedEvidenceError
 from economy.presigned_settlement import SettlementOfferError
 from economy.receipts import (
     ForgedReceiptError,
@@ -43,6 +46,7 @@ from swarm.protocol import (
     CacheFullError,
     InvalidRequestError,
     InvalidTensorRemoteError,
+    PaymentRequiredError,
     PeerBusyError,
     ProtocolError,
     ReceiptRefusedError,
@@ -72,6 +76,7 @@ WIRE_ERRORS: tuple[WireError, ...] = (
     WireError("unknown_session", (SessionNotFoundError,), UnknownSessionError),
     WireError("blocks_not_served", (BlocksNotServed,), BlocksNotServedError),
     WireError("cache_full", (CacheFullError,), PeerBusyError),
+    WireError("payment_required", (PaymentDueError,), PaymentRequiredError),  # details: owed, limit, missing
     WireError("malformed_receipt", (MalformedReceiptError,), ReceiptRefusedError),
     WireError("forged_receipt", (ForgedReceiptError,), ReceiptRefusedError),
     WireError("wrong_signer", (WrongSignerError,), ReceiptRefusedError),
@@ -85,6 +90,8 @@ WIRE_ERRORS: tuple[WireError, ...] = (
     WireError("evidence_mismatch", (EvidenceMismatchError,), SampleRefusedError),
     WireError("invalid_sample", (SampleRejectedError,), SampleRefusedError),
     WireError("unverifiable", (UnverifiableSampleError,), SampleRefusedError),  # an abstention, not a verdict
+    WireError("malformed_evidence", (MalformedEvidenceError,), SampleRefusedError),
+    WireError("evidence_not_found", (EvidenceNotFoundError,), SampleRefusedError),  # dllm.v1.evidence: not held here
     WireError("invalid_request", (ProtocolError,), InvalidRequestError),  # last: the rows above are ProtocolErrors too
 )
 
@@ -106,7 +113,7 @@ def reply_for(error: Exception, what: str, logger: logging.Logger) -> runtime_pb
         logger.error("%s failed", what, exc_info=error)
         return error_response(INTERNAL, f"{type(error).__name__}: {error}")
     logger.info("rejected %s: %s", what, error)
-    return error_response(kind, str(error))
+    return error_response(kind, str(error), getattr(error, "wire_details", None))
 
 
 def remote_class(kind: str) -> type[RemotePeerError]:
@@ -125,4 +132,10 @@ def raise_if_error(metadata: dict[str, Any], peer_id: str | None = None) -> None
     kind = error.get("kind")
     if not isinstance(kind, str):
         raise RemotePeerError(f"error reply without a kind: {error!r:.200}", peer_id)
-    raise remote_class(kind)(str(error.get("message", "no message")), peer_id, kind=kind[:64])
+    details = error.get("details")
+    raise remote_class(kind)(
+        str(error.get("message", "no message")),
+        peer_id,
+        kind=kind[:64],
+        details=details if isinstance(details, dict) else None,
+    )
