@@ -155,7 +155,10 @@ class LocalSwarm:
         if not self.initial_peers:
             raise ProcessStartError("start the bootstrap node first")
         args = ["verify", "--model", self.model, "--initial-peers", *self.initial_peers, "--chain-key", chain_key]
-        proc = self._spawn(name or f"verifier{len(self.processes)}", args + list(extra))
+        name = name or f"verifier{len(self.processes)}"
+        if "--evidence-db" not in extra:  # each verifier of this swarm keeps its evidence in the swarm's workdir
+            args += ["--evidence-db", str(self.workdir / f"evidence-{name}.sqlite3")]
+        proc = self._spawn(name, args + list(extra))
         if wait:
             self.wait_verifier_ready(proc, timeout)
         return proc

@@ -4,10 +4,15 @@ A verifier joins the swarm's DHT, announces itself under `dllm/verifiers` (peer 
 gossip addresses) and serves `dllm.v1.verify`: a client sends a `WorkSample` (a co-signed receipt
 plus every step's tensors); the verifier checks both receipt signatures and that the tensors are
 what the provider committed to, re-runs the provider's blocks over them in one causal forward, and
-answers and publishes on `dllm/verdicts/1` a signed verdict. A verifier given `threshold` council
+answers and publishes on `dllm/verdicts/1` a signed verdict. Every checked sample and every verdict is
+persisted in the verifier's `EvidenceStore` (SQLite) and served content-addressed on `dllm.v1.evidence`:
+each verdict's evidence (the sample and the verdict) is fetchable by its SHA-256 from any verifier that
+holds it, so anyone can re-run the check (`dllm verify --recheck HASH`). A verifier given `threshold` council
 keys also tallies verdicts from the authorized verifiers (its own and gossiped ones): once
 `threshold` distinct verifiers failed the same provider, it slashes the provider's stake on chain
-through the council multisig, citing the evidence hash.
+through the council multisig, citing the SHA-256 of the published evidence (the samples and the failing
+verdicts). The tally is persisted and kept until the slash is on chain: a failed slash stays pending
+in the store and is retried every announce period (and after a restart).
 
 A verifier holds the base model only. A sample whose receipt states adapters served it (a learning
 peer's live version, or a training pass) is never judged: the verifier abstains, answers
@@ -20,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -34,6 +40,7 @@ from hivemind.utils import get_dht_time
 from scalecodec.utils.ss58 import ss58_decode, ss58_encode
 
 from chain.config_bounds import bounded, check_bounds
+from economy.evidence_store import Evidence, EvidenceNotFoundError, EvidenceStore, MalformedEvidenceError
 from economy.gossip import VERDICTS_TOPIC, GossipBus, GossipConfig, GossipError
 from economy.receipts import verify_receipt
 from economy.signing import load_keypair
@@ -81,9 +88,14 @@ class VerifierConfig:
     gossip_peers: list[str] = field(default_factory=list)
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     announce_period_s: float = bounded(10.0, gt=0.0)
+    evidence_path: str | None = None
+    """SQLite file of its samples, verdicts, tally and slashes (default ~/.dllm/evidence-<account>.sqlite3)."""
 
     def __post_init__(self) -> None:
         check_bounds(self)
+
+    def evidence_file(self, account: str) -> Path:
+        return Path(self.evidence_path) if self.evidence_path else Path.home() / ".dllm" / f"evidence-{account}.sqlite3"
 
 
 @dataclass
@@ -95,18 +107,22 @@ class VerifierStats:
     """Samples served with adapters: abstained, no verdict."""
     slashed: list[str] = field(default_factory=list)
     slash_failures: int = 0
-    """Slashes the council agreed on but the chain did not take (each logged at ERROR)."""
+    """Attempts at a slash the council agreed on that the chain did not take (each logged; retried)."""
+    evidence_served: int = 0
     rejected: Counter = field(default_factory=Counter)
 
 
 class Verifier:
     """One running verifier (and council tally when it holds council keys)."""
 
-    def __init__(self, config: VerifierConfig, span, model_name: str, bus: GossipBus):
+    def __init__(self, config: VerifierConfig, span, model_name: str, bus: GossipBus, store: EvidenceStore):
         self.config = config
         self.span = span
         self.model_name = model_name
         self.bus = bus
+        self.store = store
+        self.fetch_sample: Callable[[bytes], Awaitable[bytes]] | None = None
+        """Fetches a sample this verifier did not check from another verifier (set once serving)."""
         self.keypair = load_keypair(config.key, GENERIC_SS58)
         self.tolerance = Tolerance.for_dtype(span.dtype)
         self.stats = VerifierStats()
@@ -132,6 +148,12 @@ class Verifier:
         self.ledger = ledger
         self.council = [load_keypair(k, ledger.ss58_format) for k in self.config.council_keys]
         self.tally = SlashingTally(verifiers, self.config.threshold)
+        for verdict in self.store.tally():  # kept across restarts until the slash is on chain
+            try:
+                self.tally.add(verdict)
+            except VerificationError as e:
+                logger.info("a stored verdict no longer counts: %s", e)
+        self.stats.slashed = self.store.slashed()
 
     async def _on_chain(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._chain, partial(fn, *args))
@@ -160,6 +182,9 @@ class Verifier:
         )
         verdict = make_verdict(self.keypair, sample, comparison)
         self.stats.checked += 1
+        self.store.put_sample(sample)
+        self.store.put_verdict(verdict)
+        self.store.put_evidence(Evidence.of([sample.encode()], [verdict]))
         if not comparison.passed:
             self.stats.failed += 1
             logger.warning(
@@ -189,6 +214,26 @@ class Verifier:
             self.stats.rejected[type(e).__name__] += 1
             return wire_errors.reply_for(e, "work sample", logger)
 
+    async def rpc_evidence(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """Serves stored evidence ({"evidence": sha256}) or a stored sample ({"sample": hash}) by hash."""
+        try:
+            try:
+                meta = msgpack.unpackb(request.metadata, raw=False, max_map_len=1)
+            except (ValueError, TypeError, msgpack.UnpackException):
+                raise MalformedEvidenceError("request metadata is not a msgpack map") from None
+            if not isinstance(meta, dict) or len(meta) != 1:
+                raise MalformedEvidenceError("request metadata must be {'evidence': hash} or {'sample': hash}")
+            ((what, digest),) = meta.items()
+            if what not in ("evidence", "sample") or type(digest) is not bytes or len(digest) != 32:
+                raise MalformedEvidenceError("request metadata must be {'evidence': hash} or {'sample': hash}")
+            data = self.store.evidence(digest) if what == "evidence" else self.store.sample(digest)
+            if data is None:
+                raise EvidenceNotFoundError(f"this verifier holds no {what} {digest.hex()}")
+            self.stats.evidence_served += 1
+            return runtime_pb2.ExpertResponse(metadata=msgpack.packb({"data": data}, use_bin_type=True))
+        except Exception as e:  # an RPC boundary: any failure becomes an error reply
+            return wire_errors.reply_for(e, "evidence request", logger)
+
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         s = self.stats
         info = {
@@ -200,6 +245,8 @@ class Verifier:
             "published": s.published,
             "slashed": s.slashed,
             "slash_failures": s.slash_failures,
+            "pending_slashes": len(self.store.pending_slashes()),
+            "evidence_served": s.evidence_served,
             "unverifiable": s.unverifiable,
             "rejected": dict(s.rejected),
             "council": self.tally is not None,
@@ -215,7 +262,7 @@ class Verifier:
         await self.count(verdict)
 
     async def count(self, verdict: SignedVerdict) -> None:
-        """Adds a verdict to the council tally; slashes when enough verifiers agree."""
+        """Adds a verdict to the council tally (persisted); slashes when enough verifiers agree."""
         if self.tally is None:
             return
         try:
@@ -224,13 +271,37 @@ class Verifier:
             self.stats.rejected[type(e).__name__] += 1
             logger.info("ignored a verdict: %s", e)
             return
-        if proposal is not None:
-            await self.slash(proposal)
-
-    async def slash(self, proposal: SlashProposal) -> None:
-        provider = proposal.provider
-        if provider in self.stats.slashed:
+        if verdict.verdict.passed:
             return
+        self.store.tally_add(verdict)
+        if proposal is not None and proposal.provider not in self.stats.slashed:
+            evidence = await self.publish_evidence(proposal)
+            if evidence is not None:
+                self.store.want_slash(proposal.provider, evidence.evidence_hash)
+                await self.retry_slashes()
+
+    async def publish_evidence(self, proposal: SlashProposal) -> Evidence | None:
+        """Stores (and so serves) the evidence of a proposal; samples it did not check are fetched first."""
+        for signed in proposal.verdicts:
+            digest = signed.verdict.evidence_hash
+            if self.store.sample(digest) is None and self.fetch_sample is not None:
+                try:
+                    self.store.put_sample(WorkSample.decode(await self.fetch_sample(digest)))
+                except Exception as e:  # no verifier serves it (yet): the next verdict proposes again
+                    logger.warning("could not fetch the sample %s behind a verdict: %s", digest.hex(), e)
+        evidence = self.store.evidence_of(list(proposal.verdicts))
+        if evidence is None:
+            logger.warning("evidence against %s is incomplete: not slashing yet", proposal.provider)
+            return None
+        self.store.put_evidence(evidence)
+        return evidence
+
+    async def retry_slashes(self) -> None:
+        """Sends every pending slash to the chain; one that fails stays pending for the next try."""
+        for pending in self.store.pending_slashes():
+            await self.slash(pending.provider, pending.evidence_hash)
+
+    async def slash(self, provider: str, evidence_hash: bytes) -> None:
         ledger = self.ledger
         if ledger is None:  # proposals come from the tally, which start_council() makes with the ledger
             raise RuntimeError("slashing needs the council's chain connection (start_council)")
@@ -238,20 +309,30 @@ class Verifier:
             status = await self._on_chain(ledger.provider_status, provider)
             if status.stake <= 0:
                 logger.info("provider %s has no stake left to slash", provider)
+                self._slash_settled(provider, None)
                 return
-            result = await self._on_chain(ledger.slash, self.council, provider, None, proposal.evidence_hash)
-        except Exception:  # runs on the gossip listener, which must live on: logged and counted, not raised
+            result = await self._on_chain(ledger.slash, self.council, provider, None, evidence_hash)
+        except Exception as e:  # runs on the gossip listener, which must live on: logged, counted, retried later
             self.stats.slash_failures += 1
-            logger.exception("slashing %s failed", provider)
+            self.store.slash_failed(provider, f"{type(e).__name__}: {e}")
+            logger.exception("slashing %s failed (kept pending, retried)", provider)
             return
-        self.stats.slashed.append(provider)
+        self._slash_settled(provider, result.block_number)
         logger.warning(
             "slashed %s (%d planck) in block %d, evidence %s",
             provider,
             status.stake,
             result.block_number,
-            proposal.evidence_hash.hex(),
+            evidence_hash.hex(),
         )
+
+    def _slash_settled(self, provider: str, block: int | None) -> None:
+        """The slash is on chain (or nothing is left to take): the tally of the provider can go."""
+        self.store.slash_done(provider, block)
+        if self.tally is not None:
+            self.tally.clear(provider)
+        if provider not in self.stats.slashed:
+            self.stats.slashed.append(provider)
 
     async def listen(self) -> None:
         """Counts verdicts arriving on gossip."""
@@ -267,6 +348,7 @@ class Verifier:
             if verdict.verdict.verifier != message.sender:
                 self.stats.rejected["RelayedVerdict"] += 1  # only a verifier's own envelope carries its verdict
                 continue
+            self.store.put_verdict(verdict)
             await self.count(verdict)
 
     def close(self) -> None:
@@ -274,6 +356,7 @@ class Verifier:
         self._chain.shutdown(wait=False)
         if self.ledger is not None:
             self.ledger.close()
+        self.store.close()
 
 
 async def _announce(dht, validator, value: dict, ttl: float) -> None:
@@ -384,7 +467,8 @@ class VerifierService:
         bus = GossipBus(load_keypair(config.key, GENERIC_SS58), GossipConfig(port=config.gossip_port))
         resources.push_async_callback(bus.close)
         await bus.start()
-        verifier = Verifier(config, span, name, bus)
+        keypair = load_keypair(config.key, GENERIC_SS58)
+        verifier = Verifier(config, span, name, bus, EvidenceStore(config.evidence_file(keypair.ss58_address)))
         resources.callback(verifier.close)
         await verifier.start_council()
         p2p = await dht.replicate_p2p()
@@ -392,7 +476,9 @@ class VerifierService:
         resources.push_async_callback(p2p.shutdown)
         await p2p.add_protobuf_handler(protocol.HANDLER_VERIFY, verifier.rpc_verify, runtime_pb2.ExpertRequest)
         await p2p.add_protobuf_handler(protocol.HANDLER_INFO, verifier.rpc_info, runtime_pb2.ExpertRequest)
+        await p2p.add_protobuf_handler(protocol.HANDLER_EVIDENCE, verifier.rpc_evidence, runtime_pb2.ExpertRequest)
         peer_id = dht.peer_id.to_base58()
+        verifier.fetch_sample = partial(_fetch_sample_elsewhere, dht, p2p, peer_id)
         await _connect_gossip(bus, dht, peer_id, config.gossip_peers)
         record = {"peer_id": peer_id, "account": verifier.keypair.ss58_address, "model": name, "gossip": bus.addrs}
         await _announce(dht, validator, record, 3 * config.announce_period_s)
@@ -405,6 +491,15 @@ class VerifierService:
                 await asyncio.wait_for(self._stop.wait(), config.announce_period_s)
             except TimeoutError:
                 await _announce(dht, validator, record, 3 * config.announce_period_s)
+                if verifier.tally is not None:
+                    await verifier.retry_slashes()
+
+
+async def _fetch_sample_elsewhere(dht: Any, p2p: Any, own_peer_id: str, digest: bytes) -> bytes:
+    from swarm.evidence import fetch_sample, verifier_peer_ids
+
+    peers = [p for p in await verifier_peer_ids(dht) if p != own_peer_id]
+    return await fetch_sample(dht, p2p, digest, peers)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -175,6 +175,10 @@ def test_tally_needs_m_independent_failing_verifiers(keys, failing_sample) -> No
     proposal = tally.add(eve)
     assert proposal is not None and proposal.provider == keys["bob"].ss58_address
     assert len(proposal.verdicts) == 3 and len(proposal.evidence_hash) == 32
+    # Kept until the slash is on chain: a failed slash is proposed again from the same verdicts.
+    assert tally.failing_verifiers(keys["bob"].ss58_address) == 3
+    assert tally.add(charlie) == proposal
+    tally.clear(keys["bob"].ss58_address)
     assert tally.failing_verifiers(keys["bob"].ss58_address) == 0
     with pytest.raises(NotAVerifierError):
         tally.add(verdicts_from(keys, failing_sample, ["alice"])[0])
