@@ -14,9 +14,20 @@ through the council multisig, citing the SHA-256 of the published evidence (the 
 verdicts). The tally is persisted and kept until the slash is on chain: a failed slash stays pending
 in the store and is retried every announce period (and after a restart).
 
-A verifier holds the base model only. A sample whose receipt states adapters served it (a learning
-peer's live version, or a training pass) is never judged: the verifier abstains, answers
-`unverifiable` and counts it, since re-running it with base weights would fail an honest provider.
+A verifier re-runs in float32 and judges each sample at the tolerance of the dtype its receipt states
+(the provider's compute dtype, which the client checked against the provider's DHT record):
+`Tolerance.for_dtype(receipt.dtype, blocks)`, a margin over measured honest float noise.
+
+Adapted work (a receipt naming a LoRA version and its `adapter_digest`) is re-run with those adapters:
+the verifier first checks the sample is what the provider committed to, then fetches the adapters by
+digest (`dllm.v1.adapters`, peer/adapter_exchange.py) from the provider or any replica of its span
+found in the DHT, checks their sha256 against the receipt, and re-runs with them merged into its own
+span (peer.adapters.applied_adapters). A provider whose adapters no source hands over within
+ADAPTER_FETCH_ATTEMPTS rounds (ADAPTER_FETCH_BACKOFF_S apart, each call bounded by
+ADAPTER_FETCH_TIMEOUT_S) gets a signed failing verdict with reason "adapters unavailable"; adapters that
+match the digest but fit no projection of the span, one with "adapters do not fit the model". A
+training pass (unpublished working adapters) is never judged: the verifier abstains, answers
+`unverifiable` and counts it.
 """
 
 from __future__ import annotations
@@ -42,18 +53,24 @@ from scalecodec.utils.ss58 import ss58_decode, ss58_encode
 from chain.config_bounds import bounded, check_bounds
 from economy.evidence_store import Evidence, EvidenceNotFoundError, EvidenceStore, MalformedEvidenceError
 from economy.gossip import VERDICTS_TOPIC, GossipBus, GossipConfig, GossipError
-from economy.receipts import verify_receipt
+from economy.receipts import UsageReceipt, verify_receipt
 from economy.signing import load_keypair
 from economy.verification import (
+    ADAPTERS_UNAVAILABLE,
+    ADAPTERS_UNUSABLE,
+    Comparison,
     SignedVerdict,
     SlashingTally,
     SlashProposal,
     Tolerance,
     VerificationError,
+    make_failed_verdict,
     make_verdict,
     recheck,
 )
 from economy.work_sample import MalformedWorkSampleError, SampleRejectedError, UnverifiableSampleError, WorkSample
+from peer.adapter_exchange import fetch_bundle
+from peer.adapters import AdapterBundle, AdapterStateError, adapter_digest, applied_adapters
 from swarm import protocol, wire_errors
 
 if TYPE_CHECKING:  # substrate-interface loads with the council's chain connection, not with this module
@@ -65,6 +82,12 @@ logger = logging.getLogger(__name__)
 
 GENERIC_SS58 = 42
 """Verdicts name verifiers in the generic Substrate format so every process compares the same strings."""
+ADAPTER_FETCH_ATTEMPTS = 3
+"""Rounds over all sources before a provider's adapters count as unavailable (a failing verdict)."""
+ADAPTER_FETCH_BACKOFF_S = 2.0
+"""Wait before the second round; doubled before each later one (2 s, 4 s: a restart or a blip passes)."""
+ADAPTER_FETCH_TIMEOUT_S = 60.0
+"""Bound on one fetch from one source (a large span's adapters stream in chunks)."""
 
 
 def generic_address(address: str) -> str:
@@ -123,8 +146,15 @@ class Verifier:
         self.store = store
         self.fetch_sample: Callable[[bytes], Awaitable[bytes]] | None = None
         """Fetches a sample this verifier did not check from another verifier (set once serving)."""
+        self.adapter_sources: Callable[[UsageReceipt], Awaitable[list[str]]] | None = None
+        """Peer ids that may hold a receipt's adapters: its provider first, then replicas (set once serving)."""
+        self.fetch_adapters: Callable[[str, bytes], Awaitable[AdapterBundle]] | None = None
+        """Fetches the bundle a peer holds under a digest, unchecked (set once serving; without it, abstain)."""
+        self.adapter_fetch_attempts = ADAPTER_FETCH_ATTEMPTS
+        self.adapter_fetch_backoff_s = ADAPTER_FETCH_BACKOFF_S
         self.keypair = load_keypair(config.key, GENERIC_SS58)
-        self.tolerance = Tolerance.for_dtype(span.dtype)
+        if span.dtype != torch.float32:  # the measured tolerances are distances from a float32 re-run
+            raise ValueError(f"a verifier re-runs work in float32, not {span.dtype}")
         self.stats = VerifierStats()
         self.tally: SlashingTally | None = None
         self.council: list[Keypair] = []
@@ -170,32 +200,102 @@ class Verifier:
             raise SampleRejectedError(
                 f"this verifier checks {self.model_name} blocks 0:{self.span.end}, not {r.model} {r.start}:{r.end}"
             )
+        bundle = None
+        if r.published_adapters and self.fetch_adapters is not None:
+            sample.check_commitment()  # only genuine evidence may cost a provider a verdict on its adapters
+            bundle = await self._fetch_adapters(r)
+            if bundle is None:
+                return self._failed(sample, ADAPTERS_UNAVAILABLE)
         try:
-            sample.check_base_weights()
+            sample.check_weights(None if bundle is None else r.adapter_digest)
         except UnverifiableSampleError as e:
             self.stats.unverifiable += 1
             logger.info("abstained on receipt %s: %s", sample.receipt.receipt_id, e)
             raise
         blocks = range(r.start, r.end)
-        comparison = await asyncio.get_running_loop().run_in_executor(
-            self._compute, recheck, sample, lambda x, p: self.forward(x, p, blocks), self.tolerance
-        )
+        tolerance = Tolerance.for_dtype(r.dtype, len(blocks))  # r.dtype is one of COMPUTE_DTYPES (decode checks)
+        try:
+            comparison = await asyncio.get_running_loop().run_in_executor(
+                self._compute, self._recheck, sample, blocks, tolerance, bundle
+            )
+        except AdapterStateError as e:
+            logger.warning("adapters of receipt %s fit no projection here: %s", sample.receipt.receipt_id, e)
+            return self._failed(sample, ADAPTERS_UNUSABLE)
         verdict = make_verdict(self.keypair, sample, comparison)
-        self.stats.checked += 1
-        self.store.put_sample(sample)
-        self.store.put_verdict(verdict)
-        self.store.put_evidence(Evidence.of([sample.encode()], [verdict]))
+        self._record(sample, verdict)
         if not comparison.passed:
             self.stats.failed += 1
             logger.warning(
-                "provider %s FAILED a spot check on blocks %d:%d (error %.3g at position %d)",
+                "provider %s FAILED a spot check on blocks %d:%d (error %.3g at position %d, %s tolerance %.3g)",
                 r.provider,
                 r.start,
                 r.end,
                 comparison.worst_rel_error,
                 comparison.worst_position,
+                r.dtype,
+                tolerance.rel_l2,
             )
         return verdict
+
+    def _recheck(
+        self, sample: WorkSample, blocks: range, tolerance: Tolerance, bundle: AdapterBundle | None
+    ) -> Comparison:
+        """On the compute thread (the only one touching the span, so merging adapters into it is safe)."""
+
+        def forward(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+            return self.forward(x, p, blocks)
+
+        if bundle is None:
+            return recheck(sample, forward, tolerance)
+        with applied_adapters(self.span.layers, self.span.start, bundle):
+            return recheck(sample, forward, tolerance, sample.receipt.receipt.adapter_digest)
+
+    async def _fetch_adapters(self, receipt: UsageReceipt) -> AdapterBundle | None:
+        """The receipt's adapters, digest-checked, from any source; None after `adapter_fetch_attempts` rounds."""
+        assert self.fetch_adapters is not None
+        failures: list[str] = []
+        for attempt in range(self.adapter_fetch_attempts):
+            if attempt:
+                await asyncio.sleep(self.adapter_fetch_backoff_s * 2 ** (attempt - 1))
+            sources = await self.adapter_sources(receipt) if self.adapter_sources is not None else []
+            if not sources:
+                failures.append("no peer of the span is announced")
+            for peer_id in sources:
+                try:
+                    bundle = await asyncio.wait_for(
+                        self.fetch_adapters(peer_id, receipt.adapter_digest), ADAPTER_FETCH_TIMEOUT_S
+                    )
+                    digest = await asyncio.get_running_loop().run_in_executor(
+                        self._compute, adapter_digest, bundle.tensors, bundle.scaling
+                    )
+                except Exception as e:  # any source failing (refusal, timeout, garbage) leaves the others to try
+                    failures.append(f"{peer_id}: {type(e).__name__}: {e}")
+                    continue
+                if digest == receipt.adapter_digest:
+                    return bundle
+                failures.append(f"{peer_id}: handed over adapters with digest {digest.hex()[:16]}...")
+        logger.warning(
+            "no source handed over the adapters of receipt %s (%s): %s",
+            receipt.receipt_id,
+            receipt.adapter_digest.hex()[:16],
+            "; ".join(failures[-4:]),
+        )
+        return None
+
+    def _failed(self, sample: WorkSample, reason: str) -> SignedVerdict:
+        """A failing verdict without a re-run (the provider's fault: `reason`), recorded like any other."""
+        r = sample.receipt.receipt
+        verdict = make_failed_verdict(self.keypair, sample, reason)
+        self._record(sample, verdict)
+        self.stats.failed += 1
+        logger.warning("provider %s FAILED a spot check on blocks %d:%d: %s", r.provider, r.start, r.end, reason)
+        return verdict
+
+    def _record(self, sample: WorkSample, verdict: SignedVerdict) -> None:
+        self.stats.checked += 1
+        self.store.put_sample(sample)
+        self.store.put_verdict(verdict)
+        self.store.put_evidence(Evidence.of([sample.encode()], [verdict]))
 
     async def rpc_verify(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
@@ -479,6 +579,8 @@ class VerifierService:
         await p2p.add_protobuf_handler(protocol.HANDLER_EVIDENCE, verifier.rpc_evidence, runtime_pb2.ExpertRequest)
         peer_id = dht.peer_id.to_base58()
         verifier.fetch_sample = partial(_fetch_sample_elsewhere, dht, p2p, peer_id)
+        verifier.adapter_sources = partial(_adapter_sources, dht)
+        verifier.fetch_adapters = partial(fetch_bundle, p2p, timeout_s=ADAPTER_FETCH_TIMEOUT_S)
         await _connect_gossip(bus, dht, peer_id, config.gossip_peers)
         record = {"peer_id": peer_id, "account": verifier.keypair.ss58_address, "model": name, "gossip": bus.addrs}
         await _announce(dht, validator, record, 3 * config.announce_period_s)
@@ -500,6 +602,24 @@ async def _fetch_sample_elsewhere(dht: Any, p2p: Any, own_peer_id: str, digest: 
 
     peers = [p for p in await verifier_peer_ids(dht) if p != own_peer_id]
     return await fetch_sample(dht, p2p, digest, peers)
+
+
+async def _adapter_sources(dht: Any, receipt: UsageReceipt) -> list[str]:
+    """Peers announcing the receipt's exact span (only they can hold its adapters): its provider first."""
+    from swarm.records import fetch_model_records
+
+    records = await fetch_model_records(dht, receipt.model)
+    provider = generic_address(receipt.provider)
+    same_span = [r for r in records if (r.start, r.end) == (receipt.start, receipt.end)]
+
+    def is_provider(account: str | None) -> bool:
+        try:
+            return account is not None and generic_address(account) == provider
+        except ValueError:
+            return False
+
+    ordered = sorted(same_span, key=lambda r: not is_provider(r.chain_account))
+    return list(dict.fromkeys(r.peer_id for r in ordered))
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

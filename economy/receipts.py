@@ -6,8 +6,26 @@ meter and signs; the client checks it against its own meter (`check_claim`) and 
 provider cannot inflate usage (the client would not sign) and a client cannot deny a receipt (its
 signature is on it). Settlement pays each receipt id at most once (`ReplayedReceiptError`).
 
-A receipt also states which weights served the segment (`adapter_version`): 0 is the base model,
-the only weights a spot check can recompute; anything else is never judged (see dllm/verifier.py).
+A receipt also states which weights served the segment (`adapter_version`): 0 is the base model;
+a LoRA version comes with `adapter_digest`, the sha256 of that version's adapter tensors
+(peer.adapters.adapter_digest), so a verifier can fetch exactly those adapters from any peer holding
+them and re-run the work with them (dllm/verifier.py). TRAINING_ADAPTERS (a training pass, run with
+unpublished working adapters) is the one kind of work no spot check re-runs (docs/economy.md).
+And it states the provider's compute dtype (`dtype`, one of COMPUTE_DTYPES): the spot check's
+tolerance for float noise follows from it (economy.verification.Tolerance.for_dtype). The client
+countersigns only the dtype the provider announced in its DHT record, so a provider cannot widen its
+tolerance per receipt; claiming a lower precision than it computes in buys it at most that dtype's
+honest noise bound (measured: docs/economy.md).
+
+A receipt expires (`expires_at`, a block number: the provider's chain head when it proposes the receipt
++ RECEIPT_LIFETIME_BLOCKS). No settlement of it is valid from that block on: the client refuses to
+countersign an expiry further than RECEIPT_LIFETIME_BLOCKS (+ EXPIRY_SLACK_BLOCKS) ahead, signs
+settlements whose mortal era ends no later than their receipts' earliest expiry (so the runtime itself
+refuses them afterwards), and never signs one holding a receipt within SETTLEMENT_MARGIN_BLOCKS of its
+expiry (`check_expiry`); a provider refuses such an offer and settles before expiry. So once a receipt
+has expired its marker can be released (`ComputeLedger.release_markers`, which returns the marker's
+deposit): double payment is excluded by "marker present OR receipt expired", and what a client keeps
+locked is bounded by the receipts it paid within one lifetime, not by its whole history (docs/chain.md).
 """
 
 from __future__ import annotations
@@ -24,13 +42,27 @@ from economy.pricing import ProviderRate, Usage, provider_amount
 if TYPE_CHECKING:  # keys come from callers; a peer that serves for free never loads substrate-interface
     from substrateinterface import Keypair
 
-RECEIPT_TAG = "dllm.receipt.2"  # .2 added adapter_version: older verifiers reject, never misjudge
+RECEIPT_TAG = "dllm.receipt.3"  # .2 added adapter_version, .3 dtype, expires_at, adapter_digest: older ones reject
 SIGNED_RECEIPT_TAG = "dllm.signed_receipt.1"
 RECEIPT_DOMAIN = b"dllm/receipt/1:"
 BASE_WEIGHTS = 0
 """adapter_version of work served with the base model's weights (no adapter, or adapters still at zero)."""
 TRAINING_ADAPTERS = canonical.MAX_U64
 """adapter_version of a training pass: the peer's working adapters, which are no published version."""
+NO_ADAPTER_DIGEST = bytes(32)
+"""adapter_digest of work served with the base weights or in a training pass (no published adapters)."""
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+"""Dtypes a provider may state it computes in (each has a measured spot-check tolerance)."""
+RECEIPT_LIFETIME_BLOCKS = 2048
+"""Blocks from a receipt's proposal to its expiry: 6.8 h at 12 s blocks, 3.4 h at 6 s. It must fit in one mortal
+era of the runtime (BlockHashCount: 4096 on Asset Hub), which is what makes the runtime refuse a late settlement."""
+EXPIRY_SLACK_BLOCKS = 64
+"""How far the provider's head may run ahead of the client's when it sets an expiry (nodes lag behind each other)."""
+SETTLEMENT_MARGIN_BLOCKS = 16
+"""A settlement is signed or accepted only while each of its receipts has at least this many blocks left, so a
+provider has time to submit it before its era ends."""
+NO_EXPIRY = canonical.MAX_U64
+"""expires_at of a receipt issued without a chain (an offline provider's): no paying client countersigns it."""
 
 
 class ReceiptError(EconomyError, ValueError):
@@ -65,6 +97,18 @@ class RateMismatchError(ReceiptError):
     """A provider's claimed rate or parameter count differs from what the client agreed to."""
 
 
+class DtypeMismatchError(ReceiptError):
+    """A provider's receipt states another compute dtype than the one its DHT record announced."""
+
+
+class ExpiredReceiptError(ReceiptError):
+    """The receipt has expired, or will before a settlement of it could land: no settlement of it is valid."""
+
+
+class TrainingClaimError(ReceiptError):
+    """A receipt states a training pass (never spot-checked) for work in which the client sent no backward pass."""
+
+
 class UnexpectedReceiptError(ReceiptError):
     """A delivered receipt is validly signed but is not the one the provider proposed for the session."""
 
@@ -95,6 +139,9 @@ _RECEIPT_SCHEMA = (
     FieldSpec("commitment", "bytes", exact_len=32),
     FieldSpec("issued_at", "u64"),
     FieldSpec("adapter_version", "u64"),
+    FieldSpec("dtype", "str", max_len=16),
+    FieldSpec("expires_at", "u64"),
+    FieldSpec("adapter_digest", "bytes", exact_len=32),
 )
 _SIGNED_SCHEMA = (
     FieldSpec("receipt", "bytes", max_len=canonical.MAX_RECORD_BYTES),
@@ -133,11 +180,22 @@ class UsageReceipt:
     issued_at: int
     adapter_version: int = BASE_WEIGHTS
     """Weights the session's steps ran with: BASE_WEIGHTS, a LoRA adapter version, or TRAINING_ADAPTERS."""
+    dtype: str = "float32"
+    """The provider's compute dtype (COMPUTE_DTYPES), as announced in its DHT record: sets the check's tolerance."""
+    expires_at: int = NO_EXPIRY
+    """Block number from which no settlement of this receipt is valid (see the module docstring)."""
+    adapter_digest: bytes = NO_ADAPTER_DIGEST
+    """sha256 of the adapter version's tensors (peer.adapters.adapter_digest); NO_ADAPTER_DIGEST without one."""
 
     @property
     def base_weights(self) -> bool:
         """True when a verifier holding only the base model can recompute this work."""
         return self.adapter_version == BASE_WEIGHTS
+
+    @property
+    def published_adapters(self) -> bool:
+        """True when the work ran with a published adapter version, fetchable by `adapter_digest`."""
+        return self.adapter_version not in (BASE_WEIGHTS, TRAINING_ADAPTERS)
 
     def encode(self) -> bytes:
         """Canonical bytes (raises MalformedReceiptError if a field is out of range)."""
@@ -184,6 +242,13 @@ class UsageReceipt:
             raise MalformedReceiptError(f"receipt span {self.start}:{self.end} is empty")
         if self.provider == self.client:
             raise MalformedReceiptError("a provider cannot bill itself")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise MalformedReceiptError(f"receipt dtype {self.dtype!r:.20} is not one of {', '.join(COMPUTE_DTYPES)}")
+        if self.published_adapters == (self.adapter_digest == NO_ADAPTER_DIGEST):
+            raise MalformedReceiptError(
+                "a receipt names an adapter digest exactly when it names a published adapter version "
+                f"(version {self.adapter_version})"
+            )
         expected = self.expected_amount()
         if self.amount != expected:
             raise MalformedReceiptError(
@@ -289,14 +354,23 @@ def check_claim(
     observed_commitment: bytes,
     agreed_rate: ProviderRate,
     agreed_params: int,
+    *,
+    announced_dtype: str | None = None,
 ) -> None:
     """Client-side check before countersigning a provider's proposed receipt.
 
     Raises UsageInflationError if any claimed count exceeds the client's own meter,
     CommitmentMismatchError if the output commitment differs, RateMismatchError if the rate or the
-    parameter count differs from the quote, MalformedReceiptError if the amount is incoherent.
+    parameter count differs from the quote, DtypeMismatchError if the dtype is not `announced_dtype`
+    (the one the provider's record announced: a provider must not pick its tolerance per receipt),
+    TrainingClaimError if it states a training pass while the client metered no backward step (a
+    provider's way to dodge spot checks), MalformedReceiptError if the amount is incoherent.
     """
     claimed.check_consistent()
+    if announced_dtype is not None and claimed.dtype != announced_dtype:
+        raise DtypeMismatchError(
+            f"receipt states compute dtype {claimed.dtype}, the provider announced {announced_dtype}"
+        )
     if claimed.rate != agreed_rate or claimed.params_served != agreed_params:
         raise RateMismatchError(
             f"receipt prices {claimed.params_served} params at {claimed.rate}, "
@@ -310,10 +384,32 @@ def check_claim(
             )
     if c.sampled and not observed.sampled:
         raise UsageInflationError("provider claims sampling surcharge on a greedy session")
+    if claimed.adapter_version == TRAINING_ADAPTERS and observed.backward_tokens == 0:
+        raise TrainingClaimError("the receipt states a training pass, but the client sent no backward pass")
     if claimed.commitment != observed_commitment:
         raise CommitmentMismatchError(
             f"provider commits to {claimed.commitment.hex()[:16]}..., "
             f"client computed {observed_commitment.hex()[:16]}..."
+        )
+
+
+def check_expiry(receipt: UsageReceipt, head: int, *, proposed: bool = False) -> None:
+    """Raises ExpiredReceiptError unless a settlement of `receipt` may still be signed or accepted at block `head`.
+
+    It must have SETTLEMENT_MARGIN_BLOCKS left. With `proposed` (the client, before it countersigns), its expiry
+    must also be no further than RECEIPT_LIFETIME_BLOCKS + EXPIRY_SLACK_BLOCKS ahead: a later one would keep the
+    client's marker deposit locked longer than the protocol's bound.
+    """
+    left = receipt.expires_at - head
+    if left < SETTLEMENT_MARGIN_BLOCKS:
+        raise ExpiredReceiptError(
+            f"receipt {receipt.receipt_id} expires at block {receipt.expires_at}: at block {head} no settlement "
+            f"of it is valid (each needs {SETTLEMENT_MARGIN_BLOCKS} blocks left)"
+        )
+    if proposed and left > RECEIPT_LIFETIME_BLOCKS + EXPIRY_SLACK_BLOCKS:
+        raise ExpiredReceiptError(
+            f"receipt expiry {receipt.expires_at} is {left} blocks after block {head}; "
+            f"at most {RECEIPT_LIFETIME_BLOCKS + EXPIRY_SLACK_BLOCKS} are accepted"
         )
 
 
@@ -334,6 +430,9 @@ def receipt_for_segment(
     commitment: bytes,
     issued_at: int,
     adapter_version: int = BASE_WEIGHTS,
+    dtype: str = "float32",
+    expires_at: int = NO_EXPIRY,
+    adapter_digest: bytes = NO_ADAPTER_DIGEST,
 ) -> UsageReceipt:
     """The receipt a provider proposes for one metered segment (from `UsageMeter.close_segment()`)."""
     receipt = UsageReceipt(
@@ -358,6 +457,9 @@ def receipt_for_segment(
         commitment=commitment,
         issued_at=issued_at,
         adapter_version=adapter_version,
+        dtype=dtype,
+        expires_at=expires_at,
+        adapter_digest=adapter_digest,
     )
     receipt.encode()  # validates every field now rather than at signing time
     receipt.check_consistent()

@@ -44,10 +44,14 @@ from economy import canonical, signing
 from economy.canonical import CanonicalFormatError, FieldSpec
 from economy.work_sample import WorkSample
 
-VERDICT_TAG = "dllm.verdict.1"
+VERDICT_TAG = "dllm.verdict.2"  # .2 added reason
 SIGNED_VERDICT_TAG = "dllm.signed_verdict.1"
 VERDICT_DOMAIN = b"dllm/verdict/1:"
 DEFAULT_SAMPLE_RATE = 0.5
+ADAPTERS_UNAVAILABLE = "adapters unavailable"
+"""Reason of a failing verdict on adapted work whose adapters no peer handed over (digest-checked)."""
+ADAPTERS_UNUSABLE = "adapters do not fit the model"
+"""Reason of a failing verdict on adapted work whose digest-checked adapters fit no projection of the span."""
 ERROR_SCALE = 1_000_000
 """Verdicts carry errors as integer parts-per-million (canonical bytes hold no floats)."""
 
@@ -212,13 +216,31 @@ class AdaptiveSpotCheck:
 # ---------------------------------------------------------------------------------------- comparison
 
 
-DTYPE_NOISE: dict[str, float] = {"float32": 1e-3, "bfloat16": 0.008, "float16": 0.002}
-"""Tolerance per dtype for ONE block, by the provider's compute dtype (receipts.COMPUTE_DTYPES), for a
-float32 re-run; a span of n blocks is allowed sqrt(n) times as much (honest noise measured to grow more
-slowly than that). Each is a margin over the largest honest per-position error measured by
-scripts/bench/dtype_noise.py (figures and margins in docs/economy.md): the tightest an honest provider
-of that dtype needs, so a provider claiming a lower precision than it computes in gains only this
-much room to deviate."""
+@dataclass(frozen=True)
+class DtypeNoise:
+    """Envelope over the largest honest per-position error of a provider computing in one dtype, measured
+    against a float32 re-run: `first + per_sqrt_block * sqrt(blocks)` for a span of `blocks` blocks."""
+
+    first: float
+    per_sqrt_block: float
+
+    def bound(self, blocks: int) -> float:
+        return self.first + self.per_sqrt_block * math.sqrt(blocks)
+
+
+DTYPE_NOISE: dict[str, DtypeNoise] = {
+    "float32": DtypeNoise(5e-4, 0.0),
+    "bfloat16": DtypeNoise(8e-3, 4.3e-3),
+    "float16": DtypeNoise(1.4e-3, 6e-4),
+}
+"""By the provider's compute dtype (receipts.COMPUTE_DTYPES). bfloat16 and float16 bound every maximum that
+scripts/bench/dtype_noise.py measured (trained and random Llama blocks, 1 to 16 blocks; figures in
+docs/economy.md). float32's measured noise is below 1e-6; its bound keeps room for other kernels and
+reduction orders across machines."""
+NOISE_MARGIN = 2.0
+"""Tolerance = NOISE_MARGIN x the dtype's bound: honest tails beyond the measured samples pass, while the
+tolerance stays the tightest an honest provider of that dtype needs (claiming a lower precision than it
+computes in buys a provider only this much room to deviate)."""
 
 
 @dataclass(frozen=True)
@@ -242,7 +264,7 @@ class Tolerance:
             raise ValueError(f"no measured tolerance for dtype {name!r}; known: {', '.join(DTYPE_NOISE)}")
         if blocks < 1:
             raise ValueError(f"blocks must be >= 1, got {blocks}")
-        return cls(rel_l2=DTYPE_NOISE[name] * math.sqrt(blocks))
+        return cls(rel_l2=NOISE_MARGIN * DTYPE_NOISE[name].bound(blocks))
 
 
 @dataclass(frozen=True)
@@ -276,14 +298,17 @@ SpanForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 (e.g. `peer.span.SpanRunner.forward` on a span loaded with the same blocks)."""
 
 
-def recheck(sample: WorkSample, forward: SpanForward, tolerance: Tolerance) -> Comparison:
+def recheck(
+    sample: WorkSample, forward: SpanForward, tolerance: Tolerance, adapter_digest: bytes | None = None
+) -> Comparison:
     """Re-runs a work sample and compares with what the provider returned.
 
+    `forward` runs the base weights plus the adapters of `adapter_digest` (None: no adapters).
     Raises EvidenceMismatchError (work_sample) if the sample is not what the provider committed to:
-    such a sample proves nothing and must not produce a verdict; UnverifiableSampleError if it ran with
-    adapters (a base-weight re-run would wrongly fail an honest provider).
+    such a sample proves nothing and must not produce a verdict; UnverifiableSampleError unless those
+    are the weights the receipt states (another re-run would wrongly fail an honest provider).
     """
-    sample.check_base_weights()
+    sample.check_weights(adapter_digest)
     sample.check_commitment()
     inputs, positions, claimed = sample.forward_batch()
     with torch.no_grad():
@@ -304,6 +329,7 @@ _VERDICT_SCHEMA = (
     FieldSpec("passed", "bool"),
     FieldSpec("worst_error_ppm", "u64"),
     FieldSpec("issued_at", "u64"),
+    FieldSpec("reason", "str", max_len=64),
 )
 _SIGNED_VERDICT_SCHEMA = (
     FieldSpec("verdict", "bytes", max_len=4096),
@@ -326,6 +352,8 @@ class Verdict:
     passed: bool
     worst_error_ppm: int
     issued_at: int
+    reason: str = ""
+    """Why a verdict failed without a re-run (ADAPTERS_UNAVAILABLE, ADAPTERS_UNUSABLE); "" after a re-run."""
 
     def encode(self) -> bytes:
         try:
@@ -398,6 +426,27 @@ def make_verdict(
         passed=comparison.passed,
         worst_error_ppm=ppm,
         issued_at=int(time.time()) if issued_at is None else issued_at,
+    )
+    return SignedVerdict.sign(verdict, verifier)
+
+
+def make_failed_verdict(
+    verifier: Keypair, sample: WorkSample, reason: str, issued_at: int | None = None
+) -> SignedVerdict:
+    """A signed failing verdict on work that could not be re-run through the provider's fault (`reason`)."""
+    r = sample.receipt.receipt
+    verdict = Verdict(
+        verifier=verifier.ss58_address,
+        provider=r.provider,
+        model=r.model,
+        start=r.start,
+        end=r.end,
+        receipt_id=r.receipt_id_bytes,
+        evidence_hash=sample.evidence_hash,
+        passed=False,
+        worst_error_ppm=canonical.MAX_U64,
+        issued_at=int(time.time()) if issued_at is None else issued_at,
+        reason=reason,
     )
     return SignedVerdict.sign(verdict, verifier)
 

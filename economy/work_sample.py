@@ -5,9 +5,11 @@ sent, outputs it received) and the provider's co-signed receipt whose output com
 them. The verifier first proves the tensors are what the provider committed to (recomputing the
 commitment chain), then re-runs them. The client cannot frame a provider: inputs are committed too.
 
-Only work the receipt states was served with the base weights (`adapter_version` 0) can be re-run:
-a verifier holds the base model, not a learning peer's adapters, so for any other sample it abstains
-(`UnverifiableSampleError`) instead of judging honest adapted outputs as wrong.
+A sample is re-run with the weights its receipt states: the base model (`adapter_version` 0), or the
+base model plus the LoRA adapters whose sha256 the receipt carries (`adapter_digest`), which the
+verifier fetches and checks first (dllm/verifier.py). Without those exact weights it abstains
+(`UnverifiableSampleError`) instead of judging honest adapted outputs as wrong; a training pass (run
+with unpublished working adapters) is never re-run (docs/economy.md prices it as unverifiable).
 """
 
 from __future__ import annotations
@@ -71,8 +73,20 @@ class WorkSample:
 
     def check_base_weights(self) -> None:
         """Raises UnverifiableSampleError unless the receipt states the base weights served this work."""
+        self.check_weights(None)
+
+    def check_weights(self, adapter_digest: bytes | None) -> None:
+        """Raises UnverifiableSampleError unless a re-run with the base weights plus the adapters of
+        `adapter_digest` (None: no adapters) uses exactly the weights the receipt states."""
         r = self.receipt.receipt
-        if not r.base_weights:
+        if adapter_digest is not None and r.published_adapters and adapter_digest == r.adapter_digest:
+            return
+        if adapter_digest is not None and r.published_adapters:
+            raise UnverifiableSampleError(
+                f"the re-run's adapters {adapter_digest.hex()[:16]}... are not the receipt's "
+                f"{r.adapter_digest.hex()[:16]}..."
+            )
+        if adapter_digest is not None or not r.base_weights:
             what = (
                 "a training pass" if r.adapter_version == TRAINING_ADAPTERS else f"adapter version {r.adapter_version}"
             )

@@ -7,6 +7,13 @@ Versions: the `live` version serves new sessions; older versions are kept for se
 them (a session uses one version across its whole route); a `candidate` version can be proposed,
 evaluated and then promoted or discarded; the `working` tensors are the trainable copy that local
 training moves away from the live version between averaging rounds.
+
+Verifiability: `adapter_digest` (sha256 over names, shapes, float32 values and the LoRA scaling) names
+a version's adapters by content; receipts carry it, so anyone holding the tensors can check they are
+the ones a session ran with. `AdapterArchive` keeps every version named in a receipt for
+`ADAPTER_RETENTION_S` after its last use, so a verifier can fetch it by digest (`dllm.v1.adapters`)
+long after the live version moved on; `applied_adapters` re-runs a span with fetched adapters
+merged into its weights (restored exactly afterwards).
 """
 
 from __future__ import annotations
@@ -15,16 +22,28 @@ import contextlib
 import contextvars
 import hashlib
 import math
+import struct
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+import msgpack
+import numpy as np
 import torch
 from torch import nn
 
 from chain.errors import ConfigError
 from swarm.protocol import ProtocolError
 
+ADAPTER_DIGEST_DOMAIN = b"dllm/adapters/1:"
+ADAPTER_BUNDLE_TAG = "dllm.adapters.1"
+ADAPTER_RETENTION_S = 48 * 3600.0
+"""How long a peer keeps a version named in a receipt after its last use: twice the 24 h within which
+verdicts are accepted (economy.verification.validate_verdict), so unverified and unsettled receipts
+always find their adapters."""
+MAX_ADAPTER_BUNDLE_BYTES = 256 * 2**20
+MAX_ADAPTER_TENSORS = 4096
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 _WORKING = "working"
@@ -44,6 +63,10 @@ class AdapterStateError(AdapterError):
 
 class AdapterVersionUnavailableError(AdapterError):
     """A session asked for an adapter version this peer no longer (or never) held."""
+
+
+class AdapterDigestMismatchError(AdapterError):
+    """Fetched adapters do not hash to the digest the receipt states."""
 
 
 @dataclass(frozen=True)
@@ -335,3 +358,193 @@ def unflatten(vector: torch.Tensor, like: Mapping[str, torch.Tensor], names: lis
     if offset != vector.numel():
         raise AdapterStateError(f"vector has {vector.numel()} values, adapters need {offset}")
     return out
+
+
+# ---- verifiable adapters: content digest, archive, exchange, re-run -----------------------------
+
+
+def adapter_digest(tensors: Mapping[str, torch.Tensor], scaling: float) -> bytes:
+    """The canonical sha256 of a version's adapters: what receipts carry as `adapter_digest`.
+
+    Covers the scaling (float64, little-endian) and each tensor in sorted-name order: its name
+    (length-prefixed utf-8), its shape (u32 count, u64 dims) and its values as little-endian float32.
+    Computable from the tensors alone, by anyone, whatever device or dtype they are held in.
+    """
+    h = hashlib.sha256(ADAPTER_DIGEST_DOMAIN)
+    h.update(struct.pack("<d", float(scaling)))
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        raw = name.encode()
+        h.update(struct.pack("<I", len(raw)) + raw)
+        h.update(struct.pack("<I", t.dim()) + b"".join(struct.pack("<Q", d) for d in t.shape))
+        h.update(t.numpy().astype("<f4", copy=False).tobytes())
+    return h.digest()
+
+
+@dataclass(frozen=True)
+class AdapterBundle:
+    """A version's adapter tensors and scaling, as a peer hands them to a verifier."""
+
+    scaling: float
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def digest(self) -> bytes:
+        return adapter_digest(self.tensors, self.scaling)
+
+    def encode(self) -> bytes:
+        items = [
+            [name, list(t.shape), t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()]
+            for name, t in sorted(self.tensors.items())
+        ]
+        packed: bytes = msgpack.packb([ADAPTER_BUNDLE_TAG, float(self.scaling), items], use_bin_type=True)
+        return packed
+
+    @classmethod
+    def decode(cls, data: bytes) -> AdapterBundle:
+        """Parses bytes; raises AdapterStateError on anything malformed."""
+        if type(data) is not bytes or len(data) > MAX_ADAPTER_BUNDLE_BYTES:
+            raise AdapterStateError(f"an adapter bundle must be bytes of at most {MAX_ADAPTER_BUNDLE_BYTES}")
+        try:
+            items = msgpack.unpackb(data, raw=False, max_map_len=0, max_ext_len=0, max_array_len=MAX_ADAPTER_TENSORS)
+        except Exception as e:  # msgpack raises many unrelated types on garbage
+            raise AdapterStateError(f"adapter bundle is not valid msgpack ({type(e).__name__})") from None
+        if type(items) is not list or len(items) != 3 or items[0] != ADAPTER_BUNDLE_TAG:
+            raise AdapterStateError(f"expected a [{ADAPTER_BUNDLE_TAG!r}, scaling, tensors] array")
+        scaling, raw_tensors = items[1], items[2]
+        if type(scaling) is not float or not math.isfinite(scaling) or type(raw_tensors) is not list:
+            raise AdapterStateError("adapter bundle: scaling must be a finite float and tensors a list")
+        tensors: dict[str, torch.Tensor] = {}
+        for raw in raw_tensors:
+            if type(raw) is not list or len(raw) != 3:
+                raise AdapterStateError("adapter bundle: each tensor must be [name, shape, float32 bytes]")
+            name, shape, blob = raw
+            if (
+                type(name) is not str
+                or name in tensors
+                or type(shape) is not list
+                or not shape
+                or any(type(d) is not int or not 1 <= d <= 2**24 for d in shape)
+                or type(blob) is not bytes
+                or len(blob) != 4 * math.prod(shape)
+            ):
+                raise AdapterStateError(f"adapter bundle: malformed tensor {str(name)[:60]!r}")
+            tensors[name] = torch.from_numpy(np.frombuffer(blob, dtype="<f4").reshape(shape).copy())
+        return cls(scaling, tensors)
+
+
+class AdapterArchive:
+    """Adapter versions named in receipts, by digest, each kept `retention_s` after its last use.
+
+    In memory: a peer that restarts loses it, and its unverified adapted receipts then fail their
+    spot checks ("adapters unavailable"), as for any provider that cannot hand its adapters over.
+    """
+
+    def __init__(self, retention_s: float = ADAPTER_RETENTION_S):
+        self.retention_s = retention_s
+        self._bundles: dict[bytes, tuple[AdapterBundle, float]] = {}
+        self._lock = threading.Lock()
+        self.handed_over = 0  # bundles served to verifiers (peer/adapter_exchange.py)
+
+    def __len__(self) -> int:
+        return len(self._bundles)
+
+    def retain(self, bundle: AdapterBundle, now: float | None = None) -> bytes:
+        """Keeps `bundle` until `retention_s` from now; returns its digest."""
+        now = time.time() if now is None else now
+        digest = bundle.digest
+        with self._lock:
+            self._bundles[digest] = (bundle, now + self.retention_s)
+            for stale in [d for d, (_, until) in self._bundles.items() if until < now]:
+                del self._bundles[stale]
+        return digest
+
+    def touch(self, digest: bytes, now: float | None = None) -> bool:
+        """Extends a retained bundle's retention to `retention_s` from now; False if none is held."""
+        now = time.time() if now is None else now
+        with self._lock:
+            found = self._bundles.get(digest)
+            if found is None or found[1] < now:
+                return False
+            self._bundles[digest] = (found[0], now + self.retention_s)
+            return True
+
+    def get(self, digest: bytes, now: float | None = None) -> AdapterBundle:
+        """The retained bundle with this digest; raises AdapterVersionUnavailableError if none."""
+        now = time.time() if now is None else now
+        with self._lock:
+            found = self._bundles.get(digest)
+        if found is None or found[1] < now:
+            raise AdapterVersionUnavailableError(f"no adapters with digest {digest.hex()[:16]}... are kept here")
+        return found[0]
+
+
+def retain_version(adapters: AdapterSet, archive: AdapterArchive, version: int) -> bytes:
+    """Archives held `version` of `adapters` (a receipt will name it); returns its digest."""
+    state = adapters.state(version)
+    return archive.retain(AdapterBundle(adapters.config.scaling, state.tensors))
+
+
+def _linear_at(layers: nn.ModuleList, first_layer: int, key: str) -> nn.Linear:
+    """The base `nn.Linear` that adapter key `layers.{i}.{path}` names in `layers` (global index i)."""
+    parts = key.split(".")
+    if len(parts) < 3 or parts[0] != "layers" or not parts[1].isdigit():
+        raise AdapterStateError(f"adapter {key[:80]!r} names no layer")
+    offset = int(parts[1]) - first_layer
+    if not 0 <= offset < len(layers):
+        raise AdapterStateError(f"adapter {key[:80]!r} is outside this span")
+    module: nn.Module = layers[offset]
+    for part in parts[2:]:
+        child = getattr(module, part, None)
+        if not isinstance(child, nn.Module):
+            raise AdapterStateError(f"adapter {key[:80]!r} names no module of the layer")
+        module = child
+    if isinstance(module, LoraLinear):
+        module = module.base
+    if not isinstance(module, nn.Linear):
+        raise AdapterStateError(f"adapter {key[:80]!r} names no linear projection")
+    return module
+
+
+@contextlib.contextmanager
+def applied_adapters(layers: nn.ModuleList, first_layer: int, bundle: AdapterBundle) -> Iterator[None]:
+    """Inside: `W + scaling * B @ A` in each adapted projection of `layers`; outside: the exact base weights.
+
+    Merging computes what LoraLinear computes (up to float rounding, far below any spot-check
+    tolerance). Not thread-safe: the caller runs nothing else on these layers meanwhile (a verifier's
+    single compute thread). Raises AdapterStateError if the bundle does not fit the layers.
+    """
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in bundle.tensors:
+        key, _, which = name.rpartition(".")
+        if which not in ("lora_A", "lora_B"):
+            raise AdapterStateError(f"adapter tensor {name[:80]!r} is neither lora_A nor lora_B")
+    for name, a in bundle.tensors.items():
+        key, _, which = name.rpartition(".")
+        if which == "lora_A":
+            b = bundle.tensors.get(f"{key}.lora_B")
+            if b is None:
+                raise AdapterStateError(f"adapter {key[:80]!r} has lora_A without lora_B")
+            pairs[key] = (a, b)
+    if 2 * len(pairs) != len(bundle.tensors) or not torch.isfinite(torch.tensor(bundle.scaling)):
+        raise AdapterStateError("adapter tensors must come in lora_A/lora_B pairs with a finite scaling")
+    deltas: list[tuple[nn.Linear, torch.Tensor]] = []
+    for key, (a, b) in pairs.items():
+        linear = _linear_at(layers, first_layer, key)
+        out_f, in_f = linear.weight.shape
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
+            raise AdapterStateError(f"adapter {key[:80]!r} does not fit a {out_f}x{in_f} projection")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterStateError(f"adapter {key[:80]!r} holds non-finite values")
+        delta = (b.double() @ a.double()) * bundle.scaling
+        deltas.append((linear, delta))
+    saved = [(linear, linear.weight.detach().clone()) for linear, _ in deltas]
+    try:
+        with torch.no_grad():
+            for linear, delta in deltas:
+                linear.weight.add_(delta.to(linear.weight.device, linear.weight.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for linear, original in saved:
+                linear.weight.copy_(original)

@@ -2,7 +2,8 @@
 
 The handler asks it which adapter version a request runs with (`version_scope`), sends it training
 backward passes (`train_backward`), and reports `info()`; `run()` keeps the periodic work going: joining
-replicas' averaging rounds, which are the only way an update goes live.
+replicas' averaging rounds, which are the only way an update goes live. Every adapter version a
+receipt names is archived by digest (`retain_version`) for verifiers to fetch (peer/adapter_exchange.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from hivemind import DHT
 
-from peer.adapters import ATTENTION_TARGETS, AdapterSet, LoraConfig, flatten
+from peer.adapters import ATTENTION_TARGETS, AdapterArchive, AdapterSet, LoraConfig, flatten, retain_version
 from peer.average_check import AverageSketcher
 from peer.averaging import AdapterAverager, AveragingConfig, RoundOutcome
 from peer.canary import CanaryGate
@@ -64,6 +65,9 @@ class SpanLearner:
             tensor.data = tensor.data.to(span.device)
         self.trainer = AdapterTrainer(self.adapters, config.training)
         self.canary = canary
+        self.archive = AdapterArchive()
+        """Versions named in receipts, kept for verifiers (ADAPTER_RETENTION_S after their last use)."""
+        self._receipt_digests: dict[str, bytes] = {}  # AdapterSet.digest (cached per held version) -> ours
         self.averager: AdapterAverager | None = None
         self.last_round: RoundOutcome | None = None
         self._fingerprint = AverageSketcher(self.adapters.num_parameters(), blocks=8)
@@ -83,6 +87,19 @@ class SpanLearner:
         """Forward passes inside use adapter `version` (None: live); yields the version used."""
         with self.adapters.use(version) as used:
             yield used
+
+    def retain_version(self, version: int) -> bytes:
+        """Archives held adapter `version` for verifiers (a receipt will name it); returns its digest.
+
+        Hashing a span's adapters costs a pass over them, so it runs once per version; later sessions on
+        the same version only extend its retention."""
+        held = self.adapters.digest(version)  # raises AdapterVersionUnavailableError for a version not held
+        digest = self._receipt_digests.get(held)
+        if digest is not None and self.archive.touch(digest):
+            return digest
+        digest = retain_version(self.adapters, self.archive, version)
+        self._receipt_digests[held] = digest
+        return digest
 
     def train_backward(
         self, hidden: torch.Tensor, grad_out: torch.Tensor, blocks: range, contributor: str
@@ -116,6 +133,8 @@ class SpanLearner:
             "adapter_version": self.adapters.live_version,
             "adapter_fingerprint": [round(float(x), 7) for x in self._fingerprint.sketch(live).sums],
             "adapter_parameters": self.adapters.num_parameters(),
+            "adapters_retained": len(self.archive),
+            "adapters_served": self.archive.handed_over,
         }
         if self.canary is not None:
             info["canary_rollbacks"] = len(self.canary.rollbacks)

@@ -34,6 +34,8 @@ from economy.presigned_settlement import PresignedSettlement, check_offer
 from economy.pricing import ProviderRate
 from economy.receipt_store import ReceiptStore
 from economy.receipts import (
+    NO_EXPIRY,
+    RECEIPT_LIFETIME_BLOCKS,
     MalformedReceiptError,
     NothingToBillError,
     ReplayedReceiptError,
@@ -187,7 +189,7 @@ class ReceiptService:
             metadata = protocol.unpack_metadata(request.metadata)
             op = protocol.get_field(metadata, "op", str)
             if op == "propose":
-                reply = self._propose(metadata)
+                reply = self._propose(metadata, await self._expiry())
             elif op == "deliver":
                 reply = await self._deliver(metadata)
             else:
@@ -197,7 +199,18 @@ class ReceiptService:
             self.receipts_rejected += 1
             return wire_errors.reply_for(e, "receipt RPC", logger)
 
-    def _propose(self, metadata: dict) -> dict:
+    async def _expiry(self) -> int:
+        """expires_at for a receipt proposed now: the chain head + RECEIPT_LIFETIME_BLOCKS (NO_EXPIRY offline)."""
+        if self.ledger is None:
+            return NO_EXPIRY
+
+        def head() -> int:
+            with self.chain_lock:
+                return int(self.ledger.substrate.get_block_number(None))
+
+        return await asyncio.to_thread(head) + RECEIPT_LIFETIME_BLOCKS
+
+    def _propose(self, metadata: dict, expires_at: int) -> dict:
         session = self.meters.get(protocol.get_field(metadata, "session_id", str))
         if session.pending is None:
             usage, before, after = session.meter.close_segment()
@@ -220,7 +233,9 @@ class ReceiptService:
                 commitment=after,
                 issued_at=int(time.time()),
                 adapter_version=session.adapter_version,
+                adapter_digest=session.adapter_digest,
                 dtype=self.meters.dtype,
+                expires_at=expires_at,
             )
         receipt = session.pending
         return {"receipt": receipt.encode(), "provider_signature": sign_as_provider(receipt, self.keypair)}

@@ -1,9 +1,11 @@
-"""An honest learning peer is never failed by a spot check.
+"""Adapted work is spot-checked like base-weight work, and an honest learning peer is never failed.
 
-Receipts state the adapter version a session ran with (signed by both parties). Verifiers hold the
-base model only, so they re-run base-weight work (adapter_version 0) and abstain on anything else;
-clients do not even send such samples. Two levels: real Llama blocks with a promoted LoRA version
-and an in-process `Verifier`; then a real swarm (learning billing peer, `dllm verify`, dev chain).
+Receipts state the adapter version a session ran with AND the sha256 of that version's adapters
+(signed by both parties). A verifier fetches those adapters by digest (from the provider or a replica),
+checks them against the receipt, and re-runs the work with them; a provider that does not hand them
+over gets a failing verdict ("adapters unavailable"). Levels: real Llama blocks with a promoted LoRA
+version and an in-process `Verifier`; the adapter exchange over real hivemind P2P; then a real swarm
+(learning billing peer, `dllm verify`, dev chain).
 """
 
 from __future__ import annotations
@@ -14,23 +16,44 @@ import time
 import msgpack
 import pytest
 import torch
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from chain.ledger import ComputeLedger
 from dllm.verifier import Verifier, VerifierConfig
+from economy.evidence_store import EvidenceStore
 from economy.metering import StepKind, UsageMeter
 from economy.pricing import ProviderRate
-from economy.receipts import BASE_WEIGHTS, TRAINING_ADAPTERS, SignedReceipt, UsageReceipt, receipt_for_segment
-from economy.verification import Tolerance, compare_activations, recheck
+from economy.receipts import (
+    BASE_WEIGHTS,
+    NO_ADAPTER_DIGEST,
+    TRAINING_ADAPTERS,
+    MalformedReceiptError,
+    SignedReceipt,
+    TrainingClaimError,
+    UsageReceipt,
+    check_claim,
+    receipt_for_segment,
+)
+from economy.verification import ADAPTERS_UNAVAILABLE, SignedVerdict, Tolerance, compare_activations, recheck
 from economy.work_sample import SampledStep, UnverifiableSampleError, WorkSample
-from peer.adapters import AdapterSet, LoraConfig
+from peer.adapter_exchange import AdapterServer, fetch_adapters
+from peer.adapters import (
+    AdapterArchive,
+    AdapterBundle,
+    AdapterDigestMismatchError,
+    AdapterSet,
+    LoraConfig,
+    adapter_digest,
+    applied_adapters,
+    retain_version,
+)
 from peer.blocks import load_span_layers
 from peer.span import SpanRunner
 from swarm.billing import BillingConfig
 from swarm.client import ClientConfig, DistributedModel, GenerationParams
 from swarm.model_files import load_config
-from swarm.protocol import HANDLER_VERIFY
+from swarm.protocol import HANDLER_VERIFY, RemotePeerError
 from tests.economy.swarm_economy import UNIT, funded_key, start_verifier
 from tests.peer.learning_swarm import (
     FACTS,
@@ -73,10 +96,22 @@ def _learning_span(model_path, promote: bool) -> tuple[SpanRunner, AdapterSet, i
     return span, adapters, version
 
 
+def _digest_of(adapters: AdapterSet, version: int) -> bytes:
+    if version in (BASE_WEIGHTS, TRAINING_ADAPTERS):
+        return NO_ADAPTER_DIGEST
+    return adapter_digest(adapters.state(version).tensors, adapters.config.scaling)
+
+
 def _serve(
-    span: SpanRunner, adapters: AdapterSet, keys, adapter_version: int, claimed_version: int | None = None
+    span: SpanRunner,
+    adapters: AdapterSet,
+    keys,
+    adapter_version: int,
+    claimed_version: int | None = None,
+    corrupt_step: int | None = None,
 ) -> WorkSample:
-    """A prompt + 6 cached decode steps served as a peer does, metered, co-signed with the claimed version."""
+    """A prompt + 6 cached decode steps served as a peer does, metered, co-signed with the claimed version
+    (and that version's digest); `corrupt_step` returns that step's outputs scaled by 1.1."""
     g = torch.Generator().manual_seed(11)
     inputs = [torch.randn(1, 8, span.hidden_size, generator=g)] + [
         torch.randn(1, 1, span.hidden_size, generator=g) for _ in range(6)
@@ -87,11 +122,14 @@ def _serve(
     for i, x in enumerate(inputs):
         with torch.no_grad(), adapters.use(adapter_version):
             out = span.forward(x, cache=cache).float()
+        if i == corrupt_step:
+            out = out * 1.1
         kind = StepKind.PROMPT if i == 0 else StepKind.GENERATED
         meter.record_step(kind, x.shape[1], x, out)
         steps.append(SampledStep(kind, position, x, out))
         position += x.shape[1]
     usage, before, after = meter.close_segment()
+    claimed = adapter_version if claimed_version is None else claimed_version
     receipt = receipt_for_segment(
         network="dllm-dev",
         session_id=b"adapted-session",
@@ -107,56 +145,219 @@ def _serve(
         commitment_before=before,
         commitment=after,
         issued_at=int(time.time()),
-        adapter_version=adapter_version if claimed_version is None else claimed_version,
+        adapter_version=claimed,
+        adapter_digest=_digest_of(adapters, claimed)
+        if claimed not in (BASE_WEIGHTS, TRAINING_ADAPTERS)
+        else NO_ADAPTER_DIGEST,
     )
     return WorkSample(SignedReceipt.create(receipt, keys["bob"], keys["alice"]), tuple(steps))
 
 
-def test_receipt_signs_the_adapter_version(make_receipt) -> None:
+class _Sources:
+    """In-process stand-in for the swarm: peer id -> what that peer hands over for a digest."""
+
+    def __init__(self, **peers: AdapterArchive | None):
+        self.peers = peers
+        self.calls: list[str] = []
+
+    async def sources(self, receipt: UsageReceipt) -> list[str]:
+        return list(self.peers)
+
+    async def fetch(self, peer_id: str, digest: bytes) -> AdapterBundle:
+        self.calls.append(peer_id)
+        archive = self.peers[peer_id]
+        if archive is None:
+            raise RemotePeerError("refused", peer_id, "invalid_request")
+        return archive.get(digest) if digest in archive._bundles else next(iter(archive._bundles.values()))[0]
+
+
+def _verifier(span: SpanRunner, tmp_path, sources: _Sources | None = None) -> Verifier:
+    config = VerifierConfig(model="tiny", key="//Charlie", initial_peers=[])
+    verifier = Verifier(config, span, "tiny", None, EvidenceStore(tmp_path / "evidence.sqlite3"))
+    verifier.adapter_fetch_backoff_s = 0.05
+    if sources is not None:
+        verifier.adapter_sources, verifier.fetch_adapters = sources.sources, sources.fetch
+    return verifier
+
+
+def test_receipt_signs_the_adapter_version_and_digest(make_receipt) -> None:
     signed = make_receipt()
-    assert signed.receipt.adapter_version == BASE_WEIGHTS and signed.receipt.base_weights
-    for version in (1, 7, TRAINING_ADAPTERS):
-        adapted = UsageReceipt(**{**signed.receipt.__dict__, "adapter_version": version})
-        assert UsageReceipt.decode(adapted.encode()) == adapted and not adapted.base_weights
-        assert adapted.receipt_id != signed.receipt_id  # the version is part of what both parties sign
+    r = signed.receipt
+    assert r.adapter_version == BASE_WEIGHTS and r.base_weights and r.adapter_digest == NO_ADAPTER_DIGEST
+    for version in (1, 7):
+        adapted = UsageReceipt(**{**r.__dict__, "adapter_version": version, "adapter_digest": bytes([version]) * 32})
+        assert UsageReceipt.decode(adapted.encode()) == adapted and adapted.published_adapters
+        assert adapted.receipt_id != r.receipt_id  # version and digest are part of what both parties sign
+        other = UsageReceipt(**{**adapted.__dict__, "adapter_digest": bytes(31) + b"\x01"})
+        assert other.receipt_id != adapted.receipt_id
+        with pytest.raises(MalformedReceiptError, match="adapter digest"):  # a version without its digest
+            UsageReceipt.decode(UsageReceipt(**{**adapted.__dict__, "adapter_digest": NO_ADAPTER_DIGEST}).encode())
+    training = UsageReceipt(**{**r.__dict__, "adapter_version": TRAINING_ADAPTERS})
+    assert UsageReceipt.decode(training.encode()) == training and not training.published_adapters
 
 
-def test_verifier_abstains_on_adapted_work_and_still_catches_a_false_base_claim(tiny_model_path, keys) -> None:
+def test_adapter_digest_is_canonical_and_merging_restores_the_weights(tiny_model_path) -> None:
     span, adapters, version = _learning_span(tiny_model_path, promote=True)
-    honest = _serve(span, adapters, keys, version)
+    state = adapters.state(version)
+    digest = adapter_digest(state.tensors, adapters.config.scaling)
+    # Computable from the tensors alone: order, device copies and dtype of the holder do not matter.
+    shuffled = {name: state.tensors[name].double() for name in reversed(list(state.tensors))}
+    assert adapter_digest(shuffled, adapters.config.scaling) == digest
+    assert AdapterBundle.decode(AdapterBundle(adapters.config.scaling, state.tensors).encode()).digest == digest
+    assert adapter_digest(state.tensors, adapters.config.scaling * 2) != digest  # the scaling is covered
+    changed = dict(state.tensors)
+    name = next(n for n in changed if n.endswith("lora_B"))
+    changed[name] = changed[name].clone()
+    changed[name][0, 0] += 1e-6
+    assert adapter_digest(changed, adapters.config.scaling) != digest
+
     base = _span(tiny_model_path)
+    before = {n: p.detach().clone() for n, p in base.layers.named_parameters()}
+    with applied_adapters(base.layers, 0, AdapterBundle(adapters.config.scaling, state.tensors)):
+        assert any(not torch.equal(p, before[n]) for n, p in base.layers.named_parameters())
+    assert all(torch.equal(p, before[n]) for n, p in base.layers.named_parameters())
+
+
+def test_learning_provider_is_checked_with_its_adapters(tiny_model_path, keys, tmp_path) -> None:
+    """Honest adapted work passes; corrupted adapted work is caught; a false base claim is caught."""
+    span, adapters, version = _learning_span(tiny_model_path, promote=True)
+    provider = AdapterArchive()
+    retain_version(adapters, provider, version)
+    sources = _Sources(provider=provider)
+    base = _span(tiny_model_path)
+    honest = _serve(span, adapters, keys, version)
     inputs, positions, claimed = honest.forward_batch()
-    with torch.no_grad():
+    with torch.no_grad():  # the honest adapted outputs are far from a base re-run: why adapters must be fetched
         plain = base.forward(inputs, position_ids=positions)
-    # The honest adapted outputs are far from a base re-run: judging them would fail an honest peer.
     assert not compare_activations(claimed, plain, Tolerance.for_dtype(torch.float32)).passed
 
-    verifier = Verifier(VerifierConfig(model="tiny", key="//Charlie", initial_peers=[]), base, "tiny", bus=None)
+    verifier = _verifier(base, tmp_path, sources)
     try:
-        with pytest.raises(UnverifiableSampleError, match=f"adapter version {version}"):
-            asyncio.run(verifier.check(honest))
-        assert (verifier.stats.unverifiable, verifier.stats.checked, verifier.stats.failed) == (1, 0, 0)
+        verdict = asyncio.run(verifier.check(honest)).verdict
+        assert verdict.passed and verdict.reason == "", verdict
+        assert verdict.worst_error_ppm < Tolerance.for_dtype("float32", 4).rel_l2 * 1e6
+        corrupted = asyncio.run(verifier.check(_serve(span, adapters, keys, version, corrupt_step=3))).verdict
+        assert not corrupted.passed and corrupted.worst_error_ppm > 50_000, corrupted
+        lying = asyncio.run(verifier.check(_serve(span, adapters, keys, version, claimed_version=BASE_WEIGHTS)))
+        assert not lying.verdict.passed  # adapted outputs under a "base weights" receipt
+        # The verifier's span is its base model again after each adapted re-run.
+        fresh, fresh_adapters, _ = _learning_span(tiny_model_path, promote=False)
+        assert asyncio.run(verifier.check(_serve(fresh, fresh_adapters, keys, BASE_WEIGHTS))).verdict.passed
+        assert (verifier.stats.checked, verifier.stats.failed, verifier.stats.unverifiable) == (4, 2, 0)
+        assert sources.calls == ["provider", "provider"]  # one fetch per adapted check
+        # A training pass (unpublished working adapters) is never judged.
         with pytest.raises(UnverifiableSampleError, match="training pass"):
             asyncio.run(verifier.check(_serve(span, adapters, keys, version, claimed_version=TRAINING_ADAPTERS)))
-        with pytest.raises(UnverifiableSampleError):  # recheck itself refuses too (defence in depth)
+        with pytest.raises(UnverifiableSampleError):  # recheck refuses a base re-run of adapted work too
             recheck(honest, base.forward, Tolerance())
-
-        # Work served with the base weights by a learning peer (version 0: B is zero) passes.
-        fresh, fresh_adapters, _ = _learning_span(tiny_model_path, promote=False)
-        at_zero = _serve(fresh, fresh_adapters, keys, BASE_WEIGHTS)
-        assert asyncio.run(verifier.check(at_zero)).verdict.passed
-        # A provider that signs "base weights" for adapted outputs is judged, and fails.
-        lying = _serve(span, adapters, keys, version, claimed_version=BASE_WEIGHTS)
-        assert not asyncio.run(verifier.check(lying)).verdict.passed
-        assert (verifier.stats.unverifiable, verifier.stats.checked, verifier.stats.failed) == (2, 2, 1)
     finally:
         verifier.close()
+    # A verifier that cannot fetch adapters at all abstains rather than judging with the wrong weights.
+    blind = _verifier(base, tmp_path)
+    try:
+        with pytest.raises(UnverifiableSampleError, match=f"adapter version {version}"):
+            asyncio.run(blind.check(honest))
+    finally:
+        blind.close()
+
+
+def test_provider_that_refuses_its_adapters_fails_the_check(tiny_model_path, keys, tmp_path) -> None:
+    span, adapters, version = _learning_span(tiny_model_path, promote=True)
+    sources = _Sources(provider=None)  # answers every adapters request with a refusal
+    verifier = _verifier(_span(tiny_model_path), tmp_path, sources)
+    try:
+        signed = asyncio.run(verifier.check(_serve(span, adapters, keys, version)))
+        assert not signed.verdict.passed and signed.verdict.reason == ADAPTERS_UNAVAILABLE
+        assert sources.calls == ["provider"] * verifier.adapter_fetch_attempts  # a bounded retry, then the verdict
+        assert (verifier.stats.checked, verifier.stats.failed) == (1, 1)
+        assert verifier.store.sample(signed.verdict.evidence_hash) is not None  # kept as evidence
+        assert verifier.store.verdicts_on(signed.verdict.evidence_hash) == [signed]
+    finally:
+        verifier.close()
+
+
+def test_adapters_not_matching_the_receipt_digest_are_refused(tiny_model_path, keys, tmp_path) -> None:
+    span, adapters, version = _learning_span(tiny_model_path, promote=True)
+    sample = _serve(span, adapters, keys, version)
+    # The provider hands over other adapters (those of version 0, which it also "has"): refused by digest.
+    other = AdapterArchive()
+    retain_version(adapters, other, BASE_WEIGHTS)
+    sources = _Sources(provider=other)
+    verifier = _verifier(_span(tiny_model_path), tmp_path, sources)
+    try:
+        signed = asyncio.run(verifier.check(sample))
+        assert not signed.verdict.passed and signed.verdict.reason == ADAPTERS_UNAVAILABLE
+        assert len(sources.calls) == verifier.adapter_fetch_attempts
+    finally:
+        verifier.close()
+    # A replica of the span holding the right version is as good a source: the check passes.
+    replica = AdapterArchive()
+    retain_version(adapters, replica, version)
+    sources = _Sources(provider=other, replica=replica)
+    verifier = _verifier(_span(tiny_model_path), tmp_path / "second", sources)
+    try:
+        assert asyncio.run(verifier.check(sample)).verdict.passed
+        assert sources.calls == ["provider", "replica"]
+    finally:
+        verifier.close()
+
+
+def test_client_refuses_a_training_claim_on_work_without_a_backward_pass(tiny_model_path, keys) -> None:
+    """A training pass is the one kind of work never re-run: a provider must not claim it to dodge checks."""
+    span, adapters, version = _learning_span(tiny_model_path, promote=True)
+    for claimed in (version, BASE_WEIGHTS):
+        r = _serve(span, adapters, keys, version, claimed_version=claimed).receipt.receipt
+        check_claim(r, r.usage, r.commitment, r.rate, r.params_served)
+    r = _serve(span, adapters, keys, version, claimed_version=TRAINING_ADAPTERS).receipt.receipt
+    with pytest.raises(TrainingClaimError, match="no backward pass"):
+        check_claim(r, r.usage, r.commitment, r.rate, r.params_served)
+
+
+def test_adapters_travel_by_digest_over_p2p(tiny_model_path) -> None:
+    """`dllm.v1.adapters` on real hivemind P2P: streamed, checked against the digest asked for."""
+    _, adapters, version = _learning_span(tiny_model_path, promote=True)
+    archive = AdapterArchive()
+    digest = retain_version(adapters, archive, version)
+
+    async def run() -> None:
+        server = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        client = await P2P.create(initial_peers=[str(m) for m in await server.get_visible_maddrs()])
+        try:
+            await AdapterServer(archive).add_handlers(server)
+            peer = server.peer_id.to_base58()
+            bundle = await fetch_adapters(client, peer, digest, timeout_s=30)
+            assert bundle.digest == digest and set(bundle.tensors) == set(adapters.names)
+            with pytest.raises(RemotePeerError, match="no adapters with digest"):
+                await fetch_adapters(client, peer, bytes(32), timeout_s=30)
+            archive._bundles[bytes(32)] = archive._bundles[digest]  # a peer answering other adapters
+            with pytest.raises(AdapterDigestMismatchError):
+                await fetch_adapters(client, peer, bytes(32), timeout_s=30)
+        finally:
+            await client.shutdown()
+            await server.shutdown()
+
+    asyncio.run(run())
+
+
+def test_archive_keeps_versions_for_the_retention_period() -> None:
+    archive = AdapterArchive(retention_s=100.0)
+    bundle = AdapterBundle(
+        2.0, {"layers.0.q_proj.lora_A": torch.ones(2, 3), "layers.0.q_proj.lora_B": torch.zeros(3, 2)}
+    )
+    digest = archive.retain(bundle, now=1000.0)
+    assert archive.get(digest, now=1099.0) is bundle
+    assert archive.touch(digest, now=1050.0)  # a later session on the same version extends it
+    assert archive.get(digest, now=1149.0) is bundle
+    with pytest.raises(Exception, match="no adapters"):
+        archive.get(digest, now=1151.0)
 
 
 # ------------------------------------------------------------------ swarm level: learning peer, dllm verify, dev chain
 
 
-def test_learning_peer_with_live_adapters_gets_no_failing_verdict(dev_chain, local_swarm, tiny_model_path, tmp_path):
+def test_learning_peer_is_spot_checked_with_its_live_adapters_and_passes(
+    dev_chain, local_swarm, tiny_model_path, tmp_path
+):
     ledger = ComputeLedger(dev_chain.url)
     try:
         peer_uri, _ = funded_key(ledger)
@@ -210,27 +411,35 @@ def test_learning_peer_with_live_adapters_gets_no_failing_verdict(dev_chain, loc
         ids = {"learner": peer.info["peer_id"]}
         live = wait_for_peers(model, ids, lambda i: i["adapter_version"] >= 1, 60, "a live adapter version")["learner"]
 
-        # A session on the live adapters: its receipt states the version, it is paid, and it is not sent.
+        # A session on the live adapters: its receipt states the version and digest, it is paid, and it is
+        # spot-checked like any other: the verifier fetches the adapters from the learner by digest and passes it.
         adapted = model.generate(FACTS[0][0], greedy)
         model._loop.run(core.billing.flush())
         session = adapted.billing
         assert session is not None
         (signed,) = session.receipts
         assert signed.receipt.adapter_version >= live["adapter_version"] >= 1
-        assert core.billing.unverifiable_samples == [signed.receipt_id]
-        assert len(core.billing.verdicts) == 1 and core.billing.sample_failures == []
+        assert signed.receipt.published_adapters and signed.receipt.adapter_digest != NO_ADAPTER_DIGEST
+        assert core.billing.unverifiable_samples == []
+        assert [v.verdict.passed for v in core.billing.verdicts] == [True, True], core.billing.sample_failures
+        assert core.billing.verdicts[-1].verdict.receipt_id == signed.receipt.receipt_id_bytes
 
-        # Even if a client sends it, the verifier abstains: no verdict, counted as unverifiable.
+        # The honest adapted outputs would fail a base re-run: only the fetched adapters make the check fair.
         (meter,) = session.meters.values()
         sample = WorkSample(signed, tuple(meter.steps))
         inputs, positions, claimed = sample.forward_batch()
         base = SpanRunner(
             load_config(tiny_model_path), load_span_layers(tiny_model_path, load_config(tiny_model_path), 0, 8), 0, 8
         )
-        with torch.no_grad():  # the honest adapted outputs would fail a base re-run
+        with torch.no_grad():
             assert not compare_activations(
                 claimed, base.forward(inputs, position_ids=positions), Tolerance.for_dtype(torch.float32)
             ).passed
+        stats = peer_info(model, verifier.info["peer_id"])
+        assert (stats["checked"], stats["failed"], stats["unverifiable"]) == (2, 0, 0), stats
+        assert stats["rejected"] == {}, stats
+        learner_info = peer_info(model, peer.info["peer_id"])
+        assert learner_info["adapters_served"] >= 1, learner_info
         request = runtime_pb2.ExpertRequest(metadata=msgpack.packb({"sample": sample.encode()}, use_bin_type=True))
         response = model._loop.run(
             core.p2p.call_protobuf_handler(
@@ -238,9 +447,6 @@ def test_learning_peer_with_live_adapters_gets_no_failing_verdict(dev_chain, loc
             )
         )
         reply = msgpack.unpackb(response.metadata, raw=False)
-        assert reply["error"]["kind"] == "unverifiable" and "verdict" not in reply, reply
-        stats = peer_info(model, verifier.info["peer_id"])
-        assert (stats["checked"], stats["failed"], stats["unverifiable"]) == (1, 0, 1), stats
-        assert stats["rejected"] == {}, stats
+        assert SignedVerdict.decode(reply["verdict"]).verdict.passed, reply
     finally:
         model.close()
