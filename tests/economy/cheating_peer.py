@@ -56,6 +56,13 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--settle-interval", type=float, default=30.0)
+    # A learning cheater: adapters as `dllm peer join` makes them (training and canary passes run uncached,
+    # so they stay honest; the served inference steps are corrupted with or without adapters).
+    parser.add_argument("--adapter-rank", type=int, default=0)
+    parser.add_argument("--averaging-period", type=float, default=30.0)
+    parser.add_argument("--train-step-batch", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--canary-file", type=Path, default=None)
     args = parser.parse_args()
 
     from chain.errors import AlreadyRegisteredError
@@ -78,6 +85,11 @@ def main() -> None:
             chain_url=args.chain_url,
             receipts_path=args.receipts,
             settle_interval_s=args.settle_interval,
+            adapter_rank=args.adapter_rank,
+            averaging_period_s=args.averaging_period,
+            train_step_batch=args.train_step_batch,
+            learning_rate=args.learning_rate,
+            canary_file=args.canary_file,
         )
     )
     serve_until_signal(service, on_ready=lambda: print(service.ready_line, flush=True))

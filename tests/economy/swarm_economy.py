@@ -74,6 +74,7 @@ def start_cheater(
     stake_units: int = 5,
     fraction: float = 0.2,
     seed: int = 7,
+    extra: tuple[str, ...] = (),
 ) -> ManagedProcess:
     """The corrupting test peer (tests/economy/cheating_peer.py) as a managed process of `swarm`."""
     log_path = swarm.workdir / f"cheater-{receipts.stem}.log"
@@ -103,6 +104,7 @@ def start_cheater(
         str(seed),
         "--settle-interval",
         "2",
+        *extra,
     ]
     env = {**swarm.env, "PYTHONPATH": str(REPO) + os.pathsep + swarm.env.get("PYTHONPATH", "")}
     with open(log_path, "w") as log:
@@ -112,12 +114,15 @@ def start_cheater(
     return swarm.wait_ready(proc, timeout=120)
 
 
-def start_verifier(swarm: LocalSwarm, uri: str, chain_url: str, council: list[str] = ()) -> ManagedProcess:
-    """`dllm verify` (the verifier process) signing with `uri` (plus council keys: it also tallies and slashes)."""
-    extra = ["--chain-url", chain_url]
-    for key in council:
-        extra += ["--council-key", key]
-    return swarm.start_verifier(uri, *extra)
+def start_verifier(swarm: LocalSwarm, uri: str, chain_url: str) -> ManagedProcess:
+    """`dllm verify` (the verifier process) signing its verdicts with `uri` (it holds no council key)."""
+    return swarm.start_verifier(uri, "--chain-url", chain_url)
+
+
+def start_council(swarm: LocalSwarm, chain_url: str, members: tuple[str, ...] = ("//Alice", "//Bob")) -> list:
+    """One `dllm council` process per member key (each holds its one key), started together, all ready."""
+    procs = [swarm.start_council_member(key, chain_url, wait=False) for key in members]
+    return [swarm.wait_council_ready(proc) for proc in procs]
 
 
 def store_totals(path: Path) -> dict[str, tuple[int, int]]:

@@ -54,7 +54,7 @@ from swarm.billing import BillingConfig
 from swarm.client import ClientConfig, DistributedModel, GenerationParams
 from swarm.model_files import load_config
 from swarm.protocol import HANDLER_VERIFY, RemotePeerError
-from tests.economy.swarm_economy import UNIT, funded_key, start_verifier
+from tests.economy.swarm_economy import UNIT, funded_key, start_cheater, start_verifier
 from tests.peer.learning_swarm import (
     FACTS,
     FACTS_CANARY,
@@ -448,5 +448,56 @@ def test_learning_peer_is_spot_checked_with_its_live_adapters_and_passes(
         )
         reply = msgpack.unpackb(response.metadata, raw=False)
         assert SignedVerdict.decode(reply["verdict"]).verdict.passed, reply
+    finally:
+        model.close()
+
+
+def test_learning_cheater_with_live_adapters_is_caught(dev_chain, local_swarm, tiny_model_path, tmp_path):
+    """A learning peer whose served steps are all corrupted gets version >= 1 live: its adapted session is still
+    sent, re-run with the adapters fetched from it by digest, and fails."""
+    ledger = ComputeLedger(dev_chain.url)
+    try:
+        peer_uri, _ = funded_key(ledger)
+        client_uri, _ = funded_key(ledger, 1000 * UNIT)
+    finally:
+        ledger.close()
+    canary = tmp_path / "canary.txt"
+    canary.write_text(FACTS_CANARY)
+    verifier = start_verifier(local_swarm, "//Alice", dev_chain.url)
+    cheater = start_cheater(
+        local_swarm,
+        "0:8",
+        peer_uri,
+        dev_chain.url,
+        tmp_path / "cheater.sqlite3",
+        rate=RATE,
+        fraction=1.0,
+        extra=learning_args(PERIOD, canary),
+    )
+    billing = BillingConfig(dev_chain.url, client_uri, sample_rate=1.0, verifiers_per_sample=1)
+    model = DistributedModel.from_pretrained(
+        str(tiny_model_path), local_swarm.initial_peers, config=ClientConfig(billing=billing)
+    )
+    core = model.core
+    try:
+        wait_until(lambda: model._loop.run(core.billing.verifier_peers()), 30, "the verifier in the DHT")
+        just_after_round(PERIOD)
+        for _ in range(2):  # training passes run uncached: honest, so the update passes the canary
+            for prompt, completion in FACTS:
+                model.feedback(prompt, completion)
+        ids = {"cheater": cheater.info["peer_id"]}
+        wait_for_peers(model, ids, lambda i: i["adapter_version"] >= 1, 60, "a live adapter version")
+
+        adapted = model.generate(FACTS[0][0], GenerationParams(max_new_tokens=4, ignore_eos=True))
+        model._loop.run(core.billing.flush())
+        assert adapted.billing is not None
+        (signed,) = adapted.billing.receipts
+        assert signed.receipt.adapter_version >= 1 and signed.receipt.published_adapters
+        (verdict,) = [v.verdict for v in core.billing.verdicts]
+        assert not verdict.passed and verdict.reason == "" and verdict.worst_error_ppm > 50_000, verdict
+        assert verdict.receipt_id == signed.receipt.receipt_id_bytes
+        assert peer_info(model, cheater.info["peer_id"])["adapters_served"] >= 1  # re-run with its own adapters
+        stats = peer_info(model, verifier.info["peer_id"])
+        assert (stats["checked"], stats["failed"], stats["unverifiable"]) == (1, 1, 0), stats
     finally:
         model.close()
