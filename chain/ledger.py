@@ -290,6 +290,48 @@ class ComputeLedger:
                         found[keys[key]] = (int.from_bytes(raw[0:4], "little"), int.from_bytes(raw[4:8], "little"))
         return found
 
+    def open_markers(self, client_ss58: str) -> dict[bytes, tuple[int, int]]:
+        """Every receipt marker the client holds open: receipt id -> (height, index) of the extrinsic that made it."""
+        marker = self.marker_account(client_ss58)
+        prefix = "0x" + (storage_prefix("Multisig", "Multisigs") + twox64_concat(marker)).hex()
+        ids: list[bytes] = []
+        start_key: str | None = None
+        while True:  # keys are prefix + blake2_128(receipt id) + receipt id: the id is the last 32 bytes
+            page = self.substrate.rpc_request("state_getKeysPaged", [prefix, 1000, start_key])["result"]
+            ids += [bytes.fromhex(key[-64:]) for key in page]
+            if len(page) < 1000:
+                break
+            start_key = page[-1]
+        return self.marker_timepoints(client_ss58, ids) if ids else {}
+
+    def release_markers(self, client: Keypair, receipt_ids: list[bytes]) -> ChainResult | None:
+        """Cancels the client's markers of `receipt_ids` in one batch (`Multisig.cancel_as_multi` each), which
+        returns each marker's deposit. Ids without a marker are skipped; None when none has one.
+
+        Only for receipts that have EXPIRED (economy.receipts): a released marker no longer blocks a second
+        settlement of its receipt, and what refuses one then is the receipt's expiry (the settlement era).
+        """
+        registry = "0x" + RECEIPT_REGISTRY_ACCOUNT.hex()
+        timepoints = self.marker_timepoints(client.ss58_address, receipt_ids)
+        if not timepoints:
+            return None
+        calls = [
+            self._call(
+                "Multisig",
+                "cancel_as_multi",
+                {
+                    "threshold": 2,
+                    "other_signatories": [registry],
+                    "timepoint": {"height": height, "index": index},
+                    "call_hash": "0x" + rid.hex(),
+                },
+            )
+            for rid, (height, index) in timepoints.items()
+        ]
+        call = self._batch(calls)
+        self._require_funds(client, call, 0)
+        return self.submitter.submit(client, call)
+
     def extrinsic_effects(self, height: int, index: int) -> ExtrinsicEffects:
         """What extrinsic `index` of block `height` did (its events); cached, one block read per extrinsic."""
         cached = self._effects.get((height, index))
@@ -510,6 +552,34 @@ class ComputeLedger:
         self._check_members(council)
         call = self._slash_call(provider_ss58, amount, evidence_hash, beneficiary_ss58)
         return self._council_execute(council, call)
+
+    def approve_slash(
+        self,
+        member: Keypair,
+        provider_ss58: str,
+        evidence_hash: bytes,
+        amount: int | None = None,
+        beneficiary_ss58: str | None = None,
+    ) -> ChainResult | None:
+        """One council member's signature on the slash citing `evidence_hash`, as a process holding ONE key
+        gives it: the first member opens the Multisig operation (`propose_slash`), a later one approves it,
+        and the one whose signature reaches the threshold executes it. Returns the execution's result, or
+        None when this signature only opened or approved the slash (or this member had signed it already)."""
+        if not self.config.council.is_member(member.public_key):
+            raise QuorumError(f"{member.ss58_address} is not a council member")
+        call = self._slash_call(provider_ss58, amount, evidence_hash, beneficiary_ss58)
+        raw_hash = blake2_256(call.data.data)
+        pending = self._pending_council_operation(raw_hash)
+        if pending is None:
+            self.propose_slash(member, provider_ss58, amount, evidence_hash, beneficiary_ss58)
+            return None
+        approved = {account_id(a) for a in pending["approvals"]}
+        if member.public_key in approved:
+            return None
+        if len(approved) + 1 < self.config.council.threshold:
+            self._multisig_approve(member, "0x" + raw_hash.hex(), dict(pending["when"]))
+            return None
+        return self._council_execute([member], call)
 
     # ---- council multisig ----------------------------------------------------------------------------
     def _check_members(self, council: list[Keypair]) -> dict[bytes, Keypair]:

@@ -69,6 +69,13 @@ ChainKey = Annotated[
     ),
 ]
 Host = Annotated[str, typer.Option("--host", help="Address to listen on (keep 127.0.0.1 unless you mean it).")]
+GossipPort = Annotated[
+    int, typer.Option("--gossip-port", min=0, max=65535, help="TCP port of the gossip node (0: free).")
+]
+GossipPeer = Annotated[
+    list[str] | None,
+    typer.Option("--gossip-peer", help="Gossip node multiaddr to dial (others are found in the DHT)."),
+]
 MinStake = Annotated[
     int,
     typer.Option(
@@ -659,28 +666,8 @@ def verify(
     model: ModelOption = None,
     chain_url: ChainUrl = None,
     chain_key: ChainKey = None,
-    council_key: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--council-key",
-            help="Council member key (repeat up to the threshold): this verifier also tallies "
-            "verdicts and slashes on chain.",
-        ),
-    ] = None,
-    authorized: Annotated[
-        list[str] | None,
-        typer.Option("--verifier", help="Account whose verdicts count (repeatable; default: the dev council members)."),
-    ] = None,
-    threshold: Annotated[
-        int, typer.Option("--threshold", min=1, help="Failing verdicts from distinct verifiers to slash.")
-    ] = 2,
-    gossip_port: Annotated[
-        int, typer.Option("--gossip-port", min=0, max=65535, help="TCP port of the gossip node (0: free).")
-    ] = 0,
-    gossip_peer: Annotated[
-        list[str] | None,
-        typer.Option("--gossip-peer", help="Gossip node multiaddr to dial (others are found in the DHT)."),
-    ] = None,
+    gossip_port: GossipPort = 0,
+    gossip_peer: GossipPeer = None,
     probe: Annotated[
         bool,
         typer.Option(
@@ -715,7 +702,7 @@ def verify(
         ),
     ] = None,
 ) -> None:
-    """Run a verifier: re-run clients' sampled work, publish signed verdicts, slash as council (until Ctrl-C).
+    """Run a verifier: re-run clients' sampled work, publish signed verdicts, keep and serve evidence (until Ctrl-C).
 
     With --probe, check every provider once with probe inputs instead, and exit. With --recheck HASH,
     re-run the checks of published evidence on this machine, and exit.
@@ -726,12 +713,12 @@ def verify(
         _recheck_evidence(peers, folder, recheck)
         return
     if probe:
-        _reject_serving_options(council_key=council_key, authorized=authorized, gossip_peer=gossip_peer)
+        _reject_serving_options(gossip_peer=gossip_peer)
         _probe_providers(peers, folder, _probe_config(rounds, tokens, seed))
         return
     _reject_probe_options(rounds=rounds, tokens=tokens, seed=seed)
     url = arguments.parse_chain_url(chain_url)
-    key = _verifier_key(arguments.parse_chain_key(chain_key), url, council_key)
+    key = _verifier_key(arguments.parse_chain_key(chain_key))
     from dllm.verifier import VerifierConfig
 
     _serve_verifier(
@@ -739,9 +726,6 @@ def verify(
             model=str(folder),
             key=key,
             initial_peers=peers,
-            verifiers=list(authorized or []),
-            threshold=threshold,
-            council_keys=list(council_key or []),
             chain_url=url,
             gossip_port=gossip_port,
             gossip_peers=list(gossip_peer or []),
@@ -786,12 +770,10 @@ def _recheck_evidence(peers: list[str], folder: Path, digest_hex: str) -> None:
     typer.echo(f"the re-run of evidence {digest.hex()} passes provider {result.evidence.provider}")
 
 
-def _reject_serving_options(
-    *, council_key: list[str] | None, authorized: list[str] | None, gossip_peer: list[str] | None
-) -> None:
+def _reject_serving_options(*, gossip_peer: list[str] | None) -> None:
     """A one-shot probe takes no serving verifier's options (--chain-key may come from DLLM_CHAIN_KEY: a probe
     just does not use it)."""
-    serving_only = {"'--council-key'": council_key, "'--verifier'": authorized, "'--gossip-peer'": gossip_peer}
+    serving_only = {"'--gossip-peer'": gossip_peer}
     for hint, value in serving_only.items():
         if value:
             raise typer.BadParameter("only a serving verifier uses this; drop it or drop --probe", param_hint=hint)
@@ -811,18 +793,70 @@ def _probe_config(rounds: int | None, tokens: int | None, seed: int | None) -> P
     return ProbeConfig(**{k: v for k, v in given.items() if v is not None})
 
 
-def _verifier_key(key: str | None, url: str | None, council_key: list[str] | None) -> str:
-    """The verifier's signing key, checked with the council keys now: a bad key is a usage error, not a crash later."""
+def _verifier_key(key: str | None) -> str:
+    """The verifier's signing key, checked now: a bad key is a usage error, not a crash later."""
     if not key:
         raise typer.BadParameter(
             "a verifier signs its verdicts: give --chain-key (or --probe for a one-shot check)",
             param_hint="'--chain-key'",
         )
-    if council_key and not url:
-        raise typer.BadParameter("slashing as council needs --chain-url", param_hint="'--council-key'")
-    for signing_key in [key, *(council_key or [])]:
-        _keypair(signing_key)
+    _keypair(key)
     return key
+
+
+# ---------------------------------------------------------------------------------------------- council
+
+
+@app.command("council")
+def council(
+    initial_peers: InitialPeers = None,
+    model: ModelOption = None,
+    chain_url: ChainUrl = None,
+    chain_key: ChainKey = None,
+    authorized: Annotated[
+        list[str] | None,
+        typer.Option("--verifier", help="Account whose verdicts count (repeatable; default: the dev council members)."),
+    ] = None,
+    threshold: Annotated[
+        int, typer.Option("--threshold", min=1, help="Failing verdicts from distinct verifiers that make a proposal.")
+    ] = 2,
+    gossip_port: GossipPort = 0,
+    gossip_peer: GossipPeer = None,
+    evidence_db: Annotated[
+        Path | None,
+        typer.Option(
+            "--evidence-db",
+            help="SQLite file of the evidence, tally and slashes this member keeps "
+            "(default ~/.dllm/council-<account>.sqlite3).",
+        ),
+    ] = None,
+) -> None:
+    """Run one council member with its ONE key: re-check the evidence of verifiers' failing verdicts and sign
+    the slash only if its own re-run fails the provider (until Ctrl-C)."""
+    peers = _require_peers(initial_peers)
+    folder = _model_folder(model)
+    url = arguments.parse_chain_url(chain_url)
+    key = arguments.parse_chain_key(chain_key)
+    if not url or not key:
+        raise typer.BadParameter("a council member signs slashes on chain: give --chain-url and --chain-key")
+    _keypair(key)
+    from dllm.council import CouncilConfig, CouncilService
+    from dllm.service import serve_until_signal
+
+    service = CouncilService(
+        CouncilConfig(
+            model=str(folder),
+            key=key,
+            initial_peers=peers,
+            chain_url=url,
+            verifiers=list(authorized or []),
+            threshold=threshold,
+            gossip_port=gossip_port,
+            gossip_peers=list(gossip_peer or []),
+            evidence_path=str(evidence_db) if evidence_db else None,
+        )
+    )
+    serve_until_signal(service, on_ready=lambda: print(service.ready_line, flush=True))
 
 
 def _serve_verifier(config: VerifierConfig) -> None:

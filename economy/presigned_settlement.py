@@ -3,9 +3,11 @@
 The chain pays a receipt only from an extrinsic signed by the receipt's client (chain design: the
 client's own `Utility.batch_all` of receipt markers, transfers and a record). At the end of each
 session segment the client signs ONE such extrinsic for all of that segment's receipts, with an
-explicit nonce and an immortal era, and gives the same bytes to every provider it pays. Any of them
-(or the client) may submit it; the runtime includes it at most once (its nonce is consumed, and the
-receipt markers make a second settlement of the same receipt fail), so nobody is paid twice.
+explicit nonce and a mortal era that ends no later than the earliest expiry of its receipts (so the
+runtime refuses it once any of them has expired: economy/receipts.py), and gives the same bytes to
+every provider it pays. Any of them (or the client) may submit it; the runtime includes it at most
+once (its nonce is consumed, and the receipt markers make a second settlement of the same receipt
+fail), so nobody is paid twice.
 
 A provider accepts a pre-signed settlement only after `check_offer`: it is signed by the receipt's
 client; its batch_all holds exactly the calls `ComputeLedger.build_settlement` composes (markers,
@@ -25,6 +27,9 @@ wait forever. At nonce N the settlement is also dry-run against the head's state
 cannot be dry-run before its predecessors apply, so it is dry-run when its turn comes, before it is
 submitted (economy/presigned_ledger.py), and kept, not spent, while it would fail.
 
+Expiry: a provider refuses an offer for a receipt with fewer than SETTLEMENT_MARGIN_BLOCKS left before its
+expiry, or whose era leaves it fewer than that many blocks to submit it (`check_expiry`, `blocks_left`).
+
 None of this makes a settlement certain (the client can still spend its nonce or its funds first);
 what it guarantees is that a provider never counts a receipt paid unless the chain shows the transfer
 (`ComputeLedger.paid_on_chain`), and what stays unpaid is bounded by the client's credit limit.
@@ -41,7 +46,15 @@ from chain.account_derivation import RECEIPT_REGISTRY_ACCOUNT, account_id
 from chain.errors import EconomyError
 from chain.records import Payment
 from chain.remarks import MalformedRemarkError, decode_remark
-from economy.receipts import UsageReceipt
+from economy.receipts import (
+    EXPIRY_SLACK_BLOCKS,
+    NO_EXPIRY,
+    RECEIPT_LIFETIME_BLOCKS,
+    SETTLEMENT_MARGIN_BLOCKS,
+    ExpiredReceiptError,
+    UsageReceipt,
+    check_expiry,
+)
 
 if TYPE_CHECKING:  # callers hand in the ledger and keys: the error types here load without substrate-interface
     from substrateinterface import Keypair
@@ -88,6 +101,16 @@ class PresignedSettlement:
     receipt_ids: frozenset[bytes]
     transfers: dict[bytes, int]
     """Account id -> planck transferred to it."""
+    era: tuple[int, int] | None = None
+    """(period, phase) of a mortal extrinsic; None for an immortal one."""
+
+    def blocks_left(self, head: int) -> int | None:
+        """Blocks from `head` until the runtime refuses this extrinsic (its era ends); None if immortal."""
+        if self.era is None:
+            return None
+        period, phase = self.era
+        birth = (max(head, phase) - phase) // period * period + phase  # sp_runtime::generic::Era::birth
+        return birth + period - head
 
     def check_pays(self, receipt: UsageReceipt, held: Mapping[bytes, int] | None = None) -> None:
         """Raises SettlementOfferError unless this extrinsic settles `receipt` in full.
@@ -130,10 +153,31 @@ def payments_for(receipts: list[UsageReceipt]) -> list[Payment]:
     ]
 
 
-def sign_at_nonce(ledger: ComputeLedger, client: Keypair, payments: list[Payment], nonce: int) -> bytes:
-    """The client's settlement extrinsic for `payments` with an explicit nonce and an immortal era."""
+def sign_at_nonce(
+    ledger: ComputeLedger, client: Keypair, payments: list[Payment], nonce: int, expires_at: int = NO_EXPIRY
+) -> bytes:
+    """The client's settlement extrinsic for `payments` with an explicit nonce.
+
+    `expires_at`: the earliest expiry of the paid receipts. The extrinsic is mortal and its era ends at or
+    before that block, so the runtime refuses it from then on; ExpiredReceiptError if fewer than
+    SETTLEMENT_MARGIN_BLOCKS are left. NO_EXPIRY (receipts of no expiry, whose markers are never
+    released) signs an immortal extrinsic.
+    """
     call, _ = ledger.build_settlement(client, payments)
-    return bytes(ledger.substrate.create_signed_extrinsic(call=call, keypair=client, nonce=nonce).data.data)
+    era: dict[str, int] | None = None
+    if expires_at != NO_EXPIRY:
+        head = int(ledger.substrate.get_block_number(None))
+        left = expires_at - head
+        if left < SETTLEMENT_MARGIN_BLOCKS:
+            raise ExpiredReceiptError(
+                f"a receipt of this settlement expires at block {expires_at}: at block {head} none may be signed"
+            )
+        reach = min(left, int(ledger.substrate.get_constant("System", "BlockHashCount").value), 1 << 16)
+        # Born at head - 1: a dry run at the head's state finds only earlier blocks' hashes. Its period is a power
+        # of two <= reach, so the era ends before expires_at.
+        era = {"period": 1 << (reach.bit_length() - 1), "current": head - 1}
+    extrinsic = ledger.substrate.create_signed_extrinsic(call=call, keypair=client, nonce=nonce, era=era)
+    return bytes(extrinsic.data.data)
 
 
 def decode_settlement(ledger: ComputeLedger, extrinsic: bytes) -> PresignedSettlement:
@@ -149,6 +193,7 @@ def decode_settlement(ledger: ComputeLedger, extrinsic: bytes) -> PresignedSettl
         signer = account_id(value["address"])
         nonce = int(value["nonce"])
         call = value["call"]
+        era = _era(value.get("era"))
     except Exception as e:  # scalecodec raises many types on garbage
         raise SettlementOfferError(f"not a signed extrinsic of this chain: {type(e).__name__}: {e}") from None
     if (call.get("call_module"), call.get("call_function")) != ("Utility", "batch_all"):
@@ -159,7 +204,16 @@ def decode_settlement(ledger: ComputeLedger, extrinsic: bytes) -> PresignedSettl
         raise
     except Exception as e:  # a decoded value of an unexpected shape
         raise SettlementOfferError(f"the settlement's calls are not the protocol's: {type(e).__name__}: {e}") from None
-    return PresignedSettlement(extrinsic, signer, nonce, frozenset(receipt_ids), transfers)
+    return PresignedSettlement(extrinsic, signer, nonce, frozenset(receipt_ids), transfers, era)
+
+
+def _era(value: object) -> tuple[int, int] | None:
+    """(period, phase) of a decoded `Era`: scalecodec gives '00' for an immortal one."""
+    if value in (None, "00"):
+        return None
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    raise SettlementOfferError(f"the settlement's era {value!r:.40} is not one this protocol reads")
 
 
 def _expected_calls(calls: list[dict[str, Any]]) -> tuple[set[bytes], dict[bytes, int]]:
@@ -266,10 +320,20 @@ def check_offer(
     it marks (`held_amounts`: the provider's receipts from this client); a nonce no earlier than the account's
     next one and with no gap the provider cannot fill itself (`held_nonces`: nonces of this client's settlements
     it holds unpaid); valid for the runtime (signature, fee); and, at the next nonce, a dry run that succeeds.
+    The receipt and the extrinsic's era must both leave SETTLEMENT_MARGIN_BLOCKS to submit it: an expired
+    receipt's marker may have been released, so paying it now could pay it twice.
     Raises SettlementOfferError (SettlementNotReadyError never: a gap is refused, not waited on).
     """
     settlement = decode_settlement(ledger, extrinsic)
     settlement.check_pays(receipt, held_amounts)
+    head = int(ledger.substrate.get_block_number(None))
+    try:
+        check_expiry(receipt, head)
+    except ExpiredReceiptError as e:
+        raise SettlementOfferError(f"no settlement of this receipt is valid any more: {e}") from None
+    left = settlement.blocks_left(head)
+    if left is not None and left < SETTLEMENT_MARGIN_BLOCKS:
+        raise SettlementOfferError(f"the settlement's era ends in {left} blocks: too soon to submit it")
     next_nonce = account_nonce(ledger, receipt.client)
     if settlement.nonce < next_nonce:
         raise SettlementOfferError(f"nonce {settlement.nonce} of {receipt.client} is already used (next: {next_nonce})")
@@ -283,6 +347,26 @@ def check_offer(
     if settlement.nonce == next_nonce:
         dry_run(ledger, extrinsic)
     return settlement
+
+
+RELEASE_AFTER_BLOCKS = RECEIPT_LIFETIME_BLOCKS + EXPIRY_SLACK_BLOCKS
+"""A marker made at block t is of a receipt the client countersigned at or before t with an expiry at most
+t + RELEASE_AFTER_BLOCKS (check_expiry): from then on no settlement of it is valid, and it may be released."""
+_RELEASE_CHUNK = 500  # markers per cancelling extrinsic (well inside a block's weight)
+
+
+def release_expired_markers(
+    ledger: ComputeLedger, client: Keypair, after_blocks: int = RELEASE_AFTER_BLOCKS
+) -> list[bytes]:
+    """Releases the client's markers made at least `after_blocks` blocks ago (their receipts have expired),
+    in batches; returns the receipt ids released. Stateless (read from the chain), so a restarted client
+    releases what an earlier run left: what it keeps locked is the markers of its last `after_blocks` blocks."""
+    head = int(ledger.substrate.get_block_number(None))
+    markers = ledger.open_markers(client.ss58_address)
+    due = sorted(rid for rid, (height, _) in markers.items() if height + after_blocks <= head)
+    for start in range(0, len(due), _RELEASE_CHUNK):
+        ledger.release_markers(client, due[start : start + _RELEASE_CHUNK])
+    return due
 
 
 def account_nonce(ledger: ComputeLedger, ss58: str) -> int:

@@ -6,7 +6,13 @@ Each settlement's time includes what a provider checks: the offer checks before 
 calls only, runtime validation, dry run: `economy.presigned_settlement`) and, once included, that the
 chain shows every provider paid (`ComputeLedger.paid_on_chain`, one block read per extrinsic).
 
-Run: .venv/bin/python scripts/bench/chain.py [--extrinsics 5] [--sizes 500]
+Then the client releases the markers it made (`ComputeLedger.release_markers`, batches of up to 500
+`Multisig.cancel_as_multi`): the release fee per receipt, and the check that the client's reserved balance
+is back where it started. The bench releases at once to measure it; a client releases a marker only once
+its receipt has expired (economy/receipts.py). The steady-state line: what a client settling
+`--receipt-rate` receipts/s keeps locked when markers live one receipt lifetime plus the release interval.
+
+Run: .venv/bin/python scripts/bench/chain.py [--extrinsics 5] [--sizes 500] [--receipt-rate 1]
 The anchor is the first size measured in the same run; the target is >= 200 receipts/s with batching.
 """
 
@@ -36,7 +42,13 @@ from chain.ledger import ComputeLedger  # noqa: E402
 from chain.pro_rata import split_pro_rata  # noqa: E402
 from chain.records import Payment, ProviderShare  # noqa: E402
 from chain.units import PLANCK_PER_TOKEN as UNIT  # noqa: E402
-from economy.presigned_settlement import decode_settlement, dry_run, validate_on_chain  # noqa: E402
+from economy.presigned_settlement import (  # noqa: E402
+    RELEASE_AFTER_BLOCKS,
+    decode_settlement,
+    dry_run,
+    validate_on_chain,
+)
+from swarm.billing import MARKER_RELEASE_INTERVAL_S  # noqa: E402
 
 
 def free_port() -> int:
@@ -68,7 +80,7 @@ def measure(ledger: ComputeLedger, batch: int, extrinsics: int, providers: list[
             "Balances", "transfer_keep_alive", {"dest": client.ss58_address, "value": 10_000 * UNIT}
         ),
     )
-    durations, inclusion, fees = [], [], []
+    durations, inclusion, fees, marked = [], [], [], []
     reserved_before = _reserved(ledger, client.ss58_address)
     for n in tqdm(range(extrinsics), desc=f"batch {batch:>3}", leave=False):
         payments = [
@@ -93,6 +105,7 @@ def measure(ledger: ComputeLedger, batch: int, extrinsics: int, providers: list[
         submit_at = time.perf_counter()
         result = ledger.submitter.submit_extrinsic(signed)
         ids = [p.receipt_id for p in payments]
+        marked += ids
         for provider in providers:
             owed = {p.receipt_id: a for p in payments for s, a in split_pro_rata(p) if s == provider}
             paid = ledger.paid_on_chain(client.ss58_address, provider, ids, _known(owed))
@@ -111,8 +124,17 @@ def measure(ledger: ComputeLedger, batch: int, extrinsics: int, providers: list[
     )
     if deposit != constants:
         raise RuntimeError(f"reserved {deposit} planck per receipt, the constants say {constants}")
+    release_fees = []
+    for start in range(0, len(marked), 500):
+        released = ledger.release_markers(client, marked[start : start + 500])
+        release_fees.append(released.fee if released is not None else 0)
+    still_locked = _reserved(ledger, client.ss58_address) - reserved_before
+    if still_locked != 0 or ledger.open_markers(client.ss58_address):
+        raise RuntimeError(f"{still_locked} planck still reserved after releasing every marker")
     return {
         "deposit_per_receipt": deposit,
+        "release_fee_per_receipt": sum(release_fees) / len(marked),
+        "locked_after_release": still_locked,
         "batch": batch,
         "extrinsics": extrinsics,
         "receipts_per_s": batch * extrinsics / total,
@@ -133,10 +155,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--extrinsics", type=int, default=5, help="settlement extrinsics per batch size")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100, 500], help="receipts per extrinsic")
+    parser.add_argument("--receipt-rate", type=float, default=1.0, help="receipts/s for the steady-state line")
+    parser.add_argument("--block-time-s", type=float, default=12.0, help="the chain's block time (Asset Hub: 12 s)")
     args = parser.parse_args()
     if args.extrinsics < 1 or min(args.sizes) < 1:
         parser.error("--extrinsics and --sizes must be >= 1")
-    console = Console(width=150)
+    console = Console(width=200)
     loop = asyncio.new_event_loop()
     chain = DevChain(DevChainConfig(port=free_port(), state_dir=None))
     loop.run_until_complete(chain.start())
@@ -159,7 +183,9 @@ def main() -> None:
         "median inclusion + paid check s",
         "fee/receipt (planck)",
         "locked deposit/receipt (planck)",
-        "cost/receipt (mROC)",
+        "release fee/receipt (planck)",
+        "locked after release (planck)",
+        "fees/receipt (mROC)",
     ):
         table.add_column(col, justify="right")
     for r in rows:
@@ -172,9 +198,19 @@ def main() -> None:
             f"{r['inclusion_s']:.3f}",
             f"{r['fee_per_receipt']:,.0f}",
             f"{r['deposit_per_receipt']:,.0f}",
-            f"{(r['fee_per_receipt'] + r['deposit_per_receipt']) * 1000 / UNIT:.3f}",
+            f"{r['release_fee_per_receipt']:,.0f}",
+            f"{r['locked_after_release']:,.0f}",
+            f"{(r['fee_per_receipt'] + r['release_fee_per_receipt']) * 1000 / UNIT:.4f}",
         )
     console.print(table)
+    # A marker lives at most RELEASE_AFTER_BLOCKS (the receipt's lifetime + slack) plus one release interval.
+    held_s = RELEASE_AFTER_BLOCKS * args.block_time_s + MARKER_RELEASE_INTERVAL_S
+    deposit = rows[0]["deposit_per_receipt"]
+    console.print(
+        f"steady state at {args.receipt_rate:g} receipts/s: at most {args.receipt_rate * held_s:,.0f} open markers "
+        f"({held_s / 3600:.1f} h of receipts), {args.receipt_rate * held_s * deposit / UNIT:.2f} ROC locked, "
+        "whatever the client's history"
+    )
     console.print(
         f"empty block build (dev_newBlock): {empty_block:.3f} s; target >= 200 receipts/s with batching: "
         + ("met" if max(r["receipts_per_s"] for r in rows) >= 200 else "NOT met")

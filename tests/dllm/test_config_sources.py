@@ -22,6 +22,7 @@ from chain.devchain.launcher import DevChainConfig
 from dllm import arguments
 from dllm.bootstrap import BootstrapConfig
 from dllm.cli import app
+from dllm.council import CouncilConfig
 from dllm.demo import DemoConfig
 from dllm.probe_check import ProbeConfig
 from dllm.verifier import VerifierConfig
@@ -94,14 +95,19 @@ FIELDS: dict[tuple[str, str], Field] = {
     ("verify", "initial_peers"): Field(VerifierConfig, "initial_peers", arguments.parse_initial_peers),
     ("verify", "chain_url"): Field(VerifierConfig, "chain_url"),
     ("verify", "chain_key"): Field(VerifierConfig, "key"),
-    ("verify", "council_key"): Field(VerifierConfig, "council_keys", _list),
-    ("verify", "authorized"): Field(VerifierConfig, "verifiers", _list),
-    ("verify", "threshold"): Field(VerifierConfig, "threshold"),
     ("verify", "gossip_port"): Field(VerifierConfig, "gossip_port"),
     ("verify", "gossip_peer"): Field(VerifierConfig, "gossip_peers", _list),
     ("verify", "rounds"): Field(ProbeConfig, "rounds"),
     ("verify", "tokens"): Field(ProbeConfig, "tokens"),
     ("verify", "seed"): Field(ProbeConfig, "seed"),
+    ("council", "initial_peers"): Field(CouncilConfig, "initial_peers", arguments.parse_initial_peers),
+    ("council", "chain_url"): Field(CouncilConfig, "chain_url"),
+    ("council", "chain_key"): Field(CouncilConfig, "key"),
+    ("council", "authorized"): Field(CouncilConfig, "verifiers", _list),
+    ("council", "threshold"): Field(CouncilConfig, "threshold"),
+    ("council", "gossip_port"): Field(CouncilConfig, "gossip_port"),
+    ("council", "gossip_peer"): Field(CouncilConfig, "gossip_peers", _list),
+    ("council", "evidence_db"): Field(CouncilConfig, "evidence_path", lambda v: None if v is None else str(v)),
     ("verify", "evidence_db"): Field(VerifierConfig, "evidence_path", lambda v: None if v is None else str(v)),
     ("dashboard", "initial_peers"): Field(DashboardConfig, "initial_peers", arguments.parse_initial_peers),
     ("dashboard", "chain_url"): Field(DashboardConfig, "chain_url"),
@@ -140,6 +146,7 @@ CLI_ONLY: dict[tuple[str, str], str] = {
     ("feedback", "completion"): "the argument of the one request",
     ("feedback", "initial_peers"): "passed to DistributedModel.from_pretrained (required, no default)",
     ("feedback", "model"): "a model folder or hub id resolved by the CLI (None: the embedded model)",
+    ("council", "model"): "a model folder or hub id resolved by the CLI (None: the embedded model)",
     ("verify", "model"): "a model folder or hub id resolved by the CLI (None: the embedded model)",
     ("verify", "probe"): "chooses the one-shot probe (ProbeConfig) instead of a serving verifier",
     ("verify", "recheck"): "chooses the one-shot re-check of published evidence instead of a serving verifier",
