@@ -69,7 +69,7 @@ from economy.verification import (
     recheck,
 )
 from economy.work_sample import MalformedWorkSampleError, SampleRejectedError, UnverifiableSampleError, WorkSample
-from peer.adapter_exchange import fetch_bundle
+from peer.adapter_exchange import fetch_bundle, span_sources
 from peer.adapters import AdapterBundle, AdapterStateError, adapter_digest, applied_adapters
 from swarm import protocol, wire_errors
 
@@ -579,7 +579,7 @@ class VerifierService:
         await p2p.add_protobuf_handler(protocol.HANDLER_EVIDENCE, verifier.rpc_evidence, runtime_pb2.ExpertRequest)
         peer_id = dht.peer_id.to_base58()
         verifier.fetch_sample = partial(_fetch_sample_elsewhere, dht, p2p, peer_id)
-        verifier.adapter_sources = partial(_adapter_sources, dht)
+        verifier.adapter_sources = partial(span_sources, dht)
         verifier.fetch_adapters = partial(fetch_bundle, p2p, timeout_s=ADAPTER_FETCH_TIMEOUT_S)
         await _connect_gossip(bus, dht, peer_id, config.gossip_peers)
         record = {"peer_id": peer_id, "account": verifier.keypair.ss58_address, "model": name, "gossip": bus.addrs}
@@ -602,24 +602,6 @@ async def _fetch_sample_elsewhere(dht: Any, p2p: Any, own_peer_id: str, digest: 
 
     peers = [p for p in await verifier_peer_ids(dht) if p != own_peer_id]
     return await fetch_sample(dht, p2p, digest, peers)
-
-
-async def _adapter_sources(dht: Any, receipt: UsageReceipt) -> list[str]:
-    """Peers announcing the receipt's exact span (only they can hold its adapters): its provider first."""
-    from swarm.records import fetch_model_records
-
-    records = await fetch_model_records(dht, receipt.model)
-    provider = generic_address(receipt.provider)
-    same_span = [r for r in records if (r.start, r.end) == (receipt.start, receipt.end)]
-
-    def is_provider(account: str | None) -> bool:
-        try:
-            return account is not None and generic_address(account) == provider
-        except ValueError:
-            return False
-
-    ordered = sorted(same_span, key=lambda r: not is_provider(r.chain_account))
-    return list(dict.fromkeys(r.peer_id for r in ordered))
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -15,10 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
+from scalecodec.utils.ss58 import ss58_decode
 
+from economy.receipts import UsageReceipt
 from peer.adapters import (
     MAX_ADAPTER_BUNDLE_BYTES,
     AdapterArchive,
@@ -94,3 +97,22 @@ async def fetch_adapters(p2p: P2P, peer_id: str, digest: bytes, timeout_s: float
             f"peer {peer_id} handed over adapters with digest {got.hex()[:16]}..., not {digest.hex()[:16]}..."
         )
     return bundle
+
+
+async def span_sources(dht: Any, receipt: UsageReceipt) -> list[str]:
+    """Peer ids announcing the receipt's exact span (only they can hold adapters of its names): provider first."""
+    from swarm.records import fetch_model_records
+
+    records = await fetch_model_records(dht, receipt.model)
+    provider = _account_id(receipt.provider)
+    same_span = [r for r in records if (r.start, r.end) == (receipt.start, receipt.end)]
+    ordered = sorted(same_span, key=lambda r: _account_id(r.chain_account) != provider)
+    return list(dict.fromkeys(r.peer_id for r in ordered))
+
+
+def _account_id(address: str | None) -> str | None:
+    """The public key an ss58 address names, whatever its format prefix (None if it is no address)."""
+    try:
+        return ss58_decode(address) if address else None
+    except ValueError:
+        return None
