@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 _READY = re.compile(r"DLLM peer ready: peer_id=(\S+) model=(\S+) blocks=(\d+):(\d+) maddrs=(.*)")
 _VERIFIER_READY = re.compile(r"DLLM verifier ready: account=(\S+) peer_id=(\S+) role=(\S+) gossip=(.*)")
+_COUNCIL_READY = re.compile(r"DLLM council member ready: account=(\S+) peer_id=(\S+) gossip=(.*)")
 
 
 class ProcessStartError(UnavailableError, RuntimeError):
@@ -161,6 +162,28 @@ class LocalSwarm:
         proc = self._spawn(name, args + list(extra))
         if wait:
             self.wait_verifier_ready(proc, timeout)
+        return proc
+
+    def start_council_member(
+        self, chain_key: str, chain_url: str, *extra: str, name: str | None = None, wait: bool = True
+    ) -> ManagedProcess:
+        """Starts `dllm council` (one council member, holding only `chain_key`); with `wait`, returns once it
+        serves (`.info` then has account, peer_id, gossip)."""
+        if not self.initial_peers:
+            raise ProcessStartError("start the bootstrap node first")
+        name = name or f"council{len(self.processes)}"
+        args = ["council", "--model", self.model, "--initial-peers", *self.initial_peers]
+        args += ["--chain-key", chain_key, "--chain-url", chain_url]
+        if "--evidence-db" not in extra:
+            args += ["--evidence-db", str(self.workdir / f"council-{name}.sqlite3")]
+        proc = self._spawn(name, args + list(extra))
+        if wait:
+            self.wait_council_ready(proc)
+        return proc
+
+    def wait_council_ready(self, proc: ManagedProcess, timeout: float = 120.0) -> ManagedProcess:
+        match = self._wait_for(proc, _COUNCIL_READY, timeout)
+        proc.info.update(account=match.group(1), peer_id=match.group(2), gossip=match.group(3).split())
         return proc
 
     def wait_verifier_ready(self, proc: ManagedProcess, timeout: float = 120.0) -> ManagedProcess:

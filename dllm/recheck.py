@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,24 +51,27 @@ class RecheckResult:
 
 
 def recheck_evidence(evidence: Evidence, model_dir: Path) -> RecheckResult:
-    """Re-runs every sample of `evidence` with this machine's copy of the model (float32)."""
+    """Re-runs every sample of `evidence` with this machine's copy of the model (float32, every block)."""
     from peer.blocks import load_span_layers
     from peer.span import SpanRunner
     from swarm.model_files import load_config
 
     config = load_config(model_dir)
-    spans: dict[tuple[int, int], SpanRunner] = {}
+    layers = load_span_layers(model_dir, config, 0, config.num_hidden_layers)
+    return recheck_with_span(evidence, SpanRunner(config, layers, 0, config.num_hidden_layers))
+
+
+def recheck_with_span(evidence: Evidence, span: Any) -> RecheckResult:
+    """Re-runs every sample of `evidence` with `span` (a float32 SpanRunner holding every block the samples name)."""
     results = []
     for sample in evidence.work_samples():
         r = sample.receipt.receipt
         verify_receipt(sample.receipt)
         sample.check_base_weights()
-        key = (r.start, r.end)
-        if key not in spans:
-            spans[key] = SpanRunner(config, load_span_layers(model_dir, config, r.start, r.end), r.start, r.end)
-        span = spans[key]
+        if not span.start <= r.start < r.end <= span.end:
+            raise ValueError(f"blocks {r.start}:{r.end} are outside the span {span.start}:{span.end} held here")
         tolerance = Tolerance.for_dtype(r.dtype, r.end - r.start)
-        comparison = recheck(sample, _forward(span), tolerance)
+        comparison = recheck(sample, _forward(span, range(r.start, r.end)), tolerance)
         results.append(
             SampleRecheck(
                 sample.receipt.receipt_id, r.provider, range(r.start, r.end), r.dtype, comparison, tolerance.rel_l2
@@ -75,10 +80,11 @@ def recheck_evidence(evidence: Evidence, model_dir: Path) -> RecheckResult:
     return RecheckResult(evidence, tuple(results))
 
 
-def _forward(span):  # type: ignore[no-untyped-def]
+def _forward(span: Any, blocks: range) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     def run(inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return span.forward(inputs.to(span.dtype), position_ids=positions, blocks=range(span.start, span.end))
+            out: torch.Tensor = span.forward(inputs.to(span.dtype), position_ids=positions, blocks=blocks)
+            return out
 
     return run
 

@@ -1,4 +1,4 @@
-"""The `dllm verify` process: re-runs work samples, publishes signed verdicts, and (as council) slashes.
+"""The `dllm verify` process: re-runs work samples, publishes signed verdicts, keeps and serves the evidence.
 
 A verifier joins the swarm's DHT, announces itself under `dllm/verifiers` (peer id, account, model,
 gossip addresses) and serves `dllm.v1.verify`: a client sends a `WorkSample` (a co-signed receipt
@@ -7,12 +7,9 @@ what the provider committed to, re-runs the provider's blocks over them in one c
 answers and publishes on `dllm/verdicts/1` a signed verdict. Every checked sample and every verdict is
 persisted in the verifier's `EvidenceStore` (SQLite) and served content-addressed on `dllm.v1.evidence`:
 each verdict's evidence (the sample and the verdict) is fetchable by its SHA-256 from any verifier that
-holds it, so anyone can re-run the check (`dllm verify --recheck HASH`). A verifier given `threshold` council
-keys also tallies verdicts from the authorized verifiers (its own and gossiped ones): once
-`threshold` distinct verifiers failed the same provider, it slashes the provider's stake on chain
-through the council multisig, citing the SHA-256 of the published evidence (the samples and the failing
-verdicts). The tally is persisted and kept until the slash is on chain: a failed slash stays pending
-in the store and is retried every announce period (and after a restart).
+holds it, so anyone can re-run the check (`dllm verify --recheck HASH`). A verifier holds no council
+key and slashes nothing: council members (`dllm council`, dllm/council.py) tally the verdicts, re-run the
+evidence themselves and each sign the slash with its one key.
 
 A verifier re-runs in float32 and judges each sample at the tolerance of the dtype its receipt states
 (the provider's compute dtype, which the client checked against the provider's DHT record):
@@ -41,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 import torch
@@ -60,8 +57,6 @@ from economy.verification import (
     ADAPTERS_UNUSABLE,
     Comparison,
     SignedVerdict,
-    SlashingTally,
-    SlashProposal,
     Tolerance,
     VerificationError,
     make_failed_verdict,
@@ -72,11 +67,6 @@ from economy.work_sample import MalformedWorkSampleError, SampleRejectedError, U
 from peer.adapter_exchange import fetch_bundle, span_sources
 from peer.adapters import AdapterBundle, AdapterStateError, adapter_digest, applied_adapters
 from swarm import protocol, wire_errors
-
-if TYPE_CHECKING:  # substrate-interface loads with the council's chain connection, not with this module
-    from substrateinterface import Keypair
-
-    from chain.ledger import ComputeLedger
 
 logger = logging.getLogger(__name__)
 
@@ -102,17 +92,13 @@ class VerifierConfig:
     model: str
     key: str
     initial_peers: list[str]
-    verifiers: list[str] = field(default_factory=list)
-    """Authorized verifier accounts whose verdicts count (default: the dev council's members)."""
-    threshold: int = bounded(2, ge=1)
-    council_keys: list[str] = field(default_factory=list)
     chain_url: str | None = None
     gossip_port: int = bounded(0, ge=0, le=65535)  # 0: pick a free one
     gossip_peers: list[str] = field(default_factory=list)
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     announce_period_s: float = bounded(10.0, gt=0.0)
     evidence_path: str | None = None
-    """SQLite file of its samples, verdicts, tally and slashes (default ~/.dllm/evidence-<account>.sqlite3)."""
+    """SQLite file of its samples, verdicts and evidence (default ~/.dllm/evidence-<account>.sqlite3)."""
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -128,15 +114,12 @@ class VerifierStats:
     published: int = 0
     unverifiable: int = 0
     """Samples served with adapters: abstained, no verdict."""
-    slashed: list[str] = field(default_factory=list)
-    slash_failures: int = 0
-    """Attempts at a slash the council agreed on that the chain did not take (each logged; retried)."""
     evidence_served: int = 0
     rejected: Counter = field(default_factory=Counter)
 
 
 class Verifier:
-    """One running verifier (and council tally when it holds council keys)."""
+    """One running verifier."""
 
     def __init__(self, config: VerifierConfig, span, model_name: str, bus: GossipBus, store: EvidenceStore):
         self.config = config
@@ -156,37 +139,7 @@ class Verifier:
         if span.dtype != torch.float32:  # the measured tolerances are distances from a float32 re-run
             raise ValueError(f"a verifier re-runs work in float32, not {span.dtype}")
         self.stats = VerifierStats()
-        self.tally: SlashingTally | None = None
-        self.council: list[Keypair] = []
-        self.ledger: ComputeLedger | None = None  # set with the council keys by start_council()
-        self._chain = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-council-chain")
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-verify")
-
-    async def start_council(self) -> None:
-        """Becomes a council tally if it holds council keys and can reach the chain."""
-        from chain.council import Council
-
-        authorized = self.config.verifiers or list(Council.dev().members)
-        verifiers = frozenset(generic_address(a) for a in authorized)
-        if not self.config.council_keys:
-            return
-        if not self.config.chain_url:
-            raise ValueError("council keys need --chain-url to slash on chain")
-        from chain.ledger import ComputeLedger
-
-        ledger = await self._on_chain(ComputeLedger, self.config.chain_url)
-        self.ledger = ledger
-        self.council = [load_keypair(k, ledger.ss58_format) for k in self.config.council_keys]
-        self.tally = SlashingTally(verifiers, self.config.threshold)
-        for verdict in self.store.tally():  # kept across restarts until the slash is on chain
-            try:
-                self.tally.add(verdict)
-            except VerificationError as e:
-                logger.info("a stored verdict no longer counts: %s", e)
-        self.stats.slashed = self.store.slashed()
-
-    async def _on_chain(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._chain, partial(fn, *args))
 
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, blocks: range) -> torch.Tensor:
         with torch.inference_mode():
@@ -316,23 +269,9 @@ class Verifier:
 
     async def rpc_evidence(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """Serves stored evidence ({"evidence": sha256}) or a stored sample ({"sample": hash}) by hash."""
-        try:
-            try:
-                meta = msgpack.unpackb(request.metadata, raw=False, max_map_len=1)
-            except (ValueError, TypeError, msgpack.UnpackException):
-                raise MalformedEvidenceError("request metadata is not a msgpack map") from None
-            if not isinstance(meta, dict) or len(meta) != 1:
-                raise MalformedEvidenceError("request metadata must be {'evidence': hash} or {'sample': hash}")
-            ((what, digest),) = meta.items()
-            if what not in ("evidence", "sample") or type(digest) is not bytes or len(digest) != 32:
-                raise MalformedEvidenceError("request metadata must be {'evidence': hash} or {'sample': hash}")
-            data = self.store.evidence(digest) if what == "evidence" else self.store.sample(digest)
-            if data is None:
-                raise EvidenceNotFoundError(f"this verifier holds no {what} {digest.hex()}")
-            self.stats.evidence_served += 1
-            return runtime_pb2.ExpertResponse(metadata=msgpack.packb({"data": data}, use_bin_type=True))
-        except Exception as e:  # an RPC boundary: any failure becomes an error reply
-            return wire_errors.reply_for(e, "evidence request", logger)
+        response, served = serve_evidence(self.store, request)
+        self.stats.evidence_served += served
+        return response
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         s = self.stats
@@ -343,13 +282,9 @@ class Verifier:
             "checked": s.checked,
             "failed": s.failed,
             "published": s.published,
-            "slashed": s.slashed,
-            "slash_failures": s.slash_failures,
-            "pending_slashes": len(self.store.pending_slashes()),
             "evidence_served": s.evidence_served,
             "unverifiable": s.unverifiable,
             "rejected": dict(s.rejected),
-            "council": self.tally is not None,
         }
         return runtime_pb2.ExpertResponse(metadata=protocol.pack_metadata(info))
 
@@ -357,85 +292,11 @@ class Verifier:
         try:
             await self.bus.publish_verdict(verdict)
             self.stats.published += 1
-        except Exception as e:  # gossip trouble must not lose the verdict for our own tally
+        except Exception as e:  # gossip trouble must not fail the client's request: its verdict is in its reply
             logger.warning("could not publish a verdict: %s", e)
-        await self.count(verdict)
-
-    async def count(self, verdict: SignedVerdict) -> None:
-        """Adds a verdict to the council tally (persisted); slashes when enough verifiers agree."""
-        if self.tally is None:
-            return
-        try:
-            proposal = self.tally.add(verdict)
-        except VerificationError as e:
-            self.stats.rejected[type(e).__name__] += 1
-            logger.info("ignored a verdict: %s", e)
-            return
-        if verdict.verdict.passed:
-            return
-        self.store.tally_add(verdict)
-        if proposal is not None and proposal.provider not in self.stats.slashed:
-            evidence = await self.publish_evidence(proposal)
-            if evidence is not None:
-                self.store.want_slash(proposal.provider, evidence.evidence_hash)
-                await self.retry_slashes()
-
-    async def publish_evidence(self, proposal: SlashProposal) -> Evidence | None:
-        """Stores (and so serves) the evidence of a proposal; samples it did not check are fetched first."""
-        for signed in proposal.verdicts:
-            digest = signed.verdict.evidence_hash
-            if self.store.sample(digest) is None and self.fetch_sample is not None:
-                try:
-                    self.store.put_sample(WorkSample.decode(await self.fetch_sample(digest)))
-                except Exception as e:  # no verifier serves it (yet): the next verdict proposes again
-                    logger.warning("could not fetch the sample %s behind a verdict: %s", digest.hex(), e)
-        evidence = self.store.evidence_of(list(proposal.verdicts))
-        if evidence is None:
-            logger.warning("evidence against %s is incomplete: not slashing yet", proposal.provider)
-            return None
-        self.store.put_evidence(evidence)
-        return evidence
-
-    async def retry_slashes(self) -> None:
-        """Sends every pending slash to the chain; one that fails stays pending for the next try."""
-        for pending in self.store.pending_slashes():
-            await self.slash(pending.provider, pending.evidence_hash)
-
-    async def slash(self, provider: str, evidence_hash: bytes) -> None:
-        ledger = self.ledger
-        if ledger is None:  # proposals come from the tally, which start_council() makes with the ledger
-            raise RuntimeError("slashing needs the council's chain connection (start_council)")
-        try:
-            status = await self._on_chain(ledger.provider_status, provider)
-            if status.stake <= 0:
-                logger.info("provider %s has no stake left to slash", provider)
-                self._slash_settled(provider, None)
-                return
-            result = await self._on_chain(ledger.slash, self.council, provider, None, evidence_hash)
-        except Exception as e:  # runs on the gossip listener, which must live on: logged, counted, retried later
-            self.stats.slash_failures += 1
-            self.store.slash_failed(provider, f"{type(e).__name__}: {e}")
-            logger.exception("slashing %s failed (kept pending, retried)", provider)
-            return
-        self._slash_settled(provider, result.block_number)
-        logger.warning(
-            "slashed %s (%d planck) in block %d, evidence %s",
-            provider,
-            status.stake,
-            result.block_number,
-            evidence_hash.hex(),
-        )
-
-    def _slash_settled(self, provider: str, block: int | None) -> None:
-        """The slash is on chain (or nothing is left to take): the tally of the provider can go."""
-        self.store.slash_done(provider, block)
-        if self.tally is not None:
-            self.tally.clear(provider)
-        if provider not in self.stats.slashed:
-            self.stats.slashed.append(provider)
 
     async def listen(self) -> None:
-        """Counts verdicts arriving on gossip."""
+        """Keeps the verdicts other verifiers gossip (a gossip node's queue must be drained anyway)."""
         while True:
             message = await self.bus.next_message()
             if message.topic != VERDICTS_TOPIC:
@@ -449,14 +310,31 @@ class Verifier:
                 self.stats.rejected["RelayedVerdict"] += 1  # only a verifier's own envelope carries its verdict
                 continue
             self.store.put_verdict(verdict)
-            await self.count(verdict)
 
     def close(self) -> None:
         self._compute.shutdown(wait=False)
-        self._chain.shutdown(wait=False)
-        if self.ledger is not None:
-            self.ledger.close()
         self.store.close()
+
+
+def serve_evidence(store: EvidenceStore, request: runtime_pb2.ExpertRequest) -> tuple[runtime_pb2.ExpertResponse, bool]:
+    """The `dllm.v1.evidence` answer from `store` (the bytes stored under the hash asked for, or an error reply),
+    and whether it served them."""
+    try:
+        try:
+            meta = msgpack.unpackb(request.metadata, raw=False, max_map_len=1)
+        except (ValueError, TypeError, msgpack.UnpackException):
+            raise MalformedEvidenceError("request metadata is not a msgpack map") from None
+        if not isinstance(meta, dict) or len(meta) != 1:
+            raise MalformedEvidenceError("request metadata must be {'evidence': hash} or {'sample': hash}")
+        ((what, digest),) = meta.items()
+        if what not in ("evidence", "sample") or type(digest) is not bytes or len(digest) != 32:
+            raise MalformedEvidenceError("request metadata must be {'evidence': hash} or {'sample': hash}")
+        data = store.evidence(digest) if what == "evidence" else store.sample(digest)
+        if data is None:
+            raise EvidenceNotFoundError(f"no {what} {digest.hex()} is held here")
+        return runtime_pb2.ExpertResponse(metadata=msgpack.packb({"data": data}, use_bin_type=True)), True
+    except Exception as e:  # an RPC boundary: any failure becomes an error reply
+        return wire_errors.reply_for(e, "evidence request", logger), False
 
 
 async def _announce(dht, validator, value: dict, ttl: float) -> None:
@@ -503,9 +381,8 @@ class VerifierService:
         """What `dllm verify` prints once serving (dllm/processes.py parses it)."""
         verifier = self.verifier
         assert verifier is not None, "not serving yet"
-        role = "verifier+council" if verifier.tally is not None else "verifier"
         return (
-            f"DLLM verifier ready: account={verifier.keypair.ss58_address} peer_id={self.peer_id} role={role} "
+            f"DLLM verifier ready: account={verifier.keypair.ss58_address} peer_id={self.peer_id} role=verifier "
             f"gossip={' '.join(verifier.bus.addrs)}"
         )
 
@@ -570,7 +447,6 @@ class VerifierService:
         keypair = load_keypair(config.key, GENERIC_SS58)
         verifier = Verifier(config, span, name, bus, EvidenceStore(config.evidence_file(keypair.ss58_address)))
         resources.callback(verifier.close)
-        await verifier.start_council()
         p2p = await dht.replicate_p2p()
         # This process's replica of the DHT's P2P: its unix socket file stays in /tmp unless it is shut down.
         resources.push_async_callback(p2p.shutdown)
@@ -593,8 +469,6 @@ class VerifierService:
                 await asyncio.wait_for(self._stop.wait(), config.announce_period_s)
             except TimeoutError:
                 await _announce(dht, validator, record, 3 * config.announce_period_s)
-                if verifier.tally is not None:
-                    await verifier.retry_slashes()
 
 
 async def _fetch_sample_elsewhere(dht: Any, p2p: Any, own_peer_id: str, digest: bytes) -> bytes:

@@ -90,7 +90,11 @@ BAD_ARGUMENTS = [
     (["demo", "--peers", "0"], "'--peers'", ""),
     (["verify", "-p", PEER], "'--chain-key'", "a verifier signs its verdicts"),
     (["verify", "-p", PEER, "--chain-key", "//Alice", "--rounds", "2"], "'--rounds'", "add --probe"),
-    (["verify", "-p", PEER, "--probe", "--council-key", "//Alice"], "'--council-key'", "drop --probe"),
+    (["verify", "-p", PEER, "--probe", "--gossip-peer", "/ip4/127.0.0.1/tcp/1"], "'--gossip-peer'", "drop --probe"),
+    # No process holds council keys beside its own: a verifier has none, a council member exactly one.
+    (["verify", "-p", PEER, "--chain-key", "//Alice", "--council-key", "//Bob"], "--council-key", "No such option"),
+    (["council", "-p", PEER, "--chain-key", "//Bob"], "--chain-url and --chain-key", ""),
+    (["verify", "-p", PEER, "--recheck", "abcd"], "'--recheck'", "32 bytes of hex"),
     (["verify", "-p", PEER, "--probe", "--tokens", "0"], "'--tokens'", "greater than or equal to 1"),
     (["verifier", "-p", PEER], "No such command", ""),  # the verifier daemon is `dllm verify` now
     (["frobnicate"], "No such command", ""),

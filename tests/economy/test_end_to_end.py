@@ -33,6 +33,7 @@ from tests.economy.swarm_economy import (
     funded_key,
     start_billing_peer,
     start_cheater,
+    start_council,
     start_verifier,
     store_totals,
     total_balance,
@@ -60,8 +61,9 @@ def _run(ledger: ComputeLedger, url: str, swarm, model_path, tmp_path) -> None:
     client_uri, client = funded_key(ledger, 1000 * UNIT)
     stores = {name: tmp_path / f"{name}.sqlite3" for name in keys}
 
-    verifier = start_verifier(swarm, "//Alice", url, council=["//Alice", "//Bob"])
+    verifier = start_verifier(swarm, "//Alice", url)
     start_verifier(swarm, "//Bob", url)
+    members = start_council(swarm, url)  # //Alice and //Bob, each its own process with its one key
     procs = {
         name: start_billing_peer(swarm, blocks, keys[name][0], url, stores[name], rate=RATE, wait=False)
         for name, blocks in (("a", "0:4"), ("b", "4:8"), ("c", "0:8"))
@@ -103,7 +105,7 @@ def _run(ledger: ComputeLedger, url: str, swarm, model_path, tmp_path) -> None:
         assert core.billing.sample_failures == []
         _check_verdicts(core.billing.verdicts, accounts)
         assert result.billing is not None  # the last request's own billing session
-        _check_wire_rejections(model, result.billing, verifier, accounts, swarm)
+        _check_wire_rejections(model, result.billing, verifier, members[0], accounts, swarm)
     finally:
         model.close()
 
@@ -159,7 +161,7 @@ def _check_verdicts(verdicts: list[SignedVerdict], accounts: dict[str, str]) -> 
 
 
 def _check_wire_rejections(
-    model: DistributedModel, session: SessionBilling, verifier, accounts: dict[str, str], swarm
+    model: DistributedModel, session: SessionBilling, verifier, member, accounts: dict[str, str], swarm
 ) -> None:
     """A verdict gossiped by a non-verifier is ignored; bogus work samples get typed errors."""
     core = model.core
@@ -171,7 +173,7 @@ def _check_wire_rejections(
             eve.ss58_address, accounts["a"], core.model, 0, 4, bytes(32), bytes(32), False, 10**6, int(time.time())
         )
         async with GossipBus(eve) as bus:
-            await bus.connect(verifier.info["gossip"][0])
+            await bus.connect(member.info["gossip"][0])
             await bus.wait_for_mesh(1)
             await bus.publish_verdict(SignedVerdict.sign(fake, eve))
             await asyncio.sleep(2.0)
@@ -179,7 +181,9 @@ def _check_wire_rejections(
     asyncio.run(rogue_verdict())
 
     def info() -> dict:
-        response = model._loop.run(core.call(verifier_id, protocol.HANDLER_INFO, runtime_pb2.ExpertRequest()))
+        response = model._loop.run(
+            core.call(member.info["peer_id"], protocol.HANDLER_INFO, runtime_pb2.ExpertRequest())
+        )
         return protocol.unpack_metadata(response.metadata)
 
     wait_until(

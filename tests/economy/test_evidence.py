@@ -1,7 +1,8 @@
 """Evidence anyone can re-check, against real peers, real verifiers and the dev chain.
 
 A cheating provider (every inference output corrupted) and an honest one serve billed requests whose
-work is all sampled to two verifiers. The slash on chain carries the SHA-256 of evidence that any
+work is all sampled to two verifiers; two council members (`dllm council`, one key each) re-run the
+evidence and slash the cheater. The slash on chain carries the SHA-256 of evidence that any
 client fetches by that hash from the verifiers announced in the DHT (hash checked), and
 `dllm verify --recheck HASH` re-runs it on this machine: it fails the cheater and passes the honest
 provider's published evidence. A hash no verifier holds is refused.
@@ -28,6 +29,7 @@ from tests.economy.swarm_economy import (
     funded_key,
     start_billing_peer,
     start_cheater,
+    start_council,
     start_verifier,
     wait_until,
 )
@@ -50,8 +52,9 @@ def test_slash_cites_evidence_anyone_fetches_and_rechecks(dev_chain, local_swarm
         keys = {name: funded_key(ledger) for name in ("honest", "cheater")}
         client_uri, _ = funded_key(ledger, 1000 * UNIT)
         stores = {name: swarm.workdir / f"receipts-{name}.sqlite3" for name in keys}
-        start_verifier(swarm, "//Alice", dev_chain.url, council=["//Alice", "//Bob"])
+        start_verifier(swarm, "//Alice", dev_chain.url)
         start_verifier(swarm, "//Bob", dev_chain.url)
+        start_council(swarm, dev_chain.url)
         procs = {
             "honest": start_billing_peer(swarm, "0:8", keys["honest"][0], dev_chain.url, stores["honest"], rate=RATE),
             "cheater": start_cheater(
