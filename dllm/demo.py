@@ -49,7 +49,8 @@ DEMO_PROMPTS = (
 PROVIDER_FUNDS = 50 * PLANCK_PER_TOKEN
 PROVIDER_STAKE_ROC = 10
 CLIENT_URI = "//Eve"
-VERIFIER_URI = "//Alice"  # a dev council member: its verdicts count for a council tally
+VERIFIER_URI = "//Alice"  # an authorized verifier of the dev chain: its verdicts count for the council
+COUNCIL_URIS = ("//Alice", "//Bob", "//Charlie")  # the dev council: three processes, one key each, 2 of 3 to slash
 # Advertised rates (planck per generated token per billion parameters): different, to show pro-rata pay.
 RATES = (PLANCK_PER_TOKEN, 3 * PLANCK_PER_TOKEN // 2, 2 * PLANCK_PER_TOKEN, 5 * PLANCK_PER_TOKEN // 2)
 SETTLE_INTERVAL_S = 5.0
@@ -68,7 +69,7 @@ class DemoConfig:
     queries: int = bounded(3, ge=1, le=20)
     max_tokens: int = bounded(24, ge=1, le=256)
     chain_port: int = bounded(0, ge=0, le=65535)  # 0: pick a free one
-    verifier: bool = True  # start one `dllm verify` process: every receipt is spot-checked
+    verifier: bool = True  # start one `dllm verify` process (every receipt spot-checked) and the 3 council members
     settle_timeout_s: float = 60.0  # seconds to wait for every receipt to be paid on chain
     workdir: Path | None = None  # logs and receipt stores; a temporary folder (removed) by default
 
@@ -207,14 +208,24 @@ class Demo:
         self.console.print(f"[green]✓[/] bootstrap node {self.swarm.initial_peers[0]}", soft_wrap=True)
         peers = self._start_providers(block_spans(num_blocks, self.config.peers))
         verifier = None
+        council: list[ManagedProcess] = []
         if self.config.verifier:
             verifier = self.swarm.start_verifier(
                 VERIFIER_URI, "--chain-url", self.chain.url, name="verifier", wait=False
             )
-        self._wait_swarm_ready(peers, verifier)
+            council = [
+                self.swarm.start_council_member(uri, self.chain.url, name=f"council-{uri[2:].lower()}", wait=False)
+                for uri in COUNCIL_URIS
+            ]
+        self._wait_swarm_ready(peers, verifier, council)
         self._report_providers(peers)
         if verifier is not None:
             self.console.print(f"[green]✓[/] verifier signing as {VERIFIER_URI} re-runs sampled work")
+        if council:
+            self.console.print(
+                f"[green]✓[/] council: {len(council)} processes ({', '.join(COUNCIL_URIS)}), one key each; "
+                "a slash needs 2 members that re-ran the evidence themselves"
+            )
 
     def _start_providers(self, spans: list[tuple[int, int]]) -> list[ManagedProcess]:
         """One peer process per span and provider account, not waited for."""
@@ -245,18 +256,25 @@ class Demo:
             )
         return peers
 
-    def _wait_swarm_ready(self, peers: list[ManagedProcess], verifier: ManagedProcess | None) -> None:
-        """Waits for every peer (then the verifier) with a progress bar; a process that fails is a DemoError."""
+    def _wait_swarm_ready(
+        self, peers: list[ManagedProcess], verifier: ManagedProcess | None, council: list[ManagedProcess]
+    ) -> None:
+        """Waits for every peer (then the verifier and the council) with a progress bar; a process that fails is
+        a DemoError."""
         from dllm.processes import ProcessStartError
 
         try:
             with self._progress() as progress:
-                task = progress.add_task("Peers: bond stake, load blocks, announce", total=len(peers) + bool(verifier))
+                total = len(peers) + bool(verifier) + len(council)
+                task = progress.add_task("Peers: bond stake, load blocks, announce", total=total)
                 for proc in peers:
                     self.swarm.wait_ready(proc, timeout=180)
                     progress.advance(task)
                 if verifier is not None:
                     self.swarm.wait_verifier_ready(verifier, timeout=180)
+                    progress.advance(task)
+                for member in council:
+                    self.swarm.wait_council_ready(member, timeout=180)
                     progress.advance(task)
         except ProcessStartError as error:
             raise DemoError(f"a swarm process did not start: {error}") from None

@@ -74,12 +74,17 @@ def test_demo_pays_real_receipts_prints_the_chain_table_and_leaves_nothing(tmp_p
     out = log_path.read_text()
     assert proc.returncode == 0, out
 
-    # Everything the demo started (chain, bootstrap, 3 peers, a verifier, their DHT, p2pd and gossip processes).
+    # Everything the demo started (chain, bootstrap, 3 peers, a verifier, 3 council members, their DHT, p2pd and
+    # gossip processes).
     assert sum("chopsticks" in cmd for cmd in seen.values()) == 1, seen
     # (a peer's forked DHT process shows the same command line: count distinct provider keys)
     providers = {m for cmd in seen.values() for m in re.findall(r"//dllm-demo-provider-\d+", cmd)}
     assert len(providers) == 3, seen
     assert any("dllm.cli verify" in cmd for cmd in seen.values()), seen
+    # Three council members, each its own process holding one key; no process holds two.
+    members = {m for cmd in seen.values() if "dllm.cli council" in cmd for m in re.findall(r"--chain-key (//\w+)", cmd)}
+    assert members == {"//Alice", "//Bob", "//Charlie"}, seen
+    assert not any("--council-key" in cmd for cmd in seen.values()), seen
     assert any("economy.gossip_node" in cmd for cmd in seen.values()), seen  # peers gossip their price asks
     assert any("p2pd" in cmd for cmd in seen.values()), seen
     deadline = time.monotonic() + 15
