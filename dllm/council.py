@@ -104,6 +104,7 @@ class CouncilMember:
         self.tally = SlashingTally(frozenset(generic_address(a) for a in authorized), config.threshold)
         self.stats = CouncilStats()
         self.fetch_sample: Any = None  # set once serving: fetches a sample by hash from the verifiers
+        self.fetch_adapters: Any = None  # set once serving: a receipt's digest-checked adapters, or None
         self._judged: dict[bytes, bool] = {}  # evidence hash -> its re-run failed the provider
         self._chain = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-council-chain")
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-council-recheck")
@@ -168,9 +169,12 @@ class CouncilMember:
 
     async def recheck(self, evidence: Evidence) -> bool:
         """True if this member's own re-run of the evidence fails the provider."""
-        from dllm.recheck import recheck_with_span
+        from dllm.recheck import fetch_evidence_adapters, recheck_with_span
 
-        result = await asyncio.get_running_loop().run_in_executor(self._compute, recheck_with_span, evidence, self.span)
+        adapters = await fetch_evidence_adapters(evidence, self.fetch_adapters) if self.fetch_adapters else {}
+        result = await asyncio.get_running_loop().run_in_executor(
+            self._compute, recheck_with_span, evidence, self.span, adapters
+        )
         self.stats.rechecked += 1
         return result.provider_failed
 
@@ -315,6 +319,7 @@ class CouncilService:
     async def _serve(self, model_dir: Path, dht: Any, validator: Any) -> None:
         from chain.ledger import ComputeLedger
         from dllm.verifier import GENERIC_SS58, _announce, _cancel, _connect_gossip, _fetch_sample_elsewhere
+        from peer.adapter_exchange import fetch_for_receipt
         from peer.blocks import load_span_layers
         from peer.span import SpanRunner
         from swarm.dht import wait_dht_ready
@@ -340,6 +345,7 @@ class CouncilService:
         await p2p.add_protobuf_handler(protocol.HANDLER_INFO, member.rpc_info, runtime_pb2.ExpertRequest)
         peer_id = dht.peer_id.to_base58()
         member.fetch_sample = partial(_fetch_sample_elsewhere, dht, p2p, peer_id)
+        member.fetch_adapters = partial(fetch_for_receipt, dht, p2p)  # adapted evidence is re-run with them
         await _connect_gossip(bus, dht, peer_id, config.gossip_peers)
         # No "model": clients looking for verifiers of their model never send work to a council member.
         record = {"peer_id": peer_id, "account": signing_key.ss58_address, "role": "council", "gossip": bus.addrs}

@@ -99,6 +99,22 @@ async def fetch_adapters(p2p: P2P, peer_id: str, digest: bytes, timeout_s: float
     return bundle
 
 
+async def fetch_for_receipt(
+    dht: Any, p2p: P2P, receipt: UsageReceipt, *, attempts: int = 3, backoff_s: float = 2.0, timeout_s: float = 60.0
+) -> AdapterBundle | None:
+    """The receipt's adapters, digest-checked, from any peer of its span; None after `attempts` rounds
+    (`backoff_s`, doubled, between them): what a council member or `dllm verify --recheck` re-runs with."""
+    for attempt in range(attempts):
+        if attempt:
+            await asyncio.sleep(backoff_s * 2 ** (attempt - 1))
+        for peer_id in await span_sources(dht, receipt):
+            try:
+                return await fetch_adapters(p2p, peer_id, receipt.adapter_digest, timeout_s)
+            except Exception as e:  # any source failing (refusal, timeout, other adapters) leaves the others to try
+                logger.info("no adapters %s from %s: %s", receipt.adapter_digest.hex()[:16], peer_id, e)
+    return None
+
+
 async def span_sources(dht: Any, receipt: UsageReceipt) -> list[str]:
     """Peer ids announcing the receipt's exact span (only they can hold adapters of its names): provider first."""
     from swarm.records import fetch_model_records

@@ -501,3 +501,39 @@ def test_learning_cheater_with_live_adapters_is_caught(dev_chain, local_swarm, t
         assert (stats["checked"], stats["failed"], stats["unverifiable"]) == (1, 1, 0), stats
     finally:
         model.close()
+
+
+def test_council_recheck_of_adapted_evidence_uses_the_adapters(tiny_model_path, keys, tmp_path) -> None:
+    """What a council member (and `dllm verify --recheck`) re-runs: adapted evidence with its fetched adapters."""
+    from dllm.recheck import fetch_evidence_adapters, recheck_with_span
+    from economy.evidence_store import Evidence
+
+    span, adapters, version = _learning_span(tiny_model_path, promote=True)
+    provider = AdapterArchive()
+    retain_version(adapters, provider, version)
+    sources = _Sources(provider=provider)
+    base = _span(tiny_model_path)
+    verifier = _verifier(base, tmp_path, sources)
+    try:
+        honest = _serve(span, adapters, keys, version)
+        corrupted = _serve(span, adapters, keys, version, corrupt_step=2)
+        evidence = {
+            name: Evidence.of([s.encode()], [asyncio.run(verifier.check(s))])
+            for name, s in (("honest", honest), ("corrupted", corrupted))
+        }
+    finally:
+        verifier.close()
+
+    async def fetch(receipt: UsageReceipt) -> AdapterBundle | None:
+        return provider.get(receipt.adapter_digest)
+
+    async def refuse(receipt: UsageReceipt) -> AdapterBundle | None:
+        return None
+
+    fetched = asyncio.run(fetch_evidence_adapters(evidence["honest"], fetch))
+    assert list(fetched) == [honest.receipt.receipt.adapter_digest]
+    assert not recheck_with_span(evidence["honest"], base, fetched).provider_failed
+    assert recheck_with_span(evidence["corrupted"], base, fetched).provider_failed
+    # Adapters still unavailable to the re-checker: the sample fails, as it did for the verifier.
+    assert asyncio.run(fetch_evidence_adapters(evidence["honest"], refuse)) == {}
+    assert recheck_with_span(evidence["honest"], base, {}).provider_failed
