@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dllm.bootstrap import BootstrapConfig, BootstrapService
+    from dllm.council import CouncilConfig, CouncilMember, CouncilService
     from dllm.demo import Demo, DemoConfig
     from dllm.processes import LocalSwarm, ManagedProcess
     from dllm.service import Service, serve_until_signal
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
 __all__ = [
     "BootstrapConfig",
     "BootstrapService",
+    "CouncilConfig",
+    "CouncilMember",
+    "CouncilService",
     "Demo",
     "DemoConfig",
     "LocalSwarm",
@@ -37,6 +41,9 @@ __all__ = [
 _EXPORTS = {
     "BootstrapConfig": "dllm.bootstrap",
     "BootstrapService": "dllm.bootstrap",
+    "CouncilConfig": "dllm.council",
+    "CouncilMember": "dllm.council",
+    "CouncilService": "dllm.council",
     "Demo": "dllm.demo",
     "DemoConfig": "dllm.demo",
     "LocalSwarm": "dllm.processes",

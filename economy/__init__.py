@@ -12,6 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from economy.evidence_store import Evidence, EvidenceStore
     from economy.gossip import GossipBus, GossipConfig
     from economy.metering import StepKind, UsageMeter
     from economy.price_announcement import PriceAnnouncement
@@ -35,6 +36,8 @@ __all__ = [
     "AdaptiveSpotCheck",
     "Bill",
     "CheckHistory",
+    "Evidence",
+    "EvidenceStore",
     "GossipBus",
     "GossipConfig",
     "Line",
@@ -67,6 +70,8 @@ _EXPORTS = {
     "AdaptiveSpotCheck": "economy.verification",
     "Bill": "economy.pricing",
     "CheckHistory": "economy.verification",
+    "Evidence": "economy.evidence_store",
+    "EvidenceStore": "economy.evidence_store",
     "GossipBus": "economy.gossip",
     "GossipConfig": "economy.gossip",
     "Line": "economy.pricing",
