@@ -4,6 +4,9 @@ re-checked itself.
 - One member's signature (`approve_slash`) opens the Multisig operation and moves nothing; the same member
   signing again still moves nothing; a second member's signature executes the slash, whose remark carries
   the evidence hash.
+- A slash a member wanted but could not sign (the chain failed it) is kept in its store across a restart and
+  signed when retried: the first member's retry opens it, the second's executes it, and the first then
+  records it done.
 - Two verifiers that sign false failing verdicts against an honest provider (tests/economy/lying_verifier.py)
   make a proposal, but both council members re-run the published evidence, find the provider honest and
   refuse: no slash is opened and the stake stays.
@@ -13,6 +16,7 @@ tests/economy/test_evidence.py.)
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -22,7 +26,9 @@ import pytest
 from hivemind.proto import runtime_pb2
 
 from chain.ledger import ComputeLedger
+from dllm.council import CouncilConfig, CouncilMember
 from dllm.processes import ManagedProcess
+from economy.evidence_store import EvidenceStore
 from swarm import protocol
 from swarm.billing import BillingConfig
 from swarm.client import ClientConfig, DistributedModel, GenerationParams
@@ -50,6 +56,38 @@ def test_one_member_alone_cannot_slash_two_members_do_and_the_remark_names_the_e
         status = ledger.provider_status(provider.ss58_address)
         (slash,) = status.slashes
         assert status.stake == 0 and slash.evidence_hash == evidence and slash.block_number == result.block_number
+
+
+def test_a_wanted_slash_survives_a_restart_and_is_signed_when_retried(dev_chain, tmp_path) -> None:
+    with ComputeLedger(dev_chain.url) as ledger:
+        provider = fresh_account(ledger)
+        ledger.register_provider(provider, STAKE_UNITS * UNIT)
+        evidence = hashlib.sha256(b"evidence of a failed attempt").digest()
+        paths = {uri: tmp_path / f"council-{uri[2:]}.sqlite3" for uri in ("//Alice", "//Bob")}
+        for path in paths.values():  # what a member's failed signature leaves behind
+            with EvidenceStore(path) as store:
+                store.want_slash(provider.ss58_address, evidence)
+                store.slash_failed(provider.ss58_address, "ChainConnectionError: the chain did not answer")
+
+        def restarted(uri: str) -> CouncilMember:
+            config = CouncilConfig(model="unused", key=uri, initial_peers=[], chain_url=dev_chain.url)
+            return CouncilMember(config, None, None, EvidenceStore(paths[uri]), ComputeLedger(dev_chain.url))
+
+        alice, bob = restarted("//Alice"), restarted("//Bob")
+        try:
+            asyncio.run(alice.retry_slashes())
+            status = ledger.provider_status(provider.ss58_address)
+            assert status.stake == STAKE_UNITS * UNIT and len(status.open_slashes) == 1
+            assert [p.attempts for p in alice.store.pending_slashes()] == [1]  # still wanted until on chain
+            asyncio.run(bob.retry_slashes())
+            status = ledger.provider_status(provider.ss58_address)
+            assert status.stake == 0 and [s.evidence_hash for s in status.slashes] == [evidence]
+            assert bob.store.pending_slashes() == [] and bob.store.slashed() == [provider.ss58_address]
+            asyncio.run(alice.retry_slashes())  # sees the slash on chain: done, its tally dropped
+            assert alice.store.pending_slashes() == [] and alice.stats.executed == [provider.ss58_address]
+        finally:
+            alice.close()
+            bob.close()
 
 
 def _start_lying_verifier(swarm, uri: str, chain_url: str) -> ManagedProcess:
