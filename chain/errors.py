@@ -47,7 +47,8 @@ A builtin in parentheses is an extra base kept because callers catch that builti
     │   │   ├── UsageInflationError
     │   │   ├── CommitmentMismatchError
     │   │   ├── RateMismatchError
-    │   │   └── DtypeMismatchError
+    │   │   ├── DtypeMismatchError
+    │   │   └── TrainingClaimError
     │   ├── ReceiptStoreError (RuntimeError)                                            economy/receipt_store.py
     │   ├── SettlementOfferError (ValueError)                                           economy/presigned_settlement.py
     │   ├── SettlementNotReadyError (RuntimeError)                                      economy/presigned_settlement.py
@@ -81,7 +82,8 @@ A builtin in parentheses is an extra base kept because callers catch that builti
     │   ├── MeteringRequestError                                                        peer/metering_hook.py
     │   ├── AdapterError                                                                peer/adapters.py
     │   │   ├── AdapterStateError
-    │   │   └── AdapterVersionUnavailableError
+    │   │   ├── AdapterVersionUnavailableError
+    │   │   └── AdapterDigestMismatchError
     │   ├── GradientError                                                               peer/training.py
     │   ├── RateLimitExceededError (RuntimeError)                                       peer/training.py
     │   ├── AggregationError                                                            peer/aggregation.py
