@@ -35,14 +35,17 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
-from substrateinterface import Keypair
 
 from chain.errors import EconomyError
 from economy import canonical, signing
 from economy.canonical import CanonicalFormatError, FieldSpec
 from economy.work_sample import WorkSample
+
+if TYPE_CHECKING:  # keys are handed in: verdict types load without substrate-interface
+    from substrateinterface import Keypair
 
 VERDICT_TAG = "dllm.verdict.2"  # .2 added reason
 SIGNED_VERDICT_TAG = "dllm.signed_verdict.1"
