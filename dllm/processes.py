@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chain.errors import UnavailableError
+from dllm.service import DEFAULT_GRACE_S
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,12 @@ class ManagedProcess:
             with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
                 os.killpg(os.getpgid(self.popen.pid), sig)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (SIGCONT first if stopped), then SIGKILL of the whole process group."""
+    def stop(self, timeout: float = DEFAULT_GRACE_S + 5.0) -> None:
+        """SIGTERM (SIGCONT first if stopped), then SIGKILL of the whole process group.
+
+        The default waits out the process's own bounded stop (its service's grace period): killing it sooner
+        leaves the sockets of a clean shutdown behind on a loaded machine.
+        """
         try:
             pgid = os.getpgid(self.popen.pid)
         except ProcessLookupError:
