@@ -103,6 +103,8 @@ A builtin in parentheses is an extra base kept because callers catch that builti
     │   ├── KeyFormatError (ValueError)                                                 economy/signing.py
     │   ├── MissingClientKeyError (KeyError)                                            economy/chain_settlement.py
     │   ├── ModelFilesError (FileNotFoundError)                                         swarm/model_files.py
+    │   │   └── ModelNotInstalledError                                                  dllm/model_choice.py
+    │   ├── GgufError (ValueError)                                                      dllm/model_choice.py
     │   ├── UnsupportedArchitectureError (ValueError)                                   swarm/architectures.py
     │   ├── InvalidSpanError (ValueError)                                               peer/blocks.py
     │   ├── AdapterConfigError (ValueError)                                             peer/adapters.py

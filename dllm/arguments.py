@@ -7,7 +7,6 @@ They import nothing heavy so `dllm --help` stays fast.
 from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 
 import typer
 
@@ -52,18 +51,6 @@ def parse_initial_peers(values: list[str] | None) -> list[str]:
             if part.strip():
                 result.append(parse_initial_peer(part.strip()))
     return result
-
-
-def check_model_folder(value: str) -> Path:
-    """A model argument that must be a local folder holding a Hugging Face config.json."""
-    path = Path(value).expanduser()
-    if not path.exists():
-        raise typer.BadParameter(f"model folder {str(path)!r} does not exist", param_hint="'--model'")
-    if not (path / "config.json").is_file():
-        raise typer.BadParameter(
-            f"{str(path)!r} holds no config.json: pass a Hugging Face model folder", param_hint="'--model'"
-        )
-    return path.resolve()
 
 
 def parse_chain_url(value: str | None) -> str | None:

@@ -56,7 +56,12 @@ InitialPeers = Annotated[
 ]
 ModelOption = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="Model folder (or cached hub id). Default: the embedded dllm-tiny-llama."),
+    typer.Option(
+        "--model",
+        "-m",
+        help="tiny (the embedded dllm-tiny-llama, the default), smollm2 (installed by scripts/setup), a .gguf file "
+        "(converted once into the cache), a model folder or a cached hub id.",
+    ),
 ]
 ChainUrl = Annotated[str | None, typer.Option("--chain-url", help="Substrate node endpoint, e.g. ws://127.0.0.1:9944.")]
 ChainKey = Annotated[
@@ -136,20 +141,13 @@ def _fail(message: str) -> NoReturn:
 
 
 def _model_folder(model: str | None) -> Path:
-    """The model's local folder, or a BadParameter naming what is wrong with --model."""
-    from dllm import default_model_path
-
-    if model is None:
-        return default_model_path()
-    text = model.strip()
-    looks_local = text.startswith((".", "/", "~")) or Path(text).expanduser().exists()
-    if looks_local:
-        return arguments.check_model_folder(text)
-    from swarm.model_files import ModelFilesError, resolve_model
+    """The model's local folder (dllm/model_choice.py), or a BadParameter naming what is wrong with --model."""
+    from chain.errors import ConfigError
+    from dllm.model_choice import resolve_model_argument
 
     try:
-        return resolve_model(text)
-    except ModelFilesError as error:
+        return resolve_model_argument(model)
+    except ConfigError as error:
         raise typer.BadParameter(str(error), param_hint="'--model'") from None
 
 
