@@ -20,6 +20,22 @@ def tiny_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_model_path() -> Path:
+    """SmolLM2-135M-Instruct as scripts/setup converted it (`--model smollm2`). If it is missing the test fails,
+    naming scripts/setup, unless DLLM_SKIP_REAL_MODEL is set (then it skips)."""
+    import os
+
+    from dllm.model_choice import ModelNotInstalledError, installed_smollm2
+
+    try:
+        return installed_smollm2()
+    except ModelNotInstalledError as error:
+        if os.environ.get("DLLM_SKIP_REAL_MODEL"):
+            pytest.skip(str(error))
+        pytest.fail(str(error))
+
+
+@pytest.fixture(scope="session")
 def swarm(tiny_model_path, tmp_path_factory):
     """A bootstrap DHT node and 2 peers serving blocks 0:4 and 4:8 on 127.0.0.1, shared by a test session.
 
