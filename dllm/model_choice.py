@@ -4,7 +4,8 @@
     smollm2         SmolLM2-135M-Instruct, converted by scripts/setup into the cache (ModelNotInstalledError if not)
     PATH.gguf       any GGUF of a family a peer can serve (llama, mistral, qwen2, qwen3): dequantized once into
                     the cache, keyed by the file's SHA-256, then reused
-    anything else   a model folder or a cached hub id (swarm/model_files.resolve_model)
+    anything else   a model folder or a cached hub id (swarm/model_files.resolve_model); an alias wins over a
+                    folder of the same name in the working directory (pass ./tiny for that)
 
 The cache is `$DLLM_CACHE` or ~/.cache/dllm, outside the repository: `models/gguf-<sha256[:16]>` holds one
 converted GGUF (safetensors weights in float32, config.json, tokenizer and chat template) and

@@ -7,6 +7,11 @@ found by the file's hash: nothing is converted again) joins the same swarm and g
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,3 +96,15 @@ def test_a_gguf_file_given_by_path_joins_the_same_swarm(real_swarm, real_model_p
     assert out.strip() == tokenizer.decode(expected, skip_special_tokens=True).strip()
     assert "converting" not in err
     assert record.stat().st_mtime_ns == converted_at  # not converted again
+
+
+def test_set_up_leaves_an_installed_model_alone(real_model_path):
+    record = real_model_path / CONVERSION_RECORD
+    converted_at = record.stat().st_mtime_ns
+    script = Path(__file__).resolve().parents[2] / "scripts" / "install_model.py"
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "ready in" in done.stdout and "downloading" not in done.stdout and "converting" not in done.stdout
+    assert time.monotonic() - started < 30  # imports only: no download, no conversion, no model loaded
+    assert record.stat().st_mtime_ns == converted_at
