@@ -76,6 +76,7 @@ A builtin in parentheses is an extra base kept because callers catch that builti
     │   ├── RecordError                                                                 swarm/records.py
     │   ├── DirectEndpointError                                                         swarm/direct.py
     │   ├── BadRequestError                                                             swarm/api.py
+    │   ├── ChatTooLongError                                                            swarm/chat.py
     │   ├── UnsupportedParameterError                                                   swarm/openai_schema.py
     │   ├── SessionExistsError                                                          peer/kv_cache.py
     │   ├── CacheOverflowError                                                          peer/kv_cache.py

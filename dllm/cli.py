@@ -569,6 +569,12 @@ def query(
     seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed, for reproducible output.")] = None,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop at this text (repeatable).")] = None,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they arrive.")] = True,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat", help="Send the prompt as a user message through the model's chat template, and print the answer."
+        ),
+    ] = False,
     chain_url: ChainUrl = None,
     min_stake: MinStake = 0,
 ) -> None:
@@ -579,6 +585,7 @@ def query(
     from rich.console import Console
     from rich.markup import escape
 
+    from swarm.chat import ChatTooLongError, Conversation, context_limit
     from swarm.client import DistributedModel, GenerationParams
 
     params = GenerationParams(
@@ -588,15 +595,22 @@ def query(
     with status.status("Joining the swarm…"):
         distributed = DistributedModel.from_pretrained(str(folder), peers, config=client_config)
     try:
+        request: str | list[int] = prompt
+        if chat:
+            conversation = Conversation(distributed.tokenizer, context_limit(distributed.config))
+            try:
+                request = conversation.prompt(prompt, max_tokens).prompt_ids
+            except ChatTooLongError as error:
+                _fail(str(error))
         if stream:
-            text = distributed.stream(prompt, params)
+            text = distributed.stream(request, params)
             for delta in text:
                 sys.stdout.write(delta)
                 sys.stdout.flush()
             sys.stdout.write("\n")
             result = text.result
         else:
-            result = distributed.generate(prompt, params)
+            result = distributed.generate(request, params)
             sys.stdout.write(result.text + "\n")
             status.print(
                 f"[dim]{result.prompt_tokens} prompt + {result.completion_tokens} generated tokens, "
@@ -608,6 +622,93 @@ def query(
                 for hop, standing in zip(result.route, result.route_standing, strict=True)
             )
             status.print(f"[dim]route: {escape(' → '.join(hops))}[/dim]")
+    finally:
+        distributed.close()
+
+
+CHAT_EXIT = "/exit"
+CHAT_RESET = "/reset"
+
+
+@app.command("chat")
+def chat(
+    initial_peers: InitialPeers = None,
+    model: ModelOption = None,
+    system: Annotated[
+        str | None, typer.Option("--system", help="A system message opening the conversation (the model's persona).")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens per answer at most.")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 is greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample among the k likeliest (0: all).")] = 0,
+    top_p: Annotated[
+        float, typer.Option("--top-p", callback=_check_top_p, help="Nucleus sampling mass, in (0, 1].")
+    ] = 1.0,
+    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed, for reproducible output.")] = None,
+    chain_url: ChainUrl = None,
+    min_stake: MinStake = 0,
+) -> None:
+    """Chat with the distributed model: each line you type is a message, the answer streams back.
+
+    The whole conversation stays in the prompt, through the model's chat template (the oldest exchanges are
+    dropped once it outgrows the model's context). /reset forgets it; /exit or end of input (Ctrl-D) quits.
+    Token counts and the route go to stderr, answers to stdout.
+    """
+    peers = _require_peers(initial_peers)
+    folder = _model_folder(model)
+    client_config = _client_config(chain_url, min_stake)
+    from rich.console import Console
+
+    from chain.errors import DLLMError
+    from swarm.chat import ChatTooLongError, Conversation, context_limit
+    from swarm.client import DistributedModel, GenerationParams
+
+    params = GenerationParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    status = Console(stderr=True)
+    with status.status("Joining the swarm…"):
+        distributed = DistributedModel.from_pretrained(str(folder), peers, config=client_config)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        status.print(
+            f"[dim]chatting with {distributed.model_name}; {CHAT_RESET} forgets, {CHAT_EXIT} or Ctrl-D quits[/]"
+        )
+    conversation = Conversation(distributed.tokenizer, context_limit(distributed.config), system=system)
+    try:
+        while True:
+            if interactive:
+                status.print("[bold]you>[/] ", end="")
+            line = sys.stdin.readline()
+            text = line.strip()
+            if not line or text == CHAT_EXIT:
+                break
+            if text == CHAT_RESET:
+                conversation.reset()
+                status.print("[dim]conversation forgotten[/]")
+                continue
+            if not text:
+                continue
+            try:
+                turn = conversation.prompt(text, max_tokens)
+                answer = distributed.stream(turn.prompt_ids, params)
+                for delta in answer:
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+            except ChatTooLongError as error:
+                status.print(f"[yellow]{error}[/]")
+                continue
+            except DLLMError as error:  # the swarm failed this answer: say so, keep the conversation going
+                sys.stdout.write("\n")
+                status.print(f"[red]no answer: {type(error).__name__}: {error}[/]")
+                continue
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            result = answer.result
+            if result is None:  # set once the stream is exhausted, which the loop above did
+                raise RuntimeError("the answer's stream ended without a result")
+            conversation.record(turn, result.text.strip())
+            dropped = f", {turn.dropped_exchanges} oldest exchanges dropped" if turn.dropped_exchanges else ""
+            status.print(
+                f"[dim]{result.prompt_tokens} prompt + {result.completion_tokens} generated tokens{dropped}[/]"
+            )
     finally:
         distributed.close()
 
@@ -956,21 +1057,37 @@ def dashboard(
 
 @app.command("demo")
 def demo(
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="The model the swarm serves: smollm2 (SmolLM2-135M-Instruct, installed by scripts/setup), tiny "
+            "(the embedded test model: fast, its answers are nonsense), a .gguf file or a model folder.",
+        ),
+    ] = "smollm2",
     peers: Annotated[int, typer.Option("--peers", min=1, max=8, help="How many compute peers to start.")] = 3,
     queries: Annotated[int, typer.Option("--queries", min=1, max=20, help="How many demo queries to run.")] = 3,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, max=256, help="Tokens per query.")] = 24,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, max=256, help="Tokens per answer at most.")] = 48,
     chain_port: Annotated[int, typer.Option("--chain-port", min=0, max=65535, help="Dev chain port (0: free).")] = 0,
     verifier: Annotated[
         bool, typer.Option("--verifier/--no-verifier", help="Start a verifier that spot-checks every receipt's work.")
     ] = True,
 ) -> None:
-    """Run everything locally: dev chain, bootstrap node, paid peers, a verifier, queries, settlement;
-    then shut it all down."""
+    """Run everything locally: dev chain, bootstrap node, paid peers, a verifier and the council, questions
+    answered through the chat template, settlement; then shut it all down."""
     from dllm.demo import DemoConfig, DemoError, run_demo
 
     try:
         report = run_demo(
-            DemoConfig(peers=peers, queries=queries, max_tokens=max_tokens, chain_port=chain_port, verifier=verifier)
+            DemoConfig(
+                model=model,
+                peers=peers,
+                queries=queries,
+                max_tokens=max_tokens,
+                chain_port=chain_port,
+                verifier=verifier,
+            )
         )
     except DemoError as error:
         _fail(f"the demo failed: {error}")

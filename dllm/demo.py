@@ -1,12 +1,14 @@
 """`dllm demo`: the whole system on one machine, then a clean shutdown.
 
 1. the dev chain (chopsticks running the real Asset Hub runtime), in memory;
-2. a bootstrap DHT node, N peers on the embedded model (each bonds a stake on chain, meters its
-   sessions, proposes receipts, settles them, and gossips its signed price ask) and one verifier;
-3. a few queries through the swarm, streamed to the terminal, by a paying client: it co-signs each
-   hop's receipt, pre-signs the settlement extrinsic that pays it, and sends its work to the
-   verifier for a spot check;
-4. a table of who served what and who was paid what, read back from the chain;
+2. a bootstrap DHT node, N peers on the model (SmolLM2-135M-Instruct by default, `--model tiny` for the
+   embedded 1.7 M-parameter test model; each peer bonds a stake on chain, meters its sessions, proposes
+   receipts, settles them, and gossips its signed price ask), one verifier and the three council members;
+3. a few questions through the swarm, each sent through the model's chat template and its answer streamed
+   to the terminal (the tiny model, not instruction-tuned, completes prompts instead), by a paying client:
+   it co-signs each hop's receipt, pre-signs the settlement extrinsic that pays it, and sends its work to
+   the verifier for a spot check;
+4. a table of who served what and who was paid what, read back from the chain, fitting 80 columns;
 5. every process it started stopped, checked: no process and no hivemind socket left behind.
 
 Nothing here issues receipts or pays on anyone's behalf: the demo only holds the client's key
@@ -22,9 +24,11 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -38,14 +42,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEMO_PROMPTS = (
-    "The module",
-    "Return the",
-    "This function",
-    "If the file",
-    "The default value",
-    "A list of",
+# Questions SmolLM2-135M-Instruct answers right, greedily, in a dozen tokens (measured before choosing them).
+DEMO_QUESTIONS = (
+    "What is the capital of France?",
+    "What is the chemical symbol for water?",
+    "How many days are in a week?",
 )
+TINY_PROMPTS = ("The module", "Return the", "This function", "If the file", "The default value", "A list of")
+TABLE_WIDTH = 80  # the final table fits a default terminal
 PROVIDER_FUNDS = 50 * PLANCK_PER_TOKEN
 PROVIDER_STAKE_ROC = 10
 CLIENT_URI = "//Eve"
@@ -65,9 +69,10 @@ class DemoError(UnavailableError, RuntimeError):
 class DemoConfig:
     """The one configuration object of `dllm demo`."""
 
+    model: str = "smollm2"  # a --model value (dllm/model_choice.py): smollm2, tiny, a .gguf file or a folder
     peers: int = bounded(3, ge=1, le=8)
     queries: int = bounded(3, ge=1, le=20)
-    max_tokens: int = bounded(24, ge=1, le=256)
+    max_tokens: int = bounded(48, ge=1, le=256)
     chain_port: int = bounded(0, ge=0, le=65535)  # 0: pick a free one
     verifier: bool = True  # start one `dllm verify` process (every receipt spot-checked) and the 3 council members
     settle_timeout_s: float = 60.0  # seconds to wait for every receipt to be paid on chain
@@ -96,6 +101,7 @@ class ProviderRow:
 @dataclass
 class DemoReport:
     providers: list[ProviderRow] = field(default_factory=list)
+    answers: list[tuple[str, str]] = field(default_factory=list)  # (question, answer) in the order asked
     client: str = ""
     client_spent: int = 0
     settled_receipts: int = 0
@@ -116,7 +122,14 @@ def block_spans(num_blocks: int, peers: int) -> list[tuple[int, int]]:
 
 
 def roc(planck: int) -> str:
-    return f"{planck / PLANCK_PER_TOKEN:,.6f}"
+    """An amount in ROC to the micro-ROC (exact: planck are integers)."""
+    return str((Decimal(planck) / PLANCK_PER_TOKEN).quantize(Decimal("0.000001")))
+
+
+def whole_roc(planck: int) -> str:
+    """A stake in ROC without trailing zeros (10, 2.5)."""
+    text = roc(planck)
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def _short_id(peer_id: str) -> str:
@@ -152,6 +165,7 @@ class Demo:
         self.ledger: Any = None
         self.swarm: Any = None
         self.model: Any = None
+        self.model_path: Path | None = None
         self.provider_uris: dict[str, str] = {}  # ss58 -> key URI, passed to the provider's own process
         self.results: list[Any] = []
         self.receipts: list[Any] = []  # every co-signed receipt the client delivered
@@ -196,11 +210,10 @@ class Demo:
 
     def start_swarm(self) -> None:
         """Bootstrap node, one staked and billing peer per provider account, the verifier; all ready."""
-        from dllm import default_model_path
         from dllm.processes import LocalSwarm
         from swarm.model_files import load_config
 
-        model_path = default_model_path()
+        model_path = self.resolve_model()
         num_blocks = int(load_config(model_path).num_hidden_layers)
         self.swarm = LocalSwarm(str(model_path), workdir=self.workdir)
         with self.console.status("Starting the bootstrap node…"):
@@ -288,10 +301,26 @@ class Demo:
                 f"(staked {PROVIDER_STAKE_ROC} ROC as {account[:8]}…)"
             )
 
+    def serves_tiny_model(self) -> bool:
+        from dllm import default_model_path
+
+        return self.model_path is not None and self.model_path.resolve() == default_model_path().resolve()
+
+    def resolve_model(self) -> Path:
+        """The model folder of `config.model` (converting a GGUF once), or a DemoError saying what to do."""
+        from chain.errors import ConfigError
+        from dllm.model_choice import resolve_model_argument
+
+        try:
+            self.model_path = resolve_model_argument(self.config.model)
+        except ConfigError as error:
+            raise DemoError(f"--model {self.config.model}: {error}") from None
+        return self.model_path
+
     # -------------------------------------------------------------------------------- queries
     def run_queries(self) -> None:
-        from dllm import default_model_path
         from swarm.billing import BillingConfig
+        from swarm.chat import ChatMessage, chat_prompt_ids
         from swarm.client import ClientConfig, DistributedModel, GenerationParams
 
         # Sample rate 1: every receipt goes to the verifier, so the demo shows a check per hop.
@@ -300,15 +329,25 @@ class Demo:
         )
         with self.console.status("Paying client joining the swarm…"):
             self.model = DistributedModel.from_pretrained(
-                str(default_model_path()), self.swarm.initial_peers, config=ClientConfig(billing=billing)
+                str(self.model_path), self.swarm.initial_peers, config=ClientConfig(billing=billing)
             )
             if self.config.verifier:
                 self._wait_for_verifier()
         params = GenerationParams(max_new_tokens=self.config.max_tokens)
+        # The embedded tiny model is not instruction-tuned (it answers most chat messages with its end token at
+        # once): it completes code-comment prompts instead, the fast path of the tests.
+        chat = not self.serves_tiny_model()
         for i in range(self.config.queries):
-            prompt = DEMO_PROMPTS[i % len(DEMO_PROMPTS)]
-            self.console.print(f"\n[bold cyan]Query {i + 1}[/] [bold]{prompt}[/]", end="")
+            if chat:
+                question = DEMO_QUESTIONS[i % len(DEMO_QUESTIONS)]
+                prompt: str | list[int] = chat_prompt_ids(self.model.tokenizer, [ChatMessage("user", question)])
+                self.console.print(f"\n[bold cyan]Question {i + 1}:[/] [bold]{question}[/]")
+                self.console.print("[bold cyan]Answer:[/] ", end="")
+            else:
+                question = prompt = TINY_PROMPTS[i % len(TINY_PROMPTS)]
+                self.console.print(f"\n[bold cyan]Prompt {i + 1}:[/] [bold]{question}[/]", end="")
             result = self.loop.run_until_complete(self._stream(prompt, params))
+            self.report.answers.append((question, result.text.strip()))
             self.results.append(result)
             session = result.billing
             self.receipts.extend(session.receipts)
@@ -332,7 +371,7 @@ class Demo:
                 raise DemoError(f"the verifier was not found in the DHT after {timeout:.0f} s")
             time.sleep(0.5)
 
-    async def _stream(self, prompt: str, params: Any) -> Any:
+    async def _stream(self, prompt: str | list[int], params: Any) -> Any:
         stream = self.model.astream(prompt, params)
         async for delta in stream:
             sys.stdout.write(delta)
@@ -390,48 +429,9 @@ class Demo:
         )
 
     def print_table(self) -> None:
-        table = Table(
-            title="Who served what, who was paid what",
-            caption="receipts, stake and paid: read from the chain; tokens and billed: the co-signed receipts; "
-            "checks: the verifier's signed verdicts",
-        )
-        for name, justify in (
-            ("peer", "left"),
-            ("blocks", "left"),
-            ("account", "left"),
-            ("receipts", "right"),
-            ("tokens", "right"),
-            ("checks", "right"),
-            ("stake (ROC)", "right"),
-            ("billed (ROC)", "right"),
-            ("paid (ROC)", "right"),
-        ):
-            table.add_column(name, justify=justify)  # type: ignore[arg-type]
-        for row in self.report.providers:
-            table.add_row(
-                _short_id(row.peer_id),
-                row.blocks,
-                row.account[:12] + "…",
-                str(row.receipts),
-                str(row.tokens),
-                f"{row.checks_passed}/{row.checks}",
-                roc(row.stake),
-                roc(row.billed),
-                roc(row.paid),
-            )
-        table.add_row(
-            "client",
-            "",
-            self.report.client[:12] + "…",
-            str(self.report.settled_receipts),
-            "",
-            "",
-            "",
-            roc(sum(r.billed for r in self.report.providers)),
-            "-" + roc(self.report.client_spent),
-            style="bold",
-        )
-        self.console.print(table)
+        """The final table, at most TABLE_WIDTH columns wide: every number is printed whole (no_wrap); only the
+        account column gives way (ellipsis) if amounts grow wide."""
+        self.console.print(summary_table(self.report), width=min(self.console.width, TABLE_WIDTH))
 
     # -------------------------------------------------------------------------------- shutdown
     def close(self) -> None:
@@ -481,6 +481,57 @@ class Demo:
             TimeElapsedColumn(),
             console=self.console,
         )
+
+
+def summary_table(report: DemoReport) -> Table:
+    """Who served what and who was paid what: amounts in ROC, columns two spaces apart, no frame."""
+    table = Table(
+        title="Who served what, who was paid what",
+        caption="amounts in ROC; receipts, stake and paid: read from the chain; tokens and billed: the co-signed "
+        "receipts; checks: the verifier's signed verdicts",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    for name, justify in (
+        ("peer", "left"),
+        ("blocks", "left"),
+        ("account", "left"),
+        ("receipts", "right"),
+        ("tokens", "right"),
+        ("checks", "right"),
+        ("stake", "right"),
+        ("billed", "right"),
+        ("paid", "right"),
+    ):
+        wraps = name == "account"
+        table.add_column(name, justify=justify, no_wrap=not wraps, overflow="ellipsis")  # type: ignore[arg-type]
+    for row in report.providers:
+        table.add_row(
+            _short_id(row.peer_id),
+            row.blocks,
+            row.account[:6] + "…",
+            str(row.receipts),
+            str(row.tokens),
+            f"{row.checks_passed}/{row.checks}",
+            whole_roc(row.stake),
+            roc(row.billed),
+            roc(row.paid),
+        )
+    table.add_row(
+        "client",
+        "",
+        report.client[:6] + "…",
+        str(report.settled_receipts),
+        "",
+        "",
+        "",
+        roc(sum(r.billed for r in report.providers)),
+        "-" + roc(report.client_spent),
+        style="bold",
+    )
+    return table
 
 
 def _is_own_torch_shm_manager(proc: Any, own_pid: int) -> bool:

@@ -9,7 +9,6 @@ while serving gets 503; no single request can take the server down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -23,7 +22,8 @@ from sse_starlette.sse import EventSourceResponse
 
 from chain.errors import UnavailableError
 from swarm import openai_schema as schema
-from swarm.http_server import HttpServer, bind_socket
+from swarm.chat import ChatMessage, chat_prompt_ids, context_limit
+from swarm.http_server import HttpService
 from swarm.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -54,9 +54,9 @@ class TextGenerator(Protocol):
     model_name: str
     tokenizer: Any
 
-    async def agenerate(self, prompt: str, params: GenerationParams) -> Any: ...
+    async def agenerate(self, prompt: str | list[int], params: GenerationParams) -> Any: ...
 
-    def astream(self, prompt: str, params: GenerationParams) -> ResultStream: ...
+    def astream(self, prompt: str | list[int], params: GenerationParams) -> ResultStream: ...
 
 
 class BadRequestError(ProtocolError):
@@ -88,20 +88,9 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
     return "; ".join(problems) or "invalid request body", first_param
 
 
-def _context_limit(model: TextGenerator) -> int | None:
-    config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None)
-    return int(limit) if isinstance(limit, int) else None
-
-
-def _chat_prompt(model: TextGenerator, request: ChatCompletionRequest) -> str:
-    messages = [{"role": m.role, "content": m.text()} for m in request.messages]
-    if getattr(model.tokenizer, "chat_template", None):
-        prompt: str = model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return prompt
-    # A model shipped without a chat template: a plain transcript the model can continue.
-    lines = [f"{m['role']}: {m['content']}" for m in messages]
-    return "\n".join(lines) + "\nassistant:"
+def _chat_prompt(model: TextGenerator, request: ChatCompletionRequest) -> list[int]:
+    """The messages through the model's chat template (swarm/chat.py), as token ids."""
+    return chat_prompt_ids(model.tokenizer, [ChatMessage(m.role, m.text()) for m in request.messages])
 
 
 def _generation_params(request: schema.SamplingFields, max_tokens: int) -> GenerationParams:
@@ -115,12 +104,12 @@ def _generation_params(request: schema.SamplingFields, max_tokens: int) -> Gener
     )
 
 
-def _check_prompt(model: TextGenerator, prompt: str, max_tokens: int) -> None:
+def _check_prompt(model: TextGenerator, prompt: str | list[int], max_tokens: int) -> None:
     """Rejects empty prompts and ones that, with `max_tokens`, overflow the model's context."""
-    count = len(model.tokenizer(prompt)["input_ids"])
+    count = len(prompt) if isinstance(prompt, list) else len(model.tokenizer(prompt)["input_ids"])
     if count == 0 or not prompt:
         raise BadRequestError("the prompt is empty", param="prompt")
-    limit = _context_limit(model)
+    limit = context_limit(getattr(model, "config", None))
     if limit is not None and count + max_tokens > limit:
         raise BadRequestError(
             f"the prompt ({count} tokens) plus max_tokens ({max_tokens}) exceeds the model's context of {limit} tokens",
@@ -300,7 +289,7 @@ def _jsonable(value: Any) -> Any:
 
 async def _stream_events(
     model: TextGenerator,
-    prompt: str,
+    prompt: str | list[int],
     params: GenerationParams,
     chunk: Callable[..., dict[str, Any]],
     include_usage: bool,
@@ -331,11 +320,10 @@ async def _stream_events(
     yield {"data": "[DONE]"}
 
 
-class ApiService:
+class ApiService(HttpService):
     """`dllm api` as a service (dllm/service.py): a swarm client (its DHT process) and the HTTP server.
 
-    Binding the port comes first, so a busy port fails before joining the swarm; every resource is
-    registered on one exit stack as soon as it exists, so stop() is one `aclose()`.
+    Binding the port comes first (swarm/http_server.py), so a busy port fails before joining the swarm.
     """
 
     def __init__(
@@ -346,14 +334,11 @@ class ApiService:
         port: int = 8000,
         client_config: ClientConfig | None = None,
     ) -> None:
+        super().__init__(host, port)
         self.model_path = model_path
         self.client_config = client_config  # None: ClientConfig's defaults (no stake check)
         self.initial_peers = list(initial_peers)
-        self.host = host
-        self.port = port
         self.model: Any = None
-        self.http: HttpServer | None = None
-        self._resources = contextlib.AsyncExitStack()
 
     @property
     def ready_line(self) -> str:
@@ -361,30 +346,12 @@ class ApiService:
         assert self.http is not None and self.model is not None
         return f"DLLM API serving {self.model.model_name} at {self.http.url}/v1"
 
-    async def start(self) -> None:
+    async def _open_app(self) -> FastAPI:
+        """Joins the swarm as a client; the OpenAI-compatible app over it."""
         from swarm.client import DistributedModel
 
-        try:
-            sock = bind_socket(self.host, self.port)
-            self._resources.callback(sock.close)
-            self.model = await asyncio.to_thread(
-                DistributedModel.from_pretrained, str(self.model_path), self.initial_peers, config=self.client_config
-            )
-            self._resources.push_async_callback(asyncio.to_thread, self.model.close)
-            self.http = HttpServer(create_app(self.model), sock)
-            await self.http.start()
-            self._resources.push_async_callback(self.http.stop)
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def wait_ready(self) -> None:
-        assert self.http is not None, "start() first"
-        await self.http.wait_ready()
-
-    async def wait_stopped(self) -> None:
-        assert self.http is not None, "start() first"
-        await self.http.wait_stopped()
-
-    async def stop(self) -> None:
-        await self._resources.aclose()
+        self.model = await asyncio.to_thread(
+            DistributedModel.from_pretrained, str(self.model_path), self.initial_peers, config=self.client_config
+        )
+        self._resources.push_async_callback(asyncio.to_thread, self.model.close)
+        return create_app(self.model)

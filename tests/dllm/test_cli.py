@@ -23,6 +23,7 @@ COMMANDS = [
     ["swarm"],
     ["swarm", "bootstrap"],
     ["query"],
+    ["chat"],
     ["feedback"],
     ["verify"],
     ["api"],
@@ -48,7 +49,7 @@ def test_every_command_has_help(capsys, command):
 
 def test_help_lists_every_command(capsys):
     _, out, _ = run_cli(capsys, "--help")
-    for name in ("chain", "peer", "swarm", "query", "feedback", "verify", "api", "dashboard", "demo"):
+    for name in ("chain", "peer", "swarm", "query", "chat", "feedback", "verify", "api", "dashboard", "demo"):
         assert name in out
 
 

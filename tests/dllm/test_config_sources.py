@@ -27,6 +27,7 @@ from dllm.demo import DemoConfig
 from dllm.probe_check import ProbeConfig
 from dllm.verifier import VerifierConfig
 from peer.config import PeerConfig, parse_blocks
+from swarm.chat import Conversation
 from swarm.client import ClientConfig
 from swarm.dashboard import DashboardConfig
 from swarm.sampling import GenerationParams
@@ -88,6 +89,14 @@ FIELDS: dict[tuple[str, str], Field] = {
     ("query", "stop"): Field(GenerationParams, "stop", _list),
     ("query", "chain_url"): Field(ClientConfig, "chain_url"),
     ("query", "min_stake"): Field(ClientConfig, "min_stake"),
+    ("chat", "system"): Field(Conversation, "system"),
+    ("chat", "max_tokens"): Field(GenerationParams, "max_new_tokens"),
+    ("chat", "temperature"): Field(GenerationParams, "temperature"),
+    ("chat", "top_k"): Field(GenerationParams, "top_k"),
+    ("chat", "top_p"): Field(GenerationParams, "top_p"),
+    ("chat", "seed"): Field(GenerationParams, "seed"),
+    ("chat", "chain_url"): Field(ClientConfig, "chain_url"),
+    ("chat", "min_stake"): Field(ClientConfig, "min_stake"),
     ("feedback", "chain_url"): Field(ClientConfig, "chain_url"),
     ("feedback", "min_stake"): Field(ClientConfig, "min_stake"),
     ("api", "chain_url"): Field(ClientConfig, "chain_url"),
@@ -114,6 +123,7 @@ FIELDS: dict[tuple[str, str], Field] = {
     ("dashboard", "host"): Field(DashboardConfig, "host"),
     ("dashboard", "port"): Field(DashboardConfig, "port"),
     ("dashboard", "refresh"): Field(DashboardConfig, "refresh_s"),
+    ("demo", "model"): Field(DemoConfig, "model"),
     ("demo", "peers"): Field(DemoConfig, "peers"),
     ("demo", "queries"): Field(DemoConfig, "queries"),
     ("demo", "max_tokens"): Field(DemoConfig, "max_tokens"),
@@ -142,6 +152,9 @@ CLI_ONLY: dict[tuple[str, str], str] = {
     ("query", "initial_peers"): "passed to DistributedModel.from_pretrained (required, no default)",
     ("query", "model"): "a model folder or hub id resolved by the CLI (None: the embedded model)",
     ("query", "stream"): "how the terminal shows the completion",
+    ("query", "chat"): "formats the one prompt as a user message through the model's chat template",
+    ("chat", "initial_peers"): "passed to DistributedModel.from_pretrained (required, no default)",
+    ("chat", "model"): "a model folder or hub id resolved by the CLI (None: the embedded model)",
     ("feedback", "prompt"): "the argument of the one request",
     ("feedback", "completion"): "the argument of the one request",
     ("feedback", "initial_peers"): "passed to DistributedModel.from_pretrained (required, no default)",
@@ -205,7 +218,7 @@ def test_option_default_is_the_field_default(key):
 
 
 # typer cannot declare an open bound; these options check theirs with a callback, exercised below.
-OPEN_BOUND_CALLBACKS = {("query", "top_p")}
+OPEN_BOUND_CALLBACKS = {("query", "top_p"), ("chat", "top_p")}
 
 
 @pytest.mark.parametrize("key", sorted(FIELDS), ids=lambda k: f"{k[0]} --{k[1]}")

@@ -73,10 +73,14 @@ def test_streamed_completion_equals_the_whole_one(client, model_name):
 
 
 def test_chat_completion_uses_the_chat_template(client, model_name, distributed_model):
+    from swarm.chat import ChatMessage, chat_prompt_ids
     from swarm.client import GenerationParams
 
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a module."}]
-    prompt = distributed_model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = chat_prompt_ids(distributed_model.tokenizer, [ChatMessage(**m) for m in messages])
+    # The template's own BOS once, exactly as transformers tokenizes a chat (not the tokenizer's BOS on top).
+    tokenized = distributed_model.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    assert prompt == list(tokenized["input_ids"]) and prompt.count(distributed_model.tokenizer.bos_token_id) == 1
     expected = distributed_model.generate(prompt, GenerationParams(max_new_tokens=8))
     response = client.chat.completions.create(model=model_name, messages=messages, max_tokens=8, temperature=0)
     message = response.choices[0].message

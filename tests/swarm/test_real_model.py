@@ -2,11 +2,13 @@
 
 Three peers started with `--model smollm2` serve 10 of its 30 blocks each; greedy tokens through them must
 equal local transformers on the same folder, and a client given the GGUF file by path (the cached conversion,
-found by the file's hash: nothing is converted again) joins the same swarm and gets the same answer.
+found by the file's hash: nothing is converted again) joins the same swarm and gets the same answer; `dllm api`
+over that swarm answers the official `openai` client's chat.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -96,6 +98,30 @@ def test_a_gguf_file_given_by_path_joins_the_same_swarm(real_swarm, real_model_p
     assert out.strip() == tokenizer.decode(expected, skip_special_tokens=True).strip()
     assert "converting" not in err
     assert record.stat().st_mtime_ns == converted_at  # not converted again
+
+
+API_READY = re.compile(r"DLLM API serving (\S+) at (http://\S+)")
+
+
+def test_a_chat_answer_through_the_openai_api(real_swarm, real_model_path, tmp_path):
+    """`dllm api --model smollm2` over the same swarm, asked by the official `openai` client through the chat
+    template: the answer names Paris, and the model ends it itself (its <|im_end|>) within a few tokens."""
+    import openai
+
+    from swarm.chat import ChatMessage, chat_prompt_ids
+    from tests.cli_server import running_dllm
+
+    args = ["api", "--model", "smollm2", "--initial-peers", real_swarm.initial_peers[0], "--port", "0"]
+    with running_dllm(args, API_READY, tmp_path, timeout=180) as ready:
+        client = openai.OpenAI(base_url=ready.group(2), api_key="unused", max_retries=0, timeout=180)
+        response = client.chat.completions.create(
+            model=ready.group(1), messages=[{"role": "user", "content": QUESTION}], max_tokens=12, temperature=0
+        )
+    choice = response.choices[0]
+    assert choice.message.role == "assistant" and "Paris" in choice.message.content, choice
+    assert choice.finish_reason == "stop", choice
+    tokenizer = AutoTokenizer.from_pretrained(real_model_path)
+    assert response.usage.prompt_tokens == len(chat_prompt_ids(tokenizer, [ChatMessage("user", QUESTION)]))
 
 
 def test_set_up_leaves_an_installed_model_alone(real_model_path):
