@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -39,6 +40,7 @@ from economy.signing import load_keypair
 from economy.verification import SignedVerdict, SlashingTally, SlashProposal, VerificationError
 from economy.work_sample import WorkSample
 from swarm import protocol
+from swarm.serving_task import ServingTask, cancel_task
 
 if TYPE_CHECKING:
     from chain.ledger import ComputeLedger
@@ -255,17 +257,18 @@ class CouncilMember:
         self.store.close()
 
 
-class CouncilService:
-    """One serving council member (`dllm council`), with the lifecycle of dllm/service.py (as VerifierService)."""
+class CouncilService(ServingTask[CouncilMember]):
+    """One serving council member (`dllm council`), with the lifecycle of dllm/service.py (swarm/serving_task.py)."""
 
     def __init__(self, config: CouncilConfig) -> None:
+        super().__init__("council member")
         self.config = config
-        self.member: CouncilMember | None = None
         self.peer_id = ""
-        self._resources = contextlib.AsyncExitStack()
-        self._serving: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
-        self._stop = asyncio.Event()
+
+    @property
+    def member(self) -> CouncilMember | None:
+        """The serving member, once it serves."""
+        return self._served
 
     @property
     def ready_line(self) -> str:
@@ -277,48 +280,17 @@ class CouncilService:
             f"gossip={' '.join(member.bus.addrs)}"
         )
 
-    async def start(self) -> None:
-        from swarm.dht import start_dht
-        from swarm.model_files import resolve_model
+    async def _launch(self) -> Coroutine[Any, Any, None]:
+        """Forks the DHT process; the model loads and serving begins in the background."""
+        from dllm.verifier import _fork_dht
 
-        if self._serving is not None:
-            raise RuntimeError("this council member was started already")
-        model_dir = resolve_model(self.config.model)
-        dht, validator = start_dht(self.config.initial_peers, host_maddrs=self.config.host_maddrs, await_ready=False)
-        self._resources.push_async_callback(asyncio.to_thread, dht.shutdown)
-        self._serving = asyncio.create_task(self._serve(Path(model_dir), dht, validator))
-
-    async def wait_ready(self) -> CouncilMember:
-        assert self._serving is not None, "start() first"
-        ready = asyncio.ensure_future(self._ready.wait())
-        try:
-            await asyncio.wait({ready, self._serving}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            ready.cancel()
-        if self.member is None:
-            self._serving.result()
-            raise RuntimeError("the council member stopped before it served")
-        return self.member
-
-    async def wait_stopped(self) -> None:
-        assert self._serving is not None, "start() first"
-        await asyncio.wait({self._serving})
-        error = None if self._serving.cancelled() else self._serving.exception()
-        if error is not None:
-            raise error
-
-    async def stop(self) -> None:
-        self._stop.set()
-        serving = self._serving
-        if serving is not None and not serving.done():
-            if self.member is None:
-                serving.cancel()
-            await asyncio.wait({serving})
-        await self._resources.aclose()
+        config = self.config
+        model_dir, dht, validator = _fork_dht(config.model, config.initial_peers, config.host_maddrs, self._resources)
+        return self._serve(model_dir, dht, validator)
 
     async def _serve(self, model_dir: Path, dht: Any, validator: Any) -> None:
         from chain.ledger import ComputeLedger
-        from dllm.verifier import GENERIC_SS58, _announce, _cancel, _connect_gossip, _fetch_sample_elsewhere
+        from dllm.verifier import GENERIC_SS58, _announce, _connect_gossip, _fetch_sample_elsewhere
         from peer.adapter_exchange import fetch_for_receipt
         from peer.blocks import load_span_layers
         from peer.span import SpanRunner
@@ -351,12 +323,9 @@ class CouncilService:
         record = {"peer_id": peer_id, "account": signing_key.ss58_address, "role": "council", "gossip": bus.addrs}
         await _announce(dht, validator, record, 3 * config.announce_period_s)
         listener = asyncio.create_task(member.listen())
-        resources.push_async_callback(_cancel, listener)
-        self.member, self.peer_id = member, peer_id
-        self._ready.set()
-        while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._stop.wait(), config.announce_period_s)
-            except TimeoutError:
-                await _announce(dht, validator, record, 3 * config.announce_period_s)
-                await member.retry_slashes()
+        resources.push_async_callback(cancel_task, listener)
+        self.peer_id = peer_id
+        self._now_serving(member)
+        while not await self._stop_requested(config.announce_period_s):
+            await _announce(dht, validator, record, 3 * config.announce_period_s)
+            await member.retry_slashes()

@@ -14,7 +14,9 @@ API, the dashboard, the dev chain, a gossip node. Each is an object with four co
                     does not end within the service's grace period is killed.
 
 Services in lower packages (chain, economy, swarm, peer) satisfy the protocol structurally and never
-import this module (layers point down: chain < economy < swarm < peer < dllm).
+import this module (layers point down: chain < economy < swarm < peer < dllm). Those that serve from
+one asyncio task share `swarm.serving_task.ServingTask`; the grace period `DEFAULT_GRACE_S` is defined
+there (its stop() spends half of it waiting for serving to end) and re-exported here.
 
 `serve_until_signal(service)` is the one blocking entry point the CLI commands use: it starts the
 service, installs SIGINT/SIGTERM handlers, waits until it is ready (then calls `on_ready`), runs it
@@ -44,12 +46,11 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
 from chain.errors import UnavailableError
+from swarm.serving_task import DEFAULT_GRACE_S
 
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-DEFAULT_GRACE_S = 30.0
-"""Longest a service's stop() may take before serve_until_signal stops waiting and kills what is left."""
 _CHILD_EXIT_S = 3.0
 
 

@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -67,6 +67,7 @@ from economy.work_sample import MalformedWorkSampleError, SampleRejectedError, U
 from peer.adapter_exchange import fetch_bundle, span_sources
 from peer.adapters import AdapterBundle, AdapterStateError, adapter_digest, applied_adapters
 from swarm import protocol, wire_errors
+from swarm.serving_task import ServingTask, cancel_task
 
 logger = logging.getLogger(__name__)
 
@@ -358,8 +359,8 @@ async def _connect_gossip(bus: GossipBus, dht, own_peer_id: str, extra: list[str
             logger.warning("could not reach gossip peer %s: %s", addr, e)
 
 
-class VerifierService:
-    """One serving verifier (`dllm verify`), with the lifecycle of dllm/service.py.
+class VerifierService(ServingTask[Verifier]):
+    """One serving verifier (`dllm verify`), with the lifecycle of dllm/service.py (swarm/serving_task.py).
 
     start() forks the DHT process, then loads the model and begins serving in a background task. Every
     resource (DHT process, this process's P2P replica and its /tmp socket, the gossip node process, the
@@ -368,13 +369,14 @@ class VerifierService:
     """
 
     def __init__(self, config: VerifierConfig) -> None:
+        super().__init__("verifier")
         self.config = config
-        self.verifier: Verifier | None = None
         self.peer_id = ""
-        self._resources = contextlib.AsyncExitStack()
-        self._serving: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
-        self._stop = asyncio.Event()
+
+    @property
+    def verifier(self) -> Verifier | None:
+        """The serving verifier, once it serves."""
+        return self._served
 
     @property
     def ready_line(self) -> str:
@@ -386,47 +388,11 @@ class VerifierService:
             f"gossip={' '.join(verifier.bus.addrs)}"
         )
 
-    async def start(self) -> None:
+    async def _launch(self) -> Coroutine[Any, Any, None]:
         """Forks the DHT process; the model loads and serving begins in the background."""
-        from swarm.dht import start_dht
-        from swarm.model_files import resolve_model
-
-        if self._serving is not None:
-            raise RuntimeError("this verifier was started already")
-        model_dir = resolve_model(self.config.model)
-        dht, validator = start_dht(self.config.initial_peers, host_maddrs=self.config.host_maddrs, await_ready=False)
-        self._resources.push_async_callback(asyncio.to_thread, dht.shutdown)
-        self._serving = asyncio.create_task(self._serve(Path(model_dir), dht, validator))
-
-    async def wait_ready(self) -> Verifier:
-        """The serving verifier; raises what made start-up fail."""
-        assert self._serving is not None, "start() first"
-        ready = asyncio.ensure_future(self._ready.wait())
-        try:
-            await asyncio.wait({ready, self._serving}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            ready.cancel()
-        if self.verifier is None:
-            self._serving.result()
-            raise RuntimeError("the verifier stopped before it served")
-        return self.verifier
-
-    async def wait_stopped(self) -> None:
-        assert self._serving is not None, "start() first"
-        await asyncio.wait({self._serving})
-        error = None if self._serving.cancelled() else self._serving.exception()
-        if error is not None:
-            raise error
-
-    async def stop(self) -> None:
-        """Stops serving (cancels start-up if still loading) and frees every resource; idempotent."""
-        self._stop.set()
-        serving = self._serving
-        if serving is not None and not serving.done():
-            if self.verifier is None:  # still starting: nothing to finish gracefully
-                serving.cancel()
-            await asyncio.wait({serving})
-        await self._resources.aclose()
+        config = self.config
+        model_dir, dht, validator = _fork_dht(config.model, config.initial_peers, config.host_maddrs, self._resources)
+        return self._serve(model_dir, dht, validator)
 
     async def _serve(self, model_dir: Path, dht: Any, validator: Any) -> None:
         from peer.blocks import load_span_layers
@@ -461,14 +427,24 @@ class VerifierService:
         record = {"peer_id": peer_id, "account": verifier.keypair.ss58_address, "model": name, "gossip": bus.addrs}
         await _announce(dht, validator, record, 3 * config.announce_period_s)
         listener = asyncio.create_task(verifier.listen())
-        resources.push_async_callback(_cancel, listener)
-        self.verifier, self.peer_id = verifier, peer_id
-        self._ready.set()
-        while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._stop.wait(), config.announce_period_s)
-            except TimeoutError:
-                await _announce(dht, validator, record, 3 * config.announce_period_s)
+        resources.push_async_callback(cancel_task, listener)
+        self.peer_id = peer_id
+        self._now_serving(verifier)
+        while not await self._stop_requested(config.announce_period_s):
+            await _announce(dht, validator, record, 3 * config.announce_period_s)
+
+
+def _fork_dht(
+    model: str, initial_peers: list[str], host_maddrs: list[str], resources: contextlib.AsyncExitStack
+) -> tuple[Path, Any, Any]:
+    """The model folder, and this process's DHT (forked, not awaited; its shutdown on `resources`) and validator."""
+    from swarm.dht import start_dht
+    from swarm.model_files import resolve_model
+
+    model_dir = resolve_model(model)
+    dht, validator = start_dht(initial_peers, host_maddrs=host_maddrs, await_ready=False)
+    resources.push_async_callback(asyncio.to_thread, dht.shutdown)
+    return Path(model_dir), dht, validator
 
 
 async def _fetch_sample_elsewhere(dht: Any, p2p: Any, own_peer_id: str, digest: bytes) -> bytes:
@@ -476,9 +452,3 @@ async def _fetch_sample_elsewhere(dht: Any, p2p: Any, own_peer_id: str, digest: 
 
     peers = [p for p in await verifier_peer_ids(dht) if p != own_peer_id]
     return await fetch_sample(dht, p2p, digest, peers)
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task

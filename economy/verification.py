@@ -12,13 +12,24 @@ with k = passed checks / (1 + failed checks), and k restarts at 0 after a failed
 provider (a fresh identity) starts at p_max. Bound, for ANY provider strategy (cheating only once its
 rate has decayed included): each request is checked with probability >= p_min whatever the provider
 knows (the lottery key is the client's), so a provider that corrupts c requests escapes with
-probability <= (1 - p_min)^c. With p_min = 0.38: c = 10 (5 % of 200 requests) -> caught >= 99.16 %;
-c = 2 (1 %) -> 61.6 %; c = 40 (20 %) -> ~100 %. A provider corrupting each request independently
-with probability f is caught with >= 1 - (1 - p_min*f)^n: 97.8 % for f = 5 %, n = 200 (99 % of those
-needs p_min >= 0.455). Honest providers cost about p_min checks per request once their rate has
-decayed (5 passes). The compute cost stays small because a check re-runs a whole session in ONE
-parallel causal forward (all inputs are known), while serving ran one sequential step per token:
-scripts/bench/verification.py measures the overhead (rate x check cost / serving cost).
+probability <= (1 - p_min)^c, and one corrupting each request independently with probability f is
+caught within n requests with >= 1 - (1 - p_min*f)^n. With p_min = 0.47: f = 5 %, n = 200 -> 99.14 %
+(99 % needs p_min >= 0.455); c = 10 -> 99.83 %. Honest providers cost about p_min checks per request
+once their rate has decayed (4 passes).
+
+Dispatch (`VerifierDispatch`). A selected sample goes to ONE verifier first, drawn among the verifiers the
+council authorized by a keyed hash of the client's key and the receipt (neither the provider nor any
+verifier can predict or steer which); it goes to more only when needed: after a failing verdict (until
+`confirmations` distinct verifiers have judged it, the council's threshold), when the first abstains or
+gives no countable verdict, when verdicts disagree (then to every authorized verifier), and on a keyed
+audit lottery at `audit_rate` after a pass. One pass counts as one passed check. A verifier that lies
+"passed" on a corrupted sample hides it unless the audit draws that sample: with one liar among m
+authorized verifiers each corrupted request is caught with >= p_min * (1 - (1 - audit_rate) / m)
+(`dispatch_detection_bound`; m = 3, f = 5 %, n = 200: 96.4 %, against 99.14 % with no liar).
+
+Cost. A check re-runs a whole session in ONE parallel causal forward (all inputs are known), while
+serving ran one sequential step per token: scripts/bench/verification.py measures the overhead
+(verifier checks per request x check cost / serving cost).
 
 Comparison. Float results differ across machines, thread counts, batch shapes and kernels. The
 check compares, per token position, the relative L2 error ||claimed - recomputed|| / ||recomputed||
@@ -123,12 +134,16 @@ class SpotCheckPolicy:
 
 
 DEFAULT_MAX_SAMPLE_RATE = 1.0
-DEFAULT_MIN_SAMPLE_RATE = 0.38
-"""Floor of the adaptive rate: `corrupted_detection(0.38, 10)` = 99.16 % >= 99 % for a provider that corrupts
-10 of 200 requests (5 %) whenever it likes (`floor_rate(10, 0.99)` = 0.369 is the bare minimum; the rest is a
-margin a seeded simulation can show)."""
+DEFAULT_MIN_SAMPLE_RATE = 0.47
+"""Floor of the adaptive rate: `detection_probability(0.47, 0.05, 200)` = 99.14 % >= 99 % for a provider that
+corrupts each request independently with probability 5 %, even if it starts once its rate is at the floor
+(`required_sample_rate(0.05, 200, 0.99)` = 0.455 is the bare minimum; the rest is a margin a seeded simulation
+can show); one that corrupts exactly 10 of 200 requests, whenever it likes: >= 99.83 %."""
 DEFAULT_SAMPLE_DECAY = 0.8
-"""Five passed checks take an honest provider from 1.0 to the floor: a short, cheap warm-up."""
+"""Four passed checks take an honest provider from 1.0 to the floor: a short, cheap warm-up."""
+DEFAULT_AUDIT_RATE = 0.1
+"""Share of passed samples that also go to a second verifier (`VerifierDispatch`): what exposes a verifier
+that lies "passed", at 1.1x the compute of one verifier per sample."""
 
 
 def corrupted_detection(min_rate: float, corrupted: int) -> float:
@@ -216,6 +231,72 @@ class AdaptiveSpotCheck:
         return 1.0 - escape
 
 
+_ORDER_DOMAIN = b"dllm/verifier-order/1:"
+_AUDIT_DOMAIN = b"dllm/verifier-audit/1:"
+
+
+@dataclass(frozen=True)
+class VerifierDispatch:
+    """Which authorized verifiers judge one selected sample, and how many: one first, more only when needed.
+
+    Invariants: the order is a keyed hash of the client's secret, the work and each verifier's account id, so
+    the first verifier is uniform among the candidates and unpredictable to the provider and to every verifier
+    (none can tell whether it is the only one asked); the audit lottery uses its own key derived from the same
+    secret, independent of the spot-check lottery and of the first verdict; a failing or disagreeing verdict
+    only ever asks MORE verifiers. Pure: the caller asks the verifiers and counts the verdicts."""
+
+    secret: bytes = field(default=b"", repr=False)
+    audit_rate: float = DEFAULT_AUDIT_RATE
+    confirmations: int = 2
+    """Distinct verifiers a failed sample goes to (so the council's tally gets that many failing verdicts)."""
+
+    def __post_init__(self) -> None:
+        _check_probability("audit_rate", self.audit_rate)
+        if self.confirmations < 1:
+            raise ValueError(f"confirmations must be >= 1, got {self.confirmations}")
+
+    def order(self, work_id: bytes, verifiers: Iterable[bytes]) -> list[bytes]:
+        """The verifiers' account ids in the order this sample is offered to them (duplicates dropped)."""
+
+        def key(account: bytes) -> bytes:
+            return hmac.new(self.secret, _ORDER_DOMAIN + work_id + account, hashlib.sha256).digest()
+
+        return sorted(set(verifiers), key=key)
+
+    def audits(self, work_id: bytes) -> bool:
+        """True if a pass of this work is to be confirmed by a second verifier."""
+        audit_key = hmac.new(self.secret, _AUDIT_DOMAIN, hashlib.sha256).digest()
+        return SpotCheckPolicy(self.audit_rate, audit_key).selects(work_id)
+
+    def wanted(self, outcomes: Iterable[bool], audited: bool, available: int) -> int:
+        """Countable verdicts the sample needs, given the `outcomes` (passed?) counted so far."""
+        seen = set(outcomes)
+        if seen == {True, False}:
+            return available  # verifiers disagree: every authorized verifier judges it
+        if False in seen:
+            return min(available, self.confirmations)
+        return min(available, 1 + audited)
+
+
+def dispatch_detection_bound(
+    min_rate: float, cheat_fraction: float, requests: int, verifiers: int, liars: int, audit_rate: float
+) -> float:
+    """P(caught within `requests`) >= this for a provider corrupting each request with probability f whose
+    accomplices are `liars` of the `verifiers` authorized verifiers announced, each passing whatever it is sent.
+
+    A corrupted request is selected with probability >= min_rate; its first verifier is honest with probability
+    (verifiers - liars) / verifiers (uniform, keyed draw); a liar's pass is audited with probability audit_rate by
+    the next verifier, honest with probability (verifiers - liars) / (verifiers - 1), and disagreeing verdicts send
+    the sample to every authorized verifier (a failing verdict counts)."""
+    _check_probability("audit_rate", audit_rate)
+    if not 0 <= liars <= verifiers or verifiers < 1:
+        raise ValueError(f"need 0 <= liars <= verifiers and verifiers >= 1, got {liars} of {verifiers}")
+    honest_first = (verifiers - liars) / verifiers
+    honest_audit = (verifiers - liars) / (verifiers - 1) if verifiers > 1 else 0.0
+    catch = honest_first + (1.0 - honest_first) * audit_rate * honest_audit
+    return detection_probability(min_rate * catch, cheat_fraction, requests)
+
+
 # ---------------------------------------------------------------------------------------- comparison
 
 
@@ -256,18 +337,27 @@ class Tolerance:
     """Norm below which a position is compared in absolute terms (avoids dividing by ~0)."""
 
     @classmethod
-    def for_dtype(cls, dtype: torch.dtype | str, blocks: int = 1) -> Tolerance:
-        """Tolerance for a provider that states (in its receipt) it computes `blocks` blocks in `dtype`.
+    def for_dtype(cls, dtype: torch.dtype | str, blocks: int = 1, rerun: torch.dtype | str = "float32") -> Tolerance:
+        """Tolerance for a provider that states (in its receipt) it computes `blocks` blocks in `dtype`, judged by
+        a re-run computed in `rerun`: NOISE_MARGIN x the larger of the two dtypes' noise bounds.
 
+        A float32 re-run (every council member, the default verifier) judges at the provider's own bound. A
+        bfloat16 re-run judges bfloat16 work as tightly (measured, 8 tiny blocks, 200 sessions: 0.0066 between a
+        bfloat16 provider and a bfloat16 re-run, below bfloat16's 0.0157 from float32: both round the same
+        weights), but float32 and float16 work only at bfloat16's bound (0.0156 and 0.0162 measured).
         Raises ValueError for a dtype with no measured noise (such work cannot be judged) or blocks < 1."""
-        name = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
-        if name == "float64":
-            name = "float32"
-        if name not in DTYPE_NOISE:
-            raise ValueError(f"no measured tolerance for dtype {name!r}; known: {', '.join(DTYPE_NOISE)}")
         if blocks < 1:
             raise ValueError(f"blocks must be >= 1, got {blocks}")
-        return cls(rel_l2=NOISE_MARGIN * DTYPE_NOISE[name].bound(blocks))
+        return cls(rel_l2=NOISE_MARGIN * max(_noise(dtype).bound(blocks), _noise(rerun).bound(blocks)))
+
+
+def _noise(dtype: torch.dtype | str) -> DtypeNoise:
+    name = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
+    if name == "float64":
+        name = "float32"
+    if name not in DTYPE_NOISE:
+        raise ValueError(f"no measured tolerance for dtype {name!r}; known: {', '.join(DTYPE_NOISE)}")
+    return DTYPE_NOISE[name]
 
 
 @dataclass(frozen=True)

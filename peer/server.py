@@ -8,10 +8,9 @@ by one exit stack, so stopping at any point leaves no process, daemon or /tmp so
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +32,7 @@ from swarm.dht import start_dht, visible_maddrs, wait_dht_ready
 from swarm.direct import TlsIdentity
 from swarm.model_files import load_config, model_name, resolve_model
 from swarm.records import ServerRecord, announce, fetch_model_records
+from swarm.serving_task import ServingTask, cancel_task
 
 if TYPE_CHECKING:
     from hivemind import DHT
@@ -148,8 +148,8 @@ class RunningPeer:
         )
 
 
-class PeerService:
-    """One compute provider, with the lifecycle of dllm/service.py.
+class PeerService(ServingTask[RunningPeer]):
+    """One compute provider, with the lifecycle of dllm/service.py (swarm/serving_task.py).
 
     start() forks the DHT process, then loads the span and begins serving in a background task;
     wait_ready() returns the RunningPeer once it serves. Every resource the peer owns (DHT process,
@@ -159,12 +159,8 @@ class PeerService:
     """
 
     def __init__(self, config: PeerConfig) -> None:
+        super().__init__("peer")
         self.config = config
-        self.running: RunningPeer | None = None
-        self._resources = contextlib.AsyncExitStack()
-        self._serving: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
-        self._stop = asyncio.Event()
         # set during start-up; the handler's rpc_info fields read them at each request
         self._learner: SpanLearner | None = None
         self._direct: DirectServer | None = None
@@ -172,14 +168,17 @@ class PeerService:
         self._receipts: ReceiptService | None = None
 
     @property
+    def running(self) -> RunningPeer | None:
+        """The serving peer, once it serves."""
+        return self._served
+
+    @property
     def ready_line(self) -> str:
         assert self.running is not None, "not serving yet"
         return self.running.ready_line
 
-    async def start(self) -> None:
-        """Forks the DHT process and starts loading; returns at once (the rest runs in the background)."""
-        if self._serving is not None:
-            raise RuntimeError("this peer was started already")
+    async def _launch(self) -> Coroutine[Any, Any, None]:
+        """Forks the DHT process; the span loads and serving begins in the background."""
         config = self.config
         started = time.perf_counter()
         torch.set_num_threads(config.compute_threads)
@@ -199,37 +198,7 @@ class PeerService:
             await_ready=False,
         )
         self._resources.push_async_callback(asyncio.to_thread, dht.shutdown)
-        self._serving = asyncio.create_task(self._serve(model_dir, dht, validator, started))
-
-    async def wait_ready(self) -> RunningPeer:
-        """The serving peer; raises what made start-up fail."""
-        assert self._serving is not None, "start() first"
-        ready = asyncio.ensure_future(self._ready.wait())
-        try:
-            await asyncio.wait({ready, self._serving}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            ready.cancel()
-        if self.running is None:
-            self._serving.result()
-            raise RuntimeError("the peer stopped before it served")
-        return self.running
-
-    async def wait_stopped(self) -> None:
-        assert self._serving is not None, "start() first"
-        await asyncio.wait({self._serving})
-        error = None if self._serving.cancelled() else self._serving.exception()
-        if error is not None:
-            raise error
-
-    async def stop(self) -> None:
-        """Stops serving (cancels start-up if still loading) and frees every resource; idempotent."""
-        self._stop.set()
-        serving = self._serving
-        if serving is not None and not serving.done():
-            if self.running is None:  # still starting: nothing to finish gracefully
-                serving.cancel()
-            await asyncio.wait({serving})
-        await self._resources.aclose()
+        return self._serve(model_dir, dht, validator, started)
 
     async def _serve(self, model_dir: Path, dht: DHT, validator: RSASignatureValidator, started: float) -> None:
         """Start-up after the DHT fork, in order; each step registers what it creates on the exit stack."""
@@ -308,7 +277,7 @@ class PeerService:
         )
         await learner.start(dht, served.name)
         learning = asyncio.create_task(learner.run())
-        self._resources.push_async_callback(_cancel, learning)
+        self._resources.push_async_callback(cancel_task, learning)
         return learner
 
     def _start_handler(self, served: _ServedSpan, validator: RSASignatureValidator) -> BlockHandler:
@@ -434,7 +403,7 @@ class PeerService:
     def _serving_now(self, served: _ServedSpan, handler: BlockHandler, dht: DHT, started: float) -> None:
         """Publishes the RunningPeer and wakes wait_ready()."""
         peer_id = dht.peer_id.to_base58()
-        self.running = RunningPeer(peer_id, visible_maddrs(dht), served.name, served.start, served.end, handler)
+        running = RunningPeer(peer_id, visible_maddrs(dht), served.name, served.start, served.end, handler)
         logger.info(
             "serving %s blocks %d:%d as %s (%.1f tokens/s, ready in %.2f s)",
             served.name,
@@ -444,27 +413,16 @@ class PeerService:
             served.throughput,
             time.perf_counter() - started,
         )
-        self._ready.set()
+        self._now_serving(running)
 
     async def _announce_until_stopped(
         self, served: _ServedSpan, handler: BlockHandler, dht: DHT, validator: RSASignatureValidator
     ) -> None:
         """Every announce period: expire idle caches and re-announce, until stop()."""
         config = self.config
-        while not self._stop.is_set():
+        while not await self._stop_requested(config.announce_period_s):
+            handler.caches.expire_idle()
             try:
-                await asyncio.wait_for(self._stop.wait(), config.announce_period_s)
-            except TimeoutError:
-                handler.caches.expire_idle()
-                try:
-                    await announce(
-                        dht, self._record(served, handler, dht), validator.local_public_key, config.record_ttl_s
-                    )
-                except Exception as e:  # a DHT hiccup must not stop serving; the next period retries
-                    logger.warning("announce failed: %s", e)
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+                await announce(dht, self._record(served, handler, dht), validator.local_public_key, config.record_ttl_s)
+            except Exception as e:  # a DHT hiccup must not stop serving; the next period retries
+                logger.warning("announce failed: %s", e)

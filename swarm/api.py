@@ -9,7 +9,6 @@ while serving gets 503; no single request can take the server down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -24,7 +23,7 @@ from sse_starlette.sse import EventSourceResponse
 from chain.errors import UnavailableError
 from swarm import openai_schema as schema
 from swarm.chat import ChatMessage, chat_prompt_ids, context_limit
-from swarm.http_server import HttpServer, bind_socket
+from swarm.http_server import HttpService
 from swarm.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -321,11 +320,10 @@ async def _stream_events(
     yield {"data": "[DONE]"}
 
 
-class ApiService:
+class ApiService(HttpService):
     """`dllm api` as a service (dllm/service.py): a swarm client (its DHT process) and the HTTP server.
 
-    Binding the port comes first, so a busy port fails before joining the swarm; every resource is
-    registered on one exit stack as soon as it exists, so stop() is one `aclose()`.
+    Binding the port comes first (swarm/http_server.py), so a busy port fails before joining the swarm.
     """
 
     def __init__(
@@ -336,14 +334,11 @@ class ApiService:
         port: int = 8000,
         client_config: ClientConfig | None = None,
     ) -> None:
+        super().__init__(host, port)
         self.model_path = model_path
         self.client_config = client_config  # None: ClientConfig's defaults (no stake check)
         self.initial_peers = list(initial_peers)
-        self.host = host
-        self.port = port
         self.model: Any = None
-        self.http: HttpServer | None = None
-        self._resources = contextlib.AsyncExitStack()
 
     @property
     def ready_line(self) -> str:
@@ -351,30 +346,12 @@ class ApiService:
         assert self.http is not None and self.model is not None
         return f"DLLM API serving {self.model.model_name} at {self.http.url}/v1"
 
-    async def start(self) -> None:
+    async def _open_app(self) -> FastAPI:
+        """Joins the swarm as a client; the OpenAI-compatible app over it."""
         from swarm.client import DistributedModel
 
-        try:
-            sock = bind_socket(self.host, self.port)
-            self._resources.callback(sock.close)
-            self.model = await asyncio.to_thread(
-                DistributedModel.from_pretrained, str(self.model_path), self.initial_peers, config=self.client_config
-            )
-            self._resources.push_async_callback(asyncio.to_thread, self.model.close)
-            self.http = HttpServer(create_app(self.model), sock)
-            await self.http.start()
-            self._resources.push_async_callback(self.http.stop)
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def wait_ready(self) -> None:
-        assert self.http is not None, "start() first"
-        await self.http.wait_ready()
-
-    async def wait_stopped(self) -> None:
-        assert self.http is not None, "start() first"
-        await self.http.wait_stopped()
-
-    async def stop(self) -> None:
-        await self._resources.aclose()
+        self.model = await asyncio.to_thread(
+            DistributedModel.from_pretrained, str(self.model_path), self.initial_peers, config=self.client_config
+        )
+        self._resources.push_async_callback(asyncio.to_thread, self.model.close)
+        return create_app(self.model)

@@ -11,11 +11,20 @@ hop. It then submits the extrinsic itself (providers hold the same bytes, so pay
 if this process dies), and sends each receipt selected by the keyed spot-check lottery, as a
 `WorkSample`, to verifiers found in the DHT (`dllm.v1.verify`).
 
+Only verifiers the council authorized (`chain.council.Council.authorized_verifiers`, or `BillingConfig.verifiers`)
+are sent samples and counted: anyone can announce a verifier in the DHT, and a provider's own verifier reporting
+passes would otherwise lower that provider's rate. A sample goes to ONE of them first, drawn by a keyed hash of
+this client's secret and the receipt (`VerifierDispatch`), and to more only after a failing verdict (until
+`verifiers_per_sample` have judged it), an abstention or an uncountable answer, a disagreement (then to all), or
+the keyed audit lottery (`audit_rate`) after a pass: docs/economy.md states the detection bound with lying
+verifiers.
+
 The lottery's rate is per provider (`AdaptiveSpotCheck`): it falls with the provider's passed checks and
 jumps back to the maximum after a failed one. The history lives here, in `ClientBilling.check_history`,
-fed only by verdicts that verify against the verifier's announced account and name the sampled receipt
-and its provider: a provider cannot lower its own rate with made-up passes, and one failing verdict
-outweighs any number of passing ones. A provider this client has no history of starts at the maximum.
+fed only by verdicts of authorized verifiers that verify against the verifier's announced account and name
+the sampled receipt and its provider (never signed by the provider itself): a provider cannot lower its own
+rate with made-up passes, and one failing verdict outweighs any number of passing ones. A provider this
+client has no history of starts at the maximum.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
+from chain.council import Council
 from chain.errors import ChainConnectionError, ChainError, EconomyError, UnavailableError
 from economy import signing
 from economy.canonical import CanonicalFormatError
@@ -59,13 +69,16 @@ from economy.receipts import (
     sign_as_client,
 )
 from economy.verification import (
+    DEFAULT_AUDIT_RATE,
     DEFAULT_MAX_SAMPLE_RATE,
     DEFAULT_MIN_SAMPLE_RATE,
     DEFAULT_SAMPLE_DECAY,
     AdaptiveSpotCheck,
     CheckHistory,
     SignedVerdict,
+    Verdict,
     VerificationError,
+    VerifierDispatch,
     validate_verdict,
 )
 from economy.work_sample import SampledStep, WorkSample
@@ -115,6 +128,13 @@ class BillingConfig:
     """Factor the rate falls by with each passed check."""
     sample_secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
     verifiers_per_sample: int = 2
+    """Distinct verifiers a FAILED sample goes to (the council's threshold); a passing one goes to one verifier,
+    two when the audit lottery draws it (economy.verification.VerifierDispatch)."""
+    audit_rate: float = DEFAULT_AUDIT_RATE
+    """Share of passed samples confirmed by a second verifier: what exposes a verifier that lies "passed"."""
+    verifiers: tuple[str, ...] = ()
+    """Accounts whose verdicts count and that get samples; empty: the dev council's authorized verifiers (the
+    chain's default council, chain.council.Council.dev, as the ledger and `dllm council` use)."""
     submit_settlements: bool = True
     """False leaves submission to the providers (each holds the signed extrinsic)."""
     request_timeout_s: float = 30.0
@@ -122,15 +142,29 @@ class BillingConfig:
     """How long paying co-signed receipts is retried while the chain is unreachable (close() waits for it)."""
 
     def __post_init__(self) -> None:
-        if self.receipt_every_tokens < 1 or self.verifiers_per_sample < 0 or self.settlement_retry_s < 0:
-            raise ValueError("receipt_every_tokens must be >= 1, verifiers_per_sample and settlement_retry_s >= 0")
+        if self.receipt_every_tokens < 1 or self.verifiers_per_sample < 1 or self.settlement_retry_s < 0:
+            raise ValueError("receipt_every_tokens and verifiers_per_sample must be >= 1, settlement_retry_s >= 0")
         self.spot_check_rule()  # raises ValueError on rates outside [0, 1] or a floor above the maximum
+        self.verifier_dispatch()  # raises ValueError on an audit rate outside [0, 1]
+        self.authorized_verifier_ids()  # raises InvalidAddressError on an address that names no account
 
     def spot_check_rule(self) -> AdaptiveSpotCheck:
         """The lottery these settings describe, keyed with `sample_secret`."""
         if self.sample_rate is not None:
             return AdaptiveSpotCheck.fixed(self.sample_rate, self.sample_secret)
         return AdaptiveSpotCheck(self.sample_secret, self.sample_rate_max, self.sample_rate_min, self.sample_decay)
+
+    def verifier_dispatch(self) -> VerifierDispatch:
+        """Which verifiers judge a selected sample, keyed with `sample_secret`."""
+        return VerifierDispatch(self.sample_secret, self.audit_rate, self.verifiers_per_sample)
+
+    def authorized_verifier_ids(self) -> frozenset[bytes]:
+        """Account ids of the verifiers whose verdicts count."""
+        from chain.account_derivation import account_id
+
+        if self.verifiers:
+            return frozenset(account_id(v) for v in self.verifiers)
+        return Council.dev().authorized_verifier_ids()
 
 
 class SettlementSubmitError(UnavailableError):
@@ -180,6 +214,16 @@ def _same_account(a: str | None, b: str) -> bool:
         return False
 
 
+def _account_key(address: str) -> bytes | None:
+    """The account id behind an SS58 address of any prefix; None for anything else."""
+    from chain.account_derivation import account_id
+
+    try:
+        return account_id(address)
+    except ValueError:  # InvalidAddressError: a DHT record or verdict naming no account matches nothing
+        return None
+
+
 @dataclass
 class HopMeter:
     """The client's meter of one hop stream and the tensors a spot check would need."""
@@ -197,6 +241,9 @@ class ClientBilling:
         self.p2p, self.dht, self.model = p2p, dht, model
         self.spot_check = config.spot_check_rule()
         self.check_history: dict[str, CheckHistory] = {}  # provider account -> its spot checks seen by this client
+        self.dispatch = config.verifier_dispatch()
+        self.authorized_verifiers = config.authorized_verifier_ids()
+        self.contradictions: list[str] = []  # samples on which authorized verifiers disagreed (one of them lies)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-billing-chain")
         self.ledger: ComputeLedger | None = None  # both set by start()
         self.keypair: Keypair | None = None
@@ -382,7 +429,7 @@ class ClientBilling:
     # --- verifiers -----------------------------------------------------------------------------
 
     async def verifier_peers(self) -> list[tuple[str, str]]:
-        """(peer_id, account) of verifiers announced in the DHT for this model."""
+        """(peer_id, account) of verifiers announced in the DHT for this model (authorized or not)."""
         found = await self.dht.get(protocol.VERIFIERS_KEY, latest=True, return_future=True)
         if found is None or not isinstance(found.value, dict):
             return []
@@ -393,12 +440,26 @@ class ClientBilling:
                 peers.append((value["peer_id"], str(value.get("account", ""))))
         return sorted(peers)
 
-    async def send_sample(self, sample: WorkSample) -> list[SignedVerdict]:
-        """Hands a work sample to up to `verifiers_per_sample` verifiers; returns their verdicts.
+    async def authorized_verifier_peers(self) -> dict[bytes, tuple[str, list[str]]]:
+        """Announced verifiers whose account the council authorized, by account id: (the account as announced,
+        its peer ids). One account is one verifier however many peers announce it (one chance to be drawn); a
+        peer announcing someone else's account gets asked, but its verdicts do not verify against that account."""
+        authorized: dict[bytes, tuple[str, list[str]]] = {}
+        for peer_id, account in await self.verifier_peers():
+            key = _account_key(account)
+            if key is not None and key in self.authorized_verifiers:
+                authorized.setdefault(key, (account, []))[1].append(peer_id)
+        return authorized
 
+    async def send_sample(self, sample: WorkSample) -> list[SignedVerdict]:
+        """Hands a work sample to the authorized verifiers `VerifierDispatch` picks; returns the countable verdicts.
+
+        One verifier first (a keyed draw), more only after a failure, an abstention or an uncountable answer, a
+        disagreement, or an audit draw. The provider itself is never asked, even if it is an authorized verifier.
         Adapted work is sent too: verifiers fetch the adapters the receipt names by digest and re-run it.
         Only a training pass (unpublished working adapters, priced as unverifiable: docs/economy.md) is not."""
-        if sample.receipt.receipt.adapter_version == TRAINING_ADAPTERS:
+        receipt = sample.receipt.receipt
+        if receipt.adapter_version == TRAINING_ADAPTERS:
             self.unverifiable_samples.append(sample.receipt.receipt_id)
             logger.info("receipt %s is not spot-checked: a training pass", sample.receipt.receipt_id)
             return []
@@ -406,54 +467,95 @@ class ClientBilling:
         if len(data) > MAX_SAMPLE_MESSAGE_BYTES:
             self.sample_failures.append(f"sample of {len(data)} bytes is over the RPC limit; not checked")
             return []
-        peers = (await self.verifier_peers())[: self.config.verifiers_per_sample]
-        if not peers:
-            self.sample_failures.append("no verifier is announced in the DHT")
+        announced = await self.authorized_verifier_peers()
+        announced.pop(_account_key(receipt.provider) or b"", None)
+        if not announced:
+            self.sample_failures.append("no verifier the council authorized is announced in the DHT")
+            return []
+        work_id = receipt.receipt_id_bytes
+        order, audited = self.dispatch.order(work_id, announced), self.dispatch.audits(work_id)
         request = runtime_pb2.ExpertRequest(metadata=msgpack.packb({"sample": data}, use_bin_type=True))
-        verdicts: list[SignedVerdict] = []
-        answers: list[tuple[str, SignedVerdict]] = []  # (the verifier's announced account, its verdict)
-        for peer_id, account in peers:
-            try:
-                response = await asyncio.wait_for(
-                    self.p2p.call_protobuf_handler(
-                        PeerID.from_base58(peer_id), protocol.HANDLER_VERIFY, request, runtime_pb2.ExpertResponse
-                    ),
-                    self.config.request_timeout_s,
-                )
-                meta = msgpack.unpackb(response.metadata, raw=False) if response.metadata else {}
-                wire_errors.raise_if_error(meta, peer_id)
-                verdicts.append(SignedVerdict.decode(meta["verdict"]))
-                answers.append((account, verdicts[-1]))
-            except Exception as e:  # one verifier failing must not stop the others
-                self.sample_failures.append(f"verifier {peer_id}: {type(e).__name__}: {e}")
+        counted: list[tuple[str, SignedVerdict]] = []
+        outcomes: list[bool] = []
+        for key in order:
+            if len(outcomes) >= self.dispatch.wanted(outcomes, audited, len(order)):
+                break
+            account, peer_ids = announced[key]
+            for peer_id in peer_ids:
+                signed = await self._ask_verifier(peer_id, request)
+                verdict = None if signed is None else self._countable(sample, account, signed)
+                if signed is not None and verdict is not None:
+                    counted.append((account, signed))
+                    outcomes.append(verdict.passed)
+                    break
+        if len(set(outcomes)) == 2:
+            judged = ", ".join(f"{account}: {'passed' if s.verdict.passed else 'failed'}" for account, s in counted)
+            self.contradictions.append(f"receipt {sample.receipt.receipt_id}: {judged}")
+            logger.warning("authorized verifiers disagree on receipt %s (%s)", sample.receipt.receipt_id, judged)
+        verdicts = [signed for _, signed in counted]
         self.verdicts.extend(verdicts)
-        self._record_check(sample, answers)
+        self._record_outcomes(sample, outcomes)
         return verdicts
+
+    async def _ask_verifier(self, peer_id: str, request: runtime_pb2.ExpertRequest) -> SignedVerdict | None:
+        """One verifier's signed verdict on the sample in `request`; None if it abstains, errs or does not answer."""
+        try:
+            response = await asyncio.wait_for(
+                self.p2p.call_protobuf_handler(
+                    PeerID.from_base58(peer_id), protocol.HANDLER_VERIFY, request, runtime_pb2.ExpertResponse
+                ),
+                self.config.request_timeout_s,
+            )
+            meta = msgpack.unpackb(response.metadata, raw=False) if response.metadata else {}
+            wire_errors.raise_if_error(meta, peer_id)
+            return SignedVerdict.decode(meta["verdict"])
+        except Exception as e:  # one verifier failing must not stop the others: the next one is asked
+            self.sample_failures.append(f"verifier {peer_id}: {type(e).__name__}: {e}")
+            return None
 
     def selects_for_check(self, signed: SignedReceipt) -> bool:
         """The lottery for one co-signed receipt, at the rate its provider's history with this client gives."""
         history = self.check_history.get(signed.receipt.provider, CheckHistory())
         return self.spot_check.selects(history, signed.receipt.receipt_id_bytes)
 
-    def _record_check(self, sample: WorkSample, answers: list[tuple[str, SignedVerdict]]) -> None:
-        """Updates the provider's history from the verdicts on `sample` that verify; a failing one wins.
-
-        A verdict counts only if it is signed by the account its verifier announced and names this receipt
-        and provider; no countable verdict (no verifier, abstention, garbage) leaves the history unchanged."""
+    def _countable(self, sample: WorkSample, account: str, signed: SignedVerdict) -> Verdict | None:
+        """The verdict if it counts: an authorized verifier's, signed by the account it announced, about this
+        receipt and provider, not by the provider itself; else None (the reason goes to `sample_failures`)."""
         receipt = sample.receipt
+        key = _account_key(account)
+        if key is None or key not in self.authorized_verifiers:
+            self.sample_failures.append(f"verdict from {account or 'an unnamed verifier'} not counted: not authorized")
+            return None
+        if _account_key(signed.verdict.verifier) != key:  # compared as account ids: SS58 prefixes differ
+            self.sample_failures.append(f"verdict on {receipt.receipt_id} not counted: not signed by {account}")
+            return None
+        try:
+            verdict = validate_verdict(signed, [signed.verdict.verifier])
+        except VerificationError as e:
+            self.sample_failures.append(f"verdict on {receipt.receipt_id} not counted: {e}")
+            return None
+        if verdict.receipt_id != receipt.receipt.receipt_id_bytes or verdict.provider != receipt.receipt.provider:
+            self.sample_failures.append(f"verdict from {account} is not about receipt {receipt.receipt_id}")
+            return None
+        if key == _account_key(receipt.receipt.provider):
+            self.sample_failures.append(f"verdict from {account} not counted: the provider judging its own work")
+            return None
+        return verdict
+
+    def _record_check(self, sample: WorkSample, answers: list[tuple[str, SignedVerdict]]) -> None:
+        """Updates the provider's history from the countable verdicts among `answers` (announced account,
+        verdict); a failing one wins; none countable (no verifier, abstention, garbage) changes nothing."""
         outcomes = []
         for account, signed in answers:
-            try:
-                verdict = validate_verdict(signed, [account])
-            except VerificationError as e:
-                self.sample_failures.append(f"verdict on {receipt.receipt_id} not counted: {e}")
-                continue
-            if verdict.receipt_id != receipt.receipt.receipt_id_bytes or verdict.provider != receipt.receipt.provider:
-                self.sample_failures.append(f"verdict from {account} is not about receipt {receipt.receipt_id}")
-                continue
-            outcomes.append(verdict.passed)
+            verdict = self._countable(sample, account, signed)
+            if verdict is not None:
+                outcomes.append(verdict.passed)
+        self._record_outcomes(sample, outcomes)
+
+    def _record_outcomes(self, sample: WorkSample, outcomes: list[bool]) -> None:
         if not outcomes:
             return
+        receipt = sample.receipt
         provider = receipt.receipt.provider
         passed = all(outcomes)
         self.check_history[provider] = self.spot_check.after(self.check_history.get(provider, CheckHistory()), passed)

@@ -11,7 +11,6 @@ The snapshot is cached for half the refresh period so many open pages cost one D
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from chain.config_bounds import bounded, check_bounds
 from chain.units import PLANCK_PER_TOKEN
 from swarm.chain_view import ChainView
-from swarm.http_server import HttpServer, bind_socket
+from swarm.http_server import HttpService
 from swarm.swarm_view import read_swarm
 
 logger = logging.getLogger(__name__)
@@ -106,16 +105,15 @@ def create_dashboard_app(monitor: SwarmMonitor) -> FastAPI:
     return app
 
 
-class DashboardService:
+class DashboardService(HttpService):
     """`dllm dashboard` as a service (dllm/service.py): a client DHT node, an optional chain view, the HTTP server.
 
-    Every resource is registered on one exit stack as soon as it exists, so stop() is one `aclose()`.
+    The lifecycle (port bound first, one exit stack) is swarm/http_server.py's `HttpService`.
     """
 
     def __init__(self, config: DashboardConfig) -> None:
+        super().__init__(config.host, config.port)
         self.config = config
-        self.http: HttpServer | None = None
-        self._resources = contextlib.AsyncExitStack()
 
     @property
     def ready_line(self) -> str:
@@ -123,32 +121,13 @@ class DashboardService:
         assert self.http is not None
         return f"DLLM dashboard at {self.http.url}/"
 
-    async def start(self) -> None:
+    async def _open_app(self) -> FastAPI:
+        """Joins the DHT as a client and opens the chain view; the dashboard app over them."""
         from swarm.dht import start_dht
 
-        try:
-            sock = bind_socket(self.config.host, self.config.port)
-            self._resources.callback(sock.close)
-            dht, _ = await asyncio.to_thread(start_dht, self.config.initial_peers, client_mode=True)
-            self._resources.push_async_callback(asyncio.to_thread, dht.shutdown)
-            chain = ChainView(self.config.chain_url) if self.config.chain_url else None
-            if chain is not None:
-                self._resources.callback(chain.close)
-            monitor = SwarmMonitor(dht, chain, self.config.refresh_s)
-            self.http = HttpServer(create_dashboard_app(monitor), sock)
-            await self.http.start()
-            self._resources.push_async_callback(self.http.stop)
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def wait_ready(self) -> None:
-        assert self.http is not None, "start() first"
-        await self.http.wait_ready()
-
-    async def wait_stopped(self) -> None:
-        assert self.http is not None, "start() first"
-        await self.http.wait_stopped()
-
-    async def stop(self) -> None:
-        await self._resources.aclose()
+        dht, _ = await asyncio.to_thread(start_dht, self.config.initial_peers, client_mode=True)
+        self._resources.push_async_callback(asyncio.to_thread, dht.shutdown)
+        chain = ChainView(self.config.chain_url) if self.config.chain_url else None
+        if chain is not None:
+            self._resources.callback(chain.close)
+        return create_dashboard_app(SwarmMonitor(dht, chain, self.config.refresh_s))

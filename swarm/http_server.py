@@ -5,6 +5,11 @@ them once it stopped, which (with the default SIGTERM action) kills the process 
 runs and leaves hivemind's DHT process and p2pd orphaned. The process's one signal mechanism is
 `dllm.service.serve_until_signal`, which calls `stop()`. Invariants: stop() is idempotent and
 bounded: in-flight requests get `grace_s`, then their tasks are cancelled; the socket is closed.
+
+`HttpService` is the lifecycle of a command that serves one app (`dllm api`, `dllm dashboard`): it
+binds the port before anything else starts (a busy port fails at once), and every resource is on one
+exit stack as soon as it exists, the server last: a failed start() frees what it took, and stop()
+(idempotent) stops serving first, then frees the rest in reverse order.
 """
 
 from __future__ import annotations
@@ -81,3 +86,44 @@ class HttpServer:
                 task.cancel()
                 await asyncio.wait({task})
         self.sock.close()
+
+
+class HttpService:
+    """A service (dllm/service.py) serving the app `_open_app()` sets up on `host`:`port`; see the module docstring.
+
+    A subclass implements `_open_app()`: it creates what the app needs, registering each thing on
+    `_resources` as soon as it exists, and returns the ASGI app.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port  # 0: a free port, known from `http.url` once started
+        self.http: HttpServer | None = None
+        self._resources = contextlib.AsyncExitStack()
+
+    async def _open_app(self) -> Any:
+        """What the app serves, set up (each resource on `_resources`); returns the ASGI app."""
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Binds the port, sets the app up and starts serving it; raises, having freed everything, if it cannot."""
+        try:
+            sock = bind_socket(self.host, self.port)
+            self._resources.callback(sock.close)
+            self.http = HttpServer(await self._open_app(), sock)
+            await self.http.start()
+            self._resources.push_async_callback(self.http.stop)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def wait_ready(self) -> None:
+        assert self.http is not None, "start() first"
+        await self.http.wait_ready()
+
+    async def wait_stopped(self) -> None:
+        assert self.http is not None, "start() first"
+        await self.http.wait_stopped()
+
+    async def stop(self) -> None:
+        await self._resources.aclose()

@@ -15,7 +15,11 @@
    catch rate: detection for a fresh identity cheating from its first request, for one that waits until
    its rate is at the floor and then corrupts each of 200 requests with probability f, and for one that
    waits and then corrupts exactly f x 200 of them; checks per request of honest providers over their
-   first 200 requests. Verifier compute / serving compute = checks per request x the ratio measured in 1.
+   first 200 requests. Each selected sample is dispatched as the client does (economy.verification
+   .VerifierDispatch over 3 authorized verifiers: one first, a second after a failure or an audit draw), so
+   verifier compute / serving compute = verifier runs per request x the ratio measured in 1; the former
+   dispatch (every sample to 2 verifiers) is shown next to it, and detection with one of the 3 verifiers
+   lying "passed" on everything.
 
 Usage: .venv/bin/python scripts/bench/verification.py [--sample-rate 0.5] [--runs 2000] [--quick]
 """
@@ -44,7 +48,9 @@ from economy.verification import (  # noqa: E402
     CheckHistory,
     SpotCheckPolicy,
     Tolerance,
+    VerifierDispatch,
     detection_probability,
+    dispatch_detection_bound,
     recheck,
 )
 from economy.work_sample import SampledStep, WorkSample  # noqa: E402
@@ -201,31 +207,55 @@ def main() -> None:
     adaptive_table(console, AdaptiveSpotCheck(), args, cost_ratio, catch_rate, false_fail)
 
 
+VERIFIERS = 3
+"""Authorized verifiers the simulated client dispatches over."""
+
+
 def run_provider(
-    rule: AdaptiveSpotCheck, rng: random.Random, requests: int, strategy: str, f: float, catch_rate: float
-) -> tuple[bool, int, int]:
-    """One provider's requests to one client under the adaptive lottery: (caught, checks, requests served).
+    rule: AdaptiveSpotCheck,
+    rng: random.Random,
+    requests: int,
+    strategy: str,
+    f: float,
+    catch_rate: float,
+    liars: int = 0,
+) -> tuple[bool, int, int, int]:
+    """One provider's requests to one client under the adaptive lottery and the client's dispatch:
+    (caught, checks, verifier runs, requests served).
 
     strategy: "fresh" corrupts each request with probability f from its first one; "waits" serves honestly
     until its rate is at the floor, then does the same over the next `requests`; "exact" waits, then
-    corrupts exactly round(f x requests) of the next `requests`, at random positions."""
-    keyed = AdaptiveSpotCheck(rng.randbytes(16), rule.max_rate, rule.min_rate, rule.decay)
-    history, checks, i, window = CheckHistory(), 0, 0, 0
+    corrupts exactly round(f x requests) of the next `requests`, at random positions. `liars` of the VERIFIERS
+    pass whatever they are sent; an honest verifier fails a corrupted sample at `catch_rate`."""
+    secret = rng.randbytes(16)
+    keyed = AdaptiveSpotCheck(secret, rule.max_rate, rule.min_rate, rule.decay)
+    dispatch = VerifierDispatch(secret)
+    accounts = [bytes([v]) * 32 for v in range(VERIFIERS)]
+    lying = set(accounts[:liars])
+    history, checks, runs, i, window = CheckHistory(), 0, 0, 0, 0
     bad_positions = set(rng.sample(range(requests), round(f * requests))) if strategy == "exact" else set()
     while window < requests:
         cheating = strategy == "fresh" or keyed.rate(history) == keyed.min_rate
         drawn = window in bad_positions if strategy == "exact" else rng.random() < f
         bad = cheating and drawn
         window += cheating
-        selected = keyed.selects(history, i.to_bytes(4, "big"))
+        work = i.to_bytes(4, "big")
+        selected = keyed.selects(history, work)
         i += 1
         if not selected:
             continue
         checks += 1
-        if bad and rng.random() < catch_rate:
-            return True, checks, i
+        caught_here = bad and rng.random() < catch_rate  # the corruption shows in a re-run
+        order, audited, outcomes = dispatch.order(work, accounts), dispatch.audits(work), []
+        for account in order:
+            if len(outcomes) >= dispatch.wanted(outcomes, audited, len(order)):
+                break
+            outcomes.append(account in lying or not caught_here)
+        runs += len(outcomes)
+        if not all(outcomes):
+            return True, checks, runs, i
         history = keyed.after(history, passed=True)
-    return False, checks, i
+    return False, checks, runs, i
 
 
 def adaptive_table(
@@ -239,22 +269,24 @@ def adaptive_table(
     """Detection and verifier compute under the adaptive rule, next to the fixed rate of the same run."""
     rng = random.Random(8)
     n = args.requests
-    honest_checks = honest_served = 0
+    honest_checks = honest_runs = honest_served = 0
     for _ in tqdm(range(args.runs), desc="simulate honest", leave=False):
-        _, checks, served = run_provider(rule, rng, n, "fresh", 0.0, catch_rate)
-        honest_checks += checks
-        honest_served += served
-    honest_rate = honest_checks / honest_served
+        _, checks, runs, served = run_provider(rule, rng, n, "fresh", 0.0, catch_rate)
+        honest_checks, honest_runs, honest_served = honest_checks + checks, honest_runs + runs, honest_served + served
+    honest_rate, honest_run_rate = honest_checks / honest_served, honest_runs / honest_served
+    audit = VerifierDispatch().audit_rate
     t = Table(
         title=f"Adaptive spot checks: rate max({rule.min_rate}, {rule.max_rate} x {rule.decay}^passed), "
-        f"back to {rule.max_rate} after a failure; {args.runs} runs each, {n} requests"
+        f"back to {rule.max_rate} after a failure; one of {VERIFIERS} authorized verifiers first, a second after "
+        f"a failure or an audit draw ({audit}); {args.runs} runs each, {n} requests"
     )
-    for col in ("provider", "detected", "bound", "checks / request", "verifier / serving compute"):
+    for col in ("provider", "detected", "bound", "checks / request", "verifier runs / request", "verifier / serving"):
         t.add_column(col)
     t.add_row(
-        f"fixed p={args.sample_rate} (anchor), any provider",
+        f"fixed p={args.sample_rate} (anchor), one verifier per sample",
         "see above",
         "",
+        f"{args.sample_rate:.3f}",
         f"{args.sample_rate:.3f}",
         f"{100 * args.sample_rate * cost_ratio:.2f} %",
     )
@@ -263,42 +295,57 @@ def adaptive_table(
         f"flagged {false_fail * 100:.1f} % of checks",
         "",
         f"{honest_rate:.3f}",
-        f"{100 * honest_rate * cost_ratio:.2f} %",
+        f"{honest_run_rate:.3f}",
+        f"{100 * honest_run_rate * cost_ratio:.2f} %",
     )
+    steady = rule.min_rate * (1 + audit)
     t.add_row(
         "honest, once decayed (steady state)",
         "",
         "",
         f"{rule.min_rate:.3f}",
-        f"{100 * rule.min_rate * cost_ratio:.2f} %  (target <= 5 %)",
+        f"{steady:.3f}",
+        f"{100 * steady * cost_ratio:.2f} %  (target <= 5 %)",
+    )
+    t.add_row(
+        "honest, once decayed, every sample to 2 verifiers (former dispatch)",
+        "",
+        "",
+        f"{rule.min_rate:.3f}",
+        f"{2 * rule.min_rate:.3f}",
+        f"{100 * 2 * rule.min_rate * cost_ratio:.2f} %",
     )
     bounds = {
         "fresh": lambda f: rule.fresh_detection_bound(f, n),
         "waits": lambda f: detection_probability(rule.min_rate, f, n),
         "exact": lambda f: rule.detection_bound(round(f * n)),
+        "liar": lambda f: dispatch_detection_bound(rule.min_rate, f, n, VERIFIERS, 1, audit),
     }
     names = {
         "fresh": "fresh identity, each request w.p. {f}",
         "waits": "waits for the floor, then w.p. {f}",
         "exact": "waits for the floor, then exactly {f} of requests",
+        "liar": f"waits, then w.p. {{f}}; 1 of {VERIFIERS} verifiers passes everything",
     }
-    for strategy in ("fresh", "waits", "exact"):
+    for strategy in ("fresh", "waits", "exact", "liar"):
         for f in (0.01, 0.05, 0.20):
-            caught = checks = served = 0
+            caught = checks = runs = served = 0
             for _ in tqdm(range(args.runs), desc=f"simulate {strategy} f={f}", leave=False):
-                c, k, s = run_provider(rule, rng, n, strategy, f, catch_rate)
-                caught, checks, served = caught + c, checks + k, served + s
+                liars = 1 if strategy == "liar" else 0
+                c, k, r, s = run_provider(rule, rng, n, "waits" if liars else strategy, f, catch_rate, liars)
+                caught, checks, runs, served = caught + c, checks + k, runs + r, served + s
             t.add_row(
                 names[strategy].format(f=f"{100 * f:.0f} %"),
                 f"{100 * caught / args.runs:.2f} %",
                 f">= {100 * bounds[strategy](f) * catch_rate:.2f} %",
                 f"({checks / served:.3f}: a caught run stops)",
+                f"{runs / served:.3f}",
                 "",
             )
     console.print(t)
     console.print(
-        f"check / serving ratio {cost_ratio:.3f}; each sample goes to up to verifiers_per_sample verifiers "
-        "(BillingConfig default 2), which multiplies the verifiers' total compute by that number."
+        f"check / serving ratio {cost_ratio:.3f}; verifier / serving = verifier runs per request x that ratio "
+        f"(a target of 5 % at the floor {rule.min_rate} needs a ratio <= {0.05 / steady:.3f})."
     )
 
 

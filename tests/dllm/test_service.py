@@ -126,6 +126,7 @@ def test_a_child_the_service_forgot_is_terminated_with_a_warning():
 def test_every_long_running_process_is_a_service():
     from chain.devchain.launcher import DevChain
     from dllm.bootstrap import BootstrapConfig, BootstrapService
+    from dllm.council import CouncilConfig, CouncilService
     from dllm.verifier import VerifierConfig, VerifierService
     from economy.gossip import GossipBus
     from economy.signing import load_keypair
@@ -137,6 +138,7 @@ def test_every_long_running_process_is_a_service():
     services = [
         PeerService(PeerConfig(model="m", initial_peers=[])),
         VerifierService(VerifierConfig(model="m", key="//Alice", initial_peers=[])),
+        CouncilService(CouncilConfig(model="m", key="//Bob", initial_peers=[], chain_url="ws://127.0.0.1:1")),
         BootstrapService(BootstrapConfig()),
         ApiService(Path("m"), []),
         DashboardService(DashboardConfig(initial_peers=[])),

@@ -22,6 +22,7 @@ from economy.verification import (
     detection_probability,
     floor_rate,
     make_verdict,
+    required_sample_rate,
 )
 from economy.work_sample import WorkSample
 from swarm.billing import BillingConfig, ClientBilling
@@ -81,15 +82,37 @@ def test_fixed_rule_ignores_history() -> None:
 
 
 def test_default_floor_gives_the_99_percent_bound_for_a_5_percent_cheater_over_200_requests() -> None:
-    corrupted = 10  # 5 % of 200 requests
-    assert floor_rate(corrupted, 0.99) == pytest.approx(0.36904, abs=1e-5)
-    assert RULE.min_rate >= floor_rate(corrupted, 0.99)
-    assert RULE.detection_bound(corrupted) == pytest.approx(0.99161, abs=1e-5)
-    assert corrupted_detection(RULE.min_rate, 2) == pytest.approx(0.6156, abs=1e-4)  # 1 %
-    assert corrupted_detection(RULE.min_rate, 40) > 0.999_999  # 20 %
-    # a cheater drawing each request independently with f = 5 % corrupts fewer than 10 in some windows:
-    assert detection_probability(RULE.min_rate, 0.05, 200) == pytest.approx(0.97843, abs=1e-5)
+    # a cheater drawing each request's corruption independently with f = 5 %, even from the floor on:
+    assert required_sample_rate(0.05, 200, 0.99) == pytest.approx(0.45526, abs=1e-5)
+    assert RULE.min_rate >= required_sample_rate(0.05, 200, 0.99)
+    assert detection_probability(RULE.min_rate, 0.05, 200) == pytest.approx(0.99140, abs=1e-5)
     assert RULE.fresh_detection_bound(0.05, 200) >= detection_probability(RULE.min_rate, 0.05, 200)
+    # one that corrupts exactly 10 of 200 requests (5 %), whenever it likes:
+    corrupted = 10
+    assert floor_rate(corrupted, 0.99) == pytest.approx(0.36904, abs=1e-5)
+    assert RULE.detection_bound(corrupted) == pytest.approx(0.99825, abs=1e-5)
+    assert corrupted_detection(RULE.min_rate, 2) == pytest.approx(0.7191, abs=1e-4)  # 1 %
+    assert corrupted_detection(RULE.min_rate, 40) > 0.999_999  # 20 %
+
+
+def test_a_provider_that_waits_for_the_floor_then_cheats_independently_at_5_percent_is_caught_in_99_percent() -> None:
+    """Honest until its rate is at the floor, then each of the next 200 requests corrupted with probability 5 %."""
+    rng = random.Random(20261130)
+    trials, caught = 20_000, 0
+    for _ in range(trials):
+        secret_rule = AdaptiveSpotCheck(rng.randbytes(16))
+        history, i, window, seen = CheckHistory(), 0, 0, False
+        while window < 200 and not seen:
+            at_floor = secret_rule.rate(history) == secret_rule.min_rate
+            selected = secret_rule.selects(history, i.to_bytes(4, "big"))
+            i += 1
+            if at_floor:
+                window += 1
+                seen = selected and rng.random() < 0.05
+            elif selected:
+                history = secret_rule.after(history, passed=True)
+        caught += seen
+    assert caught / trials >= 0.99
 
 
 def test_lottery_is_keyed_by_the_client_and_runs_at_the_rate() -> None:
@@ -174,11 +197,11 @@ def test_billing_config_chooses_the_adaptive_rule_unless_a_fixed_rate_is_given()
 
 
 def test_billing_history_counts_only_verdicts_that_verify(keys: dict[str, Any], make_receipt: Any) -> None:
-    billing = _billing()
+    charlie, dave = keys["charlie"], keys["dave"]
+    billing = _billing(verifiers=(charlie.ss58_address, dave.ss58_address))  # both authorized
     receipt: SignedReceipt = make_receipt()
     provider = receipt.receipt.provider
     sample = WorkSample(receipt, ())
-    charlie, dave = keys["charlie"], keys["dave"]
     passing = make_verdict(charlie, sample, Comparison(True, 1e-7, 0, 5))
     failing = make_verdict(dave, sample, Comparison(False, 0.3, 2, 5))
     assert billing.selects_for_check(receipt)  # a provider the client has no history of: rate 1
