@@ -21,7 +21,8 @@ A builtin in parentheses is an extra base kept because callers catch that builti
     │   ├── NotRegisteredError
     │   ├── AlreadyRegisteredError
     │   ├── UnbondNotReadyError
-    │   │   └── SlashPendingError
+    │   │   ├── SlashPendingError
+    │   │   └── DisputePendingError
     │   ├── InvalidSignatureError
     │   ├── ExtrinsicRejectedError
     │   ├── DispatchError
@@ -219,6 +220,10 @@ class UnbondNotReadyError(ChainError):
 
 class SlashPendingError(UnbondNotReadyError):
     """A council member opened a slash of the provider that is neither executed nor cancelled: no unbond yet."""
+
+
+class DisputePendingError(UnbondNotReadyError):
+    """The provider disputes evidence against it and the council's decision window is still open: no unbond yet."""
 
 
 class InvalidSignatureError(ChainError):

@@ -32,6 +32,21 @@ from chain.remarks import MalformedRemarkError, Remark, decode_remark, find_cand
 logger = logging.getLogger(__name__)
 
 
+MAX_DISPUTE_REASON = 280
+"""Characters a dispute's reason may hold (a record with a longer one is ignored)."""
+
+
+@dataclass(frozen=True)
+class DisputeEntry:
+    """A `dispute` record as indexed: sent by the provider itself, naming evidence against it."""
+
+    evidence_hash: bytes
+    provider_passed: bool
+    worst_error_ppm: int
+    reason: str
+    block: int
+
+
 @dataclass
 class ProviderEntry:
     registered_at: int
@@ -40,6 +55,10 @@ class ProviderEntry:
     slashes: list[SlashRecord] = field(default_factory=list)
     # Slashes a council member opened (call hash -> block): pending while the council's Multisig operation exists.
     slash_proposals: dict[bytes, int] = field(default_factory=dict)
+    # call hash -> (evidence hash the slash-open record names or None, the member that opened it)
+    slash_proposers: dict[bytes, tuple[bytes | None, bytes]] = field(default_factory=dict)
+    # evidence hash -> the provider's own dispute of it (the first one it filed)
+    disputes: dict[bytes, DisputeEntry] = field(default_factory=dict)
 
 
 @dataclass
@@ -140,6 +159,8 @@ class LedgerIndex:
                 entry.unbond_requested_at = block
         elif remark.kind == "slash-open":
             self._apply_slash_proposal(body, sender, block)
+        elif remark.kind == "dispute":
+            self._apply_dispute(body, sender, block)
         elif remark.kind in ("slash", "unbond"):
             if sender != self.council_account:
                 logger.warning("ignoring a %s record not sent by the council (block %d)", remark.kind, block)
@@ -167,8 +188,27 @@ class LedgerIndex:
             return
         entry = self.providers.get(bytes.fromhex(body["provider"]))
         call_hash = bytes.fromhex(body["call"])
+        evidence = bytes.fromhex(body["evidence"]) if isinstance(body.get("evidence"), str) else None
         if entry is not None and len(call_hash) == 32:
             entry.slash_proposals.setdefault(call_hash, block)
+            entry.slash_proposers.setdefault(
+                call_hash, (evidence if evidence and len(evidence) == 32 else None, sender)
+            )
+
+    def _apply_dispute(self, body: dict[str, Any], sender: bytes, block: int) -> None:
+        """A provider's dispute: attached to the SENDER's own registration only, so no account can dispute (and so
+        hold up) anything on behalf of another provider; the first dispute of an evidence hash is kept."""
+        entry = self.providers.get(sender)
+        if entry is None or entry.unbonded_at is not None:
+            logger.warning("ignoring a dispute not sent by a registered provider (block %d)", block)
+            return
+        evidence = bytes.fromhex(body["evidence"])
+        passed, error, reason = body["passed"], body["worst_error_ppm"], body["reason"]
+        if len(evidence) != 32 or type(passed) is not bool or type(error) is not int or error < 0:
+            raise ValueError("bad dispute record")
+        if type(reason) is not str or len(reason) > MAX_DISPUTE_REASON:
+            raise ValueError("bad dispute reason")
+        entry.disputes.setdefault(evidence, DisputeEntry(evidence, passed, error, reason, block))
 
     def _apply_settlement(self, remark: Remark, client: bytes, ext: _Extrinsic, block: int, ext_hash: str) -> None:
         claimed: dict[bytes, int] = defaultdict(int)

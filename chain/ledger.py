@@ -30,6 +30,7 @@ from chain.errors import (
     AlreadyRegisteredError,
     ChainConnectionError,
     DispatchError,
+    DisputePendingError,
     DoubleSettlementError,
     InsufficientBalanceError,
     InsufficientStakeError,
@@ -40,12 +41,14 @@ from chain.errors import (
     UnbondNotReadyError,
     UnknownAccountError,
 )
-from chain.history import LedgerIndex
+from chain.history import MAX_DISPUTE_REASON, LedgerIndex
 from chain.pro_rata import split_pro_rata, split_shares
 from chain.records import (
     ChainResult,
     ComputeTotals,
+    DisputeRecord,
     ExtrinsicEffects,
+    OpenSlashProposal,
     Payment,
     ProviderState,
     ProviderStatus,
@@ -73,6 +76,8 @@ class LedgerConfig:
     council: Council = field(default_factory=Council.dev)
     min_stake: int = 1 * PLANCK_PER_TOKEN
     unbond_delay_blocks: int = 10
+    # Blocks a provider's dispute stays open (holding its unbond; council members re-run its evidence once more).
+    dispute_window_blocks: int = 20
     # First block that can hold protocol records (the deployment block on a real chain).
     start_block: int = 0
     burn_account: bytes = BURN_ACCOUNT
@@ -202,8 +207,8 @@ class ComputeLedger:
         return self.submitter.submit(provider, call)
 
     def unbond(self, council: list[Keypair], provider_ss58: str) -> ChainResult:
-        """Council returns the whole remaining stake to the provider once the delay has passed and no slash
-        of it is pending (a member's open slash proposal: `propose_slash`)."""
+        """Council returns the whole remaining stake to the provider once the delay has passed, no slash of it is
+        pending (a member's open slash proposal: `propose_slash`) and no dispute of its is open (`file_dispute`)."""
         provider = account_id(provider_ss58)
         status = self.provider_status(provider_ss58)
         if status.state is not ProviderState.UNBONDING:
@@ -217,6 +222,13 @@ class ComputeLedger:
             raise SlashPendingError(
                 f"{provider_ss58} has {len(status.open_slashes)} slash(es) pending in the council "
                 f"({', '.join('0x' + h.hex()[:16] for h in status.open_slashes)}): execute or cancel them first"
+            )
+        if status.open_disputes:
+            last = max(d.open_until for d in status.open_disputes)
+            disputed = ", ".join(d.evidence_hash.hex()[:16] for d in status.open_disputes)
+            raise DisputePendingError(
+                f"{provider_ss58} disputes evidence {disputed}"
+                f": no unbond before the council's decision window closes (block {last}, now {head})"
             )
         calls = [self._remark("unbond", {"provider": provider.hex()})]
         if status.stake > 0:
@@ -532,11 +544,74 @@ class ComputeLedger:
                 "max_weight": 0,
             },
         )
-        record = self._remark("slash-open", {"provider": account_id(provider_ss58).hex(), "call": call_hash.hex()})
+        # Names the evidence so that every other member re-checks and approves this exact call (open_slash_proposals).
+        record = self._remark(
+            "slash-open",
+            {"provider": account_id(provider_ss58).hex(), "call": call_hash.hex(), "evidence": evidence_hash.hex()},
+        )
         batch = self._batch([approve, record])
         self._require_funds(member, batch, 0)
         self.submitter.submit(member, batch)
         return call_hash
+
+    def protocol_slash_hash(self, provider_ss58: str, evidence_hash: bytes) -> bytes:
+        """The call hash of the protocol's slash citing `evidence_hash` (the whole stake, burnt): what a member
+        compares an open proposal's call hash with before approving it (another call is never approved)."""
+        return blake2_256(self._slash_call(provider_ss58, None, evidence_hash, None).data.data)
+
+    def open_slash_proposals(self, provider_ss58: str | None = None) -> list[OpenSlashProposal]:
+        """Slashes council members opened that are neither executed nor cancelled (of one provider, or of all),
+        oldest first, each with the evidence its `slash-open` record names."""
+        self.index.sync()
+        providers = [self.address(p) for p in self.index.providers] if provider_ss58 is None else [provider_ss58]
+        found = []
+        for provider in providers:
+            entry = self.index.providers.get(account_id(provider))
+            if entry is None or not entry.slash_proposals:
+                continue
+            for call_hash in self.provider_status(provider).open_slashes:
+                evidence, proposer = entry.slash_proposers.get(call_hash, (None, b""))
+                found.append(
+                    OpenSlashProposal(
+                        provider, call_hash, evidence, self.address(proposer), entry.slash_proposals[call_hash]
+                    )
+                )
+        return sorted(found, key=lambda p: (p.block_number, p.call_hash))
+
+    def withdraw_slash(self, member: Keypair, call_hash: bytes) -> bool:
+        """Cancels a slash proposal `member` itself opened (only the opener, the Multisig depositor, can): its
+        deposit returns and it no longer holds the provider's unbond. False if it is not open or not this member's."""
+        pending = self._pending_council_operation(call_hash)
+        if pending is None or account_id(pending["depositor"]) != member.public_key:
+            return False
+        self._cancel_pending(member, self._other_signatories(member), dict(pending["when"]), "0x" + call_hash.hex())
+        return self._pending_council_operation(call_hash) is None
+
+    def file_dispute(
+        self, provider: Keypair, evidence_hash: bytes, provider_passed: bool, worst_error_ppm: int, reason: str = ""
+    ) -> ChainResult:
+        """The provider's signed dispute of the evidence `evidence_hash` against it, with its own re-run's outcome
+        (a `dispute` record sent from its own account). Open for `dispute_window_blocks`, or until a slash citing
+        the evidence is on chain: meanwhile its unbond is refused and council members re-run the evidence once more
+        before signing its slash. The record binds only the sender: nobody disputes on another provider's behalf."""
+        if not isinstance(evidence_hash, (bytes, bytearray)) or len(evidence_hash) != 32:
+            raise InvalidPaymentError("evidence_hash must be 32 bytes")
+        if not isinstance(worst_error_ppm, int) or worst_error_ppm < 0:
+            raise InvalidPaymentError(f"worst_error_ppm must be a non-negative integer, got {worst_error_ppm!r}")
+        if len(reason) > MAX_DISPUTE_REASON:
+            raise InvalidPaymentError(f"a dispute's reason holds at most {MAX_DISPUTE_REASON} characters")
+        status = self.provider_status(provider.ss58_address)
+        if status.state not in (ProviderState.REGISTERED, ProviderState.UNBONDING):
+            raise NotRegisteredError(f"{provider.ss58_address} cannot dispute: {status.state.value}")
+        body = {
+            "evidence": bytes(evidence_hash).hex(),
+            "passed": bool(provider_passed),
+            "worst_error_ppm": worst_error_ppm,
+            "reason": reason,
+        }
+        call = self._remark("dispute", body)
+        self._require_funds(provider, call, 0)
+        return self.submitter.submit(provider, call)
 
     def slash(
         self,
@@ -724,7 +799,7 @@ class ComputeLedger:
     def provider_status(self, provider_ss58: str) -> ProviderStatus:
         """Registration state and stake (the escrow's free balance, read from chain now)."""
         provider = account_id(provider_ss58)
-        self.index.sync()
+        head = self.index.sync()
         escrow = escrow_account(self.council_account, provider)
         stake = int(self._account_info(escrow)["data"]["free"])
         entry = self.index.providers.get(provider)
@@ -744,6 +819,13 @@ class ComputeLedger:
         # A proposal stays pending while its Multisig operation exists: executed or cancelled, it is gone.
         open_slashes = tuple(h for h in entry.slash_proposals if self._pending_council_operation(h) is not None)
         entry.slash_proposals = {h: b for h, b in entry.slash_proposals.items() if h in open_slashes}
+        cited = {s.evidence_hash for s in entry.slashes}
+        window = self.config.dispute_window_blocks
+        open_disputes = tuple(
+            DisputeRecord(provider_ss58, d.evidence_hash, d.provider_passed, d.worst_error_ppm, d.reason, d.block, end)
+            for d in entry.disputes.values()
+            if (end := d.block + window) > head and d.evidence_hash not in cited
+        )
         return ProviderStatus(
             provider_ss58,
             state,
@@ -754,6 +836,7 @@ class ComputeLedger:
             ready,
             tuple(entry.slashes),
             open_slashes,
+            open_disputes,
         )
 
     def compute_ledger(self, provider_ss58: str) -> ComputeTotals:

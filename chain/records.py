@@ -89,6 +89,37 @@ class SlashRecord:
 
 
 @dataclass(frozen=True)
+class DisputeRecord:
+    """A provider's signed dispute of the evidence against it (a `dispute` record the provider itself sent).
+
+    `provider_passed` and `worst_error_ppm` are the provider's own re-run of the evidence, as it states them:
+    informative only (council members re-run the evidence themselves). Open until `open_until` (the block the
+    council's decision window closes) or until a slash citing `evidence_hash` is on chain."""
+
+    provider: str
+    evidence_hash: bytes
+    provider_passed: bool
+    worst_error_ppm: int
+    reason: str
+    block_number: int
+    open_until: int
+
+
+@dataclass(frozen=True)
+class OpenSlashProposal:
+    """A slash a council member opened that is neither executed nor cancelled: what the other members approve.
+
+    `evidence_hash` is the one the opener's `slash-open` record names (None for a record that names none); a
+    member approves only after re-checking that evidence and rebuilding the call from it to `call_hash`."""
+
+    provider: str
+    call_hash: bytes
+    evidence_hash: bytes | None
+    proposer: str
+    block_number: int
+
+
+@dataclass(frozen=True)
 class ProviderStatus:
     """A provider's registration and its stake (the escrow's free balance, read from chain)."""
 
@@ -102,6 +133,8 @@ class ProviderStatus:
     slashes: tuple[SlashRecord, ...] = ()
     # Call hashes of slashes a council member opened on chain that are neither executed nor cancelled yet.
     open_slashes: tuple[bytes, ...] = ()
+    # Disputes the provider filed whose decision window is still open and whose evidence no slash cited yet.
+    open_disputes: tuple[DisputeRecord, ...] = ()
 
     def routing_refusal(self, min_stake: int) -> str | None:
         """Why a client asking for `min_stake` must not route to (nor pay) this provider; None: it may.

@@ -19,7 +19,7 @@ from chain.errors import ChainError
 
 STEM = b"dllm:v"
 """What every version's payload starts with."""
-KINDS = ("register", "compute", "settle", "unbond-request", "unbond", "slash", "slash-open")
+KINDS = ("register", "compute", "settle", "unbond-request", "unbond", "slash", "slash-open", "dispute")
 VERSIONS = {kind: 2 if kind == "settle" else 1 for kind in KINDS}
 """The version each kind is written at; versions 1..VERSIONS[kind] are read."""
 _MAX_VERSION_DIGITS = 3

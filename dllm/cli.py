@@ -443,6 +443,61 @@ def peer_unbond(chain_url: ChainUrl = None, chain_key: ChainKey = None) -> None:
     )
 
 
+@peer_app.command("dispute")
+def peer_dispute(
+    evidence_hash: Annotated[
+        str, typer.Argument(help="SHA-256 (hex) of the published evidence against this provider (its slash cites it).")
+    ],
+    reason: Annotated[
+        str, typer.Option("--reason", help="Why you dispute it, recorded on chain (at most 280 characters).")
+    ] = "",
+    initial_peers: InitialPeers = None,
+    model: ModelOption = None,
+    chain_url: ChainUrl = None,
+    chain_key: ChainKey = None,
+) -> None:
+    """Dispute evidence against this provider: fetch it from the swarm's verifiers, re-run it here, and record a
+    dispute signed by the provider's key on chain with the re-run's outcome. Council members re-run the evidence
+    once more before signing its slash; the provider's unbond waits until the council's decision window closes."""
+    digest = _evidence_hash(evidence_hash, "'EVIDENCE_HASH'")
+    peers = _require_peers(initial_peers)
+    folder = _model_folder(model)
+    url = arguments.parse_chain_url(chain_url)
+    key = arguments.parse_chain_key(chain_key)
+    if url is None or key is None:
+        raise typer.BadParameter("a dispute is signed on chain: give --chain-url and --chain-key (the provider's key)")
+    from chain.account_derivation import account_id
+    from chain.history import MAX_DISPUTE_REASON
+
+    if len(reason) > MAX_DISPUTE_REASON:
+        raise typer.BadParameter(f"at most {MAX_DISPUTE_REASON} characters", param_hint="'--reason'")
+    provider = _keypair(key)
+    result = _fetch_and_recheck(peers, folder, digest)
+    accused = result.evidence.provider
+    if account_id(accused) != provider.public_key:
+        _fail(f"evidence {digest.hex()} accuses {accused}, not this provider ({provider.ss58_address})")
+    from chain.errors import ChainError
+    from chain.ledger import ComputeLedger
+
+    passed = not result.provider_failed
+    try:
+        with ComputeLedger(url) as ledger:
+            filed = ledger.file_dispute(
+                _keypair(key, ledger.ss58_format), digest, passed, result.worst_error_ppm, reason
+            )
+            status = ledger.provider_status(provider.ss58_address)
+    except ChainError as error:
+        _fail(f"could not file the dispute: {error}")
+    window = next((d.open_until for d in status.open_disputes if d.evidence_hash == digest), None)
+    typer.echo(
+        f"dispute of evidence {digest.hex()} filed in block {filed.block_number} (this machine's re-run "
+        f"{'passes' if passed else 'FAILS'} the provider, worst error {result.worst_error_ppm} ppm); "
+        f"open until block {window}"
+    )
+    if not passed:
+        typer.echo("warning: your own re-run fails your work too; council members will re-run it as well", err=True)
+
+
 @chain_app.command("release-markers")
 def chain_release_markers(chain_url: ChainUrl = None, chain_key: ChainKey = None) -> None:
     """Release this client's receipt markers whose receipts have expired: their Multisig deposits return to it.
@@ -835,17 +890,29 @@ def verify(
 
 def _recheck_evidence(peers: list[str], folder: Path, digest_hex: str) -> None:
     """`dllm verify --recheck HASH`: this machine's verdict on published evidence."""
-    import asyncio
+    digest = _evidence_hash(digest_hex, "'--recheck'")
+    result = _fetch_and_recheck(peers, folder, digest)
+    if result.provider_failed:
+        _fail(f"the re-run of evidence {digest.hex()} FAILS provider {result.evidence.provider}")
+    typer.echo(f"the re-run of evidence {digest.hex()} passes provider {result.evidence.provider}")
 
-    from dllm.recheck import fetch_and_recheck
 
+def _evidence_hash(digest_hex: str, hint: str) -> bytes:
     try:
         digest = bytes.fromhex(digest_hex.removeprefix("0x"))
     except ValueError:
         digest = b""
     if len(digest) != 32:
-        raise typer.BadParameter("the evidence hash is 32 bytes of hex (64 digits)", param_hint="'--recheck'")
+        raise typer.BadParameter("the evidence hash is 32 bytes of hex (64 digits)", param_hint=hint)
+    return digest
+
+
+def _fetch_and_recheck(peers: list[str], folder: Path, digest: bytes) -> Any:
+    """Fetches the evidence named by `digest` from the swarm, re-runs it here, prints both; the RecheckResult."""
+    import asyncio
+
     from chain.errors import DLLMError
+    from dllm.recheck import fetch_and_recheck
 
     try:
         result = asyncio.run(fetch_and_recheck(peers, digest, folder))
@@ -864,9 +931,7 @@ def _recheck_evidence(peers: list[str], folder: Path, digest_hex: str) -> None:
             f"dtype={s.dtype} {'passed' if c.passed else 'FAILED'} error={c.worst_rel_error:.3g} "
             f"tolerance={s.tolerance:.3g}"
         )
-    if result.provider_failed:
-        _fail(f"the re-run of evidence {digest.hex()} FAILS provider {result.evidence.provider}")
-    typer.echo(f"the re-run of evidence {digest.hex()} passes provider {result.evidence.provider}")
+    return result
 
 
 def _reject_serving_options(*, gossip_peer: list[str] | None) -> None:

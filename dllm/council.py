@@ -10,6 +10,21 @@ verifier does. Only if its own re-run fails the provider does it sign the slash 
 (`ComputeLedger.approve_slash`: the first member opens the Multisig operation, the member whose
 signature reaches the threshold executes it); the slash's remark carries the evidence's SHA-256.
 
+One proposal per provider: the first member to sign opens the Multisig operation with a `slash-open` record
+naming the evidence hash. Before signing its own evidence, and every announce period, a member reads the open
+proposals on chain (`ComputeLedger.open_slash_proposals`) and joins the OLDEST one against the provider whose
+call is the protocol's slash of the evidence it names, whose evidence (fetched by hash, checked) accuses that
+provider with failing verdicts of `threshold` distinct authorized verifiers, and whose evidence its own re-run
+fails; it withdraws a newer proposal it opened itself. So members whose verdicts arrived in different orders
+(different evidence hashes) still meet on one call, and none signs evidence it did not re-run.
+
+Disputes: a provider may file a signed `dispute` of evidence against it (`dllm peer dispute`). While it is open
+(chain/ledger.py `dispute_window_blocks`), a member signs that evidence's slash only after re-running it once
+more since the dispute (adapters fetched afresh) and finding the provider still failing; a passing re-run drops
+the slash and withdraws its proposal. A dispute thus delays a slash by one re-run per member (by the window
+only if the evidence cannot be loaded), never blocks it; only the accused's own disputes count (the chain
+attaches a dispute to its sender). Each decision goes to the member's decision log (rpc_info "decisions").
+
 Invariants: no process holds two council keys, so "2 of 3" means two processes (two operators) that
 each re-ran the evidence; verdicts a member's own re-run contradicts never reach the chain from it;
 every member built from the same verdicts cites the same evidence hash (canonical encoding), so their
@@ -22,7 +37,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,11 +49,13 @@ from typing import TYPE_CHECKING, Any
 from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
+from chain.account_derivation import account_id
 from chain.config_bounds import bounded, check_bounds
+from chain.records import DisputeRecord, OpenSlashProposal
 from economy.evidence_store import Evidence, EvidenceStore
 from economy.gossip import VERDICTS_TOPIC, GossipBus, GossipConfig
 from economy.signing import load_keypair
-from economy.verification import SignedVerdict, SlashingTally, SlashProposal, VerificationError
+from economy.verification import SignedVerdict, SlashingTally, SlashProposal, VerificationError, validate_verdict
 from economy.work_sample import WorkSample
 from swarm import protocol
 from swarm.serving_task import ServingTask, cancel_task
@@ -85,6 +103,14 @@ class CouncilStats:
     executed: list[str] = field(default_factory=list)
     slash_failures: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    adopted: int = 0
+    """Slashes another member opened first that this member re-checked and joined."""
+    disputes: int = 0
+    """Evidence re-run once more because its provider disputed it on chain."""
+
+
+DECISION_LOG_SIZE = 64
+"""Decisions (re-runs, disputes, joined proposals) a member keeps for rpc_info."""
 
 
 class CouncilMember:
@@ -107,7 +133,11 @@ class CouncilMember:
         self.stats = CouncilStats()
         self.fetch_sample: Any = None  # set once serving: fetches a sample by hash from the verifiers
         self.fetch_adapters: Any = None  # set once serving: a receipt's digest-checked adapters, or None
+        self.fetch_evidence: Any = None  # set once serving: published evidence by hash from verifiers and members
+        self.decisions: deque[dict[str, Any]] = deque(maxlen=DECISION_LOG_SIZE)
         self._judged: dict[bytes, bool] = {}  # evidence hash -> its re-run failed the provider
+        self._refused_calls: dict[bytes, str] = {}  # open proposal's call hash -> why it is never approved
+        self._rerun_after_dispute: set[bytes] = set()  # evidence hashes re-run since their provider disputed them
         self._chain = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-council-chain")
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-council-recheck")
         for verdict in store.tally():  # kept across restarts until the slash is on chain
@@ -132,26 +162,190 @@ class CouncilMember:
             await self.consider(proposal)
 
     async def consider(self, proposal: SlashProposal) -> None:
-        """Builds the evidence, re-runs it, and signs the slash only if the re-run fails the provider."""
+        """Builds the evidence of its own tally's proposal; joins the slash another member opened first against the
+        provider if its re-run of THAT evidence fails the provider, else signs its own evidence's slash if its re-run
+        fails the provider. Nothing is signed that this member did not re-run."""
         self.stats.proposals += 1
         evidence = await self.gather_evidence(proposal)
         if evidence is None:
             return
+        if await self.join_open_proposal(proposal.provider):
+            await self.retry_slashes()
+            return
+        if await self.judge(evidence):
+            self.store.want_slash(proposal.provider, evidence.evidence_hash)
+            await self.retry_slashes()
+
+    async def join_open_proposal(self, provider: str, proposals: list[OpenSlashProposal] | None = None) -> bool:
+        """Wants the OLDEST open slash proposal against `provider` that this member approves (so every member joins
+        the same call whatever order its verdicts came in), withdrawing a newer one it opened itself. False if it
+        approves none."""
+        if proposals is None:
+            try:
+                proposals = await self._on_chain(self.ledger.open_slash_proposals, provider)
+            except Exception as e:  # the chain did not answer: the next announce period reviews again
+                logger.warning("could not read the open slash proposals against %s: %s", provider, e)
+                return False
+        # Stored under the address its verdicts used; compared by account (the chain may use another ss58 prefix).
+        pending = {account_id(p.provider): p for p in self.store.pending_slashes()}.get(account_id(provider))
+        wanted = pending.evidence_hash if pending is not None else None
+        target = None
+        for candidate in proposals:
+            if candidate.evidence_hash is None:
+                continue
+            if candidate.evidence_hash == wanted or await self.approves(candidate):
+                target = candidate
+                break
+        if target is None or target.evidence_hash is None:
+            return False
+        if target.evidence_hash != wanted:
+            self.store.adopt_slash(pending.provider if pending is not None else provider, target.evidence_hash)
+            self.stats.adopted += 1
+            self._decide(
+                provider,
+                target.evidence_hash,
+                f"joins the slash {target.proposer} opened in block {target.block_number}",
+            )
+        mine = self.keypair.ss58_address
+        for other in proposals:
+            if other is not target and account_id(other.proposer) == account_id(mine):
+                try:
+                    await self._on_chain(self.ledger.withdraw_slash, self.keypair, other.call_hash)
+                except Exception as e:  # best effort: retried next review; it only holds the provider's unbond
+                    logger.warning("could not withdraw my superseded slash proposal against %s: %s", provider, e)
+        return True
+
+    async def approves(self, proposal: OpenSlashProposal) -> bool:
+        """True if this member signs `proposal`: its call is the protocol's slash of the evidence it names, that
+        evidence accuses this provider with failing verdicts of `threshold` distinct authorized verifiers, and this
+        member's own re-run of it fails the provider."""
+        if proposal.call_hash in self._refused_calls or proposal.evidence_hash is None:
+            return False
+        evidence = await self.load_evidence(proposal.evidence_hash)
+        if evidence is None:
+            return False  # not served yet: reviewed again next announce period
+        problem = await self.proposal_problem(proposal, evidence)
+        if problem is not None:
+            self._refused_calls[proposal.call_hash] = problem
+            self._decide(proposal.provider, proposal.evidence_hash, f"never approves the call: {problem}")
+            return False
+        try:
+            return await self.judge(evidence)
+        except Exception as e:  # evidence this member cannot re-run (blocks it lacks, a training pass) is not signed
+            self._decide(proposal.provider, proposal.evidence_hash, f"cannot re-run it: {type(e).__name__}: {e}")
+            return False
+
+    async def proposal_problem(self, proposal: OpenSlashProposal, evidence: Evidence) -> str | None:
+        """Why `proposal` is not one the protocol's members sign, or None."""
+        if account_id(evidence.provider) != account_id(proposal.provider):
+            return f"its evidence accuses {evidence.provider}, not {proposal.provider}"
+        failing = set()
+        for signed in evidence.verdicts:
+            try:
+                verdict = validate_verdict(signed, self.tally.verifiers, max_age_s=self.tally.max_age_s)
+            except VerificationError as e:
+                return f"its evidence holds a verdict this member does not count ({e})"
+            if not verdict.passed:
+                failing.add(verdict.verifier)
+        if len(failing) < self.config.threshold:
+            return f"its evidence holds failing verdicts of {len(failing)} verifiers, {self.config.threshold} needed"
+        assert proposal.evidence_hash is not None
+        try:
+            expected = await self._on_chain(self.ledger.protocol_slash_hash, proposal.provider, proposal.evidence_hash)
+        except Exception as e:  # e.g. nothing left to slash: the call cannot be rebuilt
+            return f"its call cannot be rebuilt ({type(e).__name__}: {e})"
+        if expected != proposal.call_hash:
+            return "its call is not the protocol's slash of the evidence it names (other amount or beneficiary)"
+        return None
+
+    async def load_evidence(self, digest: bytes) -> Evidence | None:
+        """Evidence by hash: from this member's store, else fetched (hash-checked) and stored, so served too."""
+        data = self.store.evidence(digest)
+        if data is not None:
+            return Evidence.decode(data)
+        if self.fetch_evidence is None:
+            return None
+        try:
+            evidence: Evidence = await self.fetch_evidence(digest)
+        except Exception as e:  # nobody serves it (yet): reviewed again next announce period
+            logger.warning("could not fetch the evidence %s an open slash cites: %s", digest.hex(), e)
+            return None
+        self.store.put_evidence(evidence)
+        return evidence
+
+    async def judge(self, evidence: Evidence) -> bool:
+        """True if this member's own re-run of `evidence` fails its provider. Run once per evidence, and once more
+        after its provider disputed it on chain (adapters fetched afresh: the provider may hand them over now)."""
         digest = evidence.evidence_hash
+        dispute = await self.open_dispute(evidence.provider, digest)
+        if dispute is not None and digest not in self._rerun_after_dispute:
+            self._rerun_after_dispute.add(digest)
+            self._judged.pop(digest, None)
+            self.stats.disputes += 1
+            self._decide(
+                evidence.provider,
+                digest,
+                f"re-runs it: the provider disputes it (block {dispute.block_number}, its own re-run "
+                f"{'passes' if dispute.provider_passed else 'fails'}, reason {dispute.reason!r})",
+            )
         if digest not in self._judged:
             failed = await self.recheck(evidence)
             self._judged[digest] = failed
+            self._decide(evidence.provider, digest, "my re-run FAILS the provider" if failed else "my re-run passes")
             if not failed:
                 self.stats.refused += 1
                 logger.warning(
                     "refused to slash %s: my re-run of evidence %s passes it (the verdicts are wrong)",
-                    proposal.provider,
+                    evidence.provider,
                     digest.hex(),
                 )
-                return
-            self.store.want_slash(proposal.provider, digest)
-        if self._judged[digest]:
-            await self.retry_slashes()
+        return self._judged[digest]
+
+    async def open_dispute(self, provider: str, digest: bytes) -> DisputeRecord | None:
+        """The provider's own open dispute of `digest`, if any (only the accused's disputes are on its status)."""
+        try:
+            status = await self._on_chain(self.ledger.provider_status, provider)
+        except Exception as e:  # the chain did not answer: signing needs it too, and is retried
+            logger.warning("could not read the disputes of %s: %s", provider, e)
+            return None
+        return next((d for d in status.open_disputes if d.evidence_hash == digest), None)
+
+    async def still_wanted(self, provider: str, digest: bytes) -> bool:
+        """Whether this member may sign the slash it wants now: while the provider disputes the evidence, only
+        after a re-run since the dispute that still fails it (a passing one drops the slash and withdraws this
+        member's proposal); held while the evidence cannot be loaded, until the dispute's window closes."""
+        dispute = await self.open_dispute(provider, digest)
+        if dispute is None or digest in self._rerun_after_dispute:
+            return self._judged.get(digest, True)
+        evidence = await self.load_evidence(digest)
+        if evidence is None:
+            logger.warning(
+                "holding my signature on the slash of %s: it disputes evidence %s, not loadable here (until block %d)",
+                provider,
+                digest.hex(),
+                dispute.open_until,
+            )
+            return False
+        try:
+            if await self.judge(evidence):
+                return True
+        except Exception as e:  # cannot re-run it now: hold the signature (the window bounds the hold)
+            logger.warning(
+                "holding my signature on the slash of %s: re-running %s failed: %s", provider, digest.hex(), e
+            )
+            return False
+        self.store.drop_slash(provider)
+        try:
+            call_hash = await self._on_chain(self.ledger.protocol_slash_hash, provider, digest)
+            await self._on_chain(self.ledger.withdraw_slash, self.keypair, call_hash)
+        except Exception as e:  # best effort: a proposal left open only holds the provider's unbond
+            logger.warning("could not withdraw my slash proposal against %s: %s", provider, e)
+        return False
+
+    def _decide(self, provider: str, digest: bytes, outcome: str) -> None:
+        """One line of this member's decision log (logged, and shown in rpc_info)."""
+        self.decisions.append({"provider": provider, "evidence": digest.hex(), "decision": outcome, "at": time.time()})
+        logger.warning("council decision on %s, evidence %s: %s", provider, digest.hex(), outcome)
 
     async def gather_evidence(self, proposal: SlashProposal) -> Evidence | None:
         """The proposal's evidence (samples fetched from the verifiers by hash), stored and so served."""
@@ -181,9 +375,23 @@ class CouncilMember:
         return result.provider_failed
 
     async def retry_slashes(self) -> None:
-        """Gives this member's signature to every slash it wants; one that fails stays pending for the next try."""
+        """Joins the oldest open proposal against each provider that it approves, then gives its signature to every
+        slash it wants (re-judged first if the provider disputes it); one that fails stays pending for the next try."""
+        await self.review_open_proposals()
         for pending in self.store.pending_slashes():
-            await self.sign(pending.provider, pending.evidence_hash)
+            if await self.still_wanted(pending.provider, pending.evidence_hash):
+                await self.sign(pending.provider, pending.evidence_hash)
+
+    async def review_open_proposals(self) -> None:
+        """Every open slash proposal on chain, whichever member opened it: joined when this member approves it (a
+        member whose own tally missed the verdicts still re-checks and signs what another proposed)."""
+        try:
+            proposals = await self._on_chain(self.ledger.open_slash_proposals)
+        except Exception as e:  # the chain did not answer: reviewed again next announce period
+            logger.warning("could not read the open slash proposals: %s", e)
+            return
+        for provider in dict.fromkeys(p.provider for p in proposals):
+            await self.join_open_proposal(provider, [p for p in proposals if p.provider == provider])
 
     async def sign(self, provider: str, evidence_hash: bytes) -> None:
         try:
@@ -247,6 +455,9 @@ class CouncilMember:
             "slash_failures": s.slash_failures,
             "pending_slashes": len(self.store.pending_slashes()),
             "rejected": dict(s.rejected),
+            "adopted": s.adopted,
+            "disputes": s.disputes,
+            "decisions": list(self.decisions),
         }
         return runtime_pb2.ExpertResponse(metadata=protocol.pack_metadata(info))
 
@@ -318,6 +529,7 @@ class CouncilService(ServingTask[CouncilMember]):
         peer_id = dht.peer_id.to_base58()
         member.fetch_sample = partial(_fetch_sample_elsewhere, dht, p2p, peer_id)
         member.fetch_adapters = partial(fetch_for_receipt, dht, p2p)  # adapted evidence is re-run with them
+        member.fetch_evidence = partial(_fetch_evidence_elsewhere, dht, p2p, peer_id)  # what other members opened
         await _connect_gossip(bus, dht, peer_id, config.gossip_peers)
         # No "model": clients looking for verifiers of their model never send work to a council member.
         record = {"peer_id": peer_id, "account": signing_key.ss58_address, "role": "council", "gossip": bus.addrs}
@@ -329,3 +541,11 @@ class CouncilService(ServingTask[CouncilMember]):
         while not await self._stop_requested(config.announce_period_s):
             await _announce(dht, validator, record, 3 * config.announce_period_s)
             await member.retry_slashes()
+
+
+async def _fetch_evidence_elsewhere(dht: Any, p2p: Any, own_peer_id: str, digest: bytes) -> Evidence:
+    """Published evidence by hash from the verifiers and council members announced in the DHT (hash-checked)."""
+    from swarm.evidence import fetch_evidence, verifier_peer_ids
+
+    peers = [p for p in await verifier_peer_ids(dht) if p != own_peer_id]
+    return await fetch_evidence(dht, p2p, digest, peers)

@@ -32,6 +32,8 @@ from peer.adapters import AdapterBundle, applied_adapters
 
 logger = logging.getLogger(__name__)
 
+WORST_ERROR_CAP_PPM = 10**9
+
 
 @dataclass(frozen=True)
 class SampleRecheck:
@@ -54,6 +56,13 @@ class RecheckResult:
     def provider_failed(self) -> bool:
         """True if any sample's re-run fails the provider."""
         return any(not s.comparison.passed for s in self.samples)
+
+    @property
+    def worst_error_ppm(self) -> int:
+        """The largest relative error of any sample's re-run, in parts per million (capped: a sample that could not
+        be re-run counts as the cap), as a dispute records it."""
+        worst = max((s.comparison.worst_rel_error for s in self.samples), default=0.0)
+        return WORST_ERROR_CAP_PPM if not math.isfinite(worst) else min(round(worst * 1e6), WORST_ERROR_CAP_PPM)
 
 
 def recheck_evidence(

@@ -281,6 +281,20 @@ class EvidenceStore:
             (provider, evidence_hash, time.time()),
         )
 
+    def adopt_slash(self, provider: str, evidence_hash: bytes) -> None:
+        """Wants `provider` slashed citing `evidence_hash` instead of any evidence wanted before (a council member
+        joining the proposal another member opened first); a slash already done stays done."""
+        self._db.execute(
+            "INSERT INTO slashes (provider, evidence_hash, state, updated_at) VALUES (?, ?, 'pending', ?)"
+            " ON CONFLICT (provider) DO UPDATE SET evidence_hash = excluded.evidence_hash, attempts = 0,"
+            " last_error = NULL, updated_at = excluded.updated_at WHERE state = 'pending'",
+            (provider, evidence_hash, time.time()),
+        )
+
+    def drop_slash(self, provider: str) -> None:
+        """No longer wants `provider` slashed (a re-run after its dispute passed it); its tally stays."""
+        self._db.execute("DELETE FROM slashes WHERE provider = ? AND state = 'pending'", (provider,))
+
     def slash_failed(self, provider: str, error: str) -> None:
         self._db.execute(
             "UPDATE slashes SET attempts = attempts + 1, last_error = ?, updated_at = ? WHERE provider = ?",
