@@ -330,7 +330,7 @@ def peer_join(
         typer.Option("--identity", help="Private key file: a stable peer id across restarts (created if missing)."),
     ] = None,
     dtype: Annotated[
-        str, typer.Option("--dtype", help="Weights and activations: float32, float16 or bfloat16 (GPUs).")
+        str, typer.Option("--dtype", help="Weights, activations and attention cache: float32, float16 or bfloat16.")
     ] = "float32",
     device: Annotated[
         str, typer.Option("--device", help="Where the blocks run: auto (cuda if available), cpu, cuda, cuda:N.")
@@ -855,6 +855,14 @@ def verify(
             "re-run its checks here, print the verdicts and exit (1 if the re-run fails the provider).",
         ),
     ] = None,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--dtype",
+            help="Re-run in float32, float16 or bfloat16 (half the memory; judges bfloat16 work as tightly as "
+            "float32, float32 and float16 work only at bfloat16's noise bound).",
+        ),
+    ] = "float32",
 ) -> None:
     """Run a verifier: re-run clients' sampled work, publish signed verdicts, keep and serve evidence (until Ctrl-C).
 
@@ -863,6 +871,8 @@ def verify(
     """
     peers = _require_peers(initial_peers)
     folder = _model_folder(model)
+    if dtype != "float32" and (recheck is not None or probe):
+        raise typer.BadParameter("a probe and a re-check run in float32; drop --dtype", param_hint="'--dtype'")
     if recheck is not None:
         _recheck_evidence(peers, folder, recheck)
         return
@@ -876,14 +886,17 @@ def verify(
     from dllm.verifier import VerifierConfig
 
     _serve_verifier(
-        VerifierConfig(
-            model=str(folder),
-            key=key,
-            initial_peers=peers,
-            chain_url=url,
-            gossip_port=gossip_port,
-            gossip_peers=list(gossip_peer or []),
-            evidence_path=str(evidence_db) if evidence_db else None,
+        _valid_config(
+            lambda: VerifierConfig(
+                model=str(folder),
+                key=key,
+                initial_peers=peers,
+                chain_url=url,
+                gossip_port=gossip_port,
+                gossip_peers=list(gossip_peer or []),
+                evidence_path=str(evidence_db) if evidence_db else None,
+                dtype=dtype,
+            )
         )
     )
 

@@ -11,9 +11,12 @@ holds it, so anyone can re-run the check (`dllm verify --recheck HASH`). A verif
 key and slashes nothing: council members (`dllm council`, dllm/council.py) tally the verdicts, re-run the
 evidence themselves and each sign the slash with its one key.
 
-A verifier re-runs in float32 and judges each sample at the tolerance of the dtype its receipt states
-(the provider's compute dtype, which the client checked against the provider's DHT record):
-`Tolerance.for_dtype(receipt.dtype, blocks)`, a margin over measured honest float noise.
+A verifier re-runs in its own dtype (`--dtype`, float32 by default) and judges each sample at the tolerance
+of the dtype its receipt states (the provider's compute dtype, which the client checked against the
+provider's DHT record) and of its re-run: `Tolerance.for_dtype(receipt.dtype, blocks, rerun=dtype)`, a margin
+over measured honest float noise. A bfloat16 verifier holds half the weights' memory and judges bfloat16
+work as tightly as a float32 one, but float32 and float16 work only at bfloat16's noise bound; council
+members re-run in float32, so its failing verdicts lead to a slash only if a float32 re-run fails too.
 
 Adapted work (a receipt naming a LoRA version and its `adapter_digest`) is re-run with those adapters:
 the verifier first checks the sample is what the provider committed to, then fetches the adapters by
@@ -50,7 +53,7 @@ from scalecodec.utils.ss58 import ss58_decode, ss58_encode
 from chain.config_bounds import bounded, check_bounds
 from economy.evidence_store import Evidence, EvidenceNotFoundError, EvidenceStore, MalformedEvidenceError
 from economy.gossip import VERDICTS_TOPIC, GossipBus, GossipConfig, GossipError
-from economy.receipts import UsageReceipt, verify_receipt
+from economy.receipts import COMPUTE_DTYPES, UsageReceipt, verify_receipt
 from economy.signing import load_keypair
 from economy.verification import (
     ADAPTERS_UNAVAILABLE,
@@ -100,9 +103,13 @@ class VerifierConfig:
     announce_period_s: float = bounded(10.0, gt=0.0)
     evidence_path: str | None = None
     """SQLite file of its samples, verdicts and evidence (default ~/.dllm/evidence-<account>.sqlite3)."""
+    dtype: str = "float32"
+    """The re-run's dtype (economy.receipts.COMPUTE_DTYPES); sets the tolerance together with the receipt's."""
 
     def __post_init__(self) -> None:
         check_bounds(self)
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
 
     def evidence_file(self, account: str) -> Path:
         return Path(self.evidence_path) if self.evidence_path else Path.home() / ".dllm" / f"evidence-{account}.sqlite3"
@@ -137,8 +144,8 @@ class Verifier:
         self.adapter_fetch_attempts = ADAPTER_FETCH_ATTEMPTS
         self.adapter_fetch_backoff_s = ADAPTER_FETCH_BACKOFF_S
         self.keypair = load_keypair(config.key, GENERIC_SS58)
-        if span.dtype != torch.float32:  # the measured tolerances are distances from a float32 re-run
-            raise ValueError(f"a verifier re-runs work in float32, not {span.dtype}")
+        if span.dtype != getattr(torch, config.dtype):  # the tolerance counts the re-run's noise by this dtype
+            raise ValueError(f"this verifier re-runs work in {config.dtype}, but its span computes in {span.dtype}")
         self.stats = VerifierStats()
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-verify")
 
@@ -167,7 +174,8 @@ class Verifier:
             logger.info("abstained on receipt %s: %s", sample.receipt.receipt_id, e)
             raise
         blocks = range(r.start, r.end)
-        tolerance = Tolerance.for_dtype(r.dtype, len(blocks))  # r.dtype is one of COMPUTE_DTYPES (decode checks)
+        # r.dtype is one of COMPUTE_DTYPES (decode checks)
+        tolerance = Tolerance.for_dtype(r.dtype, len(blocks), rerun=self.span.dtype)
         try:
             comparison = await asyncio.get_running_loop().run_in_executor(
                 self._compute, self._recheck, sample, blocks, tolerance, bundle
@@ -280,6 +288,7 @@ class Verifier:
             "role": "verifier",
             "account": self.keypair.ss58_address,
             "model": self.model_name,
+            "dtype": self.config.dtype,
             "checked": s.checked,
             "failed": s.failed,
             "published": s.published,
@@ -404,7 +413,9 @@ class VerifierService(ServingTask[Verifier]):
         resources = self._resources
         model_config = load_config(model_dir)
         name = model_name(model_dir, model_config)
-        layers = await asyncio.to_thread(load_span_layers, model_dir, model_config, 0, model_config.num_hidden_layers)
+        layers = await asyncio.to_thread(
+            load_span_layers, model_dir, model_config, 0, model_config.num_hidden_layers, getattr(torch, config.dtype)
+        )
         span = SpanRunner(model_config, layers, 0, model_config.num_hidden_layers)
         await wait_dht_ready(dht)
         bus = GossipBus(load_keypair(config.key, GENERIC_SS58), GossipConfig(port=config.gossip_port))

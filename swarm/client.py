@@ -3,6 +3,10 @@
 `SwarmClient` is the asyncio core (DHT lookups, routing, sessions, forward/backward RPCs);
 `DistributedModel` wraps it for ordinary Python code, running the core on a private event-loop thread
 so the same object works from scripts, notebooks and other event loops (the HTTP API).
+
+A generation's embeddings and logits are computed in the dtype every announced peer computes in
+(`swarm_dtype`; float32 for a mixed swarm), and its hidden states travel in that dtype: a bfloat16 swarm's
+greedy tokens are those of the same model run in bfloat16 in one process.
 """
 
 from __future__ import annotations
@@ -151,6 +155,18 @@ class TokenStream:
         """Ends the generation early: bills what was served and closes the hops."""
         if self._tokens is not None:
             await self._tokens.aclose()
+
+
+def swarm_dtype(records: Sequence[ServerRecord]) -> torch.dtype:
+    """The dtype a generation's local head computes in: the one every announced peer of the model computes in
+    (its embeddings then enter the swarm, and its logits come out, as in that model run in one process), else
+    float32 (a mixed or empty swarm)."""
+    dtypes = {r.dtype for r in records}
+    if len(dtypes) == 1:
+        dtype = getattr(torch, dtypes.pop())
+        assert isinstance(dtype, torch.dtype)  # records are decoded against COMPUTE_DTYPES
+        return dtype
+    return torch.float32
 
 
 class SwarmClient:
@@ -593,17 +609,18 @@ class SwarmClient:
         into.quote = await self.quote(len(prompt_ids), params.max_new_tokens, sampled) if priced else None
         billing = into.billing = self.billing.session(sampled) if self.billing is not None else None
         session = into.session = self.inference_session(max_length=total, billing=billing)
+        head = self.head.in_dtype(swarm_dtype(await self.records()))
 
         # Grad modes are thread-local: a `with torch.inference_mode()` held across an await or a yield would
         # leak into every other coroutine on this loop (and into tensors they return), so only the local,
         # synchronous head computations run in it.
         def embed(ids: list[list[int]]) -> torch.Tensor:
             with torch.inference_mode():
-                return self.head.embed_tokens(torch.tensor(ids))
+                return head.embed_tokens(torch.tensor(ids))
 
         def choose(hidden: torch.Tensor) -> int:
             with torch.inference_mode():
-                return next_token(self.head.logits(hidden[0, -1]), params, generator)
+                return next_token(head.logits(hidden[0, -1]), params, generator)
 
         try:
             hidden = await session.step(embed([prompt_ids]))

@@ -97,6 +97,8 @@ BAD_ARGUMENTS = [
     (["council", "-p", PEER, "--chain-key", "//Bob"], "--chain-url and --chain-key", ""),
     (["verify", "-p", PEER, "--recheck", "abcd"], "'--recheck'", "32 bytes of hex"),
     (["verify", "-p", PEER, "--probe", "--tokens", "0"], "'--tokens'", "greater than or equal to 1"),
+    (["verify", "-p", PEER, "--chain-key", "//Alice", "--dtype", "int8"], "dtype", "float32, bfloat16, float16"),
+    (["verify", "-p", PEER, "--probe", "--dtype", "bfloat16"], "'--dtype'", "run in float32"),
     (["verifier", "-p", PEER], "No such command", ""),  # the verifier daemon is `dllm verify` now
     (["frobnicate"], "No such command", ""),
     (["--log-level", "LOUD", "demo", "--help"], "'--log-level'", "not one of"),

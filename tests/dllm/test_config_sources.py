@@ -106,6 +106,7 @@ FIELDS: dict[tuple[str, str], Field] = {
     ("verify", "chain_key"): Field(VerifierConfig, "key"),
     ("verify", "gossip_port"): Field(VerifierConfig, "gossip_port"),
     ("verify", "gossip_peer"): Field(VerifierConfig, "gossip_peers", _list),
+    ("verify", "dtype"): Field(VerifierConfig, "dtype"),
     ("verify", "rounds"): Field(ProbeConfig, "rounds"),
     ("verify", "tokens"): Field(ProbeConfig, "tokens"),
     ("verify", "seed"): Field(ProbeConfig, "seed"),

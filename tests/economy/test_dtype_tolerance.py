@@ -217,6 +217,40 @@ def test_verifier_judges_at_the_receipts_dtype(spans, keys, embeddings, tmp_path
         Verifier(config, spans["bfloat16"], "tiny", None, EvidenceStore(tmp_path / "other.sqlite3"))
 
 
+def test_bfloat16_verifier_judges_at_the_coarser_of_the_two_dtypes(spans, keys, embeddings, tmp_path) -> None:
+    """`dllm verify --dtype bfloat16`, in-process: bfloat16 work is judged as tightly as by a float32 re-run
+    (a 5 % scaled step is caught); float32 work only at bfloat16's bound (its honest outputs pass)."""
+    for dtype in COMPUTE_DTYPES:
+        assert Tolerance.for_dtype(dtype, BLOCKS, rerun="float32") == Tolerance.for_dtype(dtype, BLOCKS)
+    assert Tolerance.for_dtype("bfloat16", BLOCKS, rerun="bfloat16") == Tolerance.for_dtype("bfloat16", BLOCKS)
+    assert Tolerance.for_dtype("float32", BLOCKS, rerun=torch.bfloat16) == Tolerance.for_dtype("bfloat16", BLOCKS)
+    config = VerifierConfig(model="tiny", key="//Charlie", initial_peers=[], dtype="bfloat16")
+    with pytest.raises(ValueError, match="bfloat16"):
+        Verifier(config, spans["float32"], "tiny", None, EvidenceStore(tmp_path / "other.sqlite3"))
+    with pytest.raises(ValueError, match="dtype"):
+        VerifierConfig(model="tiny", key="//Charlie", initial_peers=[], dtype="int8")
+    verifier = Verifier(config, spans["bfloat16"], "tiny", None, EvidenceStore(tmp_path / "evidence.sqlite3"))
+    tolerance = Tolerance.for_dtype("bfloat16", BLOCKS).rel_l2
+    try:
+        worst = 0.0
+        for seed in range(40):
+            inputs = session_inputs(seed, 128, embeddings)
+            for provider in ("bfloat16", "float32"):
+                verdict = asyncio.run(verifier.check(serve(spans[provider], keys, inputs, claimed_dtype=provider)))
+                assert verdict.verdict.passed, (seed, provider, verdict.verdict)
+                worst = max(worst, verdict.verdict.worst_error_ppm / 1e6)
+        assert worst < tolerance / 2  # measured 0.016 at most over 200 sessions each (tolerance 0.040)
+        for provider in ("bfloat16", "float32"):
+            scaled = serve(spans[provider], keys, inputs, claimed_dtype=provider, corrupt_step=2, corruption="scale")
+            assert not asyncio.run(verifier.check(scaled)).verdict.passed, provider
+        # The loss a bfloat16 verifier accepts: bfloat16 outputs under a float32 receipt pass here (a float32
+        # verifier fails them, test above); a council member re-runs in float32 before anyone is slashed.
+        mislabelled = serve(spans["bfloat16"], keys, inputs, claimed_dtype="float32")
+        assert asyncio.run(verifier.check(mislabelled)).verdict.passed
+    finally:
+        verifier.close()
+
+
 # ------------------------------------------------------------------------------------------ cheating providers
 
 
