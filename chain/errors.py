@@ -26,7 +26,8 @@ A builtin in parentheses is an extra base kept because callers catch that builti
     │   ├── InvalidSignatureError
     │   ├── ExtrinsicRejectedError
     │   ├── DispatchError
-    │   └── MalformedRemarkError (ValueError)                                           chain/remarks.py
+    │   ├── MalformedRemarkError (ValueError)                                           chain/remarks.py
+    │   └── MalformedSettlementError (ValueError)                                       chain/settlement_codec.py
     ├── EconomyError                      a receipt, verdict, sample, price or settlement fails its checks
     │   ├── CanonicalFormatError (ValueError)                                           economy/canonical.py
     │   ├── EnvelopeError (ValueError)                                                  economy/envelope.py
@@ -88,6 +89,7 @@ A builtin in parentheses is an extra base kept because callers catch that builti
     │   │   └── AdapterDigestMismatchError
     │   ├── GradientError                                                               peer/training.py
     │   ├── RateLimitExceededError (RuntimeError)                                       peer/training.py
+    │   ├── ContributorAuthError                                                        swarm/contributors.py
     │   ├── AggregationError                                                            peer/aggregation.py
     │   └── SketchError                                                                 peer/average_check.py
     ├── RemotePeerError (RuntimeError)    a peer failed, or answered with an error kind; carries peer_id

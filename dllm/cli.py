@@ -354,6 +354,15 @@ def peer_join(
     learning_rate: Annotated[
         float, typer.Option("--learning-rate", min=1e-7, max=1.0, help="Adapters' learning rate (Adam).")
     ] = 1e-3,
+    train_passes_per_minute: Annotated[
+        float,
+        typer.Option(
+            "--train-passes-per-minute",
+            min=0.01,
+            max=1e6,
+            help="Feedback passes each contributor (signing chain account) may send per minute, after a burst of 16.",
+        ),
+    ] = 120.0,
     canary_file: Annotated[
         Path | None,
         typer.Option(
@@ -409,6 +418,7 @@ def peer_join(
             averaging_period_s=averaging_period,
             train_step_batch=train_step_batch,
             learning_rate=learning_rate,
+            train_passes_per_minute=train_passes_per_minute,
             canary_file=canary_file,
             canary_max_rise=canary_max_rise,
         )
@@ -1093,6 +1103,14 @@ def api(
     port: Annotated[int, _port_option(8000, "the HTTP API")] = 8000,
     chain_url: ChainUrl = None,
     min_stake: MinStake = 0,
+    api_keys: Annotated[
+        Path | None,
+        typer.Option(
+            "--api-keys",
+            help="File of 'API_KEY CHAIN_KEY' lines: each /v1 request needs a listed bearer key (else 401), and its "
+            "feedback is signed by that key's chain account (one contributor per user).",
+        ),
+    ] = None,
 ) -> None:
     """Serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models) over the swarm."""
     peers = _require_peers(initial_peers)
@@ -1101,7 +1119,17 @@ def api(
     from dllm.service import serve_until_signal
     from swarm.api import ApiService
 
-    service = ApiService(model_path=folder, initial_peers=peers, host=host, port=port, client_config=client_config)
+    try:
+        service = ApiService(
+            model_path=folder,
+            initial_peers=peers,
+            host=host,
+            port=port,
+            client_config=client_config,
+            api_keys_file=api_keys,
+        )
+    except (OSError, ValueError) as e:
+        _fail(f"--api-keys: {e}")
     serve_until_signal(service, on_ready=lambda: print(service.ready_line, flush=True))
 
 

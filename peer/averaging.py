@@ -3,8 +3,7 @@
 One round, run by every replica of (model, start, end) at the same scheduled time:
 
 1. Each replica contributes its local update since the last agreed version, `working - live`, clipped
-   to norm `clip_tau` (one centered-clipping step around the agreed state, so one replica's update,
-   however poisoned, moves the average by at most clip_tau / group size).
+   to norm `clip_tau` (one centered-clipping step around the agreed state).
 2. hivemind matchmaking forms a group under the prefix of (model, start, end); all-reduce averages the
    updates, with `allreduce_timeout_s` and `next_chunk_timeout_s` set so a dead member cannot hang it.
 3. Checks, any failure of which skips the round: the group is exactly the set of replicas declared in
@@ -15,7 +14,13 @@ One round, run by every replica of (model, start, end) at the same scheduled tim
    or missed rounds) skip the round and the ones behind adopt the group's leading state: the highest
    version, ties broken by content digest, downloaded like a joining replica's. Their unaveraged local update is
    dropped; without this, replicas that diverged once would skip every round after.
-4. The candidate `live + average` is evaluated by the canary gate, if one is configured.
+4. The candidate is `live + clip(sum of the members' updates, clip_tau)`: every feedback pass trained
+   exactly one replica, so the sum is what one peer serving every pass would have learned (the mean
+   would divide the learning rate by the number of replicas). A round moves live by at most clip_tau,
+   whatever the group size or a poisoned member sends. What a member does not get applied (its update
+   beyond the clip, and passes it trained while the round ran) stays in its working adapters for the
+   next round: updates are delayed by the clip, never dropped. The canary gate, if one is configured,
+   evaluates the candidate.
 5. Commit: each member publishes its verdict in the DHT and applies the candidate only when every
    member of the group said yes within `commit_timeout_s`. A member that died mid-round never says yes,
    so the survivors skip the round together; the next round (after its declaration expires) averages
@@ -35,7 +40,7 @@ import re
 import secrets
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,14 +54,17 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerErr
 from hivemind.utils import get_dht_time
 
 from chain.errors import ConfigError
-from peer.adapters import AdapterSet, AdapterState, flatten, unflatten
+from peer.adapters import AdapterSet, AdapterState, AdapterStateError, flatten, unflatten
 from peer.aggregation import clip_by_norm
 from peer.average_check import AverageSketcher, Sketch, SketchError
 from peer.canary import CanaryGate, CanaryVerdict
+from peer.replica_auth import ReplicaIdentity, SignedEntryReader
 
 logger = logging.getLogger(__name__)
 
 _LIVE_SKETCH_BLOCKS = 32
+MAX_CATCH_UP_CANARY_ROUNDS = 4
+"""A state offered for catch-up may raise the canary loss by at most this many rounds' allowed rise."""
 
 _ALLREDUCE_FAILURES: tuple[type[Exception], ...] = (
     AllreduceException,  # BannedException too
@@ -143,6 +151,18 @@ class RoundOutcome:
         return len(self.group)
 
 
+def _views(vector: torch.Tensor, like: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """`vector` (flattened in `names` order) as views shaped like `like`: peer/adapters.unflatten without its copy."""
+    out, offset = {}, 0
+    for name in names:
+        n = like[name].numel()
+        out[name] = vector[offset : offset + n].view_as(like[name])
+        offset += n
+    if offset != vector.numel():
+        raise AdapterStateError(f"vector has {vector.numel()} values, adapters need {offset}")
+    return out
+
+
 def group_prefix(model: str, start: int, end: int) -> str:
     """The hivemind key prefix of the adapter group of (model, start, end): no dots, as hivemind requires."""
     safe = re.sub(r"[^A-Za-z0-9_-]", "_", model)
@@ -182,6 +202,17 @@ class _GroupInputs:
     round_key: str  # the same at every member: names this round's commit votes
 
 
+@dataclass(frozen=True)
+class _UnconfirmedCandidate:
+    """A candidate this replica voted yes on that did not go live here (a groupmate's vote came too late), while
+    the groupmates may have committed it. Catching up to it needs no second canary check (this replica's own
+    check passed these adapters), and keeps the local progress the candidate did not apply."""
+
+    base_version: int
+    tensors: torch.Tensor  # flattened, in adapter order
+    applied_own: torch.Tensor  # the part of this replica's update that the candidate applies
+
+
 class AdapterAverager:
     """Runs averaging rounds for one span's adapters; `run_round()` returns an explicit RoundOutcome."""
 
@@ -193,6 +224,7 @@ class AdapterAverager:
         model: str,
         start: int,
         end: int,
+        identity: ReplicaIdentity,
         config: AveragingConfig | None = None,
         canary: CanaryGate | None = None,
         expected_replicas: ExpectedReplicas | None = None,
@@ -203,6 +235,10 @@ class AdapterAverager:
         self.canary = canary
         self.prefix = group_prefix(model, start, end)
         self.peer_id = dht.peer_id.to_base58()
+        if identity.peer_id != self.peer_id:
+            raise ValueError("the replica identity must be the DHT's libp2p key (its peer id signs for it)")
+        self.identity = identity
+        self._entries = SignedEntryReader()
         self._expected_replicas = expected_replicas or self.declared_replicas
         size = adapters.num_parameters()
         seed = int.from_bytes(hashlib.sha256(self.prefix.encode()).digest()[:4], "little")
@@ -233,7 +269,14 @@ class AdapterAverager:
         )
         signal.signal(signal.SIGINT, sigint)
         self._control: StepControl | None = None  # the running round's all-reduce
+        self._contribution = torch.zeros(adapters.num_parameters())  # this replica's staged (clipped) update
+        self._unconfirmed: _UnconfirmedCandidate | None = None
         self.history: list[RoundOutcome] = []
+        # Every replica starts from the same seeded adapters: the anchor of the norm bound on offered states.
+        if adapters.live_version != 0:
+            raise ValueError("an averager starts on fresh adapters (live v0): they anchor the norm bound")
+        self._initial = flatten(adapters.state(0).tensors, adapters.names).cpu()
+        self.refused_states: list[str] = []  # why offered adapter states were not adopted (newest last)
         self._live_changed()
 
     def _live_sketch(self, version: int) -> Sketch:
@@ -260,14 +303,10 @@ class AdapterAverager:
     # ---- who should be in the group ----------------------------------------------------------------
 
     async def declare_replica(self) -> None:
-        """Announces this peer as a replica of the span until now + replica_ttl_s."""
-        await asyncio.to_thread(
-            self.dht.store,
-            f"{self.prefix}.replicas",
-            self.adapters.live_version,
-            get_dht_time() + self.config.replica_ttl_s,
-            subkey=self.peer_id,
-        )
+        """Announces this peer as a replica of the span until now + replica_ttl_s (signed: peer/replica_auth.py)."""
+        key, expires_at = f"{self.prefix}.replicas", get_dht_time() + self.config.replica_ttl_s
+        value = self.identity.sign(key, self.adapters.live_version, expires_at)
+        await asyncio.to_thread(self.dht.store, key, value, expires_at, subkey=self.identity.subkey)
 
     async def keep_declared(self) -> None:
         """Refreshes the declaration every replica_ttl_s / 3 until cancelled.
@@ -283,11 +322,13 @@ class AdapterAverager:
             await asyncio.sleep(self.config.replica_ttl_s / 3)
 
     async def declared_replicas(self) -> set[str]:
-        """Peer ids whose replica declaration has not expired (self included once declared)."""
-        found = await asyncio.to_thread(self.dht.get, f"{self.prefix}.replicas", latest=True)
-        if found is None or not isinstance(found.value, dict):
+        """Peer ids whose signed replica declaration has not expired (self included once declared); unsigned
+        or forged declarations are ignored."""
+        key = f"{self.prefix}.replicas"
+        found = await asyncio.to_thread(self.dht.get, key, latest=True)
+        if found is None:
             return set()
-        return {str(peer) for peer in found.value}
+        return set(self._entries.entries(key, found.value, get_dht_time()))
 
     @property
     def stage(self) -> AveragingStage:
@@ -328,13 +369,15 @@ class AdapterAverager:
             return await self._solo_round(base_version)
         gather = self._gather_data(base_version, self._stage_update())
         try:
-            gathered = await self._all_reduce(gather, scheduled_time)
+            gathered, declared = await self._all_reduce(gather, scheduled_time)
         except _ALLREDUCE_FAILURES as e:
             return self._skip(f"no complete all-reduce: {type(e).__name__}: {e}")
         if not gathered:
+            if declared is not None:
+                declared.cancel()
             return self._skip("matchmaking formed no group")
         group = sorted(str(peer) for peer in gathered)
-        not_declared = await self._membership_mismatch(group)
+        not_declared = await self._membership_mismatch(group, declared)
         if not_declared is not None:
             return self._skip(not_declared, group)
         try:
@@ -347,15 +390,20 @@ class AdapterAverager:
         verdict, reason = self._check_average(average, inputs)
         if verdict and not average.any():  # every member computes the same zeros: all skip alike
             return self._skip("no member had an update", group)
-        return await self._apply_if_agreed(base_version, average, verdict, reason, inputs.round_key, group)
+        total = average.mul_(sum(inputs.weights))  # the verified mean, scaled back to the members' sum
+        update, norm = clip_by_norm(total, self.config.clip_tau), float(total.norm())
+        share = min(1.0, self.config.clip_tau / norm) if norm > 0 else 0.0  # of each member's update, applied
+        applied_own = self._contribution if share == 1.0 else self._contribution * share
+        return await self._apply_if_agreed(base_version, update, applied_own, verdict, reason, inputs.round_key, group)
 
     def _stage_update(self) -> Sketch:
         """Puts this replica's clipped local update in the all-reduce buffers; returns the update's sketch."""
         names = self.adapters.names
         update = clip_by_norm(flatten(self.adapters.delta(), names), self.config.clip_tau)
+        self._contribution = update
         sketch = self.sketcher.sketch(update)
         with self.averager.get_tensors() as buffers:
-            for buffer, tensor in zip(buffers, unflatten(update, self.adapters.working, names).values(), strict=True):
+            for buffer, tensor in zip(buffers, _views(update, self.adapters.working, names).values(), strict=True):
                 buffer.copy_(tensor)
         return sketch
 
@@ -370,9 +418,12 @@ class AdapterAverager:
             "weight": 1.0,
         }
 
-    async def _all_reduce(self, gather: dict[str, Any], scheduled_time: float | None) -> dict[Any, Any]:
-        """Matchmaking and all-reduce of the staged buffers; the groupmates' gather data by peer id (empty: no
-        group). Raises one of _ALLREDUCE_FAILURES when the all-reduce does not complete."""
+    async def _all_reduce(
+        self, gather: dict[str, Any], scheduled_time: float | None
+    ) -> tuple[dict[Any, Any], asyncio.Future[set[str]] | None]:
+        """Matchmaking and all-reduce of the staged buffers: the groupmates' gather data by peer id (empty: no
+        group), and the declared replicas, read once the group formed (None if the all-reduce ended before this
+        replica saw it form). Raises one of _ALLREDUCE_FAILURES when the all-reduce does not complete."""
         c = self.config
         if scheduled_time is None:
             scheduled_time = get_dht_time() + c.min_matchmaking_time_s
@@ -386,14 +437,30 @@ class AdapterAverager:
                 allow_retries=False,
                 wait=False,
             )
-            return await asyncio.to_thread(control.result, timeout + c.allreduce_timeout_s + 5)
+            result = asyncio.ensure_future(asyncio.to_thread(control.result, timeout + c.allreduce_timeout_s + 5))
+            declared: asyncio.Future[set[str]] | None = None
+            try:
+                while not result.done():
+                    if declared is None and control.stage in (
+                        AveragingStage.RUNNING_ALLREDUCE,
+                        AveragingStage.FINISHED,
+                    ):
+                        # Every member stored its declaration before its matchmaking began, so a read started once
+                        # the group formed finds them all; it runs while the tensors are exchanged.
+                        declared = asyncio.ensure_future(self._expected_replicas())
+                    await asyncio.wait({result}, timeout=0.02)
+                return result.result(), declared
+            except BaseException:
+                if declared is not None:
+                    declared.cancel()
+                raise
         finally:
             self._control = None
 
-    async def _membership_mismatch(self, group: list[str]) -> str | None:
-        """Why the group is not exactly the declared replicas, or None if it is."""
+    async def _membership_mismatch(self, group: list[str], declared: Awaitable[set[str]] | None) -> str | None:
+        """Why the group is not exactly the declared replicas (`declared`: read once the group formed), or None."""
         # Read after the group formed: every live member declared itself before matchmaking began.
-        expected = await self._expected_replicas() | {self.peer_id}
+        expected = (await (declared if declared is not None else self._expected_replicas())) | {self.peer_id}
         if set(group) == expected:
             return None
         missing, extra = sorted(expected - set(group)), sorted(set(group) - expected)
@@ -425,7 +492,7 @@ class AdapterAverager:
     def _average(self) -> torch.Tensor:
         """The all-reduced update, flattened (a copy: the buffers are the averager's)."""
         with self.averager.get_tensors() as buffers:
-            return torch.cat([b.reshape(-1) for b in buffers]).clone()
+            return torch.cat([b.reshape(-1) for b in buffers])  # cat copies
 
     def _check_average(self, average: torch.Tensor, inputs: _GroupInputs) -> tuple[bool, str]:
         """(verified, reason): whether `average` is the weighted mean of every member's input, by their sketches."""
@@ -438,22 +505,43 @@ class AdapterAverager:
         return False, f"result is not the mean of all {size} inputs (partial average, mismatch x{mismatch:.3g})"
 
     async def _apply_if_agreed(
-        self, base_version: int, average: torch.Tensor, verdict: bool, reason: str, round_key: str, group: list[str]
+        self,
+        base_version: int,
+        update: torch.Tensor,
+        applied_own: torch.Tensor,
+        verdict: bool,
+        reason: str,
+        round_key: str,
+        group: list[str],
     ) -> RoundOutcome:
-        """The candidate `live + average`, canary-gated, goes live only if every member of the group agrees."""
+        """The candidate `live + update`, canary-gated, goes live only if every member of the group agrees;
+        `applied_own` is the part of this member's own update that the candidate applies."""
         candidate, harmful = None, False
         if verdict:
-            candidate = self._propose(base_version, average)
+            candidate = self._propose(base_version, update)
             if self.canary is not None:
                 verdict, reason, harmful = self._canary_outcome(
                     await self.canary.check(base_version, candidate), reason
                 )
-        agreed = await self._commit(round_key, group, verdict)
+        prepared = None
+        if verdict and candidate is not None:
+            # What the candidate needs once live (its digest for state sharing, its sketch for the next round's
+            # gather) is computed while the votes come in.
+            prepared = asyncio.ensure_future(asyncio.to_thread(self._live_sketch, candidate))
+        try:
+            agreed = await self._commit(round_key, group, verdict)
+        finally:
+            if prepared is not None:
+                await asyncio.wait({prepared})  # it reads the candidate: done before the candidate is discarded
+                if not prepared.cancelled() and prepared.exception() is not None:  # computed again when needed
+                    logger.debug("%s: preparing candidate v%d failed: %r", self.prefix, candidate, prepared.exception())
         if verdict and agreed and candidate is not None:  # a verdict always comes with a candidate
-            self.adapters.promote(candidate)
-            self._live_changed()
+            self._promote_keeping_the_rest(candidate, applied_own)
             return RoundOutcome("averaged", reason, self.adapters.live_version, group)
         if candidate is not None:
+            if verdict and not agreed:  # a groupmate that saw every yes in time has made it live
+                tensors = flatten(self.adapters.state(candidate).tensors, self.adapters.names)
+                self._unconfirmed = _UnconfirmedCandidate(base_version, tensors, applied_own)
             self.adapters.discard(candidate)
         if verdict and not agreed:
             reason = "a groupmate did not confirm the round (it failed or rejected it)"
@@ -463,17 +551,19 @@ class AdapterAverager:
 
     def _propose(self, base_version: int, update: torch.Tensor) -> int:
         """The candidate version `live + update` (`update` flattened in adapter order)."""
-        names = self.adapters.names
-        live = self.adapters.state(base_version).tensors
-        delta = unflatten(update, live, names)
-        return self.adapters.propose({n: live[n] + delta[n] for n in names})
+        live = self.adapters.state(base_version).tensors  # a copy of its own: the update is added in place
+        with torch.no_grad():
+            for name, delta in _views(update, live, self.adapters.names).items():
+                live[name].add_(delta)
+        return self.adapters.propose(live)
 
     async def _solo_round(self, base_version: int) -> RoundOutcome:
         """The only replica of its span: its own clipped update is the average, still canary-gated."""
         flat = flatten(self.adapters.delta(), self.adapters.names)
         if not flat.any():
             return self._skip("no local update since the live version", [self.peer_id])
-        candidate = self._propose(base_version, clip_by_norm(flat, self.config.clip_tau))
+        applied = clip_by_norm(flat, self.config.clip_tau)
+        candidate = self._propose(base_version, applied)
         reason = "sole replica of this span"
         if self.canary is not None:
             accepted, reason, harmful = self._canary_outcome(await self.canary.check(base_version, candidate), reason)
@@ -482,9 +572,22 @@ class AdapterAverager:
                 if harmful:
                     self.adapters.reset_working()
                 return self._skip(reason, [self.peer_id])
-        self.adapters.promote(candidate)
-        self._live_changed()
+        self._promote_keeping_the_rest(candidate, applied)
         return RoundOutcome("averaged", reason, self.adapters.live_version, [self.peer_id])
+
+    def _promote_keeping_the_rest(self, candidate: int, applied_own: torch.Tensor) -> None:
+        """Makes `candidate` live; this replica's local progress that it does not apply (`working - live`
+        beyond `applied_own`: the update's clipped-off part, passes trained while the round ran) stays in the
+        working adapters, on top of the new live version, for the next round."""
+        names = self.adapters.names
+        with self.adapters.lock, torch.no_grad():  # no training pass between reading the progress and re-basing it
+            rest = self.adapters.delta()  # fresh tensors
+            for name, applied in _views(applied_own, rest, names).items():
+                rest[name].sub_(applied)
+            self.adapters.promote(candidate)  # working := the new live version
+            for name in names:
+                self.adapters.working[name].add_(rest[name])
+        self._live_changed()
 
     def _canary_outcome(self, verdict: CanaryVerdict, reason: str) -> tuple[bool, str, bool]:
         """(accepted, reason, harmful). A measured rise is harmful: rolled back and logged. A failed
@@ -498,17 +601,18 @@ class AdapterAverager:
         return False, f"canary rejected the update: {verdict.reason}", True
 
     async def _commit(self, round_key: str, group: list[str], verdict: bool) -> bool:
-        """Publishes this member's verdict; True once every member said yes, False on any no or timeout."""
+        """Publishes this member's signed verdict; True once every member said yes, False on any no or timeout.
+        Only votes signed by the member's own peer id count (peer/replica_auth.py)."""
         key = f"{self.prefix}.commit.{round_key}"
         deadline = get_dht_time() + self.config.commit_timeout_s
-        await asyncio.to_thread(
-            self.dht.store, key, bool(verdict), deadline + self.config.commit_timeout_s, subkey=self.peer_id
-        )
+        expires_at = deadline + self.config.commit_timeout_s
+        vote = self.identity.sign(key, bool(verdict), expires_at)
+        await asyncio.to_thread(self.dht.store, key, vote, expires_at, subkey=self.identity.subkey)
         if not verdict:
             return False
         while get_dht_time() < deadline:
             found = await asyncio.to_thread(self.dht.get, key, latest=True)
-            votes = {str(p): v.value for p, v in found.value.items()} if found and isinstance(found.value, dict) else {}
+            votes = self._entries.entries(key, found.value, get_dht_time()) if found else {}
             if any(votes.get(peer) is False for peer in group):
                 return False
             if all(votes.get(peer) is True for peer in group):
@@ -520,11 +624,14 @@ class AdapterAverager:
 
     async def _catch_up(self, leader: tuple[int, str]) -> str:
         """Adopts the leading live state of the group (this replica is behind or diverged)."""
+        refused = len(self.refused_states)
         try:
             loaded = await self.load_state_from_replicas()
         except Exception as e:  # the next round tries again
             return f"catching up failed: {type(e).__name__}: {e}"
         mine = (self.adapters.live_version, self.adapters.digest())
+        if len(self.refused_states) > refused:
+            return f"refused the state offered for catch-up ({self.refused_states[-1]}); live stays v{mine[0]}"
         if not loaded or self.averager.state_priority(*mine) < self.averager.state_priority(*leader):
             return f"catching up to v{leader[0]} failed (now v{mine[0]}); next round retries"
         return f"caught up to v{mine[0]} from a replica"
@@ -539,15 +646,76 @@ class AdapterAverager:
             not isinstance(metadata, dict)
             or metadata.get("names") != self.adapters.names
             or len(tensors) != len(self.adapters.names)
+            or type(metadata.get("version")) is not int
         ):
             logger.warning("%s: a replica sent adapter state that does not match this span; ignored", self.prefix)
             return False
-        self.adapters.import_state(
-            AdapterState(int(metadata["version"]), dict(zip(self.adapters.names, tensors, strict=True)))
-        )
+        state = AdapterState(metadata["version"], dict(zip(self.adapters.names, tensors, strict=True)))
+        refusal = await self.adoption_refusal(state)
+        if refusal is not None:
+            self.refused_states.append(refusal)
+            logger.warning("%s: refused adapter v%s offered by a replica: %s", self.prefix, state.version, refusal)
+            return False
+        names = self.adapters.names
+        with self.adapters.lock:  # no training pass between reading the progress and re-basing it
+            own = self._own_unconfirmed(state)
+            rest = flatten(self.adapters.delta(), names) - own.applied_own if own is not None else None
+            self.adapters.import_state(state)  # working := the adopted version
+            if rest is not None:  # the local progress our own voted candidate did not apply is kept
+                with torch.no_grad():
+                    for name, tensor in unflatten(rest, self.adapters.working, names).items():
+                        self.adapters.working[name].add_(tensor)
+        self._unconfirmed = None
         self._live_changed()
         logger.info("%s: loaded adapter v%d from a replica", self.prefix, self.adapters.live_version)
         return True
+
+    async def adoption_refusal(self, state: AdapterState) -> str | None:
+        """Why another replica's live adapters must not become ours (None: adopt them).
+
+        The same bounds an update passes before going live: finite tensors of this span's shapes; the norm
+        bound (each committed round moves live by at most clip_tau, so version v lies within v * clip_tau
+        of the shared initial adapters); and the canary gate, if one is set, with the offered state as the
+        candidate against our live version (its allowed rise compounds over at most
+        MAX_CATCH_UP_CANARY_ROUNDS of the versions it is ahead). An evaluation that fails refuses too
+        (fail-closed): the next round retries."""
+        try:
+            self.adapters.check_tensors(state.tensors)
+        except AdapterStateError as e:
+            return f"malformed adapters: {e}"
+        live = self.adapters.live_version
+        if state.version < live:
+            return f"version {state.version} is older than live v{live}"
+        distance = float((flatten(state.tensors, self.adapters.names).cpu() - self._initial).norm())
+        bound = self.config.clip_tau * state.version * (1 + 1e-3) + 1e-5
+        if not distance <= bound:
+            return (
+                f"adapters lie {distance:.4g} from the initial ones, beyond v{state.version} rounds of "
+                f"clip_tau {self.config.clip_tau:g} ({bound:.4g})"
+            )
+        if self._own_unconfirmed(state) is not None:
+            return None  # the candidate this replica's own canary passed when it voted yes
+        live_tensors = self.adapters.state(live).tensors
+        if self.canary is None or all(
+            torch.equal(state.tensors[n].float().cpu(), live_tensors[n].cpu()) for n in live_tensors
+        ):
+            return None  # no canary set, or nothing changes (a joiner offered the initial adapters)
+        candidate = self.adapters.propose(state.tensors)
+        try:
+            rounds = min(max(1, state.version - live), MAX_CATCH_UP_CANARY_ROUNDS)
+            verdict = await self.canary.check(live, candidate, rounds=rounds)
+        finally:
+            self.adapters.discard(candidate)
+        return None if verdict.accepted else f"canary: {verdict.reason}"
+
+    def _own_unconfirmed(self, state: AdapterState) -> _UnconfirmedCandidate | None:
+        """The candidate this replica voted yes on, if `state` is it (one round ahead of our live version, equal
+        up to the float noise of all-reduce: replicas' results are ~1e-7 apart, not bit-equal)."""
+        own = self._unconfirmed
+        if own is None or own.base_version != self.adapters.live_version or state.version != own.base_version + 1:
+            return None
+        offered = flatten(state.tensors, self.adapters.names).float().cpu()
+        return own if torch.allclose(offered, own.tensors.float().cpu(), rtol=1e-4, atol=1e-6) else None
 
     async def run_periodically(self, period: float, on_round: Callable[[RoundOutcome], None] | None = None) -> None:
         """Runs a round at every multiple of `period` in DHT time, so all replicas meet without talking first."""

@@ -54,8 +54,10 @@ class CanaryConfig:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise CanaryConfigError(f"{name} must be a non-negative finite number, got {value!r}")
 
-    def limit(self, live_loss: float) -> float:
-        return live_loss * (1.0 + self.max_relative_rise) + self.max_absolute_rise
+    def limit(self, live_loss: float, rounds: int = 1) -> float:
+        """The highest accepted candidate loss; `rounds` > 1 compounds the allowed rise (a catch-up over
+        several committed rounds)."""
+        return live_loss * (1.0 + self.max_relative_rise) ** rounds + self.max_absolute_rise * rounds
 
 
 @dataclass
@@ -96,8 +98,9 @@ class CanaryGate:
             return [float(x) for x in await self.evaluate.losses(versions)]
         return [float(await self.evaluate(v)) for v in versions]
 
-    async def check(self, live_version: int, candidate_version: int) -> CanaryVerdict:
-        """Canary loss of both versions; accepted unless the candidate's rises beyond the threshold.
+    async def check(self, live_version: int, candidate_version: int, rounds: int = 1) -> CanaryVerdict:
+        """Canary loss of both versions; accepted unless the candidate's rises beyond the threshold
+        (compounded over `rounds` rounds: see CanaryConfig.limit).
 
         Never raises for a failed evaluation: the verdict is then a rejection carrying `error`.
         """
@@ -109,7 +112,7 @@ class CanaryGate:
                 False, live_version, candidate_version, math.nan, math.nan, math.nan, error=f"{type(e).__name__}: {e}"
             )
         else:
-            limit = self.config.limit(live_loss)
+            limit = self.config.limit(live_loss, rounds)
             accepted = math.isfinite(candidate_loss) and math.isfinite(live_loss) and candidate_loss <= limit
             verdict = CanaryVerdict(accepted, live_version, candidate_version, live_loss, candidate_loss, limit)
         self.verdicts = self.verdicts[-31:] + [verdict]

@@ -52,6 +52,7 @@ class PeerConfig:
     averaging_period_s: float = bounded(30.0, ge=3.0)  # between adapter-averaging rounds with replicas of the span
     train_step_batch: int = bounded(4, ge=1)  # training passes per adapter optimizer step
     learning_rate: float = bounded(1e-3, ge=1e-7, le=1.0)  # adapters' learning rate
+    train_passes_per_minute: float = bounded(120.0, ge=0.01, le=1e6)  # per contributor (signing account)
     canary_file: Path | None = None  # held-out canary examples gating adapter updates (None: the default set)
     # an update whose canary loss rises by more than this fraction is rolled back
     canary_max_rise: float = bounded(0.01, ge=0.0, le=1.0)

@@ -28,6 +28,7 @@ from peer.learning import SpanLearner
 from peer.metering_hook import MeteringRequestError, SessionMeters
 from peer.span import SpanRunner
 from swarm import chunks, protocol, wire_errors
+from swarm.contributors import ContributionVerifier
 from swarm.protocol import BlocksNotServed, ProtocolError
 from swarm.tensors import InvalidTensorError, check_hidden_states, decode, encode
 
@@ -79,8 +80,13 @@ class BlockHandler:
         self._compute_time: dict[int, float] = {}
         self.metering: SessionMeters | None = None  # set by the server when this peer bills (peer/receipt_service.py)
         self.credit: CreditGuard | None = None  # set by the server when this peer charges: each step within credit
+        # Training passes are filed under the chain account that signed them (swarm/contributors.py); set with
+        # the P2P peer id the signatures name, in add_handlers.
+        self.contributions: ContributionVerifier | None = None
 
     async def add_handlers(self, p2p: P2P) -> None:
+        if self.learner is not None:
+            self.contributions = ContributionVerifier(self.model_name, p2p.peer_id.to_base58())
         await p2p.add_protobuf_handler(protocol.HANDLER_INFO, self.rpc_info, runtime_pb2.ExpertRequest)
         await p2p.add_protobuf_handler(protocol.HANDLER_FORWARD, self.rpc_forward, runtime_pb2.ExpertRequest)
         await p2p.add_protobuf_handler(protocol.HANDLER_BACKWARD, self.rpc_backward, runtime_pb2.ExpertRequest)
@@ -171,9 +177,7 @@ class BlockHandler:
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """Gradient w.r.t. the inputs: [hidden_in, grad_out] -> [grad_in], recomputing the forward."""
         try:
-            grad_in = await self._backward(
-                protocol.unpack_metadata(request.metadata), list(request.tensors), str(context.remote_id)
-            )
+            grad_in = await self._backward(protocol.unpack_metadata(request.metadata), list(request.tensors))
             return runtime_pb2.ExpertResponse(tensors=[encode(grad_in)])
         except Exception as e:  # an RPC boundary: any failure becomes an error reply, the peer serves on
             return self._reject(e, "backward")
@@ -189,8 +193,7 @@ class BlockHandler:
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """rpc_backward with chunked tensors, like rpc_forward_stream."""
-        backward = lambda metadata, tensors: self._backward(metadata, tensors, str(context.remote_id))  # noqa: E731
-        async for response in self._streamed(requests, backward, "backward"):
+        async for response in self._streamed(requests, self._backward, "backward"):
             yield response
 
     async def _streamed(self, requests, run, what: str) -> AsyncIterator[runtime_pb2.ExpertResponse]:
@@ -226,7 +229,7 @@ class BlockHandler:
         self.requests_served += 1
         return output
 
-    async def _backward(self, metadata: dict, tensors: list[runtime_pb2.Tensor], remote: str = "") -> torch.Tensor:
+    async def _backward(self, metadata: dict, tensors: list[runtime_pb2.Tensor]) -> torch.Tensor:
         self._check_model(metadata)
         blocks = self._blocks(metadata)
         if len(tensors) != 2:
@@ -242,11 +245,12 @@ class BlockHandler:
         if train and learner is None:
             raise ProtocolError("this peer does not train adapters (started without --adapter-rank)")
         version = self._pass_version(metadata, train)
+        contributor = self._contributor(metadata, blocks, tensors) if train else ""
 
         def run() -> torch.Tensor:
-            if train:  # a feedback pass: adapter gradients are filed under the authenticated caller
+            if train:  # a feedback pass: adapter gradients are filed under the chain account that signed it
                 assert learner is not None  # a training request to a peer without a learner was refused above
-                return learner.train_backward(hidden, grad_out, blocks, remote or "anonymous")
+                return learner.train_backward(hidden, grad_out, blocks, contributor)
             with torch.enable_grad(), learner.version_scope(version) if learner else contextlib.nullcontext():
                 inputs = hidden.to(self.span.device, self.span.dtype).requires_grad_(True)
                 output = self.span.forward(inputs, blocks=blocks)
@@ -259,6 +263,12 @@ class BlockHandler:
         self._meter_pass(metadata, StepKind.BACKWARD, grad_out, grad_in)
         self.requests_served += 1
         return grad_in
+
+    def _contributor(self, metadata: dict, blocks: range, tensors: list[runtime_pb2.Tensor]) -> str:
+        """The chain account that signed this training pass (ContributorAuthError if none validly did)."""
+        if self.contributions is None:
+            raise ProtocolError("this peer does not take training passes yet (its handlers are not added)")
+        return self.contributions.verify(metadata.get("contributor"), (blocks.start, blocks.stop), tensors)
 
     def _pass_version(self, metadata: dict, train: bool) -> int | None:
         """The adapter version a forward/backward pass runs with, resolved now so its receipt states it

@@ -22,6 +22,7 @@ from peer.adapters import ATTENTION_TARGETS, AdapterArchive, AdapterSet, LoraCon
 from peer.average_check import AverageSketcher
 from peer.averaging import AdapterAverager, AveragingConfig, RoundOutcome
 from peer.canary import CanaryGate
+from peer.replica_auth import ReplicaIdentity
 from peer.span import SpanRunner
 from peer.training import AdapterTrainer, TrainingConfig, span_backward
 from swarm.protocol import ProtocolError
@@ -146,6 +147,9 @@ class SpanLearner:
                     "candidate_loss": last.candidate_loss,
                     "reason": last.reason,
                 }
+        if self.averager is not None and self.averager.refused_states:
+            info["refused_adapter_states"] = len(self.averager.refused_states)
+            info["last_refused_adapter_state"] = self.averager.refused_states[-1]
         if self.last_round is not None:
             info["last_averaging"] = {
                 "status": self.last_round.status,
@@ -156,8 +160,10 @@ class SpanLearner:
 
     # ---- background work ----------------------------------------------------------------------
 
-    async def start(self, dht: DHT, model: str) -> None:
-        """Joins the span's averaging group and, if replicas exist, loads their live adapters first."""
+    async def start(self, dht: DHT, model: str, identity: ReplicaIdentity) -> None:
+        """Joins the span's averaging group and, if replicas exist, loads their live adapters first (if they
+        pass the norm bound and the canary: AdapterAverager.adoption_refusal). `identity` is the DHT's
+        libp2p key, which signs this replica's declarations and votes."""
         # On this (main) thread: hivemind installs signal handlers while starting its averager process.
         self.averager = AdapterAverager(
             dht,
@@ -165,6 +171,7 @@ class SpanLearner:
             model=model,
             start=self.span.start,
             end=self.span.end,
+            identity=identity,
             config=self.config.averaging,
             canary=self.canary,
         )

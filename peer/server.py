@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import time
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from peer.handler import BlockHandler
 from peer.identity import load_or_create_record_key
 from peer.learning import LearningConfig, SpanLearner
 from peer.metering_hook import SessionMeters
+from peer.replica_auth import ReplicaIdentity
 from peer.span import SpanRunner
 from peer.training import TrainingConfig
 from swarm.architectures import architecture_for
@@ -166,6 +168,8 @@ class PeerService(ServingTask[RunningPeer]):
         self._direct: DirectServer | None = None
         self._quotes: QuotePublisher | None = None
         self._receipts: ReceiptService | None = None
+        self._identity_file: Path | None = None  # the DHT's libp2p key (a learning peer signs with it)
+        self._owner_marker = b""  # the DHT record key's owner marker (set once the DHT is started)
 
     @property
     def running(self) -> RunningPeer | None:
@@ -189,15 +193,23 @@ class PeerService(ServingTask[RunningPeer]):
         # Fork the DHT process first (before any helper thread exists), then import the model code
         # (transformers: over a second; nothing imported so far needs it) and make the TLS certificate while
         # it connects: a peer should serve within a few seconds of starting.
+        self._identity_file = config.identity_path
+        if self._identity_file is None and config.adapter_rank > 0:
+            # A learning replica signs its declarations and votes with its libp2p key (peer/replica_auth.py), so
+            # that key must be readable here: the DHT creates it in a private folder removed at stop.
+            folder = tempfile.TemporaryDirectory(prefix="dllm-identity-")
+            self._resources.callback(folder.cleanup)
+            self._identity_file = Path(folder.name) / "libp2p.key"
         dht, validator = start_dht(
             config.initial_peers,
             host_maddrs=config.host_maddrs,
             announce_maddrs=config.announce_maddrs,
-            identity_path=config.identity_path,
+            identity_path=self._identity_file,
             private_key=record_key,
             await_ready=False,
         )
         self._resources.push_async_callback(asyncio.to_thread, dht.shutdown)
+        self._owner_marker = validator.local_public_key
         return self._serve(model_dir, dht, validator, started)
 
     async def _serve(self, model_dir: Path, dht: DHT, validator: RSASignatureValidator, started: float) -> None:
@@ -259,7 +271,9 @@ class PeerService(ServingTask[RunningPeer]):
                 rank=config.adapter_rank,
                 averaging_period_s=config.averaging_period_s,
                 step_batch=config.train_step_batch,
-                training=TrainingConfig(learning_rate=config.learning_rate),
+                training=TrainingConfig(
+                    learning_rate=config.learning_rate, passes_per_minute=config.train_passes_per_minute
+                ),
             ),
         )
         self._resources.push_async_callback(asyncio.to_thread, learner.close)
@@ -275,7 +289,8 @@ class PeerService(ServingTask[RunningPeer]):
             max_relative_rise=config.canary_max_rise,
             request_timeout_s=config.request_timeout_s,
         )
-        await learner.start(dht, served.name)
+        assert self._identity_file is not None  # a learning peer always runs with an identity file (_launch)
+        await learner.start(dht, served.name, ReplicaIdentity.from_file(self._identity_file, self._owner_marker))
         learning = asyncio.create_task(learner.run())
         self._resources.push_async_callback(cancel_task, learning)
         return learner
@@ -398,6 +413,7 @@ class PeerService(ServingTask[RunningPeer]):
             num_blocks=served.model_config.num_hidden_layers,
             params_per_block=served.params_per_block,
             addrs=visible_maddrs(dht),
+            learning=self._learner is not None,
         )
 
     def _serving_now(self, served: _ServedSpan, handler: BlockHandler, dht: DHT, started: float) -> None:

@@ -2,7 +2,8 @@
 
 A training pass arrives as (hidden states in, gradient of the loss w.r.t. hidden states out). The peer
 recomputes its span with the working adapters, back-propagates, and files the adapter gradient under
-the contributor who paid for the pass (their chain account, else their peer id). Defences against a
+the contributor who signed the pass (its chain account: swarm/contributors.py; the handler refuses
+unsigned passes). Defences against a
 single contributor: a rate limit on passes, a norm bound on each pass's gradient, and a robust
 aggregate across contributors at each optimizer step, so no one contributor can move the adapters by
 more than a bounded amount per step, however large or numerous its gradients.
@@ -152,7 +153,7 @@ class AdapterTrainer:
     def admit(self, contributor: str) -> None:
         """Call before running a training pass: raises RateLimitExceededError when over the allowance."""
         if not isinstance(contributor, str) or not contributor:
-            raise GradientError("a training pass needs a contributor id (chain account or peer id)")
+            raise GradientError("a training pass needs a contributor id (the chain account that signed it)")
         self.limiter.take(contributor)
 
     def accumulate(self, contributor: str, grads: dict[str, torch.Tensor]) -> float:

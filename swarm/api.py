@@ -4,6 +4,11 @@ Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both wi
 as server-sent events ending in `data: [DONE]`), POST /v1/feedback (a training example for the
 swarm's adapters). Bad requests get OpenAI's error envelope with status 400; a failure of the swarm
 while serving gets 503; no single request can take the server down.
+
+With API keys (`dllm api --api-keys FILE`: lines `API_KEY CHAIN_KEY`, swarm/contributors.py), every /v1
+request needs `Authorization: Bearer API_KEY` (a missing or unknown key gets 401), and each user's
+feedback is signed with the chain key mapped to its API key, so peers rate-limit and aggregate every
+user behind the API as its own contributor. Without keys, all feedback is signed by one account.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from sse_starlette.sse import EventSourceResponse
 from chain.errors import UnavailableError
 from swarm import openai_schema as schema
 from swarm.chat import ChatMessage, chat_prompt_ids, context_limit
+from swarm.contributors import ContributorKey, load_api_keys
 from swarm.http_server import HttpService
 from swarm.openai_schema import (
     ChatCompletionRequest,
@@ -118,14 +124,33 @@ def _check_prompt(model: TextGenerator, prompt: str | list[int], max_tokens: int
         )
 
 
-def create_app(model: TextGenerator) -> FastAPI:
-    """The FastAPI application serving `model` under OpenAI's routes."""
+def create_app(model: TextGenerator, api_keys: dict[str, ContributorKey] | None = None) -> FastAPI:
+    """The FastAPI application serving `model` under OpenAI's routes; with `api_keys` (API key -> the chain
+    key its user's feedback is signed with) every /v1 request needs a known bearer key."""
     app = FastAPI(title="DLLM OpenAI-compatible API", docs_url=None, redoc_url=None)
+    if api_keys is not None:
+        _add_api_key_check(app, api_keys)
     _add_error_handlers(app)
     _add_model_routes(app, model)
     _add_completion_routes(app, model)
     _add_feedback_route(app, model)
     return app
+
+
+def _add_api_key_check(app: FastAPI, api_keys: dict[str, ContributorKey]) -> None:
+    """401 for a /v1 request without a known `Authorization: Bearer` key; else the key's contributor is
+    the request's (`request.state.contributor`)."""
+
+    @app.middleware("http")
+    async def require_key(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        if request.url.path.startswith("/v1"):
+            scheme, _, key = request.headers.get("authorization", "").partition(" ")
+            contributor = api_keys.get(key.strip()) if scheme.lower() == "bearer" else None
+            if contributor is None:
+                message = "a valid API key is required (Authorization: Bearer ...)"
+                return _error(401, message, "invalid_request_error", code="invalid_api_key")
+            request.state.contributor = contributor
+        return await call_next(request)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -254,8 +279,10 @@ def _add_completion_routes(app: FastAPI, model: TextGenerator) -> None:
 
 def _add_feedback_route(app: FastAPI, model: TextGenerator) -> None:
     @app.post("/v1/feedback")
-    async def feedback(request: FeedbackRequest) -> dict[str, Any]:
+    async def feedback(request: FeedbackRequest, http: Request) -> dict[str, Any]:
         _check_model(model, request.model)
+        contributor: ContributorKey | None = getattr(http.state, "contributor", None)  # set by the API key check
+        signed_by = {"contributor": contributor} if contributor is not None else {}
         submit = getattr(model, "afeedback", None)
         blocking = getattr(model, "feedback", None)
         if submit is None and blocking is None:
@@ -263,9 +290,9 @@ def _add_feedback_route(app: FastAPI, model: TextGenerator) -> None:
 
         async def send() -> Any:
             if submit is not None:
-                return await submit(request.prompt, request.completion)
+                return await submit(request.prompt, request.completion, **signed_by)
             assert blocking is not None  # one of the two exists: checked above
-            return await asyncio.to_thread(blocking, request.prompt, request.completion)
+            return await asyncio.to_thread(blocking, request.prompt, request.completion, **signed_by)
 
         outcome = await _run_generation(send)
         return {"object": "feedback", "accepted": True, "result": _jsonable(outcome)}
@@ -333,9 +360,12 @@ class ApiService(HttpService):
         host: str = "127.0.0.1",
         port: int = 8000,
         client_config: ClientConfig | None = None,
+        api_keys_file: Path | None = None,
     ) -> None:
         super().__init__(host, port)
         self.model_path = model_path
+        # Read now: a bad file fails `dllm api` before it joins the swarm.
+        self.api_keys = load_api_keys(api_keys_file) if api_keys_file is not None else None
         self.client_config = client_config  # None: ClientConfig's defaults (no stake check)
         self.initial_peers = list(initial_peers)
         self.model: Any = None
@@ -354,4 +384,4 @@ class ApiService(HttpService):
             DistributedModel.from_pretrained, str(self.model_path), self.initial_peers, config=self.client_config
         )
         self._resources.push_async_callback(asyncio.to_thread, self.model.close)
-        return create_app(self.model)
+        return create_app(self.model, self.api_keys)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import queue
 import threading
@@ -34,6 +35,7 @@ from economy.pricing import Bill, Quote
 from economy.pricing import quote as price_quote
 from swarm import chunks, protocol, wire_errors
 from swarm.billing import BillingConfig, ClientBilling, SessionBilling, route_hops, route_price
+from swarm.contributors import ContributorKey
 from swarm.dht import start_dht
 from swarm.direct import DirectEndpoint, DirectEndpointError, DirectStreamError
 from swarm.inference_streams import DirectInferenceStream, InferenceStream, P2PInferenceStream
@@ -94,6 +96,9 @@ class ClientConfig:
     min_stake: int = bounded(0, ge=0)
     chain_url: str | None = None  # where standing is read (default: billing.chain_url); needed if min_stake > 0
     standing_ttl_s: float = bounded(10.0, gt=0.0)  # how long a provider's status read from chain is reused
+    # sr25519 key (//Name, mnemonic, 0x seed) of the chain account that signs feedback passes, which peers file,
+    # rate-limit and aggregate under (swarm/contributors.py). None: billing's client_key, else a fresh account.
+    contributor_key: str | None = None
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -169,6 +174,12 @@ def swarm_dtype(records: Sequence[ServerRecord]) -> torch.dtype:
     return torch.float32
 
 
+_PASS_CONTRIBUTOR: contextvars.ContextVar[ContributorKey | None] = contextvars.ContextVar(
+    "dllm_pass_contributor", default=None
+)
+"""The account signing the feedback pass running in this task (SwarmClient.feedback_pass sets it)."""
+
+
 class SwarmClient:
     """The asyncio core of a client of one model."""
 
@@ -189,6 +200,7 @@ class SwarmClient:
         self.dht: DHT | None = None
         self.p2p: P2P | None = None
         self.billing: ClientBilling | None = None
+        self._contributor: ContributorKey | None = None  # made on the first feedback pass (contributor)
         url = config.standing_chain_url
         # Read only when routing depends on it: min_stake 0 keeps a free swarm's client off the chain.
         self.standing = ProviderStanding(url, config.standing_ttl_s) if url and config.min_stake > 0 else None
@@ -296,19 +308,20 @@ class SwarmClient:
         """Whether `peer_id` answers rpc_info within a second."""
         return await self.ping(peer_id, timeout=1.0, samples=1) != float("inf")
 
-    async def plan(self, start: int, end: int) -> list[Hop]:
-        """A route for blocks start..end-1, waiting (up to request_timeout_s) for short bans of busy peers to end."""
+    async def plan(self, start: int, end: int, learning: bool = False) -> list[Hop]:
+        """A route for blocks start..end-1, waiting (up to request_timeout_s) for short bans of busy peers to end.
+        `learning`: through peers that learn only (a feedback pass)."""
         deadline = time.monotonic() + self.config.request_timeout_s
         while True:
             try:
-                return await self._plan_once(start, end)
+                return await self._plan_once(start, end, learning)
             except NoRouteError:
                 wait = self.bans.seconds_until_next_release()
                 if wait is None or time.monotonic() + wait > deadline:
                     raise
                 await asyncio.sleep(wait + 0.01)
 
-    async def _plan_once(self, start: int, end: int) -> list[Hop]:
+    async def _plan_once(self, start: int, end: int, learning: bool = False) -> list[Hop]:
         """A route for blocks start..end-1; re-reads the DHT once if the cached records fall short."""
         for refresh in (False, True):
             records = [r for r in await self.records(refresh) if self.latency.get(r.peer_id) != float("inf")]
@@ -320,7 +333,13 @@ class SwarmClient:
                 if cap is not None:  # a peer dearer than the cap for a single block can be on no affordable route
                     records = [r for r in records if route_price([Hop(r, r.start, r.start + 1)]) <= cap]
                 hops = plan_route(
-                    records, start, end, latency=self.latency, banned=self.bans, max_rate=self.config.max_rate
+                    records,
+                    start,
+                    end,
+                    latency=self.latency,
+                    banned=self.bans,
+                    max_rate=self.config.max_rate,
+                    learning=learning,
                 )
                 if cap is not None and route_price(hops) > cap:
                     raise NoRouteError(
@@ -419,6 +438,10 @@ class SwarmClient:
         if metered is not None:
             metadata.update(metered.request_metadata(hop))
         encoded = [encode(t) for t in tensors]
+        if handler == protocol.HANDLER_BACKWARD and metadata.get("train"):  # the pass is filed under its signer
+            metadata["contributor"] = self.contributor().sign_pass(
+                self.model, hop.peer_id, (hop.start, hop.end), encoded
+            )
         if sum(len(t.buffer) for t in encoded) <= _UNARY_PAYLOAD_BYTES:
             request = runtime_pb2.ExpertRequest(tensors=encoded, metadata=protocol.pack_metadata(metadata))
             response = await self.call(hop.peer_id, handler, request)
@@ -455,11 +478,11 @@ class SwarmClient:
         return await asyncio.wait_for(run(), self.config.request_timeout_s * 4)
 
     async def _with_failover(
-        self, start: int, end: int, run: Callable[[list[Hop]], Awaitable[_T]]
+        self, start: int, end: int, run: Callable[[list[Hop]], Awaitable[_T]], learning: bool = False
     ) -> tuple[list[Hop], _T]:
         last: Exception | None = None
         for _ in range(self.config.max_retries + 1):
-            hops = await self.plan(start, end)
+            hops = await self.plan(start, end, learning)
             try:
                 return hops, await run(hops)
             except (protocol.InvalidRequestError, protocol.InvalidTensorRemoteError):
@@ -484,7 +507,8 @@ class SwarmClient:
                 x = await self._hop_call(hop, protocol.HANDLER_FORWARD, [x], extra, metered)
             return x, inputs
 
-        hops, (out, inputs) = await self._with_failover(0, self.num_blocks, run)
+        learning = bool(extra and extra.get("train"))  # a feedback pass: every hop must learn
+        hops, (out, inputs) = await self._with_failover(0, self.num_blocks, run, learning)
         return out, hops, inputs
 
     async def backward_hidden(
@@ -505,7 +529,7 @@ class SwarmClient:
             except protocol.RemotePeerError as e:
                 # The peer that holds those blocks is gone: recompute through another route for them.
                 self.report_failure(hop.peer_id, e)
-                alt = await self.plan(hop.start, hop.end)
+                alt = await self.plan(hop.start, hop.end, learning=bool(extra and extra.get("train")))
                 grad = await self._backward_segment(alt, x, grad, extra, metered)
         return grad
 
@@ -525,14 +549,33 @@ class SwarmClient:
             grad = await self._hop_call(hop, protocol.HANDLER_BACKWARD, [inp, grad], extra, metered)
         return grad
 
-    async def feedback_pass(self, input_ids: torch.Tensor, labels: torch.Tensor) -> FeedbackResult:
-        """One training pass through the route: forward, loss on `labels` (-100: ignored), backward.
+    def contributor(self) -> ContributorKey:
+        """The account signing the running feedback pass: the pass's own, else this client's (made once)."""
+        key = _PASS_CONTRIBUTOR.get()
+        if key is not None:
+            return key
+        if self._contributor is None:
+            uri = self.config.contributor_key or (self.config.billing.client_key if self.config.billing else None)
+            self._contributor = ContributorKey.from_uri(uri) if uri else ContributorKey.generate()
+        return self._contributor
 
-        Each peer on the route files its adapter gradients under this client's peer id and steps its
-        adapters; the update goes live after the span's replicas average and check it. Returns the loss and,
-        with billing configured, the pass's billing: each hop's forward and backward are metered and paid like
-        a session.
+    async def feedback_pass(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, contributor: ContributorKey | None = None
+    ) -> FeedbackResult:
+        """One training pass through a route of learning peers: forward, loss on `labels` (-100: ignored), backward.
+
+        Each peer on the route files its adapter gradients under the chain account that signs the pass
+        (`contributor`, else this client's: `contributor()`) and steps its adapters; the update goes live after
+        the span's replicas average and check it. Returns the loss and, with billing configured, the pass's
+        billing: each hop's forward and backward are metered and paid like a session.
         """
+        token = _PASS_CONTRIBUTOR.set(contributor)
+        try:
+            return await self._feedback_pass(input_ids, labels)
+        finally:
+            _PASS_CONTRIBUTOR.reset(token)
+
+    async def _feedback_pass(self, input_ids: torch.Tensor, labels: torch.Tensor) -> FeedbackResult:
         train = {"train": True}
         metered = TrainingPassBilling(self.billing.session(sampled=False, spot_checks=False)) if self.billing else None
         try:
@@ -894,20 +937,22 @@ class DistributedModel:
         labels = [-100] * len(prompt_ids) + full[len(prompt_ids) :]
         return torch.tensor([full]), torch.tensor([labels])
 
-    def feedback(self, prompt: str, completion: str) -> float:
+    def feedback(self, prompt: str, completion: str, contributor: ContributorKey | None = None) -> float:
         """Teaches the swarm that `completion` is the preferred answer to `prompt` (one training pass).
 
         Returns the loss of the completion before this pass. Updates go live after the peers' next
-        averaging round accepts them (peers must run with --adapter-rank > 0).
+        averaging round accepts them (peers must run with --adapter-rank > 0). The pass is signed by
+        `contributor`'s chain account (default: ClientConfig.contributor_key, billing's key, or one fresh
+        account per client); peers rate-limit each account.
         """
         ids, labels = self._feedback_tensors(prompt, completion)
-        return self._loop.run(self._core.feedback_pass(ids, labels)).loss
+        return self._loop.run(self._core.feedback_pass(ids, labels, contributor)).loss
 
     train_step = feedback
 
-    async def afeedback(self, prompt: str, completion: str) -> float:
+    async def afeedback(self, prompt: str, completion: str, contributor: ContributorKey | None = None) -> float:
         ids, labels = self._feedback_tensors(prompt, completion)
-        future = asyncio.run_coroutine_threadsafe(self._core.feedback_pass(ids, labels), self._loop.loop)
+        future = asyncio.run_coroutine_threadsafe(self._core.feedback_pass(ids, labels, contributor), self._loop.loop)
         return (await asyncio.wrap_future(future)).loss
 
     # --- full-sequence forward / backward --------------------------------------------------------

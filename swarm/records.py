@@ -55,6 +55,7 @@ class ServerRecord:
     addrs: list[str] = field(default_factory=list)
     num_blocks: int = 0  # layers in the whole model
     params_per_block: int = 0
+    learning: bool = False  # trains adapters from feedback (--adapter-rank > 0): feedback routes use only these
     expires_at: float = 0.0
     owner: str = ""  # the subkey's signing key (filled in when read back)
 
@@ -92,6 +93,7 @@ class ServerRecord:
             (type(self.credit_limit) is int and self.credit_limit >= 0, "credit_limit"),
             (isinstance(self.addrs, list) and all(isinstance(a, str) for a in self.addrs), "addrs"),
             (type(self.num_blocks) is int and type(self.params_per_block) is int, "num_blocks/params_per_block"),
+            (type(self.learning) is bool, "learning"),
         ]
         bad = [name for ok, name in checks if not ok]
         if bad:

@@ -2,7 +2,9 @@
 
 A route is a list of hops, each one peer serving a contiguous run of blocks. Among all routes over
 the announced spans we pick the one with the lowest estimated time per token (network round trips
-plus compute), breaking ties by price. Banned peers and peers above the client's price cap are left out.
+plus compute), breaking ties by price. Banned peers and peers above the client's price cap are left out;
+a learning route (a feedback pass) uses only peers that announce they learn, since a frozen peer refuses
+the training backward pass.
 """
 
 from __future__ import annotations
@@ -81,15 +83,21 @@ def plan_route(
     latency: dict[str, float] | None = None,
     banned: BanList | None = None,
     max_rate: int | None = None,
+    learning: bool = False,
 ) -> list[Hop]:
     """The cheapest-in-time, then cheapest-in-price route over blocks start..end-1.
 
     Dynamic programming over block boundaries: best[b] is the best route from block b to `end`.
     A hop may use any contiguous part of a peer's span, so overlapping spans combine freely.
+    `learning`: only peers whose record says they learn (a feedback pass's route).
     """
     latency = latency or {}
     usable = [
-        r for r in records if not (banned and banned.is_banned(r.peer_id)) and (max_rate is None or r.rate <= max_rate)
+        r
+        for r in records
+        if not (banned and banned.is_banned(r.peer_id))
+        and (max_rate is None or r.rate <= max_rate)
+        and (r.learning or not learning)
     ]
     INF = (float("inf"), 0)
     best: dict[int, tuple[tuple[float, int], list[Hop]]] = {end: ((0.0, 0), [])}
@@ -115,5 +123,7 @@ def plan_route(
         )
         if max_rate is not None:
             detail += f" within the price cap of {max_rate}"
+        if learning:
+            detail += " among peers that learn (--adapter-rank > 0)"
         raise NoRouteError(f"cannot route blocks {start}:{end}: {detail} ({len(records)} peers announced)")
     return hops

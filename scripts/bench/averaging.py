@@ -21,6 +21,7 @@ import os
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def _worker(index: int, sizes: list[int], inbox: mp.Queue, outbox: mp.Queue) -> 
 
     from peer.adapters import AdapterSet, LoraConfig
     from peer.averaging import AdapterAverager, AveragingConfig
+    from peer.replica_auth import ReplicaIdentity
 
     os.setpgrp()  # the parent can then reap this worker's DHT, averager and p2pd children as one group
     mp.set_start_method("fork", force=True)  # hivemind's averager process cannot be pickled for "spawn"
@@ -54,7 +56,13 @@ def _worker(index: int, sizes: list[int], inbox: mp.Queue, outbox: mp.Queue) -> 
     logging.getLogger("peer.averaging").setLevel(logging.ERROR)
     torch.set_num_threads(1)
     initial_peers = inbox.get()
-    dht = DHT(initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    # The replica's declarations and votes are signed with its libp2p key, so the key must be in a file.
+    identity_dir = tempfile.TemporaryDirectory(prefix="dllm-bench-identity-")
+    identity_file = Path(identity_dir.name) / "libp2p.key"
+    dht = DHT(
+        initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True, identity_path=str(identity_file)
+    )
+    identity = ReplicaIdentity.from_file(identity_file)
     outbox.put(("ready", index, [str(m) for m in dht.get_visible_maddrs()]))
     config = AveragingConfig(
         min_matchmaking_time_s=1.5,
@@ -72,7 +80,9 @@ def _worker(index: int, sizes: list[int], inbox: mp.Queue, outbox: mp.Queue) -> 
                 for _ in range(LAYERS)
             )
             adapters = AdapterSet(layers, 0, LoraConfig(rank=rank_for(size), targets=("q_proj", "v_proj")))
-            ours = AdapterAverager(dht, adapters, model=f"bench{size}", start=0, end=LAYERS, config=config)
+            ours = AdapterAverager(
+                dht, adapters, model=f"bench{size}", start=0, end=LAYERS, identity=identity, config=config
+            )
             raw = DecentralizedAverager(
                 [torch.randn(adapters.num_parameters())],
                 dht,
@@ -101,6 +111,7 @@ def _worker(index: int, sizes: list[int], inbox: mp.Queue, outbox: mp.Queue) -> 
             raw.shutdown()
     finally:
         dht.shutdown()
+        identity_dir.cleanup()
 
 
 def measure(n_peers: int, sizes: list[int], rounds: int, progress: tqdm) -> dict[tuple[int, str], tuple[float, int]]:

@@ -79,6 +79,7 @@ FIELDS: dict[tuple[str, str], Field] = {
     ("peer join", "averaging_period"): Field(PeerConfig, "averaging_period_s"),
     ("peer join", "train_step_batch"): Field(PeerConfig, "train_step_batch"),
     ("peer join", "learning_rate"): Field(PeerConfig, "learning_rate"),
+    ("peer join", "train_passes_per_minute"): Field(PeerConfig, "train_passes_per_minute"),
     ("peer join", "canary_file"): Field(PeerConfig, "canary_file"),
     ("peer join", "canary_max_rise"): Field(PeerConfig, "canary_max_rise"),
     ("query", "max_tokens"): Field(GenerationParams, "max_new_tokens"),
@@ -147,14 +148,14 @@ CLI_ONLY: dict[tuple[str, str], str] = {
     ("peer join", "stake"): "bonded on chain by the CLI before the peer starts; not part of the peer",
     ("peer unbond", "chain_url"): "the chain the one unbond request is sent to (no long-lived configuration)",
     ("peer unbond", "chain_key"): "the provider's key that signs the one unbond request",
-    ("chain release-markers", "chain_url"): "the chain the one release is sent to (no long-lived configuration)",
-    ("chain release-markers", "chain_key"): "the paying client's key that signs the one release",
     ("peer dispute", "evidence_hash"): "the argument of the one dispute",
     ("peer dispute", "reason"): "the one dispute's text, recorded on chain",
     ("peer dispute", "initial_peers"): "where the one dispute fetches the evidence (required, no default)",
     ("peer dispute", "model"): "a model folder or hub id resolved by the CLI (None: the embedded model)",
     ("peer dispute", "chain_url"): "the chain the one dispute is sent to (no long-lived configuration)",
     ("peer dispute", "chain_key"): "the provider's key that signs the one dispute",
+    ("chain release-markers", "chain_url"): "the chain the one release is sent to (no long-lived configuration)",
+    ("chain release-markers", "chain_key"): "the paying client's key that signs the one release",
     ("query", "prompt"): "the argument of the one request",
     ("query", "initial_peers"): "passed to DistributedModel.from_pretrained (required, no default)",
     ("query", "model"): "a model folder or hub id resolved by the CLI (None: the embedded model)",
@@ -174,6 +175,7 @@ CLI_ONLY: dict[tuple[str, str], str] = {
     ("api", "model"): "a model folder or hub id resolved by the CLI (None: the embedded model)",
     ("api", "host"): "the API service's listen address (checked in test_api_listen_address)",
     ("api", "port"): "the API service's listen port (checked in test_api_listen_address)",
+    ("api", "api_keys"): "a file the API service reads (tests/peer/test_learning_attacks.py)",
 }
 
 
