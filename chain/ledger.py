@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +55,7 @@ from chain.records import (
     SettledReceipt,
 )
 from chain.remarks import encode_remark
+from chain.settlement_codec import SettlementLayout
 from chain.storage_keys import blake2_128_concat, storage_prefix, twox64_concat
 from chain.submission import ExtrinsicSubmitter
 from chain.substrate_connection import ResilientSubstrate
@@ -102,7 +103,9 @@ class ComputeLedger:
         self.council_account = config.council.account()
         self.submitter = ExtrinsicSubmitter(self.substrate)
         self.index = LedgerIndex(self.substrate, self.council_account, config.start_block, config.council.member_ids())
-        self._effects: OrderedDict[tuple[int, int], ExtrinsicEffects] = OrderedDict()
+        # Keyed by (block hash, extrinsic index): a block read at a height that a re-org replaced is never reused.
+        self._effects: OrderedDict[tuple[str, int], ExtrinsicEffects] = OrderedDict()
+        self._layout: tuple[object, SettlementLayout] | None = None
 
     def close(self) -> None:
         self.substrate.close()
@@ -346,16 +349,23 @@ class ComputeLedger:
 
     def extrinsic_effects(self, height: int, index: int) -> ExtrinsicEffects:
         """What extrinsic `index` of block `height` did (its events); cached, one block read per extrinsic."""
-        cached = self._effects.get((height, index))
+        block_hash = str(self.substrate.get_block_hash(height))
+        cached = self._effects.get((block_hash, index))
         if cached is not None:
-            self._effects.move_to_end((height, index))
+            self._effects.move_to_end((block_hash, index))
             return cached
-        block_hash = self.substrate.get_block_hash(height)
+        events = (
+            (r.value["module_id"], r.value["event_id"], r.value["attributes"])
+            for r in self.substrate.get_events(block_hash)
+            if r.value.get("extrinsic_idx") == index
+        )
+        return self._keep_effects(block_hash, index, events)
+
+    def _keep_effects(self, block_hash: str, index: int, events: Iterable[tuple[str, str, Any]]) -> ExtrinsicEffects:
+        """The effects of extrinsic `index` of block `block_hash` from its events (as substrate-interface decodes
+        them), cached for extrinsic_effects."""
         success, multisigs, transfers = False, [], []
-        for record in self.substrate.get_events(block_hash):
-            if record.value.get("extrinsic_idx") != index:
-                continue
-            module, name, attrs = record.value["module_id"], record.value["event_id"], record.value["attributes"]
+        for module, name, attrs in events:
             if (module, name) == ("System", "ExtrinsicSuccess"):
                 success = True
             elif (module, name) == ("Multisig", "NewMultisig"):
@@ -364,10 +374,17 @@ class ComputeLedger:
             elif (module, name) == ("Balances", "Transfer"):
                 transfers.append((account_id(attrs["from"]), account_id(attrs["to"]), int(attrs["amount"])))
         effects = ExtrinsicEffects(success, tuple(multisigs), tuple(transfers))
-        self._effects[(height, index)] = effects
+        self._effects[(block_hash, index)] = effects
         if len(self._effects) > _EFFECTS_CACHE_SIZE:
             self._effects.popitem(last=False)
         return effects
+
+    def _submitted(self, result: ChainResult) -> ChainResult:
+        """Keeps the effects of an extrinsic this ledger submitted, read from the events its submission already
+        decoded (the same block's events, filtered by its index): paid_on_chain then reads no block again."""
+        events = ((e.module, e.name, e.attributes) for e in result.events)
+        self._keep_effects(result.block_hash, result.extrinsic_index, events)
+        return result
 
     def paid_on_chain(
         self,
@@ -435,25 +452,8 @@ class ComputeLedger:
                     payment.requests,
                 ]
             )
-        registry = "0x" + RECEIPT_REGISTRY_ACCOUNT.hex()
-        calls = [
-            self._call(
-                "Multisig",
-                "approve_as_multi",
-                {
-                    "threshold": 2,
-                    "other_signatories": [registry],
-                    "maybe_timepoint": None,
-                    "call_hash": "0x" + rid.hex(),
-                    "max_weight": 0,
-                },
-            )
-            for rid in ids
-        ]
-        calls += [
-            self._call("Balances", "transfer_keep_alive", {"dest": self.address(p), "value": amount})
-            for p, amount in per_provider.items()
-        ]
+        calls = [self._marker(rid) for rid in ids]
+        calls += [self._transfer(p, amount) for p, amount in per_provider.items()]
         calls.append(self._remark("settle", {"receipts": records}))
         deposit = int(self.substrate.get_constant("Multisig", "DepositBase").value) + 2 * int(
             self.substrate.get_constant("Multisig", "DepositFactor").value
@@ -465,7 +465,45 @@ class ComputeLedger:
         """Pay many receipts in one extrinsic; each receipt at most once (see docs/chain.md)."""
         call, outflow = self.build_settlement(client, payments)
         self._require_funds(client, call, outflow)
-        return self.submitter.submit(client, call)
+        return self._submitted(self.submitter.submit(client, call))
+
+    def _marker(self, receipt_id: bytes) -> GenericCall:
+        """A settlement's marker of one receipt: the client's approval, in its 2-of-2 with the keyless registry,
+        of an operation whose call hash is the receipt id (docs/chain.md)."""
+        return self._call(
+            "Multisig",
+            "approve_as_multi",
+            {
+                "threshold": 2,
+                "other_signatories": ["0x" + RECEIPT_REGISTRY_ACCOUNT.hex()],
+                "maybe_timepoint": None,
+                "call_hash": "0x" + receipt_id.hex(),
+                "max_weight": 0,
+            },
+        )
+
+    def _transfer(self, dest: bytes, amount: int) -> GenericCall:
+        return self._call("Balances", "transfer_keep_alive", {"dest": self.address(dest), "value": amount})
+
+    def settlement_layout(self) -> SettlementLayout:
+        """The byte templates of a settlement's calls on the current runtime, made by the same encoder as
+        build_settlement (chain/settlement_codec.py parses offers against them); cached per runtime version."""
+        if self.substrate.metadata is None:
+            self.substrate.init_runtime()
+        version = self.substrate.runtime_version
+        if self._layout is None or self._layout[0] != version:
+            marker_hash, dest = blake2_256(b"dllm:layout:marker"), blake2_256(b"dllm:layout:dest")
+            layout = SettlementLayout.from_templates(
+                empty_batch=bytes(self._batch([]).data.data),
+                marker=bytes(self._marker(marker_hash).data.data),
+                marker_hash=marker_hash,
+                transfer=bytes(self._transfer(dest, 0).data.data),
+                transfer_dest=dest,
+                empty_remark=bytes(self._call("System", "remark_with_event", {"remark": "0x"}).data.data),
+                signed_extensions=list(self.substrate.metadata.get_signed_extensions()),
+            )
+            self._layout = (version, layout)
+        return self._layout[1]
 
     def sign_settlement(self, client: Keypair, payments: list[Payment]) -> bytes:
         """A signed settlement extrinsic as SCALE bytes, to submit later with submit_signed()."""
@@ -475,7 +513,7 @@ class ComputeLedger:
 
     def submit_signed(self, extrinsic: bytes) -> ChainResult:
         """Submit an extrinsic signed elsewhere; a forged signature raises InvalidSignatureError."""
-        return self.submitter.submit_encoded(extrinsic)
+        return self._submitted(self.submitter.submit_encoded(extrinsic))
 
     def is_settled(self, receipt_id: bytes, client_ss58: str | None = None) -> bool:
         """Whether a receipt was paid: an on-chain marker lookup when the client is known,

@@ -37,15 +37,15 @@ what it guarantees is that a provider never counts a receipt paid unless the cha
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from chain.account_derivation import RECEIPT_REGISTRY_ACCOUNT, account_id
+from chain.account_derivation import account_id
 from chain.errors import EconomyError
 from chain.records import Payment
-from chain.remarks import MalformedRemarkError, decode_remark
+from chain.remarks import VERSIONS, MalformedRemarkError, decode_remark, encode_remark
+from chain.settlement_codec import MalformedSettlementError, parse_settlement
 from economy.receipts import (
     EXPIRY_SLACK_BLOCKS,
     NO_EXPIRY,
@@ -181,97 +181,78 @@ def sign_at_nonce(
 
 
 def decode_settlement(ledger: ComputeLedger, extrinsic: bytes) -> PresignedSettlement:
-    """Parses a settlement extrinsic (no chain access). Raises SettlementOfferError on anything else."""
+    """Parses a settlement extrinsic (no chain access once the runtime is known). SettlementOfferError unless its
+    bytes are exactly what `ComputeLedger.build_settlement` composes and the protocol signs
+    (chain/settlement_codec.py) and its record names and pays exactly what its markers and transfers do."""
     if type(extrinsic) is not bytes or not 0 < len(extrinsic) <= 1 << 20:
         raise SettlementOfferError("a settlement must be 1 byte .. 1 MiB of SCALE-encoded extrinsic")
-    from scalecodec.base import ScaleBytes  # with the ledger: a peer that does not bill never decodes one
-
     try:
-        obj = ledger.substrate.create_scale_object("Extrinsic", data=ScaleBytes(extrinsic))
-        obj.decode(check_remaining=True)
-        value = obj.value
-        signer = account_id(value["address"])
-        nonce = int(value["nonce"])
-        call = value["call"]
-        era = _era(value.get("era"))
-    except Exception as e:  # scalecodec raises many types on garbage
-        raise SettlementOfferError(f"not a signed extrinsic of this chain: {type(e).__name__}: {e}") from None
-    if (call.get("call_module"), call.get("call_function")) != ("Utility", "batch_all"):
-        raise SettlementOfferError("a settlement must be a Utility.batch_all")
+        parsed = parse_settlement(ledger.settlement_layout(), extrinsic)
+    except MalformedSettlementError as e:
+        raise SettlementOfferError(f"not a settlement extrinsic of this protocol: {e}") from None
+    _check_record(parsed.record, parsed.receipt_ids, parsed.transfers)
+    return PresignedSettlement(
+        extrinsic, parsed.signer, parsed.nonce, frozenset(parsed.receipt_ids), dict(parsed.transfers), parsed.era
+    )
+
+
+def _check_record(payload: bytes, receipt_ids: tuple[bytes, ...], transfers: tuple[tuple[bytes, int], ...]) -> None:
+    """SettlementOfferError unless the settle record is the one `ComputeLedger.build_settlement` writes for these
+    markers and transfers: a current-version `settle` record in canonical JSON naming exactly the marked receipts,
+    in marker order, each once, whose shares add up, provider by provider in order of first appearance, to
+    exactly the transfers (a provider whose shares are all 0 gets no transfer)."""
     try:
-        receipt_ids, transfers = _expected_calls(call["call_args"][0]["value"])
-    except SettlementOfferError:
-        raise
-    except Exception as e:  # a decoded value of an unexpected shape
-        raise SettlementOfferError(f"the settlement's calls are not the protocol's: {type(e).__name__}: {e}") from None
-    return PresignedSettlement(extrinsic, signer, nonce, frozenset(receipt_ids), transfers, era)
-
-
-def _era(value: object) -> tuple[int, int] | None:
-    """(period, phase) of a decoded `Era`: scalecodec gives '00' for an immortal one."""
-    if value in (None, "00"):
-        return None
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return int(value[0]), int(value[1])
-    raise SettlementOfferError(f"the settlement's era {value!r:.40} is not one this protocol reads")
-
-
-def _expected_calls(calls: list[dict[str, Any]]) -> tuple[set[bytes], dict[bytes, int]]:
-    """(marked receipt ids, transfers) of a batch_all that holds exactly what `ComputeLedger.build_settlement`
-    composes, in its order: receipt markers, one transfer per provider, one `settle` record naming exactly the
-    marked receipts and paying each provider what it is transferred. Anything else (another call, a second
-    record, a marker with other arguments) could make the batch fail or move funds: SettlementOfferError."""
-    receipt_ids: list[bytes] = []
-    transfers: dict[bytes, int] = {}
-    records: list[Any] | None = None
-    for position, inner in enumerate(calls):
-        name = (inner.get("call_module"), inner.get("call_function"))
-        args = {a["name"]: a["value"] for a in inner.get("call_args", [])}
-        if name == ("Multisig", "approve_as_multi") and not transfers and records is None:
-            if (
-                args.get("threshold") != 2
-                or [account_id(a) for a in args.get("other_signatories", [])] != [RECEIPT_REGISTRY_ACCOUNT]
-                or args.get("maybe_timepoint") is not None
-                or not _zero_weight(args.get("max_weight"))
-            ):
-                raise SettlementOfferError(f"inner call {position}: a receipt marker with other arguments")
-            receipt_ids.append(bytes.fromhex(str(args["call_hash"]).removeprefix("0x")))
-        elif name == ("Balances", "transfer_keep_alive") and receipt_ids and records is None:
-            dest, value = account_id(args["dest"]), int(args["value"])
-            if dest in transfers or value <= 0:
-                raise SettlementOfferError(f"inner call {position}: a second or empty transfer to one provider")
-            transfers[dest] = value
-        elif name == ("System", "remark_with_event") and receipt_ids and records is None:
-            try:
-                remark = decode_remark(_bytes_arg(args["remark"]))
-            except MalformedRemarkError as e:
-                raise SettlementOfferError(f"inner call {position}: not a settle record: {e}") from None
-            if remark.kind != "settle":
-                raise SettlementOfferError(f"inner call {position}: a {remark.kind} record in a settlement")
-            records = list(remark.body["receipts"])
-        else:
-            raise SettlementOfferError(f"inner call {position} ({name[0]}.{name[1]}) is not one a settlement holds")
-    if records is None:
-        raise SettlementOfferError("the settlement holds no settle record")
-    if len(set(receipt_ids)) != len(receipt_ids) or {bytes.fromhex(r[0]) for r in records} != set(receipt_ids):
+        remark = decode_remark(payload)
+    except MalformedRemarkError as e:
+        raise SettlementOfferError(f"the settlement's record is not a settle record: {e}") from None
+    if (
+        remark.kind != "settle"
+        or remark.version != VERSIONS["settle"]
+        or encode_remark("settle", remark.body) != payload
+    ):
+        raise SettlementOfferError(f"a {remark.kind} v{remark.version} record, not the protocol's settle record")
+    records = remark.body.get("receipts")
+    if set(remark.body) != {"receipts"} or not isinstance(records, list):
+        raise SettlementOfferError("the settle record holds more or other than its receipts")
+    if len(set(receipt_ids)) != len(receipt_ids) or [_record_id(r) for r in records] != list(receipt_ids):
         raise SettlementOfferError("the settle record does not name exactly the receipts the settlement marks")
-    payouts: dict[bytes, int] = defaultdict(int)
+    payouts: dict[bytes, int] = {}
     for record in records:
         for share in record[1]:
-            payouts[bytes.fromhex(share[0])] += int(share[1])
-    if transfers != {p: a for p, a in payouts.items() if a > 0}:
+            if not (isinstance(share, list) and len(share) == 3 and all(_is_count(v) for v in share[1:])):
+                raise SettlementOfferError("a share of the settle record is not [provider, planck, parameters]")
+            provider = _hex32(share[0])
+            payouts[provider] = payouts.get(provider, 0) + share[1]
+    if list(transfers) != [(p, a) for p, a in payouts.items() if a > 0]:
         raise SettlementOfferError("the settlement's transfers are not what its settle record pays each provider")
-    return set(receipt_ids), transfers
 
 
-def _bytes_arg(value: object) -> bytes:
-    """A decoded `Bytes` argument: scalecodec gives text when the bytes are UTF-8, else 0x-hex."""
-    text = str(value)
-    return bytes.fromhex(text[2:]) if text.startswith("0x") else text.encode()
+def _record_id(record: object) -> bytes:
+    """The receipt id of one settle-record entry [receipt, shares, tokens, requests], checking its shape."""
+    if not (
+        isinstance(record, list)
+        and len(record) == 4
+        and isinstance(record[1], list)
+        and record[1]
+        and _is_count(record[2])
+        and _is_count(record[3])
+    ):
+        raise SettlementOfferError("an entry of the settle record is not [receipt, shares, tokens, requests]")
+    return _hex32(record[0])
 
 
-def _zero_weight(weight: object) -> bool:
-    return weight == 0 or (isinstance(weight, dict) and all(v == 0 for v in weight.values()))
+def _hex32(value: object) -> bytes:
+    """32 bytes written as the record writes them: 64 lowercase hex digits."""
+    if not isinstance(value, str) or len(value) != 64 or value != value.lower():
+        raise SettlementOfferError(f"{value!r:.80} is not a 32-byte id in lowercase hex")
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise SettlementOfferError(f"{value!r:.80} is not a 32-byte id in lowercase hex") from None
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0
 
 
 def validate_on_chain(ledger: ComputeLedger, extrinsic: bytes) -> None:

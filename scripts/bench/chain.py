@@ -2,9 +2,13 @@
 """Settlement throughput on the dev chain: receipts/s for 1, 10, 100 and 500 receipts per extrinsic,
 and block build time. Starts its own dev chain (in memory) on a free 127.0.0.1 port.
 
-Each settlement's time includes what a provider checks: the offer checks before it is sent (protocol
-calls only, runtime validation, dry run: `economy.presigned_settlement`) and, once included, that the
-chain shows every provider paid (`ComputeLedger.paid_on_chain`, one block read per extrinsic).
+Each settlement's time includes what a provider checks: the offer checks before it is sent (exact
+protocol calls, parsed byte for byte by chain/settlement_codec.py; runtime validation; dry run:
+`economy.presigned_settlement`), its submission as the provider submits a pre-signed settlement
+(`ComputeLedger.submit_signed`) and, once included, that the chain shows every provider paid
+(`ComputeLedger.paid_on_chain`: the markers' timepoints, and the events of the extrinsic they name, which
+the submission already read). `--profile FILE` writes a cProfile of the settlement loop in this process's
+CPU time, which load does not blur.
 
 Then the client releases the markers it made (`ComputeLedger.release_markers`, batches of up to 500
 `Multisig.cancel_as_multi`): the release fee per receipt, and the check that the client's reserved balance
@@ -14,12 +18,16 @@ its receipt has expired (economy/receipts.py). The steady-state line: what a cli
 
 Run: .venv/bin/python scripts/bench/chain.py [--extrinsics 5] [--sizes 500] [--receipt-rate 1]
 The anchor is the first size measured in the same run; the target is >= 200 receipts/s with batching.
+On a shared machine wall-clock figures mostly measure waiting for a core: the CPU columns (this process and
+the chain's node process, per extrinsic) do not, and 1 / their sum is the rate on an idle machine if no
+step waited on anything else (the two processes take turns; RPC latency comes on top).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import hashlib
 import socket
 import statistics
@@ -31,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import psutil  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from substrateinterface import Keypair  # noqa: E402
@@ -67,6 +76,18 @@ def receipt_id(tag: str) -> bytes:
     return hashlib.blake2b(tag.encode(), digest_size=32).digest()
 
 
+def _chain_cpu_s() -> float:
+    """CPU seconds used so far by this process's children: the dev chain's node process."""
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def _known(amounts: dict[bytes, int]) -> Callable[[set[bytes]], dict[bytes, int]]:
     """The provider's receipt amounts, as paid_on_chain asks for them."""
     return lambda marked: {r: a for r, a in amounts.items() if r in marked}
@@ -81,6 +102,8 @@ def measure(ledger: ComputeLedger, batch: int, extrinsics: int, providers: list[
         ),
     )
     durations, inclusion, fees, marked = [], [], [], []
+    own_cpu: list[float] = []
+    chain_cpu: list[float] = []
     reserved_before = _reserved(ledger, client.ss58_address)
     for n in tqdm(range(extrinsics), desc=f"batch {batch:>3}", leave=False):
         payments = [
@@ -94,6 +117,7 @@ def measure(ledger: ComputeLedger, batch: int, extrinsics: int, providers: list[
             )
             for i in range(batch)
         ]
+        chain_cpu_at, cpu_at = _chain_cpu_s(), time.process_time()
         start = time.perf_counter()
         call, outflow = ledger.build_settlement(client, payments)
         ledger._require_funds(client, call, outflow)
@@ -103,7 +127,7 @@ def measure(ledger: ComputeLedger, batch: int, extrinsics: int, providers: list[
         validate_on_chain(ledger, extrinsic)
         dry_run(ledger, extrinsic)
         submit_at = time.perf_counter()
-        result = ledger.submitter.submit_extrinsic(signed)
+        result = ledger.submit_signed(extrinsic)
         ids = [p.receipt_id for p in payments]
         marked += ids
         for provider in providers:
@@ -112,6 +136,8 @@ def measure(ledger: ComputeLedger, batch: int, extrinsics: int, providers: list[
             if paid != set(ids):
                 raise RuntimeError(f"{len(ids) - len(paid)} receipts not shown paid to {provider}")
         end = time.perf_counter()
+        own_cpu.append(time.process_time() - cpu_at)
+        chain_cpu.append(_chain_cpu_s() - chain_cpu_at)
         durations.append(end - start)
         inclusion.append(end - submit_at)
         fees.append(result.fee)
@@ -141,6 +167,8 @@ def measure(ledger: ComputeLedger, batch: int, extrinsics: int, providers: list[
         "latency_s": statistics.median(durations),
         "inclusion_s": statistics.median(inclusion),
         "fee_per_receipt": statistics.median(fees) / batch,
+        "own_cpu_s": statistics.median(own_cpu),
+        "chain_cpu_s": statistics.median(chain_cpu),
     }
 
 
@@ -157,6 +185,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100, 500], help="receipts per extrinsic")
     parser.add_argument("--receipt-rate", type=float, default=1.0, help="receipts/s for the steady-state line")
     parser.add_argument("--block-time-s", type=float, default=12.0, help="the chain's block time (Asset Hub: 12 s)")
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="write a cProfile (CPU time) of the settlement loop here"
+    )
     args = parser.parse_args()
     if args.extrinsics < 1 or min(args.sizes) < 1:
         parser.error("--extrinsics and --sizes must be >= 1")
@@ -168,7 +199,13 @@ def main() -> None:
         empty_block = loop.run_until_complete(block_build_time(chain, 5))
         with ComputeLedger(chain.url) as ledger:
             providers = [dev_keypair(n, ledger.ss58_format).ss58_address for n in ("Dave", "Eve")]
+            profile = cProfile.Profile(time.process_time) if args.profile else None
+            if profile is not None:
+                profile.enable()
             rows = [measure(ledger, b, args.extrinsics, providers) for b in args.sizes]
+            if profile is not None:
+                profile.disable()
+                profile.dump_stats(args.profile)
     finally:
         loop.run_until_complete(chain.stop())
         loop.close()
@@ -181,6 +218,8 @@ def main() -> None:
         "x vs batch 1",
         "median latency s",
         "median inclusion + paid check s",
+        "median CPU s (bench + chain)",
+        "receipts/s at CPU time",
         "fee/receipt (planck)",
         "locked deposit/receipt (planck)",
         "release fee/receipt (planck)",
@@ -196,6 +235,8 @@ def main() -> None:
             f"{r['receipts_per_s'] / anchor:.1f}",
             f"{r['latency_s']:.3f}",
             f"{r['inclusion_s']:.3f}",
+            f"{r['own_cpu_s']:.2f} + {r['chain_cpu_s']:.2f}",
+            f"{r['batch'] / (r['own_cpu_s'] + r['chain_cpu_s']):.1f}",
             f"{r['fee_per_receipt']:,.0f}",
             f"{r['deposit_per_receipt']:,.0f}",
             f"{r['release_fee_per_receipt']:,.0f}",
