@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded tiny model, a running local swarm, a running dev chain."""
+"""Shared fixtures: the embedded tiny model, a running local swarm, a running dev chain and a ledger client."""
 
 from __future__ import annotations
 
@@ -119,3 +119,13 @@ def dev_chain():
     finally:
         loop.run_until_complete(chain.stop())
         loop.close()
+
+
+@pytest.fixture(scope="module")
+def ledger(dev_chain):
+    """One ledger client on the session's dev chain, per test module (chain and economy tests)."""
+    from chain.ledger import ComputeLedger
+
+    client = ComputeLedger(dev_chain.url)
+    yield client
+    client.close()

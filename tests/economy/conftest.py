@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import pytest
@@ -10,8 +9,8 @@ import torch
 from substrateinterface import Keypair
 
 from economy.metering import StepKind, UsageMeter
-from economy.pricing import ProviderRate
-from economy.receipts import SignedReceipt, UsageReceipt, receipt_for_segment
+from economy.receipts import SignedReceipt
+from tests.economy.receipt_helpers import co_signed
 
 
 @pytest.fixture(scope="session")
@@ -33,23 +32,6 @@ def make_receipt(keys: dict[str, Keypair]) -> Callable[..., SignedReceipt]:
         meter = UsageMeter(session, "tiny", 0, 4, 800_000)
         meter.record_step(StepKind.PROMPT, tokens, torch.ones(1, tokens, 8), torch.full((1, tokens, 8), 2.0))
         meter.record_step(StepKind.GENERATED, 1, torch.ones(1, 1, 8), torch.full((1, 1, 8), 3.0))
-        usage, before, after = meter.close_segment()
-        receipt: UsageReceipt = receipt_for_segment(
-            network="dllm-dev",
-            session_id=session,
-            sequence=sequence,
-            model="tiny",
-            start=0,
-            end=4,
-            params_served=800_000,
-            rate=ProviderRate.from_advertised(10**9),
-            usage=usage,
-            provider=keys[provider].ss58_address,
-            client=keys[client].ss58_address,
-            commitment_before=before,
-            commitment=after,
-            issued_at=int(time.time()),
-        )
-        return SignedReceipt.create(receipt, keys[provider], keys[client])
+        return co_signed(keys[provider], keys[client], meter, sequence=sequence)
 
     return build

@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from substrateinterface import Keypair
 
@@ -16,6 +17,9 @@ from chain.devchain.dev_accounts import dev_keypair
 from chain.ledger import ComputeLedger
 from chain.units import PLANCK_PER_TOKEN
 from dllm.processes import LocalSwarm, ManagedProcess
+
+if TYPE_CHECKING:
+    from swarm.client import DistributedModel
 
 UNIT = PLANCK_PER_TOKEN
 REPO = Path(__file__).resolve().parents[2]
@@ -41,8 +45,9 @@ def start_billing_peer(
     stake_units: int = 5,
     settle_interval: float = 2.0,
     wait: bool = True,
+    extra: tuple[str, ...] = (),
 ) -> ManagedProcess:
-    """`dllm peer join` staked on chain, billing with `uri`, receipts in `receipts`."""
+    """`dllm peer join` staked on chain, billing with `uri`, receipts in `receipts`; `extra`: more peer options."""
     return swarm.start_peer(
         blocks,
         "--chain-url",
@@ -57,6 +62,7 @@ def start_billing_peer(
         str(receipts),
         "--settle-interval",
         str(settle_interval),
+        *extra,
         name=f"peer-{receipts.stem}",
         wait=wait,
         timeout=120,
@@ -117,6 +123,27 @@ def start_cheater(
 def start_verifier(swarm: LocalSwarm, uri: str, chain_url: str) -> ManagedProcess:
     """`dllm verify` (the verifier process) signing its verdicts with `uri` (it holds no council key)."""
     return swarm.start_verifier(uri, "--chain-url", chain_url)
+
+
+def spot_checked_client(
+    swarm: LocalSwarm, model_path: Path, chain_url: str, client_uri: str, verifiers: int = 1
+) -> DistributedModel:
+    """A client paying with `client_uri` that sends every receipt's work to `verifiers` verifiers, returned once
+    exactly that many are announced in the DHT (the caller closes it)."""
+    from swarm.billing import BillingConfig
+    from swarm.client import ClientConfig, DistributedModel
+
+    billing = BillingConfig(chain_url, client_uri, sample_rate=1.0, verifiers_per_sample=verifiers)
+    model = DistributedModel.from_pretrained(str(model_path), swarm.initial_peers, config=ClientConfig(billing=billing))
+    try:
+        client_billing = model.core.billing
+        assert client_billing is not None
+        peers = client_billing.verifier_peers
+        wait_until(lambda: len(model._loop.run(peers())) == verifiers, 30, f"{verifiers} verifier(s) in the DHT")
+    except BaseException:
+        model.close()
+        raise
+    return model
 
 
 def start_council(swarm: LocalSwarm, chain_url: str, members: tuple[str, ...] = ("//Alice", "//Bob")) -> list:

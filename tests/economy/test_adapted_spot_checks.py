@@ -11,7 +11,6 @@ version and an in-process `Verifier`; the adapter exchange over real hivemind P2
 from __future__ import annotations
 
 import asyncio
-import time
 
 import msgpack
 import pytest
@@ -19,21 +18,17 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-from chain.ledger import ComputeLedger
 from dllm.verifier import Verifier, VerifierConfig
 from economy.evidence_store import EvidenceStore
 from economy.metering import StepKind, UsageMeter
-from economy.pricing import ProviderRate
 from economy.receipts import (
     BASE_WEIGHTS,
     NO_ADAPTER_DIGEST,
     TRAINING_ADAPTERS,
     MalformedReceiptError,
-    SignedReceipt,
     TrainingClaimError,
     UsageReceipt,
     check_claim,
-    receipt_for_segment,
 )
 from economy.verification import ADAPTERS_UNAVAILABLE, SignedVerdict, Tolerance, compare_activations, recheck
 from economy.work_sample import SampledStep, UnverifiableSampleError, WorkSample
@@ -50,11 +45,18 @@ from peer.adapters import (
 )
 from peer.blocks import load_span_layers
 from peer.span import SpanRunner
-from swarm.billing import BillingConfig
-from swarm.client import ClientConfig, DistributedModel, GenerationParams
+from swarm.client import GenerationParams
 from swarm.model_files import load_config
 from swarm.protocol import HANDLER_VERIFY, RemotePeerError
-from tests.economy.swarm_economy import UNIT, funded_key, start_cheater, start_verifier
+from tests.economy.receipt_helpers import co_signed
+from tests.economy.swarm_economy import (
+    UNIT,
+    funded_key,
+    spot_checked_client,
+    start_billing_peer,
+    start_cheater,
+    start_verifier,
+)
 from tests.peer.learning_swarm import (
     FACTS,
     FACTS_CANARY,
@@ -62,7 +64,6 @@ from tests.peer.learning_swarm import (
     learning_args,
     peer_info,
     wait_for_peers,
-    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -128,29 +129,17 @@ def _serve(
         meter.record_step(kind, x.shape[1], x, out)
         steps.append(SampledStep(kind, position, x, out))
         position += x.shape[1]
-    usage, before, after = meter.close_segment()
     claimed = adapter_version if claimed_version is None else claimed_version
-    receipt = receipt_for_segment(
-        network="dllm-dev",
-        session_id=b"adapted-session",
-        sequence=0,
-        model="tiny",
-        start=0,
-        end=4,
-        params_served=800_000,
-        rate=ProviderRate.from_advertised(10**9),
-        usage=usage,
-        provider=keys["bob"].ss58_address,
-        client=keys["alice"].ss58_address,
-        commitment_before=before,
-        commitment=after,
-        issued_at=int(time.time()),
+    receipt = co_signed(
+        keys["bob"],
+        keys["alice"],
+        meter,
         adapter_version=claimed,
         adapter_digest=_digest_of(adapters, claimed)
         if claimed not in (BASE_WEIGHTS, TRAINING_ADAPTERS)
         else NO_ADAPTER_DIGEST,
     )
-    return WorkSample(SignedReceipt.create(receipt, keys["bob"], keys["alice"]), tuple(steps))
+    return WorkSample(receipt, tuple(steps))
 
 
 class _Sources:
@@ -356,45 +345,21 @@ def test_archive_keeps_versions_for_the_retention_period() -> None:
 
 
 def test_learning_peer_is_spot_checked_with_its_live_adapters_and_passes(
-    dev_chain, local_swarm, tiny_model_path, tmp_path
+    dev_chain, ledger, local_swarm, tiny_model_path, tmp_path
 ):
-    ledger = ComputeLedger(dev_chain.url)
-    try:
-        peer_uri, _ = funded_key(ledger)
-        client_uri, _ = funded_key(ledger, 1000 * UNIT)
-    finally:
-        ledger.close()
+    peer_uri, _ = funded_key(ledger)
+    client_uri, _ = funded_key(ledger, 1000 * UNIT)
     canary = tmp_path / "canary.txt"  # held-out phrasings of the taught facts: the update passes the gate
     canary.write_text(FACTS_CANARY)
     verifier = start_verifier(local_swarm, "//Alice", dev_chain.url)
-    peer = local_swarm.start_peer(
-        "0:8",
-        "--chain-url",
-        dev_chain.url,
-        "--chain-key",
-        peer_uri,
-        "--stake",
-        "5",
-        "--rate",
-        str(RATE),
-        "--receipts",
-        str(tmp_path / "learner.sqlite3"),
-        "--settle-interval",
-        "2",
-        *learning_args(PERIOD, canary),
-        name="learner",
-        wait=True,
-        timeout=120,
+    learning = learning_args(PERIOD, canary)
+    peer = start_billing_peer(
+        local_swarm, "0:8", peer_uri, dev_chain.url, tmp_path / "learner.sqlite3", rate=RATE, extra=learning
     )
-    billing = BillingConfig(dev_chain.url, client_uri, sample_rate=1.0, verifiers_per_sample=1)
-    model = DistributedModel.from_pretrained(
-        str(tiny_model_path), local_swarm.initial_peers, config=ClientConfig(billing=billing)
-    )
+    model = spot_checked_client(local_swarm, tiny_model_path, dev_chain.url, client_uri)
     core = model.core
     greedy = GenerationParams(max_new_tokens=4, ignore_eos=True)
     try:
-        wait_until(lambda: model._loop.run(core.billing.verifier_peers()), 30, "the verifier in the DHT")
-
         # Adapters at version 0 are the base weights: the session is spot-checked and passes.
         on_base = model.generate(FACTS[0][0], greedy)
         model._loop.run(core.billing.flush())
@@ -452,15 +417,11 @@ def test_learning_peer_is_spot_checked_with_its_live_adapters_and_passes(
         model.close()
 
 
-def test_learning_cheater_with_live_adapters_is_caught(dev_chain, local_swarm, tiny_model_path, tmp_path):
+def test_learning_cheater_with_live_adapters_is_caught(dev_chain, ledger, local_swarm, tiny_model_path, tmp_path):
     """A learning peer whose served steps are all corrupted gets version >= 1 live: its adapted session is still
     sent, re-run with the adapters fetched from it by digest, and fails."""
-    ledger = ComputeLedger(dev_chain.url)
-    try:
-        peer_uri, _ = funded_key(ledger)
-        client_uri, _ = funded_key(ledger, 1000 * UNIT)
-    finally:
-        ledger.close()
+    peer_uri, _ = funded_key(ledger)
+    client_uri, _ = funded_key(ledger, 1000 * UNIT)
     canary = tmp_path / "canary.txt"
     canary.write_text(FACTS_CANARY)
     verifier = start_verifier(local_swarm, "//Alice", dev_chain.url)
@@ -474,13 +435,9 @@ def test_learning_cheater_with_live_adapters_is_caught(dev_chain, local_swarm, t
         fraction=1.0,
         extra=learning_args(PERIOD, canary),
     )
-    billing = BillingConfig(dev_chain.url, client_uri, sample_rate=1.0, verifiers_per_sample=1)
-    model = DistributedModel.from_pretrained(
-        str(tiny_model_path), local_swarm.initial_peers, config=ClientConfig(billing=billing)
-    )
+    model = spot_checked_client(local_swarm, tiny_model_path, dev_chain.url, client_uri)
     core = model.core
     try:
-        wait_until(lambda: model._loop.run(core.billing.verifier_peers()), 30, "the verifier in the DHT")
         just_after_round(PERIOD)
         for _ in range(2):  # training passes run uncached: honest, so the update passes the canary
             for prompt, completion in FACTS:

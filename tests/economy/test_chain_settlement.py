@@ -16,15 +16,6 @@ from tests.chain.ledger_helpers import fresh_account
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module")
-def ledger(dev_chain):
-    from chain.ledger import ComputeLedger
-
-    client = ComputeLedger(dev_chain.url)
-    yield client
-    client.close()
-
-
 def receipts(provider, client, n: int, tag: bytes) -> list[SignedReceipt]:
     rate = ProviderRate(10**12, 4 * 10**12)  # large enough that amounts are well above dust
     out = []

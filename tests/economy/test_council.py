@@ -30,10 +30,17 @@ from dllm.council import CouncilConfig, CouncilMember
 from dllm.processes import ManagedProcess
 from economy.evidence_store import EvidenceStore
 from swarm import protocol
-from swarm.billing import BillingConfig
-from swarm.client import ClientConfig, DistributedModel, GenerationParams
+from swarm.client import GenerationParams
 from tests.chain.ledger_helpers import council_keys, fresh_account
-from tests.economy.swarm_economy import REPO, UNIT, funded_key, start_billing_peer, start_council, wait_until
+from tests.economy.swarm_economy import (
+    REPO,
+    UNIT,
+    funded_key,
+    spot_checked_client,
+    start_billing_peer,
+    start_council,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -114,13 +121,9 @@ def test_false_verdicts_against_an_honest_provider_lead_to_no_slash(dev_chain, l
         _start_lying_verifier(swarm, "//Bob", dev_chain.url)
         members = start_council(swarm, dev_chain.url)
         start_billing_peer(swarm, "0:8", uri, dev_chain.url, swarm.workdir / "receipts.sqlite3", rate=RATE)
-        billing = BillingConfig(dev_chain.url, client_uri, sample_rate=1.0, verifiers_per_sample=2)
-        model = DistributedModel.from_pretrained(
-            str(tiny_model_path), swarm.initial_peers, config=ClientConfig(billing=billing)
-        )
+        model = spot_checked_client(swarm, tiny_model_path, dev_chain.url, client_uri, verifiers=2)
         core = model.core
         try:
-            wait_until(lambda: len(model._loop.run(core.billing.verifier_peers())) == 2, 30, "both verifiers")
             model.generate("def add(a, b):", GenerationParams(max_new_tokens=6, ignore_eos=True))
             model._loop.run(core.billing.flush())
             failing = [v for v in core.billing.verdicts if not v.verdict.passed]

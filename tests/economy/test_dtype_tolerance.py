@@ -13,27 +13,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from chain.ledger import ComputeLedger
 from dllm.verifier import Verifier, VerifierConfig
 from economy import canonical, receipts
 from economy.evidence_store import EvidenceStore
 from economy.metering import StepKind, UsageMeter
-from economy.pricing import ProviderRate
 from economy.receipts import (
     COMPUTE_DTYPES,
     RECEIPT_TAG,
     DtypeMismatchError,
     MalformedReceiptError,
-    SignedReceipt,
     UsageReceipt,
     check_claim,
-    receipt_for_segment,
 )
 from economy.verification import (
     DEFAULT_SAMPLE_RATE,
@@ -48,11 +43,11 @@ from economy.verification import (
 from economy.work_sample import SampledStep, WorkSample
 from peer.blocks import load_span_layers
 from peer.span import SpanRunner
-from swarm.billing import BillingConfig
-from swarm.client import ClientConfig, DistributedModel, GenerationParams
+from swarm.client import GenerationParams
 from swarm.model_files import load_config, read_tensors
 from swarm.records import RecordError, ServerRecord
-from tests.economy.swarm_economy import UNIT, funded_key, start_verifier, wait_until
+from tests.economy.receipt_helpers import co_signed
+from tests.economy.swarm_economy import UNIT, funded_key, spot_checked_client, start_billing_peer, start_verifier
 from tests.peer.learning_swarm import peer_info
 
 pytestmark = pytest.mark.timeout(600)
@@ -123,25 +118,7 @@ def serve(
             meter.record_step(kind, x.shape[1], x, out)
             steps.append(SampledStep(kind, position, x, out))
             position += x.shape[1]
-    usage, before, after = meter.close_segment()
-    receipt = receipt_for_segment(
-        network="dllm-dev",
-        session_id=session,
-        sequence=0,
-        model="tiny",
-        start=0,
-        end=BLOCKS,
-        params_served=1_600_000,
-        rate=ProviderRate.from_advertised(10**9),
-        usage=usage,
-        provider=keys["bob"].ss58_address,
-        client=keys["alice"].ss58_address,
-        commitment_before=before,
-        commitment=after,
-        issued_at=int(time.time()),
-        dtype=claimed_dtype,
-    )
-    return WorkSample(SignedReceipt.create(receipt, keys["bob"], keys["alice"]), tuple(steps))
+    return WorkSample(co_signed(keys["bob"], keys["alice"], meter, dtype=claimed_dtype), tuple(steps))
 
 
 def check(sample: WorkSample, verifier_span: SpanRunner):
@@ -355,41 +332,18 @@ def test_server_record_carries_a_known_dtype() -> None:
 # ------------------------------------------------------------------------------------------ end to end
 
 
-def test_real_bfloat16_peer_passes_a_real_verifier(dev_chain, local_swarm, tiny_model_path, tmp_path) -> None:
+def test_real_bfloat16_peer_passes_a_real_verifier(dev_chain, ledger, local_swarm, tiny_model_path, tmp_path) -> None:
     """A `dllm peer join --dtype bfloat16` billing peer, a `dllm verify` process, a client checking every receipt."""
-    ledger = ComputeLedger(dev_chain.url)
-    try:
-        peer_uri, _ = funded_key(ledger)
-        client_uri, _ = funded_key(ledger, 1000 * UNIT)
-    finally:
-        ledger.close()
+    peer_uri, _ = funded_key(ledger)
+    client_uri, _ = funded_key(ledger, 1000 * UNIT)
     verifier = start_verifier(local_swarm, "//Alice", dev_chain.url)
-    peer = local_swarm.start_peer(
-        "0:8",
-        "--dtype",
-        "bfloat16",
-        "--chain-url",
-        dev_chain.url,
-        "--chain-key",
-        peer_uri,
-        "--stake",
-        "5",
-        "--rate",
-        str(RATE),
-        "--receipts",
-        str(tmp_path / "bf16.sqlite3"),
-        "--settle-interval",
-        "2",
-        name="bf16-peer",
-        timeout=120,
+    bf16 = ("--dtype", "bfloat16")
+    peer = start_billing_peer(
+        local_swarm, "0:8", peer_uri, dev_chain.url, tmp_path / "bf16.sqlite3", rate=RATE, extra=bf16
     )
-    billing = BillingConfig(dev_chain.url, client_uri, sample_rate=1.0, verifiers_per_sample=1)
-    model = DistributedModel.from_pretrained(
-        str(tiny_model_path), local_swarm.initial_peers, config=ClientConfig(billing=billing)
-    )
+    model = spot_checked_client(local_swarm, tiny_model_path, dev_chain.url, client_uri)
     core = model.core
     try:
-        wait_until(lambda: model._loop.run(core.billing.verifier_peers()), 30, "the verifier in the DHT")
         for prompt in ("The swarm", "Receipts are", "A verifier"):
             result = model.generate(prompt, GenerationParams(max_new_tokens=6, ignore_eos=True))
             assert result.billing is not None

@@ -23,14 +23,15 @@ from economy.signing import load_keypair
 from economy.verification import SignedVerdict, Verdict
 from economy.work_sample import SampledStep, WorkSample
 from swarm import protocol
-from swarm.billing import BillingConfig, SessionBilling
-from swarm.client import ClientConfig, DistributedModel, GenerationParams
+from swarm.billing import SessionBilling
+from swarm.client import DistributedModel, GenerationParams
 from swarm.protocol import HANDLER_VERIFY
 from swarm.routing import BanList
 from tests.economy.swarm_economy import (
     UNIT,
     fees_paid,
     funded_key,
+    spot_checked_client,
     start_billing_peer,
     start_cheater,
     start_council,
@@ -48,12 +49,8 @@ ROUTES = {"honest-split": ("a", "b"), "honest-whole": ("c",), "via-cheater": ("c
 PROMPTS = ["def add(a, b):", "import os", "class Stack:", "for i in range(10):"]
 
 
-def test_honest_peers_paid_cheater_slashed_funds_conserved(dev_chain, local_swarm, tiny_model_path, tmp_path):
-    ledger = ComputeLedger(dev_chain.url)
-    try:
-        _run(ledger, dev_chain.url, local_swarm, tiny_model_path, tmp_path)
-    finally:
-        ledger.close()
+def test_honest_peers_paid_cheater_slashed_funds_conserved(dev_chain, ledger, local_swarm, tiny_model_path, tmp_path):
+    _run(ledger, dev_chain.url, local_swarm, tiny_model_path, tmp_path)
 
 
 def _run(ledger: ComputeLedger, url: str, swarm, model_path, tmp_path) -> None:
@@ -81,11 +78,9 @@ def _run(ledger: ComputeLedger, url: str, swarm, model_path, tmp_path) -> None:
     first_block = ledger.substrate.get_block_number(None) + 1
     before = {p: total_balance(ledger, p) for p in participants}
 
-    billing = BillingConfig(url, client_uri, sample_rate=1.0, verifiers_per_sample=2)
-    model = DistributedModel.from_pretrained(str(model_path), swarm.initial_peers, config=ClientConfig(billing=billing))
+    model = spot_checked_client(swarm, model_path, url, client_uri, verifiers=2)
     core = model.core
     try:
-        wait_until(lambda: len(model._loop.run(core.billing.verifier_peers())) == 2, 30, "both verifiers in the DHT")
         paid: dict[str, int] = {a: 0 for a in accounts.values()}
         chain_address = {account_id(a): a for a in accounts.values()}  # receipts may use another ss58 prefix
         by_peer = {procs[name].info["peer_id"]: name for name in procs}

@@ -19,14 +19,14 @@ import pytest
 from chain.account_derivation import account_id
 from chain.ledger import ComputeLedger
 from economy.evidence_store import EvidenceNotFoundError
-from swarm.billing import BillingConfig
-from swarm.client import ClientConfig, DistributedModel, GenerationParams
+from swarm.client import GenerationParams
 from swarm.evidence import fetch_evidence
 from swarm.routing import BanList
 from tests.economy.swarm_economy import (
     REPO,
     UNIT,
     funded_key,
+    spot_checked_client,
     start_billing_peer,
     start_cheater,
     start_council,
@@ -62,13 +62,9 @@ def test_slash_cites_evidence_anyone_fetches_and_rechecks(dev_chain, local_swarm
             ),
         }
         accounts = {name: kp.ss58_address for name, (_, kp) in keys.items()}
-        billing = BillingConfig(dev_chain.url, client_uri, sample_rate=1.0, verifiers_per_sample=2)
-        model = DistributedModel.from_pretrained(
-            str(tiny_model_path), swarm.initial_peers, config=ClientConfig(billing=billing)
-        )
+        model = spot_checked_client(swarm, tiny_model_path, dev_chain.url, client_uri, verifiers=2)
         core = model.core
         try:
-            wait_until(lambda: len(model._loop.run(core.billing.verifier_peers())) == 2, 30, "both verifiers")
             for other in ("honest", "cheater"):  # first through the cheater, then through the honest peer
                 core.bans = BanList(3600)
                 core.bans.ban(procs[other].info["peer_id"])

@@ -9,10 +9,9 @@ import torch
 
 from economy.evidence_store import Evidence, EvidenceStore, MalformedEvidenceError
 from economy.metering import StepKind, UsageMeter
-from economy.pricing import ProviderRate
-from economy.receipts import SignedReceipt, receipt_for_segment
 from economy.verification import Comparison, SignedVerdict, make_verdict
 from economy.work_sample import SampledStep, WorkSample
+from tests.economy.receipt_helpers import co_signed
 
 
 def _sample(keys, seed: int) -> WorkSample:
@@ -20,24 +19,7 @@ def _sample(keys, seed: int) -> WorkSample:
     inputs, outputs = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
     meter = UsageMeter(f"session-{seed}".encode(), "tiny", 0, 4, 800_000)
     meter.record_step(StepKind.PROMPT, 3, inputs, outputs)
-    usage, before, after = meter.close_segment()
-    receipt = receipt_for_segment(
-        network="dllm-dev",
-        session_id=f"session-{seed}".encode(),
-        sequence=0,
-        model="tiny",
-        start=0,
-        end=4,
-        params_served=800_000,
-        rate=ProviderRate.from_advertised(10**9),
-        usage=usage,
-        provider=keys["bob"].ss58_address,
-        client=keys["alice"].ss58_address,
-        commitment_before=before,
-        commitment=after,
-        issued_at=1_800_000_000,
-    )
-    signed = SignedReceipt.create(receipt, keys["bob"], keys["alice"])
+    signed = co_signed(keys["bob"], keys["alice"], meter, issued_at=1_800_000_000)
     return WorkSample(signed, (SampledStep(StepKind.PROMPT, 0, inputs, outputs),))
 
 

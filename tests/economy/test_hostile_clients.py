@@ -5,7 +5,6 @@ and no receipt is ever marked paid without its transfer on chain (docs/economy.m
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
@@ -24,44 +23,20 @@ from economy.presigned_settlement import (
     payments_for,
     sign_at_nonce,
 )
-from economy.pricing import ProviderRate
 from economy.receipt_store import ReceiptState, ReceiptStore
-from economy.receipts import SignedReceipt, receipt_for_segment
+from economy.receipts import SignedReceipt
 from economy.settlement import Settler
 from tests.chain.ledger_helpers import fresh_account
+from tests.economy.receipt_helpers import co_signed
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module")
-def ledger(dev_chain):
-    client = ComputeLedger(dev_chain.url)
-    yield client
-    client.close()
 
 
 def receipt(provider: Keypair, client: Keypair, sequence: int, tokens: int = 4) -> SignedReceipt:
     """A metered receipt of `tokens` prompt tokens, co-signed by both."""
     meter = UsageMeter(b"hostile-session", "tiny", 0, 4, 800_000)
     meter.record_step(StepKind.PROMPT, tokens, torch.ones(1, tokens, 8), torch.full((1, tokens, 8), 2.0))
-    usage, before, after = meter.close_segment()
-    r = receipt_for_segment(
-        network="dllm-dev",
-        session_id=b"hostile-session",
-        sequence=sequence,
-        model="tiny",
-        start=0,
-        end=4,
-        params_served=800_000,
-        rate=ProviderRate.from_advertised(10**10),
-        usage=usage,
-        provider=provider.ss58_address,
-        client=client.ss58_address,
-        commitment_before=before,
-        commitment=after,
-        issued_at=int(time.time()),
-    )
-    return SignedReceipt.create(r, provider, client)
+    return co_signed(provider, client, meter, sequence=sequence, rate=10**10)
 
 
 class Provider:

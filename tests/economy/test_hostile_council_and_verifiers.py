@@ -14,7 +14,6 @@ from hivemind.proto import runtime_pb2
 
 from chain.account_derivation import account_id
 from chain.errors import QuorumError, SlashPendingError, UnbondNotReadyError
-from chain.ledger import ComputeLedger
 from chain.records import ProviderState
 from swarm import protocol
 from swarm.billing import BillingConfig
@@ -31,13 +30,6 @@ STAKE_UNITS = 5
 
 def _evidence(label: str) -> bytes:
     return hashlib.blake2b(label.encode(), digest_size=32).digest()
-
-
-@pytest.fixture(scope="module")
-def ledger(dev_chain):
-    client = ComputeLedger(dev_chain.url)
-    yield client
-    client.close()
 
 
 def test_one_council_key_alone_cannot_slash(ledger):

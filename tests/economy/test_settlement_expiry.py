@@ -27,7 +27,6 @@ from economy.presigned_settlement import (
     release_expired_markers,
     sign_at_nonce,
 )
-from economy.pricing import ProviderRate
 from economy.receipt_store import ReceiptState, ReceiptStore
 from economy.receipts import (
     SETTLEMENT_MARGIN_BLOCKS,
@@ -35,21 +34,14 @@ from economy.receipts import (
     SignedReceipt,
     UsageReceipt,
     check_expiry,
-    receipt_for_segment,
 )
 from economy.settlement import Settler
 from tests.chain.ledger_helpers import account_state, fresh_account
+from tests.economy.receipt_helpers import co_signed
 
 pytestmark = pytest.mark.timeout(300)
 
 LIFETIME = 40  # blocks: a test-sized lifetime (the protocol's is RECEIPT_LIFETIME_BLOCKS)
-
-
-@pytest.fixture(scope="module")
-def ledger(dev_chain):
-    client = ComputeLedger(dev_chain.url)
-    yield client
-    client.close()
 
 
 def head(ledger: ComputeLedger) -> int:
@@ -59,25 +51,7 @@ def head(ledger: ComputeLedger) -> int:
 def receipt(provider: Keypair, client: Keypair, sequence: int, expires_at: int) -> SignedReceipt:
     meter = UsageMeter(b"expiry-session", "tiny", 0, 4, 800_000)
     meter.record_step(StepKind.PROMPT, 4, torch.ones(1, 4, 8), torch.full((1, 4, 8), 2.0))
-    usage, before, after = meter.close_segment()
-    r = receipt_for_segment(
-        network="dllm-dev",
-        session_id=b"expiry-session",
-        sequence=sequence,
-        model="tiny",
-        start=0,
-        end=4,
-        params_served=800_000,
-        rate=ProviderRate.from_advertised(10**10),
-        usage=usage,
-        provider=provider.ss58_address,
-        client=client.ss58_address,
-        commitment_before=before,
-        commitment=after,
-        issued_at=int(time.time()),
-        expires_at=expires_at,
-    )
-    return SignedReceipt.create(r, provider, client)
+    return co_signed(provider, client, meter, sequence=sequence, rate=10**10, expires_at=expires_at)
 
 
 def sign(ledger: ComputeLedger, client: Keypair, receipts: list[UsageReceipt], nonce: int) -> bytes:

@@ -13,8 +13,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from economy.metering import StepKind, UsageMeter
-from economy.pricing import ProviderRate
-from economy.receipts import SignedReceipt, receipt_for_segment
 from economy.verification import (
     ForgedVerdictError,
     MalformedVerdictError,
@@ -34,6 +32,7 @@ from economy.work_sample import EvidenceMismatchError, MalformedWorkSampleError,
 from peer.blocks import load_span_layers
 from peer.span import SpanRunner
 from swarm.model_files import load_config
+from tests.economy.receipt_helpers import co_signed
 
 
 @pytest.fixture(scope="module")
@@ -65,24 +64,7 @@ def serve_session(runner: SpanRunner, keys, cheat: str = "none", seed: int = 0, 
             client_meter.record_step(kind, x.shape[1], x, out)
             steps.append(SampledStep(kind, position, x, out))
             position += x.shape[1]
-    usage, before, after = client_meter.close_segment()
-    receipt = receipt_for_segment(
-        network="dllm-dev",
-        session_id=session,
-        sequence=0,
-        model="tiny",
-        start=0,
-        end=4,
-        params_served=800_000,
-        rate=ProviderRate.from_advertised(10**9),
-        usage=usage,
-        provider=keys["bob"].ss58_address,
-        client=keys["alice"].ss58_address,
-        commitment_before=before,
-        commitment=after,
-        issued_at=int(time.time()),
-    )
-    return WorkSample(SignedReceipt.create(receipt, keys["bob"], keys["alice"]), tuple(steps))
+    return WorkSample(co_signed(keys["bob"], keys["alice"], client_meter), tuple(steps))
 
 
 def test_honest_cached_serving_passes_full_recompute(span_factory, keys) -> None:

@@ -9,7 +9,7 @@ from chain.ledger import ComputeLedger
 from economy.pricing import ProviderRate, Usage, provider_amount
 from swarm.billing import BillingConfig
 from swarm.client import ClientConfig, DistributedModel
-from tests.economy.swarm_economy import UNIT, funded_key, store_totals, total_balance
+from tests.economy.swarm_economy import UNIT, funded_key, start_billing_peer, store_totals, total_balance
 from tests.peer.learning_swarm import FACTS, learning_args, wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -17,12 +17,8 @@ pytestmark = pytest.mark.timeout(300)
 RATE = 10**10
 
 
-def test_feedback_passes_are_metered_billed_and_settled(dev_chain, local_swarm, tiny_model_path, tmp_path):
-    ledger = ComputeLedger(dev_chain.url)
-    try:
-        _run(ledger, dev_chain.url, local_swarm, tiny_model_path, tmp_path)
-    finally:
-        ledger.close()
+def test_feedback_passes_are_metered_billed_and_settled(dev_chain, ledger, local_swarm, tiny_model_path, tmp_path):
+    _run(ledger, dev_chain.url, local_swarm, tiny_model_path, tmp_path)
 
 
 def _run(ledger: ComputeLedger, url: str, swarm, model_path, tmp_path) -> None:
@@ -30,23 +26,8 @@ def _run(ledger: ComputeLedger, url: str, swarm, model_path, tmp_path) -> None:
     client_uri, _ = funded_key(ledger, 1000 * UNIT)
     stores = {name: tmp_path / f"{name}.sqlite3" for name in keys}
     procs = {
-        name: swarm.start_peer(
-            blocks,
-            "--chain-url",
-            url,
-            "--chain-key",
-            keys[name][0],
-            "--stake",
-            "5",
-            "--rate",
-            str(RATE),
-            "--receipts",
-            str(stores[name]),
-            "--settle-interval",
-            "2",
-            *learning_args(30.0),
-            name=name,
-            wait=False,
+        name: start_billing_peer(
+            swarm, blocks, keys[name][0], url, stores[name], rate=RATE, wait=False, extra=learning_args(30.0)
         )
         for name, blocks in (("head", "0:4"), ("tail", "4:8"))
     }
