@@ -36,9 +36,11 @@ def test_poisoned_update_is_rolled_back_by_the_in_swarm_canary(local_swarm, tiny
     try:
         start_loss = live_loss(honest, FACTS)
 
-        # 1. honest feedback: both spans' candidates lower the canary loss and go live
+        # 1. honest feedback: both spans' candidates lower the canary loss and go live. One pass per fact:
+        #    rounds apply all of it (clip_tau per round, the rest kept for the next), and more Adam steps at
+        #    this learning rate overfit the two facts, which the canary (their held-out phrasings) rightly refuses
         just_after_round(PERIOD)
-        for _ in range(3):
+        for _ in range(1):
             for prompt, completion in FACTS:
                 honest.feedback(prompt, completion)
         settled = wait_for_peers(
