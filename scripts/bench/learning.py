@@ -23,7 +23,7 @@ per feedback example, averaging rounds and canary verdicts, and whether the two 
 both spans, replica b of both spans) give the same answers. The ratio of the swarm's accuracy gain to the
 anchor's is the headline (target >= 90 %).
 
-Run: .venv/bin/python scripts/bench/learning.py [--facts 20] [--epochs 6] [--model smollm2]
+Run: .venv/bin/python scripts/bench/learning.py [--facts 20] [--epochs 5] [--learning-rate 5e-4] [--model smollm2]
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def centralized(model_dir: Path, facts: list[Fact], order: list[Fact], args: arg
         return model(input_ids=ids).logits
 
     before = score(logits_of, tokenizer, facts)
-    examples = [answers_before(lambda p: generate_local(model, tokenizer, p), facts)]
+    examples = [example_answers(lambda p: generate_local(model, tokenizer, p), facts)]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.learning_rate)
     max_norm = TrainingConfig().max_grad_norm
@@ -226,7 +226,7 @@ def centralized(model_dir: Path, facts: list[Fact], order: list[Fact], args: arg
         optimizer.zero_grad(set_to_none=True)
     seconds = (time.perf_counter() - started) / len(order)
     after = score(logits_of, tokenizer, facts)
-    examples.append(answers_before(lambda p: generate_local(model, tokenizer, p), facts))
+    examples.append(example_answers(lambda p: generate_local(model, tokenizer, p), facts))
     trainable = sum(p.numel() for p in params)
     return before, after, seconds, examples, trainable
 
@@ -248,9 +248,9 @@ def generate_local(model, tokenizer: PreTrainedTokenizerBase, prompt: str, token
 EXAMPLES = 3
 
 
-def answers_before(generate: Callable[[str], str], facts: list[Fact]) -> list[str]:
-    """Greedy answers to the first EXAMPLES taught questions and their paraphrases."""
-    return [generate(q).split("\n")[0].strip() for f in facts[:EXAMPLES] for q in (f.taught, f.paraphrase)]
+def example_answers(generate: Callable[[str], str], facts: list[Fact]) -> list[str]:
+    """Greedy answers to the first EXAMPLES taught questions and their paraphrases (line breaks shown as spaces)."""
+    return [" ".join(generate(q).split()) for f in facts[:EXAMPLES] for q in (f.taught, f.paraphrase)]
 
 
 # ---- the swarm --------------------------------------------------------------------------------------------
@@ -315,7 +315,7 @@ def swarm_run(model_dir: Path, facts: list[Fact], order: list[Fact], args: argpa
             for pid in ids.values():
                 model._loop.run(model.core.ping(pid, timeout=30.0))
             before = score(logits_of, tokenizer, facts)
-            examples = [answers_before(generate, facts)]
+            examples = [example_answers(generate, facts)]
             console.print(f"[swarm] before: {before.taught:.0%} taught, canary {before.canary:.4f}; feeding back")
             started = time.perf_counter()
             losses = []
@@ -334,7 +334,7 @@ def swarm_run(model_dir: Path, facts: list[Fact], order: list[Fact], args: argpa
                 f"[swarm] after: taught {after.taught:.0%}, paraphrase {after.paraphrase:.0%}, "
                 f"canary {after.canary:.4f}"
             )
-            examples.append(answers_before(generate, facts))
+            examples.append(example_answers(generate, facts))
             per_replica = {}
             for replica, other in (("a", "b"), ("b", "a")):
                 for pid in ids.values():  # a peer that timed out once under load is routable again if it answers
@@ -377,12 +377,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="tiny | smollm2 | a folder | a GGUF file")
     parser.add_argument("--facts", type=int, default=20, help="facts taught (each also has a held-out paraphrase)")
-    parser.add_argument("--epochs", type=int, default=6, help="feedback passes per taught fact")
+    parser.add_argument("--epochs", type=int, default=5, help="feedback passes per taught fact")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the peers' LoraConfig default)")
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--period", type=float, default=20.0, help="the peers' averaging period, seconds")
-    parser.add_argument("--drain-periods", type=int, default=30, help="rounds to wait for the updates to go live")
+    parser.add_argument("--drain-periods", type=int, default=15, help="rounds to wait for the updates to go live")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     parser.add_argument("--json", type=Path, help="also write the results here")
