@@ -245,6 +245,13 @@ class AdapterSet:
             raise AdapterVersionUnavailableError(f"adapter version {version} is not held (held: {self.held_versions})")
         return AdapterState(version, self._frozen_copy(self._versions[version]), {"rank": self.config.rank})
 
+    def held(self, version: int | None = None) -> Mapping[str, torch.Tensor]:
+        """A held version's tensors themselves (default: live), not copies: to read, never to write."""
+        version = self.live_version if version is None else version
+        if version not in self._versions:
+            raise AdapterVersionUnavailableError(f"adapter version {version} is not held (held: {self.held_versions})")
+        return self._versions[version]
+
     def digest(self, version: int | None = None) -> str:
         """sha256 of a held version's tensors (default: live); versions never change once stored."""
         version = self.live_version if version is None else version
@@ -283,10 +290,11 @@ class AdapterSet:
             if not t.is_floating_point() or not torch.isfinite(t).all():
                 raise AdapterStateError(f"{name}: adapter tensors must be finite floating-point values")
 
-    def propose(self, tensors: Mapping[str, torch.Tensor]) -> int:
+    def propose(self, tensors: Mapping[str, torch.Tensor], copy: bool = True) -> int:
         """Stores `tensors` as the candidate version live+1 (not live yet) and returns its number.
 
         Numbering by live+1 keeps replicas that commit the same updates on the same version numbers.
+        `copy=False`: the caller hands over fresh float32 tensors that nothing else writes; they are kept as they are.
         """
         if self._candidates:
             raise AdapterError(
@@ -294,7 +302,10 @@ class AdapterSet:
             )
         self.check_tensors(tensors)
         version = self.live_version + 1
-        self._versions[version] = {name: tensors[name].detach().clone().float() for name in self.names}
+        self._versions[version] = {
+            name: tensors[name].detach().clone().float() if copy else tensors[name].detach().float()
+            for name in self.names
+        }
         self._digests.pop(version, None)
         self._candidates.add(version)
         return version

@@ -11,6 +11,7 @@ averages are caught, while the rounding of a correct average stays far below the
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,21 +55,29 @@ class AverageSketcher:
         self.blocks = min(blocks, size)
         self.block_size = -(-size // self.blocks)
         generator = torch.Generator().manual_seed(seed)
-        # float32 products summed in float64 per block: rounding stays ~1e-7 relative, far below rtol.
         self._r = torch.randn(self.blocks * self.block_size, generator=generator).view(self.blocks, self.block_size)
         self._r_max = float(self._r.abs().max())
+        # One reused scratch vector (and zero padding, if the size needs it): a sketch of 10 M values then
+        # costs ~4 passes over memory and no fresh 40 MB allocations. The lock keeps concurrent sketches apart.
+        self._scratch = torch.empty(self.blocks, self.block_size)
+        self._padded = torch.zeros(self.blocks * self.block_size) if self.blocks * self.block_size != size else None
+        self._lock = threading.Lock()
 
     def sketch(self, vector: torch.Tensor) -> Sketch:
+        """Block sums in float32 with torch's cascade summation (error ~1e-7 of the block's |x| sum, far below
+        rtol), stored as float64."""
         if vector.numel() != self.size:
             raise SketchError(f"expected a vector of {self.size} values, got {vector.numel()}")
-        x = torch.zeros(self.blocks * self.block_size)
-        x[: self.size] = vector.detach().reshape(-1)
-        blocks = x.view(self.blocks, self.block_size)
-        return Sketch(
-            blocks.sum(1, dtype=torch.float64).numpy(),
-            (blocks * self._r).sum(1, dtype=torch.float64).numpy(),
-            blocks.abs().sum(1, dtype=torch.float64).numpy(),
-        )
+        flat = vector.detach().reshape(-1).float()
+        with self._lock, torch.no_grad():
+            if self._padded is not None:
+                self._padded[: self.size].copy_(flat)
+                flat = self._padded
+            blocks = flat.view(self.blocks, self.block_size)
+            sums = blocks.sum(1)
+            signed_sums = torch.mul(blocks, self._r, out=self._scratch).sum(1)
+            abs_sums = torch.abs(blocks, out=self._scratch).sum(1)
+        return Sketch(sums.double().numpy(), signed_sums.double().numpy(), abs_sums.double().numpy())
 
     @staticmethod
     def mean(sketches: list[Sketch], weights: list[float]) -> Sketch:

@@ -246,7 +246,8 @@ class AdapterAverager:
         # Compares members' live adapters; small, since the whole gather must stay under ~16 KB.
         self._live_sketcher = AverageSketcher(size, _LIVE_SKETCH_BLOCKS, seed=seed + 1)
         self._live_sketches: dict[str, Sketch] = {}  # by content digest
-        self._buffers = [torch.zeros_like(p.detach()) for p in adapters.parameters()]
+        # One flat buffer, as the update is flat: staging and reading back are one copy each.
+        self._buffers = [torch.zeros(adapters.num_parameters())]
         c = self.config
         # hivemind sets SIGINT to "ignore" in the calling process when it starts the averager (and never
         # restores it), which would make the peer deaf to Ctrl-C: put the handler back afterwards.
@@ -281,11 +282,11 @@ class AdapterAverager:
 
     def _live_sketch(self, version: int) -> Sketch:
         digest = self.adapters.digest(version)
-        if digest not in self._live_sketches:
-            self._live_sketches = {
-                digest: self._live_sketcher.sketch(flatten(self.adapters.state(version).tensors, self.adapters.names))
-            }
-        return self._live_sketches[digest]
+        sketch = self._live_sketches.get(digest)  # read once: a worker thread may replace the dict
+        if sketch is None:
+            sketch = self._live_sketcher.sketch(flatten(self.adapters.state(version).tensors, self.adapters.names))
+            self._live_sketches = {digest: sketch}
+        return sketch
 
     def _same_live(self, sketches: list[Sketch]) -> bool:
         """Whether every member's live adapters equal every other's up to float noise (the same answer
@@ -403,8 +404,7 @@ class AdapterAverager:
         self._contribution = update
         sketch = self.sketcher.sketch(update)
         with self.averager.get_tensors() as buffers:
-            for buffer, tensor in zip(buffers, _views(update, self.adapters.working, names).values(), strict=True):
-                buffer.copy_(tensor)
+            buffers[0].copy_(update)
         return sketch
 
     def _gather_data(self, base_version: int, update_sketch: Sketch) -> dict[str, Any]:
@@ -492,7 +492,7 @@ class AdapterAverager:
     def _average(self) -> torch.Tensor:
         """The all-reduced update, flattened (a copy: the buffers are the averager's)."""
         with self.averager.get_tensors() as buffers:
-            return torch.cat([b.reshape(-1) for b in buffers])  # cat copies
+            return buffers[0].clone()
 
     def _check_average(self, average: torch.Tensor, inputs: _GroupInputs) -> tuple[bool, str]:
         """(verified, reason): whether `average` is the weighted mean of every member's input, by their sketches."""
@@ -525,19 +525,23 @@ class AdapterAverager:
                 )
         prepared = None
         if verdict and candidate is not None:
-            # What the candidate needs once live (its digest for state sharing, its sketch for the next round's
-            # gather) is computed while the votes come in.
+            # What the candidate needs once live (its digest for the state-sharing priority, its sketch for the
+            # next round's gather) is computed in a worker thread while the votes come in, and after the round.
             prepared = asyncio.ensure_future(asyncio.to_thread(self._live_sketch, candidate))
         try:
             agreed = await self._commit(round_key, group, verdict)
-        finally:
+        except BaseException:
             if prepared is not None:
-                await asyncio.wait({prepared})  # it reads the candidate: done before the candidate is discarded
-                if not prepared.cancelled() and prepared.exception() is not None:  # computed again when needed
-                    logger.debug("%s: preparing candidate v%d failed: %r", self.prefix, candidate, prepared.exception())
+                await asyncio.wait({prepared})  # it reads the candidate: done before the candidate is dropped
+            raise
         if verdict and agreed and candidate is not None:  # a verdict always comes with a candidate
-            self._promote_keeping_the_rest(candidate, applied_own)
+            self._promote_keeping_the_rest(candidate, applied_own, share_state=prepared is None)
+            if prepared is not None:
+                prepared.add_done_callback(self._prepared_live)
             return RoundOutcome("averaged", reason, self.adapters.live_version, group)
+        if prepared is not None:
+            await asyncio.wait({prepared})  # it reads the candidate: done before the candidate is discarded
+            self._prepared_live(prepared)
         if candidate is not None:
             if verdict and not agreed:  # a groupmate that saw every yes in time has made it live
                 tensors = flatten(self.adapters.state(candidate).tensors, self.adapters.names)
@@ -551,11 +555,10 @@ class AdapterAverager:
 
     def _propose(self, base_version: int, update: torch.Tensor) -> int:
         """The candidate version `live + update` (`update` flattened in adapter order)."""
-        live = self.adapters.state(base_version).tensors  # a copy of its own: the update is added in place
+        live = self.adapters.held(base_version)
         with torch.no_grad():
-            for name, delta in _views(update, live, self.adapters.names).items():
-                live[name].add_(delta)
-        return self.adapters.propose(live)
+            candidate = {name: live[name] + delta for name, delta in _views(update, live, self.adapters.names).items()}
+        return self.adapters.propose(candidate, copy=False)  # fresh tensors, used nowhere else
 
     async def _solo_round(self, base_version: int) -> RoundOutcome:
         """The only replica of its span: its own clipped update is the average, still canary-gated."""
@@ -575,10 +578,17 @@ class AdapterAverager:
         self._promote_keeping_the_rest(candidate, applied)
         return RoundOutcome("averaged", reason, self.adapters.live_version, [self.peer_id])
 
-    def _promote_keeping_the_rest(self, candidate: int, applied_own: torch.Tensor) -> None:
+    def _prepared_live(self, prepared: asyncio.Future[Sketch]) -> None:
+        """A candidate's digest and live sketch are computed: the state-sharing priority follows the live version."""
+        if not prepared.cancelled() and prepared.exception() is not None:  # computed again where needed
+            logger.debug("%s: preparing a candidate failed: %r", self.prefix, prepared.exception())
+        self._live_changed()
+
+    def _promote_keeping_the_rest(self, candidate: int, applied_own: torch.Tensor, share_state: bool = True) -> None:
         """Makes `candidate` live; this replica's local progress that it does not apply (`working - live`
         beyond `applied_own`: the update's clipped-off part, passes trained while the round ran) stays in the
-        working adapters, on top of the new live version, for the next round."""
+        working adapters, on top of the new live version, for the next round. `share_state=False`: the caller
+        updates the state-sharing priority once the new version's digest is computed."""
         names = self.adapters.names
         with self.adapters.lock, torch.no_grad():  # no training pass between reading the progress and re-basing it
             rest = self.adapters.delta()  # fresh tensors

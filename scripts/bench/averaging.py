@@ -73,6 +73,7 @@ def _worker(index: int, sizes: list[int], inbox: mp.Queue, outbox: mp.Queue) -> 
         replica_ttl_s=120.0,
         clip_tau=1e9,
     )
+    loop = asyncio.new_event_loop()  # one loop for every round, as in a serving peer
     try:
         for size in sizes:
             layers = nn.ModuleList(
@@ -94,7 +95,7 @@ def _worker(index: int, sizes: list[int], inbox: mp.Queue, outbox: mp.Queue) -> 
                 next_chunk_timeout=5.0,
                 target_group_size=16,
             )
-            asyncio.run(ours.declare_replica())  # as a serving peer does from its start (keep_declared)
+            loop.run_until_complete(ours.declare_replica())  # as a serving peer does from its start (keep_declared)
             outbox.put(("built", index, adapters.num_parameters()))
             while (plan := inbox.get()) is not None:
                 kind, scheduled = plan
@@ -105,11 +106,12 @@ def _worker(index: int, sizes: list[int], inbox: mp.Queue, outbox: mp.Queue) -> 
                     control = raw.step(scheduled_time=scheduled, timeout=30.0, allow_retries=False, wait=False)
                     ok = bool(control.result())
                 else:
-                    ok = asyncio.run(ours.run_round(scheduled_time=scheduled)).averaged
+                    ok = loop.run_until_complete(ours.run_round(scheduled_time=scheduled)).averaged
                 outbox.put(("round", index, kind, get_dht_time() - scheduled, ok))
             ours.close()
             raw.shutdown()
     finally:
+        loop.close()
         dht.shutdown()
         identity_dir.cleanup()
 
