@@ -272,6 +272,7 @@ class AdapterAverager:
         self._control: StepControl | None = None  # the running round's all-reduce
         self._contribution = torch.zeros(adapters.num_parameters())  # this replica's staged (clipped) update
         self._unconfirmed: _UnconfirmedCandidate | None = None
+        self._preparing: asyncio.Future[Sketch] | None = None  # the last promoted version's digest and sketch
         self.history: list[RoundOutcome] = []
         # Every replica starts from the same seeded adapters: the anchor of the norm bound on offered states.
         if adapters.live_version != 0:
@@ -342,6 +343,7 @@ class AdapterAverager:
     async def run_round(self, scheduled_time: float | None = None) -> RoundOutcome:
         """Runs one round, applying its result only if every check and every member agrees."""
         started = time.monotonic()
+        await self.settle()
         base_version = self.adapters.live_version
         try:
             outcome = await self._round(base_version, scheduled_time)
@@ -538,6 +540,7 @@ class AdapterAverager:
             self._promote_keeping_the_rest(candidate, applied_own, share_state=prepared is None)
             if prepared is not None:
                 prepared.add_done_callback(self._prepared_live)
+                self._preparing = prepared  # held: the loop keeps only a weak reference to a running task
             return RoundOutcome("averaged", reason, self.adapters.live_version, group)
         if prepared is not None:
             await asyncio.wait({prepared})  # it reads the candidate: done before the candidate is discarded
@@ -743,6 +746,12 @@ class AdapterAverager:
             outcome = await self.run_round(scheduled_time=scheduled)
             if on_round is not None:
                 on_round(outcome)
+
+    async def settle(self) -> None:
+        """Waits for the last promoted version's digest and sketch (computed in a worker thread after its round)."""
+        preparing, self._preparing = self._preparing, None
+        if preparing is not None:
+            await asyncio.wait({preparing})
 
     def close(self) -> None:
         """Stops the averager's background process (the DHT belongs to the caller)."""

@@ -139,6 +139,11 @@ class SpanLearner:
         }
         if self.canary is not None:
             info["canary_rollbacks"] = len(self.canary.rollbacks)
+            # Versions that went live on a canary loss below the live one they replaced: "last_canary" alone
+            # can be a later round's verdict (the progress a round clipped off is promoted in later rounds).
+            info["canary_improvements"] = sum(
+                v.accepted and v.candidate_loss < v.live_loss for v in self.canary.verdicts
+            )
             if self.canary.verdicts:
                 last = self.canary.verdicts[-1]
                 info["last_canary"] = {

@@ -108,6 +108,7 @@ def _worker(index: int, sizes: list[int], inbox: mp.Queue, outbox: mp.Queue) -> 
                 else:
                     ok = loop.run_until_complete(ours.run_round(scheduled_time=scheduled)).averaged
                 outbox.put(("round", index, kind, get_dht_time() - scheduled, ok))
+            loop.run_until_complete(ours.settle())  # the last round's deferred digest and sketch
             ours.close()
             raw.shutdown()
     finally:

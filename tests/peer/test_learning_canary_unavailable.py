@@ -39,8 +39,8 @@ def test_update_waits_while_the_canary_cannot_run_and_goes_live_once_it_can(loca
             "4:8", *learning_args(PERIOD, tmp_path / "canary.txt"), name="tail-2", wait=True, timeout=120
         )
         info = wait_for_peers(model, ids, lambda i: i["adapter_version"] >= 1, 45, "the kept update to go live")["head"]
-        assert (
-            info["last_canary"]["accepted"] and info["last_canary"]["candidate_loss"] < info["last_canary"]["live_loss"]
-        )
+        # Later rounds may promote the progress a round clipped off (and the canary may refuse such a later
+        # candidate), so the last verdict need not be the one that made the first version live.
+        assert info["canary_improvements"] >= 1, info.get("last_canary")
     finally:
         model.close()
