@@ -620,18 +620,23 @@ def _check_top_p(value: float) -> float:
     return value
 
 
+# Sampling options shared by `query` and `chat`.
+Temperature = Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 is greedy.")]
+TopK = Annotated[int, typer.Option("--top-k", min=0, help="Sample among the k likeliest (0: all).")]
+TopP = Annotated[float, typer.Option("--top-p", callback=_check_top_p, help="Nucleus sampling mass, in (0, 1].")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Sampling seed, for reproducible output.")]
+
+
 @app.command("query")
 def query(
     prompt: Annotated[str, typer.Argument(help="The prompt to complete.")],
     initial_peers: InitialPeers = None,
     model: ModelOption = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens to generate at most.")] = 64,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 is greedy.")] = 0.0,
-    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample among the k likeliest (0: all).")] = 0,
-    top_p: Annotated[
-        float, typer.Option("--top-p", callback=_check_top_p, help="Nucleus sampling mass, in (0, 1].")
-    ] = 1.0,
-    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed, for reproducible output.")] = None,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    seed: Seed = None,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop at this text (repeatable).")] = None,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they arrive.")] = True,
     chat: Annotated[
@@ -703,12 +708,10 @@ def chat(
         str | None, typer.Option("--system", help="A system message opening the conversation (the model's persona).")
     ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens per answer at most.")] = 64,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 is greedy.")] = 0.0,
-    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample among the k likeliest (0: all).")] = 0,
-    top_p: Annotated[
-        float, typer.Option("--top-p", callback=_check_top_p, help="Nucleus sampling mass, in (0, 1].")
-    ] = 1.0,
-    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed, for reproducible output.")] = None,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    seed: Seed = None,
     chain_url: ChainUrl = None,
     min_stake: MinStake = 0,
 ) -> None:

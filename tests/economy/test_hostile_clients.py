@@ -11,7 +11,6 @@ import pytest
 import torch
 from substrateinterface import Keypair
 
-from chain.account_derivation import RECEIPT_REGISTRY_ACCOUNT
 from chain.ledger import ComputeLedger
 from chain.records import Payment
 from economy.metering import StepKind, UsageMeter
@@ -84,18 +83,8 @@ def inner_calls(ledger: ComputeLedger, client: Keypair, payments: list[Payment])
 
 
 def marker_call(ledger: ComputeLedger, receipt_id: bytes):
-    """The receipt marker exactly as build_settlement composes it."""
-    return ledger._call(
-        "Multisig",
-        "approve_as_multi",
-        {
-            "threshold": 2,
-            "other_signatories": ["0x" + RECEIPT_REGISTRY_ACCOUNT.hex()],
-            "maybe_timepoint": None,
-            "call_hash": "0x" + receipt_id.hex(),
-            "max_weight": 0,
-        },
-    )
+    """The receipt marker exactly as build_settlement composes it (a bare marker, without its transfer)."""
+    return ledger._marker(receipt_id)
 
 
 def test_bare_marker_without_transfer_is_never_paid(ledger, parties):
