@@ -90,6 +90,7 @@ A builtin in parentheses is an extra base kept because callers catch that builti
     │   ├── GradientError                                                               peer/training.py
     │   ├── RateLimitExceededError (RuntimeError)                                       peer/training.py
     │   ├── ContributorAuthError                                                        swarm/contributors.py
+    │   ├── FeedbackRecordError                                                         swarm/feedback_records.py
     │   ├── AggregationError                                                            peer/aggregation.py
     │   └── SketchError                                                                 peer/average_check.py
     ├── RemotePeerError (RuntimeError)    a peer failed, or answered with an error kind; carries peer_id

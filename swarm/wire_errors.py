@@ -40,6 +40,7 @@ from economy.work_sample import (
     SampleRejectedError,
     UnverifiableSampleError,
 )
+from swarm.feedback_records import FeedbackRecordError
 from swarm.protocol import (
     BlocksNotServed,
     BlocksNotServedError,
@@ -92,6 +93,7 @@ WIRE_ERRORS: tuple[WireError, ...] = (
     WireError("unverifiable", (UnverifiableSampleError,), SampleRefusedError),  # an abstention, not a verdict
     WireError("malformed_evidence", (MalformedEvidenceError,), SampleRefusedError),
     WireError("evidence_not_found", (EvidenceNotFoundError,), SampleRefusedError),  # dllm.v1.evidence: not held here
+    WireError("invalid_feedback", (FeedbackRecordError,), InvalidRequestError),  # oversized, non-UTF-8, forged
     WireError("invalid_request", (ProtocolError,), InvalidRequestError),  # last: the rows above are ProtocolErrors too
 )
 
