@@ -76,14 +76,40 @@ class ManagedProcess:
         for sig in (signal.SIGCONT, signal.SIGTERM):
             with contextlib.suppress(ProcessLookupError):  # the group is gone already
                 os.killpg(pgid, sig)
+        deadline = time.monotonic() + timeout
         with contextlib.suppress(subprocess.TimeoutExpired):  # killed below
             self.popen.wait(timeout)
+        # The DHT child and p2pd may still be removing their sockets after the main process exited: a kill now
+        # would leave those files behind, so the group gets the rest of the grace period (at least a few seconds).
+        _wait_group_gone(pgid, max(deadline - time.monotonic(), _GROUP_EXIT_S))
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)  # whatever the main process left: DHT children, p2pd
+            os.killpg(pgid, signal.SIGKILL)  # whatever is left of the group: DHT children, p2pd
         try:
             self.popen.wait(5)
         except subprocess.TimeoutExpired:
             logger.error("process %s (pid %d) did not exit", self.name, self.popen.pid)
+
+
+_GROUP_EXIT_S = 5.0
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs; zombies do not count (init reaps them on its own time)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # exited while listing
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> None:
+    """Waits until no process of group `pgid` runs, or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _group_running(pgid):
+        time.sleep(0.05)
 
 
 class LocalSwarm:
