@@ -928,14 +928,7 @@ class DistributedModel:
     # --- learning from feedback ------------------------------------------------------------------
 
     def _feedback_tensors(self, prompt: str, completion: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
-            raise ValueError("feedback needs a prompt and a non-empty preferred completion (strings)")
-        prompt_ids = self.tokenizer(prompt)["input_ids"]
-        full = self.tokenizer(prompt + completion)["input_ids"]
-        if len(full) <= len(prompt_ids):
-            raise ValueError("the completion adds no tokens to the prompt")
-        labels = [-100] * len(prompt_ids) + full[len(prompt_ids) :]
-        return torch.tensor([full]), torch.tensor([labels])
+        return feedback_tensors(self.tokenizer, prompt, completion)
 
     def feedback(self, prompt: str, completion: str, contributor: ContributorKey | None = None) -> float:
         """Teaches the swarm that `completion` is the preferred answer to `prompt` (one training pass).
@@ -965,6 +958,21 @@ class DistributedModel:
     def forward_embeddings(self, hidden: torch.Tensor) -> torch.Tensor:
         out = _RemoteBlocks.apply(hidden, self)  # type: ignore[no-untyped-call]
         return self._core.head.logits(out)
+
+
+def feedback_tensors(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, labels) of one feedback example: the loss counts the completion's tokens only. `dllm lineage
+    --reproduce` tokenizes committed examples with this too, as the client that sent them did."""
+    if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
+        raise ValueError("feedback needs a prompt and a non-empty preferred completion (strings)")
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    full = tokenizer(prompt + completion)["input_ids"]
+    if len(full) <= len(prompt_ids):
+        raise ValueError("the completion adds no tokens to the prompt")
+    labels = [-100] * len(prompt_ids) + full[len(prompt_ids) :]
+    return torch.tensor([full]), torch.tensor([labels])
 
 
 class _RemoteBlocks(torch.autograd.Function):
