@@ -62,36 +62,33 @@ class ProviderEntry:
 
 
 @dataclass
-class _Extrinsic:
-    """What one extrinsic did, as far as the index cares."""
+class ScannedExtrinsic:
+    """What one extrinsic did, as far as the indexes care."""
 
     index: int
     remarks: list[tuple[bytes, bytes]] = field(default_factory=list)  # (sender, payload hash)
     transfers: list[tuple[bytes, bytes, int]] = field(default_factory=list)  # (from, to, amount)
+    signer: bytes | None = None  # the account that signed it (None: unsigned, or not a plain account id)
 
 
-class LedgerIndex:
-    """Protocol state rebuilt from chain history (see the module docstring for the trust rules)."""
+def extrinsic_signer(raw: bytes) -> bytes | None:
+    """The signer's account id of a SCALE-encoded extrinsic (with its compact length prefix): a signed v4
+    extrinsic (version byte 0x84) whose MultiAddress is an `Id`; else None."""
+    width = {0: 1, 1: 2, 2: 4}.get(raw[0] & 0b11) if raw else None
+    if width is None or len(raw) < width + 34 or raw[width] != 0x84 or raw[width + 1] != 0x00:
+        return None
+    return bytes(raw[width + 2 : width + 34])
 
-    def __init__(
-        self,
-        substrate: SubstrateInterface,
-        council_account: bytes,
-        start_block: int = 0,
-        council_members: Iterable[bytes] = (),
-    ) -> None:
+
+class RecordScanner:
+    """Walks finalized blocks from `start_block` and hands every dllm record a `System.Remarked` event of its own
+    extrinsic vouches for to `_apply` (with the event's sender); a malformed record is logged and skipped.
+    The indexes (LedgerIndex here, chain/lineage.py's LineageIndex) apply their own kinds' trust rules."""
+
+    def __init__(self, substrate: SubstrateInterface, start_block: int = 0) -> None:
         self.substrate = substrate
-        self.council_account = council_account
-        self.council_members = frozenset(council_members)
         self.next_block = start_block
-        self.providers: dict[bytes, ProviderEntry] = {}
-        self.escrow_owner: dict[bytes, bytes] = {}
-        self.compute: dict[bytes, list[ComputeRecord]] = defaultdict(list)  # from clients' settlements
-        self.claimed_compute: dict[bytes, list[ComputeRecord]] = defaultdict(list)  # self-reported
-        self.settled: dict[bytes, SettledReceipt] = {}
-        self.settlement_log: list[SettledReceipt] = []
 
-    # ---- scanning -------------------------------------------------------------------------
     def sync(self) -> int:
         """Index every finalized block not seen yet; returns the last indexed block number."""
         head_hash = self.substrate.rpc_request("chain_getFinalizedHead", [])["result"]
@@ -103,17 +100,17 @@ class LedgerIndex:
 
     def _index_block(self, number: int) -> None:
         block_hash = self.substrate.get_block_hash(number)
-        extrinsics: dict[int, _Extrinsic] = {}
+        extrinsics: dict[int, ScannedExtrinsic] = {}
         for record in self.substrate.get_events(block_hash):
             idx = record.value.get("extrinsic_idx")
             if idx is None:
                 continue
             module, name, attrs = record.value["module_id"], record.value["event_id"], record.value["attributes"]
             if (module, name) == ("System", "Remarked"):
-                ext = extrinsics.setdefault(idx, _Extrinsic(idx))
+                ext = extrinsics.setdefault(idx, ScannedExtrinsic(idx))
                 ext.remarks.append((account_id(attrs["sender"]), bytes.fromhex(attrs["hash"][2:])))
             elif (module, name) == ("Balances", "Transfer"):
-                ext = extrinsics.setdefault(idx, _Extrinsic(idx))
+                ext = extrinsics.setdefault(idx, ScannedExtrinsic(idx))
                 ext.transfers.append((account_id(attrs["from"]), account_id(attrs["to"]), int(attrs["amount"])))
         with_remarks = [e for e in extrinsics.values() if e.remarks]
         if not with_remarks:
@@ -121,6 +118,7 @@ class LedgerIndex:
         body = self.substrate.rpc_request("chain_getBlock", [block_hash])["result"]["block"]["extrinsics"]
         for ext in with_remarks:
             raw = bytes.fromhex(body[ext.index][2:])
+            ext.signer = extrinsic_signer(raw)
             ext_hash = "0x" + blake2_256(raw).hex()
             by_hash = {blake2_256(p): p for p in find_candidate_payloads(raw)}
             for sender, payload_hash in ext.remarks:
@@ -132,8 +130,32 @@ class LedgerIndex:
                 except (MalformedRemarkError, KeyError, TypeError, ValueError) as exc:
                     logger.warning("ignoring malformed dllm record in block %d: %s", number, exc)
 
+    def _apply(self, remark: Remark, sender: bytes, ext: ScannedExtrinsic, block: int, ext_hash: str) -> None:
+        raise NotImplementedError
+
+
+class LedgerIndex(RecordScanner):
+    """Protocol state rebuilt from chain history (see the module docstring for the trust rules)."""
+
+    def __init__(
+        self,
+        substrate: SubstrateInterface,
+        council_account: bytes,
+        start_block: int = 0,
+        council_members: Iterable[bytes] = (),
+    ) -> None:
+        super().__init__(substrate, start_block)
+        self.council_account = council_account
+        self.council_members = frozenset(council_members)
+        self.providers: dict[bytes, ProviderEntry] = {}
+        self.escrow_owner: dict[bytes, bytes] = {}
+        self.compute: dict[bytes, list[ComputeRecord]] = defaultdict(list)  # from clients' settlements
+        self.claimed_compute: dict[bytes, list[ComputeRecord]] = defaultdict(list)  # self-reported
+        self.settled: dict[bytes, SettledReceipt] = {}
+        self.settlement_log: list[SettledReceipt] = []
+
     # ---- applying records --------------------------------------------------------------------
-    def _apply(self, remark: Remark, sender: bytes, ext: _Extrinsic, block: int, ext_hash: str) -> None:
+    def _apply(self, remark: Remark, sender: bytes, ext: ScannedExtrinsic, block: int, ext_hash: str) -> None:
         body = remark.body
         if remark.kind == "register":
             escrow = escrow_account(self.council_account, sender)
@@ -210,7 +232,9 @@ class LedgerIndex:
             raise ValueError("bad dispute reason")
         entry.disputes.setdefault(evidence, DisputeEntry(evidence, passed, error, reason, block))
 
-    def _apply_settlement(self, remark: Remark, client: bytes, ext: _Extrinsic, block: int, ext_hash: str) -> None:
+    def _apply_settlement(
+        self, remark: Remark, client: bytes, ext: ScannedExtrinsic, block: int, ext_hash: str
+    ) -> None:
         claimed: dict[bytes, int] = defaultdict(int)
         receipts = [_settled_receipt(entry, remark.version) for entry in remark.body["receipts"]]
         for receipt in receipts:

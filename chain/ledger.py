@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,7 @@ from chain.errors import (
     UnknownAccountError,
 )
 from chain.history import MAX_DISPUTE_REASON, LedgerIndex
+from chain.lineage import adapter_version_body, data_batch_body
 from chain.pro_rata import split_pro_rata, split_shares
 from chain.records import (
     ChainResult,
@@ -79,6 +80,9 @@ class LedgerConfig:
     unbond_delay_blocks: int = 10
     # Blocks a provider's dispute stays open (holding its unbond; council members re-run its evidence once more).
     dispute_window_blocks: int = 20
+    # Blocks an open slash proposal holds its provider's unbond: the other members' time to re-check and join.
+    # Past it, a proposal nobody joined (a lone member's, or one the others refused) no longer traps the stake.
+    slash_hold_blocks: int = 30
     # First block that can hold protocol records (the deployment block on a real chain).
     start_block: int = 0
     burn_account: bytes = BURN_ACCOUNT
@@ -211,7 +215,8 @@ class ComputeLedger:
 
     def unbond(self, council: list[Keypair], provider_ss58: str) -> ChainResult:
         """Council returns the whole remaining stake to the provider once the delay has passed, no slash of it is
-        pending (a member's open slash proposal: `propose_slash`) and no dispute of its is open (`file_dispute`)."""
+        pending (a member's open slash proposal: `propose_slash`, for `slash_hold_blocks` after it opened) and no
+        dispute of its is open (`file_dispute`)."""
         provider = account_id(provider_ss58)
         status = self.provider_status(provider_ss58)
         if status.state is not ProviderState.UNBONDING:
@@ -221,10 +226,11 @@ class ComputeLedger:
             raise UnbondNotReadyError(
                 f"unbond of {provider_ss58} is possible from block {status.unbond_ready_at} (now {head})"
             )
-        if status.open_slashes:
+        if status.slash_holds:
             raise SlashPendingError(
                 f"{provider_ss58} has {len(status.open_slashes)} slash(es) pending in the council "
-                f"({', '.join('0x' + h.hex()[:16] for h in status.open_slashes)}): execute or cancel them first"
+                f"({', '.join('0x' + h.hex()[:16] for h in status.open_slashes)}): execute or cancel them first, "
+                f"or wait until the council's hold ends (block {status.slash_hold_until}, now {head})"
             )
         if status.open_disputes:
             last = max(d.open_until for d in status.open_disputes)
@@ -264,6 +270,38 @@ class ComputeLedger:
         )
         self._require_funds(provider, call, 0)
         return self.submitter.submit(provider, call)
+
+    # ---- lineage records (chain/lineage.py) --------------------------------------------------------
+    def commit_data_batch(self, peer: Keypair, model: str, span: Sequence[int], hashes: Sequence[bytes]) -> ChainResult:
+        """A `data-batch` record of feedback content hashes (1..256, in order) from the peer's own account."""
+        return self._commit_record(peer, "data-batch", data_batch_body(model, span, hashes))
+
+    def commit_adapter_version(
+        self,
+        peer: Keypair,
+        model: str,
+        span: Sequence[int],
+        version: int,
+        parent: int,
+        sha256: bytes,
+        parent_sha256: bytes | None,
+        data_roots: Sequence[bytes],
+        replicas: Sequence[str],
+        canary_before: Mapping[str, float],
+        canary_after: Mapping[str, float],
+    ) -> ChainResult:
+        """An `adapter-version` record (a version that went live on this peer) from the peer's own account."""
+        body = adapter_version_body(
+            model, span, version, parent, sha256, parent_sha256, data_roots, replicas, canary_before, canary_after
+        )
+        return self._commit_record(peer, "adapter-version", body)
+
+    def _commit_record(self, signer: Keypair, kind: str, body: dict[str, Any]) -> ChainResult:
+        """Submit one record paid by `signer`: a bad body is refused before signing (MalformedRemarkError), a
+        signer that cannot pay before submitting (UnknownAccountError, InsufficientBalanceError)."""
+        call = self._remark(kind, body)
+        self._require_funds(signer, call, 0)
+        return self.submitter.submit(signer, call)
 
     # ---- settlement ------------------------------------------------------------------------------
     def marker_account(self, client_ss58: str) -> bytes:
@@ -857,6 +895,7 @@ class ComputeLedger:
         # A proposal stays pending while its Multisig operation exists: executed or cancelled, it is gone.
         open_slashes = tuple(h for h in entry.slash_proposals if self._pending_council_operation(h) is not None)
         entry.slash_proposals = {h: b for h, b in entry.slash_proposals.items() if h in open_slashes}
+        holds = [entry.slash_proposals[h] + self.config.slash_hold_blocks for h in open_slashes]
         cited = {s.evidence_hash for s in entry.slashes}
         window = self.config.dispute_window_blocks
         open_disputes = tuple(
@@ -874,7 +913,9 @@ class ComputeLedger:
             ready,
             tuple(entry.slashes),
             open_slashes,
+            max(holds) if holds else None,
             open_disputes,
+            head,
         )
 
     def compute_ledger(self, provider_ss58: str) -> ComputeTotals:
