@@ -57,6 +57,8 @@ MAX_NAME_CHARS = 128
 """Characters of a model name, a replica's peer id or a canary category."""
 MAX_SPAN_END = 1 << 16
 """The highest block index a span may end at."""
+MAX_VERSION = 2**31 - 1
+"""The highest adapter version a record may name (exact in every JSON reader)."""
 MAX_LINEAGE_BODY_BYTES = 24_576
 """Bytes of a lineage record's JSON body (a full batch of 256 hashes takes about 17.5 KiB)."""
 
@@ -96,7 +98,7 @@ def decode_remark(payload: bytes) -> Remark:
     if version > VERSIONS[name]:
         raise MalformedRemarkError(f"{name} records are read up to v{VERSIONS[name]}, not v{version}")
     try:
-        parsed = json.loads(body)
+        parsed = json.loads(body.decode("utf-8"))  # strictly UTF-8, as the Node reader decodes it
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MalformedRemarkError(f"record body is not JSON: {exc}") from exc
     if not isinstance(parsed, dict):
@@ -134,6 +136,9 @@ def _hex32(value: object, what: str) -> bytes:
 
 
 def _whole(value: object, what: str, low: int, high: int) -> int:
+    # An integral float (`2.0`) is the integer it names: JSON readers in other languages cannot tell them apart.
+    if type(value) is float and value.is_integer():
+        value = int(value)
     if type(value) is not int or not low <= value <= high:
         raise MalformedRemarkError(f"{what} must be an integer in {low}..{high}, got {value!r:.40}")
     return value
@@ -192,7 +197,7 @@ def _check_adapter_version(body: dict[str, Any]) -> None:
     _keys(body, _ADAPTER_VERSION_KEYS, "adapter-version")
     _name(body["model"], "model")
     _span(body["span"])
-    version = _whole(body["version"], "version", 1, 2**63 - 1)
+    version = _whole(body["version"], "version", 1, MAX_VERSION)
     _whole(body["parent"], "parent", 0, version - 1)
     _hex32(body["sha256"], "sha256")
     if body["parent_sha256"] is not None:
