@@ -13,7 +13,10 @@ import logging
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from chain.lineage import LineageIndex, MergedVersion
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +49,37 @@ class ChainSnapshot:
     providers: dict[str, ProviderChainView] = field(default_factory=dict)
     settlements: list[dict[str, Any]] = field(default_factory=list)
     slashes: list[dict[str, Any]] = field(default_factory=list)
+    # Per (model, span): the committed adapter versions (chain/lineage.py), for the lineage graph and canary plot.
+    lineage: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def lineage_json(versions: Iterable[MergedVersion], batch_counts: dict[bytes, int]) -> list[dict[str, Any]]:
+    """The dashboard's lineage view: one entry per (model, span), its versions oldest first (fork sides apart)."""
+    spans: dict[tuple[str, tuple[int, int]], list[dict[str, Any]]] = {}
+    for v in versions:
+        first = v.commits[0]
+        spans.setdefault((v.model, v.span), []).append(
+            {
+                "version": v.version,
+                "parent": v.parent,
+                "sha256": v.sha256.hex(),
+                "parent_sha256": v.parent_sha256.hex() if v.parent_sha256 is not None else None,
+                "data_roots": [{"root": r.hex(), "examples": batch_counts.get(r)} for r in v.data_roots],
+                "replicas": list(v.replicas),
+                "committers": list(v.committers),
+                "block": v.first_block,
+                "fork": v.fork,
+                "canary_before": dict(first.canary_before),
+                "canary_after": dict(first.canary_after),
+            }
+        )
+    return [
+        {"model": model, "span": list(span), "versions": sorted(group, key=lambda g: (g["version"], g["block"]))}
+        for (model, span), group in sorted(spans.items())
+    ]
 
 
 class ChainView:
@@ -58,6 +89,7 @@ class ChainView:
         self.url = url
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-chain-view")
         self._ledger: Any = None
+        self._lineage: LineageIndex | None = None  # kept across reads: each sync scans only new blocks
 
     async def read(self, accounts: Iterable[str]) -> ChainSnapshot:
         """The standing of `accounts` plus the chain's recent settlements and every slash."""
@@ -79,6 +111,7 @@ class ChainView:
             with contextlib.suppress(Exception):  # closing a broken websocket may fail too; it is discarded either way
                 self._ledger.close()
             self._ledger = None
+            self._lineage = None
 
     def _read_sync(self, accounts: list[str]) -> ChainSnapshot:
         from chain.account_derivation import account_id
@@ -132,4 +165,14 @@ class ChainView:
             }
             for s in reversed(history[-RECENT_SETTLEMENTS:])
         ]
+        snapshot.lineage = self._read_lineage(ledger)
         return snapshot
+
+    def _read_lineage(self, ledger: Any) -> list[dict[str, Any]]:
+        from chain.lineage import LineageIndex
+
+        if self._lineage is None:
+            self._lineage = LineageIndex(ledger)
+        self._lineage.sync()
+        counts = {b.root: b.count for b in self._lineage.data_batches()}
+        return lineage_json(self._lineage.merged(), counts)

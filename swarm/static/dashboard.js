@@ -81,7 +81,7 @@ function stateBadge(info) {
 }
 
 function peerTable(model, chain) {
-  const head = el("tr", {}, ...["peer", "blocks", "tokens/s", "cache free (tokens)", "rate", "chain account",
+  const head = el("tr", {}, ...["peer", "blocks", "adapters", "tokens/s", "cache free (tokens)", "rate", "chain account",
     "stake (ROC)", "earned (ROC)", "requests on chain", "tokens × params on chain", "verification"]
     .map((h) => el("th", {}, h)));
   const body = el("tbody");
@@ -90,6 +90,8 @@ function peerTable(model, chain) {
     body.append(el("tr", { "data-peer-id": peer.peer_id },
       el("td", { class: "mono", title: peer.peer_id }, short(peer.peer_id)),
       el("td", { class: "blocks" }, `${peer.start}:${peer.end}`),
+      el("td", { class: "num", title: peer.learning ? "live adapter version" : "frozen: serves the base model" },
+         peer.learning ? `v${peer.adapter_version}` : "—"),
       el("td", { class: "num" }, peer.throughput.toFixed(1)),
       el("td", { class: "num" }, peer.cache_tokens_free.toLocaleString()),
       el("td", { class: "num" }, peer.rate),
@@ -141,6 +143,116 @@ function renderChain(chain) {
     el("td", { class: "num" }, tokens(s.amount)), el("td", { class: "mono" }, short(s.evidence)))));
 }
 
+const CANARY_COLORS = ["#5aa0ff", "#3fb37f", "#e0a030", "#c678dd", "#56b6c2", "#e06c75"];
+
+// One span's version tree: a node per committed version (fork sides on their own rows), an edge to its parent.
+function lineageSvg(entry) {
+  const versions = entry.versions;
+  const numbers = [...new Set([0, ...versions.map((v) => v.version), ...versions.map((v) => v.parent)])]
+    .sort((a, b) => a - b);
+  const col = 120, row = 64, left = 40, top = 30;
+  const rows = {};
+  const place = new Map(); // "version:sha" -> {x, y}
+  for (const v of versions) {
+    const r = rows[v.version] = (rows[v.version] ?? -1) + 1;
+    place.set(`${v.version}:${v.sha256}`, { x: left + col * numbers.indexOf(v.version), y: top + row * r, v });
+  }
+  const height = top + row * (Math.max(0, ...Object.values(rows)) + 1);
+  const root = svg("svg", { class: "lineage", viewBox: `0 0 ${left + col * numbers.length} ${height}`, role: "img",
+                            "data-span": `${entry.span[0]}:${entry.span[1]}`, "data-model": entry.model });
+  root.append(svg("title", {}, `Adapter versions of ${entry.model} blocks ${entry.span[0]}:${entry.span[1]}`));
+  const nodeAt = (version, sha) => {
+    for (const p of place.values()) if (p.v.version === version && (sha === null || p.v.sha256 === sha)) return p;
+    for (const p of place.values()) if (p.v.version === version) return p;
+    return null;
+  };
+  for (const p of place.values()) {
+    const parent = nodeAt(p.v.parent, p.v.parent_sha256) || { x: left + col * numbers.indexOf(p.v.parent), y: top };
+    root.append(svg("path", { class: "edge", "data-edge": `${p.v.version}->${p.v.parent}`,
+                              d: `M${p.x - 16},${p.y} L${parent.x + 16},${parent.y}` }));
+  }
+  if (!nodeAt(0, null)) {  // the common start every replica seeds alike: never committed itself
+    root.append(svg("circle", { class: "node", cx: left, cy: top, r: 15, opacity: 0.5 }));
+    root.append(svg("text", { x: left, y: top + 4, "text-anchor": "middle" }, "v0"));
+  }
+  for (const p of place.values()) {
+    const v = p.v;
+    const examples = v.data_roots.reduce((n, d) => n + (d.examples || 0), 0);
+    const g = svg("g", { "data-version": v.version, "data-parent": v.parent, "data-sha256": v.sha256,
+                         "data-roots": v.data_roots.map((d) => d.root).join(" "), "data-fork": v.fork });
+    g.append(svg("title", {}, `v${v.version} ← v${v.parent}\nsha256 ${v.sha256}\nblock ${v.block}\n` +
+      `data roots:\n${v.data_roots.map((d) => `  ${d.root} (${d.examples ?? "?"} examples)`).join("\n") || "  none"}\n` +
+      `replicas: ${v.replicas.join(", ")}`));
+    g.append(svg("circle", { class: v.fork ? "node fork" : "node", cx: p.x, cy: p.y, r: 15 }));
+    g.append(svg("text", { x: p.x, y: p.y + 4, "text-anchor": "middle" }, `v${v.version}`));
+    g.append(svg("text", { x: p.x, y: p.y + 28, "text-anchor": "middle", class: "axis" },
+                 `${v.sha256.slice(0, 8)} · ${v.data_roots.length} root(s), ${examples} ex${v.fork ? " · FORK" : ""}`));
+    root.append(g);
+  }
+  return root;
+}
+
+// Canary loss per category after each version (the parent's "before" opens each line): a rising line is drift.
+function canarySvg(entry) {
+  const sides = entry.versions.filter((v) => !v.fork || v === entry.versions.find((w) => w.version === v.version));
+  const categories = [...new Set(sides.flatMap((v) => Object.keys(v.canary_after)))].sort();
+  if (categories.length === 0) return el("p", { class: "muted" }, "no canary losses recorded");
+  const series = categories.map((c) => {
+    const points = [];
+    const first = sides[0];
+    if (first && first.canary_before[c] !== undefined) points.push([first.parent, first.canary_before[c]]);
+    for (const v of sides) if (v.canary_after[c] !== undefined) points.push([v.version, v.canary_after[c]]);
+    return { category: c, points };
+  });
+  const xs = series.flatMap((s) => s.points.map((p) => p[0])), ys = series.flatMap((s) => s.points.map((p) => p[1]));
+  const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1);
+  const y0 = Math.min(...ys), y1 = Math.max(...ys, y0 + 1e-6);
+  const w = 640, h = 180, left = 56, right = 170, top = 10, bottom = 24;
+  const X = (x) => left + (w - left - right) * (x - x0) / (x1 - x0);
+  const Y = (y) => top + (h - top - bottom) * (1 - (y - y0) / (y1 - y0));
+  const root = svg("svg", { class: "canary", viewBox: `0 0 ${w} ${h}`, role: "img",
+                            "data-span": `${entry.span[0]}:${entry.span[1]}` });
+  root.append(svg("title", {}, `Canary loss per category by version, ${entry.model} blocks ${entry.span[0]}:${entry.span[1]}`));
+  for (const y of [y0, (y0 + y1) / 2, y1]) {
+    root.append(svg("line", { class: "grid", x1: left, x2: w - right, y1: Y(y), y2: Y(y) }));
+    root.append(svg("text", { x: left - 6, y: Y(y) + 4, "text-anchor": "end", class: "axis" }, y.toFixed(3)));
+  }
+  for (let x = x0; x <= x1; x++) {
+    root.append(svg("text", { x: X(x), y: h - 6, "text-anchor": "middle", class: "axis" }, `v${x}`));
+  }
+  series.forEach((s, i) => {
+    const color = CANARY_COLORS[i % CANARY_COLORS.length];
+    const rises = s.points.some((p, j) => j > 0 && p[1] > s.points[j - 1][1]);
+    root.append(svg("polyline", { fill: "none", stroke: color, "stroke-width": 2, "data-category": s.category,
+                                  "data-rises": rises, points: s.points.map((p) => `${X(p[0])},${Y(p[1])}`).join(" ") }));
+    for (const p of s.points) root.append(svg("circle", { cx: X(p[0]), cy: Y(p[1]), r: 3, fill: color }));
+    root.append(svg("text", { x: w - right + 10, y: top + 14 + 16 * i, fill: color },
+                    `${s.category}${rises ? " ▲ rose" : ""}`));
+  });
+  return root;
+}
+
+function renderLineage(chain) {
+  const section = document.getElementById("lineage");
+  const spans = chain && chain.lineage ? chain.lineage : [];
+  section.hidden = !chain;
+  const box = document.getElementById("lineage-spans");
+  box.replaceChildren();
+  if (spans.length === 0) {
+    box.append(el("p", { class: "muted" }, "No adapter version committed on chain yet."));
+    return;
+  }
+  for (const entry of spans) {
+    const forks = entry.versions.filter((v) => v.fork).length;
+    box.append(el("h3", { "data-model": entry.model }, `${entry.model} · blocks ${entry.span[0]}:${entry.span[1]} · `,
+                  `${new Set(entry.versions.map((v) => v.version)).size} version(s) `,
+                  forks ? el("span", { class: "badge bad" }, "fork: two tensors committed for one version")
+                        : el("span", { class: "badge ok" }, "one line of versions")));
+    box.append(lineageSvg(entry));
+    box.append(canarySvg(entry));
+  }
+}
+
 async function refresh() {
   let delay = 2000;
   try {
@@ -151,6 +263,7 @@ async function refresh() {
     planckPerToken = data.planck_per_token;
     renderModels(data);
     renderChain(data.chain);
+    renderLineage(data.chain);
     const error = document.getElementById("error");
     error.hidden = !data.swarm_error;
     error.textContent = data.swarm_error ? `swarm unreachable: ${data.swarm_error}` : "";
