@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from chain.council import Council
     from chain.errors import ChainError, ConfigError, DLLMError, EconomyError, UnavailableError
     from chain.ledger import ComputeLedger, LedgerConfig
+    from chain.lineage import DataBatch, LineageIndex, MergedVersion, VersionCommit
     from chain.records import (
         ChainEvent,
         ChainResult,
@@ -41,8 +42,11 @@ __all__ = [
     "ConfigError",
     "Council",
     "DLLMError",
+    "DataBatch",
     "EconomyError",
     "LedgerConfig",
+    "LineageIndex",
+    "MergedVersion",
     "Payment",
     "ProviderShare",
     "ProviderState",
@@ -50,6 +54,7 @@ __all__ = [
     "SettledReceipt",
     "SlashRecord",
     "UnavailableError",
+    "VersionCommit",
 ]
 
 # public name -> the module that defines it
@@ -63,8 +68,11 @@ _EXPORTS = {
     "ConfigError": "chain.errors",
     "Council": "chain.council",
     "DLLMError": "chain.errors",
+    "DataBatch": "chain.lineage",
     "EconomyError": "chain.errors",
     "LedgerConfig": "chain.ledger",
+    "LineageIndex": "chain.lineage",
+    "MergedVersion": "chain.lineage",
     "PLANCK_PER_TOKEN": "chain.units",
     "Payment": "chain.records",
     "ProviderShare": "chain.records",
@@ -74,6 +82,7 @@ _EXPORTS = {
     "SlashRecord": "chain.records",
     "TOKEN_SYMBOL": "chain.units",
     "UnavailableError": "chain.errors",
+    "VersionCommit": "chain.lineage",
 }
 
 

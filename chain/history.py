@@ -2,7 +2,8 @@
 
 The chain is the source of truth; this index is a cache the ledger client rebuilds from any start
 block (the block the protocol was deployed at). Only finalized blocks are scanned, so a re-org on
-a real chain never rewrites what was indexed. Each record is trusted only if:
+a real chain never rewrites what was indexed. `RecordScanner` does the block walking for this index and for
+chain/lineage.py's LineageIndex (each applies its own kinds). Each record is trusted only if:
 - its blake2_256 hash appears in a `System.Remarked` event of the same extrinsic (so the call
   really executed: events of a failed batch are rolled back with it), and
 - the event's sender is the account the record kind requires (the provider itself, the paying
