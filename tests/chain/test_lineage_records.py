@@ -137,6 +137,10 @@ def test_writers_and_readers_refuse_malformed_lineage_bodies():
         data_batch_body(MODEL, (0, 4), [])
     good = encode_remark("data-batch", data_batch_body(MODEL, (0, 4), hashes("ok", MAX_BATCH_HASHES)))
     assert decode_remark(good).body["count"] == MAX_BATCH_HASHES
+    # 2.0 is the integer 2 to every JSON reader (the Node one cannot tell them apart); bytes that are not UTF-8 are not.
+    decode_remark(raw_payload("adapter-version", version_body(version=2.0)))
+    with pytest.raises(MalformedRemarkError, match="not JSON"):
+        decode_remark(raw_payload("data-batch", data_batch_body(MODEL, (0, 4), hashes("u", 1))) + b"\xff")
 
 
 # ---- on the dev chain ----------------------------------------------------------------------------------------------
