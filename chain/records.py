@@ -133,15 +133,27 @@ class ProviderStatus:
     slashes: tuple[SlashRecord, ...] = ()
     # Call hashes of slashes a council member opened on chain that are neither executed nor cancelled yet.
     open_slashes: tuple[bytes, ...] = ()
+    # Last block an open slash still holds the unbond (`slash_hold_blocks` after it opened); None: none holds it.
+    slash_hold_until: int | None = None
     # Disputes the provider filed whose decision window is still open and whose evidence no slash cited yet.
     open_disputes: tuple[DisputeRecord, ...] = ()
+    # The chain head this status was read at.
+    as_of_block: int | None = None
+
+    @property
+    def slash_holds(self) -> bool:
+        """Whether an open slash proposal still holds the provider (its unbond, its routes) at `as_of_block`."""
+        if not self.open_slashes:
+            return False
+        return self.slash_hold_until is None or self.as_of_block is None or self.as_of_block <= self.slash_hold_until
 
     def routing_refusal(self, min_stake: int) -> str | None:
         """Why a client asking for `min_stake` must not route to (nor pay) this provider; None: it may.
 
         Only a registered provider with no slash, none pending and at least `min_stake` bonded qualifies: an
         unbonding one is leaving (its stake goes back once the delay passes), a slashed one was caught cheating
-        (re-registering after an unbond starts a clean record), and a pending slash means a verdict is out."""
+        (re-registering after an unbond starts a clean record), and a pending slash means a verdict is out (until
+        the council's hold on it ends: a proposal no second member joined in time does not bar a provider forever)."""
         if self.state is ProviderState.UNBONDING:
             return f"unbonding since block {self.unbond_requested_at}"
         if self.state is not ProviderState.REGISTERED:
@@ -149,7 +161,7 @@ class ProviderStatus:
         if self.slashes:
             last = self.slashes[-1]
             return f"slashed {len(self.slashes)}x (last at block {last.block_number}, {last.amount} planck)"
-        if self.open_slashes:
+        if self.slash_holds:
             return f"{len(self.open_slashes)} slash(es) pending in the council"
         if self.stake < min_stake:
             return f"stake {self.stake} planck below the minimum {min_stake}"

@@ -78,6 +78,31 @@ def test_unbond_waits_for_the_delay_and_every_pending_slash(ledger, dev_chain):
     assert total_balance(ledger, provider.ss58_address) == before + (STAKE_UNITS - 2) * UNIT
 
 
+def test_a_proposal_nobody_joins_holds_the_unbond_only_for_the_councils_hold(ledger, dev_chain):
+    """Attack: one member opens a slash the others refuse to join, to trap an honest provider's stake forever."""
+    provider, serving = fresh_account(ledger), fresh_account(ledger)
+    for kp in (provider, serving):
+        ledger.register_provider(kp, STAKE_UNITS * UNIT)
+    alice, bob, charlie = council_keys(ledger)
+    ledger.propose_slash(charlie, serving.ss58_address, 2 * UNIT, _evidence("made up too"))
+    call_hash = ledger.propose_slash(charlie, provider.ss58_address, 2 * UNIT, _evidence("made up"))
+    opened = ledger.substrate.get_block_number(None)
+    assert "pending in the council" in (ledger.provider_status(serving.ss58_address).routing_refusal(0) or "")
+    ledger.request_unbond(provider)
+    dev_chain.new_blocks(ledger.config.unbond_delay_blocks)
+    status = ledger.provider_status(provider.ss58_address)
+    assert status.open_slashes == (call_hash,) and status.slash_hold_until == opened + ledger.config.slash_hold_blocks
+    with pytest.raises(SlashPendingError, match="hold ends"):  # the others still have time to re-check and join
+        ledger.unbond([alice, bob], provider.ss58_address)
+
+    dev_chain.new_blocks(max(0, status.slash_hold_until + 1 - ledger.substrate.get_block_number(None)))
+    before = total_balance(ledger, provider.ss58_address)
+    ledger.unbond([alice, bob], provider.ss58_address)  # nobody joined in time: the stake goes back whole
+    assert ledger.provider_status(provider.ss58_address).state is ProviderState.UNBONDED
+    assert total_balance(ledger, provider.ss58_address) == before + STAKE_UNITS * UNIT
+    assert ledger.provider_status(serving.ss58_address).routing_refusal(0) is None  # routes again too
+
+
 def test_dllm_peer_unbond_starts_the_delay(ledger, dev_chain):
     uri, provider = funded_key(ledger)
     ledger.register_provider(provider, STAKE_UNITS * UNIT)
