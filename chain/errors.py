@@ -119,6 +119,7 @@ A builtin in parentheses is an extra base kept because callers catch that builti
     │   └── CanaryExamplesError (ValueError)                                            peer/canary_examples.py
     └── UnavailableError                  something needed cannot be had now; a later try may work    chain/errors.py
         ├── CacheFullError (RuntimeError)                                               swarm/protocol.py
+        ├── FeedbackStoreFullError (RuntimeError)                                       swarm/feedback_records.py
         ├── NoRouteError (RuntimeError)                                                 swarm/routing.py
         ├── SessionFailedError (RuntimeError)                                           swarm/session.py
         ├── SwarmUnavailableError (RuntimeError)                                        swarm/api.py

@@ -41,6 +41,11 @@ swarm_app = typer.Typer(help="Swarm infrastructure: bootstrap nodes.", no_args_i
 app.add_typer(chain_app, name="chain")
 app.add_typer(peer_app, name="peer")
 app.add_typer(swarm_app, name="swarm")
+data_app = typer.Typer(
+    help="The published feedback data the swarm learned from, checked against its commitments on chain.",
+    no_args_is_help=True,
+)
+app.add_typer(data_app, name="data")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -381,10 +386,55 @@ def peer_join(
             help="Roll back an adapter update whose canary loss rises by more than this fraction.",
         ),
     ] = 0.01,
+    canary_category_max_rise: Annotated[
+        float,
+        typer.Option(
+            "--canary-category-max-rise",
+            min=0.0,
+            max=1.0,
+            help="Roll back an adapter update that raises one canary category's loss (a '## NAME' section of the "
+            "canary file, e.g. the shipped stereotype-probe) by more than this fraction.",
+        ),
+    ] = 0.05,
+    canary_category_limit: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--canary-category-limit",
+            help="NAME=RISE: category NAME's own bound instead of --canary-category-max-rise (repeatable).",
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            file_okay=False,
+            help="Where this peer keeps the feedback it trains on and publishes (default ~/.dllm/feedback).",
+        ),
+    ] = None,
+    data_budget: Annotated[
+        int,
+        typer.Option(
+            "--data-budget",
+            min=1,
+            help="MiB of published feedback this peer keeps. Past it, the oldest examples committed on chain and "
+            "replicated to another peer are evicted; if none are, new feedback is refused.",
+        ),
+    ] = 1024,
+    data_batch_size: Annotated[
+        int,
+        typer.Option(
+            "--data-batch-size",
+            min=1,
+            max=256,
+            help="New feedback examples per data-batch commitment on chain (pending ones are also committed "
+            "before each adapter version commit and every 5 minutes).",
+        ),
+    ] = 32,
 ) -> None:
     """Join the swarm as a compute provider serving a span of the model's blocks (runs until Ctrl-C)."""
     peers = _require_peers(initial_peers)
     span = _parse_blocks_option(blocks)
+    category_limits = _parse_category_limits_option(canary_category_limit)
     url = arguments.parse_chain_url(chain_url)
     key = arguments.parse_chain_key(chain_key)
     stake_planck = _parse_stake_option(stake, url, key)
@@ -421,6 +471,11 @@ def peer_join(
             train_passes_per_minute=train_passes_per_minute,
             canary_file=canary_file,
             canary_max_rise=canary_max_rise,
+            canary_category_max_rise=canary_category_max_rise,
+            canary_category_limits=category_limits,
+            data_dir=data_dir,
+            data_budget_bytes=data_budget * 2**20,
+            data_batch_size=data_batch_size,
         )
     )
     if adapter_rank > 0:  # a bad canary file fails here, in one line, not in the peer's start-up
@@ -530,6 +585,15 @@ def chain_release_markers(chain_url: ChainUrl = None, chain_key: ChainKey = None
     typer.echo(f"released {len(released)} markers of expired receipts; {still_open} stay open until theirs expire")
 
 
+def _parse_category_limits_option(values: list[str] | None) -> dict[str, float]:
+    from peer.config import parse_category_limits  # a light module: dataclasses only
+
+    try:
+        return parse_category_limits(values)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="'--canary-category-limit'") from None
+
+
 def _parse_blocks_option(blocks: str) -> tuple[int, int] | None:
     """--blocks as a half-open span, or None for 'auto'."""
     from peer.config import parse_blocks  # a light module: dataclasses only
@@ -625,6 +689,14 @@ Temperature = Annotated[float, typer.Option("--temperature", "-t", min=0.0, help
 TopK = Annotated[int, typer.Option("--top-k", min=0, help="Sample among the k likeliest (0: all).")]
 TopP = Annotated[float, typer.Option("--top-p", callback=_check_top_p, help="Nucleus sampling mass, in (0, 1].")]
 Seed = Annotated[int | None, typer.Option("--seed", help="Sampling seed, for reproducible output.")]
+SharePrompts = Annotated[
+    bool,
+    typer.Option(
+        "--share-prompts",
+        help="Publish each prompt with its answer, signed by your account, for researchers (stored by peers and "
+        "committed on chain; docs/data.md). Without it, prompts stay private.",
+    ),
+]
 
 
 @app.command("query")
@@ -647,11 +719,12 @@ def query(
     ] = False,
     chain_url: ChainUrl = None,
     min_stake: MinStake = 0,
+    share_prompts: SharePrompts = False,
 ) -> None:
     """Query the distributed model: the prompt's completion streams to the terminal, its route to stderr."""
     peers = _require_peers(initial_peers)
     folder = _model_folder(model)
-    client_config = _client_config(chain_url, min_stake)
+    client_config = _client_config(chain_url, min_stake, share_prompts)
     from rich.console import Console
     from rich.markup import escape
 
@@ -688,12 +761,29 @@ def query(
             )
         if result is not None:
             hops = (
-                f"{hop.rsplit(':', 2)[0][-8:]}[{hop.split(':', 1)[1]}] ({standing})"
-                for hop, standing in zip(result.route, result.route_standing, strict=True)
+                f"{hop.rsplit(':', 2)[0][-8:]}[{hop.split(':', 1)[1]}]{'' if version is None else f' v{version}'} "
+                f"({standing})"
+                for hop, standing, version in zip(
+                    result.route, result.route_standing, result.route_versions, strict=True
+                )
             )
             status.print(f"[dim]route: {escape(' → '.join(hops))}[/dim]")
+            if share_prompts:
+                _share_prompt(distributed, request, result.text, status)
     finally:
         distributed.close()
+
+
+def _share_prompt(distributed: Any, prompt: str | list[int], answer: str, status: Any) -> None:
+    """--share-prompts: publishes the prompt (as the model saw it) with its answer; a failure is only reported."""
+    from chain.errors import DLLMError
+
+    text = prompt if isinstance(prompt, str) else distributed.tokenizer.decode(prompt)
+    try:
+        peer_id = distributed.share_prompt(text, answer)
+        status.print(f"[dim]prompt shared (public) through peer {peer_id[-8:]}[/dim]")
+    except (DLLMError, RuntimeError) as error:
+        status.print(f"[yellow]the prompt was not shared: {type(error).__name__}: {error}[/]")
 
 
 CHAT_EXIT = "/exit"
@@ -714,6 +804,7 @@ def chat(
     seed: Seed = None,
     chain_url: ChainUrl = None,
     min_stake: MinStake = 0,
+    share_prompts: SharePrompts = False,
 ) -> None:
     """Chat with the distributed model: each line you type is a message, the answer streams back.
 
@@ -723,7 +814,7 @@ def chat(
     """
     peers = _require_peers(initial_peers)
     folder = _model_folder(model)
-    client_config = _client_config(chain_url, min_stake)
+    client_config = _client_config(chain_url, min_stake, share_prompts)
     from rich.console import Console
 
     from chain.errors import DLLMError
@@ -773,6 +864,8 @@ def chat(
             if result is None:  # set once the stream is exhausted, which the loop above did
                 raise RuntimeError("the answer's stream ended without a result")
             conversation.record(turn, result.text.strip())
+            if share_prompts:
+                _share_prompt(distributed, turn.prompt_ids, result.text, status)
             dropped = f", {turn.dropped_exchanges} oldest exchanges dropped" if turn.dropped_exchanges else ""
             status.print(
                 f"[dim]{result.prompt_tokens} prompt + {result.completion_tokens} generated tokens{dropped}[/]"
@@ -781,8 +874,8 @@ def chat(
         distributed.close()
 
 
-def _client_config(chain_url: str | None, min_stake: int) -> Any:
-    """The swarm.client.ClientConfig of the client commands' --chain-url and --min-stake."""
+def _client_config(chain_url: str | None, min_stake: int, share_prompts: bool = False) -> Any:
+    """The swarm.client.ClientConfig of the client commands' --chain-url, --min-stake and --share-prompts."""
     url = arguments.parse_chain_url(chain_url)
     if min_stake > 0 and url is None:
         raise typer.BadParameter(
@@ -791,7 +884,7 @@ def _client_config(chain_url: str | None, min_stake: int) -> Any:
         )
     from swarm.client import ClientConfig
 
-    return _valid_config(lambda: ClientConfig(min_stake=min_stake, chain_url=url))
+    return _valid_config(lambda: ClientConfig(min_stake=min_stake, chain_url=url, share_prompts=share_prompts))
 
 
 # --------------------------------------------------------------------------------------------- feedback
@@ -819,7 +912,8 @@ def feedback(
         if not hasattr(distributed, "feedback"):
             _fail("this swarm client cannot send feedback yet (DistributedModel.feedback is missing)")
         outcome = distributed.feedback(prompt, completion)
-        typer.echo(f"feedback accepted: {outcome}")
+        account = distributed.core.contributor().account
+        typer.echo(f"feedback accepted: {outcome} (published, signed by {account}: docs/data.md)")
     finally:
         distributed.close()
 
@@ -1114,11 +1208,12 @@ def api(
             "feedback is signed by that key's chain account (one contributor per user).",
         ),
     ] = None,
+    share_prompts: SharePrompts = False,
 ) -> None:
     """Serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models) over the swarm."""
     peers = _require_peers(initial_peers)
     folder = _model_folder(model)
-    client_config = _client_config(chain_url, min_stake)
+    client_config = _client_config(chain_url, min_stake, share_prompts)
     from dllm.service import serve_until_signal
     from swarm.api import ApiService
 
@@ -1159,6 +1254,256 @@ def dashboard(
         DashboardConfig(initial_peers=peers, chain_url=url, host=host, port=port, refresh_s=refresh)
     )
     serve_until_signal(service, on_ready=lambda: print(service.ready_line, flush=True))
+
+
+# ------------------------------------------------------------------------------------ data and lineage
+
+
+def _require_chain_url(chain_url: str | None, what: str) -> str:
+    url = arguments.parse_chain_url(chain_url)
+    if url is None:
+        raise typer.BadParameter(f"{what} reads the chain's records: give --chain-url", param_hint="'--chain-url'")
+    return url
+
+
+@data_app.command("export")
+def data_export(
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Folder to write feedback.jsonl and summary.json into.", file_okay=False),
+    ],
+    initial_peers: InitialPeers = None,
+    chain_url: ChainUrl = None,
+) -> None:
+    """Download every published feedback example, check it against its commitment on chain and its contributor's
+    signature, and write DIR/feedback.jsonl (one example a line, with provenance) and DIR/summary.json.
+
+    A peer that serves data not matching a commitment is named (its data is never written); examples no peer
+    serves (evicted, or their holders offline) are listed as unavailable."""
+    peers = _require_peers(initial_peers)
+    url = _require_chain_url(chain_url, "an export")
+    import asyncio
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from chain.errors import DLLMError
+    from dllm.data_export import export_dataset
+
+    console = Console(stderr=True, width=80)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        reading = progress.add_task("reading the chain's records", total=None)
+
+        def start(hashes: int, peer_count: int) -> Callable[[int], None]:
+            progress.update(reading, visible=False)
+            task = progress.add_task(f"asking {peer_count} peer(s) for {hashes} example(s)", total=peer_count)
+            return lambda done: progress.advance(task, done)
+
+        try:
+            report = asyncio.run(export_dataset(peers, url, out, progress=start))
+        except DLLMError as error:
+            _fail(f"the export failed: {error}")
+    outcome = report.outcome
+    typer.echo(
+        f"{report.written} of {report.committed} committed examples written; {report.batches} data batches, "
+        f"{report.versions} adapter versions on chain\nfiles: {out / 'feedback.jsonl'} and summary.json"
+    )
+    for peer_id in outcome.tampering_peers:
+        count = sum(t.peer_id == peer_id for t in outcome.tampered)
+        typer.echo(f"TAMPERED: peer {peer_id} served {count} record(s) not matching their commitment", err=True)
+    if outcome.invalid:
+        typer.echo(f"invalid: {len(outcome.invalid)} committed record(s) fail their signature check", err=True)
+    if outcome.unavailable:
+        typer.echo(f"unavailable: {len(outcome.unavailable)} committed example(s) no peer served:", err=True)
+        for content_hash in outcome.unavailable[:20]:
+            typer.echo(f"  {content_hash.hex()}", err=True)
+        if len(outcome.unavailable) > 20:
+            typer.echo(f"  … and {len(outcome.unavailable) - 20} more (summary.json lists all)", err=True)
+
+
+@app.command("lineage")
+def lineage(
+    chain_url: ChainUrl = None,
+    initial_peers: InitialPeers = None,
+    blocks: Annotated[
+        str | None, typer.Option("--blocks", "-b", help="Only this span, START:END (default: every span).")
+    ] = None,
+    verify: Annotated[
+        int | None,
+        typer.Option(
+            "--verify",
+            min=1,
+            help="Download version V's adapters by their committed sha256 from every peer that may hold them and "
+            "check each against it (exit 1 on a mismatch, or if no peer serves them).",
+            metavar="V",
+        ),
+    ] = None,
+    reproduce: Annotated[
+        int | None,
+        typer.Option(
+            "--reproduce",
+            min=1,
+            help="Replay version V's committed data on its parent here (whole model, LoRA on that span) and "
+            "report the distance to the committed tensors.",
+            metavar="V",
+        ),
+    ] = None,
+    peer: Annotated[
+        list[str] | None,
+        typer.Option("--peer", help="With --verify: also ask this peer id (repeatable)."),
+    ] = None,
+    model: ModelOption = None,
+    learning_rate: Annotated[
+        float,
+        typer.Option("--learning-rate", min=1e-7, max=1.0, help="With --reproduce: the peers' learning rate."),
+    ] = 1e-3,
+    train_step_batch: Annotated[
+        int, typer.Option("--train-step-batch", min=1, help="With --reproduce: the peers' passes per step.")
+    ] = 4,
+) -> None:
+    """The history of each span's adapters from the chain: version <- parent, tensor sha256, data roots,
+    replicas and canary loss per category before -> after (an up arrow marks a rise); forks are flagged."""
+    url = _require_chain_url(chain_url, "the lineage")
+    span = _parse_blocks_option(blocks) if blocks is not None else None
+    if verify is not None and reproduce is not None:
+        raise typer.BadParameter("give one of --verify and --reproduce", param_hint="'--reproduce'")
+    if peer and verify is None:
+        raise typer.BadParameter("only --verify asks given peers", param_hint="'--peer'")
+    peers = _require_peers(initial_peers) if verify is not None or reproduce is not None else []
+    folder = _model_folder(model) if reproduce is not None else None
+    from chain.errors import DLLMError
+    from dllm.data_export import read_lineage
+    from dllm.lineage import render_lineage, select
+
+    try:
+        batches, versions = read_lineage(url)
+    except DLLMError as error:
+        _fail(f"could not read the chain's records: {error}")
+    if span is not None:
+        versions = [v for v in versions if v.span == span]
+    if verify is None and reproduce is None:
+        roots: dict[bytes, list[Any]] = {}
+        for batch in batches:
+            roots.setdefault(batch.root, []).append(batch)
+        typer.echo(render_lineage(versions, roots))
+        return
+    target = verify if verify is not None else reproduce
+    assert target is not None
+    chosen = select(versions, target, span)
+    if not chosen:
+        _fail(f"no adapter-version record of v{target}" + (f" for blocks {blocks}" if blocks else ""))
+    if verify is not None:
+        _verify_versions(peers, chosen, list(peer or []))
+        return
+    if len(chosen) > 1:
+        _fail(f"v{target} is committed for {len(chosen)} spans or fork sides: choose one with --blocks")
+    assert folder is not None
+    _reproduce_version(peers, folder, chosen[0], batches, learning_rate, train_step_batch)
+
+
+def _verify_versions(peers: list[str], chosen: list[Any], extra: list[str]) -> None:
+    import asyncio
+
+    from dllm.lineage import render_checks, verify_version
+    from swarm.dht import start_dht
+
+    async def run() -> list[Any]:
+        dht, _ = await asyncio.to_thread(start_dht, peers, client_mode=True)
+        try:
+            p2p = await dht.replicate_p2p()
+            try:
+                return [await verify_version(dht, p2p, v, extra) for v in chosen]
+            finally:
+                await p2p.shutdown()
+        finally:
+            await asyncio.to_thread(dht.shutdown)
+
+    from rich.console import Console
+
+    with Console(stderr=True).status("Downloading the adapters from the peers that may hold them…"):
+        checks = asyncio.run(run())
+    typer.echo(render_checks(checks))
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        mismatched = sorted({s.peer_id for c in bad for s in c.mismatched})
+        _fail(
+            "adapters differ from the committed sha256 on peer(s) " + ", ".join(mismatched)
+            if mismatched
+            else "no peer served the committed adapters: they cannot be verified"
+        )
+
+
+def _reproduce_version(
+    peers: list[str], folder: Path, version: Any, batches: list[Any], learning_rate: float, step_batch: int
+) -> None:
+    import asyncio
+
+    from rich.console import Console
+
+    from dllm.data_export import fetch_committed, listings, p2p_fetch, peer_order, swarm_peers
+    from dllm.lineage import (
+        ReplayReport,
+        distance,
+        fetch_bundle_by_digest,
+        initial_bundle,
+        lora_config_of,
+        replay,
+        span_peer_ids,
+    )
+    from peer.training import TrainingConfig
+    from swarm.dht import start_dht
+
+    roots = set(version.data_roots)
+    wanted = listings(b for b in batches if b.root in roots)
+
+    async def fetch() -> tuple[Any, Any, Any]:
+        dht, _ = await asyncio.to_thread(start_dht, peers, client_mode=True)
+        try:
+            p2p = await dht.replicate_p2p()
+            try:
+                sources = list(
+                    dict.fromkeys([*version.replicas, *await span_peer_ids(dht, version.model, version.span)])
+                )
+                committed = await fetch_bundle_by_digest(p2p, sources, version.sha256)
+                parent = None
+                if version.parent_sha256 is not None and version.parent > 0:
+                    parent = await fetch_bundle_by_digest(p2p, sources, version.parent_sha256)
+                records = await swarm_peers(dht, [version.model])
+                order = peer_order(records, (p.batch.sender for places in wanted.values() for p in places))
+                outcome = await fetch_committed(wanted, order, p2p_fetch(p2p))
+                return committed, parent, outcome
+            finally:
+                await p2p.shutdown()
+        finally:
+            await asyncio.to_thread(dht.shutdown)
+
+    console = Console(stderr=True)
+    with console.status("Fetching the committed adapters and data…"):
+        committed, parent, outcome = asyncio.run(fetch())
+    if committed is None:
+        _fail(f"no peer serves v{version.version}'s committed adapters ({version.sha256.hex()[:16]}…)")
+    lora = lora_config_of(committed)
+    if parent is None:
+        if version.parent != 0:
+            _fail(f"no peer serves the parent v{version.parent}'s adapters: nothing to replay on")
+        parent = initial_bundle(lora, folder, version.span)
+        if version.parent_sha256 is not None and parent.digest != version.parent_sha256:
+            _fail("the local v0 adapters do not hash to the committed parent sha256 (another LoRA seed or model?)")
+    examples = [outcome.examples[h][0] for h in wanted if h in outcome.examples]
+    trained = [e for e in examples if e.kind == "feedback"]
+    missing = len(wanted) - len(examples)
+    if missing:
+        typer.echo(f"warning: {missing} committed example(s) could not be fetched; replaying without them", err=True)
+    if not trained:
+        _fail(f"v{version.version} has no fetchable committed feedback to replay")
+    training = TrainingConfig(learning_rate=learning_rate)
+    with console.status(f"Replaying {len(trained)} example(s) on v{version.parent}…"):
+        replayed, steps = replay(folder, version.span, parent, lora, trained, training, step_batch)
+    rel, cos, cn, rn = distance(replayed, committed.tensors, parent.tensors)
+    report = ReplayReport(version, len(trained), len({e.contributor for e in trained}), steps, rel, cos, cn, rn)
+    typer.echo(report.render())
 
 
 # ------------------------------------------------------------------------------------------------- demo

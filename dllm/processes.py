@@ -173,7 +173,10 @@ class LocalSwarm:
         args = ["peer", "join", "--model", self.model, "--initial-peers", *self.initial_peers]
         if blocks:
             args += ["--blocks", blocks]
-        proc = self._spawn(name or f"peer-{blocks or 'auto'}".replace(":", "-"), args + list(extra))
+        name = name or f"peer-{blocks or 'auto'}".replace(":", "-")
+        if "--data-dir" not in extra:  # the feedback each peer publishes stays in the swarm's workdir
+            args += ["--data-dir", str(self.workdir / f"data-{name}")]
+        proc = self._spawn(name, args + list(extra))
         proc.info["started_at"] = time.monotonic()
         if wait:
             self.wait_ready(proc, timeout)

@@ -56,6 +56,21 @@ class PeerConfig:
     canary_file: Path | None = None  # held-out canary examples gating adapter updates (None: the default set)
     # an update whose canary loss rises by more than this fraction is rolled back
     canary_max_rise: float = bounded(0.01, ge=0.0, le=1.0)
+    # each canary category's (file section's) own bound on its loss's rise, unless canary_category_limits names it
+    canary_category_max_rise: float = bounded(0.05, ge=0.0, le=1.0)
+    canary_category_limits: dict[str, float] = field(default_factory=dict)  # category -> its max rise
+    # published feedback (peer/feedback_store.py): where it is kept (None: ~/.dllm/feedback), its byte budget,
+    # and how many new examples make one data-batch commitment on chain
+    data_dir: Path | None = None
+    data_budget_bytes: int = bounded(2**30, ge=2**20)
+    data_batch_size: int = bounded(32, ge=1, le=256)
+
+    def canary_category_limits_check(self) -> None:
+        for name, rise in self.canary_category_limits.items():
+            if not (isinstance(name, str) and name and isinstance(rise, (int, float)) and 0.0 <= rise <= 1.0):
+                raise ValueError(
+                    f"canary_category_limits: {name!r} -> {rise!r} must map a category to a rise in [0, 1]"
+                )
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -67,6 +82,22 @@ class PeerConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        self.canary_category_limits_check()
+
+
+def parse_category_limits(values: list[str] | None) -> dict[str, float]:
+    """`--canary-category-limit NAME=RISE` options (repeatable) -> {NAME: RISE}; ValueError says what is wrong."""
+    limits: dict[str, float] = {}
+    for value in values or []:
+        name, sep, rise = value.partition("=")
+        try:
+            number = float(rise)
+        except ValueError:
+            number = float("nan")
+        if not sep or not name.strip() or not 0.0 <= number <= 1.0:
+            raise ValueError(f"{value!r} is not NAME=RISE with RISE in [0, 1] (e.g. stereotype-probe=0.02)")
+        limits[name.strip()] = number
+    return limits
 
 
 def parse_blocks(text: str) -> tuple[int, int] | None:

@@ -28,12 +28,14 @@ from peer.learning import SpanLearner
 from peer.metering_hook import MeteringRequestError, SessionMeters
 from peer.span import SpanRunner
 from swarm import chunks, protocol, wire_errors
-from swarm.contributors import ContributionVerifier
+from swarm.contributors import ContributionVerifier, ContributorAuthError
+from swarm.feedback_records import FeedbackExample, FeedbackRecordError, FeedbackStoreFullError, example_from_wire
 from swarm.protocol import BlocksNotServed, ProtocolError
 from swarm.tensors import InvalidTensorError, check_hidden_states, decode, encode
 
 if TYPE_CHECKING:  # only a peer that charges loads it (peer/receipt_service.py)
     from peer.credit_guard import CreditGuard
+    from peer.feedback_store import FeedbackPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,8 @@ class BlockHandler:
         # Training passes are filed under the chain account that signed them (swarm/contributors.py); set with
         # the P2P peer id the signatures name, in add_handlers.
         self.contributions: ContributionVerifier | None = None
+        # Where the examples this peer trains on are stored and published (peer/feedback_store.py; set by the server).
+        self.publisher: FeedbackPublisher | None = None
 
     async def add_handlers(self, p2p: P2P) -> None:
         if self.learner is not None:
@@ -245,7 +249,8 @@ class BlockHandler:
         if train and learner is None:
             raise ProtocolError("this peer does not train adapters (started without --adapter-rank)")
         version = self._pass_version(metadata, train)
-        contributor = self._contributor(metadata, blocks, tensors) if train else ""
+        example = self._training_example(metadata) if train else None
+        contributor = self._contributor(metadata, blocks, tensors, example) if example is not None else ""
 
         def run() -> torch.Tensor:
             if train:  # a feedback pass: adapter gradients are filed under the chain account that signed it
@@ -262,13 +267,52 @@ class BlockHandler:
         grad_in = (await self._compute(run, 2)).to("cpu", hidden.dtype)
         self._meter_pass(metadata, StepKind.BACKWARD, grad_out, grad_in)
         self.requests_served += 1
+        if example is not None and self.publisher is not None:  # trained on: stored and published
+            try:
+                await self.publisher.add(example)
+            except FeedbackStoreFullError as e:  # filled since the check above by a concurrent pass
+                logger.warning("trained on feedback %s but could not store it: %s", example.hash_hex[:16], e)
         return grad_in
 
-    def _contributor(self, metadata: dict, blocks: range, tensors: list[runtime_pb2.Tensor]) -> str:
-        """The chain account that signed this training pass (ContributorAuthError if none validly did)."""
+    def _training_example(self, metadata: dict) -> FeedbackExample:
+        """The published example a training pass carries, verified, before any compute: a pass trains only on
+        text that is signed, within bounds, of this model, and that this peer has room to store and publish."""
+        if self.publisher is None:
+            raise ProtocolError("this peer does not take training passes yet (its feedback store is not started)")
+        if metadata.get("example") is None:
+            raise FeedbackRecordError(
+                "a training pass must carry its feedback example (metadata 'example'): what the swarm learns from is "
+                "published (docs/data.md); update the client"
+            )
+        example = example_from_wire(metadata["example"])
+        if example.kind != "feedback":
+            raise FeedbackRecordError(f"a training pass's example must be of kind 'feedback', not {example.kind!r}")
+        if example.model != self.model_name:
+            raise FeedbackRecordError(
+                f"the example is of model {example.model!r}; this peer serves {self.model_name!r}"
+            )
+        if not self.publisher.store.has_room(example):
+            raise FeedbackStoreFullError(
+                f"this peer's feedback store is full ({self.publisher.store.budget_bytes} bytes, --data-budget) with "
+                "nothing committed and replicated to evict: it takes no new feedback until its records are"
+            )
+        return example
+
+    def _contributor(
+        self, metadata: dict, blocks: range, tensors: list[runtime_pb2.Tensor], example: FeedbackExample
+    ) -> str:
+        """The chain account that signed this training pass and its example (ContributorAuthError if none validly
+        did, if the signature names another example, or if the pass's signer is not the example's contributor)."""
         if self.contributions is None:
             raise ProtocolError("this peer does not take training passes yet (its handlers are not added)")
-        return self.contributions.verify(metadata.get("contributor"), (blocks.start, blocks.stop), tensors)
+        account = self.contributions.verify(
+            metadata.get("contributor"), (blocks.start, blocks.stop), tensors, example=example.content_hash()
+        )
+        if account != example.contributor:
+            raise ContributorAuthError(
+                f"the pass is signed by {account} but its example by {example.contributor}: one account signs both"
+            )
+        return account
 
     def _pass_version(self, metadata: dict, train: bool) -> int | None:
         """The adapter version a forward/backward pass runs with, resolved now so its receipt states it

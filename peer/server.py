@@ -22,6 +22,7 @@ from peer.block_selection import choose_blocks
 from peer.blocks import check_span, load_span_layers
 from peer.config import PeerConfig
 from peer.direct_server import DirectServer, advertised_host, listen_host
+from peer.feedback_store import FeedbackPublisher, FeedbackStore, ledger_committer
 from peer.handler import BlockHandler
 from peer.identity import load_or_create_record_key
 from peer.learning import LearningConfig, SpanLearner
@@ -170,6 +171,8 @@ class PeerService(ServingTask[RunningPeer]):
         self._receipts: ReceiptService | None = None
         self._identity_file: Path | None = None  # the DHT's libp2p key (a learning peer signs with it)
         self._owner_marker = b""  # the DHT record key's owner marker (set once the DHT is started)
+        self.feedback_store: FeedbackStore | None = None  # the feedback this peer publishes (set during start-up)
+        self._announcing: set[asyncio.Future[None]] = set()  # re-announces of a new adapter version in flight
 
     @property
     def running(self) -> RunningPeer | None:
@@ -221,14 +224,24 @@ class PeerService(ServingTask[RunningPeer]):
         if config.adapter_rank > 0:  # learning: adapters, then the replicas' current state before serving
             self._learner = await self._start_learning(served, dht, p2p)
         handler = self._start_handler(served, validator)
+        await self._start_feedback_store(served, handler, dht, p2p)
         if config.direct_port is not None:
             await self._start_direct(handler, tls, config.direct_port, dht)
         await handler.add_handlers(p2p)
         billing = _billing_setup(config)
         if billing is not None:  # meter sessions, co-sign receipts, settle them on chain
             await self._start_receipts(billing, handler, served, p2p)
+            if self._receipts is not None and self._receipts.ledger is not None and self.feedback_store is not None:
+                # data-batch records from this peer's own account, over its one chain connection
+                self.feedback_store.committer = ledger_committer(
+                    self._receipts.ledger, billing.keypair, self._receipts.chain_lock
+                )
             if config.quote_period_s > 0:  # signed price asks on dllm/quotes/1 (an extra: serving goes on without)
                 self._quotes = await self._start_quote_gossip(billing, served, dht, validator)
+            self._start_version_commits(billing, served)
+        if self._learner is not None:  # a new live version is announced at once, not at the next period
+            self._learner.on_live = lambda version: self._announce_soon(served, handler, dht, validator)
+            self._resources.push_async_callback(self._cancel_announcing)
         await announce(dht, self._record(served, handler, dht), validator.local_public_key, config.record_ttl_s)
         self._serving_now(served, handler, dht, started)
         await self._announce_until_stopped(served, handler, dht, validator)
@@ -287,6 +300,8 @@ class PeerService(ServingTask[RunningPeer]):
             local_forward=lambda hidden, version: asyncio.to_thread(learner.pinned_forward, hidden, version),
             canary_file=config.canary_file,
             max_relative_rise=config.canary_max_rise,
+            category_max_rise=config.canary_category_max_rise,
+            category_limits=config.canary_category_limits,
             request_timeout_s=config.request_timeout_s,
         )
         assert self._identity_file is not None  # a learning peer always runs with an identity file (_launch)
@@ -306,6 +321,33 @@ class PeerService(ServingTask[RunningPeer]):
         self._resources.callback(handler.close)
         return handler
 
+    async def _start_feedback_store(self, served: _ServedSpan, handler: BlockHandler, dht: DHT, p2p: P2P) -> None:
+        """The store of the feedback this peer trains on or is given to share, its RPCs (fetch, push, share) and
+        its publication (data-batch commits once a chain key is set up, replication to another peer)."""
+        config = self.config
+        folder = config.data_dir or Path.home() / ".dllm" / "feedback"
+        store = FeedbackStore(
+            folder / f"feedback-{p2p.peer_id.to_base58()}.sqlite3",
+            served.name,
+            config.data_budget_bytes,
+            config.data_batch_size,
+            no_commit_reason="this peer has no --chain-key and --chain-url",
+        )
+        self._resources.callback(store.close)
+        learner = self._learner
+        publisher = FeedbackPublisher(
+            store,
+            (served.start, served.end),
+            live_version=lambda: learner.adapters.live_version if learner is not None else 0,
+            request_timeout_s=config.request_timeout_s,
+        )
+        await publisher.add_handlers(p2p, dht)
+        handler.publisher = publisher
+        self._resources.push_async_callback(publisher.close)
+        publishing = asyncio.create_task(publisher.run_periodically())
+        self._resources.push_async_callback(cancel_task, publishing)
+        self.feedback_store = store
+
     def _info_fields(self, served: _ServedSpan, validator: RSASignatureValidator) -> dict[str, Any]:
         """What this peer adds to rpc_info's reply (read at each request: learning and gossip state change)."""
         config = self.config
@@ -314,6 +356,7 @@ class PeerService(ServingTask[RunningPeer]):
             "rate": config.rate,
             "chain_account": config.chain_account,
             "params_per_block": served.params_per_block,
+            **({"feedback_store": self.feedback_store.stats().to_json()} if self.feedback_store else {}),
             **(self._learner.info() if self._learner else {}),
             **(self._quotes.info() if self._quotes else {}),
             # This provider's standing on chain, as it read it when it last settled (peer/receipt_service.py).
@@ -332,6 +375,49 @@ class PeerService(ServingTask[RunningPeer]):
         host = listen_host(config.host_maddrs)
         self._resources.push_async_callback(direct.close)  # closed before the handler it forwards to
         await direct.start(host, port, advertised_host(host, config.announce_maddrs, visible_maddrs(dht)))
+
+    def _start_version_commits(self, billing: BillingSetup, served: _ServedSpan) -> None:
+        """A learning peer with a chain commits each version that goes live on it (peer/version_commits.py), over
+        the receipt service's chain connection and lock (one account's extrinsics never race for a nonce)."""
+        receipts, learner = self._receipts, self._learner
+        if learner is None or receipts is None or receipts.ledger is None:
+            return
+        from peer.version_commits import VersionCommitter
+
+        learner.version_commits = VersionCommitter(
+            receipts.ledger,
+            billing.keypair,
+            model=served.name,
+            span=(served.start, served.end),
+            adapters=learner.adapters,
+            chain_lock=receipts.chain_lock,
+            retain=learner.retain_version,
+            store=self.feedback_store,
+        )
+        self._resources.push_async_callback(learner.version_commits.close)  # before the ledger closes
+
+    def _announce_soon(
+        self, served: _ServedSpan, handler: BlockHandler, dht: DHT, validator: RSASignatureValidator
+    ) -> None:
+        """Re-announces this peer's record now, in the background (its adapter version changed)."""
+
+        async def announce_now() -> None:
+            try:
+                await announce(
+                    dht, self._record(served, handler, dht), validator.local_public_key, self.config.record_ttl_s
+                )
+            except Exception as e:  # the periodic announce retries
+                logger.warning("announce failed: %s", e)
+
+        task = asyncio.ensure_future(announce_now())
+        self._announcing.add(task)  # held: the loop keeps only weak references to running tasks
+        task.add_done_callback(self._announcing.discard)
+
+    async def _cancel_announcing(self) -> None:
+        tasks = list(self._announcing)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _start_receipts(
         self, billing: BillingSetup, handler: BlockHandler, served: _ServedSpan, p2p: P2P
@@ -414,6 +500,7 @@ class PeerService(ServingTask[RunningPeer]):
             params_per_block=served.params_per_block,
             addrs=visible_maddrs(dht),
             learning=self._learner is not None,
+            adapter_version=self._learner.adapters.live_version if self._learner is not None else 0,
         )
 
     def _serving_now(self, served: _ServedSpan, handler: BlockHandler, dht: DHT, started: float) -> None:

@@ -29,6 +29,7 @@ from chain.errors import UnavailableError
 from swarm import openai_schema as schema
 from swarm.chat import ChatMessage, chat_prompt_ids, context_limit
 from swarm.contributors import ContributorKey, load_api_keys
+from swarm.feedback_records import FeedbackRecordError
 from swarm.http_server import HttpService
 from swarm.openai_schema import (
     ChatCompletionRequest,
@@ -124,15 +125,20 @@ def _check_prompt(model: TextGenerator, prompt: str | list[int], max_tokens: int
         )
 
 
-def create_app(model: TextGenerator, api_keys: dict[str, ContributorKey] | None = None) -> FastAPI:
+def create_app(
+    model: TextGenerator, api_keys: dict[str, ContributorKey] | None = None, share_prompts: bool = False
+) -> FastAPI:
     """The FastAPI application serving `model` under OpenAI's routes; with `api_keys` (API key -> the chain
-    key its user's feedback is signed with) every /v1 request needs a known bearer key."""
+    key its user's feedback is signed with) every /v1 request needs a known bearer key. With `share_prompts`
+    (`dllm api --share-prompts`; default private) each answered prompt is published with its answer, signed by
+    the user's account (kind "shared-prompt", docs/data.md)."""
     app = FastAPI(title="DLLM OpenAI-compatible API", docs_url=None, redoc_url=None)
     if api_keys is not None:
         _add_api_key_check(app, api_keys)
     _add_error_handlers(app)
     _add_model_routes(app, model)
-    _add_completion_routes(app, model)
+    sharing = _PromptSharing(model) if share_prompts else None
+    _add_completion_routes(app, model, sharing)
     _add_feedback_route(app, model)
     return app
 
@@ -219,9 +225,41 @@ def _add_model_routes(app: FastAPI, model: TextGenerator) -> None:
         return entry
 
 
-def _add_completion_routes(app: FastAPI, model: TextGenerator) -> None:
+class _PromptSharing:
+    """Publishes answered prompts in the background (`--share-prompts`): a failure to publish is logged, the
+    answer is already the user's."""
+
+    def __init__(self, model: TextGenerator) -> None:
+        self.model = model
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def share(self, prompt: str | list[int], completion: str, http: Request) -> None:
+        contributor: ContributorKey | None = getattr(http.state, "contributor", None)  # the user's, with --api-keys
+        text = prompt if isinstance(prompt, str) else self.model.tokenizer.decode(prompt)
+        task = asyncio.create_task(self._share(text, completion, contributor))
+        self._tasks.add(task)  # held: the loop keeps only weak references to running tasks
+        task.add_done_callback(self._tasks.discard)
+
+    async def _share(self, prompt: str, completion: str, contributor: ContributorKey | None) -> None:
+        share = getattr(self.model, "ashare_prompt", None)
+        if share is None:
+            logger.warning("this swarm client cannot share prompts")
+            return
+        try:
+            signed_by = {"contributor": contributor} if contributor is not None else {}
+            await share(prompt, completion, **signed_by)
+        except Exception as error:  # best effort: the answer was served
+            logger.warning("sharing a prompt failed: %s: %s", type(error).__name__, error)
+
+
+def _add_completion_routes(app: FastAPI, model: TextGenerator, sharing: _PromptSharing | None = None) -> None:
+    def shared(prompt: str | list[int], http: Request) -> Callable[[str], None] | None:
+        if sharing is None:
+            return None
+        return lambda completion: sharing.share(prompt, completion, http)
+
     @app.post("/v1/completions", response_model=None)
-    async def completions(request: CompletionRequest) -> Any:
+    async def completions(request: CompletionRequest, http: Request) -> Any:
         _check_model(model, request.model)
         prompt = request.single_prompt()
         params = _generation_params(request, request.max_tokens)
@@ -233,9 +271,13 @@ def _add_completion_routes(app: FastAPI, model: TextGenerator) -> None:
             def chunk(text: str, finish: str | None, usage: dict[str, int] | None = None) -> dict[str, Any]:
                 return schema.completion_body(request_id, model.model_name, text, finish, usage, created)
 
-            events = _stream_events(model, prompt, params, chunk, include_usage, usage_chunk=None)
+            events = _stream_events(
+                model, prompt, params, chunk, include_usage, usage_chunk=None, on_done=shared(prompt, http)
+            )
             return EventSourceResponse(events, ping=15)
         result = await _run_generation(lambda: model.agenerate(prompt, params))
+        if sharing is not None:
+            sharing.share(prompt, result.text, http)
         return schema.completion_body(
             request_id,
             model.model_name,
@@ -246,7 +288,7 @@ def _add_completion_routes(app: FastAPI, model: TextGenerator) -> None:
         )
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: ChatCompletionRequest) -> Any:
+    async def chat_completions(request: ChatCompletionRequest, http: Request) -> Any:
         _check_model(model, request.model)
         prompt = _chat_prompt(model, request)
         max_tokens = request.token_budget()
@@ -264,9 +306,13 @@ def _add_completion_routes(app: FastAPI, model: TextGenerator) -> None:
                 return schema.chat_chunk(request_id, model.model_name, created, None, None, usage)
 
             first = schema.chat_chunk(request_id, model.model_name, created, {"role": "assistant", "content": ""}, None)
-            events = _stream_events(model, prompt, params, chunk, include_usage, usage_chunk, first)
+            events = _stream_events(
+                model, prompt, params, chunk, include_usage, usage_chunk, first, shared(prompt, http)
+            )
             return EventSourceResponse(events, ping=15)
         result = await _run_generation(lambda: model.agenerate(prompt, params))
+        if sharing is not None:
+            sharing.share(prompt, result.text, http)
         return schema.chat_body(
             request_id,
             model.model_name,
@@ -289,10 +335,13 @@ def _add_feedback_route(app: FastAPI, model: TextGenerator) -> None:
             raise BadRequestError("this swarm client cannot take feedback", status=501, code="not_implemented")
 
         async def send() -> Any:
-            if submit is not None:
-                return await submit(request.prompt, request.completion, **signed_by)
-            assert blocking is not None  # one of the two exists: checked above
-            return await asyncio.to_thread(blocking, request.prompt, request.completion, **signed_by)
+            try:
+                if submit is not None:
+                    return await submit(request.prompt, request.completion, **signed_by)
+                assert blocking is not None  # one of the two exists: checked above
+                return await asyncio.to_thread(blocking, request.prompt, request.completion, **signed_by)
+            except FeedbackRecordError as error:  # the example cannot be published (too big): the user's to fix
+                raise BadRequestError(str(error), param="completion", code="invalid_feedback") from None
 
         outcome = await _run_generation(send)
         return {"object": "feedback", "accepted": True, "result": _jsonable(outcome)}
@@ -322,8 +371,10 @@ async def _stream_events(
     include_usage: bool,
     usage_chunk: Callable[[dict[str, int]], dict[str, Any]] | None,
     first: dict[str, Any] | None = None,
+    on_done: Callable[[str], None] | None = None,
 ) -> AsyncIterator[dict[str, str]]:
-    """SSE events of one streamed generation: deltas, a final chunk with finish_reason, usage, [DONE]."""
+    """SSE events of one streamed generation: deltas, a final chunk with finish_reason, usage, [DONE];
+    `on_done` gets the whole answer once it streamed (--share-prompts)."""
     if first is not None:
         yield {"data": json.dumps(first)}
     stream = model.astream(prompt, params)
@@ -339,6 +390,8 @@ async def _stream_events(
         yield {"data": "[DONE]"}
         return
     result = stream.result
+    if on_done is not None:
+        on_done(result.text)
     usage = schema.usage(result.prompt_tokens, result.completion_tokens)
     final = chunk("", result.finish_reason, usage if include_usage and usage_chunk is None else None)
     yield {"data": json.dumps(final)}
@@ -384,4 +437,5 @@ class ApiService(HttpService):
             DistributedModel.from_pretrained, str(self.model_path), self.initial_peers, config=self.client_config
         )
         self._resources.push_async_callback(asyncio.to_thread, self.model.close)
-        return create_app(self.model, self.api_keys)
+        share = self.client_config is not None and self.client_config.share_prompts
+        return create_app(self.model, self.api_keys, share_prompts=share)

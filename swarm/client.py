@@ -38,6 +38,7 @@ from swarm.billing import BillingConfig, ClientBilling, SessionBilling, route_ho
 from swarm.contributors import ContributorKey
 from swarm.dht import start_dht
 from swarm.direct import DirectEndpoint, DirectEndpointError, DirectStreamError
+from swarm.feedback_records import FeedbackExample, sign_example
 from swarm.inference_streams import DirectInferenceStream, InferenceStream, P2PInferenceStream
 from swarm.local_head import LocalHead, causal_lm_loss
 from swarm.model_files import load_config, model_name, resolve_model
@@ -99,6 +100,9 @@ class ClientConfig:
     # sr25519 key (//Name, mnemonic, 0x seed) of the chain account that signs feedback passes, which peers file,
     # rate-limit and aggregate under (swarm/contributors.py). None: billing's client_key, else a fresh account.
     contributor_key: str | None = None
+    # Publish each answered prompt with its answer, signed by the contributor key (kind "shared-prompt",
+    # docs/data.md): `dllm query/chat/api --share-prompts`. False: inference prompts stay private.
+    share_prompts: bool = False
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -120,6 +124,8 @@ class GenerationResult:
     completion_tokens: int
     route: list[str] = field(default_factory=list)
     route_standing: list[str] = field(default_factory=list)  # each hop's provider standing on chain, as routed by
+    # each hop's live adapter version as its DHT record announced it when routed (None: a frozen peer)
+    route_versions: list[int | None] = field(default_factory=list)
     failovers: int = 0
     quote: Quote | None = None  # the price bound shown before generating (billing or a price cap set)
     bill: Bill | None = None  # what the countersigned receipts charge (billing set)
@@ -178,6 +184,10 @@ _PASS_CONTRIBUTOR: contextvars.ContextVar[ContributorKey | None] = contextvars.C
     "dllm_pass_contributor", default=None
 )
 """The account signing the feedback pass running in this task (SwarmClient.feedback_pass sets it)."""
+_PASS_EXAMPLE: contextvars.ContextVar[FeedbackExample | None] = contextvars.ContextVar(
+    "dllm_pass_example", default=None
+)
+"""The published example the feedback pass running in this task trains on (its backward requests carry it)."""
 
 
 class SwarmClient:
@@ -439,9 +449,12 @@ class SwarmClient:
             metadata.update(metered.request_metadata(hop))
         encoded = [encode(t) for t in tensors]
         if handler == protocol.HANDLER_BACKWARD and metadata.get("train"):  # the pass is filed under its signer
+            example = _PASS_EXAMPLE.get()  # the signature binds the pass to the published text it trains on
             metadata["contributor"] = self.contributor().sign_pass(
-                self.model, hop.peer_id, (hop.start, hop.end), encoded
+                self.model, hop.peer_id, (hop.start, hop.end), encoded, example.content_hash() if example else None
             )
+            if example is not None:
+                metadata["example"] = example.to_json()
         if sum(len(t.buffer) for t in encoded) <= _UNARY_PAYLOAD_BYTES:
             request = runtime_pb2.ExpertRequest(tensors=encoded, metadata=protocol.pack_metadata(metadata))
             response = await self.call(hop.peer_id, handler, request)
@@ -560,7 +573,11 @@ class SwarmClient:
         return self._contributor
 
     async def feedback_pass(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, contributor: ContributorKey | None = None
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        contributor: ContributorKey | None = None,
+        example: FeedbackExample | None = None,
     ) -> FeedbackResult:
         """One training pass through a route of learning peers: forward, loss on `labels` (-100: ignored), backward.
 
@@ -568,12 +585,56 @@ class SwarmClient:
         (`contributor`, else this client's: `contributor()`) and steps its adapters; the update goes live after
         the span's replicas average and check it. Returns the loss and, with billing configured, the pass's
         billing: each hop's forward and backward are metered and paid like a session.
+
+        `example` is the signed text of the pass (swarm/feedback_records.py; `feedback_example` makes it): every
+        hop's backward request carries it, the pass's signature names its hash, and the peers that train on it
+        store and publish it. Peers refuse a training pass without one.
         """
-        token = _PASS_CONTRIBUTOR.set(contributor)
-        try:
+        with self.signing_pass(contributor, example):
             return await self._feedback_pass(input_ids, labels)
+
+    @contextlib.contextmanager
+    def signing_pass(
+        self, contributor: ContributorKey | None = None, example: FeedbackExample | None = None
+    ) -> Generator[None, None, None]:
+        """Training backward requests sent inside (in this task) are signed by `contributor` (else this client's
+        account) and carry `example`, the published text they train on (feedback_pass uses it)."""
+        token = _PASS_CONTRIBUTOR.set(contributor)
+        example_token = _PASS_EXAMPLE.set(example)
+        try:
+            yield
         finally:
+            _PASS_EXAMPLE.reset(example_token)
             _PASS_CONTRIBUTOR.reset(token)
+
+    async def share_prompt(self, example: FeedbackExample) -> str:
+        """Hands an opted-in inference prompt (a signed record of kind "shared-prompt") to the first peer of a
+        route, which stores, commits and replicates it like feedback (never trains on it); returns that peer's
+        id. A peer that refuses the record itself (invalid_feedback) is not retried."""
+        request = runtime_pb2.ExpertRequest(metadata=protocol.pack_metadata({"example": example.to_json()}))
+        last: Exception | None = None
+        for _ in range(self.config.max_retries + 1):
+            peer_id = (await self.plan(0, self.num_blocks))[0].peer_id
+            try:
+                await self.call(peer_id, protocol.HANDLER_FEEDBACK_SHARE, request)
+                return peer_id
+            except protocol.InvalidRequestError:
+                raise
+            except protocol.RemotePeerError as e:
+                last = e
+                self.report_failure(peer_id, e)
+            except protocol.CALL_FAILURES as e:
+                last = protocol.HopFailedError(f"{type(e).__name__}: {e}", peer_id)
+                self.report_failure(peer_id, last)
+        raise RuntimeError(f"no peer took the shared prompt: {last}") from last
+
+    def feedback_example(
+        self, prompt: str, completion: str, contributor: ContributorKey | None = None, kind: str = "feedback"
+    ) -> FeedbackExample:
+        """`prompt` + `completion` signed by `contributor` (else this client's account) for publication
+        (FeedbackRecordError if oversized or not text)."""
+        key = contributor or self.contributor()
+        return sign_example(key.keypair, self.model, prompt, completion, kind=kind)
 
     async def _feedback_pass(self, input_ids: torch.Tensor, labels: torch.Tensor) -> FeedbackResult:
         train = {"train": True}
@@ -887,6 +948,10 @@ class DistributedModel:
             completion_tokens=len(ids),
             route=[f"{h.hop.peer_id}:{h.hop.start}:{h.hop.end}" for h in (session.hops if session else [])],
             route_standing=[self._core.standing_of(h.hop.record) for h in (session.hops if session else [])],
+            route_versions=[
+                h.hop.record.adapter_version if h.hop.record.learning else None
+                for h in (session.hops if session else [])
+            ],
             failovers=session.failovers if session else 0,
             quote=tokens.quote,
             bill=billing.bill(self.model_name) if billing is not None else None,
@@ -936,16 +1001,35 @@ class DistributedModel:
         Returns the loss of the completion before this pass. Updates go live after the peers' next
         averaging round accepts them (peers must run with --adapter-rank > 0). The pass is signed by
         `contributor`'s chain account (default: ClientConfig.contributor_key, billing's key, or one fresh
-        account per client); peers rate-limit each account.
+        account per client); peers rate-limit each account. The prompt and completion are public: signed by the
+        same account (swarm/feedback_records.py), stored by the peers that train on them and committed on chain
+        (docs/data.md).
         """
         ids, labels = self._feedback_tensors(prompt, completion)
-        return self._loop.run(self._core.feedback_pass(ids, labels, contributor)).loss
+        example = self._core.feedback_example(prompt, completion, contributor)
+        return self._loop.run(self._core.feedback_pass(ids, labels, contributor, example)).loss
 
     train_step = feedback
 
+    def share_prompt(self, prompt: str, completion: str, contributor: ContributorKey | None = None) -> str:
+        """Publishes `prompt` and the swarm's `completion` (an inference the user opted to share: `--share-prompts`)
+        as a record of kind "shared-prompt" signed by `contributor` (default: this client's account); it is
+        stored, committed on chain and replicated by peers, and never trained on. Returns the receiving peer's
+        id. Inference prompts are private unless shared this way."""
+        example = self._core.feedback_example(prompt, completion, contributor, kind="shared-prompt")
+        return self._loop.run(self._core.share_prompt(example))
+
+    async def ashare_prompt(self, prompt: str, completion: str, contributor: ContributorKey | None = None) -> str:
+        example = self._core.feedback_example(prompt, completion, contributor, kind="shared-prompt")
+        future = asyncio.run_coroutine_threadsafe(self._core.share_prompt(example), self._loop.loop)
+        return await asyncio.wrap_future(future)
+
     async def afeedback(self, prompt: str, completion: str, contributor: ContributorKey | None = None) -> float:
         ids, labels = self._feedback_tensors(prompt, completion)
-        future = asyncio.run_coroutine_threadsafe(self._core.feedback_pass(ids, labels, contributor), self._loop.loop)
+        example = self._core.feedback_example(prompt, completion, contributor)
+        future = asyncio.run_coroutine_threadsafe(
+            self._core.feedback_pass(ids, labels, contributor, example), self._loop.loop
+        )
         return (await asyncio.wrap_future(future)).loss
 
     # --- full-sequence forward / backward --------------------------------------------------------

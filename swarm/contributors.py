@@ -3,8 +3,9 @@
 A learning peer files each training pass's adapter gradients under a contributor, and rate-limits and
 robustly aggregates per contributor (peer/training.py). A libp2p peer id is free to renew, so the
 contributor is the chain account that signs the pass instead: the backward request of a training pass
-carries `contributor` = {account (SS58), nonce, at (unix time), signature}, the signature covering
-(domain, model, the receiving peer's id, the blocks, each tensor's dtype, shape and SHA-256, nonce, at).
+carries `contributor` = {account (SS58), nonce, at (unix time), example, signature}, the signature covering
+(domain, model, the receiving peer's id, the blocks, each tensor's dtype, shape and SHA-256, nonce, at, and
+`example`: the content hash of the published FeedbackExample the pass trains on, swarm/feedback_records.py).
 
 Invariants, checked by `ContributionVerifier` before any compute:
 - the signature verifies for the account's public key, so passes are filed under an account only by
@@ -12,7 +13,10 @@ Invariants, checked by `ContributionVerifier` before any compute:
 - `at` is within MAX_CLOCK_SKEW_S of the peer's clock and (account, nonce) is accepted once within that
   window, so a captured signature cannot be replayed;
 - an unsigned or badly signed training pass is refused (ContributorAuthError), never filed under the
-  caller's peer id.
+  caller's peer id;
+- the signature binds the pass to one exact published text: the peer checks the example it receives hashes
+  to the signed `example` before any compute (peer/handler.py), so a pass cannot train on text other than
+  the one published under its contributor.
 
 Threat left: accounts cost nothing to create either. A free peer's per-account rate limit bounds what
 one key does; a charging peer makes every pass paid by the account that signs it (the billing client
@@ -47,12 +51,19 @@ class ContributorAuthError(ProtocolError):
 
 
 def contribution_message(
-    model: str, peer_id: str, blocks: tuple[int, int], tensors: Sequence[runtime_pb2.Tensor], nonce: bytes, at: float
+    model: str,
+    peer_id: str,
+    blocks: tuple[int, int],
+    tensors: Sequence[runtime_pb2.Tensor],
+    nonce: bytes,
+    at: float,
+    example: bytes | None = None,
 ) -> bytes:
-    """The bytes a contributor signs for one training pass to one peer."""
+    """The bytes a contributor signs for one training pass to one peer (`example`: the content hash of the
+    FeedbackExample it trains on)."""
     digests = [[t.dtype, list(t.size), hashlib.sha256(t.buffer).digest()] for t in tensors]
     packed: bytes = msgpack.packb(
-        [CONTRIBUTION_DOMAIN, model, peer_id, list(blocks), digests, nonce, float(at)], use_bin_type=True
+        [CONTRIBUTION_DOMAIN, model, peer_id, list(blocks), digests, nonce, float(at), example], use_bin_type=True
     )
     return packed
 
@@ -87,12 +98,19 @@ class ContributorKey:
         return address
 
     def sign_pass(
-        self, model: str, peer_id: str, blocks: tuple[int, int], tensors: Sequence[runtime_pb2.Tensor]
+        self,
+        model: str,
+        peer_id: str,
+        blocks: tuple[int, int],
+        tensors: Sequence[runtime_pb2.Tensor],
+        example: bytes | None = None,
     ) -> dict[str, Any]:
-        """The `contributor` metadata field of one training backward request."""
+        """The `contributor` metadata field of one training backward request (`example`: the content hash of
+        the FeedbackExample the pass trains on)."""
         nonce, at = os.urandom(_NONCE_BYTES), time.time()
-        signature: bytes = self.keypair.sign(contribution_message(model, peer_id, blocks, tensors, nonce, at))
-        return {"account": self.account, "nonce": nonce, "at": at, "signature": signature}
+        message = contribution_message(model, peer_id, blocks, tensors, nonce, at, example)
+        signature: bytes = self.keypair.sign(message)
+        return {"account": self.account, "nonce": nonce, "at": at, "example": example, "signature": signature}
 
 
 class ContributionVerifier:
@@ -106,9 +124,15 @@ class ContributionVerifier:
         self._lock = threading.Lock()
 
     def verify(
-        self, field: Any, blocks: tuple[int, int], tensors: Sequence[runtime_pb2.Tensor], now: float | None = None
+        self,
+        field: Any,
+        blocks: tuple[int, int],
+        tensors: Sequence[runtime_pb2.Tensor],
+        now: float | None = None,
+        example: bytes | None = None,
     ) -> str:
-        """The signing account of a training pass; raises ContributorAuthError if it is not validly signed."""
+        """The signing account of a training pass; raises ContributorAuthError if it is not validly signed, or
+        if the signature does not name `example` (the content hash of the example the pass came with)."""
         if field is None:
             raise ContributorAuthError(
                 "a training pass must be signed by a chain account (metadata 'contributor'); update the client"
@@ -116,6 +140,10 @@ class ContributionVerifier:
         if not isinstance(field, dict):
             raise ContributorAuthError("'contributor' must be a map {account, nonce, at, signature}")
         account, nonce, at, signature = (field.get(k) for k in ("account", "nonce", "at", "signature"))
+        if field.get("example") != example:
+            raise ContributorAuthError(
+                "the training pass's signature does not name the content hash of the example it carries"
+            )
         if not (
             isinstance(account, str)
             and 0 < len(account) < 64
@@ -132,8 +160,12 @@ class ContributionVerifier:
         public_key = _public_key(account)
         import sr25519
 
-        message = contribution_message(self.model, self.peer_id, blocks, tensors, nonce, at)
-        if not sr25519.verify(signature, message, public_key):
+        message = contribution_message(self.model, self.peer_id, blocks, tensors, nonce, at, example)
+        try:  # sr25519 raises ValueError for bytes that are no schnorrkel signature at all
+            valid = sr25519.verify(signature, message, public_key)
+        except ValueError:
+            valid = False
+        if not valid:
             raise ContributorAuthError(f"the contributor signature does not verify for account {account}")
         with self._lock:
             for key in [k for k, seen_at in self._seen.items() if abs(now - seen_at) > 2 * self.max_skew_s]:

@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from chain.errors import UnavailableError
 from swarm.protocol import ProtocolError
 
 if TYPE_CHECKING:
@@ -43,6 +44,10 @@ _NONCE_BYTES = 16
 
 class FeedbackRecordError(ProtocolError):
     """A feedback record is malformed, oversized, not UTF-8, unsigned or forged: its sender is at fault."""
+
+
+class FeedbackStoreFullError(UnavailableError, RuntimeError):
+    """A peer's feedback store is at its byte budget with nothing it may evict (peer/feedback_store.py)."""
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from economy.work_sample import (
     SampleRejectedError,
     UnverifiableSampleError,
 )
-from swarm.feedback_records import FeedbackRecordError
+from swarm.feedback_records import FeedbackRecordError, FeedbackStoreFullError
 from swarm.protocol import (
     BlocksNotServed,
     BlocksNotServedError,
@@ -77,6 +77,7 @@ WIRE_ERRORS: tuple[WireError, ...] = (
     WireError("unknown_session", (SessionNotFoundError,), UnknownSessionError),
     WireError("blocks_not_served", (BlocksNotServed,), BlocksNotServedError),
     WireError("cache_full", (CacheFullError,), PeerBusyError),
+    WireError("feedback_store_full", (FeedbackStoreFullError,), PeerBusyError),  # nothing evictable yet
     WireError("payment_required", (PaymentDueError,), PaymentRequiredError),  # details: owed, limit, missing
     WireError("malformed_receipt", (MalformedReceiptError,), ReceiptRefusedError),
     WireError("forged_receipt", (ForgedReceiptError,), ReceiptRefusedError),

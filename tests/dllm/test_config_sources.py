@@ -26,7 +26,7 @@ from dllm.council import CouncilConfig
 from dllm.demo import DemoConfig
 from dllm.probe_check import ProbeConfig
 from dllm.verifier import VerifierConfig
-from peer.config import PeerConfig, parse_blocks
+from peer.config import PeerConfig, parse_blocks, parse_category_limits
 from swarm.chat import Conversation
 from swarm.client import ClientConfig
 from swarm.dashboard import DashboardConfig
@@ -82,6 +82,11 @@ FIELDS: dict[tuple[str, str], Field] = {
     ("peer join", "train_passes_per_minute"): Field(PeerConfig, "train_passes_per_minute"),
     ("peer join", "canary_file"): Field(PeerConfig, "canary_file"),
     ("peer join", "canary_max_rise"): Field(PeerConfig, "canary_max_rise"),
+    ("peer join", "canary_category_max_rise"): Field(PeerConfig, "canary_category_max_rise"),
+    ("peer join", "canary_category_limit"): Field(PeerConfig, "canary_category_limits", parse_category_limits),
+    ("peer join", "data_dir"): Field(PeerConfig, "data_dir"),
+    ("peer join", "data_budget"): Field(PeerConfig, "data_budget_bytes", lambda mib: mib * 2**20),
+    ("peer join", "data_batch_size"): Field(PeerConfig, "data_batch_size"),
     ("query", "max_tokens"): Field(GenerationParams, "max_new_tokens"),
     ("query", "temperature"): Field(GenerationParams, "temperature"),
     ("query", "top_k"): Field(GenerationParams, "top_k"),
@@ -102,6 +107,9 @@ FIELDS: dict[tuple[str, str], Field] = {
     ("feedback", "min_stake"): Field(ClientConfig, "min_stake"),
     ("api", "chain_url"): Field(ClientConfig, "chain_url"),
     ("api", "min_stake"): Field(ClientConfig, "min_stake"),
+    ("query", "share_prompts"): Field(ClientConfig, "share_prompts"),
+    ("chat", "share_prompts"): Field(ClientConfig, "share_prompts"),
+    ("api", "share_prompts"): Field(ClientConfig, "share_prompts"),
     ("verify", "initial_peers"): Field(VerifierConfig, "initial_peers", arguments.parse_initial_peers),
     ("verify", "chain_url"): Field(VerifierConfig, "chain_url"),
     ("verify", "chain_key"): Field(VerifierConfig, "key"),
@@ -125,6 +133,8 @@ FIELDS: dict[tuple[str, str], Field] = {
     ("dashboard", "host"): Field(DashboardConfig, "host"),
     ("dashboard", "port"): Field(DashboardConfig, "port"),
     ("dashboard", "refresh"): Field(DashboardConfig, "refresh_s"),
+    ("lineage", "learning_rate"): Field(PeerConfig, "learning_rate"),
+    ("lineage", "train_step_batch"): Field(PeerConfig, "train_step_batch"),
     ("demo", "model"): Field(DemoConfig, "model"),
     ("demo", "peers"): Field(DemoConfig, "peers"),
     ("demo", "queries"): Field(DemoConfig, "queries"),
@@ -176,6 +186,16 @@ CLI_ONLY: dict[tuple[str, str], str] = {
     ("api", "host"): "the API service's listen address (checked in test_api_listen_address)",
     ("api", "port"): "the API service's listen port (checked in test_api_listen_address)",
     ("api", "api_keys"): "a file the API service reads (tests/peer/test_learning_attacks.py)",
+    ("data export", "out"): "the folder the one export writes (required)",
+    ("data export", "initial_peers"): "where the one export fetches the published data (required, no default)",
+    ("data export", "chain_url"): "the chain whose commitments the one export reads (required)",
+    ("lineage", "chain_url"): "the chain whose adapter-version records are shown (required)",
+    ("lineage", "initial_peers"): "where --verify and --reproduce fetch adapters and data",
+    ("lineage", "blocks"): "filters the records shown to one span",
+    ("lineage", "verify"): "chooses the one version whose adapters are downloaded and checked",
+    ("lineage", "reproduce"): "chooses the one version whose committed data is replayed",
+    ("lineage", "peer"): "an extra peer id --verify asks",
+    ("lineage", "model"): "a model folder or hub id resolved by the CLI (None: the embedded model)",
 }
 
 

@@ -97,7 +97,10 @@ def test_dllm_feedback_command_changes_the_peers_adapters(learning_swarm, observ
         assert result.returncode == 0, result.stdout + result.stderr
         loss = float(re.search(r"feedback accepted: ([0-9.]+)", result.stdout).group(1))
         assert 0 < loss < 20
-    _wait_for_new_versions(observer, learning_swarm, before)
+        assert "(published, signed by 5" in result.stdout
+    infos = _wait_for_new_versions(observer, learning_swarm, before)
+    for info in infos.values():  # every peer of the route trained on each example and keeps it, published
+        assert info["feedback_store"]["records"] >= len(FACTS), info["feedback_store"]
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from hivemind.proto import runtime_pb2
 
 from swarm import protocol
 from swarm.client import DistributedModel, SwarmClient
+from swarm.feedback_records import FeedbackExample
 from swarm.local_head import causal_lm_loss
 
 T = TypeVar("T")
@@ -104,9 +105,17 @@ def live_loss(model: DistributedModel, examples: list[tuple[str, str]]) -> float
     return sum(losses) / len(losses)
 
 
-async def poisoned_pass(core: SwarmClient, input_ids: torch.Tensor, labels: torch.Tensor, scale: float) -> float:
+async def poisoned_pass(
+    core: SwarmClient, input_ids: torch.Tensor, labels: torch.Tensor, scale: float, example: FeedbackExample
+) -> float:
     """A malicious client's feedback pass: the honest gradient multiplied by `scale` (e.g. -1000: scaled-up
-    gradient ascent on the taught completion) before it is sent back through the route."""
+    gradient ascent on the taught completion) before it is sent back through the route, with its signed
+    `example` (peers train only on published text: the attack is public too)."""
+    with core.signing_pass(example=example):
+        return await _scaled_pass(core, input_ids, labels, scale)
+
+
+async def _scaled_pass(core: SwarmClient, input_ids: torch.Tensor, labels: torch.Tensor, scale: float) -> float:
     train = {"train": True}
     out, hops, inputs = await core.forward_hidden(core.head.embed_tokens(input_ids), train)
     with torch.enable_grad():

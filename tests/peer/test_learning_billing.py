@@ -44,7 +44,8 @@ def _run(ledger: ComputeLedger, url: str, swarm, model_path, tmp_path) -> None:
         ids, labels = model._feedback_tensors(prompt, completion)
         tokens = int(ids.shape[1])
         # The pass model.feedback makes, through the core, whose result also holds the pass's own billing.
-        paid = model._loop.run(model.core.feedback_pass(ids, labels))
+        example = model.core.feedback_example(prompt, completion)  # the published text the pass trains on
+        paid = model._loop.run(model.core.feedback_pass(ids, labels, example=example))
         assert 0 < paid.loss < 20
         metered = paid.billing
         assert metered is not None

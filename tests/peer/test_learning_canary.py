@@ -69,7 +69,8 @@ def test_poisoned_update_is_rolled_back_by_the_in_swarm_canary(local_swarm, tiny
         for _ in range(2):
             for prompt, completion in FACTS:
                 tensors = mallory._feedback_tensors(prompt, completion)
-                mallory._loop.run(poisoned_pass(mallory.core, *tensors, scale=-1e3))
+                example = mallory.core.feedback_example(prompt, completion)
+                mallory._loop.run(poisoned_pass(mallory.core, *tensors, scale=-1e3, example=example))
         rejected = wait_for_peers(
             honest, ids, lambda info: info["canary_rollbacks"] >= 1, 45, "both peers to roll the poisoned update back"
         )

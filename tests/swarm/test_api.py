@@ -171,3 +171,7 @@ def test_feedback_endpoint_validates_input(api_server):
     base_url, model = api_server
     empty = httpx.post(f"{base_url}/feedback", json={"prompt": "x", "completion": ""}, timeout=30)
     assert empty.status_code == 400 and empty.json()["error"]["param"] == "completion"
+    # feedback is published: more than 16 KiB of text is refused before any training pass
+    big = httpx.post(f"{base_url}/feedback", json={"prompt": "x", "completion": "é" * 8200}, timeout=30)
+    assert big.status_code == 400 and big.json()["error"]["code"] == "invalid_feedback", big.text
+    assert "at most 16384" in big.json()["error"]["message"]
