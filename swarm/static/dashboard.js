@@ -150,7 +150,7 @@ function lineageSvg(entry) {
   const versions = entry.versions;
   const numbers = [...new Set([0, ...versions.map((v) => v.version), ...versions.map((v) => v.parent)])]
     .sort((a, b) => a - b);
-  const col = 120, row = 64, left = 40, top = 30;
+  const col = 150, row = 76, left = 40, top = 30;
   const rows = {};
   const place = new Map(); // "version:sha" -> {x, y}
   for (const v of versions) {
@@ -158,7 +158,8 @@ function lineageSvg(entry) {
     place.set(`${v.version}:${v.sha256}`, { x: left + col * numbers.indexOf(v.version), y: top + row * r, v });
   }
   const height = top + row * (Math.max(0, ...Object.values(rows)) + 1);
-  const root = svg("svg", { class: "lineage", viewBox: `0 0 ${left + col * numbers.length} ${height}`, role: "img",
+  const width = left + col * (numbers.length - 1) + 90;
+  const root = svg("svg", { class: "lineage", viewBox: `0 0 ${width} ${height}`, width, height, role: "img",
                             "data-span": `${entry.span[0]}:${entry.span[1]}`, "data-model": entry.model });
   root.append(svg("title", {}, `Adapter versions of ${entry.model} blocks ${entry.span[0]}:${entry.span[1]}`));
   const nodeAt = (version, sha) => {
@@ -168,7 +169,7 @@ function lineageSvg(entry) {
   };
   for (const p of place.values()) {
     const parent = nodeAt(p.v.parent, p.v.parent_sha256) || { x: left + col * numbers.indexOf(p.v.parent), y: top };
-    root.append(svg("path", { class: "edge", "data-edge": `${p.v.version}->${p.v.parent}`,
+    root.append(svg("path", { class: "edge", "data-edge": `${p.v.version} ${p.v.parent}`,
                               d: `M${p.x - 16},${p.y} L${parent.x + 16},${parent.y}` }));
   }
   if (!nodeAt(0, null)) {  // the common start every replica seeds alike: never committed itself
@@ -185,8 +186,10 @@ function lineageSvg(entry) {
       `replicas: ${v.replicas.join(", ")}`));
     g.append(svg("circle", { class: v.fork ? "node fork" : "node", cx: p.x, cy: p.y, r: 15 }));
     g.append(svg("text", { x: p.x, y: p.y + 4, "text-anchor": "middle" }, `v${v.version}`));
-    g.append(svg("text", { x: p.x, y: p.y + 28, "text-anchor": "middle", class: "axis" },
-                 `${v.sha256.slice(0, 8)} · ${v.data_roots.length} root(s), ${examples} ex${v.fork ? " · FORK" : ""}`));
+    g.append(svg("text", { x: p.x, y: p.y + 30, "text-anchor": "middle", class: "axis mono" },
+                 `${v.sha256.slice(0, 12)}${v.fork ? " FORK" : ""}`));
+    g.append(svg("text", { x: p.x, y: p.y + 44, "text-anchor": "middle", class: "axis" },
+                 `${v.data_roots.length} root(s), ${examples} ex`));
     root.append(g);
   }
   return root;
@@ -210,8 +213,8 @@ function canarySvg(entry) {
   const w = 640, h = 180, left = 56, right = 170, top = 10, bottom = 24;
   const X = (x) => left + (w - left - right) * (x - x0) / (x1 - x0);
   const Y = (y) => top + (h - top - bottom) * (1 - (y - y0) / (y1 - y0));
-  const root = svg("svg", { class: "canary", viewBox: `0 0 ${w} ${h}`, role: "img",
-                            "data-span": `${entry.span[0]}:${entry.span[1]}` });
+  const root = svg("svg", { class: "canary", viewBox: `0 0 ${w} ${h}`, width: w, height: h, role: "img",
+                            "data-span": `${entry.span[0]}:${entry.span[1]}`, "data-model": entry.model });
   root.append(svg("title", {}, `Canary loss per category by version, ${entry.model} blocks ${entry.span[0]}:${entry.span[1]}`));
   for (const y of [y0, (y0 + y1) / 2, y1]) {
     root.append(svg("line", { class: "grid", x1: left, x2: w - right, y1: Y(y), y2: Y(y) }));

@@ -107,6 +107,7 @@ def test_dashboard_shows_stake_earnings_settlements_and_slashes(local_swarm, dev
 
     from chain.devchain.dev_accounts import dev_keypair
     from chain.ledger import ComputeLedger
+    from chain.merkle import merkle_root
     from chain.records import Payment
     from chain.units import PLANCK_PER_TOKEN
 
@@ -129,6 +130,16 @@ def test_dashboard_shows_stake_earnings_settlements_and_slashes(local_swarm, dev
     council = [dev_keypair(n, ledger.ss58_format) for n in ("Alice", "Bob")]
     evidence = hashlib.blake2b(b"wrong activations", digest_size=32).digest()
     ledger.slash(council, provider.ss58_address, 2 * unit, evidence)
+    # Lineage records as a learning peer commits them (chain/lineage.py): a data batch, then v1 and v2 of its span.
+    lineage_model = f"dashboard-lineage-{uuid.uuid4().hex[:8]}"
+    batch = [hashlib.sha256(uuid.uuid4().bytes).digest() for _ in range(3)]
+    ledger.commit_data_batch(provider, lineage_model, (0, 8), batch)
+    v1, v2 = (hashlib.sha256(uuid.uuid4().bytes).digest() for _ in range(2))
+    canary = [{"total": 3.0, "taught": 2.0}, {"total": 2.9, "taught": 1.5}, {"total": 2.85, "taught": 1.9}]
+    ledger.commit_adapter_version(
+        provider, lineage_model, (0, 8), 1, 0, v1, None, [merkle_root(batch)], ["peer-a"], canary[0], canary[1]
+    )
+    ledger.commit_adapter_version(provider, lineage_model, (0, 8), 2, 1, v2, v1, [], ["peer-a"], canary[1], canary[2])
     ledger.close()
 
     with running_dashboard(local_swarm.initial_peers[0], tmp_path, "--chain-url", dev_chain.url) as url:
@@ -150,6 +161,18 @@ def test_dashboard_shows_stake_earnings_settlements_and_slashes(local_swarm, dev
         row = re.search(rf'<tr data-peer-id="{peer["peer_id"]}">(.*?)</tr>', dom).group(1)
         assert ">0:8<" in row and ">3<" in row and "slashed ×1" in row  # stake 3 and earned 3 ROC
         assert receipt.hex()[:6] in dom and evidence.hex()[:6] in dom
+        # The lineage graph: v2 -> v1 -> v0, v1 with its data root; the canary plot: "taught" rose at v2 (drift).
+        (span,) = [s for s in state["chain"]["lineage"] if s["model"] == lineage_model]
+        assert [(v["version"], v["parent"]) for v in span["versions"]] == [(1, 0), (2, 1)]
+        assert span["versions"][0]["data_roots"] == [{"root": merkle_root(batch).hex(), "examples": 3}]
+        graph = re.search(rf'<svg class="lineage"[^>]*data-model="{lineage_model}"[^>]*>(.*?)</svg>', dom, re.S)
+        assert graph is not None, dom[dom.find('id="lineage"') :][:3000]
+        graph = graph.group(1)
+        assert f'data-version="1" data-parent="0" data-sha256="{v1.hex()}"' in graph
+        assert f'data-version="2" data-parent="1" data-sha256="{v2.hex()}"' in graph
+        assert 'data-edge="2 1"' in graph and 'data-edge="1 0"' in graph
+        plot = re.search(rf'<svg class="canary"[^>]*data-model="{lineage_model}"[^>]*>(.*?)</svg>', dom, re.S).group(1)
+        assert 'data-category="taught" data-rises="true"' in plot and "taught ▲ rose" in plot
         screenshot(url, tmp_path / "chromium-shot", "dashboard-chain.png")
 
 
