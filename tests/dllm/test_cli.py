@@ -29,6 +29,9 @@ COMMANDS = [
     ["api"],
     ["dashboard"],
     ["demo"],
+    ["data"],
+    ["data", "export"],
+    ["lineage"],
 ]
 PEER = "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWNa4GGduZp2bgq6AqFgwfCkn2UTTsYj4VKr6uWnxh4MZY"
 
