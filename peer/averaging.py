@@ -19,12 +19,15 @@ One round, run by every replica of (model, start, end) at the same scheduled tim
    would divide the learning rate by the number of replicas). A round moves live by at most clip_tau,
    whatever the group size or a poisoned member sends. What a member does not get applied (its update
    beyond the clip, and passes it trained while the round ran) stays in its working adapters for the
-   next round: updates are delayed by the clip, never dropped. The canary gate, if one is configured,
-   evaluates the candidate.
-5. Commit: each member publishes its verdict in the DHT and applies the candidate only when every
-   member of the group said yes within `commit_timeout_s`. A member that died mid-round never says yes,
-   so the survivors skip the round together; the next round (after its declaration expires) averages
-   among the survivors.
+   next round: updates are delayed by the clip, never dropped. A member's pending progress is kept in chunks
+   (one per round) and its contribution draws the oldest first. The canary gate, if one is configured,
+   evaluates the candidate; when it measures a rise beyond its limit, each member drops the chunks its
+   contribution drew on (the rejected round's own progress) and keeps the rest, which is gated again in
+   whatever later candidate carries it.
+5. Commit: each member publishes its verdict in the DHT (without a canary, while it builds the candidate)
+   and applies the candidate only when every member of the group said yes within `commit_timeout_s`. A
+   member that died mid-round never says yes, so the survivors skip the round together; the next round
+   (after its declaration expires) averages among the survivors.
 
 The outcome of every round is explicit: `averaged` with N peers, or `skipped` with the reason.
 """
@@ -55,7 +58,6 @@ from hivemind.utils import get_dht_time
 
 from chain.errors import ConfigError
 from peer.adapters import AdapterSet, AdapterState, AdapterStateError, flatten, unflatten
-from peer.aggregation import clip_by_norm
 from peer.average_check import AverageSketcher, Sketch, SketchError
 from peer.canary import CanaryGate, CanaryVerdict
 from peer.replica_auth import ReplicaIdentity, SignedEntryReader
@@ -141,6 +143,7 @@ class RoundOutcome:
     version: int  # the live adapter version after the round
     group: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    canary: CanaryVerdict | None = None  # the canary verdict of the candidate that went live (averaged, gated)
 
     @property
     def averaged(self) -> bool:
@@ -211,6 +214,42 @@ class _UnconfirmedCandidate:
     base_version: int
     tensors: torch.Tensor  # flattened, in adapter order
     applied_own: torch.Tensor  # the part of this replica's update that the candidate applies
+    draw: _Draw  # what the candidate drew from this replica's pending chunks
+
+
+MAX_PENDING_CHUNKS = 8
+"""Pending progress is kept as at most this many chunks (the oldest keep their order; the newest are merged)."""
+
+
+@dataclass
+class _Draw:
+    """What a round's contribution takes from the pending chunks, oldest first: chunks [0, whole) in full and the
+    fraction `part` of chunk `whole`; `share` of the contribution is applied if the round's candidate goes live."""
+
+    whole: int = 0
+    part: float = 0.0
+    share: float = 1.0
+
+
+def _draw_oldest_first(chunks: list[torch.Tensor], tau: float) -> tuple[torch.Tensor, _Draw]:
+    """The sum of the oldest `chunks` up to norm `tau`: whole chunks while the sum fits, then the fraction of the
+    next one that brings the norm to exactly `tau`. One chunk: clip_by_norm."""
+    if len(chunks) == 1:
+        norm = float(chunks[0].norm())
+        part = tau / norm if norm > tau else 1.0
+        return (chunks[0] if part == 1.0 else chunks[0] * part), (_Draw(1) if part == 1.0 else _Draw(0, part))
+    total = torch.zeros_like(chunks[0])
+    for i, chunk in enumerate(chunks):
+        grown = total + chunk
+        if float(grown.norm()) <= tau:
+            total = grown
+            continue
+        # the largest a in [0, 1] with |total + a * chunk| <= tau (|total| <= tau < |total + chunk|)
+        tc, cc, tt = float(total @ chunk), float(chunk @ chunk), float(total @ total)
+        part = (-tc + math.sqrt(max(0.0, tc * tc - cc * (tt - tau * tau)))) / cc
+        part = min(1.0, max(0.0, part))
+        return total.add_(chunk, alpha=part), _Draw(i, part)
+    return total, _Draw(len(chunks))
 
 
 class AdapterAverager:
@@ -271,6 +310,11 @@ class AdapterAverager:
         signal.signal(signal.SIGINT, sigint)
         self._control: StepControl | None = None  # the running round's all-reduce
         self._contribution = torch.zeros(adapters.num_parameters())  # this replica's staged (clipped) update
+        # This replica's progress not yet live (`working - live`), in chunks oldest first: what it trained between
+        # two rounds' staging, less what went live since. A round draws the oldest first, so a rejected round
+        # drops only the chunks it drew on (_drop_drawn), never the progress trained after them.
+        self._pending: list[torch.Tensor] = []
+        self._draw = _Draw()
         self._unconfirmed: _UnconfirmedCandidate | None = None
         self._preparing: asyncio.Future[Sketch] | None = None  # the last promoted version's digest and sketch
         self.history: list[RoundOutcome] = []
@@ -285,7 +329,8 @@ class AdapterAverager:
         digest = self.adapters.digest(version)
         sketch = self._live_sketches.get(digest)  # read once: a worker thread may replace the dict
         if sketch is None:
-            sketch = self._live_sketcher.sketch(flatten(self.adapters.state(version).tensors, self.adapters.names))
+            held = self.adapters.held(version)
+            sketch = self._live_sketcher.sketch_parts([held[name] for name in self.adapters.names])
             self._live_sketches = {digest: sketch}
         return sketch
 
@@ -391,23 +436,79 @@ class AdapterAverager:
             return self._skip(await self._catch_up_to_group(inputs.lives, base_version), group)
         average = self._average()
         verdict, reason = self._check_average(average, inputs)
-        if verdict and not average.any():  # every member computes the same zeros: all skip alike
+        total = average.mul_(sum(inputs.weights))  # the verified mean, scaled back to the members' sum (in place)
+        norm = float(total.norm())  # one pass; a zero norm is rare, and only then is every value compared to 0
+        if verdict and norm == 0 and not total.any():  # every member computes the same zeros: all skip alike
             return self._skip("no member had an update", group)
-        total = average.mul_(sum(inputs.weights))  # the verified mean, scaled back to the members' sum
-        update, norm = clip_by_norm(total, self.config.clip_tau), float(total.norm())
-        share = min(1.0, self.config.clip_tau / norm) if norm > 0 else 0.0  # of each member's update, applied
+        if verdict and not math.isfinite(norm):
+            verdict, reason = False, "the members' summed update has a non-finite norm"
+        share = min(1.0, self.config.clip_tau / norm) if 0 < norm < math.inf else 0.0  # of each update, applied
+        update = total if share == 1.0 else total.mul_(share)  # clipped to clip_tau
         applied_own = self._contribution if share == 1.0 else self._contribution * share
+        self._draw.share = share
         return await self._apply_if_agreed(base_version, update, applied_own, verdict, reason, inputs.round_key, group)
 
     def _stage_update(self) -> Sketch:
         """Puts this replica's clipped local update in the all-reduce buffers; returns the update's sketch."""
-        names = self.adapters.names
-        update = clip_by_norm(flatten(self.adapters.delta(), names), self.config.clip_tau)
-        self._contribution = update
+        update = self._draw_update()
         sketch = self.sketcher.sketch(update)
         with self.averager.get_tensors() as buffers:
             buffers[0].copy_(update)
         return sketch
+
+    def _draw_update(self, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """This round's contribution: the oldest pending progress up to norm clip_tau (`delta`: `working - live`,
+        flattened, if the caller has it). What was trained since the last staging becomes the newest chunk."""
+        if delta is None:
+            delta = flatten(self.adapters.delta(), self.adapters.names)
+        fresh = delta
+        if self._pending:  # one temporary, not a stack of every chunk
+            fresh = delta.clone()
+            for chunk in self._pending:
+                fresh.sub_(chunk)
+        if float(fresh.norm()) > 1e-6 * (1.0 + float(delta.norm())):  # float noise of the bookkeeping is no chunk
+            self._pending.append(fresh)
+        if len(self._pending) > MAX_PENDING_CHUNKS:
+            newest = self._pending.pop()
+            self._pending[-1] = self._pending[-1] + newest
+        if not self._pending:
+            self._contribution, self._draw = torch.zeros_like(delta), _Draw()
+        else:
+            self._contribution, self._draw = _draw_oldest_first(self._pending, self.config.clip_tau)
+        return self._contribution
+
+    def _settle_applied(self, draw: _Draw) -> None:
+        """The drawn contribution went live (its `share`): the drawn chunks keep only what was not applied (a
+        chunk left with a float-noise fraction of itself is gone: else it would make empty versions forever)."""
+        left = [1.0 - draw.share] * min(draw.whole, len(self._pending))
+        if draw.part > 0 and draw.whole < len(self._pending):
+            left.append(1.0 - draw.share * draw.part)
+        kept = [chunk * f for chunk, f in zip(self._pending, left, strict=False) if f > 1e-5]
+        self._pending = kept + self._pending[len(left) :]
+
+    def _drop_drawn(self) -> None:
+        """The canary measured the round's candidate as harmful: every chunk it drew on (in full, the partly drawn
+        one too) leaves the working adapters. Later chunks and passes trained while the round ran stay: they were
+        never part of the rejected candidate, and each candidate they join is gated again."""
+        dropped = self._draw.whole + (1 if self._draw.part > 0 else 0)
+        drawn, self._pending = self._pending[:dropped], self._pending[dropped:]
+        self._draw = _Draw()
+        if not drawn:
+            return
+        names = self.adapters.names
+        removed = drawn[0].clone()
+        for chunk in drawn[1:]:
+            removed.add_(chunk)
+        with self.adapters.lock, torch.no_grad():  # no training pass between reading and re-basing
+            for name, tensor in _views(removed, self.adapters.working, names).items():
+                self.adapters.working[name].sub_(tensor.to(self.adapters.working[name].device))
+        logger.info(
+            "%s: dropped the %d chunk(s) of local progress a rejected round drew on (norm %.4g); %d kept",
+            self.prefix,
+            len(drawn),
+            float(removed.norm()),
+            len(self._pending),
+        )
 
     def _gather_data(self, base_version: int, update_sketch: Sketch) -> dict[str, Any]:
         """What this member tells its groupmates: its live adapters, its update's sketch, a nonce for the round key."""
@@ -492,15 +593,16 @@ class AdapterAverager:
         return reason
 
     def _average(self) -> torch.Tensor:
-        """The all-reduced update, flattened (a copy: the buffers are the averager's)."""
+        """The all-reduced update, flattened: the averager's buffer itself, not a copy (a fresh 40 MB copy costs
+        more than a pass over it). Only this replica writes it until its next all-reduce: the averager's process
+        writes it within a step only, and the next step is staged (`_stage_update`) after this round ends, when
+        the candidate built from it is stored apart."""
         with self.averager.get_tensors() as buffers:
-            return buffers[0].clone()
+            return buffers[0]
 
     def _check_average(self, average: torch.Tensor, inputs: _GroupInputs) -> tuple[bool, str]:
         """(verified, reason): whether `average` is the weighted mean of every member's input, by their sketches."""
-        mismatch = self.sketcher.mismatch(
-            self.sketcher.sketch(average), inputs.sketches, inputs.weights, self.config.sketch_rtol
-        )
+        mismatch = self.sketcher.mismatch_of(average, inputs.sketches, inputs.weights, self.config.sketch_rtol)
         size = len(inputs.sketches)
         if mismatch <= 1.0:
             return True, f"verified average of {size} peers"
@@ -518,42 +620,56 @@ class AdapterAverager:
     ) -> RoundOutcome:
         """The candidate `live + update`, canary-gated, goes live only if every member of the group agrees;
         `applied_own` is the part of this member's own update that the candidate applies."""
-        candidate, harmful = None, False
+        candidate, harmful, canary = None, False, None
+        voting: asyncio.Future[bool] | None = None
+        if verdict and self.canary is None:
+            # Without a canary the verdict is final before the candidate exists: the vote travels to the DHT (in a
+            # worker thread) while the candidate is built. Should building fail, the groupmates may commit without
+            # this replica, which then catches up in a later round like any replica left behind.
+            voting = asyncio.ensure_future(self._commit(round_key, group, verdict))
+            await asyncio.sleep(0)  # the vote's task runs up to its DHT store
         if verdict:
-            candidate = self._propose(base_version, update)
+            try:
+                candidate = self._propose(base_version, update)
+            except BaseException:
+                if voting is not None:
+                    voting.cancel()
+                raise
             if self.canary is not None:
-                verdict, reason, harmful = self._canary_outcome(
-                    await self.canary.check(base_version, candidate), reason
-                )
+                canary = await self.canary.check(base_version, candidate)
+                verdict, reason, harmful = self._canary_outcome(canary, reason)
         prepared = None
         if verdict and candidate is not None:
             # What the candidate needs once live (its digest for the state-sharing priority, its sketch for the
             # next round's gather) is computed in a worker thread while the votes come in, and after the round.
             prepared = asyncio.ensure_future(asyncio.to_thread(self._live_sketch, candidate))
         try:
-            agreed = await self._commit(round_key, group, verdict)
+            agreed = await (voting if voting is not None else self._commit(round_key, group, verdict))
         except BaseException:
             if prepared is not None:
                 await asyncio.wait({prepared})  # it reads the candidate: done before the candidate is dropped
             raise
         if verdict and agreed and candidate is not None:  # a verdict always comes with a candidate
             self._promote_keeping_the_rest(candidate, applied_own, share_state=prepared is None)
+            self._settle_applied(self._draw)
             if prepared is not None:
                 prepared.add_done_callback(self._prepared_live)
                 self._preparing = prepared  # held: the loop keeps only a weak reference to a running task
-            return RoundOutcome("averaged", reason, self.adapters.live_version, group)
+            if self.canary is not None and canary is not None:
+                self.canary.went_live(canary)
+            return RoundOutcome("averaged", reason, self.adapters.live_version, group, canary=canary)
         if prepared is not None:
             await asyncio.wait({prepared})  # it reads the candidate: done before the candidate is discarded
             self._prepared_live(prepared)
         if candidate is not None:
             if verdict and not agreed:  # a groupmate that saw every yes in time has made it live
                 tensors = flatten(self.adapters.state(candidate).tensors, self.adapters.names)
-                self._unconfirmed = _UnconfirmedCandidate(base_version, tensors, applied_own)
+                self._unconfirmed = _UnconfirmedCandidate(base_version, tensors, applied_own, self._draw)
             self.adapters.discard(candidate)
         if verdict and not agreed:
             reason = "a groupmate did not confirm the round (it failed or rejected it)"
         elif harmful:
-            self.adapters.reset_working()  # drop the local update that produced a rejected average
+            self._drop_drawn()  # drop the local progress that produced a rejected average, and only that
         return self._skip(reason, group)
 
     def _propose(self, base_version: int, update: torch.Tensor) -> int:
@@ -564,22 +680,26 @@ class AdapterAverager:
         return self.adapters.propose(candidate, copy=False)  # fresh tensors, used nowhere else
 
     async def _solo_round(self, base_version: int) -> RoundOutcome:
-        """The only replica of its span: its own clipped update is the average, still canary-gated."""
-        flat = flatten(self.adapters.delta(), self.adapters.names)
-        if not flat.any():
+        """The only replica of its span: its own clipped update (oldest progress first) is the average, still
+        canary-gated."""
+        applied = self._draw_update()
+        if not self._pending:  # nothing trained since the live version (beyond float noise of the re-basing)
             return self._skip("no local update since the live version", [self.peer_id])
-        applied = clip_by_norm(flat, self.config.clip_tau)
         candidate = self._propose(base_version, applied)
-        reason = "sole replica of this span"
+        reason, canary = "sole replica of this span", None
         if self.canary is not None:
-            accepted, reason, harmful = self._canary_outcome(await self.canary.check(base_version, candidate), reason)
+            canary = await self.canary.check(base_version, candidate)
+            accepted, reason, harmful = self._canary_outcome(canary, reason)
             if not accepted:
                 self.adapters.discard(candidate)
                 if harmful:
-                    self.adapters.reset_working()
+                    self._drop_drawn()
                 return self._skip(reason, [self.peer_id])
         self._promote_keeping_the_rest(candidate, applied)
-        return RoundOutcome("averaged", reason, self.adapters.live_version, [self.peer_id])
+        self._settle_applied(self._draw)
+        if self.canary is not None and canary is not None:
+            self.canary.went_live(canary)
+        return RoundOutcome("averaged", reason, self.adapters.live_version, [self.peer_id], canary=canary)
 
     def _prepared_live(self, prepared: asyncio.Future[Sketch]) -> None:
         """A candidate's digest and live sketch are computed: the state-sharing priority follows the live version."""
@@ -593,14 +713,9 @@ class AdapterAverager:
         working adapters, on top of the new live version, for the next round. `share_state=False`: the caller
         updates the state-sharing priority once the new version's digest is computed."""
         names = self.adapters.names
-        with self.adapters.lock, torch.no_grad():  # no training pass between reading the progress and re-basing it
-            rest = self.adapters.delta()  # fresh tensors
-            for name, applied in _views(applied_own, rest, names).items():
-                rest[name].sub_(applied)
-            self.adapters.promote(candidate)  # working := the new live version
-            for name in names:
-                self.adapters.working[name].add_(rest[name])
-        self._live_changed()
+        self.adapters.promote_keeping_progress(candidate, _views(applied_own, self.adapters.working, names))
+        if share_state:
+            self._live_changed()
 
     def _canary_outcome(self, verdict: CanaryVerdict, reason: str) -> tuple[bool, str, bool]:
         """(accepted, reason, harmful). A measured rise is harmful: rolled back and logged. A failed
@@ -678,6 +793,10 @@ class AdapterAverager:
                 with torch.no_grad():
                     for name, tensor in unflatten(rest, self.adapters.working, names).items():
                         self.adapters.working[name].add_(tensor)
+            if own is not None:
+                self._settle_applied(own.draw)
+            else:  # the adopted state replaced every local update
+                self._pending = []
         self._unconfirmed = None
         self._live_changed()
         logger.info("%s: loaded adapter v%d from a replica", self.prefix, self.adapters.live_version)

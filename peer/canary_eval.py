@@ -10,6 +10,8 @@ Both versions (live and candidate) share one route and one prefix pass, and the 
 pinned (`adapter_version`) to the versions they reported at the start of the evaluation, so an
 update going live elsewhere mid-check shifts neither side. A failed hop is banned and the whole
 evaluation retried on a new route; if that fails too the gate rejects the candidate (fail-closed).
+Each version's logits give its total and per-category losses in one reduction (canary_examples.batch_losses):
+categories add no forward pass.
 """
 
 from __future__ import annotations
@@ -25,11 +27,10 @@ from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
 from chain.errors import UnavailableError
-from peer.canary import CanaryConfig, CanaryGate
-from peer.canary_examples import CanaryBatch, build_canary_batch, read_canary_file
+from peer.canary import DEFAULT_CATEGORY_MAX_RISE, CanaryConfig, CanaryGate
+from peer.canary_examples import CanaryBatch, CanaryLosses, batch_losses, build_canary_batch, read_canary_file
 from swarm import protocol
 from swarm.client import ClientConfig, SwarmClient
-from swarm.local_head import causal_lm_loss
 from swarm.routing import Hop, NoRouteError
 
 logger = logging.getLogger(__name__)
@@ -76,12 +77,16 @@ class SwarmCanaryEvaluator:
 
     async def losses(self, versions: Sequence[int]) -> list[float]:
         """Mean canary loss of the whole model with each of `versions` on this span, same route for all."""
+        return [losses.total for losses in await self.category_losses(versions)]
+
+    async def category_losses(self, versions: Sequence[int]) -> list[CanaryLosses]:
+        """Total and per-category canary losses of each of `versions`, from one pass per version."""
         try:
             return await asyncio.wait_for(self._losses(list(versions)), self.timeout)
         except TimeoutError:
             raise CanaryEvaluationError(f"canary evaluation took over {self.timeout:.0f} s") from None
 
-    async def _losses(self, versions: list[int]) -> list[float]:
+    async def _losses(self, versions: list[int]) -> list[CanaryLosses]:
         last: Exception | None = None
         for attempt in range(self.attempts):
             try:
@@ -126,7 +131,7 @@ class SwarmCanaryEvaluator:
             hidden = await self.client._hop_call(hop, protocol.HANDLER_FORWARD, [hidden], extra)  # names a failed hop
         return hidden
 
-    async def _evaluate_once(self, versions: list[int]) -> list[float]:
+    async def _evaluate_once(self, versions: list[int]) -> list[CanaryLosses]:
         before = await self._route(0, self.start)
         after = await self._route(self.end, self.client.num_blocks)
         pins = await self._pinned_versions(before + after)
@@ -139,7 +144,7 @@ class SwarmCanaryEvaluator:
         for version in versions:
             out = await self._through(after, await self.local_forward(prefix, version), pins)
             with torch.no_grad():
-                losses.append(float(causal_lm_loss(self.client.head.logits(out.float()), self.batch.labels)))
+                losses.append(batch_losses(self.client.head.logits(out.float()), self.batch))
         return losses
 
 
@@ -154,6 +159,8 @@ def swarm_canary_gate(
     local_forward: LocalForward,
     canary_file: Path | None = None,
     max_relative_rise: float = 0.01,
+    category_max_rise: float = DEFAULT_CATEGORY_MAX_RISE,
+    category_limits: dict[str, float] | None = None,
     request_timeout_s: float = 10.0,
 ) -> CanaryGate:
     """The canary gate of a learning peer: its canary examples evaluated through the swarm it serves."""
@@ -173,11 +180,16 @@ def swarm_canary_gate(
         local_forward=local_forward,
         timeout=2 * request_timeout_s,
     )
+    config = CanaryConfig(
+        max_relative_rise=max_relative_rise, category_max_rise=category_max_rise, category_limits=category_limits or {}
+    )
+    categories = sorted({e.category for e in examples})
     logger.info(
-        "canary gate: %d examples (%d scored tokens) from %s, max rise %.1f%%",
+        "canary gate: %d examples (%d scored tokens) from %s, max rise %.1f%%; categories %s",
         len(examples),
         batch.scored_tokens,
         canary_file or "the default set",
         100 * max_relative_rise,
+        ", ".join(f"{c} (max rise {100 * config.category_rise(c):.1f}%)" for c in categories),
     )
-    return CanaryGate(evaluator, CanaryConfig(max_relative_rise=max_relative_rise))
+    return CanaryGate(evaluator, config)

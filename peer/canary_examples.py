@@ -2,13 +2,21 @@
 
 File format (UTF-8, one example per line): a TAB splits a line into a prompt that is only context and
 the scored rest; a line without a TAB is scored in full. Blank lines and lines starting with `#` are
-skipped. The default set (`peer/canary_default.txt`) suits the embedded default model; operators of
-other models pass their own with `dllm peer join --canary-file`.
+skipped, except a section header `## NAME` (one word: lowercase letters, digits, `-`, `_`): the examples
+after it belong to category NAME until the next header (those before any header to `general`). The gate
+keeps a loss per category and bounds each one's rise (peer/canary.py), so a drift confined to one
+category (the stereotype probe, a taught domain) is not diluted by the others. The default set
+(`peer/canary_default.txt`) suits the embedded default model; operators of other models pass their own
+with `dllm peer join --canary-file`.
+
+Per-category losses come from the same forward pass as the total: the per-token losses of one batch are
+summed per category (`batch_losses`), so categories cost nothing beyond the reduction.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +25,12 @@ from chain.errors import ConfigError
 
 MAX_EXAMPLES = 64
 MAX_TOKENS_PER_EXAMPLE = 256
+MAX_CATEGORIES = 15
+"""Sections one canary file may hold: with the total, a version commit records at most 16 losses (chain/remarks.py)."""
+DEFAULT_CATEGORY = "general"
+"""The category of examples before any `## NAME` header."""
+CATEGORY_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+_HEADER = re.compile(r"##\s+(\S+)\s*")
 
 
 class CanaryExamplesError(ConfigError, ValueError):
@@ -29,6 +43,15 @@ class CanaryExample:
 
     prompt: str
     scored: str
+    category: str = DEFAULT_CATEGORY
+
+
+@dataclass(frozen=True)
+class CanaryLosses:
+    """One version's canary loss: over every scored token (`total`), and over each category's tokens."""
+
+    total: float
+    categories: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -37,10 +60,37 @@ class CanaryBatch:
 
     input_ids: torch.Tensor  # [examples, tokens]
     labels: torch.Tensor  # [examples, tokens]
+    categories: tuple[str, ...] = ()  # of each row; () means every row is DEFAULT_CATEGORY
 
     @property
     def scored_tokens(self) -> int:
         return int((self.labels[:, 1:] != -100).sum())
+
+    def row_categories(self) -> list[str]:
+        return list(self.categories) if self.categories else [DEFAULT_CATEGORY] * self.input_ids.shape[0]
+
+
+def batch_losses(logits: torch.Tensor, batch: CanaryBatch) -> CanaryLosses:
+    """Mean next-token cross-entropy of the batch over all scored tokens and per category, from one set of logits.
+
+    `total` equals swarm.local_head.causal_lm_loss over the whole batch."""
+    with torch.no_grad():
+        labels = batch.labels[:, 1:]
+        per_token = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=-100,
+            reduction="none",
+        ).view(labels.shape)
+        scored = labels != -100
+        row_sums, row_counts = (per_token * scored).sum(dim=1), scored.sum(dim=1)
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for row, category in enumerate(batch.row_categories()):
+        sums[category] = sums.get(category, 0.0) + float(row_sums[row])
+        counts[category] = counts.get(category, 0) + int(row_counts[row])
+    total = sum(sums.values()) / max(1, sum(counts.values()))
+    return CanaryLosses(total, {c: sums[c] / counts[c] for c in sorted(sums) if counts[c]})
 
 
 def default_canary_path() -> Path:
@@ -58,14 +108,24 @@ def read_canary_file(path: Path | None = None) -> list[CanaryExample]:
     except (OSError, UnicodeDecodeError) as e:
         raise CanaryExamplesError(f"canary file {path} cannot be read as UTF-8 text: {e}") from None
     examples = []
+    category = DEFAULT_CATEGORY
     for number, line in enumerate(text.splitlines(), start=1):
+        header = _HEADER.fullmatch(line.strip())
+        if header is not None:
+            if not CATEGORY_NAME.fullmatch(header.group(1)):
+                raise CanaryExamplesError(
+                    f"{path}:{number}: section name {header.group(1)[:40]!r} must be lowercase letters, digits, "
+                    "'-' or '_' (at most 32)"
+                )
+            category = header.group(1)
+            continue
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         prompt, tab, rest = line.partition("\t")
         prompt, scored = (prompt, rest) if tab else ("", prompt)
         if not scored.strip():
             raise CanaryExamplesError(f"{path}:{number}: nothing to score after the TAB")
-        examples.append(CanaryExample(prompt.strip(), scored.rstrip() if tab else scored.strip()))
+        examples.append(CanaryExample(prompt.strip(), scored.rstrip() if tab else scored.strip(), category))
     if not examples:
         raise CanaryExamplesError(f"canary file {path} holds no example (one per line; '#' starts a comment)")
     if len(examples) > MAX_EXAMPLES:
@@ -73,6 +133,9 @@ def read_canary_file(path: Path | None = None) -> list[CanaryExample]:
             f"canary file {path} holds {len(examples)} examples; at most {MAX_EXAMPLES} "
             "(every averaging round evaluates all of them twice)"
         )
+    categories = {e.category for e in examples}
+    if len(categories) > MAX_CATEGORIES:
+        raise CanaryExamplesError(f"canary file {path} has {len(categories)} sections; at most {MAX_CATEGORIES}")
     return examples
 
 
@@ -97,4 +160,4 @@ def build_canary_batch(examples: list[CanaryExample], tokenizer) -> CanaryBatch:
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
     labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
-    return CanaryBatch(input_ids, labels)
+    return CanaryBatch(input_ids, labels, tuple(e.category for e in examples))

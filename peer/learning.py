@@ -4,6 +4,9 @@ The handler asks it which adapter version a request runs with (`version_scope`),
 backward passes (`train_backward`), and reports `info()`; `run()` keeps the periodic work going: joining
 replicas' averaging rounds, which are the only way an update goes live. Every adapter version a
 receipt names is archived by digest (`retain_version`) for verifiers to fetch (peer/adapter_exchange.py).
+A version that goes live through a round is announced (`on_live`, the peer re-announces its DHT record with
+the new `adapter_version`) and, on a peer with a chain key, committed on chain (`version_commits`,
+peer/version_commits.py) in the background.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +28,7 @@ from peer.canary import CanaryGate
 from peer.replica_auth import ReplicaIdentity
 from peer.span import SpanRunner
 from peer.training import AdapterTrainer, TrainingConfig, span_backward
+from peer.version_commits import VersionCommitter
 from swarm.protocol import ProtocolError
 
 logger = logging.getLogger(__name__)
@@ -71,6 +75,8 @@ class SpanLearner:
         self._receipt_digests: dict[str, bytes] = {}  # AdapterSet.digest (cached per held version) -> ours
         self.averager: AdapterAverager | None = None
         self.last_round: RoundOutcome | None = None
+        self.version_commits: VersionCommitter | None = None  # set by a peer with a chain key
+        self.on_live: Callable[[int], None] | None = None  # called with each version a round makes live
         self._fingerprint = AverageSketcher(self.adapters.num_parameters(), blocks=8)
 
     # ---- used by the handler -----------------------------------------------------------------
@@ -150,8 +156,15 @@ class SpanLearner:
                     "accepted": last.accepted,
                     "live_loss": last.live_loss,
                     "candidate_loss": last.candidate_loss,
+                    "live_categories": last.live_categories,
+                    "candidate_categories": last.candidate_categories,
+                    "blocked_categories": last.blocked_categories,
                     "reason": last.reason,
                 }
+            # {version: {"total": loss, category: loss}} of the versions that went live here (str keys: msgpack)
+            info["canary_by_version"] = {str(v): losses for v, losses in sorted(self.canary.by_version.items())}
+        if self.version_commits is not None:
+            info["version_commits"] = self.version_commits.info()
         if self.averager is not None and self.averager.refused_states:
             info["refused_adapter_states"] = len(self.averager.refused_states)
             info["last_refused_adapter_state"] = self.averager.refused_states[-1]
@@ -191,6 +204,12 @@ class SpanLearner:
 
         def remember(outcome: RoundOutcome) -> None:
             self.last_round = outcome
+            if not outcome.averaged:
+                return
+            if self.on_live is not None:
+                self.on_live(outcome.version)
+            if self.version_commits is not None:
+                self.version_commits.went_live(outcome)
 
         await self.averager.run_periodically(self.config.averaging_period_s, remember)
 

@@ -23,7 +23,8 @@ class PeerView:
     cache_tokens_free: int
     rate: int
     chain_account: str | None
-    adapter_version: int
+    adapter_version: int  # the live adapter version of the span (0 also for a frozen peer)
+    learning: bool  # trains adapters: its adapter_version moves as versions go live
     addrs: list[str]
     expires_in_s: float
 
@@ -38,6 +39,7 @@ class PeerView:
             rate=record.rate,
             chain_account=record.chain_account,
             adapter_version=record.adapter_version,
+            learning=record.learning,
             addrs=list(record.addrs),
             expires_in_s=round(max(0.0, record.expires_at - now), 1),
         )
