@@ -8,6 +8,8 @@ it is stored, and the peer keeps serving."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import msgpack
 import pytest
@@ -39,7 +41,7 @@ def _backward_request(
 
 
 def test_feedback_is_published_replicated_fetched_and_bad_input_refused(local_swarm, tiny_model_path):
-    from swarm.client import ClientConfig, DistributedModel
+    from swarm.client import ClientConfig, DistributedModel, GenerationParams
 
     learner = local_swarm.start_peer("0:8", *learning_args(60.0), "--data-batch-size", "1", name="learner", wait=False)
     holder = local_swarm.start_peer("0:8", "--data-batch-size", "1", name="holder", wait=False)  # frozen: never trains
@@ -160,6 +162,20 @@ def test_feedback_is_published_replicated_fetched_and_bad_input_refused(local_sw
         # 4. the peer serves on: honest feedback is still trained on and published
         clients[1].feedback(*FACTS[0])
         assert peer_info(model, peer_id)["feedback_store"]["records"] == 5
+
+        # 5. `dllm query --share-prompts` publishes its prompt and answer; without the flag nothing is kept
+        def shared_count() -> int:  # distinct shared records, wherever held
+            return len({h for n in ids for h, kind in stored(local_swarm, n).items() if kind == "shared-prompt"})
+
+        before = shared_count()
+        model.generate("A private question", GenerationParams(max_new_tokens=2))  # not shared: kept nowhere
+        query = subprocess.run(
+            [sys.executable, "-m", "dllm.cli", "query", "The sky is", "-n", "2", "--no-stream", "--share-prompts",
+             "--model", str(tiny_model_path), "--initial-peers", local_swarm.initial_peers[0]],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert query.returncode == 0 and "prompt shared (public)" in query.stderr, query.stdout + query.stderr
+        assert shared_count() == before + 1
     finally:
         for client in clients:
             client.close()
