@@ -50,6 +50,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from dllm.model_choice import resolve_model_argument  # noqa: E402
 from dllm.processes import LocalSwarm  # noqa: E402
+from peer.canary import CanaryConfig  # noqa: E402
 from peer.training import TrainingConfig  # noqa: E402
 from swarm import protocol  # noqa: E402
 from swarm.client import DistributedModel  # noqa: E402
@@ -146,8 +147,10 @@ def exact_answers(logits_of: Logits, tokenizer: PreTrainedTokenizerBase, items: 
     ]
 
 
-def canary_loss(logits_of: Logits, tokenizer: PreTrainedTokenizerBase) -> float:
-    """Mean over the canary examples of the loss of their scored part (the canary gate's measure)."""
+def canary_loss(logits_of: Logits, tokenizer: PreTrainedTokenizerBase) -> tuple[float, float]:
+    """The canary loss two ways: the mean over the examples of each one's mean token loss (every example weighs
+    the same), and the mean over every scored token of the batch (the peers' canary gate's measure: long
+    sentences weigh more than short answers)."""
     rows, labels = [], []
     for prompt, text in CANARY:
         prompt_ids = tokenizer(prompt)["input_ids"] if prompt else []
@@ -159,21 +162,26 @@ def canary_loss(logits_of: Logits, tokenizer: PreTrainedTokenizerBase) -> float:
     label_ids = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
     with torch.no_grad():
         logits = logits_of(ids)
-    return statistics.fmean(float(causal_lm_loss(logits[i : i + 1], label_ids[i : i + 1])) for i in range(len(rows)))
+    per_example = statistics.fmean(
+        float(causal_lm_loss(logits[i : i + 1], label_ids[i : i + 1])) for i in range(len(rows))
+    )
+    return per_example, float(causal_lm_loss(logits, label_ids))
 
 
 @dataclass
 class Scores:
     taught: float
     paraphrase: float
-    canary: float
+    canary: float  # mean over the examples
+    gate_canary: float  # mean over the scored tokens, as the canary gate measures
     answers: list[bool]
 
 
 def score(logits_of: Logits, tokenizer: PreTrainedTokenizerBase, facts: list[Fact]) -> Scores:
     taught = exact_answers(logits_of, tokenizer, [(f.taught, f.answer) for f in facts])
     para = exact_answers(logits_of, tokenizer, [(f.paraphrase, f.answer) for f in facts])
-    return Scores(statistics.fmean(taught), statistics.fmean(para), canary_loss(logits_of, tokenizer), taught + para)
+    canary, gate_canary = canary_loss(logits_of, tokenizer)
+    return Scores(statistics.fmean(taught), statistics.fmean(para), canary, gate_canary, taught + para)
 
 
 def feedback_order(facts: list[Fact], epochs: int, seed: int) -> list[Fact]:
@@ -216,19 +224,30 @@ def centralized(model_dir: Path, facts: list[Fact], order: list[Fact], args: arg
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.learning_rate)
     max_norm = TrainingConfig().max_grad_norm
-    started = time.perf_counter()
-    for fact in order:
+    started, scoring = time.perf_counter(), 0.0
+    epochs: list[Scores] = []  # after each epoch but the last: how the anchor got there (not timed)
+    for i, fact in enumerate(order):
         ids, labels = _feedback_tensors(tokenizer, fact.taught, fact.completion)
         loss = causal_lm_loss(model(input_ids=ids).logits, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    seconds = (time.perf_counter() - started) / len(order)
+        if (i + 1) % len(facts) == 0 and i + 1 < len(order):
+            scored = time.perf_counter()
+            epochs.append(score(logits_of, tokenizer, facts))
+            scoring += time.perf_counter() - scored
+            e = epochs[-1]
+            console.print(
+                f"[anchor] epoch {len(epochs)}: taught {e.taught:.0%}, paraphrase {e.paraphrase:.0%}, "
+                f"canary {e.canary:.4f} (gate measure {e.gate_canary:.4f})"
+            )
+    seconds = (time.perf_counter() - started - scoring) / len(order)
     after = score(logits_of, tokenizer, facts)
+    epochs.append(after)
     examples.append(example_answers(lambda p: generate_local(model, tokenizer, p), facts))
     trainable = sum(p.numel() for p in params)
-    return before, after, seconds, examples, trainable
+    return before, after, seconds, examples, trainable, epochs
 
 
 def _feedback_tensors(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str):
@@ -287,6 +306,7 @@ def swarm_run(model_dir: Path, facts: list[Fact], order: list[Fact], args: argpa
         "--learning-rate", str(args.learning_rate),
         "--train-passes-per-minute", "6000",
         "--canary-file", str(canary_file),
+        "--canary-max-rise", str(args.canary_max_rise),
     ]  # fmt: skip
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with LocalSwarm(str(model_dir), workdir=workdir / "swarm", env=env) as swarm:
@@ -373,6 +393,24 @@ def wait_until_averaged(model: DistributedModel, ids: dict[str, str], args: argp
 # ---- report -----------------------------------------------------------------------------------------------
 
 
+def bench_settings(args: argparse.Namespace, passes: int) -> dict[str, str]:
+    """Every setting the result depends on, the peers' defaults included (printed with the result)."""
+    from peer.averaging import AveragingConfig
+
+    training, averaging = TrainingConfig(), AveragingConfig()
+    return {
+        "model": args.model,
+        "facts": str(args.facts),
+        "passes": f"{passes} ({args.epochs} per fact, shuffled per epoch, seed {args.seed})",
+        "LoRA": f"rank {args.rank}, alpha {args.alpha:g}, q/k/v/o",
+        "optimizer": f"{training.optimizer}, lr {args.learning_rate:g}, one step per pass, "
+        f"gradient clipped to {training.max_grad_norm:g}",
+        "swarm": f"2 spans x 2 replicas, averaging every {args.period:g} s, clip_tau {averaging.clip_tau:g} per round, "
+        f"canary max rise {args.canary_max_rise:.0%} per round (token-weighted, {len(CANARY)} examples)",
+        "drain": f"at most {args.drain_periods} periods",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="tiny | smollm2 | a folder | a GGUF file")
@@ -382,6 +420,12 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the peers' LoraConfig default)")
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--period", type=float, default=20.0, help="the peers' averaging period, seconds")
+    parser.add_argument(
+        "--canary-max-rise",
+        type=float,
+        default=CanaryConfig().max_relative_rise,
+        help="the peers' canary gate: highest relative rise of the canary loss per round (peer default)",
+    )
     parser.add_argument("--drain-periods", type=int, default=15, help="rounds to wait for the updates to go live")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process")
@@ -393,10 +437,12 @@ def main() -> None:
     facts = make_facts(args.facts, args.seed)
     order = feedback_order(facts, args.epochs, args.seed)
     load_start = os.getloadavg()
+    settings = bench_settings(args, len(order))
     console.print(f"{len(facts)} facts, {len(order)} feedback passes; load {load_start}")
+    console.print("settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()))
 
     started = time.perf_counter()
-    c_before, c_after, c_seconds, c_examples, trainable = centralized(model_dir, facts, order, args)
+    c_before, c_after, c_seconds, c_examples, trainable, c_epochs = centralized(model_dir, facts, order, args)
     console.print(
         f"[anchor] {trainable} LoRA parameters; taught {c_before.taught:.0%} -> {c_after.taught:.0%}, "
         f"paraphrase {c_before.paraphrase:.0%} -> {c_after.paraphrase:.0%}, canary {c_before.canary:.4f} -> "
@@ -426,7 +472,7 @@ def main() -> None:
     }
     table = Table(title=f"Learning {len(facts)} new facts ({len(order)} feedback passes), {args.model}")
     for column in ("run", "taught before", "taught after", "paraphrase before", "paraphrase after",
-                   "canary before", "canary after", "canary rise", "s / example"):  # fmt: skip
+                   "canary before", "canary after", "canary rise", "gate measure rise", "s / example"):  # fmt: skip
         table.add_column(column, justify="right")
     for name, before, after, seconds in (
         ("centralized peft LoRA", c_before, c_after, c_seconds),
@@ -441,6 +487,7 @@ def main() -> None:
             f"{before.canary:.4f}",
             f"{after.canary:.4f}",
             f"{after.canary / before.canary - 1:+.2%}",
+            f"{after.gate_canary / before.gate_canary - 1:+.2%}",
             f"{seconds:.2f}",
         )
     console.print(table)
@@ -468,7 +515,13 @@ def main() -> None:
             "facts": len(facts),
             "passes": len(order),
             "args": {k: str(v) for k, v in vars(args).items()},
-            "centralized": {"before": vars(c_before), "after": vars(c_after), "s_per_example": c_seconds},
+            "settings": settings,
+            "centralized": {
+                "before": vars(c_before),
+                "after": vars(c_after),
+                "s_per_example": c_seconds,
+                "epochs": [vars(e) for e in c_epochs],
+            },
             "swarm": {"before": vars(s_before), "after": vars(s_after), "s_per_example": s_seconds},
             "ratio": ratio,
             "replicas_same": same,
