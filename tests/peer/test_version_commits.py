@@ -2,7 +2,8 @@
 each with its own funded chain key on the real dev chain, average a feedback update into v1. Each replica's DHT
 record moves from adapter_version 0 to 1, and each commits one `adapter-version` record from its own account
 (parent 0, the sha256 it holds, the parent's sha256, the round's replicas, per-category canary before/after),
-read back through chain/lineage.py's LineageIndex."""
+read back through chain/lineage.py's LineageIndex. In process: a commit that fails is retried a bounded number
+of times in the background, then logged and shown in rpc_info, never raised."""
 
 from __future__ import annotations
 
@@ -97,3 +98,64 @@ def test_a_live_version_is_announced_and_committed_by_each_replica(
     # both feedback examples trained v1 (each on the replica its pass was routed through): their batches are named
     trained = {h for c in commits.values() for root in c.data_roots for b in batches[root] for h in b.hashes}
     assert len(trained) == len(FACTS)
+
+
+class _FlakyLedger:
+    """Fails the first `failures` commits, then records them."""
+
+    def __init__(self, failures: int):
+        self.failures, self.commits = failures, []
+
+    def commit_adapter_version(self, keypair, model, span, version, parent, sha256, parent_sha256, *rest):
+        if self.failures > 0:
+            self.failures -= 1
+            raise ConnectionError("chain unreachable")
+        self.commits.append((version, parent, sha256, parent_sha256, *rest))
+        return type("Result", (), {"extrinsic_hash": "0xabc"})()
+
+
+class _Store:
+    def __init__(self):
+        self.calls = []
+
+    def flush_batch(self):
+        self.calls.append("flush")
+        return [b"\x01" * 32]
+
+    def roots_since(self, version):
+        self.calls.append(("roots_since", version))
+        return [b"\x01" * 32]
+
+
+async def test_commits_retry_a_bounded_number_of_times_in_the_background(tiny_model_path):
+    from peer.averaging import RoundOutcome
+    from peer.canary import CanaryVerdict
+    from peer.version_commits import VersionCommitConfig, VersionCommitter
+
+    config = load_config(tiny_model_path)
+    adapters = AdapterSet(load_span_layers(tiny_model_path, config, 0, 2), 0, LoraConfig(rank=2))
+    candidate = adapters.propose({name: t + 0.01 for name, t in adapters.working_state().items()})
+    adapters.promote(candidate)
+    verdict = CanaryVerdict(
+        True, 0, 1, 2.0, 1.9, 2.02, live_categories={"probe": 3.0}, candidate_categories={"probe": 2.9}
+    )
+    outcome = RoundOutcome("averaged", "ok", 1, ["peer-a", "peer-b"], canary=verdict)
+    store, retry = _Store(), VersionCommitConfig(attempts=3, retry_delay_s=0.01)
+
+    ledger = _FlakyLedger(failures=2)  # the third attempt lands
+    committer = VersionCommitter(ledger, None, model="m", span=(0, 2), adapters=adapters, store=store, config=retry)
+    assert committer.went_live(RoundOutcome("skipped", "no group", 0)) is None
+    await committer.went_live(outcome)
+    ((version, parent, sha256, parent_sha256, roots, replicas, before, after),) = ledger.commits
+    digest = adapter_digest(adapters.state(1).tensors, adapters.config.scaling)
+    assert (version, parent, sha256, roots, replicas) == (1, 0, digest, [b"\x01" * 32], ("peer-a", "peer-b"))
+    assert parent_sha256 == adapter_digest(adapters.state(0).tensors, adapters.config.scaling) != digest
+    assert before == {"total": 2.0, "probe": 3.0} and after == {"total": 1.9, "probe": 2.9}
+    assert store.calls[-2:] == ["flush", ("roots_since", 0)]
+    assert committer.info() == {"committed": {"1": {"sha256": digest.hex(), "extrinsic": "0xabc"}}, "failed": {}}
+
+    ledger = _FlakyLedger(failures=5)  # every attempt fails: logged and shown, never raised
+    committer = VersionCommitter(ledger, None, model="m", span=(0, 2), adapters=adapters, config=retry)
+    await committer.went_live(outcome)
+    assert ledger.commits == [] and ledger.failures == 2
+    assert committer.info()["failed"] == {"1": "ConnectionError: chain unreachable"}
