@@ -28,6 +28,10 @@ ADAPTER_FETCH_TIMEOUT_S) gets a signed failing verdict with reason "adapters una
 match the digest but fit no projection of the span, one with "adapters do not fit the model". A
 training pass (unpublished working adapters) is never judged: the verifier abstains, answers
 `unverifiable` and counts it.
+
+Samples for the same blocks and weights share a forward (dllm/rerun_queue.py, economy/batched_recheck.py):
+each is validated alone, then re-run right-padded in one batch of at most `batch_tokens` padded positions,
+waiting at most `batch_wait_s` for batch-mates; every verdict is the one an unbatched re-run gives.
 """
 
 from __future__ import annotations
@@ -36,12 +40,12 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import torch
@@ -51,6 +55,8 @@ from hivemind.utils import get_dht_time
 from scalecodec.utils.ss58 import ss58_decode, ss58_encode
 
 from chain.config_bounds import bounded, check_bounds
+from dllm.rerun_queue import DEFAULT_BATCH_WAIT_S, RerunQueue
+from economy.batched_recheck import DEFAULT_BATCH_TOKENS, Rerun, prepare_rerun, rerun_batch
 from economy.evidence_store import Evidence, EvidenceNotFoundError, EvidenceStore, MalformedEvidenceError
 from economy.gossip import VERDICTS_TOPIC, GossipBus, GossipConfig, GossipError
 from economy.receipts import COMPUTE_DTYPES, UsageReceipt, verify_receipt
@@ -64,7 +70,6 @@ from economy.verification import (
     VerificationError,
     make_failed_verdict,
     make_verdict,
-    recheck,
 )
 from economy.work_sample import MalformedWorkSampleError, SampleRejectedError, UnverifiableSampleError, WorkSample
 from peer.adapter_exchange import fetch_bundle, span_sources
@@ -105,6 +110,10 @@ class VerifierConfig:
     """SQLite file of its samples, verdicts and evidence (default ~/.dllm/evidence-<account>.sqlite3)."""
     dtype: str = "float32"
     """The re-run's dtype (economy.receipts.COMPUTE_DTYPES); sets the tolerance together with the receipt's."""
+    batch_tokens: int = bounded(DEFAULT_BATCH_TOKENS, ge=1)
+    """Padded positions one batched re-run may hold (1: every sample alone)."""
+    batch_wait_s: float = bounded(DEFAULT_BATCH_WAIT_S, ge=0.0, le=10.0)
+    """Longest a sample waits for batch-mates (only while its batch has room)."""
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -148,6 +157,9 @@ class Verifier:
             raise ValueError(f"this verifier re-runs work in {config.dtype}, but its span computes in {span.dtype}")
         self.stats = VerifierStats()
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-verify")
+        self._bundles: dict[bytes, tuple[AdapterBundle, int]] = {}
+        """Adapters of the reruns queued or running, by digest, with how many hold them (a batch shares them)."""
+        self.reruns = RerunQueue(self._rerun_batch, self._compute, config.batch_tokens, config.batch_wait_s)
 
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, blocks: range) -> torch.Tensor:
         with torch.inference_mode():
@@ -176,13 +188,24 @@ class Verifier:
         blocks = range(r.start, r.end)
         # r.dtype is one of COMPUTE_DTYPES (decode checks)
         tolerance = Tolerance.for_dtype(r.dtype, len(blocks), rerun=self.span.dtype)
+        digest = None if bundle is None else r.adapter_digest
+        # validated alone (off the event loop): a sample that is not evidence never joins a batch
+        rerun = await asyncio.get_running_loop().run_in_executor(
+            self._compute, prepare_rerun, sample, tolerance, digest
+        )
+        if bundle is not None:
+            held = self._bundles.get(r.adapter_digest, (bundle, 0))[1]
+            self._bundles[r.adapter_digest] = (bundle, held + 1)  # digest-checked: any holder's bundle will do
         try:
-            comparison = await asyncio.get_running_loop().run_in_executor(
-                self._compute, self._recheck, sample, blocks, tolerance, bundle
-            )
+            comparison = await self.reruns.run((r.start, r.end, digest, rerun.inputs.shape[2]), rerun)
         except AdapterStateError as e:
             logger.warning("adapters of receipt %s fit no projection here: %s", sample.receipt.receipt_id, e)
             return self._failed(sample, ADAPTERS_UNUSABLE)
+        finally:
+            if bundle is not None:
+                held_bundle, holders = self._bundles.pop(r.adapter_digest)
+                if holders > 1:
+                    self._bundles[r.adapter_digest] = (held_bundle, holders - 1)
         verdict = make_verdict(self.keypair, sample, comparison)
         self._record(sample, verdict)
         if not comparison.passed:
@@ -199,18 +222,19 @@ class Verifier:
             )
         return verdict
 
-    def _recheck(
-        self, sample: WorkSample, blocks: range, tolerance: Tolerance, bundle: AdapterBundle | None
-    ) -> Comparison:
-        """On the compute thread (the only one touching the span, so merging adapters into it is safe)."""
+    def _rerun_batch(self, key: Hashable, reruns: list[Rerun]) -> list[Comparison]:
+        """On the compute thread (the only one touching the span, so merging adapters into it is safe): one
+        forward of `reruns`, all for the key's blocks and adapters."""
+        start, end, digest, _ = cast(tuple[int, int, bytes | None, int], key)  # the key `check` queued it under
+        blocks = range(start, end)
 
         def forward(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
             return self.forward(x, p, blocks)
 
-        if bundle is None:
-            return recheck(sample, forward, tolerance)
-        with applied_adapters(self.span.layers, self.span.start, bundle):
-            return recheck(sample, forward, tolerance, sample.receipt.receipt.adapter_digest)
+        if digest is None:
+            return rerun_batch(reruns, forward)
+        with applied_adapters(self.span.layers, self.span.start, self._bundles[digest][0]):
+            return rerun_batch(reruns, forward)
 
     async def _fetch_adapters(self, receipt: UsageReceipt) -> AdapterBundle | None:
         """The receipt's adapters, digest-checked, from any source; None after `adapter_fetch_attempts` rounds."""

@@ -29,7 +29,8 @@ authorized verifiers each corrupted request is caught with >= p_min * (1 - (1 - 
 
 Cost. A check re-runs a whole session in ONE parallel causal forward (all inputs are known), while
 serving ran one sequential step per token: scripts/bench/verification.py measures the overhead
-(verifier checks per request x check cost / serving cost).
+(verifier checks per request x check cost / serving cost). Samples for the same blocks and weights can share
+one padded forward with unchanged verdicts (economy/batched_recheck.py).
 
 Comparison. Float results differ across machines, thread counts, batch shapes and kernels. The
 check compares, per token position, the relative L2 error ||claimed - recomputed|| / ||recomputed||

@@ -20,16 +20,29 @@
    verifier compute / serving compute = verifier runs per request x the ratio measured in 1; the former
    dispatch (every sample to 2 verifiers) is shown next to it, and detection with one of the 3 verifiers
    lying "passed" on everything.
+5. Batched checks (economy.batched_recheck, as `dllm verify` batches queued samples): the same honest sessions
+   re-checked B at a time in one padded forward (B = --batch-sizes), interleaved with the one-at-a-time checks
+   so that load changes hit every B alike, and each corrupted session re-checked inside a batch of honest
+   ones; the same for short sessions (--short-prompt + --short-generated tokens). One table gives, per session
+   shape and B: check per sample, check / serving ratio, verifier compute / serving compute at the adaptive
+   floor with the client's dispatch, the per-check catch rate in that batch, and the simulated detection of a
+   provider that waits for the floor and then corrupts each request w.p. 5 %, with the load average (uptime)
+   at the start and end of the run.
 
 Usage: .venv/bin/python scripts/bench/verification.py [--sample-rate 0.5] [--runs 2000] [--quick]
+       [--model-dir ~/.cache/dllm/models/smollm2 --blocks 10]   (a real model's first blocks instead of random ones)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -40,6 +53,7 @@ from rich.table import Table  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
+from economy.batched_recheck import prepare_rerun, rerun_batch  # noqa: E402
 from economy.metering import StepKind, UsageMeter  # noqa: E402
 from economy.pricing import ProviderRate  # noqa: E402
 from economy.receipts import SignedReceipt, receipt_for_segment  # noqa: E402
@@ -74,6 +88,16 @@ def build_span(hidden: int, layers: int, seed: int) -> SpanRunner:
     for m in modules:
         m.requires_grad_(False)
     return SpanRunner(config, modules, 0, layers)
+
+
+def load_real_span(model_dir: str, blocks: int) -> SpanRunner:
+    """The first `blocks` decoder layers of a model folder, as a peer and a verifier load them."""
+    from peer.blocks import load_span_layers
+    from swarm.model_files import load_config, resolve_model
+
+    folder = resolve_model(model_dir)
+    config = load_config(folder)
+    return SpanRunner(config, load_span_layers(folder, config, 0, blocks), 0, blocks)
 
 
 def serve(runner: SpanRunner, keys, prompt: int, generated: int, cheat: str, seed: int) -> tuple[WorkSample, float]:
@@ -129,21 +153,33 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2000, help="simulated providers per cheat fraction")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    parser.add_argument("--batch-sizes", default="1,2,4,8", help="samples per batched check forward")
+    parser.add_argument("--short-prompt", type=int, default=12)
+    parser.add_argument("--short-generated", type=int, default=4)
+    parser.add_argument("--batch-repeats", type=int, default=5, help="timing rounds (anchor + every batch size)")
+    parser.add_argument("--model-dir", default=None, help="a model folder: its first --blocks layers are the span")
+    parser.add_argument("--blocks", type=int, default=10)
     args = parser.parse_args()
     if args.quick:
         args.hidden, args.sessions, args.runs, args.generated = 256, 3, 300, 32
+    load_at_start = os.getloadavg()
     # One thread: on a shared 2-core machine more threads oversubscribe and make timings noise.
     torch.set_num_threads(1)
     from substrateinterface import Keypair
 
     keys = (Keypair.create_from_uri("//Bob"), Keypair.create_from_uri("//Alice"))
     console = Console(width=None if sys.stdout.isatty() else 150)  # a file gets whole rows
-    served = build_span(args.hidden, args.layers, seed=0)
-    verifier = build_span(args.hidden, args.layers, seed=0)  # same weights, separate instance
+    if args.model_dir:
+        served, verifier = load_real_span(args.model_dir, args.blocks), load_real_span(args.model_dir, args.blocks)
+        args.layers, args.hidden = args.blocks, served.hidden_size
+    else:
+        served = build_span(args.hidden, args.layers, seed=0)
+        verifier = build_span(args.hidden, args.layers, seed=0)  # same weights, separate instance
     tolerance = Tolerance.for_dtype(torch.float32)
 
     serve(served, keys, 8, 2, "none", seed=10**6)  # warm-up
     outcomes: dict[str, list[bool]] = {"honest": [], "corrupt": [], "skip": []}
+    kept: dict[str, list[WorkSample]] = {"honest": [], "corrupt": []}
     serve_total = check_total = 0.0
     worst_honest = 0.0
     for kind in outcomes:
@@ -153,6 +189,7 @@ def main() -> None:
             result = recheck(sample, verifier.forward, tolerance)
             check_s = time.perf_counter() - started
             outcomes[kind].append(result.passed)
+            kept.setdefault(kind, []).append(sample)
             if kind == "honest":
                 serve_total += serve_s
                 check_total += check_s
@@ -205,10 +242,143 @@ def main() -> None:
         )
     console.print(d)
     adaptive_table(console, AdaptiveSpotCheck(), args, cost_ratio, catch_rate, false_fail)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    short_honest, short_corrupt = short_sessions(served, keys, args, max(sizes))
+    shapes = [
+        (args.prompt, args.generated, kept["honest"], kept["corrupt"]),
+        (args.short_prompt, args.short_generated, short_honest, short_corrupt),
+    ]
+    measured = []
+    for prompt, generated, honest, corrupt in shapes:
+
+        def serve_one(prompt: int = prompt, generated: int = generated) -> float:
+            return serve(served, keys, prompt, generated, "none", seed=random.randrange(10**9))[1]
+
+        checks = batched_checks(verifier, tolerance, honest, corrupt, sizes, args.batch_repeats, serve_one)
+        measured.append((f"{prompt}+{generated}", checks))
+    summary_table(console, AdaptiveSpotCheck(), args, measured, load_at_start)
 
 
 VERIFIERS = 3
 """Authorized verifiers the simulated client dispatches over."""
+
+
+def short_sessions(
+    served: SpanRunner, keys, args: argparse.Namespace, count: int
+) -> tuple[list[WorkSample], list[WorkSample]]:
+    """`count` honest and `count` corrupted short sessions."""
+    honest, corrupt = [], []
+    for s in range(count):
+        honest.append(serve(served, keys, args.short_prompt, args.short_generated, "none", seed=7000 + s)[0])
+        corrupt.append(serve(served, keys, args.short_prompt, args.short_generated, "corrupt", seed=8000 + s)[0])
+    return honest, corrupt
+
+
+@dataclass
+class BatchedCost:
+    """One batch size's figures (medians over the timing rounds)."""
+
+    serve_s: float
+    """Serving one session of the shape, timed in the same rounds."""
+    check_s: float
+    """A batched check, per sample, validation included."""
+    ratio: float
+    """Median over rounds of check per sample / serving in that round."""
+    catch: float
+    """Share of corrupted sessions failing inside a batch of honest ones."""
+    mates_failed: int
+    """Honest batch-mates of those that failed (must be 0)."""
+
+
+def batched_checks(
+    verifier: SpanRunner,
+    tolerance: Tolerance,
+    honest: list[WorkSample],
+    corrupt: list[WorkSample],
+    sizes: list[int],
+    repeats: int,
+    serve_one: Callable[[], float],
+) -> dict[int, BatchedCost]:
+    """Per batch size B: the cost of a check of B samples in one forward against serving, and the catch rate of
+    corrupted sessions checked inside a batch of B - 1 honest ones. Each round serves one session (the anchor),
+    then times every B in turn, so a change of load hits the anchor and every B alike."""
+
+    def check(group: list[WorkSample]) -> list[bool]:
+        return [c.passed for c in rerun_batch([prepare_rerun(s, tolerance) for s in group], verifier.forward)]
+
+    pool = [honest[i % len(honest)] for i in range(max(len(honest), *sizes))]  # fewer sessions: reused
+    per_sample: dict[int, list[float]] = {b: [] for b in sizes}
+    served: list[float] = []
+    check(honest[:1])  # warm-up
+    for _ in tqdm(range(repeats), desc="batched checks", leave=False):
+        served.append(serve_one())
+        for b in sizes:
+            groups = [pool[i : i + b] for i in range(0, len(pool) - b + 1, b)]
+            started = time.perf_counter()
+            for group in groups:
+                check(group)
+            per_sample[b].append((time.perf_counter() - started) / (len(groups) * b))
+    result = {}
+    for b in sizes:
+        caught = mates_failed = 0
+        for bad in corrupt:
+            passed = check([bad, *pool[: b - 1]])
+            caught += not passed[0]
+            mates_failed += passed[1:].count(False)
+        ratio = statistics.median(c / s for c, s in zip(per_sample[b], served, strict=True))
+        result[b] = BatchedCost(
+            statistics.median(served), statistics.median(per_sample[b]), ratio, caught / len(corrupt), mates_failed
+        )
+    return result
+
+
+def summary_table(
+    console: Console,
+    rule: AdaptiveSpotCheck,
+    args: argparse.Namespace,
+    measured: list[tuple[str, dict[int, BatchedCost]]],
+    load_at_start: tuple[float, float, float],
+) -> None:
+    """One table: per session shape and batch size, the cost of a check against serving and the detection."""
+    rng = random.Random(9)
+    audit = VerifierDispatch().audit_rate
+    runs_per_request = rule.min_rate * (1 + audit)
+    load_at_end = os.getloadavg()
+    t = Table(
+        title=f"Batched checks: cost and detection, same run ({args.layers} layers, hidden {args.hidden}, CPU "
+        f"x{torch.get_num_threads()}; load average {' '.join(f'{x:.2f}' for x in load_at_start)} at the start, "
+        f"{' '.join(f'{x:.2f}' for x in load_at_end)} at the end); verifier runs per request at the floor "
+        f"{rule.min_rate} with audits {audit}: {runs_per_request:.3f}; detection: waits for the floor, then "
+        f"w.p. 5 %, {args.runs} runs, {args.requests} requests"
+    )
+    for col in (
+        "session",
+        "samples per forward",
+        "serving / session",
+        "check / sample",
+        "check / serving",
+        "verifier / serving",
+        "corrupt caught in batch",
+        "detected (bound)",
+    ):
+        t.add_column(col)
+    for name, by_size in measured:
+        for b, cost in by_size.items():
+            caught = 0
+            for _ in range(args.runs):
+                caught += run_provider(rule, rng, args.requests, "waits", 0.05, cost.catch)[0]
+            bound = detection_probability(rule.min_rate, 0.05, args.requests) * cost.catch
+            t.add_row(
+                name,
+                str(b),
+                f"{1000 * cost.serve_s:.1f} ms",
+                f"{1000 * cost.check_s:.1f} ms",
+                f"{cost.ratio:.3f}",
+                f"{100 * runs_per_request * cost.ratio:.2f} %",
+                f"{100 * cost.catch:.0f} % ({cost.mates_failed} honest mates failed)",
+                f"{100 * caught / args.runs:.2f} % (>= {100 * bound:.2f} %)",
+            )
+    console.print(t)
 
 
 def run_provider(
