@@ -169,7 +169,7 @@ async def main(args: argparse.Namespace) -> None:
                 group=outcome.group,
                 version=outcome.version,
                 seconds=outcome.seconds,
-                **({"canary_loss": (await canary._losses([adapters.live_version]))[0]} if canary else {}),
+                **({"canary_loss": (await canary._losses([adapters.live_version]))[0].total} if canary else {}),
             )
         emit(event="done")
         await asyncio.to_thread(sys.stdin.readline)  # stay reachable (e.g. to share state) until told to go
