@@ -14,8 +14,9 @@ Invariants of what it lists:
 - Every listed record passed chain/remarks.py's strict check (a batch's root is the Merkle root of its
   hashes, bounded sizes, no control characters); anything else is skipped with a log line, never raised.
 - Records are kept as committed, oldest first. `merged()` joins the commits of one (model, span, version,
-  sha256) (union of data roots and replicas, every committer kept); two different sha256 for one
-  (model, span, version) are a fork: each side is listed, marked `fork=True`, never silently chosen.
+  sha256) (union of data roots and replicas, every committer kept); one (model, span, version) committed by
+  two different averaging rounds (replica sets) is a fork: each side is listed, marked `fork=True`, never
+  silently chosen. Digests one round's replicas commit for its version may differ by float noise (`variants`).
 Threats it does not stop: any funded account can commit records (each pays its fee); tools decide whom to
 believe (e.g. registered providers only) from `sender`, which is reliable.
 """
@@ -80,8 +81,13 @@ class VersionCommit:
 @dataclass(frozen=True)
 class MergedVersion:
     """Every commit of one (model, span, version, sha256): data roots and replicas are their union (first-seen
-    order); `parent`/`parent_sha256` are the earliest commit's; `fork` is True when another sha256 was committed
-    for the same (model, span, version)."""
+    order); `parent`/`parent_sha256` are the earliest commit's.
+
+    `fork` is True when the same (model, span, version) was also committed by ANOTHER averaging round (a
+    different set of replicas): two histories. `variants` counts the digests committed for the version by this
+    round's replicas: an all-reduce leaves replicas a few float32 ulps apart, so each may commit its own sha256
+    for one round's version; those are variants of one version, not a fork (each is checked against what its
+    committer serves by `dllm lineage --verify`)."""
 
     model: str
     span: Span
@@ -93,6 +99,7 @@ class MergedVersion:
     replicas: tuple[str, ...]
     commits: tuple[VersionCommit, ...]
     fork: bool
+    variants: int = 1
 
     @property
     def first_block(self) -> int:
@@ -212,12 +219,11 @@ class LineageIndex(RecordScanner):
         groups: dict[tuple[str, Span, int, bytes], list[VersionCommit]] = defaultdict(list)
         for commit in self._versions:
             groups[(commit.model, commit.span, commit.version, commit.sha256)].append(commit)
-        digests: dict[tuple[str, Span, int], set[bytes]] = defaultdict(set)
-        for model, span, version, sha256 in groups:
-            digests[(model, span, version)].add(sha256)
+        sides = self._sides()
         merged = []
         for (model, span, version, sha256), commits in groups.items():
             first = commits[0]
+            side, count = sides[(model, span, version)]
             merged.append(
                 MergedVersion(
                     model,
@@ -229,13 +235,32 @@ class LineageIndex(RecordScanner):
                     tuple(dict.fromkeys(r for c in commits for r in c.data_roots)),
                     tuple(dict.fromkeys(p for c in commits for p in c.replicas)),
                     tuple(commits),
-                    len(digests[(model, span, version)]) > 1,
+                    count > 1,
+                    sum(1 for other in side.values() if other == side[sha256]),
                 )
             )
         return sorted(merged, key=lambda m: (m.model, m.span, m.version, m.first_block))
 
+    def _sides(self) -> dict[tuple[str, Span, int], tuple[dict[bytes, int], int]]:
+        """Per (model, span, version): each committed sha256's side and the number of sides. Two digests are on one
+        side when a commit names both rounds' replica set or both were committed by one round (variants)."""
+        by_version: dict[tuple[str, Span, int], list[VersionCommit]] = defaultdict(list)
+        for commit in self._versions:
+            by_version[(commit.model, commit.span, commit.version)].append(commit)
+        result = {}
+        for key, commits in by_version.items():
+            side = {c.sha256: i for i, c in enumerate(commits)}
+            rounds: dict[frozenset[str], bytes] = {}
+            for commit in commits:  # join the digests one round's replicas committed
+                other = rounds.setdefault(frozenset(commit.replicas), commit.sha256)
+                old, new = side[commit.sha256], side[other]
+                if old != new:
+                    side = {h: new if s == old else s for h, s in side.items()}
+            result[key] = (side, len(set(side.values())))
+        return result
+
     def forks(self) -> list[list[MergedVersion]]:
-        """Each (model, span, version) committed with more than one sha256: its sides, earliest first."""
+        """Each (model, span, version) committed by more than one averaging round: its sides, earliest first."""
         sides: dict[tuple[str, Span, int], list[MergedVersion]] = defaultdict(list)
         for entry in self.merged():
             if entry.fork:

@@ -100,6 +100,8 @@ def render_lineage(versions: Sequence[MergedVersion], batches_by_root: Mapping[b
         out.append(head[:WIDTH])
         for v in group:
             flag = "  FORK: other tensors committed for this version" if v.fork else ""
+            if not v.fork and v.variants > 1:  # one round's replicas, a few float ulps apart
+                flag = f"  1 of {v.variants} replica digests"
             out.append(
                 f"  v{v.version} <- v{v.parent}  sha256 {short(v.sha256, 16)}  block {v.first_block}{flag}"[:WIDTH]
             )

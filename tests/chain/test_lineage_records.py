@@ -206,6 +206,14 @@ def test_two_peers_commit_batches_and_versions_from_their_own_accounts(ledger, l
         (sha(f"v2-{first.ss58_address}"), (first.ss58_address,), True),
     ]
 
+    # One round's replicas end a few float ulps apart: each commits its own digest of v3. Variants, not a fork.
+    group = ["12D3KooWfirst", "12D3KooWsecond"]
+    for kp in (first, second):
+        ledger.commit_adapter_version(kp, MODEL, (0, 4), 3, 2, sha(f"v3-{kp.ss58_address}"), None, [], group, {}, {})
+    lineage.sync()
+    v3 = [m for m in lineage.merged() if m.version == 3 and set(m.committers) <= mine]
+    assert [(m.fork, m.variants) for m in v3] == [(False, 2), (False, 2)]
+
 
 def test_a_peer_that_cannot_pay_is_refused_before_anything_is_submitted(ledger):
     unfunded = fresh_account(ledger, funds=0)
