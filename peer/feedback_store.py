@@ -135,6 +135,8 @@ class FeedbackStore:
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
         self._warned_no_commit = False
+        # called (from the flushing thread) after a flush committed batches: the peer replicates them then
+        self.after_flush: Callable[[], None] | None = None
 
     # ---- storage -------------------------------------------------------------------------------------------
     def _conn(self, create: bool = True) -> sqlite3.Connection | None:
@@ -330,6 +332,8 @@ class FeedbackStore:
                         "feedback store: committed %d record(s), root %s, block %d", len(hashes), root.hex(), block
                     )
                     roots.append(root)
+        if roots and self.after_flush is not None:
+            self.after_flush()
         return roots
 
     def roots_since(self, version: int) -> list[bytes]:
@@ -478,10 +482,18 @@ class FeedbackPublisher:
         self._p2p: P2P | None = None
         self._dht: Any = None
         self._publishing: asyncio.Task[None] | None = None
+        self._replicating: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
     async def add_handlers(self, p2p: P2P, dht: Any) -> None:
         self._p2p, self._dht = p2p, dht
+        loop = asyncio.get_running_loop()
+        # a flush from elsewhere (a version commit's worker thread) is followed by replication here
+
+        def after_flush() -> None:
+            loop.call_soon_threadsafe(self._replicate_soon)
+
+        self.store.after_flush = after_flush
         for name, handler in (
             (protocol.HANDLER_FEEDBACK_FETCH, self.rpc_feedback_fetch),
             (protocol.HANDLER_FEEDBACK_PUSH, self.rpc_feedback_push),
@@ -545,6 +557,17 @@ class FeedbackPublisher:
             self.publish_soon()
         return added
 
+    def _replicate_soon(self) -> None:
+        if self._replicating is None or self._replicating.done():
+            self._replicating = asyncio.create_task(self._replicate_logged())
+
+    async def _replicate_logged(self) -> None:
+        async with self._lock:
+            try:
+                await self.replicate()
+            except Exception as e:  # retried on the next batch or period
+                logger.warning("replicating feedback failed: %s", e)
+
     def publish_soon(self) -> None:
         if self._publishing is None or self._publishing.done():
             self._publishing = asyncio.create_task(self.publish())
@@ -593,9 +616,11 @@ class FeedbackPublisher:
 
     async def close(self) -> None:
         """Cancels a publication in flight (pending records stay stored for the next start)."""
-        if self._publishing is not None:
-            self._publishing.cancel()
-            await asyncio.gather(self._publishing, return_exceptions=True)
+        self.store.after_flush = None
+        for task in (self._publishing, self._replicating):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def run_periodically(self, period_s: float = PUBLISH_PERIOD_S) -> None:
         """Publishes whatever is pending every `period_s` until cancelled."""

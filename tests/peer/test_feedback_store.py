@@ -15,7 +15,7 @@ from tests.chain.ledger_helpers import fresh_account
 
 pytestmark = pytest.mark.timeout(240)
 
-MODEL = "dllm-tiny-llama"
+MODEL = "feedback-store-test"  # not the swarm tests' model: their exports read the same session chain
 SPAN = (0, 4)
 ALICE = Keypair.create_from_uri("//Alice")
 
@@ -96,8 +96,11 @@ def test_flush_commits_batches_on_chain_and_eviction_takes_only_vouched_for_reco
     trained, shared = examples(1, "trained")[0], examples(1, "shared", kind="shared-prompt")[0]
     mixed.add(trained, SPAN, 7)
     mixed.add(shared, SPAN, 7, origin="shared")
+    flushed: list[int] = []
+    mixed.after_flush = lambda: flushed.append(1)  # the peer replicates what a flush committed
     assert mixed.flush_batch() == [merkle_root([trained.content_hash()]), merkle_root([shared.content_hash()])]
     assert mixed.roots_since(7) == [merkle_root([trained.content_hash()])]
+    assert flushed == [1] and mixed.flush_batch() == [] and flushed == [1]  # nothing new: no replication round
     mixed.close()
 
 
