@@ -261,7 +261,7 @@ class AdapterSet:
             h = hashlib.sha256()
             for name in self.names:
                 h.update(name.encode())
-                h.update(self._versions[version][name].detach().cpu().contiguous().numpy().tobytes())
+                h.update(self._versions[version][name].detach().cpu().contiguous().numpy().data)  # its buffer, no copy
             self._digests[version] = h.hexdigest()
         return self._digests[version]
 
@@ -287,7 +287,9 @@ class AdapterSet:
             if not isinstance(t, torch.Tensor) or t.shape != self.working[name].shape:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise AdapterStateError(f"{name}: expected shape {tuple(self.working[name].shape)}, got {got}")
-            if not t.is_floating_point() or not torch.isfinite(t).all():
+            # A finite sum proves every value finite (an inf or NaN makes the sum inf or NaN); only a
+            # non-finite sum (or an overflow) needs the exact check, which allocates a mask as large as t.
+            if not t.is_floating_point() or (not math.isfinite(float(t.sum())) and not torch.isfinite(t).all()):
                 raise AdapterStateError(f"{name}: adapter tensors must be finite floating-point values")
 
     def propose(self, tensors: Mapping[str, torch.Tensor], copy: bool = True) -> int:
@@ -317,6 +319,22 @@ class AdapterSet:
         self._candidates.discard(version)
         self.live_version = version
         self.reset_working()
+        self._forget_old_versions()
+
+    def promote_keeping_progress(self, version: int, applied: Mapping[str, torch.Tensor]) -> None:
+        """Makes candidate `version` live and keeps the local progress it does not apply: working :=
+        candidate + (working - old live - applied), computed in place (no copy of the adapters), under the
+        lock so that no training pass lands between reading the progress and re-basing it."""
+        if version not in self._candidates:
+            raise AdapterVersionUnavailableError(f"version {version} is not a pending candidate")
+        old, new = self._versions[self.live_version], self._versions[version]
+        with self.lock, torch.no_grad():
+            for name in self.names:
+                working = self.working[name]
+                working.sub_(old[name]).sub_(applied[name]).add_(new[name])
+                working.grad = None
+            self._candidates.discard(version)
+            self.live_version = version
         self._forget_old_versions()
 
     def discard(self, version: int) -> None:

@@ -12,6 +12,7 @@ averages are caught, while the rounding of a correct average stays far below the
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,27 +58,52 @@ class AverageSketcher:
         generator = torch.Generator().manual_seed(seed)
         self._r = torch.randn(self.blocks * self.block_size, generator=generator).view(self.blocks, self.block_size)
         self._r_max = float(self._r.abs().max())
-        # One reused scratch vector (and zero padding, if the size needs it): a sketch of 10 M values then
-        # costs ~4 passes over memory and no fresh 40 MB allocations. The lock keeps concurrent sketches apart.
+        # One reused scratch vector, and one reused staging vector (zero-padded to whole blocks) for sizes that
+        # need padding and for sketches of several tensors: a sketch of 10 M values then costs ~4 passes over
+        # memory and no fresh 40 MB allocation (each costs more than the passes: its pages are faulted in anew).
+        # The lock keeps concurrent sketches apart.
         self._scratch = torch.empty(self.blocks, self.block_size)
-        self._padded = torch.zeros(self.blocks * self.block_size) if self.blocks * self.block_size != size else None
+        self._staging: torch.Tensor | None = None  # allocated on first use
         self._lock = threading.Lock()
 
     def sketch(self, vector: torch.Tensor) -> Sketch:
         """Block sums in float32 with torch's cascade summation (error ~1e-7 of the block's |x| sum, far below
         rtol), stored as float64."""
+        return self._sketch(vector, with_abs=True)
+
+    def _sketch(self, vector: torch.Tensor, with_abs: bool) -> Sketch:
         if vector.numel() != self.size:
             raise SketchError(f"expected a vector of {self.size} values, got {vector.numel()}")
         flat = vector.detach().reshape(-1).float()
         with self._lock, torch.no_grad():
-            if self._padded is not None:
-                self._padded[: self.size].copy_(flat)
-                flat = self._padded
-            blocks = flat.view(self.blocks, self.block_size)
-            sums = blocks.sum(1)
-            signed_sums = torch.mul(blocks, self._r, out=self._scratch).sum(1)
-            abs_sums = torch.abs(blocks, out=self._scratch).sum(1)
-        return Sketch(sums.double().numpy(), signed_sums.double().numpy(), abs_sums.double().numpy())
+            if self.blocks * self.block_size != self.size:
+                flat = self._staged([flat])
+            return self._sketch_blocks(flat.view(self.blocks, self.block_size), with_abs)
+
+    def sketch_parts(self, parts: Sequence[torch.Tensor]) -> Sketch:
+        """The sketch of the parts' concatenation (each flattened, in order), without a fresh concatenated copy."""
+        numel = sum(part.numel() for part in parts)
+        if numel != self.size:
+            raise SketchError(f"expected {self.size} values in all, got {numel}")
+        with self._lock, torch.no_grad():
+            return self._sketch_blocks(self._staged(parts).view(self.blocks, self.block_size), with_abs=True)
+
+    def _staged(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`parts` copied one after the other into the staging vector (its padding stays zero); under the lock."""
+        if self._staging is None:
+            self._staging = torch.zeros(self.blocks * self.block_size)
+        offset = 0
+        for part in parts:
+            n = part.numel()
+            self._staging[offset : offset + n].copy_(part.detach().reshape(-1))
+            offset += n
+        return self._staging
+
+    def _sketch_blocks(self, blocks: torch.Tensor, with_abs: bool) -> Sketch:
+        sums = blocks.sum(1).double().numpy()
+        signed_sums = torch.mul(blocks, self._r, out=self._scratch).sum(1).double().numpy()
+        abs_sums = torch.abs(blocks, out=self._scratch).sum(1).double().numpy() if with_abs else np.zeros_like(sums)
+        return Sketch(sums, signed_sums, abs_sums)
 
     @staticmethod
     def mean(sketches: list[Sketch], weights: list[float]) -> Sketch:
@@ -89,10 +115,17 @@ class AverageSketcher:
             sum(wi * s.abs_sums for wi, s in zip(w, sketches, strict=True)),
         )
 
+    def mismatch_of(
+        self, vector: torch.Tensor, inputs: list[Sketch], weights: list[float], rtol: float = 1e-4
+    ) -> float:
+        """`mismatch(sketch(vector), ...)`, without the |x| sums of `vector`, which the comparison does not use."""
+        return self.mismatch(self._sketch(vector, with_abs=False), inputs, weights, rtol)
+
     def mismatch(self, result: Sketch, inputs: list[Sketch], weights: list[float], rtol: float = 1e-4) -> float:
         """How far `result` is from the weighted mean of `inputs`, in units of the tolerance (<= 1: a match).
 
-        The tolerance of a block is rtol * (largest input |x| block sum) * (1 + max |r|), plus a tiny floor.
+        The tolerance of a block is rtol * (largest input |x| block sum) * (1 + max |r|), plus a tiny floor;
+        `result`'s own |x| sums are not used.
         """
         expected = self.mean(inputs, weights)
         scale = np.max(np.stack([s.abs_sums for s in inputs]), axis=0)

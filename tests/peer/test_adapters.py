@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -93,6 +95,32 @@ def test_versions_pin_propose_promote_discard(config):
         pass
 
 
+def test_promote_keeping_progress_rebases_the_rest_of_the_local_update(config):
+    """working := candidate + (working - old live - applied), in place: what is applied is not applied twice."""
+    _, adapters = _span(config, 0, 1)
+    with torch.no_grad():
+        for t in adapters.working.values():
+            t.add_(torch.randn_like(t) * 0.01)
+    live = adapters.state().tensors
+    progress = adapters.delta()
+    applied = {n: t * 0.5 for n, t in progress.items()}
+    candidate = adapters.propose({n: live[n] + applied[n] for n in adapters.names})
+    working = adapters.parameters()
+    adapters.promote_keeping_progress(candidate, applied)
+    assert adapters.live_version == candidate and adapters.parameters() == working  # the same tensors, re-based
+    new_live = adapters.state().tensors
+    for name in adapters.names:
+        assert torch.equal(adapters.working[name], new_live[name] + (progress[name] - applied[name]))
+    with pytest.raises(AdapterVersionUnavailableError, match="pending"):
+        adapters.promote_keeping_progress(candidate, applied)
+    # all of the progress applied: the next local update is exactly zero
+    progress = adapters.delta()
+    adapters.promote_keeping_progress(
+        adapters.propose({n: new_live[n] + progress[n] for n in adapters.names}), progress
+    )
+    assert not any(t.any() for t in adapters.delta().values())
+
+
 def test_state_transfer_to_a_new_replica(config):
     runner_a, a = _span(config, 4, 6)
     a.promote(a.propose({n: torch.randn_like(t) * 0.01 for n, t in a.state().tensors.items()}))
@@ -113,10 +141,15 @@ def test_bad_state_and_config_are_rejected_clearly(config):
         adapters.propose(wrong_shape)
     with pytest.raises(AdapterStateError, match="missing"):
         adapters.propose({})
-    nan = {n: t.clone() for n, t in good.tensors.items()}
-    nan[adapters.names[1]][0, 0] = float("nan")
-    with pytest.raises(AdapterStateError, match="finite"):
-        adapters.propose(nan)
+    # the last values are finite, though their float32 sum overflows: accepted
+    for values in ([float("nan")], [float("inf")], [float("inf"), float("-inf")], [3e38, 3e38]):
+        tensors = {n: t.clone() for n, t in good.tensors.items()}
+        tensors[adapters.names[1]].view(-1)[: len(values)] = torch.tensor(values)
+        if all(math.isfinite(v) for v in values):
+            adapters.discard(adapters.propose(tensors))
+        else:
+            with pytest.raises(AdapterStateError, match="finite"):
+                adapters.propose(tensors)
     good.version = -3
     with pytest.raises(AdapterStateError, match="non-negative"):
         adapters.import_state(good)

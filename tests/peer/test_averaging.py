@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -212,7 +213,15 @@ def test_sketch_check_accepts_a_true_mean_and_catches_partial_averages():
     not_averaged[:512] = inputs[0][:512]
     for partial in (missing_sender, not_averaged):
         assert sketcher.mismatch(sketcher.sketch(partial), sketches, [1, 1, 1]) > 1.0
+        assert sketcher.mismatch_of(partial, sketches, [1, 1, 1]) > 1.0
+    assert sketcher.mismatch_of(mean, sketches, [1, 1, 1]) <= 1.0
     # weights count: the same result is wrong if a member's weight was different
     assert sketcher.mismatch(sketcher.sketch(mean), sketches, [2, 1, 1]) > 1.0
+    # a vector given in parts (a version's tensors) has the sketch of its concatenation
+    parts = [mean[:333].view(9, 37), mean[333:90_000], mean[90_000:]]
+    by_parts, whole = sketcher.sketch_parts(parts), sketcher.sketch(mean)
+    assert all(np.array_equal(getattr(by_parts, f), getattr(whole, f)) for f in ("sums", "signed_sums", "abs_sums"))
+    with pytest.raises(SketchError):
+        sketcher.sketch_parts(parts[:2])
     with pytest.raises(SketchError):
         Sketch.from_bytes(b"\x00" * 10, 256)
