@@ -149,8 +149,8 @@ def exact_answers(logits_of: Logits, tokenizer: PreTrainedTokenizerBase, items: 
 
 def canary_loss(logits_of: Logits, tokenizer: PreTrainedTokenizerBase) -> tuple[float, float]:
     """The canary loss two ways: the mean over the examples of each one's mean token loss (every example weighs
-    the same), and the mean over every scored token of the batch (the peers' canary gate's measure: long
-    sentences weigh more than short answers)."""
+    the same), and the mean over every scored token of the batch (the kind of mean the peers' canary gate
+    takes: long sentences weigh more than short answers; its tokenization of the canary file may differ)."""
     rows, labels = [], []
     for prompt, text in CANARY:
         prompt_ids = tokenizer(prompt)["input_ids"] if prompt else []
@@ -173,7 +173,7 @@ class Scores:
     taught: float
     paraphrase: float
     canary: float  # mean over the examples
-    gate_canary: float  # mean over the scored tokens, as the canary gate measures
+    gate_canary: float  # mean over the scored tokens (token-weighted, as the canary gate averages)
     answers: list[bool]
 
 
