@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -98,12 +100,9 @@ def free_tcp_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def dev_chain():
-    """One dev chain (chopsticks running the real Rococo Asset Hub runtime) on a free 127.0.0.1 port.
-
-    State is in memory: tests share it, so each test uses its own accounts or measures deltas.
-    """
+@contextlib.contextmanager
+def running_dev_chain() -> Iterator[RunningDevChain]:
+    """A dev chain (chopsticks running the real Rococo Asset Hub runtime) on a free 127.0.0.1 port, in memory."""
     import asyncio
 
     from chain.devchain.launcher import DevChain, DevChainConfig, dev_chain_available
@@ -119,6 +118,21 @@ def dev_chain():
     finally:
         loop.run_until_complete(chain.stop())
         loop.close()
+
+
+@pytest.fixture(scope="session")
+def dev_chain():
+    """One dev chain for the test session. State is in memory: tests share it, so each test uses its own
+    accounts or measures deltas."""
+    with running_dev_chain() as chain:
+        yield chain
+
+
+@pytest.fixture
+def own_dev_chain():
+    """A dev chain of this test alone, for tests that read every record on chain (lineage, data export)."""
+    with running_dev_chain() as chain:
+        yield chain
 
 
 @pytest.fixture(scope="module")

@@ -41,9 +41,20 @@ def _committed(info: dict) -> bool:
     return info.get("adapter_version", 0) >= 1 and "1" in info.get("version_commits", {}).get("committed", {})
 
 
+@pytest.fixture
+def ledger(own_dev_chain):
+    """A ledger on a chain of this test alone: export and lineage read every record on chain, and the session's
+    chain holds other tests' records for the same model."""
+    from chain.ledger import ComputeLedger
+
+    with ComputeLedger(own_dev_chain.url) as client:
+        yield client
+
+
 def test_feedback_lineage_export_verify_and_reproduce(
-    dev_chain, ledger, local_swarm, tiny_model_path, tmp_path, capsys
+    own_dev_chain, ledger, local_swarm, tiny_model_path, tmp_path, capsys
 ):
+    dev_chain = own_dev_chain
     canary = tmp_path / "canary.txt"
     canary.write_text(FACTS_CANARY)
     data = {name: tmp_path / f"data-{name}" for name in SPANS}
