@@ -1,6 +1,6 @@
 """Model lineage on chain: `data-batch` and `adapter-version` records, written by peers and read by anyone.
 
-Writers (`commit_data_batch`, `commit_adapter_version`; also `ComputeLedger.commit_*`): a peer submits its
+Writers (`ComputeLedger.commit_data_batch` / `commit_adapter_version`, bodies built here): a peer submits its
 record with `System.remark_with_event` from its OWN account (its `--chain-key`), paying the fee from its own
 balance; one that cannot pay is refused before anything is submitted (UnknownAccountError,
 InsufficientBalanceError), and a body that breaks the format is refused before signing (MalformedRemarkError).
@@ -32,12 +32,9 @@ from typing import TYPE_CHECKING, Any
 from chain.account_derivation import address
 from chain.history import RecordScanner, ScannedExtrinsic
 from chain.merkle import merkle_root
-from chain.records import ChainResult
 from chain.remarks import MalformedRemarkError, Remark
 
 if TYPE_CHECKING:
-    from substrateinterface import Keypair
-
     from chain.ledger import ComputeLedger
 
 logger = logging.getLogger(__name__)
@@ -159,35 +156,6 @@ def adapter_version_body(
             "after": {str(k): float(v) for k, v in canary_after.items()},
         },
     }
-
-
-def commit_data_batch(
-    ledger: ComputeLedger, peer: Keypair, model: str, span: Sequence[int], hashes: Sequence[bytes]
-) -> ChainResult:
-    """Commit a batch of feedback content hashes (1..256, in order; root = merkle_root(hashes)) from `peer`'s own
-    account. Raises MalformedRemarkError (bad input), UnknownAccountError / InsufficientBalanceError (cannot pay)."""
-    return ledger.commit_data_batch(peer, model, span, hashes)
-
-
-def commit_adapter_version(
-    ledger: ComputeLedger,
-    peer: Keypair,
-    model: str,
-    span: Sequence[int],
-    version: int,
-    parent: int,
-    sha256: bytes,
-    parent_sha256: bytes | None,
-    data_roots: Sequence[bytes],
-    replicas: Sequence[str],
-    canary_before: Mapping[str, float],
-    canary_after: Mapping[str, float],
-) -> ChainResult:
-    """Commit that `version` of `span` went live with adapter tensors `sha256`, from `peer`'s own account.
-    Raises as commit_data_batch."""
-    return ledger.commit_adapter_version(
-        peer, model, span, version, parent, sha256, parent_sha256, data_roots, replicas, canary_before, canary_after
-    )
 
 
 # ---- reading ---------------------------------------------------------------------------------------------------

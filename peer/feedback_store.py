@@ -386,11 +386,10 @@ class FeedbackStore:
 def ledger_committer(ledger: ComputeLedger, keypair: Keypair, chain_lock: threading.Lock) -> BatchCommitter:
     """A BatchCommitter writing `data-batch` records from the peer's own chain key (paid from its balance), over
     the peer's one chain connection and under its lock (one account's extrinsics never race for a nonce)."""
-    from chain.lineage import commit_data_batch
 
     def commit(model: str, span: tuple[int, int], hashes: list[bytes]) -> int:
         with chain_lock:
-            return commit_data_batch(ledger, keypair, model, span, hashes).block_number
+            return ledger.commit_data_batch(keypair, model, span, hashes).block_number
 
     return commit
 

@@ -13,7 +13,7 @@ import logging
 import pytest
 
 from chain.errors import InsufficientBalanceError, UnknownAccountError
-from chain.lineage import LineageIndex, adapter_version_body, commit_adapter_version, data_batch_body
+from chain.lineage import LineageIndex, adapter_version_body, data_batch_body
 from chain.merkle import merkle_proof, merkle_root, verify_proof
 from chain.remarks import (
     MAX_BATCH_HASHES,
@@ -165,8 +165,8 @@ def test_two_peers_commit_batches_and_versions_from_their_own_accounts(ledger, l
         first, **common, data_roots=[root_one], replicas=["12D3KooWfirst", "12D3KooWsecond"],
         canary_before={"general": 3.5, "taught": 4.0}, canary_after={"general": 3.49, "taught": 2.0},
     )  # fmt: skip
-    commit_adapter_version(
-        ledger, second, **common, data_roots=[root_two, root_one], replicas=["12D3KooWsecond", "12D3KooWthird"],
+    ledger.commit_adapter_version(
+        second, **common, data_roots=[root_two, root_one], replicas=["12D3KooWsecond", "12D3KooWthird"],
         canary_before={"general": 3.5}, canary_after={"general": 3.48},
     )  # fmt: skip
     ledger.commit_adapter_version(
