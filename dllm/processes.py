@@ -81,9 +81,10 @@ class ManagedProcess:
             self.popen.wait(timeout)
         # The DHT child and p2pd may still be removing their sockets after the main process exited: a kill now
         # would leave those files behind, so the group gets the rest of the grace period (at least a few seconds).
-        _wait_group_gone(pgid, max(deadline - time.monotonic(), _GROUP_EXIT_S))
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)  # whatever is left of the group: DHT children, p2pd
+        if not _wait_group_gone(pgid, max(deadline - time.monotonic(), _GROUP_EXIT_S)):
+            # Only a group still running is killed: once it is gone, its number may name a new process's group.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)  # whatever is left of the group: DHT children, p2pd
         try:
             self.popen.wait(5)
         except subprocess.TimeoutExpired:
@@ -105,11 +106,14 @@ def _group_running(pgid: int) -> bool:
     return False
 
 
-def _wait_group_gone(pgid: int, timeout: float) -> None:
-    """Waits until no process of group `pgid` runs, or `timeout` passes."""
+def _wait_group_gone(pgid: int, timeout: float) -> bool:
+    """Waits until no process of group `pgid` runs (returns True), or `timeout` passes (returns False)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _group_running(pgid):
+    while _group_running(pgid):
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.05)
+    return True
 
 
 class LocalSwarm:

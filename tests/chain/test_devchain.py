@@ -99,7 +99,8 @@ def test_cli_starts_prints_endpoint_and_accounts_and_stops_on_ctrl_c(tmp_path):
         chopsticks = psutil.Process(proc.pid).children(recursive=True)
         assert chopsticks, "no chopsticks process under `dllm chain dev`"
         proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)  # not communicate(): it would skip what readline() has buffered
+        rest = proc.stdout.read()
         assert proc.returncode == 0, text + rest
         assert "stopped" in rest
         _, leftovers = psutil.wait_procs(chopsticks, timeout=10)

@@ -77,7 +77,10 @@ def run_service(mode: str, wait_for: str, sig: int | None = signal.SIGTERM) -> t
         if sig is not None:
             time.sleep(0.2)  # handlers go in right after start(): let the loop get there
             proc.send_signal(sig)
-        rest, _ = proc.communicate(timeout=30)
+        # Not communicate(): with a timeout it reads the raw pipe and loses what the loop above had buffered
+        # (a loaded test process can read "ready" and "stopped 1" in one chunk). The output fits the pipe.
+        proc.wait(timeout=30)
+        rest = proc.stdout.read()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
