@@ -7,15 +7,23 @@ probability p*f (a corrupted request fails any re-run of it: see `Tolerance`), s
 
     P(detect) = 1 - (1 - p*f)^n.
 
-The client's rate is adaptive (`AdaptiveSpotCheck`): per provider, r = max(p_min, p_max * decay^k)
-with k = passed checks / (1 + failed checks), and k restarts at 0 after a failed check; an unknown
-provider (a fresh identity) starts at p_max. Bound, for ANY provider strategy (cheating only once its
-rate has decayed included): each request is checked with probability >= p_min whatever the provider
-knows (the lottery key is the client's), so a provider that corrupts c requests escapes with
-probability <= (1 - p_min)^c, and one corrupting each request independently with probability f is
-caught within n requests with >= 1 - (1 - p_min*f)^n. With p_min = 0.47: f = 5 %, n = 200 -> 99.14 %
-(99 % needs p_min >= 0.455); c = 10 -> 99.83 %. Honest providers cost about p_min checks per request
-once their rate has decayed (4 passes).
+The client's rate is adaptive (`AdaptiveSpotCheck`): per provider, r = max(floor, p_max * decay^k) with
+k = passed checks / (1 + failed checks), and k restarts at 0 after a failed check; an unknown provider (a
+fresh identity) starts at p_max. The floor is `probation_rate` (0.47) while the provider has served this
+client fewer than `probation_requests` (200) requests since it was first met or last failed a check, and
+`min_rate` (0.25) after that probation. Requests are the client's own co-signed receipts drawn for the
+lottery, counted by the client: a provider cannot add to them. Bounds (the lottery key is the client's, so
+whatever the provider knows each request is checked with at least the floor):
+- a cheater from its first request (a fresh identity), corrupting each request with probability f, is caught
+  within n <= probation_requests requests with >= 1 - prod_i (1 - f * max(probation_rate, p_max * decay^i))
+  >= 1 - (1 - probation_rate*f)^n: f = 5 %, n = 200 -> 99.19 % (99 % needs a floor >= 0.455);
+- ANY provider, whenever it starts cheating (a "sleeper" honest through its probation included), is checked
+  with >= min_rate on every request: corrupting c requests it escapes with <= (1 - min_rate)^c (0.75^c: 17
+  corrupted requests for 99 %), and corrupting each with probability f it is caught within n requests of its
+  first corrupted one with >= 1 - (1 - min_rate*f)^n (f = 5 %: 99 % within 367 requests).
+Honest providers cost about probation_rate checks per request over their first probation_requests with a
+client, then min_rate: the verifiers' compute target (<= 5 % of serving) is met at min_rate. Why the sleeper's
+weaker bound is acceptable (stake at risk against what undetected requests earn): docs/economy.md.
 
 Dispatch (`VerifierDispatch`). A selected sample goes to ONE verifier first, drawn among the verifiers the
 council authorized by a keyed hash of the client's key and the receipt (neither the provider nor any
@@ -24,8 +32,8 @@ verifier can predict or steer which); it goes to more only when needed: after a 
 gives no countable verdict, when verdicts disagree (then to every authorized verifier), and on a keyed
 audit lottery at `audit_rate` after a pass. One pass counts as one passed check. A verifier that lies
 "passed" on a corrupted sample hides it unless the audit draws that sample: with one liar among m
-authorized verifiers each corrupted request is caught with >= p_min * (1 - (1 - audit_rate) / m)
-(`dispatch_detection_bound`; m = 3, f = 5 %, n = 200: 96.4 %, against 99.14 % with no liar).
+authorized verifiers each corrupted request is caught with >= floor * (1 - (1 - audit_rate) / m)
+(`dispatch_detection_bound`; during probation, m = 3, f = 5 %, n = 200: 96.4 %, against 99.14 % with no liar).
 
 Cost. A check re-runs a whole session in ONE parallel causal forward (all inputs are known), while
 serving ran one sequential step per token: scripts/bench/verification.py measures the overhead
@@ -135,13 +143,21 @@ class SpotCheckPolicy:
 
 
 DEFAULT_MAX_SAMPLE_RATE = 1.0
-DEFAULT_MIN_SAMPLE_RATE = 0.47
-"""Floor of the adaptive rate: `detection_probability(0.47, 0.05, 200)` = 99.14 % >= 99 % for a provider that
-corrupts each request independently with probability 5 %, even if it starts once its rate is at the floor
+DEFAULT_PROBATION_RATE = 0.47
+"""Floor of the adaptive rate during a provider's probation: `detection_probability(0.47, 0.05, 200)` = 99.14 %
+>= 99 % for a provider that corrupts each of its first 200 requests independently with probability 5 %
 (`required_sample_rate(0.05, 200, 0.99)` = 0.455 is the bare minimum; the rest is a margin a seeded simulation
-can show); one that corrupts exactly 10 of 200 requests, whenever it likes: >= 99.83 %."""
+can show; the warm-up from p_max raises the fresh identity's bound to 99.19 %)."""
+DEFAULT_PROBATION_REQUESTS = 200
+"""Requests a provider serves one client (since first met or last failed) before its floor drops to min_rate:
+the 200 requests the detection target counts."""
+DEFAULT_MIN_SAMPLE_RATE = 0.25
+"""Floor after probation. Verifier compute / serving compute = min_rate x (1 + audit_rate) x check/serving
+ratio = 0.275 x 0.136 = 3.7 % at the highest ratio measured (quiet machine; target <= 5 %: a ceiling of 0.33).
+Bound for any timing: c corrupted requests escape with <= 0.75^c; a 5 % cheater is caught within 367 requests
+of its first corrupted one with >= 99 %."""
 DEFAULT_SAMPLE_DECAY = 0.8
-"""Four passed checks take an honest provider from 1.0 to the floor: a short, cheap warm-up."""
+"""Four passed checks take an honest provider from 1.0 to the probation floor: a short, cheap warm-up."""
 DEFAULT_AUDIT_RATE = 0.1
 """Share of passed samples that also go to a second verifier (`VerifierDispatch`): what exposes a verifier
 that lies "passed", at 1.1x the compute of one verifier per sample."""
@@ -171,16 +187,22 @@ class CheckHistory:
     """Checks passed since the last failed one (or since the client first met the provider)."""
     failed: int = 0
     """Checks failed, ever."""
+    requests: int = 0
+    """Requests of the provider this client drew the lottery for since the last failed check (or since it
+    first met the provider): the probation counter. Only `AdaptiveSpotCheck.draw` adds to it."""
 
 
 @dataclass(frozen=True)
 class AdaptiveSpotCheck:
     """Keyed-hash lottery whose rate falls with a provider's honest history and jumps after a failure.
 
-    rate = max(min_rate, max_rate * decay^(passed / (1 + failed))). Invariants: never below min_rate (the
-    detection bound rests on it alone, see the module docstring); an unknown provider starts at max_rate,
-    so a fresh identity buys nothing; a failed check restarts the decay, and each failure doubles, triples...
-    the passes needed to decay again. Pure: the caller keeps one `CheckHistory` per provider.
+    rate = max(floor, max_rate * decay^(passed / (1 + failed))), floor = probation_rate while
+    requests < probation_requests, else min_rate. Invariants: never below min_rate, and never below
+    probation_rate over a provider's first probation_requests requests (the detection bounds rest on the
+    floors alone, see the module docstring); an unknown provider starts at max_rate, so a fresh identity buys
+    nothing; a failed check restarts the decay and the probation, and each failure doubles, triples... the
+    passes needed to decay again. Pure: the caller keeps one `CheckHistory` per provider and draws through
+    `draw`, which counts the request.
     """
 
     secret: bytes = field(default=b"", repr=False)
@@ -188,47 +210,85 @@ class AdaptiveSpotCheck:
     max_rate: float = DEFAULT_MAX_SAMPLE_RATE
     min_rate: float = DEFAULT_MIN_SAMPLE_RATE
     decay: float = DEFAULT_SAMPLE_DECAY
+    probation_rate: float = DEFAULT_PROBATION_RATE
+    probation_requests: int = DEFAULT_PROBATION_REQUESTS
 
     def __post_init__(self) -> None:
         _check_probability("max_rate", self.max_rate)
         _check_probability("min_rate", self.min_rate)
+        _check_probability("probation_rate", self.probation_rate)
         if self.min_rate > self.max_rate:
             raise ValueError(f"min_rate {self.min_rate} is above max_rate {self.max_rate}")
+        if not self.min_rate <= self.probation_rate <= self.max_rate:
+            raise ValueError(
+                f"probation_rate {self.probation_rate} must lie between min_rate {self.min_rate} and max_rate "
+                f"{self.max_rate}"
+            )
+        if self.probation_requests < 0:
+            raise ValueError(f"probation_requests must be >= 0, got {self.probation_requests}")
         if not 0.0 < self.decay <= 1.0:
             raise ValueError(f"decay must be in (0, 1], got {self.decay}")
 
     @classmethod
     def fixed(cls, rate: float, secret: bytes) -> AdaptiveSpotCheck:
         """The same rate for every provider whatever its history (0 disables checks, 1 checks everything)."""
-        return cls(secret, max_rate=rate, min_rate=rate, decay=1.0)
+        return cls(secret, max_rate=rate, min_rate=rate, decay=1.0, probation_rate=rate, probation_requests=0)
+
+    def floor(self, history: CheckHistory) -> float:
+        """The least rate the provider can face: probation_rate during its probation, min_rate after."""
+        return self.probation_rate if history.requests < self.probation_requests else self.min_rate
 
     def rate(self, history: CheckHistory) -> float:
         """The probability that the provider's next request is checked."""
         decayed: float = self.max_rate * self.decay ** (history.passed / (1 + history.failed))
-        return max(self.min_rate, decayed)
+        return max(self.floor(history), decayed)
 
     def selects(self, history: CheckHistory, work_id: bytes) -> bool:
         """True if the work named `work_id`, by a provider with `history`, is to be checked."""
         return SpotCheckPolicy(self.rate(history), self.secret).selects(work_id)
 
+    def draw(self, history: CheckHistory, work_id: bytes) -> tuple[bool, CheckHistory]:
+        """The lottery for one request of the provider: (checked?, the history with this request counted)."""
+        return self.selects(history, work_id), CheckHistory(history.passed, history.failed, history.requests + 1)
+
     @staticmethod
     def after(history: CheckHistory, passed: bool) -> CheckHistory:
-        """The history once one more check of the provider has passed or failed."""
-        return CheckHistory(history.passed + 1, history.failed) if passed else CheckHistory(0, history.failed + 1)
+        """The history once one more check of the provider has passed or failed (a failure restarts probation)."""
+        if passed:
+            return CheckHistory(history.passed + 1, history.failed, history.requests)
+        return CheckHistory(0, history.failed + 1, 0)
 
     def detection_bound(self, corrupted: int) -> float:
-        """P(caught) >= this for ANY provider that corrupts `corrupted` requests, whenever it chooses to."""
+        """P(caught) >= this for ANY provider that corrupts `corrupted` requests, whenever it chooses to (a
+        sleeper honest through its probation included)."""
         return corrupted_detection(self.min_rate, corrupted)
+
+    def requests_to_catch(self, cheat_fraction: float, confidence: float) -> int:
+        """Least n such that ANY provider corrupting each request with probability f from some request on (a
+        sleeper honest through its probation included) is caught within n requests from there with >= confidence."""
+        _check_probability("cheat_fraction", cheat_fraction)
+        _check_probability("confidence", confidence)
+        per_request = self.min_rate * cheat_fraction
+        if confidence == 0:
+            return 0
+        if per_request == 1:
+            return 1
+        if per_request == 0 or confidence == 1:
+            raise ValueError(f"confidence {confidence} is out of reach at {per_request} per request")
+        # the 1e-9 keeps float error from adding a request where the bound lands on the confidence exactly
+        return math.ceil(math.log(1.0 - confidence) / math.log(1.0 - per_request) - 1e-9)
 
     def fresh_detection_bound(self, cheat_fraction: float, requests: int) -> float:
         """P(caught within `requests`) >= this for a fresh identity that corrupts each request with probability f.
 
-        Before its i-th request (from 0) a provider has passed at most i checks and, still uncaught, failed none,
-        so it is checked with probability >= max(min_rate, max_rate * decay^i)."""
+        Before its i-th request (from 0) a provider has passed at most i checks and, still uncaught, failed none
+        and served i requests, so it is checked with probability >= max(floor_i, max_rate * decay^i), floor_i =
+        probation_rate for i < probation_requests, else min_rate."""
         _check_probability("cheat_fraction", cheat_fraction)
         escape = 1.0
         for i in range(requests):
-            escape *= 1.0 - cheat_fraction * max(self.min_rate, self.max_rate * self.decay**i)
+            floor = self.probation_rate if i < self.probation_requests else self.min_rate
+            escape *= 1.0 - cheat_fraction * max(floor, self.max_rate * self.decay**i)
         return 1.0 - escape
 
 

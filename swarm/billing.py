@@ -20,11 +20,14 @@ the keyed audit lottery (`audit_rate`) after a pass: docs/economy.md states the 
 verifiers.
 
 The lottery's rate is per provider (`AdaptiveSpotCheck`): it falls with the provider's passed checks and
-jumps back to the maximum after a failed one. The history lives here, in `ClientBilling.check_history`,
+jumps back to the maximum after a failed one, and it stays at or above the probation floor until the provider
+has served this client `probation_requests` requests. The history lives here, in `ClientBilling.check_history`,
 fed only by verdicts of authorized verifiers that verify against the verifier's announced account and name
 the sampled receipt and its provider (never signed by the provider itself): a provider cannot lower its own
-rate with made-up passes, and one failing verdict outweighs any number of passing ones. A provider this
-client has no history of starts at the maximum.
+rate with made-up passes, and one failing verdict outweighs any number of passing ones. Its request count is
+fed only by this client's own draws (`selects_for_check`, once per receipt it co-signed and paid, training
+passes excepted): a provider cannot make it count requests it did not serve. A provider this client has no
+history of starts at the maximum.
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ from economy.verification import (
     DEFAULT_AUDIT_RATE,
     DEFAULT_MAX_SAMPLE_RATE,
     DEFAULT_MIN_SAMPLE_RATE,
+    DEFAULT_PROBATION_RATE,
+    DEFAULT_PROBATION_REQUESTS,
     DEFAULT_SAMPLE_DECAY,
     AdaptiveSpotCheck,
     CheckHistory,
@@ -119,13 +124,17 @@ class BillingConfig:
     receipt_every_tokens: int = 512
     sample_rate: float | None = None
     """A fixed spot-check rate for every provider (0 disables checks, 1 checks every receipt); None: the
-    adaptive per-provider rate of the three fields below (economy.verification.AdaptiveSpotCheck)."""
+    adaptive per-provider rate of the five fields below (economy.verification.AdaptiveSpotCheck)."""
     sample_rate_max: float = DEFAULT_MAX_SAMPLE_RATE
     """Rate for a provider with no passed check since its last failure (a new identity starts here)."""
     sample_rate_min: float = DEFAULT_MIN_SAMPLE_RATE
-    """Floor the rate never goes below: the detection bound rests on it alone (docs/economy.md)."""
+    """Floor the rate never goes below, after probation: the bound for any timing rests on it (docs/economy.md)."""
     sample_decay: float = DEFAULT_SAMPLE_DECAY
     """Factor the rate falls by with each passed check."""
+    sample_probation_rate: float = DEFAULT_PROBATION_RATE
+    """Floor over a provider's probation: the 99 % bound for a cheater from its first request rests on it."""
+    sample_probation_requests: int = DEFAULT_PROBATION_REQUESTS
+    """Requests a provider serves this client (since first met or its last failed check) before the floor drops."""
     sample_secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
     verifiers_per_sample: int = 2
     """Distinct verifiers a FAILED sample goes to (the council's threshold); a passing one goes to one verifier,
@@ -152,7 +161,14 @@ class BillingConfig:
         """The lottery these settings describe, keyed with `sample_secret`."""
         if self.sample_rate is not None:
             return AdaptiveSpotCheck.fixed(self.sample_rate, self.sample_secret)
-        return AdaptiveSpotCheck(self.sample_secret, self.sample_rate_max, self.sample_rate_min, self.sample_decay)
+        return AdaptiveSpotCheck(
+            self.sample_secret,
+            self.sample_rate_max,
+            self.sample_rate_min,
+            self.sample_decay,
+            self.sample_probation_rate,
+            self.sample_probation_requests,
+        )
 
     def verifier_dispatch(self) -> VerifierDispatch:
         """Which verifiers judge a selected sample, keyed with `sample_secret`."""
@@ -514,9 +530,14 @@ class ClientBilling:
             return None
 
     def selects_for_check(self, signed: SignedReceipt) -> bool:
-        """The lottery for one co-signed receipt, at the rate its provider's history with this client gives."""
-        history = self.check_history.get(signed.receipt.provider, CheckHistory())
-        return self.spot_check.selects(history, signed.receipt.receipt_id_bytes)
+        """The lottery for one co-signed receipt, at the rate its provider's history with this client gives; the
+        receipt counts as one request of the provider's probation. Call it once per receipt this client co-signed."""
+        provider = signed.receipt.provider
+        selected, history = self.spot_check.draw(
+            self.check_history.get(provider, CheckHistory()), signed.receipt.receipt_id_bytes
+        )
+        self.check_history[provider] = history
+        return selected
 
     def _countable(self, sample: WorkSample, account: str, signed: SignedVerdict) -> Verdict | None:
         """The verdict if it counts: an authorized verifier's, signed by the account it announced, about this

@@ -12,22 +12,22 @@
    of 200 requests, each request selected for a check by the keyed-hash lottery and the check failing
    at the rate measured in 2. Compared with the formula 1 - (1 - p f)^n.
 4. The adaptive rule (economy.verification.AdaptiveSpotCheck, the client's default), same lottery and
-   catch rate: detection for a fresh identity cheating from its first request, for one that waits until
-   its rate is at the floor and then corrupts each of 200 requests with probability f, and for one that
-   waits and then corrupts exactly f x 200 of them; checks per request of honest providers over their
-   first 200 requests. Each selected sample is dispatched as the client does (economy.verification
-   .VerifierDispatch over 3 authorized verifiers: one first, a second after a failure or an audit draw), so
-   verifier compute / serving compute = verifier runs per request x the ratio measured in 1; the former
-   dispatch (every sample to 2 verifiers) is shown next to it, and detection with one of the 3 verifiers
-   lying "passed" on everything.
+   catch rate, each request drawn as the client draws it (counting the provider's probation): detection for a
+   fresh identity cheating from its first request (the 200-request target), for a sleeper that serves
+   honestly through its probation and then corrupts each request with probability f (within 200 requests and
+   within `requests_to_catch(0.05, 0.99)`), and for one that then corrupts an exact count; verifier compute of
+   honest providers over their probation and after it, separately. Each selected sample is dispatched as the
+   client does (economy.verification.VerifierDispatch over 3 authorized verifiers: one first, a second after a
+   failure or an audit draw), so verifier compute / serving compute = verifier runs per request x the ratio
+   measured in 1; detection with one of the 3 verifiers lying "passed" on everything is shown too.
 5. Batched checks (economy.batched_recheck, as `dllm verify` batches queued samples): the same honest sessions
    re-checked B at a time in one padded forward (B = --batch-sizes), interleaved with the one-at-a-time checks
    so that load changes hit every B alike, and each corrupted session re-checked inside a batch of honest
    ones; the same for short sessions (--short-prompt + --short-generated tokens). One table gives, per session
-   shape and B: check per sample, check / serving ratio, verifier compute / serving compute at the adaptive
-   floor with the client's dispatch, the per-check catch rate in that batch, and the simulated detection of a
-   provider that waits for the floor and then corrupts each request w.p. 5 %, with the load average (uptime)
-   at the start and end of the run.
+   shape and B: check per sample, check / serving ratio, verifier compute / serving compute with the client's
+   dispatch after probation and during it, the per-check catch rate in that batch, and the simulated detection
+   of a fresh identity that corrupts each request w.p. 5 %, with the load average (uptime) at the start and end
+   of the run.
 
 Usage: .venv/bin/python scripts/bench/verification.py [--sample-rate 0.5] [--runs 2000] [--quick]
        [--model-dir ~/.cache/dllm/models/smollm2 --blocks 10]   (a real model's first blocks instead of random ones)
@@ -42,7 +42,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -342,14 +342,16 @@ def summary_table(
     """One table: per session shape and batch size, the cost of a check against serving and the detection."""
     rng = random.Random(9)
     audit = VerifierDispatch().audit_rate
-    runs_per_request = rule.min_rate * (1 + audit)
+    steady_runs = rule.min_rate * (1 + audit)
+    probation_runs = rule.probation_rate * (1 + audit)
     load_at_end = os.getloadavg()
     t = Table(
         title=f"Batched checks: cost and detection, same run ({args.layers} layers, hidden {args.hidden}, CPU "
         f"x{torch.get_num_threads()}; load average {' '.join(f'{x:.2f}' for x in load_at_start)} at the start, "
-        f"{' '.join(f'{x:.2f}' for x in load_at_end)} at the end); verifier runs per request at the floor "
-        f"{rule.min_rate} with audits {audit}: {runs_per_request:.3f}; detection: waits for the floor, then "
-        f"w.p. 5 %, {args.runs} runs, {args.requests} requests"
+        f"{' '.join(f'{x:.2f}' for x in load_at_end)} at the end); verifier runs per request with audits {audit}: "
+        f"{steady_runs:.3f} after probation (floor {rule.min_rate}), {probation_runs:.3f} during it (floor "
+        f"{rule.probation_rate}); detection: a fresh identity corrupting each request w.p. 5 %, {args.runs} runs, "
+        f"{args.requests} requests"
     )
     for col in (
         "session",
@@ -357,7 +359,8 @@ def summary_table(
         "serving / session",
         "check / sample",
         "check / serving",
-        "verifier / serving",
+        "verifier / serving after probation",
+        "during probation",
         "corrupt caught in batch",
         "detected (bound)",
     ):
@@ -366,19 +369,32 @@ def summary_table(
         for b, cost in by_size.items():
             caught = 0
             for _ in range(args.runs):
-                caught += run_provider(rule, rng, args.requests, "waits", 0.05, cost.catch)[0]
-            bound = detection_probability(rule.min_rate, 0.05, args.requests) * cost.catch
+                caught += run_provider(rule, rng, args.requests, "fresh", 0.05, cost.catch)[0]
+            bound = rule.fresh_detection_bound(0.05 * cost.catch, args.requests)
             t.add_row(
                 name,
                 str(b),
                 f"{1000 * cost.serve_s:.1f} ms",
                 f"{1000 * cost.check_s:.1f} ms",
                 f"{cost.ratio:.3f}",
-                f"{100 * runs_per_request * cost.ratio:.2f} %",
+                f"{100 * steady_runs * cost.ratio:.2f} %",
+                f"{100 * probation_runs * cost.ratio:.2f} %",
                 f"{100 * cost.catch:.0f} % ({cost.mates_failed} honest mates failed)",
                 f"{100 * caught / args.runs:.2f} % (>= {100 * bound:.2f} %)",
             )
     console.print(t)
+
+
+def dispatch_runs(
+    dispatch: VerifierDispatch, work: bytes, accounts: list[bytes], lying: set[bytes], caught_here: bool
+) -> tuple[int, bool]:
+    """One selected sample through the client's dispatch: (verifier runs, failed?)."""
+    order, audited, outcomes = dispatch.order(work, accounts), dispatch.audits(work), []
+    for account in order:
+        if len(outcomes) >= dispatch.wanted(outcomes, audited, len(order)):
+            break
+        outcomes.append(account in lying or not caught_here)
+    return len(outcomes), not all(outcomes)
 
 
 def run_provider(
@@ -389,43 +405,64 @@ def run_provider(
     f: float,
     catch_rate: float,
     liars: int = 0,
+    corrupted: int | None = None,
 ) -> tuple[bool, int, int, int]:
-    """One provider's requests to one client under the adaptive lottery and the client's dispatch:
-    (caught, checks, verifier runs, requests served).
+    """One provider's requests to one client under the adaptive lottery (the client's draw, which counts the
+    probation) and the client's dispatch: (caught, checks, verifier runs, requests served).
 
-    strategy: "fresh" corrupts each request with probability f from its first one; "waits" serves honestly
-    until its rate is at the floor, then does the same over the next `requests`; "exact" waits, then
-    corrupts exactly round(f x requests) of the next `requests`, at random positions. `liars` of the VERIFIERS
-    pass whatever they are sent; an honest verifier fails a corrupted sample at `catch_rate`."""
+    strategy: "fresh" corrupts each request with probability f from its first one; "sleeper" serves honestly
+    until its rate is at the floor after probation (min_rate), then does the same over the next `requests`;
+    "exact" is a sleeper that then corrupts exactly `corrupted` (default round(f x requests)) of the next
+    `requests`, at random positions. `liars` of the VERIFIERS pass whatever they are sent; an honest verifier
+    fails a corrupted sample at `catch_rate`."""
     secret = rng.randbytes(16)
-    keyed = AdaptiveSpotCheck(secret, rule.max_rate, rule.min_rate, rule.decay)
+    keyed = replace(rule, secret=secret)
     dispatch = VerifierDispatch(secret)
     accounts = [bytes([v]) * 32 for v in range(VERIFIERS)]
     lying = set(accounts[:liars])
     history, checks, runs, i, window = CheckHistory(), 0, 0, 0, 0
-    bad_positions = set(rng.sample(range(requests), round(f * requests))) if strategy == "exact" else set()
+    bad_positions: set[int] = set()
+    if strategy == "exact":
+        bad_positions = set(rng.sample(range(requests), round(f * requests) if corrupted is None else corrupted))
     while window < requests:
         cheating = strategy == "fresh" or keyed.rate(history) == keyed.min_rate
         drawn = window in bad_positions if strategy == "exact" else rng.random() < f
         bad = cheating and drawn
         window += cheating
         work = i.to_bytes(4, "big")
-        selected = keyed.selects(history, work)
+        selected, history = keyed.draw(history, work)
         i += 1
         if not selected:
             continue
         checks += 1
-        caught_here = bad and rng.random() < catch_rate  # the corruption shows in a re-run
-        order, audited, outcomes = dispatch.order(work, accounts), dispatch.audits(work), []
-        for account in order:
-            if len(outcomes) >= dispatch.wanted(outcomes, audited, len(order)):
-                break
-            outcomes.append(account in lying or not caught_here)
-        runs += len(outcomes)
-        if not all(outcomes):
+        ran, failed = dispatch_runs(dispatch, work, accounts, lying, bad and rng.random() < catch_rate)
+        runs += ran
+        if failed:
             return True, checks, runs, i
         history = keyed.after(history, passed=True)
     return False, checks, runs, i
+
+
+def honest_cost(rule: AdaptiveSpotCheck, rng: random.Random, trials: int, total: int) -> tuple[float, ...]:
+    """An honest provider's first `total` requests with one client: (checks, verifier runs) per request over its
+    probation, then the same over the requests after it."""
+    counts = [0, 0, 0, 0]  # checks and runs during probation, then after it
+    for _ in range(trials):
+        secret = rng.randbytes(16)
+        keyed, dispatch = replace(rule, secret=secret), VerifierDispatch(secret)
+        accounts = [bytes([v]) * 32 for v in range(VERIFIERS)]
+        history = CheckHistory()
+        for i in range(total):
+            work = i.to_bytes(4, "big")
+            after = 2 * (history.requests >= keyed.probation_requests)
+            selected, history = keyed.draw(history, work)
+            if selected:
+                counts[after] += 1
+                counts[after + 1] += dispatch_runs(dispatch, work, accounts, set(), False)[0]
+                history = keyed.after(history, passed=True)
+    during = trials * min(total, rule.probation_requests)
+    later = trials * max(0, total - rule.probation_requests)
+    return counts[0] / during, counts[1] / during, counts[2] / max(later, 1), counts[3] / max(later, 1)
 
 
 def adaptive_table(
@@ -439,16 +476,17 @@ def adaptive_table(
     """Detection and verifier compute under the adaptive rule, next to the fixed rate of the same run."""
     rng = random.Random(8)
     n = args.requests
-    honest_checks = honest_runs = honest_served = 0
-    for _ in tqdm(range(args.runs), desc="simulate honest", leave=False):
-        _, checks, runs, served = run_provider(rule, rng, n, "fresh", 0.0, catch_rate)
-        honest_checks, honest_runs, honest_served = honest_checks + checks, honest_runs + runs, honest_served + served
-    honest_rate, honest_run_rate = honest_checks / honest_served, honest_runs / honest_served
     audit = VerifierDispatch().audit_rate
+    total = 5 * rule.probation_requests
+    first_checks, first_runs, later_checks, later_runs = honest_cost(rule, rng, max(1, args.runs // 10), total)
+    sleeper_n = rule.requests_to_catch(0.05, 0.99)
+    c99 = rule.requests_to_catch(1.0, 0.99)
     t = Table(
-        title=f"Adaptive spot checks: rate max({rule.min_rate}, {rule.max_rate} x {rule.decay}^passed), "
-        f"back to {rule.max_rate} after a failure; one of {VERIFIERS} authorized verifiers first, a second after "
-        f"a failure or an audit draw ({audit}); {args.runs} runs each, {n} requests"
+        title=f"Adaptive spot checks: rate max(floor, {rule.max_rate} x {rule.decay}^passed), floor "
+        f"{rule.probation_rate} over a provider's first {rule.probation_requests} requests with the client (its "
+        f"probation), {rule.min_rate} after; back to {rule.max_rate} and a new probation after a failure; one of "
+        f"{VERIFIERS} authorized verifiers first, a second after a failure or an audit draw ({audit}); "
+        f"{args.runs} runs each"
     )
     for col in ("provider", "detected", "bound", "checks / request", "verifier runs / request", "verifier / serving"):
         t.add_column(col)
@@ -461,61 +499,90 @@ def adaptive_table(
         f"{100 * args.sample_rate * cost_ratio:.2f} %",
     )
     t.add_row(
-        f"honest, first {n} requests",
+        f"honest, first {rule.probation_requests} requests (probation)",
         f"flagged {false_fail * 100:.1f} % of checks",
         "",
-        f"{honest_rate:.3f}",
-        f"{honest_run_rate:.3f}",
-        f"{100 * honest_run_rate * cost_ratio:.2f} %",
+        f"{first_checks:.3f}",
+        f"{first_runs:.3f}",
+        f"{100 * first_runs * cost_ratio:.2f} %",
+    )
+    t.add_row(
+        f"honest, requests {rule.probation_requests}-{total} (after probation, simulated)",
+        "",
+        "",
+        f"{later_checks:.3f}",
+        f"{later_runs:.3f}",
+        f"{100 * later_runs * cost_ratio:.2f} %  (target <= 5 %)",
     )
     steady = rule.min_rate * (1 + audit)
     t.add_row(
-        "honest, once decayed (steady state)",
+        "honest, after probation (steady state: floor x (1 + audit))",
         "",
         "",
         f"{rule.min_rate:.3f}",
         f"{steady:.3f}",
         f"{100 * steady * cost_ratio:.2f} %  (target <= 5 %)",
     )
+    average = (rule.probation_requests * first_runs + (total - rule.probation_requests) * later_runs) / total
     t.add_row(
-        "honest, once decayed, every sample to 2 verifiers (former dispatch)",
+        f"honest, first {total} requests with a client (average)",
         "",
         "",
-        f"{rule.min_rate:.3f}",
-        f"{2 * rule.min_rate:.3f}",
-        f"{100 * 2 * rule.min_rate * cost_ratio:.2f} %",
+        "",
+        f"{average:.3f}",
+        f"{100 * average * cost_ratio:.2f} %",
     )
     bounds = {
-        "fresh": lambda f: rule.fresh_detection_bound(f, n),
-        "waits": lambda f: detection_probability(rule.min_rate, f, n),
-        "exact": lambda f: rule.detection_bound(round(f * n)),
-        "liar": lambda f: dispatch_detection_bound(rule.min_rate, f, n, VERIFIERS, 1, audit),
+        "fresh": lambda f, m: rule.fresh_detection_bound(f, m),
+        "sleeper": lambda f, m: detection_probability(rule.min_rate, f, m),
+        "exact": lambda f, m: rule.detection_bound(round(f * m)),
+        "liar fresh": lambda f, m: dispatch_detection_bound(rule.probation_rate, f, m, VERIFIERS, 1, audit),
+        "liar sleeper": lambda f, m: dispatch_detection_bound(rule.min_rate, f, m, VERIFIERS, 1, audit),
     }
-    names = {
-        "fresh": "fresh identity, each request w.p. {f}",
-        "waits": "waits for the floor, then w.p. {f}",
-        "exact": "waits for the floor, then exactly {f} of requests",
-        "liar": f"waits, then w.p. {{f}}; 1 of {VERIFIERS} verifiers passes everything",
-    }
-    for strategy in ("fresh", "waits", "exact", "liar"):
+    rows = [
+        ("fresh", n, "fresh identity, each request w.p. {f}, within {m}"),
+        ("sleeper", n, "sleeper (honest through probation), then w.p. {f}, within {m}"),
+        ("sleeper", sleeper_n, "sleeper, then w.p. {f}, within {m} (99 % at 5 %)"),
+        ("exact", n, "sleeper, then exactly {f} of {m} requests"),
+        ("liar fresh", n, f"fresh, w.p. {{f}}, within {{m}}; 1 of {VERIFIERS} verifiers passes everything"),
+        ("liar sleeper", n, f"sleeper, then w.p. {{f}}, within {{m}}; 1 of {VERIFIERS} verifiers lies"),
+    ]
+    for strategy, m, name in rows:
         for f in (0.01, 0.05, 0.20):
             caught = checks = runs = served = 0
-            for _ in tqdm(range(args.runs), desc=f"simulate {strategy} f={f}", leave=False):
-                liars = 1 if strategy == "liar" else 0
-                c, k, r, s = run_provider(rule, rng, n, "waits" if liars else strategy, f, catch_rate, liars)
+            for _ in tqdm(range(args.runs), desc=f"simulate {strategy} f={f} n={m}", leave=False):
+                liars = 1 if strategy.startswith("liar") else 0
+                kind = strategy.removeprefix("liar ")
+                c, k, r, s = run_provider(rule, rng, m, kind, f, catch_rate, liars)
                 caught, checks, runs, served = caught + c, checks + k, runs + r, served + s
             t.add_row(
-                names[strategy].format(f=f"{100 * f:.0f} %"),
+                name.format(f=f"{100 * f:.0f} %", m=m),
                 f"{100 * caught / args.runs:.2f} %",
-                f">= {100 * bounds[strategy](f) * catch_rate:.2f} %",
+                f">= {100 * bounds[strategy](f, m) * catch_rate:.2f} %",
                 f"({checks / served:.3f}: a caught run stops)",
                 f"{runs / served:.3f}",
                 "",
             )
+    caught = sum(run_provider(rule, rng, n, "exact", 0.0, catch_rate, corrupted=c99)[0] for _ in range(args.runs))
+    t.add_row(
+        f"sleeper, then exactly {c99} corrupted requests (99 % at the floor)",
+        f"{100 * caught / args.runs:.2f} %",
+        f">= {100 * rule.detection_bound(c99) * catch_rate:.2f} %",
+        "",
+        "",
+        "",
+    )
     console.print(t)
+    relation = (
+        rule.probation_requests * (first_runs - later_runs) / (0.05 / cost_ratio - later_runs)
+        if 0.05 / cost_ratio > later_runs
+        else float("inf")
+    )
     console.print(
         f"check / serving ratio {cost_ratio:.3f}; verifier / serving = verifier runs per request x that ratio "
-        f"(a target of 5 % at the floor {rule.min_rate} needs a ratio <= {0.05 / steady:.3f})."
+        f"(5 % after probation needs a ratio <= {0.05 / steady:.3f}, during it <= "
+        f"{0.05 / (rule.probation_rate * (1 + audit)):.3f}); averaged over a client's first N requests with a "
+        f"provider it is <= 5 % from N = {relation:.0f}."
     )
 
 

@@ -28,6 +28,8 @@ from economy.receipts import SignedReceipt
 from economy.verification import (
     DEFAULT_AUDIT_RATE,
     DEFAULT_MIN_SAMPLE_RATE,
+    DEFAULT_PROBATION_RATE,
+    DEFAULT_PROBATION_REQUESTS,
     AdaptiveSpotCheck,
     CheckHistory,
     Comparison,
@@ -216,7 +218,7 @@ def test_audit_lottery_is_independent_of_the_spot_check_lottery() -> None:
     ids = [i.to_bytes(4, "big") for i in range(8000)]
     dispatch, rule = VerifierDispatch(secret, audit_rate=0.3), AdaptiveSpotCheck(secret)
     audited = {w for w in ids if dispatch.audits(w)}
-    selected = {w for w in ids if rule.selects(CheckHistory(passed=100), w)}
+    selected = {w for w in ids if rule.selects(CheckHistory(passed=100, requests=10**4), w)}
     assert abs(len(audited) / len(ids) - 0.3) < 0.02
     assert abs(len(audited & selected) / len(ids) - 0.3 * rule.min_rate) < 0.02
 
@@ -231,17 +233,32 @@ def test_wanted_verdicts_grow_only_with_failures_disagreement_or_audit() -> None
     assert d.wanted([False], audited=False, available=1) == 1
 
 
-def _simulate(rng: random.Random, verifiers: int, liars: int, audit_rate: float, f: float, n: int) -> tuple[bool, int]:
-    """A provider at the floor corrupting each of `n` requests w.p. f, `liars` of the verifiers passing everything:
-    (caught, verifier checks run), through the real lotteries and dispatch rule."""
+IN_PROBATION = CheckHistory(passed=1000)
+"""A provider decayed to the probation floor (0.47) with all of its probation ahead: the 200-request target."""
+AFTER_PROBATION = CheckHistory(passed=1000, requests=DEFAULT_PROBATION_REQUESTS)
+"""A provider at the floor after probation (0.25): the steady state."""
+
+
+def _simulate(
+    rng: random.Random,
+    verifiers: int,
+    liars: int,
+    audit_rate: float,
+    f: float,
+    n: int,
+    history: CheckHistory = IN_PROBATION,
+) -> tuple[bool, int]:
+    """A provider from `history` corrupting each of `n` requests w.p. f, `liars` of the verifiers passing
+    everything: (caught, verifier checks run), through the real lotteries, draw and dispatch rule."""
     secret = rng.randbytes(16)
     rule, dispatch = AdaptiveSpotCheck(secret), VerifierDispatch(secret, audit_rate)
     accounts = [bytes([i]) * 32 for i in range(verifiers)]
     lying = set(accounts[:liars])
-    history, runs = CheckHistory(passed=1000), 0
+    runs = 0
     for i in range(n):
         work = i.to_bytes(4, "big")
-        if not rule.selects(history, work):
+        selected, history = rule.draw(history, work)
+        if not selected:
             continue
         bad = rng.random() < f
         order, audited, outcomes = dispatch.order(work, accounts), dispatch.audits(work), []
@@ -260,12 +277,16 @@ def test_detection_with_and_without_a_lying_verifier_meets_its_bound() -> None:
     trials = 4000
     for verifiers, liars in ((3, 0), (3, 1), (2, 1)):
         caught = sum(_simulate(rng, verifiers, liars, DEFAULT_AUDIT_RATE, 0.05, 200)[0] for _ in range(trials))
-        bound = dispatch_detection_bound(DEFAULT_MIN_SAMPLE_RATE, 0.05, 200, verifiers, liars, DEFAULT_AUDIT_RATE)
+        bound = dispatch_detection_bound(DEFAULT_PROBATION_RATE, 0.05, 200, verifiers, liars, DEFAULT_AUDIT_RATE)
         sigma = (bound * (1 - bound) / trials) ** 0.5
         assert caught / trials >= bound - 4 * sigma, (verifiers, liars)
-    assert dispatch_detection_bound(DEFAULT_MIN_SAMPLE_RATE, 0.05, 200, 3, 0, DEFAULT_AUDIT_RATE) >= 0.99
-    assert dispatch_detection_bound(DEFAULT_MIN_SAMPLE_RATE, 0.05, 200, 3, 0, 0.0) == pytest.approx(
-        detection_probability(DEFAULT_MIN_SAMPLE_RATE, 0.05, 200)
+    # after probation the same liar faces the lower floor: the bound is the dispatch bound at min_rate
+    caught = sum(_simulate(rng, 3, 1, DEFAULT_AUDIT_RATE, 0.05, 200, AFTER_PROBATION)[0] for _ in range(trials))
+    bound = dispatch_detection_bound(DEFAULT_MIN_SAMPLE_RATE, 0.05, 200, 3, 1, DEFAULT_AUDIT_RATE)
+    assert caught / trials >= bound - 4 * (bound * (1 - bound) / trials) ** 0.5
+    assert dispatch_detection_bound(DEFAULT_PROBATION_RATE, 0.05, 200, 3, 0, DEFAULT_AUDIT_RATE) >= 0.99
+    assert dispatch_detection_bound(DEFAULT_PROBATION_RATE, 0.05, 200, 3, 0, 0.0) == pytest.approx(
+        detection_probability(DEFAULT_PROBATION_RATE, 0.05, 200)
     )
     # an audit rate of 1 sends every sample to two verifiers: one liar among them hides nothing
     assert dispatch_detection_bound(0.47, 0.05, 200, 3, 1, 1.0) == pytest.approx(detection_probability(0.47, 0.05, 200))
@@ -273,8 +294,9 @@ def test_detection_with_and_without_a_lying_verifier_meets_its_bound() -> None:
 
 def test_an_honest_provider_costs_one_verifier_per_check_plus_the_audits() -> None:
     rng = random.Random(5)
-    runs = sum(_simulate(rng, 3, 0, DEFAULT_AUDIT_RATE, 0.0, 200)[1] for _ in range(300))
-    per_request = runs / (300 * 200)
-    expected = DEFAULT_MIN_SAMPLE_RATE * (1 + DEFAULT_AUDIT_RATE)
-    assert abs(per_request - expected) < 0.02
-    assert per_request < 2 * DEFAULT_MIN_SAMPLE_RATE * 0.6  # two verifiers per sample cost ~1.8x as much
+    for history, rate in ((IN_PROBATION, DEFAULT_PROBATION_RATE), (AFTER_PROBATION, DEFAULT_MIN_SAMPLE_RATE)):
+        runs = sum(_simulate(rng, 3, 0, DEFAULT_AUDIT_RATE, 0.0, 200, history)[1] for _ in range(300))
+        per_request = runs / (300 * 200)
+        expected = rate * (1 + DEFAULT_AUDIT_RATE)
+        assert abs(per_request - expected) < 0.02
+        assert per_request < 2 * rate * 0.6  # two verifiers per sample cost ~1.8x as much
