@@ -403,6 +403,25 @@ def peer_join(
             help="NAME=RISE: category NAME's own bound instead of --canary-category-max-rise (repeatable).",
         ),
     ] = None,
+    rehearsal_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--rehearsal-file",
+            dir_okay=False,
+            help="General text (one per line) whose span outputs training keeps near the base model's, so that "
+            "learning from feedback costs less general ability. Never the canary file. Default: the set shipped "
+            "with DLLM.",
+        ),
+    ] = None,
+    rehearsal_weight: Annotated[
+        float,
+        typer.Option(
+            "--rehearsal-weight",
+            min=0.0,
+            max=1e6,
+            help="Weight of the rehearsal term in each adapter training step (0: off).",
+        ),
+    ] = 30.0,
     data_dir: Annotated[
         Path | None,
         typer.Option(
@@ -473,13 +492,17 @@ def peer_join(
             canary_max_rise=canary_max_rise,
             canary_category_max_rise=canary_category_max_rise,
             canary_category_limits=category_limits,
+            rehearsal_file=rehearsal_file,
+            rehearsal_weight=rehearsal_weight,
             data_dir=data_dir,
             data_budget_bytes=data_budget * 2**20,
             data_batch_size=data_batch_size,
         )
     )
-    if adapter_rank > 0:  # a bad canary file fails here, in one line, not in the peer's start-up
+    if adapter_rank > 0:  # a bad canary or rehearsal file fails here, in one line, not in the peer's start-up
         _check_canary_file(canary_file)
+        if rehearsal_weight > 0:
+            _check_rehearsal_file(rehearsal_file)
     _serve_peer(config)
 
 
@@ -647,6 +670,15 @@ def _valid_config(build: Callable[[], _ConfigT]) -> _ConfigT:
         return build()
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
+
+
+def _check_rehearsal_file(rehearsal_file: Path | None) -> None:
+    from peer.rehearsal import RehearsalError, read_rehearsal_file
+
+    try:
+        read_rehearsal_file(rehearsal_file)
+    except RehearsalError as error:
+        raise typer.BadParameter(str(error), param_hint="'--rehearsal-file'") from None
 
 
 def _check_canary_file(canary_file: Path | None) -> None:

@@ -47,6 +47,7 @@ MAX_ADAPTER_TENSORS = 4096
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 _WORKING = "working"
+_BASE = "base"
 
 
 class AdapterError(ProtocolError):
@@ -124,8 +125,10 @@ class LoraLinear(nn.Module):
         object.__setattr__(self, "_adapters", adapters)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self._adapters.weights_for(self.key)
         out = self.base(x)
+        if self._adapters.bypassed():
+            return out
+        a, b = self._adapters.weights_for(self.key)
         low_rank = torch.nn.functional.linear(
             torch.nn.functional.linear(x, a.to(x.device, x.dtype)), b.to(x.device, x.dtype)
         )
@@ -191,7 +194,7 @@ class AdapterSet:
 
     def weights_for(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         selected = self._selected.get()
-        if isinstance(selected, str):  # _WORKING, the one string it holds
+        if isinstance(selected, str):  # _WORKING (under _BASE, LoraLinear never asks)
             source: Mapping[str, torch.Tensor] = self.working
         else:
             version = self.live_version if selected is None else selected
@@ -213,6 +216,19 @@ class AdapterSet:
         token = self._selected.set(version)
         try:
             yield version
+        finally:
+            self._selected.reset(token)
+
+    def bypassed(self) -> bool:
+        """Whether forward passes here run the base layers alone (inside `off()`)."""
+        return self._selected.get() == _BASE
+
+    @contextlib.contextmanager
+    def off(self) -> Iterator[None]:
+        """Forward passes inside this block run the base layers alone, whatever the versions hold."""
+        token = self._selected.set(_BASE)
+        try:
+            yield
         finally:
             self._selected.reset(token)
 

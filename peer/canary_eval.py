@@ -131,6 +131,14 @@ class SwarmCanaryEvaluator:
             hidden = await self.client._hop_call(hop, protocol.HANDLER_FORWARD, [hidden], extra)  # names a failed hop
         return hidden
 
+    async def span_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states at this span's input for `input_ids`: embedded locally, then one pass through the peers
+        before the span at their live versions (the rehearsal's inputs, peer/rehearsal.py)."""
+        before = await self._route(0, self.start)
+        with torch.no_grad():
+            embedded = self.client.head.embed_tokens(input_ids)
+        return await self._through(before, embedded, {})
+
     async def _evaluate_once(self, versions: list[int]) -> list[CanaryLosses]:
         before = await self._route(0, self.start)
         after = await self._route(self.end, self.client.num_blocks)

@@ -11,6 +11,11 @@ from pathlib import Path
 
 from chain.config_bounds import bounded, check_bounds
 
+DEFAULT_REHEARSAL_WEIGHT = 30.0
+"""The weight of a learning span's rehearsal term (peer/rehearsal.py; `--rehearsal-weight`, 0: off)."""
+DEFAULT_REHEARSAL_ROWS = 8
+"""Rehearsal texts per training step (a rotating window over the rehearsal file)."""
+
 
 @dataclass
 class PeerConfig:
@@ -59,6 +64,10 @@ class PeerConfig:
     # each canary category's (file section's) own bound on its loss's rise, unless canary_category_limits names it
     canary_category_max_rise: float = bounded(0.05, ge=0.0, le=1.0)
     canary_category_limits: dict[str, float] = field(default_factory=dict)  # category -> its max rise
+    # general text whose span outputs training keeps near the base model's (None: the shipped set), and the
+    # weight of that term (0: off); peer/rehearsal.py
+    rehearsal_file: Path | None = None
+    rehearsal_weight: float = bounded(DEFAULT_REHEARSAL_WEIGHT, ge=0.0, le=1e6)
     # published feedback (peer/feedback_store.py): where it is kept (None: ~/.dllm/feedback), its byte budget,
     # and how many new examples make one data-batch commitment on chain
     data_dir: Path | None = None

@@ -11,10 +11,11 @@ peer/version_commits.py) in the background.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,8 @@ from peer.adapters import ATTENTION_TARGETS, AdapterArchive, AdapterSet, LoraCon
 from peer.average_check import AverageSketcher
 from peer.averaging import AdapterAverager, AveragingConfig, RoundOutcome
 from peer.canary import CanaryGate
+from peer.config import DEFAULT_REHEARSAL_ROWS, DEFAULT_REHEARSAL_WEIGHT
+from peer.rehearsal import SpanRehearsal
 from peer.replica_auth import ReplicaIdentity
 from peer.span import SpanRunner
 from peer.training import AdapterTrainer, TrainingConfig, span_backward
@@ -46,6 +49,8 @@ class LearningConfig:
     step_batch: int = 4  # optimizer step once this many training passes are pending
     averaging_period_s: float = 30.0  # seconds between averaging rounds (aligned to DHT time)
     fetch_state_timeout_s: float = 10.0
+    rehearsal_weight: float = DEFAULT_REHEARSAL_WEIGHT  # peer/rehearsal.py; 0: no rehearsal term
+    rehearsal_rows: int = DEFAULT_REHEARSAL_ROWS
 
     def __post_init__(self) -> None:
         if self.step_batch < 1:
@@ -69,6 +74,8 @@ class SpanLearner:
         for tensor in self.adapters.working.values():  # adapters live where the span runs
             tensor.data = tensor.data.to(span.device)
         self.trainer = AdapterTrainer(self.adapters, config.training)
+        self.rehearsal = SpanRehearsal(config.rehearsal_weight, config.rehearsal_rows)
+        self.trainer.regularizer = lambda: self.rehearsal.gradients(self.adapters, self._whole_span)
         self.canary = canary
         self.archive = AdapterArchive()
         """Versions named in receipts, kept for verifiers (ADAPTER_RETENTION_S after their last use)."""
@@ -124,6 +131,31 @@ class SpanLearner:
             self.trainer.step()
         return grad_in
 
+    def _whole_span(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.span.forward(hidden.to(self.span.device, self.span.dtype))
+
+    async def prepare_rehearsal(
+        self,
+        span_inputs: Callable[[torch.Tensor], Awaitable[torch.Tensor]],
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        retry_s: float = 5.0,
+    ) -> None:
+        """Sets up the rehearsal term once `span_inputs(input_ids)` (this span's input for the rehearsal text) can
+        be had: a later span needs the peers before it, which may not be up yet, so failures are retried."""
+        if self.config.rehearsal_weight <= 0:
+            return
+        while True:
+            try:
+                inputs = await span_inputs(input_ids)
+                await asyncio.to_thread(self.rehearsal.prepare, inputs, mask, self.adapters, self._whole_span)
+                return
+            except Exception as e:  # no route yet, a peer failing, non-finite inputs: retried, never stops the peer
+                logger.info(
+                    "rehearsal inputs not available yet (%s: %s); retrying in %.0f s", type(e).__name__, e, retry_s
+                )
+                await asyncio.sleep(retry_s)
+
     def training_forward(self, hidden: torch.Tensor, blocks: range) -> torch.Tensor:
         """The forward of a training pass: with the working adapters the backward will differentiate."""
         with torch.inference_mode(), self.adapters.training():
@@ -142,6 +174,11 @@ class SpanLearner:
             "adapter_parameters": self.adapters.num_parameters(),
             "adapters_retained": len(self.archive),
             "adapters_served": self.archive.handed_over,
+            "rehearsal": {
+                "ready": self.rehearsal.ready,
+                "weight": self.rehearsal.weight,
+                "last_change": self.rehearsal.last_change,
+            },
         }
         if self.canary is not None:
             info["canary_rollbacks"] = len(self.canary.rollbacks)

@@ -287,6 +287,7 @@ class PeerService(ServingTask[RunningPeer]):
                 training=TrainingConfig(
                     learning_rate=config.learning_rate, passes_per_minute=config.train_passes_per_minute
                 ),
+                rehearsal_weight=config.rehearsal_weight,
             ),
         )
         self._resources.push_async_callback(asyncio.to_thread, learner.close)
@@ -308,7 +309,24 @@ class PeerService(ServingTask[RunningPeer]):
         await learner.start(dht, served.name, ReplicaIdentity.from_file(self._identity_file, self._owner_marker))
         learning = asyncio.create_task(learner.run())
         self._resources.push_async_callback(cancel_task, learning)
+        if config.rehearsal_weight > 0:
+            rehearsal = asyncio.create_task(self._prepare_rehearsal(learner, served))
+            self._resources.push_async_callback(cancel_task, rehearsal)
         return learner
+
+    async def _prepare_rehearsal(self, learner: SpanLearner, served: _ServedSpan) -> None:
+        """The rehearsal term's inputs: the rehearsal text through the peers before this span, once they serve."""
+        from transformers import AutoTokenizer
+
+        from peer.canary_eval import SwarmCanaryEvaluator
+        from peer.rehearsal import read_rehearsal_file, rehearsal_batch
+
+        evaluator = learner.canary.evaluate if learner.canary is not None else None
+        if not isinstance(evaluator, SwarmCanaryEvaluator):
+            return
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, served.model_dir)
+        ids, mask = rehearsal_batch(read_rehearsal_file(self.config.rehearsal_file), tokenizer)
+        await learner.prepare_rehearsal(evaluator.span_inputs, ids, mask)
 
     def _start_handler(self, served: _ServedSpan, validator: RSASignatureValidator) -> BlockHandler:
         handler = BlockHandler(

@@ -6,7 +6,9 @@ the contributor who signed the pass (its chain account: swarm/contributors.py; t
 unsigned passes). Defences against a
 single contributor: a rate limit on passes, a norm bound on each pass's gradient, and a robust
 aggregate across contributors at each optimizer step, so no one contributor can move the adapters by
-more than a bounded amount per step, however large or numerous its gradients.
+more than a bounded amount per step, however large or numerous its gradients. The peer may add its own
+term to each step's aggregate (`regularizer`: the rehearsal of peer/rehearsal.py, computed on the peer's
+own data, which no contributor sends or shapes).
 """
 
 from __future__ import annotations
@@ -145,6 +147,8 @@ class AdapterTrainer:
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
         self._clipped = 0
+        # The peer's own term added to every step's aggregate (peer/rehearsal.py); None adds nothing.
+        self.regularizer: Callable[[], dict[str, torch.Tensor] | None] | None = None
 
     @property
     def pending_passes(self) -> int:
@@ -187,6 +191,9 @@ class AdapterTrainer:
         else:
             aggregate = centered_clip(means, self.config.clip_tau)
         grads = unflatten(aggregate, self.adapters.working, self.adapters.names)
+        extra = self.regularizer() if self.regularizer is not None else None
+        if extra is not None:
+            grads = {name: grads[name] + extra[name].to(grads[name].device) for name in grads}
         with self.adapters.lock:
             for name, p in self.adapters.working.items():
                 p.grad = grads[name].to(p.device)

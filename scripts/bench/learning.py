@@ -8,7 +8,8 @@ only they) are the feedback, `--epochs` passes each, in the same shuffled order 
 
 * swarm: a local swarm of real processes serves the model (`--model`, default smollm2) as two spans, each
   with 2 replicas that learn (`dllm peer join --adapter-rank R --train-step-batch 1 --learning-rate LR
-  --averaging-period P --canary-file <held-out general text>`); the feedback goes through the client's
+  --averaging-period P --canary-file <held-out general text>`, and the peers' default span-local rehearsal on
+  the shipped rehearsal text, which is not the canary); the feedback goes through the client's
   feedback API (`DistributedModel.feedback`), one pass per example, routed as the client routes, and goes
   live only through the replicas' averaging rounds (exact-mean check, canary gate, commit). The bench waits
   until no replica holds an unaveraged update.
@@ -51,6 +52,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from dllm.model_choice import resolve_model_argument  # noqa: E402
 from dllm.processes import LocalSwarm  # noqa: E402
 from peer.canary import CanaryConfig  # noqa: E402
+from peer.config import DEFAULT_REHEARSAL_ROWS, DEFAULT_REHEARSAL_WEIGHT  # noqa: E402
 from peer.training import TrainingConfig  # noqa: E402
 from swarm import protocol  # noqa: E402
 from swarm.client import DistributedModel  # noqa: E402
@@ -307,6 +309,7 @@ def swarm_run(model_dir: Path, facts: list[Fact], order: list[Fact], args: argpa
         "--train-passes-per-minute", "6000",
         "--canary-file", str(canary_file),
         "--canary-max-rise", str(args.canary_max_rise),
+        "--rehearsal-weight", str(args.rehearsal_weight),
     ]  # fmt: skip
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with LocalSwarm(str(model_dir), workdir=workdir / "swarm", env=env) as swarm:
@@ -407,6 +410,8 @@ def bench_settings(args: argparse.Namespace, passes: int) -> dict[str, str]:
         f"gradient clipped to {training.max_grad_norm:g}",
         "swarm": f"2 spans x 2 replicas, averaging every {args.period:g} s, clip_tau {averaging.clip_tau:g} per round, "
         f"canary max rise {args.canary_max_rise:.0%} per round (token-weighted, {len(CANARY)} examples)",
+        "rehearsal": f"weight {args.rehearsal_weight:g}, {DEFAULT_REHEARSAL_ROWS} texts per step of the shipped "
+        "rehearsal file (never the canary)",
         "drain": f"at most {args.drain_periods} periods",
     }
 
@@ -425,6 +430,12 @@ def main() -> None:
         type=float,
         default=CanaryConfig().max_relative_rise,
         help="the peers' canary gate: highest relative rise of the canary loss per round (peer default)",
+    )
+    parser.add_argument(
+        "--rehearsal-weight",
+        type=float,
+        default=DEFAULT_REHEARSAL_WEIGHT,
+        help="the peers' span-local rehearsal weight (peer default; 0: off)",
     )
     parser.add_argument("--drain-periods", type=int, default=15, help="rounds to wait for the updates to go live")
     parser.add_argument("--seed", type=int, default=0)

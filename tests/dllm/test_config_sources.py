@@ -84,6 +84,8 @@ FIELDS: dict[tuple[str, str], Field] = {
     ("peer join", "canary_max_rise"): Field(PeerConfig, "canary_max_rise"),
     ("peer join", "canary_category_max_rise"): Field(PeerConfig, "canary_category_max_rise"),
     ("peer join", "canary_category_limit"): Field(PeerConfig, "canary_category_limits", parse_category_limits),
+    ("peer join", "rehearsal_file"): Field(PeerConfig, "rehearsal_file"),
+    ("peer join", "rehearsal_weight"): Field(PeerConfig, "rehearsal_weight"),
     ("peer join", "data_dir"): Field(PeerConfig, "data_dir"),
     ("peer join", "data_budget"): Field(PeerConfig, "data_budget_bytes", lambda mib: mib * 2**20),
     ("peer join", "data_batch_size"): Field(PeerConfig, "data_batch_size"),
