@@ -116,7 +116,8 @@ A builtin in parentheses is an extra base kept because callers catch that builti
     │   ├── TrainingConfigError (ValueError)                                            peer/training.py
     │   ├── AveragingConfigError (ValueError)                                           peer/averaging.py
     │   ├── CanaryConfigError (ValueError)                                              peer/canary.py
-    │   └── CanaryExamplesError (ValueError)                                            peer/canary_examples.py
+    │   ├── CanaryExamplesError (ValueError)                                            peer/canary_examples.py
+    │   └── RehearsalError (ValueError)                                                 peer/rehearsal.py
     └── UnavailableError                  something needed cannot be had now; a later try may work    chain/errors.py
         ├── CacheFullError (RuntimeError)                                               swarm/protocol.py
         ├── FeedbackStoreFullError (RuntimeError)                                       swarm/feedback_records.py
