@@ -213,11 +213,8 @@ class AdapterSet:
                 f"adapter version {version} is not held here (held: {sorted(self._versions)}); "
                 "start a new session to get the live version"
             )
-        token = self._selected.set(version)
-        try:
+        with self._selecting(version):
             yield version
-        finally:
-            self._selected.reset(token)
 
     def bypassed(self) -> bool:
         """Whether forward passes here run the base layers alone (inside `off()`)."""
@@ -226,16 +223,19 @@ class AdapterSet:
     @contextlib.contextmanager
     def off(self) -> Iterator[None]:
         """Forward passes inside this block run the base layers alone, whatever the versions hold."""
-        token = self._selected.set(_BASE)
-        try:
+        with self._selecting(_BASE):
             yield
-        finally:
-            self._selected.reset(token)
 
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:
         """Forward passes inside this block use the trainable working tensors (autograd reaches them)."""
-        token = self._selected.set(_WORKING)
+        with self._selecting(_WORKING):
+            yield
+
+    @contextlib.contextmanager
+    def _selecting(self, selected: int | str) -> Iterator[None]:
+        """What forward passes in this thread / task read inside the block: a version, _BASE or _WORKING."""
+        token = self._selected.set(selected)
         try:
             yield
         finally:
