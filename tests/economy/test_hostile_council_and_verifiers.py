@@ -160,17 +160,25 @@ def test_unregistered_unbonding_and_slashed_providers_get_no_routes_nor_payments
     core = model.core
     by_peer = {procs[name].info["peer_id"]: name for name in procs}
     try:
-        # Each provider reads its own standing from chain when it bills, and shows it in rpc_info.
+        # Each provider re-reads its own standing from chain every settlement round (2 s here) and shows it in
+        # rpc_info; the first reading may predate the unbond and the slash above, so wait for a current one.
         for name in ("registered", "unbonding", "slashed"):
             peer_id = procs[name].info["peer_id"]
+            seen: list[dict | None] = []
 
-            def standing(peer_id: str = peer_id) -> dict | None:
+            def current_standing(peer_id: str = peer_id, name: str = name, seen: list = seen) -> dict | None:
                 reply = model._loop.run(core.call(peer_id, protocol.HANDLER_INFO, runtime_pb2.ExpertRequest()))
-                return protocol.unpack_metadata(reply.metadata).get("standing")
+                shown = protocol.unpack_metadata(reply.metadata).get("standing")
+                seen.append(shown)
+                state = "unbonding" if name == "unbonding" else "registered"
+                current = shown is not None and shown["state"] == state and shown["slashes"] == (name == "slashed")
+                return shown if current else None
 
-            shown = wait_until(standing, 60, f"{name}'s standing in rpc_info")
+            try:
+                shown = wait_until(current_standing, 60, f"{name}'s current standing in rpc_info")
+            except AssertionError as error:
+                raise AssertionError(f"{error}; last shown: {seen[-1:]}") from None
             assert shown["routable"] is (name == "registered"), (name, shown)
-            assert shown["state"] == ("unbonding" if name == "unbonding" else "registered")
 
         paid = 0
         for prompt in ("def add(a, b):", "import os", "class Stack:"):
