@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from peer.config import PeerConfig
 
 _ConfigT = TypeVar("_ConfigT")
+_ReadT = TypeVar("_ReadT")
 
 logger = logging.getLogger("dllm.cli")
 
@@ -672,22 +674,26 @@ def _valid_config(build: Callable[[], _ConfigT]) -> _ConfigT:
         raise typer.BadParameter(str(error)) from None
 
 
-def _check_rehearsal_file(rehearsal_file: Path | None) -> None:
-    from peer.rehearsal import RehearsalError, read_rehearsal_file
+def _read_text_file(read: Callable[[Path | None], _ReadT], path: Path | None, option: str) -> _ReadT:
+    """`read(path)` (a canary or rehearsal file reader); its ConfigError is a usage error naming `option`."""
+    from chain.errors import ConfigError
 
     try:
-        read_rehearsal_file(rehearsal_file)
-    except RehearsalError as error:
-        raise typer.BadParameter(str(error), param_hint="'--rehearsal-file'") from None
+        return read(path)
+    except ConfigError as error:
+        raise typer.BadParameter(str(error), param_hint=f"'{option}'") from None
+
+
+def _check_rehearsal_file(rehearsal_file: Path | None) -> list[str]:
+    from peer.rehearsal import read_rehearsal_file
+
+    return _read_text_file(read_rehearsal_file, rehearsal_file, "--rehearsal-file")
 
 
 def _check_canary_file(canary_file: Path | None) -> None:
-    from peer.canary_examples import CanaryExamplesError, read_canary_file
+    from peer.canary_examples import read_canary_file
 
-    try:
-        read_canary_file(canary_file)
-    except CanaryExamplesError as error:
-        raise typer.BadParameter(str(error), param_hint="'--canary-file'") from None
+    _read_text_file(read_canary_file, canary_file, "--canary-file")
 
 
 def _serve_peer(config: PeerConfig) -> None:
@@ -1291,6 +1297,28 @@ def dashboard(
 # ------------------------------------------------------------------------------------ data and lineage
 
 
+MODEL_FILTER_HELP = (
+    "Only this model's records: its name as `dllm lineage` lists it, or tiny, smollm2, a model folder or a .gguf "
+    "file (the name it is served under). Default: every model on the chain."
+)
+
+
+def _model_name(model: str) -> str:
+    """The name the swarm and its chain records know `--model` by: an alias, an existing model folder or a GGUF
+    file names the model it resolves to (as a peer serving it announces it); anything else is that name as is."""
+    from dllm.model_choice import ALIASES
+
+    if model.strip() not in ALIASES and not Path(model).expanduser().exists():
+        return model
+    return _swarm_name(_model_folder(model))
+
+
+def _swarm_name(folder: Path) -> str:
+    from swarm.model_files import load_config, model_name
+
+    return model_name(folder, load_config(folder))
+
+
 def _require_chain_url(chain_url: str | None, what: str) -> str:
     url = arguments.parse_chain_url(chain_url)
     if url is None:
@@ -1306,14 +1334,17 @@ def data_export(
     ],
     initial_peers: InitialPeers = None,
     chain_url: ChainUrl = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help=MODEL_FILTER_HELP)] = None,
 ) -> None:
     """Download every published feedback example, check it against its commitment on chain and its contributor's
     signature, and write DIR/feedback.jsonl (one example a line, with provenance) and DIR/summary.json.
 
+    Every model's data on the chain by default (summary.json counts each model apart); --model exports one.
     A peer that serves data not matching a commitment is named (its data is never written); examples no peer
     serves (evicted, or their holders offline) are listed as unavailable."""
     peers = _require_peers(initial_peers)
     url = _require_chain_url(chain_url, "an export")
+    name = _model_name(model) if model is not None else None
     import asyncio
 
     from rich.console import Console
@@ -1334,14 +1365,20 @@ def data_export(
             return lambda done: progress.advance(task, done)
 
         try:
-            report = asyncio.run(export_dataset(peers, url, out, progress=start))
+            report = asyncio.run(export_dataset(peers, url, out, model=name, progress=start))
         except DLLMError as error:
             _fail(f"the export failed: {error}")
     outcome = report.outcome
+    if name is not None:
+        others = f" (left out: {', '.join(report.other_models)})" if report.other_models else ""
+        typer.echo(f"model {name} only{others}"[:80])
     typer.echo(
         f"{report.written} of {report.committed} committed examples written; {report.batches} data batches, "
         f"{report.versions} adapter versions on chain\nfiles: {out / 'feedback.jsonl'} and summary.json"
     )
+    if len(report.per_model) > 1:
+        for each, counts in report.per_model.items():
+            typer.echo(f"  {each}: {counts['written']} of {counts['committed']} written"[:80])
     for peer_id in outcome.tampering_peers:
         count = sum(t.peer_id == peer_id for t in outcome.tampered)
         typer.echo(f"TAMPERED: peer {peer_id} served {count} record(s) not matching their commitment", err=True)
@@ -1386,7 +1423,15 @@ def lineage(
         list[str] | None,
         typer.Option("--peer", help="With --verify: also ask this peer id (repeatable)."),
     ] = None,
-    model: ModelOption = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help=MODEL_FILTER_HELP[:-1] + "; with --reproduce, the files replayed on (default tiny), and only "
+            "that model's versions.",
+        ),
+    ] = None,
     learning_rate: Annotated[
         float,
         typer.Option("--learning-rate", min=1e-7, max=1.0, help="With --reproduce: the peers' learning rate."),
@@ -1394,6 +1439,23 @@ def lineage(
     train_step_batch: Annotated[
         int, typer.Option("--train-step-batch", min=1, help="With --reproduce: the peers' passes per step.")
     ] = 4,
+    rehearsal_weight: Annotated[
+        float,
+        typer.Option(
+            "--rehearsal-weight",
+            min=0.0,
+            max=1e6,
+            help="With --reproduce: the peers' rehearsal weight, added to each replayed step as they add it (0: off).",
+        ),
+    ] = 30.0,
+    rehearsal_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--rehearsal-file",
+            dir_okay=False,
+            help="With --reproduce: the peers' rehearsal text (default: the set shipped with DLLM, as theirs).",
+        ),
+    ] = None,
 ) -> None:
     """The history of each span's adapters from the chain: version <- parent, tensor sha256, data roots,
     replicas and canary loss per category before -> after (an up arrow marks a rise); forks are flagged."""
@@ -1405,14 +1467,26 @@ def lineage(
         raise typer.BadParameter("only --verify asks given peers", param_hint="'--peer'")
     peers = _require_peers(initial_peers) if verify is not None or reproduce is not None else []
     folder = _model_folder(model) if reproduce is not None else None
+    texts = _check_rehearsal_file(rehearsal_file) if reproduce is not None and rehearsal_weight > 0 else []
+    # The replay's files decide the model: another model's version cannot be replayed on them.
+    name = _swarm_name(folder) if folder is not None else _model_name(model) if model is not None else None
     from chain.errors import DLLMError
-    from dllm.data_export import read_lineage
+    from dllm.data_export import models_of, of_model, read_lineage
     from dllm.lineage import render_lineage, select
 
     try:
         batches, versions = read_lineage(url)
     except DLLMError as error:
         _fail(f"could not read the chain's records: {error}")
+    on_chain = models_of(batches, versions)
+    batches, versions = of_model(batches, versions, name)
+    if name is not None and not versions:
+        others = ", ".join(on_chain) or "none"
+        message = f"no adapter-version records of model {name} on chain (models with records: {others})"
+        if verify is None and reproduce is None:
+            typer.echo(message)
+            return
+        _fail(message)
     if span is not None:
         versions = [v for v in versions if v.span == span]
     if verify is None and reproduce is None:
@@ -1431,8 +1505,23 @@ def lineage(
         return
     if len(chosen) > 1:
         _fail(f"v{target} is committed for {len(chosen)} spans or fork sides: choose one with --blocks")
+    typer.echo(f"model {name}: replaying on {folder}"[:80])
     assert folder is not None
-    _reproduce_version(peers, folder, chosen[0], batches, learning_rate, train_step_batch)
+    rehearsal = _ReplayRehearsal(rehearsal_weight, rehearsal_file, texts)
+    _reproduce_version(peers, folder, chosen[0], batches, learning_rate, train_step_batch, rehearsal)
+
+
+@dataclass(frozen=True)
+class _ReplayRehearsal:
+    """The rehearsal term a replay adds to each step: the peers' weight and texts (peer/rehearsal.py)."""
+
+    weight: float
+    file: Path | None
+    texts: list[str]
+
+    @property
+    def source(self) -> str:
+        return str(self.file) if self.file is not None else "the shipped default set"
 
 
 def _verify_versions(peers: list[str], chosen: list[Any], extra: list[str]) -> None:
@@ -1468,7 +1557,13 @@ def _verify_versions(peers: list[str], chosen: list[Any], extra: list[str]) -> N
 
 
 def _reproduce_version(
-    peers: list[str], folder: Path, version: Any, batches: list[Any], learning_rate: float, step_batch: int
+    peers: list[str],
+    folder: Path,
+    version: Any,
+    batches: list[Any],
+    learning_rate: float,
+    step_batch: int,
+    rehearsal: _ReplayRehearsal,
 ) -> None:
     import asyncio
 
@@ -1484,6 +1579,7 @@ def _reproduce_version(
         replay,
         span_peer_ids,
     )
+    from peer.rehearsal import SpanRehearsal
     from peer.training import TrainingConfig
     from swarm.dht import start_dht
 
@@ -1531,10 +1627,16 @@ def _reproduce_version(
     if not trained:
         _fail(f"v{version.version} has no fetchable committed feedback to replay")
     training = TrainingConfig(learning_rate=learning_rate)
+    term = SpanRehearsal(rehearsal.weight) if rehearsal.weight > 0 else None
     with console.status(f"Replaying {len(trained)} example(s) on v{version.parent}…"):
-        replayed, steps = replay(folder, version.span, parent, lora, trained, training, step_batch)
+        replayed, steps = replay(
+            folder, version.span, parent, lora, trained, training, step_batch, term, rehearsal.texts
+        )
     rel, cos, cn, rn = distance(replayed, committed.tensors, parent.tensors)
-    report = ReplayReport(version, len(trained), len({e.contributor for e in trained}), steps, rel, cos, cn, rn)
+    report = ReplayReport(
+        version, len(trained), len({e.contributor for e in trained}), steps, rel, cos, cn, rn,
+        rehearsal.weight, rehearsal.source,
+    )  # fmt: skip
     typer.echo(report.render())
 
 

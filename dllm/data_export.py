@@ -1,6 +1,7 @@
 """`dllm data export --out DIR`: every published feedback example, checked against its commitment on chain.
 
-Reads every `data-batch` and `adapter-version` record (chain/lineage.py), asks the swarm's peers for each
+Reads every `data-batch` and `adapter-version` record (chain/lineage.py) of every model, or of one (`--model`:
+a chain shared by several swarms holds their records side by side), asks the swarm's peers for each
 committed content hash (`rpc_feedback_fetch`, peer/feedback_store.py) and writes DIR/feedback.jsonl, one line
 per example, plus DIR/summary.json (docs/data.md documents both).
 
@@ -232,11 +233,17 @@ class ExportReport:
     versions: int
     outcome: FetchOutcome
     invalid_committers: dict[bytes, list[str]]
+    per_model: dict[str, dict[str, int]] = field(default_factory=dict)  # model -> committed/written/unavailable
+    model: str | None = None  # the one model exported (None: every model on chain)
+    other_models: list[str] = field(default_factory=list)  # with `model`: the models on chain left out
 
     def summary(self) -> dict[str, Any]:
         o = self.outcome
         return {
             "exported_at": time.time(),
+            "model": self.model,
+            "models": self.per_model,
+            "other_models": self.other_models,
             "batches": self.batches,
             "versions": self.versions,
             "committed_examples": self.committed,
@@ -255,9 +262,14 @@ class ExportReport:
 
 
 def write_export(
-    out: Path, wanted: dict[bytes, list[Listing]], outcome: FetchOutcome, versions: Sequence[MergedVersion]
+    out: Path,
+    wanted: dict[bytes, list[Listing]],
+    outcome: FetchOutcome,
+    versions: Sequence[MergedVersion],
+    model: str | None = None,
+    other_models: Sequence[str] = (),
 ) -> ExportReport:
-    """Writes DIR/feedback.jsonl (accepted records, commit order) and DIR/summary.json."""
+    """Writes DIR/feedback.jsonl (accepted records, commit order) and DIR/summary.json (counts per model)."""
     out.mkdir(parents=True, exist_ok=True)
     written = 0
     with open(out / EXPORT_FILE, "w", encoding="utf-8") as jsonl:
@@ -269,6 +281,13 @@ def write_export(
             jsonl.write(json.dumps(line, ensure_ascii=False, sort_keys=True) + "\n")
             written += 1
     invalid_committers = {h: list(dict.fromkeys(p.batch.sender for p in wanted[h])) for h in outcome.invalid}
+    per_model: dict[str, dict[str, int]] = {}
+    unavailable = set(outcome.unavailable)
+    for content_hash, places in wanted.items():
+        counts = per_model.setdefault(places[0].batch.model, {"committed": 0, "written": 0, "unavailable": 0})
+        counts["committed"] += 1
+        counts["written"] += content_hash in outcome.examples
+        counts["unavailable"] += content_hash in unavailable
     report = ExportReport(
         out,
         batches=len({id(p.batch) for places in wanted.values() for p in places}),
@@ -277,13 +296,31 @@ def write_export(
         versions=len(versions),
         outcome=outcome,
         invalid_committers=invalid_committers,
+        per_model=dict(sorted(per_model.items())),
+        model=model,
+        other_models=list(other_models),
     )
     (out / SUMMARY_FILE).write_text(json.dumps(report.summary(), indent=2, sort_keys=True) + "\n")
     return report
 
 
+def of_model(
+    batches: Sequence[DataBatch], versions: Sequence[MergedVersion], model: str | None
+) -> tuple[list[DataBatch], list[MergedVersion]]:
+    """The records committed for `model` (None: every model's). A chain may be shared by swarms of other models;
+    their records never mix into one model's export or lineage."""
+    if model is None:
+        return list(batches), list(versions)
+    return [b for b in batches if b.model == model], [v for v in versions if v.model == model]
+
+
+def models_of(batches: Iterable[DataBatch], versions: Iterable[MergedVersion]) -> list[str]:
+    """The model names the records were committed for, sorted."""
+    return sorted({b.model for b in batches} | {v.model for v in versions})
+
+
 def read_lineage(chain_url: str) -> tuple[list[DataBatch], list[MergedVersion]]:
-    """Every data-batch record and every merged adapter version on the chain at `chain_url`."""
+    """Every data-batch record and every merged adapter version on the chain at `chain_url`, of every model."""
     from chain.ledger import ComputeLedger
 
     with ComputeLedger(chain_url) as ledger:
@@ -318,13 +355,16 @@ async def export_dataset(
     chain_url: str,
     out: Path,
     *,
+    model: str | None = None,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
 ) -> ExportReport:
-    """The whole export: chain records, every committed hash fetched from the swarm and checked, files written.
-    `progress(hashes, peers)` may return a callback advanced once per peer asked."""
+    """The whole export: chain records (of `model` only, if given), every committed hash fetched from the swarm
+    and checked, files written. `progress(hashes, peers)` may return a callback advanced once per peer asked."""
     from swarm.dht import start_dht
 
-    batches, versions = await asyncio.to_thread(read_lineage, chain_url)
+    every_batch, every_version = await asyncio.to_thread(read_lineage, chain_url)
+    batches, versions = of_model(every_batch, every_version, model)
+    others = [m for m in models_of(every_batch, every_version) if m != model] if model is not None else []
     wanted = listings(batches)
     dht, _ = await asyncio.to_thread(start_dht, initial_peers, client_mode=True)
     try:
@@ -338,4 +378,4 @@ async def export_dataset(
             await p2p.shutdown()
     finally:
         await asyncio.to_thread(dht.shutdown)
-    return await asyncio.to_thread(write_export, out, wanted, outcome, versions)
+    return await asyncio.to_thread(write_export, out, wanted, outcome, versions, model, others)

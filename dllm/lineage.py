@@ -10,9 +10,13 @@ version's replicas, the span's peers in the DHT, any `--peer`) and hashes what e
 other tensors under the committed hash is a mismatch (non-zero exit), as is a version no peer can serve.
 `--reproduce V` replays V's committed data on its parent locally (the whole model in one process, LoRA on
 that span only, the peers' training rules: peer/training.py's per-pass clip, per-contributor aggregation
-and optimizer, `--learning-rate` and `--train-step-batch` as the peers ran) and reports how far the replay
-lands from the committed tensors. Exact replay is not expected: the swarm averaged replicas, clipped the
-summed update, and other spans' adapters moved the gradients while it trained; the distance is the measure.
+and optimizer, `--learning-rate` and `--train-step-batch` as the peers ran, and the rehearsal term every
+learning peer adds to each step, peer/rehearsal.py's own code with `--rehearsal-weight` / `--rehearsal-file`
+as the peers ran) and reports how far the replay lands from the committed tensors. Exact replay is not
+expected: the swarm averaged replicas, clipped the summed update, other spans' adapters moved the gradients
+while it trained, and the rehearsal inputs came through the peers before the span at their live versions
+(the replay runs those blocks without adapters); the distance is the measure. With a span trained alone on
+one peer from the same examples, the replay lands on its tensors (tests/dllm/test_lineage_replay.py).
 Threats: peers are untrusted (every byte they serve is hashed before use); the chain's records are believed
 as chain/lineage.py admits them.
 """
@@ -23,7 +27,7 @@ import asyncio
 import logging
 import math
 import textwrap
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,11 +241,19 @@ class ReplayReport:
     cosine: float  # between (replayed - parent) and (committed - parent)
     committed_update_norm: float
     replayed_update_norm: float
+    rehearsal_weight: float = 0.0  # the rehearsal term's weight in each step (0: none)
+    rehearsal_file: str = ""  # where its texts came from
 
     def render(self) -> str:
         v = self.version
+        rehearsal = (
+            f"rehearsal term weight {self.rehearsal_weight:g} on {self.rehearsal_file}"
+            if self.rehearsal_weight > 0
+            else "no rehearsal term (weight 0)"
+        )
         lines = [
             f"replayed {self.examples} example(s) from {self.contributors} contributor(s) in {self.steps} step(s)",
+            *textwrap.wrap(rehearsal, WIDTH, subsequent_indent="  "),
             f"on v{v.parent} of blocks {span_label(v.span)}; distance to committed v{v.version}:",
             f"  relative L2  ||replayed - committed|| / ||committed - parent|| = {self.relative_l2:.4f}",
             f"  cosine       (replayed - parent, committed - parent)           = {self.cosine:.4f}",
@@ -289,11 +301,15 @@ def replay(
     examples: Sequence[Any],
     training: Any,
     step_batch: int,
+    rehearsal: Any = None,
+    rehearsal_texts: Sequence[str] = (),
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Trains LoRA adapters on `span` (starting at bundle `parent`) on `examples` (FeedbackExample, commit
     order) through the whole model, as the peers train: each pass's gradient clipped and filed under its
-    contributor, one aggregated optimizer step per `step_batch` passes (and one for the rest). Returns the
-    working tensors and the number of steps."""
+    contributor, one aggregated optimizer step per `step_batch` passes (and one for the rest), and with
+    `rehearsal` (a fresh peer.rehearsal.SpanRehearsal; None or weight 0: none) its term on `rehearsal_texts`
+    added to every step's aggregate as peer/learning.py adds it. Returns the working tensors and the number
+    of steps."""
     from transformers import AutoTokenizer
 
     from peer.adapters import AdapterSet, AdapterStateError
@@ -317,6 +333,9 @@ def replay(
         for name, tensor in adapters.working.items():
             tensor.copy_(parent.tensors[name])
     trainer = AdapterTrainer(adapters, training)
+    if rehearsal is not None and rehearsal.weight > 0:
+        prepare_rehearsal(rehearsal, runner, head, tokenizer, adapters, span, rehearsal_texts)
+        trainer.regularizer = lambda: rehearsal.gradients(adapters, span_forward(runner, span))
     steps = 0
     for example in examples:
         ids, labels = feedback_tensors(tokenizer, example.prompt, example.completion)
@@ -329,6 +348,34 @@ def replay(
     if trainer.pending_passes:
         steps += trainer.step() is not None
     return adapters.working_state(), steps
+
+
+def span_forward(runner: Any, span: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The span's blocks of a whole-model SpanRunner: what a peer serving `span` runs (its `_whole_span`)."""
+    blocks = range(span[0], span[1])
+    return lambda hidden: runner.forward(hidden, blocks=blocks)
+
+
+def prepare_rehearsal(
+    rehearsal: Any,
+    runner: Any,
+    head: Any,
+    tokenizer: Any,
+    adapters: Any,
+    span: tuple[int, int],
+    texts: Sequence[str],
+) -> None:
+    """Gives `rehearsal` its inputs as a peer of `span` gets them: the texts embedded and run through the blocks
+    before the span (here, locally and with no adapters: the replay trains this span's only), then the base
+    span's outputs on them (SpanRehearsal.prepare, adapters off)."""
+    from peer.rehearsal import rehearsal_batch
+
+    ids, mask = rehearsal_batch(list(texts), tokenizer)
+    with torch.no_grad():
+        inputs = head.embed_tokens(ids)
+        if span[0] > 0:
+            inputs = runner.forward(inputs, blocks=range(0, span[0]))
+    rehearsal.prepare(inputs, mask, adapters, span_forward(runner, span))
 
 
 def initial_bundle(lora: Any, model_dir: Path, span: tuple[int, int]) -> Any:

@@ -137,6 +137,8 @@ FIELDS: dict[tuple[str, str], Field] = {
     ("dashboard", "refresh"): Field(DashboardConfig, "refresh_s"),
     ("lineage", "learning_rate"): Field(PeerConfig, "learning_rate"),
     ("lineage", "train_step_batch"): Field(PeerConfig, "train_step_batch"),
+    ("lineage", "rehearsal_weight"): Field(PeerConfig, "rehearsal_weight"),
+    ("lineage", "rehearsal_file"): Field(PeerConfig, "rehearsal_file"),
     ("demo", "model"): Field(DemoConfig, "model"),
     ("demo", "peers"): Field(DemoConfig, "peers"),
     ("demo", "queries"): Field(DemoConfig, "queries"),
@@ -197,7 +199,8 @@ CLI_ONLY: dict[tuple[str, str], str] = {
     ("lineage", "verify"): "chooses the one version whose adapters are downloaded and checked",
     ("lineage", "reproduce"): "chooses the one version whose committed data is replayed",
     ("lineage", "peer"): "an extra peer id --verify asks",
-    ("lineage", "model"): "a model folder or hub id resolved by the CLI (None: the embedded model)",
+    ("lineage", "model"): "chooses one model's records (a name, or a model the CLI resolves; None: every model)",
+    ("data export", "model"): "chooses one model's records (a name, or a model the CLI resolves; None: every model)",
 }
 
 
