@@ -165,6 +165,7 @@ def test_feedback_lineage_export_verify_and_reproduce(
     )  # fmt: skip
     assert code == 0, stderr
     assert "relative L2" in stdout and "Exact replay is not expected" in stdout
+    assert "model dllm-tiny-llama" in stdout and "rehearsal term weight 30 on the shipped default set" in stdout
     cosine = float(stdout.split("(replayed - parent, committed - parent)")[1].split("=")[1].split()[0])
     assert cosine > 0.5, stdout
 
