@@ -3,7 +3,9 @@
 Shows, per (model, span), each committed version with its parent, tensor hash, data roots (with the example
 count of each committed batch), replicas and canary loss per category before/after; a version committed with
 two different tensor hashes is a fork and is flagged, never resolved silently (chain/lineage.py merges the
-commits of one version).
+commits of one version). A chain may hold several models' records: the command shows every model, grouped,
+or with `--model` one model's alone (dllm/data_export.py `of_model`); `--reproduce` keeps to the model of the
+files it replays on, since another model's adapters cannot be trained on them.
 
 `--verify V` downloads version V's adapters by its committed sha256 from every peer that may hold it (the
 version's replicas, the span's peers in the DHT, any `--peer`) and hashes what each serves: a peer serving
