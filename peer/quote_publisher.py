@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ def provider_ask(
         rate_prompt=rate.prompt,
         rate_generated=rate.generated,
         max_price_per_token=0,
-        expires_at=int(time.time() + valid_for),
+        expires_at=math.ceil(time.time() + valid_for),  # rounded up: valid for at least `valid_for`
     )
 
 

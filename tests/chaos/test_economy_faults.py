@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections import Counter
 
 import pytest
@@ -325,6 +326,10 @@ def test_all_receipts_paid_once_and_nothing_left_running(econ):
     held = econ.audit.held(econ.billings)
     result = econ.audit.check(held)
     assert result.held >= 10 and result.lost == [] and result.paid_twice == [] and result.balance_mismatches == {}
+    # The audit reads the chain; each provider's store marks its receipts at its next round (every 2 s).
+    deadline = time.monotonic() + 30
+    while any(set(store_states(path)) - {"settled"} for path in econ.stores.values()) and time.monotonic() < deadline:
+        time.sleep(1.0)
     for name, path in econ.stores.items():
         assert set(store_states(path)) <= {"settled"}, (name, store_states(path))
 

@@ -69,8 +69,21 @@ def _wait_for_new_versions(observer, swarm, before: dict[int, dict]) -> dict[str
         old = before[info["start"]]
         assert info["adapter_fingerprint"] != old["adapter_fingerprint"]  # the live adapters changed
         assert info["last_canary"]["accepted"], info["last_canary"]  # through the default canary set
-        assert info["canary_rollbacks"] == 0
+        assert info["canary_rollbacks"] == old["canary_rollbacks"]  # none of this feedback's rounds was refused
     return infos
+
+
+def _idle(observer, swarm) -> dict[int, dict]:
+    """`_adapters` once both peers ran a round with nothing left to apply: leftover progress of earlier feedback
+    (a round applies at most clip_tau of it) would otherwise go live as if it were the next test's."""
+    wait_for_peers(
+        observer,
+        swarm.ids,
+        lambda info: "no local update" in info.get("last_averaging", {}).get("reason", ""),
+        60,
+        "the peers to have applied all earlier feedback",
+    )
+    return _adapters(observer, swarm)
 
 
 def test_dllm_feedback_command_changes_the_peers_adapters(learning_swarm, observer, tiny_model_path):
@@ -112,7 +125,7 @@ def api_url(learning_swarm, tiny_model_path, tmp_path_factory):
 
 
 def test_http_feedback_endpoint_changes_the_peers_adapters(learning_swarm, observer, api_url):
-    before = _adapters(observer, learning_swarm)
+    before = _idle(observer, learning_swarm)
     with httpx.Client(base_url=api_url, timeout=60) as http:
         bad = http.post("/feedback", json={"prompt": "Q: what colour? the sky is A:"})
         assert bad.status_code == 400 and "completion" in bad.text  # names the missing field; server lives on

@@ -111,9 +111,9 @@ def _run(ledger: ComputeLedger, url: str, swarm, model_path, tmp_path) -> None:
             90,
             f"{name}'s receipts to be settled",
         )
-        assert store_totals(stores[name]) == {
-            "settled": (len(PROMPTS) * sum(name in r for r in ROUTES.values()), paid[account])
-        }
+        # the client submits the settlements; the provider's store marks them at its next round (every 2 s)
+        settled = {"settled": (len(PROMPTS) * sum(name in r for r in ROUTES.values()), paid[account])}
+        wait_until(lambda name=name, settled=settled: store_totals(stores[name]) == settled, 30, f"{name}'s store")
 
     # The cheater is slashed by the council, with the evidence on chain; no honest peer is.
     status = wait_until(lambda: (s := ledger.provider_status(accounts["cheater"])).slashes and s, 120, "the slash")

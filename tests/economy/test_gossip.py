@@ -107,20 +107,26 @@ async def test_forged_dropped_and_flooder_contained(keys) -> None:
         for data in (as_alice.encode(), b"not an envelope", seal(keys["eve"], VERDICTS_TOPIC, b"x").encode()):
             await rogue.raw("publish_raw", topic=QUOTES_TOPIC, data=base64.b64encode(data).decode())
         assert await drain(receiver, 2.0) == []
-        relay_counters = (await relay.stats())["counters"]
+        deadline = time.monotonic() + 10  # a loaded relay may count them after the drain
+        while True:
+            relay_counters = (await relay.stats())["counters"]
+            counted = relay_counters.get("dropped_forged", 0) + relay_counters.get("dropped_malformed", 0)
+            if counted >= 3 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
         assert relay_counters.get("dropped_forged", 0) == 1
         assert relay_counters.get("dropped_malformed", 0) == 2
 
         # flood: 150 validly signed messages at 75/s, while Alice sends 10 at 5/s
+        started = time.monotonic()  # the flooder's bucket refills from here on
         flood = asyncio.create_task(rogue.raw("flood", topic=QUOTES_TOPIC, uri="//Eve", count=150, rate=75))
         await asyncio.sleep(0.2)
         for i in range(10):
             await honest.publish(QUOTES_TOPIC, f"honest {i}".encode())
             await asyncio.sleep(0.2)
-        started = time.monotonic()
         await asyncio.wait_for(flood, 30)
         received = await drain(receiver, 3.0)
-        elapsed = time.monotonic() - started + 2.2
+        elapsed = time.monotonic() - started
         from_alice = [m for m in received if m.sender == keys["alice"].ss58_address]
         from_eve = [m for m in received if m.sender == keys["eve"].ss58_address]
         assert sorted(m.envelope.payload for m in from_alice) == sorted(f"honest {i}".encode() for i in range(10))

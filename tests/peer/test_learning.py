@@ -59,18 +59,23 @@ def test_feedback_trains_the_route_and_replicas_average_to_equal_adapters(local_
             losses.append(sum(model.feedback(p, c) for p, c in FEEDBACK) / len(FEEDBACK))
         assert losses[-1] < 0.6 * losses[0], losses
 
-        # the next averaging rounds make the update live; the two replicas of 0:4 end up equal
-        deadline = time.monotonic() + 60
+        # the next averaging rounds make the update live; the two replicas of 0:4 end up equal. Rounds go on
+        # every period and a loaded machine may skip one (no group formed) or leave the replicas a version apart
+        # for a round, so all three are read in one poll until a round of the pair averaged them to one version.
+        def settled(infos: dict[str, dict]) -> bool:
+            a, b = infos["replica-a"], infos["replica-b"]
+            averaged = a["last_averaging"].get("status") == "averaged" and a["last_averaging"].get("group_size") == 2
+            live = all(i["adapter_version"] >= 1 for i in infos.values())
+            return live and averaged and a["adapter_version"] == b["adapter_version"]
+
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             infos = {p.name: _info(model, p.info["peer_id"]) for p in peers}
-            if all(i["adapter_version"] >= 1 for i in infos.values()):
+            if settled(infos):
                 break
             time.sleep(1.0)
-        versions = {name: i["adapter_version"] for name, i in infos.items()}
-        assert all(v >= 1 for v in versions.values()), (versions, infos)
+        assert settled(infos), infos
         a, b = infos["replica-a"], infos["replica-b"]
-        assert a["adapter_version"] == b["adapter_version"]
-        assert a["last_averaging"]["status"] == "averaged" and a["last_averaging"]["group_size"] == 2, a
         assert all(i["last_canary"]["accepted"] and i["canary_rollbacks"] == 0 for i in infos.values()), infos
         assert torch.allclose(torch.tensor(a["adapter_fingerprint"]), torch.tensor(b["adapter_fingerprint"]), atol=1e-5)
         assert any(abs(x) > 1e-4 for x in a["adapter_fingerprint"])  # trained, not the zero-update start

@@ -203,7 +203,8 @@ def test_one_contributor_rotating_peer_ids_is_still_rate_limited(local_swarm, ti
     still served."""
     from swarm.client import ClientConfig, DistributedModel
 
-    local_swarm.start_peer("0:8", *learning_args(60.0), "--train-passes-per-minute", "1", name="learner")
+    # the slowest refill allowed: 17 passes taking over a minute on a loaded machine still find no new token
+    local_swarm.start_peer("0:8", *learning_args(60.0), "--train-passes-per-minute", "0.01", name="learner")
     key = ContributorKey.from_uri("//Eve")
     config = ClientConfig(contributor_key="//Eve", max_retries=0)
     models = [DistributedModel.from_pretrained(str(tiny_model_path), local_swarm.initial_peers, config=config)
@@ -288,7 +289,8 @@ def test_api_keys_identify_each_user_as_its_own_contributor(local_swarm, tiny_mo
     account, so one user exhausting its allowance (16 passes) leaves the other's intact."""
     from tests.cli_server import running_dllm
 
-    local_swarm.start_peer("0:8", *learning_args(60.0), "--train-passes-per-minute", "1", name="learner")
+    # the slowest refill allowed: 17 passes taking over a minute on a loaded machine still find no new token
+    local_swarm.start_peer("0:8", *learning_args(60.0), "--train-passes-per-minute", "0.01", name="learner")
     keys = tmp_path / "api_keys.txt"
     keys.write_text("# API key -> chain key\nuser-one-key-0123456789 //Ferdie\nuser-two-key-0123456789 //Dave\n")
     ready = re.compile(r"DLLM API serving (\S+) at (http://\S+)")
