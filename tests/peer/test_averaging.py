@@ -17,6 +17,9 @@ import torch
 
 pytestmark = pytest.mark.timeout(240)
 
+# Replicas read their plan and start matchmaking 3 s before t0: the lead leaves room for a loaded machine.
+PLAN_LEAD_S = 8.0
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -107,7 +110,7 @@ def test_replicas_average_and_a_replica_killed_mid_round_never_leaves_a_partial_
     victim.wait_for("ready")
 
     # period 10 s, declarations live 4 s: the victim's lapses before round 2 starts matchmaking
-    period, t0 = 10.0, time.time() + 4.0
+    period, t0 = 10.0, time.time() + PLAN_LEAD_S
     for replica in (a, b, victim):
         replica.send_plan({"t0": t0, "period": period, "rounds": [0, 1, 2]})
 
@@ -158,7 +161,7 @@ def test_a_joining_replica_fetches_current_adapters_first(replicas, tmp_path):
     a.wait_for("ready")
     b = replicas("b", "--rank", "4", bootstrap=a)
     b.wait_for("ready")
-    t0 = time.time() + 4.0
+    t0 = time.time() + PLAN_LEAD_S
     for replica in (a, b):
         replica.send_plan({"t0": t0, "period": 8.0, "rounds": [0]})
     assert a.wait_for("round")["status"] == "averaged"
@@ -177,7 +180,7 @@ def test_a_replica_that_diverged_is_brought_back_to_the_group_state(replicas, tm
     loner = replicas("loner", "--rank", "4", "--diverge-in-round", "0", bootstrap=a)
     b.wait_for("ready")
     loner.wait_for("ready")
-    t0 = time.time() + 4.0
+    t0 = time.time() + PLAN_LEAD_S
     for replica in (a, b, loner):
         replica.send_plan({"t0": t0, "period": 10.0, "rounds": [0, 1, 2]})
 

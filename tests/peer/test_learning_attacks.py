@@ -27,7 +27,7 @@ from swarm.records import ServerRecord
 from swarm.routing import NoRouteError, plan_route
 from swarm.tensors import encode
 from tests.peer.learning_swarm import FACTS, learning_args, peer_info
-from tests.peer.test_averaging import Replica, _load
+from tests.peer.test_averaging import PLAN_LEAD_S, Replica, _load
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -76,7 +76,7 @@ def test_a_forged_replica_declaration_does_not_veto_the_round(replicas, tmp_path
         assert forger.store(key, 0, expires, subkey=ghost.encode())  # the unsigned form
         signed = dict(forger_identity.sign(key, 0, expires + 1), peer=ghost)  # signed, but not by the ghost
         assert forger.store(key, signed, expires + 1, subkey=b"x" + ghost.encode())
-        t0 = time.time() + 4.0
+        t0 = time.time() + PLAN_LEAD_S
         for replica in (a, b):
             replica.send_plan({"t0": t0, "period": 8.0, "rounds": [0]})
         outcomes = {r.name: r.wait_for("round") for r in (a, b)}
@@ -97,7 +97,7 @@ def test_a_forged_yes_vote_does_not_override_a_canary_no(replicas, tmp_path):
     plain = replicas("plain", "--rank", "4", "--update-scale", "1e-5", bootstrap=poisoner)
     guard.wait_for("ready")
     plain.wait_for("ready")
-    t0 = time.time() + 5.0
+    t0 = time.time() + PLAN_LEAD_S
     for replica in (poisoner, guard, plain):
         replica.send_plan({"t0": t0, "period": 10.0, "rounds": [0]})
     outcomes = {r.name: r.wait_for("round", timeout=90) for r in (poisoner, guard, plain)}
@@ -128,7 +128,7 @@ def test_a_replica_offering_poisoned_adapters_for_catch_up_is_refused(replicas, 
     for replica in (bounded, gated):
         replica.wait_for("ready")
 
-    t0 = time.time() + 5.0
+    t0 = time.time() + PLAN_LEAD_S
     for replica in (poisoner, bounded, gated):
         replica.send_plan({"t0": t0, "period": 10.0, "rounds": [0]})
     outcomes = {r.name: r.wait_for("round", timeout=90) for r in (poisoner, bounded, gated)}
