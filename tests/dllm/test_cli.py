@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dllm.cli import main
+from tests.dllm.cli_run import run_cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,13 +34,6 @@ COMMANDS = [
     ["lineage"],
 ]
 PEER = "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWNa4GGduZp2bgq6AqFgwfCkn2UTTsYj4VKr6uWnxh4MZY"
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "dllm")

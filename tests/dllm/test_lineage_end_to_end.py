@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from chain.lineage import LineageIndex
-from dllm.cli import main
 from peer.adapter_exchange import AdapterServer, fetch_adapters
 from peer.adapters import AdapterArchive, AdapterBundle
 from swarm.client import ClientConfig, DistributedModel
 from swarm.contributors import ContributorKey
 from swarm.feedback_records import FeedbackExample, verify_example
+from tests.dllm.cli_run import run_cli
 from tests.economy.swarm_economy import funded_key
 from tests.peer.learning_swarm import FACTS, FACTS_CANARY, learning_args, wait_for_peers, wait_until
 
@@ -29,13 +29,6 @@ pytestmark = pytest.mark.timeout(420)
 PERIOD = 6.0
 SPANS = {"head": "0:4", "tail": "4:8"}
 SPAN_RANGES = ((0, 4), (4, 8))
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def _committed(info: dict) -> bool:

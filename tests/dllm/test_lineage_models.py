@@ -11,17 +11,10 @@ import json
 import pytest
 
 from chain.merkle import merkle_root
-from dllm.cli import main
 from tests.chain.ledger_helpers import fresh_account
+from tests.dllm.cli_run import run_cli
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def sha(label: str) -> bytes:

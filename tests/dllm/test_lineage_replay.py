@@ -22,6 +22,7 @@ from swarm.contributors import ContributorKey
 from swarm.feedback_records import sign_example
 from swarm.local_head import LocalHead, causal_lm_loss
 from swarm.model_files import load_config
+from tests.dllm.cli_run import run_cli
 from tests.peer.learning_swarm import FACTS
 
 pytestmark = pytest.mark.timeout(240)
@@ -96,10 +97,7 @@ def test_replay_adds_the_peers_rehearsal_term_and_lands_on_a_peer_trained_span(t
     ],
 )
 def test_reproduce_refuses_a_bad_rehearsal_option_before_reading_the_chain(capsys, option, message):
-    from dllm.cli import main
-
     peer = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
-    with pytest.raises(SystemExit) as exit_info:  # the chain URL is never dialled: nothing listens there
-        main(["lineage", "--chain-url", "ws://127.0.0.1:1", "-p", peer, "--reproduce", "1", *option])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and option[0] in err and message in err, err
+    unreachable = "ws://127.0.0.1:1"  # never dialled: nothing listens there
+    code, _, err = run_cli(capsys, "lineage", "--chain-url", unreachable, "-p", peer, "--reproduce", "1", *option)
+    assert code == 2 and option[0] in err and message in err, err
